@@ -1,0 +1,371 @@
+"""CLIP weights in and out: OpenAI / open_clip state dicts, Hugging Face CLIPModel directories.
+
+One table per format maps each Flax variable to its PyTorch name and layout; import reads the
+table one way, export the other, so the two directions cannot drift apart. Architectures are
+inferred from the weights' shapes when no config comes with them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from clip_jax.models.clip import CLIP, create_model
+from clip_jax.models.configs import MODEL_CONFIGS, CLIPConfig, TextConfig, VisionConfig
+from clip_jax.weights import (CheckpointError, conv_to_flax, conv_to_torch, linear_to_flax, linear_to_torch,
+                              load_state_dict, save_safetensors)
+
+FlaxKey = tuple[str, ...]   # ('params', 'visual', 'ln_pre', 'scale')
+# How a tensor's layout changes on the way in; the way out is the inverse.
+_LAYOUTS: dict[str, tuple[Callable, Callable]] = {
+    "copy": (lambda a: a, lambda a: np.asarray(a)),
+    "linear": (linear_to_flax, linear_to_torch),
+    "conv": (conv_to_flax, conv_to_torch),
+}
+# Buffers PyTorch models keep in their state dicts that carry no learned weights.
+_IGNORED = re.compile(r"(attn_mask|position_ids|num_batches_tracked)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  flax_key: FlaxKey
+  torch_key: str
+  layout: str = "copy"
+
+
+# ----------------------------------------------------------------------------- the tables
+def _norm(f: FlaxKey, t: str, collection_keys=("scale", "bias")) -> Iterator[Entry]:
+  yield Entry(("params", *f, collection_keys[0]), f"{t}.weight")
+  yield Entry(("params", *f, collection_keys[1]), f"{t}.bias")
+
+
+def _dense(f: FlaxKey, t: str, bias: bool = True) -> Iterator[Entry]:
+  yield Entry(("params", *f, "kernel"), f"{t}.weight", "linear")
+  if bias:
+    yield Entry(("params", *f, "bias"), f"{t}.bias")
+
+
+def _transformer_openai(f: FlaxKey, t: str, layers: int) -> Iterator[Entry]:
+  for i in range(layers):
+    fb, tb = (*f, "transformer", f"resblocks_{i}"), f"{t}.resblocks.{i}"
+    yield from _norm((*fb, "ln_1"), f"{tb}.ln_1")
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj")):
+      yield from _dense((*fb, "attn", ours), f"{tb}.attn.{theirs}")
+    yield from _norm((*fb, "ln_2"), f"{tb}.ln_2")
+    yield from _dense((*fb, "c_fc"), f"{tb}.mlp.c_fc")
+    yield from _dense((*fb, "c_proj"), f"{tb}.mlp.c_proj")
+
+
+def _transformer_hf(f: FlaxKey, t: str, layers: int) -> Iterator[Entry]:
+  for i in range(layers):
+    fb, tb = (*f, "transformer", f"resblocks_{i}"), f"{t}.encoder.layers.{i}"
+    yield from _norm((*fb, "ln_1"), f"{tb}.layer_norm1")
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj")):
+      yield from _dense((*fb, "attn", ours), f"{tb}.self_attn.{theirs}")
+    yield from _norm((*fb, "ln_2"), f"{tb}.layer_norm2")
+    yield from _dense((*fb, "c_fc"), f"{tb}.mlp.fc1")
+    yield from _dense((*fb, "c_proj"), f"{tb}.mlp.fc2")
+
+
+def _batch_norm(f: FlaxKey, t: str) -> Iterator[Entry]:
+  yield from _norm(f, t)
+  yield Entry(("batch_stats", *f, "mean"), f"{t}.running_mean")
+  yield Entry(("batch_stats", *f, "var"), f"{t}.running_var")
+
+
+def _resnet_openai(cfg: VisionConfig) -> Iterator[Entry]:
+  v = ("visual",)
+  for i in (1, 2, 3):
+    yield Entry(("params", *v, f"stem_conv{i}", "kernel"), f"visual.conv{i}.weight", "conv")
+    yield from _batch_norm((*v, f"stem_bn{i}"), f"visual.bn{i}")
+  for stage, num_blocks in enumerate(cfg.layers):
+    for j in range(num_blocks):
+      fb, tb = (*v, f"layer{stage + 1}_{j}"), f"visual.layer{stage + 1}.{j}"
+      for k in (1, 2, 3):
+        yield Entry(("params", *fb, f"conv{k}", "conv", "kernel"), f"{tb}.conv{k}.weight", "conv")
+        yield from _batch_norm((*fb, f"conv{k}", "bn"), f"{tb}.bn{k}")
+      if j == 0:  # The first block of every stage changes width (or stride): it has a shortcut conv.
+        yield Entry(("params", *fb, "downsample", "conv", "kernel"), f"{tb}.downsample.0.weight", "conv")
+        yield from _batch_norm((*fb, "downsample", "bn"), f"{tb}.downsample.1")
+  yield Entry(("params", *v, "attnpool", "positional_embedding"), "visual.attnpool.positional_embedding")
+  for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "c_proj")):
+    yield from _dense((*v, "attnpool", "attn", ours), f"visual.attnpool.{theirs}")
+
+
+def openai_entries(cfg: CLIPConfig) -> list[Entry]:
+  """OpenAI's layout, which open_clip's built-in CLIP class shares (after splitting in_proj)."""
+  entries: list[Entry] = []
+  if cfg.vision.is_resnet:
+    entries += _resnet_openai(cfg.vision)
+  else:
+    v = ("visual",)
+    entries += [Entry(("params", *v, "conv1"), "visual.conv1.weight", "conv"),
+                Entry(("params", *v, "class_embedding"), "visual.class_embedding"),
+                Entry(("params", *v, "positional_embedding"), "visual.positional_embedding"),
+                *_norm((*v, "ln_pre"), "visual.ln_pre"),
+                *_transformer_openai(v, "visual.transformer", cfg.vision.layers),
+                *_norm((*v, "ln_post"), "visual.ln_post"),
+                Entry(("params", *v, "proj"), "visual.proj")]
+  t = ("text",)
+  entries += [Entry(("params", *t, "token_embedding"), "token_embedding.weight"),
+              Entry(("params", *t, "positional_embedding"), "positional_embedding"),
+              *_transformer_openai(t, "transformer", cfg.text.layers),
+              *_norm((*t, "ln_final"), "ln_final"),
+              Entry(("params", *t, "text_projection"), "text_projection"),
+              Entry(("params", "logit_scale"), "logit_scale")]
+  if cfg.init_logit_bias is not None:
+    entries.append(Entry(("params", "logit_bias"), "logit_bias"))
+  return entries
+
+
+def hf_entries(cfg: CLIPConfig) -> list[Entry]:
+  """transformers' CLIPModel layout (ViT image towers only: transformers has no ModifiedResNet)."""
+  if cfg.vision.is_resnet:
+    raise CheckpointError("Hugging Face CLIPModel has no ResNet image tower; export ResNet CLIPs as "
+                          "OpenAI-layout state dicts instead.")
+  v, tv = ("visual",), "vision_model"
+  t, tt = ("text",), "text_model"
+  return [Entry(("params", *v, "conv1"), f"{tv}.embeddings.patch_embedding.weight", "conv"),
+          Entry(("params", *v, "class_embedding"), f"{tv}.embeddings.class_embedding"),
+          Entry(("params", *v, "positional_embedding"), f"{tv}.embeddings.position_embedding.weight"),
+          *_norm((*v, "ln_pre"), f"{tv}.pre_layrnorm"),  # sic: transformers' spelling
+          *_transformer_hf(v, tv, cfg.vision.layers),
+          *_norm((*v, "ln_post"), f"{tv}.post_layernorm"),
+          Entry(("params", *v, "proj"), "visual_projection.weight", "linear"),
+          Entry(("params", *t, "token_embedding"), f"{tt}.embeddings.token_embedding.weight"),
+          Entry(("params", *t, "positional_embedding"), f"{tt}.embeddings.position_embedding.weight"),
+          *_transformer_hf(t, tt, cfg.text.layers),
+          *_norm((*t, "ln_final"), f"{tt}.final_layer_norm"),
+          Entry(("params", *t, "text_projection"), "text_projection.weight", "linear"),
+          Entry(("params", "logit_scale"), "logit_scale")]
+
+
+# ----------------------------------------------------------------------------- import
+def split_fused_attention(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """OpenAI's nn.MultiheadAttention keeps q, k, v in one in_proj tensor; split it."""
+  out = {}
+  for key, value in state.items():
+    match = re.match(r"(.*)\.in_proj_(weight|bias)$", key)
+    if match:
+      for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
+        out[f"{match.group(1)}.{name}.{match.group(2)}"] = part
+    else:
+      out[key] = value
+  return out
+
+
+def _expected_shapes(model: CLIP) -> dict[FlaxKey, tuple[int, ...]]:
+  cfg = model.config
+  images = jax.ShapeDtypeStruct((1, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, cfg.text.context_length), jnp.int32)
+  shapes = jax.eval_shape(lambda i, t: nn.meta.unbox(model.init(jax.random.key(0), i, t)), images, tokens)
+  return {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
+
+
+def state_dict_to_variables(state: dict[str, np.ndarray], model: CLIP, entries: list[Entry],
+                            source: str = "checkpoint") -> dict[str, Any]:
+  """Maps a state dict onto `model`'s variables, checking every name and shape."""
+  expected = _expected_shapes(model)
+  missing = [e.torch_key for e in entries if e.torch_key not in state]
+  if missing:
+    raise CheckpointError(f"{source}: {len(missing)} weights the model needs are missing, e.g. "
+                          f"{missing[:3]} (is this checkpoint for a different architecture?).")
+  used = {e.torch_key for e in entries}
+  unexpected = [k for k in state if k not in used and not _IGNORED.search(k)]
+  if unexpected:
+    raise CheckpointError(f"{source}: {len(unexpected)} weights do not belong to a "
+                          f"{_describe(model.config)} model, e.g. {unexpected[:3]}.")
+  flat = {}
+  for e in entries:
+    value = _LAYOUTS[e.layout][0](np.asarray(state[e.torch_key], np.float32))
+    if e.flax_key == ("params", "logit_scale") or e.flax_key == ("params", "logit_bias"):
+      value = value.reshape(())
+    want = expected.get(e.flax_key)
+    if want is None:
+      raise CheckpointError(f"{source}: internal table names {'/'.join(e.flax_key)}, which the model lacks.")
+    if tuple(value.shape) != tuple(want):
+      raise CheckpointError(f"{source}: shape mismatch for '{e.torch_key}': checkpoint has "
+                            f"{tuple(value.shape)}, the {_describe(model.config)} model needs {tuple(want)}.")
+    flat[e.flax_key] = value
+  return traverse_util.unflatten_dict(flat)
+
+
+def variables_to_state_dict(variables: dict[str, Any], entries: list[Entry]) -> dict[str, np.ndarray]:
+  flat = traverse_util.flatten_dict(nn.meta.unbox(variables))
+  return {e.torch_key: _LAYOUTS[e.layout][1](np.asarray(flat[e.flax_key], np.float32)) for e in entries}
+
+
+def _describe(cfg: CLIPConfig) -> str:
+  v = cfg.vision
+  tower = (f"ResNet{list(v.layers)}x{v.width}" if v.is_resnet else f"ViT-{v.layers}L/{v.patch_size}/w{v.width}")
+  return f"{tower}@{v.image_size}px, text {cfg.text.layers}L/w{cfg.text.width}, embed {cfg.embed_dim}"
+
+
+def _count_blocks(state: dict[str, np.ndarray], pattern: str) -> int:
+  indices = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+  return max(indices) + 1 if indices else 0
+
+
+def infer_openai_config(state: dict[str, np.ndarray], act: str = "quick_gelu") -> CLIPConfig:
+  """Reads the architecture off an OpenAI-layout state dict's shapes (as OpenAI's build_model does).
+
+  Head counts are not visible in weights: a named config with identical shapes supplies them
+  (ViT-H-14 uses 80-wide heads); otherwise heads are 64 wide, OpenAI's rule.
+  """
+  try:
+    text = TextConfig(context_length=state["positional_embedding"].shape[0],
+                      vocab_size=state["token_embedding.weight"].shape[0],
+                      width=state["ln_final.weight"].shape[0],
+                      heads=state["ln_final.weight"].shape[0] // 64,
+                      layers=_count_blocks(state, r"transformer\.resblocks\.(\d+)\."))
+    embed_dim = state["text_projection"].shape[1]
+    if "visual.proj" in state:
+      width, _, patch, _ = state["visual.conv1.weight"].shape
+      grid = int(round(math.sqrt(state["visual.positional_embedding"].shape[0] - 1)))
+      vision = VisionConfig(image_size=grid * patch, layers=_count_blocks(state, r"visual\.transformer\.resblocks\.(\d+)\."),
+                            width=width, patch_size=patch)
+    else:
+      stages = tuple(_count_blocks(state, rf"visual\.layer{s}\.(\d+)\.") for s in (1, 2, 3, 4))
+      width = state["visual.layer1.0.conv1.weight"].shape[0]
+      grid = int(round(math.sqrt(state["visual.attnpool.positional_embedding"].shape[0] - 1)))
+      vision = VisionConfig(image_size=grid * 32, layers=stages, width=width, patch_size=None)
+  except KeyError as e:
+    raise CheckpointError(f"not an OpenAI/open_clip CLIP state dict: no '{e.args[0]}' "
+                          f"(keys start with {sorted(state)[:3]}).") from None
+  cfg = CLIPConfig(embed_dim, vision, text, act=act,
+                   init_logit_bias=0.0 if "logit_bias" in state else None)
+  for named in MODEL_CONFIGS.values():  # Same shapes as a named config: take its head widths.
+    if dataclasses.replace(named.vision, head_width=64) == vision and named.text == text \
+        and named.embed_dim == embed_dim:
+      cfg = dataclasses.replace(cfg, vision=named.vision)
+      break
+  return cfg
+
+
+def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
+  tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
+  acts = {vc.get("hidden_act", "quick_gelu"), tc.get("hidden_act", "quick_gelu")}
+  if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
+    raise CheckpointError(f"Hugging Face config uses activations {sorted(acts)}; supported: one of "
+                          "'quick_gelu' or 'gelu' for both towers.")
+  vision_width, text_width = vc.get("hidden_size", 768), tc.get("hidden_size", 512)
+  vision = VisionConfig(image_size=vc.get("image_size", 224), layers=vc.get("num_hidden_layers", 12),
+                        width=vision_width, patch_size=vc.get("patch_size", 32),
+                        head_width=vision_width // vc.get("num_attention_heads", 12),
+                        mlp_ratio=vc.get("intermediate_size", 3072) / vision_width)
+  text = TextConfig(context_length=tc.get("max_position_embeddings", 77), vocab_size=tc.get("vocab_size", 49408),
+                    width=text_width, heads=tc.get("num_attention_heads", 8),
+                    layers=tc.get("num_hidden_layers", 12),
+                    mlp_ratio=tc.get("intermediate_size", 2048) / text_width)
+  return CLIPConfig(embed_dim=hf.get("projection_dim", 512), vision=vision, text=text, act=acts.pop(),
+                    init_logit_scale=hf.get("logit_scale_init_value", math.log(1 / 0.07)))
+
+
+def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
+  v, t = cfg.vision, cfg.text
+  return {
+      "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+      "logit_scale_init_value": cfg.init_logit_scale, "initializer_factor": 1.0,
+      "text_config": {"model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
+                      "intermediate_size": int(t.width * t.mlp_ratio), "num_attention_heads": t.heads,
+                      "num_hidden_layers": t.layers, "max_position_embeddings": t.context_length,
+                      "hidden_act": cfg.act, "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim,
+                      "bos_token_id": t.vocab_size - 2, "eos_token_id": t.vocab_size - 1, "pad_token_id": 0},
+      "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.width,
+                        "intermediate_size": int(v.width * v.mlp_ratio), "num_attention_heads": v.heads,
+                        "num_hidden_layers": v.layers, "image_size": v.image_size, "patch_size": v.patch_size,
+                        "num_channels": 3, "hidden_act": cfg.act, "layer_norm_eps": 1e-5,
+                        "projection_dim": cfg.embed_dim},
+  }
+
+
+def load_openai_state_dict(state: dict[str, np.ndarray], *, model_name: str | None = None,
+                           act: str | None = None, source: str = "checkpoint", **module_kwargs):
+  state = split_fused_attention(state)
+  if model_name is not None:
+    cfg = MODEL_CONFIGS.get(model_name)
+    if cfg is None:
+      raise ValueError(f"Unknown model '{model_name}'; known: {', '.join(sorted(MODEL_CONFIGS))}.")
+    if act is not None:
+      cfg = cfg.replace(act=act)
+  else:
+    if act is None:
+      logging.info("%s: no config with the weights; assuming QuickGELU as in OpenAI's release "
+                   "(pass act='gelu' for weights trained with exact GELU, e.g. most open_clip runs).", source)
+    cfg = infer_openai_config(state, act or "quick_gelu")
+  model = create_model(cfg, **module_kwargs)
+  return model, state_dict_to_variables(state, model, openai_entries(cfg), source)
+
+
+def load_hf_directory(path: str, **module_kwargs):
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise CheckpointError(f"{path}: a Hugging Face model directory needs a config.json.")
+  with open(config_path) as f:
+    hf_config = json.load(f)
+  if hf_config.get("model_type") not in (None, "clip"):
+    raise CheckpointError(f"{path}: config.json is for model_type '{hf_config.get('model_type')}', not 'clip'.")
+  weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin") if
+             os.path.exists(os.path.join(path, n))]
+  if not weights:
+    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json.")
+  state = load_state_dict(weights[0])
+  cfg = config_from_hf(hf_config)
+  model = create_model(cfg, **module_kwargs)
+  return model, state_dict_to_variables(state, model, hf_entries(cfg), path)
+
+
+def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=None) -> str:
+  """Writes a transformers-loadable CLIPModel directory (config.json + model.safetensors)."""
+  cfg = module.config
+  state = variables_to_state_dict(variables, hf_entries(cfg))
+  os.makedirs(out_dir, exist_ok=True)
+  save_safetensors(state, os.path.join(out_dir, "model.safetensors"))
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_to_hf(cfg), f, indent=2)
+  if tokenizer is not None and hasattr(tokenizer, "save_hf"):
+    tokenizer.save_hf(out_dir)
+  return out_dir
+
+
+def export_openai_state_dict(module: CLIP, variables: dict[str, Any]) -> dict[str, np.ndarray]:
+  """OpenAI-layout state dict (in_proj fused again), loadable by open_clip's CLIP class."""
+  state = variables_to_state_dict(variables, openai_entries(module.config))
+  fused = {}
+  for key in list(state):
+    match = re.match(r"(.*)\.attn\.q_proj\.(weight|bias)$", key)
+    if match and not key.startswith("visual.attnpool"):
+      prefix, kind = match.groups()
+      parts = [state.pop(f"{prefix}.attn.{n}_proj.{kind}") for n in "qkv"]
+      fused[f"{prefix}.attn.in_proj_{kind}"] = np.concatenate(parts, axis=0)
+  state.update(fused)
+  return state
+
+
+def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None = None, **module_kwargs):
+  """`(module, variables)` from an OpenAI/open_clip checkpoint file, a Hugging Face CLIPModel
+  directory, or a training workdir of this project. `module_kwargs` (dtype, param_dtype, remat)
+  go to the module."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file or directory.")
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
+        os.path.join(path, "clip_config.json")):
+      return load_hf_directory(path, **module_kwargs)
+    from clip_jax import workdir_io  # Training workdirs: orbax checkpoints + the model config.
+    return workdir_io.load_workdir(path, **module_kwargs)
+  state = load_state_dict(path)
+  if any(k.startswith(("vision_model.", "text_model.")) for k in state):
+    raise CheckpointError(f"{path}: looks like a Hugging Face CLIPModel state dict; pass its directory "
+                          "(with config.json) instead.")
+  return load_openai_state_dict(state, model_name=model_name, act=act, source=path, **module_kwargs)

@@ -1,0 +1,264 @@
+"""CLIP models against the reference PyTorch implementations on identical random weights.
+
+Tolerances (fp32): embeddings max abs diff <= 1e-4, logits <= 1e-3 (the issue's bar).
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import clip_jax
+from clip_jax import convert
+from clip_jax.models.configs import MODEL_CONFIGS
+from clip_jax.weights import CheckpointError
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+torch.set_num_threads(2)
+
+NAMED = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14",
+         "ViT-L-14-336", "ViT-H-14"]
+
+
+def _param_count(model) -> int:
+  cfg = model.config
+  images = jax.ShapeDtypeStruct((1, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, cfg.text.context_length), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_param_counts_equal_open_clip(name):
+  with torch.device("meta"):  # Shapes only: no memory, no init time.
+    reference = open_clip.model.CLIP(**open_clip.get_model_config(name))
+  expected = sum(p.numel() for p in reference.parameters())
+  assert _param_count(clip_jax.create_model(name)) == expected
+
+
+def _randomize_open_clip(model, seed=0):
+  """Random weights everywhere (incl. zero-initialised ones and BN statistics), so every tensor
+  is exercised by the comparison."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, tensor in list(model.state_dict().items()):
+      if tensor.dtype.is_floating_point:
+        if name.endswith("running_var"):
+          tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+        elif name.endswith("logit_scale"):
+          tensor.fill_(np.log(1 / 0.07))
+        else:
+          std = 0.02 if tensor.ndim > 1 else 0.1
+          tensor.copy_(torch.randn(tensor.shape, generator=gen) * std + (1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight")) else 0.0))
+  return model.eval()
+
+
+def _inputs(image_size, batch=2, seed=0, context_length=77):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch, 3, image_size, image_size)).astype(np.float32)
+  tokens = np.zeros((batch, context_length), np.int64)
+  for i in range(batch):
+    n = 5 + 7 * i
+    tokens[i, 0] = 49406
+    tokens[i, 1:n] = rng.integers(1, 49000, n - 1)
+    tokens[i, n] = 49407
+  return images, tokens
+
+
+def _compare_with_open_clip(name, **create_kwargs):
+  reference = _randomize_open_clip(open_clip.create_model(name, **create_kwargs))
+  state = {k: v.numpy() for k, v in reference.state_dict().items()}
+  model, variables = convert.load_openai_state_dict(state, model_name=name)
+  images, tokens = _inputs(model.config.vision.image_size)
+  with torch.no_grad():
+    ref_image = reference.encode_image(torch.from_numpy(images)).numpy()
+    ref_text = reference.encode_text(torch.from_numpy(tokens)).numpy()
+    ref_logits = (reference.logit_scale.exp() * torch.nn.functional.normalize(torch.from_numpy(ref_image)) @
+                  torch.nn.functional.normalize(torch.from_numpy(ref_text)).T).numpy()
+  nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
+  image_emb = model.apply(variables, nhwc, method="encode_image")
+  text_emb = model.apply(variables, jnp.asarray(tokens, jnp.int32), method="encode_text")
+  np.testing.assert_allclose(image_emb, ref_image, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(text_emb, ref_text, atol=1e-4, rtol=0)
+  img_n, txt_n, log_scale, _ = model.apply(variables, nhwc, jnp.asarray(tokens, jnp.int32))
+  logits = jnp.exp(log_scale) * img_n @ txt_n.T
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=0)
+  return model, variables
+
+
+def _tiny_open_clip_cfg(resnet: bool):
+  # Head counts are not stored in weights; inference assumes OpenAI's 64-wide heads, so the tiny
+  # towers use 2 heads of 64 (and the ResNet's attention pool 16*32/64 = 8).
+  vision = ({"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None} if resnet else
+            {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8})
+  return {"embed_dim": 64, "vision_cfg": vision,
+          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2}}
+
+
+@pytest.mark.parametrize("resnet", [False, True], ids=["vit", "resnet"])
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_tiny_matches_open_clip(resnet, act):
+  """Tiny towers, both activations: fast stand-ins for the full-size comparisons below."""
+  cfg = _tiny_open_clip_cfg(resnet)
+  if act == "quick_gelu":
+    cfg["quick_gelu"] = True
+  reference = _randomize_open_clip(open_clip.model.CLIP(**cfg))
+  state = {k: v.numpy() for k, v in reference.state_dict().items()}
+  model, variables = convert.load_openai_state_dict(state, act=act)
+  assert model.config.vision.is_resnet == resnet
+  images, tokens = _inputs(model.config.vision.image_size)
+  with torch.no_grad():
+    ref_image = reference.encode_image(torch.from_numpy(images)).numpy()
+    ref_text = reference.encode_text(torch.from_numpy(tokens)).numpy()
+  image_emb = model.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), method="encode_image")
+  text_emb = model.apply(variables, jnp.asarray(tokens, jnp.int32), method="encode_text")
+  np.testing.assert_allclose(image_emb, ref_image, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(text_emb, ref_text, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])
+def test_full_size_matches_open_clip(name):
+  _compare_with_open_clip(name)
+
+
+def test_openai_export_round_trip():
+  reference = _randomize_open_clip(open_clip.model.CLIP(**_tiny_open_clip_cfg(False)))
+  state = {k: v.numpy() for k, v in reference.state_dict().items()}
+  model, variables = convert.load_openai_state_dict(state, act="gelu")
+  exported = convert.export_openai_state_dict(model, variables)
+  for key, value in exported.items():
+    np.testing.assert_array_equal(value, state[key], err_msg=key)
+
+
+def _tiny_hf_model(act="quick_gelu"):
+  transformers = pytest.importorskip("transformers")
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_attention_heads=2,
+                       num_hidden_layers=2, max_position_embeddings=77, hidden_act=act,
+                       bos_token_id=49406, eos_token_id=49407),
+      vision_config=dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
+                         image_size=32, patch_size=8, hidden_act=act),
+      projection_dim=48)
+  torch.manual_seed(0)
+  return transformers.CLIPModel(config).eval()
+
+
+def _hf_embeddings(hf_model, images, tokens):
+  with torch.no_grad():
+    image = hf_model.get_image_features(pixel_values=torch.from_numpy(images))
+    text = hf_model.get_text_features(input_ids=torch.from_numpy(tokens))
+  # transformers 5 returns model outputs from the feature getters; older ones return tensors.
+  image = getattr(image, "pooler_output", image)
+  text = getattr(text, "pooler_output", text)
+  return image.numpy(), text.numpy()
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_hf_clip_import_and_export(tmp_path, act):
+  transformers = pytest.importorskip("transformers")
+  hf_model = _tiny_hf_model(act)
+  hf_model.save_pretrained(tmp_path / "hf")
+  module, variables = clip_jax.load_checkpoint(str(tmp_path / "hf"))
+  assert module.config.act == act
+  images, tokens = _inputs(32)
+  ref_image, ref_text = _hf_embeddings(hf_model, images, tokens)
+  image_emb = module.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), method="encode_image")
+  text_emb = module.apply(variables, jnp.asarray(tokens, jnp.int32), method="encode_text")
+  np.testing.assert_allclose(image_emb, ref_image, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(text_emb, ref_text, atol=1e-4, rtol=0)
+
+  # Export and reload in transformers: the same embeddings.
+  out = clip_jax.export_hf(module, variables, str(tmp_path / "exported"))
+  reloaded = transformers.CLIPModel.from_pretrained(out).eval()
+  re_image, re_text = _hf_embeddings(reloaded, images, tokens)
+  np.testing.assert_allclose(re_image, image_emb, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(re_text, text_emb, atol=1e-4, rtol=0)
+
+
+def test_export_of_model_trained_here_loads_in_transformers(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  module = clip_jax.create_model("ViT-Tiny")
+  variables = clip_jax.init_variables(module, jax.random.key(1))
+  out = clip_jax.export_hf(module, variables, str(tmp_path / "hf"))
+  reloaded = transformers.CLIPModel.from_pretrained(out).eval()
+  images, tokens = _inputs(32, context_length=32)
+  re_image, re_text = _hf_embeddings(reloaded, images, tokens)
+  np.testing.assert_allclose(re_image, module.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)),
+                                                    method="encode_image"), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(re_text, module.apply(variables, jnp.asarray(tokens, jnp.int32),
+                                                   method="encode_text"), atol=1e-4, rtol=0)
+
+
+def test_named_config_shapes_are_recovered_from_weights():
+  """Head widths are invisible in weights; ViT-H-14's 80-wide heads come from the named config."""
+  for name in ("ViT-H-14", "RN50x4", "ViT-L-14-336"):
+    model = clip_jax.create_model(name)
+    cfg = model.config
+    fake = traverse_util.unflatten_dict(
+        {k: np.zeros(shape, np.float32) for k, shape in convert._expected_shapes(model).items()})
+    state = convert.export_openai_state_dict(model, fake)
+    inferred = convert.infer_openai_config(convert.split_fused_attention(state), act="gelu")
+    assert inferred == cfg, name
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+def test_missing_path():
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    clip_jax.load_checkpoint("/nonexistent/model.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+  path = tmp_path / "notes.pt"
+  path.write_text("these are not weights")
+  with pytest.raises(CheckpointError, match="not a supported checkpoint"):
+    clip_jax.load_checkpoint(str(path))
+
+
+def test_corrupt_safetensors(tmp_path):
+  path = tmp_path / "broken.safetensors"
+  path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")
+  with pytest.raises(CheckpointError, match="not a valid safetensors"):
+    clip_jax.load_checkpoint(str(path))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+  path = tmp_path / "evil.pt"
+  torch.save({"state_dict": {"w": torch.zeros(2)}, "hook": os.system}, path)
+  with pytest.raises(CheckpointError, match="not a loadable PyTorch checkpoint"):
+    clip_jax.load_checkpoint(str(path))
+
+
+def test_unrelated_state_dict(tmp_path):
+  path = tmp_path / "resnet.safetensors"
+  from safetensors.torch import save_file
+  save_file({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, str(path))
+  with pytest.raises(CheckpointError, match="not an OpenAI/open_clip CLIP state dict"):
+    clip_jax.load_checkpoint(str(path))
+
+
+def test_shape_mismatch_against_named_model(tmp_path):
+  reference = open_clip.model.CLIP(**_tiny_open_clip_cfg(False))
+  path = tmp_path / "tiny.pt"
+  torch.save(reference.state_dict(), path)
+  with pytest.raises(CheckpointError, match="missing|shape mismatch"):
+    clip_jax.load_checkpoint(str(path), model_name="ViT-B-32")
+
+
+def test_hf_directory_without_weights(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
+  with pytest.raises(CheckpointError, match="no model.safetensors"):
+    clip_jax.load_checkpoint(str(tmp_path))
+
+
+def test_unknown_model_and_override():
+  with pytest.raises(ValueError, match="Unknown model"):
+    clip_jax.create_model("ViT-Q-99")
+  with pytest.raises(ValueError, match="Unknown CLIP config keys"):
+    clip_jax.create_model("ViT-B-32", not_a_field=3)
+  assert clip_jax.create_model("ViT-B-32-quickgelu").config.act == "quick_gelu"
+  assert set(MODEL_CONFIGS) >= set(NAMED)
