@@ -1,0 +1,187 @@
+"""The sharded contrastive losses equal the naive full-matrix losses, and the rings stay small.
+
+Runs on the 8 simulated CPU devices set up by conftest.py. Tolerances: 1e-5 relative in fp32
+(gradients: relative to their largest entry, as single entries can be near zero).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from clip_jax import losses
+
+AXES = ("data", "fsdp", "tensor")
+# (mesh shape, batch axes): the batch split over 8, 8 (two axes) and 4 devices (with 2 replicas
+# over 'tensor'), and split over 'data' only with 'fsdp' holding replicas.
+MESHES = {
+    "8x1x1": ((8, 1, 1), ("data", "fsdp")),
+    "4x2x1": ((4, 2, 1), ("data", "fsdp")),
+    "2x2x2": ((2, 2, 2), ("data", "fsdp")),
+    "4x2x1-data": ((4, 2, 1), ("data",)),
+}
+RTOL = 1e-5
+
+
+def _mesh(shape):
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _embeddings(batch, dim, seed=0):
+  image_key, text_key = jax.random.split(jax.random.key(seed))
+  normalise = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  # Text embeddings near their images, so that the positives stand out as after some training.
+  image_emb = normalise(jax.random.normal(image_key, (batch, dim)))
+  text_emb = normalise(image_emb + 0.8 * jax.random.normal(text_key, (batch, dim)))
+  return image_emb, text_emb
+
+
+def _naive(kind):
+  if kind == "sigmoid":
+    return losses.naive_sigmoid_loss
+  return lambda image_emb, text_emb, scale, bias: losses.naive_softmax_loss(image_emb, text_emb,
+                                                                            scale)
+
+
+def _scale_and_bias(kind):
+  if kind == "sigmoid":
+    params = losses.init_sigmoid_params()
+    return losses.clamp_logit_scale(params["log_scale"]) * 1.3, params["bias"] + 2.5
+  return losses.clamp_logit_scale(jnp.float32(losses.CLIP_INIT_LOG_SCALE)), jnp.float32(0.0)
+
+
+def _assert_grad_close(actual, expected, name):
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  atol = RTOL * max(np.max(np.abs(expected)), 1e-30)
+  np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=atol, err_msg=name)
+
+
+# Every batch size on the first mesh (b from 1 to 8 rows per device), two on the others: each case
+# is a compilation, and these dominate the file's run time.
+CASES = [(mesh_name, batch) for mesh_name in MESHES
+         for batch in ((8, 16, 32, 64) if mesh_name == "8x1x1" else (16, 64))]
+
+
+@pytest.mark.parametrize("mesh_name, batch", CASES)
+@pytest.mark.parametrize("kind", losses.LOSS_KINDS)
+def test_sharded_loss_equals_naive_in_value_and_gradients(mesh_name, kind, batch):
+  shape, batch_axes = MESHES[mesh_name]
+  mesh = _mesh(shape)
+  image_emb, text_emb = _embeddings(batch, 32, seed=batch)
+  sharding = NamedSharding(mesh, P(batch_axes))
+  image_emb, text_emb = jax.device_put(image_emb, sharding), jax.device_put(text_emb, sharding)
+  scale, bias = _scale_and_bias(kind)
+
+  sharded = jax.jit(jax.value_and_grad(
+      lambda *args: losses.contrastive_loss(*args, kind=kind, mesh=mesh, batch_axes=batch_axes),
+      argnums=(0, 1, 2, 3)))
+  value, grads = sharded(image_emb, text_emb, scale, bias)
+  expected_value, expected_grads = jax.jit(jax.value_and_grad(_naive(kind), argnums=(0, 1, 2, 3)))(
+      np.asarray(image_emb), np.asarray(text_emb), scale, bias)
+
+  assert value.shape == () and value.dtype == jnp.float32
+  np.testing.assert_allclose(value, expected_value, rtol=RTOL)
+  for name, grad, expected in zip(("image_emb", "text_emb", "scale", "bias"), grads,
+                                  expected_grads):
+    _assert_grad_close(grad, expected, name)
+  # Gradients come back to the devices that own the rows.
+  assert grads[0].sharding.is_equivalent_to(sharding, 2)
+
+
+def test_softmax_ignores_bias_and_bf16_embeddings_give_fp32_loss():
+  shape, batch_axes = MESHES["8x1x1"]
+  mesh = _mesh(shape)
+  image_emb, text_emb = _embeddings(32, 16)
+  expected = losses.naive_softmax_loss(image_emb, text_emb, 20.0)
+  for kind in ("softmax", "softmax_ring"):
+    loss = lambda bias: losses.contrastive_loss(image_emb, text_emb, 20.0, bias, kind=kind,
+                                                mesh=mesh, batch_axes=batch_axes)
+    value, bias_grad = jax.jit(jax.value_and_grad(loss))(jnp.float32(3.0))
+    np.testing.assert_allclose(value, expected, rtol=RTOL)
+    assert bias_grad == 0.0
+  for kind in losses.LOSS_KINDS:
+    loss = jax.jit(lambda *args, kind=kind: losses.contrastive_loss(
+        *args, kind=kind, mesh=mesh, batch_axes=batch_axes))
+    value = loss(image_emb.astype(jnp.bfloat16), text_emb.astype(jnp.bfloat16), 10.0, -10.0)
+    assert value.dtype == jnp.float32
+    reference = _naive(kind)(image_emb, text_emb, 10.0, -10.0)
+    np.testing.assert_allclose(value, reference, rtol=2e-2)  # bf16 inputs: rounding only.
+
+
+def test_clamp_logit_scale_and_siglip_init():
+  log_scales = jnp.array([losses.CLIP_INIT_LOG_SCALE, math.log(100.0) + 0.5])
+  np.testing.assert_allclose(losses.clamp_logit_scale(log_scales), [1 / 0.07, 100.0], rtol=1e-6)
+  grads = jax.vmap(jax.grad(losses.clamp_logit_scale))(log_scales)
+  np.testing.assert_allclose(grads, [1 / 0.07, 0.0], rtol=1e-6)  # d exp = exp; none above 100.
+  params = losses.init_sigmoid_params()
+  np.testing.assert_allclose(losses.clamp_logit_scale(params["log_scale"]), 10.0, rtol=1e-6)
+  assert float(params["bias"]) == -10.0
+
+
+def test_explicit_axis_mesh_and_reversed_batch_axes():
+  # jax.make_mesh's default (Explicit) axes, and the batch axes named minor-to-major.
+  mesh = jax.make_mesh((4, 2, 1), AXES)
+  image_emb, text_emb = _embeddings(32, 16)
+  loss = jax.jit(lambda *args: losses.contrastive_loss(*args, kind="sigmoid", mesh=mesh,
+                                                       batch_axes=("fsdp", "data")))
+  np.testing.assert_allclose(loss(image_emb, text_emb, 10.0, -10.0),
+                             losses.naive_sigmoid_loss(image_emb, text_emb, 10.0, -10.0),
+                             rtol=RTOL)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(kind="cosine"), "Unknown contrastive loss kind"),
+    (dict(batch_axes=("batch",)), "must be a non-empty tuple of mesh axes"),
+    (dict(kind="sigmoid", logit_bias=None), "needs a logit_bias"),
+    (dict(batch=12), "does not split evenly"),
+    (dict(text_dim=8), "same shape"),
+    (dict(logit_bias=jnp.zeros(2)), "must be scalars"),
+])
+def test_bad_input_raises_one_clear_error(change, message):
+  args = dict(kind="softmax", batch_axes=("data",), logit_bias=-10.0, batch=16, text_dim=16)
+  args.update(change)
+  image_emb, text_emb = _embeddings(args["batch"], 16)
+  with pytest.raises(ValueError, match=message):
+    losses.contrastive_loss(image_emb, text_emb[:, :args["text_dim"]], 10.0, args["logit_bias"],
+                            kind=args["kind"], mesh=_mesh((8, 1, 1)),
+                            batch_axes=args["batch_axes"])
+
+
+def _temp_bytes(fn, *args):
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_ring_kinds_keep_per_device_logits_at_b_by_b_forward_and_backward():
+  # Compiled only, never run: B = 4096 over 8 devices, b = 512. One fp32 [b, B] array is 8 MiB,
+  # [B, B] 64 MiB, [b, b] 1 MiB.
+  batch, dim, num_devices = 4096, 64, 8
+  local = batch // num_devices
+  row_block_bytes, full_matrix_bytes = local * batch * 4, batch * batch * 4
+  mesh = _mesh((num_devices, 1, 1))
+  batch_axes = ("data", "fsdp")
+  emb = jax.ShapeDtypeStruct((batch, dim), jnp.float32,
+                             sharding=NamedSharding(mesh, P(batch_axes)))
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+
+  temp = {}
+  for kind in losses.LOSS_KINDS:
+    loss = lambda *args, kind=kind: losses.contrastive_loss(*args, kind=kind, mesh=mesh,
+                                                            batch_axes=batch_axes)
+    temp[kind, "forward"] = _temp_bytes(loss, emb, emb, scalar, scalar)
+    temp[kind, "grad"] = _temp_bytes(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)),
+                                     emb, emb, scalar, scalar)
+  naive_emb = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
+  naive_grad = jax.value_and_grad(losses.naive_softmax_loss, argnums=(0, 1, 2))
+  temp["naive", "grad"] = _temp_bytes(naive_grad, naive_emb, naive_emb, jnp.float32(10.0))
+
+  # The measurement sees the logits: all-gather softmax holds [b, B] rows, naive [B, B].
+  assert temp["softmax", "forward"] >= row_block_bytes
+  assert temp["naive", "grad"] >= full_matrix_bytes
+  for kind in ("sigmoid", "softmax_ring"):
+    # A ring that kept every step's block for autodiff would be back at [b, B] (8 MiB).
+    assert temp[kind, "forward"] < row_block_bytes / 4, (kind, temp)
+    assert temp[kind, "grad"] < row_block_bytes / 2, (kind, temp)
+    assert temp[kind, "grad"] < temp["softmax", "grad"] / 8, (kind, temp)
+    assert temp[kind, "grad"] < full_matrix_bytes / 16, (kind, temp)
