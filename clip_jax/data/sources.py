@@ -1,0 +1,183 @@
+"""Random-access sources of raw image-text records, and the one place that picks among them.
+
+Every source maps an index to a raw record, a dict:
+  {'image': encoded bytes or a uint8 array, 'captions': [str, ...], 'label': int (-1: none),
+   'key': str}
+or, when the stored record itself is unreadable, {'skip': reason, 'key': str}. Decoding, caption
+choice, augmentation and tokenization happen later, in the pipeline's workers.
+
+A data spec names the source:
+  'digits'              the embedded handwritten digits (clip_jax.data.digits), no download
+  'tfds:NAME[/CONFIG]'  any TFDS dataset prepared as array_record (tfds.data_source)
+  a path                ArrayRecord shards from `python -m clip_jax.data.prepare`: a directory,
+                        one file, or a glob; '{split}' in the path is replaced by the split name
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+
+from clip_jax.data.records import BadRecord, decode_record
+
+# Captions for image-label datasets (cifar10, imagenet2012, ...), `{}` is the class name.
+LABEL_CAPTION_TEMPLATES = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a close-up photo of the {}.",
+    "a picture of a {}.",
+    "a low resolution photo of a {}.",
+)
+
+_CAPTION_FEATURE_NAMES = ("caption", "captions", "text", "texts", "sentences", "description")
+
+
+class ArrayRecordSource:
+  """Records written by clip_jax.data.prepare, read with grain's ArrayRecordDataSource."""
+
+  def __init__(self, path: str):
+    self.paths = find_shards(path)
+    import grain  # Imported lazily: keeps `import clip_jax.data` light.
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    self.class_names = None
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    key = f"record {index}"
+    try:
+      header, image_bytes = decode_record(self._source[index])
+    except BadRecord as e:
+      return {"skip": e.reason, "key": key, "detail": e.detail}
+    captions = header.get("caption", "")
+    label = header.get("label", -1)
+    return {"image": image_bytes, "captions": captions if isinstance(captions, list) else [captions],
+            "label": label if isinstance(label, int) else -1, "key": header.get("key") or key}
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
+
+
+def find_shards(path: str) -> list[str]:
+  """A directory, a file or a glob -> sorted .array_record paths; a clear error if there are none."""
+  if os.path.isdir(path):
+    paths = sorted(glob.glob(os.path.join(path, "*.array_record")))
+    if not paths:
+      raise FileNotFoundError(f"{path}: directory holds no .array_record shards; write them with "
+                              "`python -m clip_jax.data.prepare --input ... --output DIR`.")
+    return paths
+  if os.path.isfile(path):
+    return [path]
+  paths = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+  if not paths:
+    raise FileNotFoundError(f"{path}: no such file, directory or matching shards. Pass a directory of "
+                            ".array_record shards, 'tfds:NAME' for a TFDS dataset, or 'digits'.")
+  return paths
+
+
+class TfdsSource:
+  """A TFDS dataset through `tfds.data_source` (random access over array_record files).
+
+  Image-text datasets (a Text feature named like 'caption(s)', possibly inside a Sequence, as
+  in coco_captions) give all their captions; image-label datasets (a ClassLabel, as in cifar10
+  or imagenet2012) give captions from `templates` and the label for zero-shot evaluation.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None, *,
+               image_key: str | None = None, caption_key: str | None = None,
+               label_key: str | None = None, templates=LABEL_CAPTION_TEMPLATES,
+               class_names: list[str] | None = None):
+    import tensorflow_datasets as tfds  # Imported lazily: only TFDS sources need it.
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f"TFDS has no dataset named {name!r}; check the name against "
+                       "https://www.tensorflow.org/datasets/catalog, or pass a path to ArrayRecord shards.") from e
+    features = builder.info.features
+    self.image_key = image_key or _find_feature(features, tfds.features.Image)
+    self.label_key = label_key or _find_feature(features, tfds.features.ClassLabel)
+    self.caption_path = _find_caption(features, tfds, caption_key)
+    if self.image_key is None:
+      raise ValueError(f"TFDS dataset {name!r} has no image feature (features: {list(features)}).")
+    if self.caption_path is None and self.label_key is None:
+      raise ValueError(f"TFDS dataset {name!r} has neither a caption nor a class label "
+                       f"(features: {list(features)}); pass caption_key= or label_key=.")
+    self.class_names = None
+    if self.label_key is not None:
+      names = class_names or features[self.label_key].names
+      self.class_names = [n.replace("_", " ") for n in names]
+    self.templates = tuple(templates)
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # not prepared, prepared as tfrecord, unknown split: all need the user
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ValueError(f"TFDS dataset {name!r} split {split!r} cannot be read from "
+                       f"{builder.data_dir} ({first_line}). Prepare it on a machine with network: "
+                       f"`tfds build {name} --file_format=array_record`.") from e
+    self.name, self.split = name, split
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    key = f"{self.name}/{self.split}[{index}]"
+    try:
+      example = self._source[index]
+    except Exception as e:  # a damaged shard must not end the run
+      return {"skip": "corrupt_record", "key": key, "detail": f"{type(e).__name__}: {e}"}
+    label = int(example[self.label_key]) if self.label_key is not None else -1
+    if self.caption_path is not None:
+      value = example
+      for part in self.caption_path:
+        value = value[part]
+      captions = [_as_text(v) for v in np.asarray(value, dtype=object).reshape(-1)]
+    else:
+      captions = [t.format(self.class_names[label]) for t in self.templates]
+    return {"image": np.asarray(example[self.image_key]), "captions": captions, "label": label,
+            "key": key}
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
+
+
+def _find_feature(features, feature_type) -> str | None:
+  for key, feature in features.items():
+    if isinstance(feature, feature_type):
+      return key
+  return None
+
+
+def _find_caption(features, tfds, caption_key: str | None) -> tuple[str, ...] | None:
+  """-> the key path to the caption text, e.g. ('captions', 'text') for coco_captions."""
+  if caption_key is not None:
+    return tuple(caption_key.split("/"))
+  for key in _CAPTION_FEATURE_NAMES:
+    feature = features[key] if key in features else None
+    if isinstance(feature, tfds.features.Text):
+      return (key,)
+    inner = getattr(feature, "feature", None)  # Sequence(Text) or Sequence({'text': Text, ...})
+    if isinstance(inner, tfds.features.Text):
+      return (key,)
+    if isinstance(inner, tfds.features.FeaturesDict):
+      for sub_key, sub_feature in inner.items():
+        if isinstance(sub_feature, tfds.features.Text):
+          return (key, sub_key)
+  return None
+
+
+def _as_text(value) -> str | bytes:
+  return value if isinstance(value, (str, bytes)) else str(value)
+
+
+def open_source(spec: str, split: str = "train", *, data_dir: str | None = None,
+                image_size: int = 32, class_names: list[str] | None = None):
+  """A data spec (see the module docstring) -> a random-access source. Errors are raised here,
+  at start, with what to do about them."""
+  if spec == "digits":
+    from clip_jax.data.digits import DigitsSource
+    return DigitsSource(split, image_size=image_size)
+  if spec.startswith("tfds:"):
+    return TfdsSource(spec[len("tfds:"):], split, data_dir, class_names=class_names)
+  return ArrayRecordSource(spec.replace("{split}", split))
