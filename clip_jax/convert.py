@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from clip_jax.models.clip import CLIP, create_model
 from clip_jax.models.configs import MODEL_CONFIGS, CLIPConfig, TextConfig, VisionConfig
+from clip_jax.models.text import TextTransformer
 from clip_jax.weights import (CheckpointError, conv_to_flax, conv_to_torch, linear_to_flax, linear_to_torch,
                               load_state_dict, save_safetensors)
 
@@ -362,10 +363,129 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
     if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
         os.path.join(path, "clip_config.json")):
       return load_hf_directory(path, **module_kwargs)
-    from clip_jax import workdir_io  # Training workdirs: orbax checkpoints + the model config.
-    return workdir_io.load_workdir(path, **module_kwargs)
+    from clip_jax.checkpoint import load_workdir  # Training workdirs: orbax + the model config.
+    return load_workdir(path, **module_kwargs)
   state = load_state_dict(path)
   if any(k.startswith(("vision_model.", "text_model.")) for k in state):
     raise CheckpointError(f"{path}: looks like a Hugging Face CLIPModel state dict; pass its directory "
                           "(with config.json) instead.")
   return load_openai_state_dict(state, model_name=model_name, act=act, source=path, **module_kwargs)
+
+
+# ----------------------------------------------------------------------------- bare text encoder
+# A transformers CLIPTextModel (Stable Diffusion's `text_encoder/`) is a text tower without the
+# projection: it maps onto `TextTransformer(output_dim=None)`, whose `hidden_states` equal the
+# model's `last_hidden_state`. transformers >= 5 saves its keys without the `text_model.` prefix;
+# hub checkpoints (and older versions) have it. Both load; export writes the prefixed form, which
+# every version reads.
+_TEXT_MODEL = "text_model"
+
+
+def text_encoder_entries(layers: int) -> list[Entry]:
+  """CLIPTextModel's layout for a `TextTransformer` whose variables are its own (no 'text' scope)."""
+  t = _TEXT_MODEL
+  return [Entry(("params", "token_embedding"), f"{t}.embeddings.token_embedding.weight"),
+          Entry(("params", "positional_embedding"), f"{t}.embeddings.position_embedding.weight"),
+          *_transformer_hf((), t, layers),
+          *_norm(("ln_final",), f"{t}.final_layer_norm")]
+
+
+def text_encoder_kwargs_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+  """TextTransformer fields from a CLIPTextModel config.json (transformers' defaults fill gaps)."""
+  if hf.get("model_type") == "clip" or "text_config" in hf:
+    raise CheckpointError("config.json is for a full CLIPModel; a text encoder needs a CLIPTextModel "
+                          "config (model_type 'clip_text_model').")
+  act = hf.get("hidden_act", "quick_gelu")
+  if act not in ("quick_gelu", "gelu"):
+    raise CheckpointError(f"text encoder config uses hidden_act '{act}'; supported: 'quick_gelu', 'gelu'.")
+  eps = hf.get("layer_norm_eps", 1e-5)
+  if not math.isclose(eps, 1e-5):
+    raise CheckpointError(f"text encoder config has layer_norm_eps={eps}; only 1e-5 (CLIP's) is supported.")
+  width = hf.get("hidden_size", 512)
+  return dict(context_length=hf.get("max_position_embeddings", 77), vocab_size=hf.get("vocab_size", 49408),
+              width=width, heads=hf.get("num_attention_heads", 8), layers=hf.get("num_hidden_layers", 12),
+              output_dim=None, mlp_ratio=hf.get("intermediate_size", 2048) / width, act=act)
+
+
+def text_encoder_config_to_hf(module: TextTransformer, base: dict[str, Any] | None = None) -> dict[str, Any]:
+  """A CLIPTextModel config.json for `module`; keys of `base` that do not describe the
+  architecture (token ids, projection_dim, ...) are kept."""
+  hf = {k: v for k, v in (base or {}).items() if k not in ("transformers_version", "_name_or_path")}
+  hf.update({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+             "vocab_size": module.vocab_size, "hidden_size": module.width,
+             "intermediate_size": int(round(module.width * module.mlp_ratio)),
+             "num_attention_heads": module.heads, "num_hidden_layers": module.layers,
+             "max_position_embeddings": module.context_length, "hidden_act": module.act,
+             "layer_norm_eps": 1e-5})
+  hf.setdefault("bos_token_id", module.vocab_size - 2)  # CLIP's vocabulary ends <sot>, <eot>
+  hf.setdefault("eos_token_id", module.vocab_size - 1)
+  return hf
+
+
+def text_encoder_state_dict_to_variables(state: dict[str, np.ndarray], module: TextTransformer,
+                                         source: str = "checkpoint") -> dict[str, Any]:
+  """CLIPTextModel state dict -> `module`'s variables, checking every name and shape."""
+  state = {(k if k.startswith(f"{_TEXT_MODEL}.") else f"{_TEXT_MODEL}.{k}"): v for k, v in state.items()}
+  entries = text_encoder_entries(module.layers)
+  describe = f"{module.layers}-layer, {module.width}-wide text encoder"
+  missing = [e.torch_key for e in entries if e.torch_key not in state]
+  if missing:
+    raise CheckpointError(f"{source}: {len(missing)} weights the {describe} needs are missing, e.g. "
+                          f"{missing[:3]} (does config.json belong to these weights?).")
+  used = {e.torch_key for e in entries}
+  unexpected = [k for k in state if k not in used and not _IGNORED.search(k)]
+  if unexpected:
+    raise CheckpointError(f"{source}: {len(unexpected)} weights do not belong to a {describe}, e.g. "
+                          f"{unexpected[:3]} (a CLIPTextModelWithProjection is not supported).")
+  tokens = jax.ShapeDtypeStruct((1, module.context_length), jnp.int32)
+  abstract = jax.eval_shape(lambda t: nn.meta.unbox(module.init(jax.random.key(0), t)), tokens)
+  expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
+  assert set(expected) == {e.flax_key for e in entries}, "text encoder table out of date"
+  flat = {}
+  for e in entries:
+    value = _LAYOUTS[e.layout][0](np.asarray(state[e.torch_key], np.float32))
+    if tuple(value.shape) != tuple(expected[e.flax_key]):
+      raise CheckpointError(f"{source}: shape mismatch for '{e.torch_key}': checkpoint has "
+                            f"{tuple(value.shape)}, the {describe} needs {tuple(expected[e.flax_key])}.")
+    flat[e.flax_key] = value
+  return traverse_util.unflatten_dict(flat)
+
+
+def load_hf_text_encoder(path: str, **module_kwargs):
+  """`(module, variables, hf_config)` from a CLIPTextModel directory (config.json + weights).
+
+  `module_kwargs` (dtype, param_dtype, remat) go to the TextTransformer.
+  """
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise CheckpointError(f"{path}: a text encoder directory needs a config.json (a transformers "
+                          "CLIPTextModel folder).")
+  with open(config_path) as f:
+    hf_config = json.load(f)
+  names = ("model.safetensors", "pytorch_model.bin")
+  weights = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+  if weights:
+    state = load_state_dict(weights[0])
+  else:  # Sharded checkpoints: an index names the shards.
+    index = [os.path.join(path, f"{n}.index.json") for n in names]
+    index = [p for p in index if os.path.isfile(p)]
+    if not index:
+      raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json.")
+    with open(index[0]) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+      state.update(load_state_dict(os.path.join(path, shard)))
+  module = TextTransformer(**text_encoder_kwargs_from_hf(hf_config), **module_kwargs)
+  return module, text_encoder_state_dict_to_variables(state, module, path), hf_config
+
+
+def export_hf_text_encoder(module: TextTransformer, variables: dict[str, Any], out_dir: str,
+                           hf_config: dict[str, Any] | None = None) -> str:
+  """Writes a CLIPTextModel directory (config.json + model.safetensors) that transformers loads."""
+  state = variables_to_state_dict(variables, text_encoder_entries(module.layers))
+  os.makedirs(out_dir, exist_ok=True)
+  save_safetensors(state, os.path.join(out_dir, "model.safetensors"))
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(text_encoder_config_to_hf(module, hf_config), f, indent=2, sort_keys=True)
+  return out_dir
