@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.11 or 3.12) and installs the pinned requirements.
+#   bash launch/setup.sh          # runtime only
+#   bash launch/setup.sh --test   # plus the test runner and the PyTorch reference packages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3)}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+if [ "${1:-}" = "--test" ]; then
+  .venv/bin/python -m pip install --quiet -r requirements-test.txt
+else
+  .venv/bin/python -m pip install --quiet -r requirements.txt
+fi
