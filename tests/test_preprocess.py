@@ -20,7 +20,7 @@ def test_matches_open_clip_eval_transform(size):
 
 def test_modes_and_batches():
   rgba = Image.new("RGBA", (50, 40), (255, 0, 0, 0))          # fully transparent -> white
-  grey16 = Image.fromarray(np.full((40, 50), 65535, np.uint16))  # 16-bit white
+  grey16 = Image.fromarray(np.full((40, 50), 65535, np.uint16)).convert("I;16")  # 16-bit white
   batch = clip_jax.preprocess([rgba, grey16, np.zeros((40, 50, 3), np.uint8)], 32)
   assert batch.shape == (3, 32, 32, 3)
   white = clip_jax.preprocess(Image.new("RGB", (32, 32), (255, 255, 255)), 32)[0]

@@ -15,7 +15,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_jax.data.records import BadRecord
-from clip_jax.preprocess import OPENAI_MEAN, OPENAI_STD  # noqa: F401  (re-exported)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): ~89.5M pixels, ~268 MB as RGB.
 DEFAULT_MAX_PIXELS = 89_478_485
