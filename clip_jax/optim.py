@@ -31,19 +31,31 @@ def trainable_mask(params: Any, frozen_regex: str | None) -> Any:
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
-  """Linear warmup to `cfg.learning_rate`, then cosine decay to `cfg.end_learning_rate`."""
+  """Linear warmup to `cfg.learning_rate`, then cosine decay to `cfg.end_learning_rate`
+  (`cfg.schedule='cosine'`, the default) or constant (`'constant'`)."""
   warmup = min(cfg.warmup_steps, max(cfg.total_steps - 1, 0))
+  kind = cfg.get("schedule", "cosine")
+  if kind == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+                                 optax.constant_schedule(cfg.learning_rate)], [max(warmup, 1)])
+  if kind != "cosine":
+    raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', not '{kind}'.")
   return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.total_steps, warmup + 1),
                                             cfg.get("end_learning_rate", 0.0))
 
 
+def adamw(cfg) -> optax.GradientTransformation:
+  """AdamW on `cfg`'s schedule, decaying only matrices and kernels that are not embeddings."""
+  return optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, mask=decay_mask)
+
+
 def make_optimizer(cfg, params: Any) -> optax.GradientTransformation:
   """cfg: learning_rate, warmup_steps, total_steps, b1, b2, eps, weight_decay, grad_clip_norm,
-  and optionally frozen_regex (parameters left untouched, clipping over the trained ones only)."""
-  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  and optionally schedule and frozen_regex (parameters left untouched, clipping over the trained
+  ones only)."""
   chain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity(),
-                      adamw)
+                      adamw(cfg))
   frozen_regex = cfg.get("frozen_regex", None)
   if not frozen_regex:
     return chain

@@ -72,15 +72,28 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str
                       mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
 
 
+def _key_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def shard_like_params(tree: Any, params_abstract: Any, params_shardings: Any, mesh: Mesh) -> Any:
-  """Shardings for an optimizer state: every subtree shaped like the params is sharded like them
-  (Adam's mu and nu), everything else (step counts) is replicated."""
-  params_def = jax.tree.structure(params_abstract)
-  is_params_like = lambda node: jax.tree.structure(node) == params_def  # noqa: E731
-  leaves, treedef = jax.tree.flatten(tree, is_leaf=is_params_like)
+  """Shardings for an optimizer state: a leaf whose path ends with a parameter's path (Adam's mu
+  and nu, also inside masked or multi-transform states) and has its shape is sharded like that
+  parameter; everything else (step counts) is replicated."""
+  by_path = {}
+  for (path, leaf), sharding_ in zip(jax.tree_util.tree_flatten_with_path(params_abstract)[0],
+                                     jax.tree.leaves(params_shardings)):
+    by_path[_key_names(path)] = (tuple(leaf.shape), sharding_)
   replicated = NamedSharding(mesh, P())
-  return jax.tree.unflatten(treedef, [params_shardings if is_params_like(leaf) else replicated
-                                      for leaf in leaves])
+
+  def choose(path, leaf):
+    names = _key_names(path)
+    for start in range(len(names)):
+      match = by_path.get(names[start:])
+      if match is not None and match[0] == tuple(getattr(leaf, "shape", ())):
+        return match[1]
+    return replicated
+  return jax.tree_util.tree_map_with_path(choose, tree)
 
 
 def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
