@@ -1,0 +1,130 @@
+"""Linear probes on frozen image features, the paper's protocol (Appendix A.3): scikit-learn's
+L-BFGS logistic regression; the regularisation strength chosen on a validation split by a
+parametric binary search (start at C = 1e-6, 1e-4, ..., 1e6, then halve the step around the best
+value until it reaches 8 steps per decade); the final model fit on train + validation and scored
+on the test split.
+
+Features: for ViTs the pooled output before the projection to the embedding space (the paper's
+I_f), for ResNets the attention pool's output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+from absl import logging
+
+from clip_jax.eval import embed
+from clip_jax.eval.zeroshot import mean_per_class_accuracy
+
+START_LOG10_C = (-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0)
+FINEST_STEP = 1.0 / 8   # 8 steps per decade: the paper's 96 log-spaced values over [1e-6, 1e6]
+
+
+@dataclasses.dataclass
+class ProbeResult:
+  top1: float                      # test accuracy, percent
+  mean_per_class: float            # test mean per-class accuracy, percent
+  best_c: float
+  sweep: dict[float, float]        # C -> validation score (percent), every C tried
+
+  def metrics(self) -> dict[str, float]:
+    return {"top1": self.top1, "mean_per_class": self.mean_per_class, "C": self.best_c}
+
+
+def _score(labels: np.ndarray, predictions: np.ndarray, metric: str) -> float:
+  if metric == "mean_per_class":
+    return mean_per_class_accuracy(labels, predictions)
+  return 100.0 * float(np.mean(predictions == labels))
+
+
+# Below this many multiply-adds per L-BFGS step, BLAS runs on one thread: for small fits its
+# threads cost more than they give, and on a busy host they spin against JAX's (~100x slower).
+SINGLE_THREAD_MACS = 2e9
+
+
+def _fit(features, labels, c: float, max_iter: int):
+  from sklearn.linear_model import LogisticRegression  # Imported lazily: only probes need sklearn.
+  from threadpoolctl import threadpool_limits
+  macs = features.shape[0] * features.shape[1] * max(len(np.unique(labels)), 2)
+  with warnings.catch_warnings(), threadpool_limits(1 if macs < SINGLE_THREAD_MACS else None, "blas"):
+    # Very weak regularisation may stop at max_iter; the sweep then simply scores it lower.
+    warnings.simplefilter("ignore")
+    return LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter).fit(features, labels)
+
+
+def split_train_val(num: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Seeded random split of range(num) into (train, validation) indices."""
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+  order = np.random.default_rng(seed).permutation(num)
+  num_val = max(1, int(round(val_fraction * num)))
+  if num - num_val < 1:
+    raise ValueError(f"{num} training examples are too few to carve out a validation split.")
+  return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def search_c(train_x, train_y, val_x, val_y, *, metric: str = "top1", max_iter: int = 1000) -> dict[float, float]:
+  """The parametric binary search over log10 C; returns every C tried with its validation score."""
+  scores: dict[float, float] = {}
+
+  def score(log_c: float) -> float:
+    log_c = round(log_c, 6)
+    if log_c not in scores:
+      model = _fit(train_x, train_y, 10.0 ** log_c, max_iter)
+      scores[log_c] = _score(val_y, model.predict(val_x), metric)
+    return scores[log_c]
+
+  for log_c in START_LOG10_C:
+    score(log_c)
+  step = START_LOG10_C[1] - START_LOG10_C[0]
+  while step > FINEST_STEP:
+    step /= 2
+    best = best_log_c(scores)
+    for log_c in (best - step, best + step):
+      if START_LOG10_C[0] <= log_c <= START_LOG10_C[-1]:
+        score(log_c)
+  return {10.0 ** log_c: s for log_c, s in sorted(scores.items())}
+
+
+def best_log_c(scores: dict[float, float]) -> float:
+  """The best-scoring log10 C; among equal scores the middle one. A plateau of equal validation
+  scores is common on easy data, and its edges are where the fit is least stable: at the small-C
+  end the weights are nearly zero, at the large-C end the fit is barely regularised."""
+  top = max(scores.values())
+  tied = sorted(c for c, s in scores.items() if s == top)
+  return tied[(len(tied) - 1) // 2]
+
+
+def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
+                     val_fraction: float = 0.2, seed: int = 0, metric: str = "top1",
+                     max_iter: int = 1000) -> ProbeResult:
+  """Sweep C on a validation split carved from train, refit on all of train, score on test."""
+  fit_rows, val_rows = split_train_val(len(train_y), val_fraction, seed)
+  sweep = search_c(train_x[fit_rows], train_y[fit_rows], train_x[val_rows], train_y[val_rows],
+                   metric=metric, max_iter=max_iter)
+  c_of_log = {float(np.log10(c)): c for c in sweep}
+  best_c = c_of_log[best_log_c({log_c: sweep[c] for log_c, c in c_of_log.items()})]
+  model = _fit(train_x, train_y, best_c, max_iter)
+  predictions = model.predict(test_x)
+  return ProbeResult(_score(test_y, predictions, "top1"), mean_per_class_accuracy(test_y, predictions),
+                     best_c, sweep)
+
+
+def evaluate_linear_probe(model, variables, train_source, test_source, *, batch_size: int, image_size: int,
+                          mesh, features: str = "pre_projection", val_fraction: float = 0.2, seed: int = 0,
+                          metric: str = "top1", num_workers: int = 0) -> ProbeResult:
+  """Frozen features of both splits (sharded image passes), then the probe on the host."""
+  splits = {}
+  for name, source in (("train", train_source), ("test", test_source)):
+    batches = embed.image_batches(source, batch_size=batch_size, image_size=image_size, mesh=mesh,
+                                  num_workers=num_workers)
+    splits[name] = embed.embed_images(model, variables, batches, len(source), mesh, features=features)
+    if splits[name].num_skipped:
+      logging.warning("linear probe: %d unreadable %s records left out.", splits[name].num_skipped, name)
+    if (splits[name].labels < 0).any():
+      raise ValueError(f"the {name} data of the linear probe has unlabelled examples; it needs a class label.")
+  train, test = splits["train"], splits["test"]
+  return fit_linear_probe(train.features, train.labels, test.features, test.labels, val_fraction=val_fraction,
+                          seed=seed, metric=metric)

@@ -1,0 +1,88 @@
+"""What an evaluation run leaves behind: results.json, a Markdown table with the paper's number
+beside each of ours, and plots (zero-shot confusion matrices, the linear probe's C sweep)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from clip_jax.eval.paper_results import PAPER, paper_number
+
+# The metrics a table shows, per task, in this order (the rest stay in results.json).
+TABLE_METRICS = {
+    "zeroshot": ("top1", "top5", "mean_per_class"),
+    "linear_probe": ("top1", "mean_per_class"),
+    "retrieval": ("image_to_text/R@1", "image_to_text/R@5", "image_to_text/R@10",
+                  "text_to_image/R@1", "text_to_image/R@5", "text_to_image/R@10"),
+}
+
+
+def attach_paper_numbers(result: dict[str, Any], model_name: str | None) -> dict[str, Any]:
+  """Adds result['paper'] = {metric: {'value', 'source', 'model'}} for the metrics the paper reports."""
+  paper = {}
+  for metric in result["metrics"]:
+    number = paper_number(result["task"], model_name, result["dataset"], metric)
+    if number is not None:
+      paper[metric] = {"value": number.value, "source": number.source, "model": number.model}
+  return {**result, "paper": paper}
+
+
+def _cell(value: float | None) -> str:
+  return "" if value is None else f"{value:.1f}"
+
+
+def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+  lines = [f"# Evaluation of {meta.get('checkpoint', '?')}", ""]
+  model = meta.get("model_name") or "unknown"
+  paper_model = meta.get("paper_model")
+  lines.append(f"Model: `{model}`; paper numbers: "
+               + (f"{PAPER}, row {paper_model}." if paper_model else "none (not a model of the paper)."))
+  lines += ["", "| Task | Dataset | Split | Metric | Ours | Paper | Source |",
+            "|---|---|---|---|---:|---:|---|"]
+  for result in results:
+    for metric in TABLE_METRICS.get(result["task"], ()):
+      if metric not in result["metrics"]:
+        continue
+      paper = result.get("paper", {}).get(metric)
+      marker = " *" if metric == result.get("paper_metric") else ""
+      lines.append(f"| {result['task']} | {result['dataset']} | {result.get('split', '')} | {metric}{marker} | "
+                   f"{_cell(result['metrics'][metric])} | {_cell(paper and paper['value'])} | "
+                   f"{paper['source'] if paper else ''} |")
+  lines += ["", "All numbers in percent. * marks the metric the paper reports for that dataset. "
+            "A blank paper cell: the paper has no number for this model and dataset."]
+  plots = [p for r in results for p in r.get("plots", [])]
+  if plots:
+    lines += ["", "Plots:"] + [f"- [{os.path.basename(p)}]({os.path.relpath(p, meta['out_dir'])})" for p in plots]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str, results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, str]:
+  """-> (results.json path, results.md path)."""
+  os.makedirs(out_dir, exist_ok=True)
+  json_path, md_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
+  with open(json_path, "w") as f:
+    json.dump({"meta": meta, "results": results}, f, indent=2, default=float)
+  with open(md_path, "w") as f:
+    f.write(markdown_table(results, {**meta, "out_dir": out_dir}))
+  return json_path, md_path
+
+
+def sweep_png(sweep: dict[float, float], best_c: float, path: str, title: str = "") -> str:
+  """Validation score against the regularisation strength C of a linear-probe sweep."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cs = sorted(sweep)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(cs, [sweep[c] for c in cs], "o-")
+  ax.axvline(best_c, color="gray", linestyle="--", label=f"chosen C = {best_c:.3g}")
+  ax.set_xscale("log")
+  ax.set_xlabel("C (inverse L2 regularisation)")
+  ax.set_ylabel("validation score (%)")
+  ax.set_title(title or "linear probe: C sweep")
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

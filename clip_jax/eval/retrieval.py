@@ -1,0 +1,196 @@
+"""Zero-shot image-text retrieval with several captions per image (the paper's Table 13 protocol on
+the Flickr30k and MSCOCO test sets): image->text Recall@K counts an image as found when any of its
+captions ranks in the top K; text->image Recall@K when a caption's own image does.
+
+Data: a TFDS image-caption dataset ('tfds:coco_captions', split 'test' = the 5k Karpathy test
+images), ArrayRecord shards with several captions per record, or a local caption file:
+  JSONL   one object per line: {"image": "path/to/img.jpg", "captions": ["...", "..."]}
+          ("caption": "..." also works; one image on several lines gathers their captions)
+  CSV     a header row with an image column (image / filepath / file / path) and a caption column
+          (caption / captions / text / title); rows that share an image are one image
+Relative image paths are resolved against the caption file's directory.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from clip_jax.data.sources import open_source
+from clip_jax.eval import embed
+
+DEFAULT_KS = (1, 5, 10)
+_IMAGE_COLUMNS = ("image", "filepath", "file", "path", "image_path")
+_CAPTION_COLUMNS = ("caption", "captions", "text", "title")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalInfo:
+  name: str
+  source: str | None      # data spec; None: the user passes a file or shards
+  split: str
+  paper_name: str
+
+
+RETRIEVAL_DATASETS = {info.name: info for info in (
+    RetrievalInfo("coco_captions", "tfds:coco_captions", "test", "MSCOCO 5k test"),
+    RetrievalInfo("flickr30k", None, "test", "Flickr30k 1k test"),
+)}
+RETRIEVAL_ALIASES = {"coco": "coco_captions", "mscoco": "coco_captions", "flickr": "flickr30k"}
+
+
+def find_retrieval_dataset(name: str) -> RetrievalInfo | None:
+  key = name[len("tfds:"):] if name.startswith("tfds:") else name
+  return RETRIEVAL_DATASETS.get(RETRIEVAL_ALIASES.get(key, key))
+
+
+def is_caption_file(spec: str) -> bool:
+  return spec.lower().endswith((".jsonl", ".json", ".csv"))
+
+
+class CaptionFileSource:
+  """Images on disk with their captions, listed in a JSONL or CSV file (see the module docstring)."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such caption file.")
+    self.path = path
+    root = os.path.dirname(os.path.abspath(path))
+    pairs = self._read_csv(path) if path.lower().endswith(".csv") else self._read_jsonl(path)
+    grouped: dict[str, list[str]] = {}
+    for image, captions in pairs:
+      grouped.setdefault(image, []).extend(c for c in captions if c)
+    if not grouped:
+      raise ValueError(f"{path}: lists no images.")
+    self.image_paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in grouped]
+    self.captions = list(grouped.values())
+    self.class_names = None
+
+  @staticmethod
+  def _read_jsonl(path: str):
+    with open(path, encoding="utf-8") as f:
+      for line_number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+          image = row["image"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise ValueError(f"{path}:{line_number}: expected a JSON object with 'image' and 'captions' "
+                           f"({type(e).__name__}: {e}).") from e
+        captions = row.get("captions", row.get("caption", []))
+        yield image, [captions] if isinstance(captions, str) else list(captions)
+
+  @staticmethod
+  def _read_csv(path: str):
+    with open(path, encoding="utf-8", newline="") as f:
+      reader = csv.DictReader(f)
+      fields = reader.fieldnames or []
+      image_key = next((c for c in _IMAGE_COLUMNS if c in fields), None)
+      caption_key = next((c for c in _CAPTION_COLUMNS if c in fields), None)
+      if image_key is None or caption_key is None:
+        raise ValueError(f"{path}: needs an image column ({'/'.join(_IMAGE_COLUMNS)}) and a caption "
+                         f"column ({'/'.join(_CAPTION_COLUMNS)}); its header is {fields}.")
+      for row in reader:
+        yield row[image_key], [row[caption_key]]
+
+  def __len__(self) -> int:
+    return len(self.image_paths)
+
+  def __getitem__(self, index: int) -> dict:
+    path = self.image_paths[index]
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      return {"skip": "missing_image", "key": path, "detail": f"{type(e).__name__}: {e}"}
+    return {"image": data, "captions": self.captions[index], "label": -1, "key": path}
+
+  def all_captions(self) -> list[list[str]]:
+    return self.captions
+
+  def __repr__(self) -> str:
+    return f"CaptionFileSource({self.path!r}, {len(self)} images)"
+
+
+def open_retrieval_source(spec: str, split: str, *, data_dir: str | None = None, image_size: int = 224):
+  if is_caption_file(spec):
+    return CaptionFileSource(spec)
+  return open_source(spec, split, data_dir=data_dir, image_size=image_size)
+
+
+def source_captions(source) -> list[list[str]]:
+  """Every record's captions, in source order (a source may list them without reading images)."""
+  if hasattr(source, "all_captions"):
+    return [list(c) for c in source.all_captions()[:len(source)]]
+  captions = []
+  for index in range(len(source)):
+    record = source[index]
+    captions.append([] if "skip" in record else [_text(c) for c in record["captions"]])
+  return captions
+
+
+def _text(caption) -> str:
+  return caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
+
+
+def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
+                      ks: Sequence[int] = DEFAULT_KS, chunk: int = 1024) -> dict[str, float]:
+  """Recall@K in percent, both ways, with several captions per image.
+
+  image_emb: [n, d]; text_emb: [m, d] (both normalised); text_image: int [m], the row of
+  image_emb each caption describes. Rank = how many candidates score strictly above the best
+  correct one; an item is found at K when its rank < K.
+  """
+  n, m = image_emb.shape[0], text_emb.shape[0]
+  text_image = np.asarray(text_image, np.int64)
+  text_ranks = np.zeros(m, np.int64)
+  for start in range(0, m, chunk):
+    scores = text_emb[start:start + chunk] @ image_emb.T  # [c, n]
+    own = scores[np.arange(scores.shape[0]), text_image[start:start + chunk]]
+    text_ranks[start:start + chunk] = (scores > own[:, None]).sum(axis=1)
+  has_caption = np.bincount(text_image, minlength=n) > 0
+  image_ranks = np.zeros(n, np.int64)
+  for start in range(0, n, chunk):
+    rows = np.arange(start, min(start + chunk, n))
+    scores = image_emb[rows] @ text_emb.T  # [c, m]
+    correct = text_image[None, :] == rows[:, None]
+    best = np.where(correct, scores, -np.inf).max(axis=1)
+    image_ranks[rows] = (scores > best[:, None]).sum(axis=1)
+  image_ranks = image_ranks[has_caption]
+  metrics = {}
+  for k in ks:
+    metrics[f"image_to_text/R@{k}"] = 100.0 * float(np.mean(image_ranks < k))
+  for k in ks:
+    metrics[f"text_to_image/R@{k}"] = 100.0 * float(np.mean(text_ranks < k))
+  return metrics
+
+
+def evaluate_retrieval(model, variables, source, tokenizer, *, batch_size: int, image_size: int, mesh,
+                       ks: Sequence[int] = DEFAULT_KS, num_workers: int = 0) -> dict[str, float]:
+  """Embeds every image and every caption of `source`, sharded over the mesh, and scores recall."""
+  captions = source_captions(source)
+  batches = embed.image_batches(source, batch_size=batch_size, image_size=image_size, mesh=mesh,
+                                num_workers=num_workers)
+  images = embed.embed_images(model, variables, batches, len(source), mesh)
+  # Captions of images that could not be read leave with them: they have nothing to retrieve.
+  row_of_index = {int(index): row for row, index in enumerate(images.indices)}
+  texts, text_image = [], []
+  for index, image_captions in enumerate(captions):
+    if index in row_of_index:
+      texts.extend(image_captions)
+      text_image.extend([row_of_index[index]] * len(image_captions))
+  if not texts:
+    raise ValueError(f"{source!r} has no captions to retrieve.")
+  tokens = np.asarray(tokenizer(texts), np.int32)
+  text_emb = embed.embed_texts(model, variables, tokens, batch_size=batch_size, mesh=mesh)
+  metrics = retrieval_metrics(images.features, text_emb, np.asarray(text_image), ks)
+  if images.num_skipped:
+    logging.warning("retrieval: %d unreadable images left out with their captions.", images.num_skipped)
+  return {**metrics, "num_images": float(len(images.indices)), "num_texts": float(len(texts)),
+          "num_skipped": float(images.num_skipped)}

@@ -1,0 +1,217 @@
+"""Zero-shot classification as in the CLIP paper (Sec. 3.1.4): each class's prompts through the text
+tower, the normalised embeddings averaged over templates and renormalised (prompt ensembling), and
+every image assigned the class whose ensemble embedding is most similar.
+
+    evaluator = ZeroShotEvaluator("digits", tokenizer, DIGIT_CLASS_NAMES, DIGIT_ZEROSHOT_TEMPLATES,
+                                  batch_size=256, image_size=32)
+    evaluator(model, variables, mesh)   # {'zeroshot/digits/top1': 93.1, ...}, in percent
+
+Metrics are in percent, like the paper's tables.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from clip_jax.data.sources import open_source
+from clip_jax.eval import embed
+from clip_jax.eval.classnames import GENERIC_TEMPLATES, find_dataset
+
+Tokenizer = Callable[[list[str]], np.ndarray]
+
+
+def prompt_texts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+  """Class-major: all templates of class 0, then of class 1, ..."""
+  for template in templates:
+    if template.count("{}") != 1:
+      raise ValueError(f"prompt template {template!r} must hold exactly one '{{}}' for the class name.")
+  return [template.format(name) for name in class_names for template in templates]
+
+
+def ensemble_classifier(prompt_emb: np.ndarray, num_classes: int) -> np.ndarray:
+  """float32 [C*T, d] normalised prompt embeddings (class-major) -> [C, d]: the mean over each
+  class's templates, renormalised."""
+  per_class = prompt_emb.reshape(num_classes, -1, prompt_emb.shape[-1]).mean(axis=1)
+  return (per_class / np.linalg.norm(per_class, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def zeroshot_classifier(model, variables, prompt_tokens: np.ndarray, num_classes: int, *, batch_size: int,
+                        mesh) -> np.ndarray:
+  """int32 [C*T, L] class-major prompt tokens -> float32 [C, d] ensemble classifier."""
+  prompt_emb = embed.embed_texts(model, variables, prompt_tokens, batch_size=batch_size, mesh=mesh)
+  return ensemble_classifier(prompt_emb, num_classes)
+
+
+def _rows(n: int, chunk: int = 4096):
+  for start in range(0, n, chunk):
+    yield slice(start, min(start + chunk, n))
+
+
+def classify(image_emb: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
+             top_k: Sequence[int] = (1, 5)) -> tuple[dict[str, float], np.ndarray]:
+  """-> ({'top1': %, 'top5': %, 'mean_per_class': %}, predictions int [n]).
+
+  top-k counts an image as right when fewer than k classes score strictly above its true class.
+  """
+  num_classes = classifier.shape[0]
+  predictions = np.zeros(len(labels), np.int64)
+  ranks = np.zeros(len(labels), np.int64)
+  for rows in _rows(len(labels)):
+    scores = image_emb[rows] @ classifier.T  # [chunk, C]
+    predictions[rows] = scores.argmax(axis=1)
+    true_score = np.take_along_axis(scores, labels[rows, None].astype(np.int64), axis=1)
+    ranks[rows] = (scores > true_score).sum(axis=1)
+  metrics = {}
+  for k in top_k:
+    if k == 1:
+      metrics["top1"] = 100.0 * float(np.mean(predictions == labels))
+    elif k <= num_classes:
+      metrics[f"top{k}"] = 100.0 * float(np.mean(ranks < k))
+  metrics["mean_per_class"] = mean_per_class_accuracy(labels, predictions)
+  return metrics, predictions
+
+
+def mean_per_class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
+  """The mean over the classes present in `labels` of each class's recall, in percent."""
+  recalls = [np.mean(predictions[labels == c] == c) for c in np.unique(labels)]
+  return 100.0 * float(np.mean(recalls))
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+  """int64 [C, C]: row = true class, column = predicted class."""
+  matrix = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(matrix, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
+  return matrix
+
+
+def confusion_matrix_png(matrix: np.ndarray, class_names: Sequence[str], path: str, title: str = "") -> str:
+  """Writes the confusion matrix, each row normalised to the fraction of its true class, as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  num_classes = matrix.shape[0]
+  fractions = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+  side = min(4 + 0.3 * num_classes, 24)
+  fig, ax = plt.subplots(figsize=(side, side * 0.9))
+  image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+  if num_classes <= 50:  # beyond that the names are unreadable anyway
+    ax.set_xticks(range(num_classes), [str(n) for n in class_names], rotation=90, fontsize=8)
+    ax.set_yticks(range(num_classes), [str(n) for n in class_names], fontsize=8)
+  if num_classes <= 20:
+    for (i, j), count in np.ndenumerate(matrix):
+      if count:
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if fractions[i, j] > 0.5 else "black")
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  ax.set_title(title or "zero-shot confusion matrix")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+class ZeroShotEvaluator:
+  """Zero-shot accuracy on one labelled dataset, for the trainer's periodic evaluation and the CLI.
+
+  The source, its pipeline and the tokenized prompts are built once; the compiled image and text
+  functions are cached per model, so repeated calls during training only run them. Each call
+  embeds the prompts with the current weights, then every image, sharded over the mesh.
+  """
+
+  def __init__(self, source_spec: str, tokenizer: Tokenizer, class_names: Sequence[str] | None = None,
+               templates: Sequence[str] | None = None, batch_size: int = 256, image_size: int = 224, *,
+               split: str | None = None, data_dir: str | None = None, name: str | None = None,
+               limit: int | None = None, num_workers: int = 0, source=None, confusion_png: str | None = None):
+    info = find_dataset(source_spec)
+    split = split or (info.test_split if info else "test")
+    self.source = source if source is not None else open_source(source_spec, split, data_dir=data_dir,
+                                                                image_size=image_size)
+    if limit is not None:
+      self.source = embed.Subset(self.source, limit)
+    if class_names is None:
+      class_names = info.class_names if info else getattr(self.source, "class_names", None)
+    if not class_names:
+      raise ValueError(f"{source_spec!r} carries no class names; pass class_names.")
+    templates = templates or (info.templates if info else GENERIC_TEMPLATES)
+    self.class_names, self.templates = tuple(class_names), tuple(templates)
+    self.name = name or (info.name if info else source_spec)
+    self.split = split
+    self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
+    self.prompt_tokens = np.asarray(tokenizer(prompt_texts(self.class_names, self.templates)), np.int32)
+    self._batches = {}  # per-process batch size -> pipeline (built once per mesh shape)
+    self.last_confusion: np.ndarray | None = None
+    self.last_predictions: np.ndarray | None = None
+    self.last_features: embed.ImageFeatures | None = None
+    self.last_classifier: np.ndarray | None = None
+    self.confusion_png = confusion_png  # rewritten after every call, when set
+
+  def batches(self, mesh):
+    size = embed.global_batch_size(self.batch_size, mesh)
+    if size not in self._batches:
+      self._batches[size] = embed.image_batches(self.source, batch_size=size, image_size=self.image_size,
+                                                mesh=mesh, num_workers=self.num_workers)
+    return self._batches[size]
+
+  def evaluate(self, model, variables, mesh) -> dict[str, float]:
+    """Unprefixed metrics {'top1', 'top5', 'mean_per_class', 'num_examples', 'num_skipped'}."""
+    classifier = zeroshot_classifier(model, variables, self.prompt_tokens, len(self.class_names),
+                                     batch_size=self.batch_size, mesh=mesh)
+    images = embed.embed_images(model, variables, self.batches(mesh), len(self.source), mesh)
+    bad = (images.labels < 0) | (images.labels >= len(self.class_names))
+    if bad.any():
+      raise ValueError(f"{self.name}: {int(bad.sum())} examples have labels outside the "
+                       f"{len(self.class_names)} classes (first: {int(images.labels[bad][0])}); the class "
+                       "names do not match this data.")
+    metrics, predictions = classify(images.features, classifier, images.labels)
+    self.last_features, self.last_predictions, self.last_classifier = images, predictions, classifier
+    self.last_confusion = confusion_matrix(images.labels, predictions, len(self.class_names))
+    if images.num_skipped:
+      logging.warning("zero-shot %s: %d unreadable records left out.", self.name, images.num_skipped)
+    return {**metrics, "num_examples": float(len(images.labels)), "num_skipped": float(images.num_skipped)}
+
+  def __call__(self, model, variables, mesh) -> dict[str, float]:
+    metrics = self.evaluate(model, variables, mesh)
+    if self.confusion_png and jax.process_index() == 0:
+      self.save_confusion_png(self.confusion_png)
+    return {f"zeroshot/{self.name}/{k}": v for k, v in metrics.items() if not k.startswith("num_")}
+
+  def save_confusion_png(self, path: str) -> str:
+    assert self.last_confusion is not None, "call the evaluator first"
+    accuracy = 100.0 * np.trace(self.last_confusion) / max(self.last_confusion.sum(), 1)
+    return confusion_matrix_png(self.last_confusion, self.class_names, path,
+                                f"zero-shot {self.name} ({self.split}): top-1 {accuracy:.1f}%")
+
+
+def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotEvaluator]:
+  """The trainer's hook: evaluators from `cfg.zeroshot_eval` (source, comma-separated specs
+  allowed; split, batch_size, and optionally class_names, templates, limit), sized for the
+  config's model and tokenizer. With a workdir, each keeps WORKDIR/plots/confusion_NAME.png
+  up to date."""
+  from clip_jax.models.configs import get_config
+  from clip_jax.tokenizer import get_tokenizer
+  ev = cfg.zeroshot_eval
+  overrides = cfg.model.get("overrides", None) or {}
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+  model_config = get_config(cfg.model.name)
+  vision_overrides, text_overrides = overrides.get("vision", {}), overrides.get("text", {})
+  image_size = vision_overrides.get("image_size", model_config.vision.image_size)
+  context_length = text_overrides.get("context_length", model_config.text.context_length)
+  tokenizer = get_tokenizer(cfg.data.get("tokenizer", "clip"), context_length=context_length)
+  sources = ev.get("source", "digits")
+  evaluators = []
+  for spec in (sources.split(",") if isinstance(sources, str) else list(sources)):
+    evaluator = ZeroShotEvaluator(
+        spec.strip(), tokenizer, ev.get("class_names", None), ev.get("templates", None),
+        batch_size=ev.get("batch_size", 256), image_size=image_size, split=ev.get("split", None),
+        data_dir=cfg.data.get("data_dir", None), limit=ev.get("limit", None))
+    if workdir:
+      evaluator.confusion_png = os.path.join(workdir, "plots", f"confusion_{evaluator.name}.png")
+    evaluators.append(evaluator)
+  return evaluators

@@ -1,0 +1,285 @@
+r"""Evaluate a CLIP checkpoint the way the CLIP paper does, with the paper's number beside each result.
+
+    python -m clip_jax.evaluate --checkpoint /ckpt/ViT-B-32.pt \
+        --tasks zeroshot:cifar10,retrieval:coco_captions,linear_probe:cifar10 --out /tmp/eval
+    python -m clip_jax.evaluate --workdir /tmp/digits --tasks zeroshot:digits,linear_probe:digits
+
+Tasks are KIND:DATASET[=DATA], comma-separated:
+  KIND     zeroshot | retrieval | linear_probe
+  DATASET  a dataset this project knows (`--list-datasets`): its class names, prompts, splits and
+           the paper's numbers come with it; 'tfds:NAME' for any other labelled TFDS dataset; for
+           retrieval also a caption file (.jsonl / .csv, see clip_jax/eval/retrieval.py) or
+           ArrayRecord shards with several captions per image
+  DATA     where the data really are, when not in TFDS's default place: ArrayRecord shards
+           ('{split}' in the path becomes the split), a caption file, or 'tfds:NAME'
+           e.g. linear_probe:fgvc_aircraft=/data/aircraft/{split}, retrieval:flickr30k=/data/f30k/test.jsonl
+
+Writes OUT/results.json, OUT/results.md (a Markdown table) and OUT/plots/. Evaluation runs sharded
+over every device of every process; start it on each host of a pod like training.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+TASK_KINDS = ("zeroshot", "retrieval", "linear_probe")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  kind: str
+  dataset: str                  # the name results are reported under
+  source: str                   # data spec for the sources
+  test_split: str
+  train_split: str | None = None
+  class_names: tuple[str, ...] | None = None
+  templates: tuple[str, ...] | None = None
+  paper_metric: str | None = None  # the metric the paper reports for this dataset (None: not in the paper)
+
+
+def _known_names() -> str:
+  from clip_jax.eval.classnames import DATASETS
+  from clip_jax.eval.retrieval import RETRIEVAL_DATASETS
+  return (f"classification: {', '.join(DATASETS)}; retrieval: {', '.join(RETRIEVAL_DATASETS)}")
+
+
+def parse_task(text: str) -> Task:
+  """One 'KIND:DATASET[=DATA]' -> a Task; a ValueError that says what to write instead."""
+  from clip_jax.eval.classnames import find_dataset
+  from clip_jax.eval.retrieval import find_retrieval_dataset, is_caption_file
+  kind, sep, rest = text.strip().partition(":")
+  if not sep or not rest:
+    raise ValueError(f"task {text!r} is not KIND:DATASET; e.g. zeroshot:cifar10 (kinds: {', '.join(TASK_KINDS)}).")
+  if kind not in TASK_KINDS:
+    raise ValueError(f"unknown task kind {kind!r} in {text!r}; use one of {', '.join(TASK_KINDS)}.")
+  name, _, data = rest.partition("=")
+  data = data or None
+  if kind == "retrieval":
+    info = find_retrieval_dataset(name)
+    if info is not None:
+      source = data or info.source
+      if source is None:
+        raise ValueError(f"{name} is not in TFDS; give its caption file: retrieval:{name}=/path/to/test.jsonl.")
+      return Task(kind, info.name, source, info.split)
+    if is_caption_file(name):
+      return Task(kind, os.path.splitext(os.path.basename(name))[0], name, "test")
+    if name.startswith("tfds:"):
+      return Task(kind, name[len("tfds:"):], data or name, "test")
+    if data:  # a name of the user's choosing for their own shards or caption file
+      return Task(kind, name, data, "test")
+    if os.path.exists(name) or "{split}" in name:  # ArrayRecord shards with several captions each
+      return Task(kind, os.path.basename(os.path.normpath(name.replace("{split}", "test"))), name, "test")
+    raise ValueError(f"unknown retrieval dataset {name!r} in {text!r}; use one of "
+                     f"{', '.join(['coco_captions', 'flickr30k'])}, a caption file (.jsonl/.csv), "
+                     "ArrayRecord shards, or tfds:NAME.")
+  info = find_dataset(name)
+  if info is None:
+    if not name.startswith("tfds:"):
+      raise ValueError(f"unknown dataset {name!r} in {text!r}; known datasets ({_known_names()}), or "
+                       "tfds:NAME for another labelled TFDS dataset.")
+    return Task(kind, name[len("tfds:"):], data or name, "test", "train")
+  source = data or info.source
+  if source is None:
+    raise ValueError(f"{info.name} is not in TFDS; give its data: {kind}:{info.name}=/path/to/shards/{{split}}.")
+  if kind == "linear_probe" and info.train_split is None:
+    raise ValueError(f"{info.name} has no training split, so no linear probe; use zeroshot:{info.name}.")
+  return Task(kind, info.name, source, info.test_split, info.train_split, info.class_names, info.templates,
+              info.metric if info.paper_name else None)
+
+
+def parse_tasks(text: str) -> list[Task]:
+  tasks = [parse_task(t) for t in text.split(",") if t.strip()]
+  if not tasks:
+    raise ValueError("--tasks is empty; e.g. --tasks zeroshot:cifar10.")
+  return tasks
+
+
+def infer_model_name(config) -> str | None:
+  """The named architecture a loaded config is (temperature init aside), or None."""
+  from clip_jax.models.configs import MODEL_CONFIGS
+  strip = lambda c: dataclasses.replace(c, init_logit_scale=0.0, init_logit_bias=None)  # noqa: E731
+  for name, candidate in MODEL_CONFIGS.items():
+    if strip(candidate) == strip(config):
+      return name
+  return None
+
+
+def _tokenizer(spec: str | None, checkpoint: str, context_length: int):
+  from clip_jax.tokenizer import get_tokenizer
+  if spec is None and os.path.isdir(checkpoint) and (
+      os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) or
+      all(os.path.isfile(os.path.join(checkpoint, f)) for f in ("vocab.json", "merges.txt"))):
+    spec = checkpoint  # a Hugging Face directory that carries its own tokenizer
+  return get_tokenizer(spec or "clip", context_length=context_length)
+
+
+# ----------------------------------------------------------------------------- the three tasks
+def _limited(source, limit):
+  from clip_jax.eval.embed import Subset
+  return Subset(source, limit) if limit else source
+
+
+def run_zeroshot(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
+  from clip_jax.eval.zeroshot import ZeroShotEvaluator
+  evaluator = ZeroShotEvaluator(task.source, ctx["tokenizer"], task.class_names, task.templates,
+                                ctx["batch_size"], ctx["image_size"], split=task.test_split,
+                                data_dir=ctx["data_dir"], name=task.dataset, limit=ctx["limit"],
+                                num_workers=ctx["num_workers"])
+  metrics = evaluator.evaluate(ctx["model"], ctx["variables"], ctx["mesh"])
+  plots = []
+  if ctx["is_main"]:
+    path = os.path.join(ctx["out_dir"], "plots", f"confusion_{task.dataset}.png")
+    plots.append(evaluator.save_confusion_png(path))
+  return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_")},
+          "num_examples": int(metrics["num_examples"]), "num_skipped": int(metrics["num_skipped"]),
+          "num_classes": len(evaluator.class_names), "num_templates": len(evaluator.templates), "plots": plots}
+
+
+def run_retrieval(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
+  from clip_jax.eval.retrieval import evaluate_retrieval, open_retrieval_source
+  source = _limited(open_retrieval_source(task.source, task.test_split, data_dir=ctx["data_dir"],
+                                          image_size=ctx["image_size"]), ctx["limit"])
+  metrics = evaluate_retrieval(ctx["model"], ctx["variables"], source, ctx["tokenizer"],
+                               batch_size=ctx["batch_size"], image_size=ctx["image_size"], mesh=ctx["mesh"],
+                               num_workers=ctx["num_workers"])
+  return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_")},
+          "num_examples": int(metrics["num_images"]), "num_texts": int(metrics["num_texts"]),
+          "num_skipped": int(metrics["num_skipped"]), "plots": []}
+
+
+def run_linear_probe(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
+  from clip_jax.data.sources import open_source
+  from clip_jax.eval.linear_probe import evaluate_linear_probe
+  from clip_jax.eval.report import sweep_png
+  train, test = (_limited(open_source(task.source, split, data_dir=ctx["data_dir"], image_size=ctx["image_size"]),
+                          ctx["limit"]) for split in (task.train_split, task.test_split))
+  probe = evaluate_linear_probe(ctx["model"], ctx["variables"], train, test, batch_size=ctx["batch_size"],
+                                image_size=ctx["image_size"], mesh=ctx["mesh"], features=ctx["probe_features"],
+                                val_fraction=ctx["val_fraction"], metric=task.paper_metric or "top1",
+                                num_workers=ctx["num_workers"])
+  plots = []
+  if ctx["is_main"]:
+    path = os.path.join(ctx["out_dir"], "plots", f"probe_{task.dataset}.png")
+    plots.append(sweep_png(probe.sweep, probe.best_c, path,
+                           f"linear probe {task.dataset}: validation {task.paper_metric or 'top1'}"))
+  return {"metrics": probe.metrics(), "num_train": len(train), "num_examples": len(test),
+          "sweep": {f"{c:.6g}": s for c, s in probe.sweep.items()}, "features": ctx["probe_features"],
+          "plots": plots}
+
+
+RUNNERS = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "linear_probe": run_linear_probe}
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m clip_jax.evaluate", description=__doc__.split("\n\n")[0],
+      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+  which = parser.add_mutually_exclusive_group()
+  which.add_argument("--checkpoint", help="an OpenAI/open_clip checkpoint file or a Hugging Face CLIP directory")
+  which.add_argument("--workdir", help="a training workdir of this project (its latest checkpoint)")
+  parser.add_argument("--tasks", help="comma-separated KIND:DATASET[=DATA] (see above)")
+  parser.add_argument("--batch-size", type=int, default=256, help="global batch (rounded up to the device count)")
+  parser.add_argument("--out", help="output directory (default: WORKDIR/eval, or ./eval_results)")
+  parser.add_argument("--model-name", help="which paper row applies, e.g. ViT-B-32 (default: inferred "
+                      "from the architecture)")
+  parser.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's own)")
+  parser.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint directory's own, else 'clip')")
+  parser.add_argument("--limit", type=int, help="evaluate only the first N examples of each split (a quick check)")
+  parser.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
+  parser.add_argument("--probe-features", default="pre_projection", choices=("pre_projection", "embedding"),
+                      help="linear-probe features: before the projection (the paper) or the embedding")
+  parser.add_argument("--val-fraction", type=float, default=0.2,
+                      help="part of the training split held out to choose the probe's C")
+  parser.add_argument("--list-datasets", action="store_true", help="print the known datasets and exit")
+  return parser
+
+
+def list_datasets() -> str:
+  from clip_jax.eval.classnames import DATASETS
+  from clip_jax.eval.retrieval import RETRIEVAL_DATASETS
+  lines = ["classification (zeroshot:, linear_probe:):"]
+  for info in DATASETS.values():
+    lines.append(f"  {info.name:18s} {info.source or '(give =DATA)':24s} test={info.test_split} "
+                 f"train={info.train_split} classes={len(info.class_names)} templates={len(info.templates)}")
+  lines.append("retrieval (retrieval:):")
+  for info in RETRIEVAL_DATASETS.values():
+    lines.append(f"  {info.name:18s} {info.source or '(give =DATA)':24s} split={info.split}")
+  return "\n".join(lines)
+
+
+def evaluate(args: argparse.Namespace, tasks: Sequence[Task]) -> dict[str, Any]:
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from clip_jax.convert import load_checkpoint
+  from clip_jax.eval.paper_results import paper_model
+  from clip_jax.eval.report import attach_paper_numbers, markdown_table, write_report
+  from clip_jax.sharding import create_mesh
+
+  path = args.checkpoint or args.workdir
+  model, variables = load_checkpoint(path)
+  model_name = args.model_name or infer_model_name(model.config)
+  mesh = create_mesh({"data": -1})
+  # Replicated weights: the image and text passes split only the batch.
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  out_dir = args.out or (os.path.join(args.workdir, "eval") if args.workdir else "eval_results")
+  ctx = dict(model=model, variables=variables, mesh=mesh, out_dir=out_dir, is_main=jax.process_index() == 0,
+             tokenizer=_tokenizer(args.tokenizer, path, model.config.text.context_length),
+             image_size=model.config.vision.image_size, batch_size=args.batch_size, data_dir=args.data_dir,
+             limit=args.limit, num_workers=args.num_workers, probe_features=args.probe_features,
+             val_fraction=args.val_fraction)
+  results = []
+  for task in tasks:
+    start = time.time()
+    result = {"task": task.kind, "dataset": task.dataset, "split": task.test_split, "source": task.source,
+              "paper_metric": task.paper_metric,
+              **RUNNERS[task.kind](task, ctx)}
+    result["seconds"] = round(time.time() - start, 2)
+    results.append(attach_paper_numbers(result, model_name))
+    if ctx["is_main"]:
+      shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items())
+      print(f"{task.kind}:{task.dataset}: {shown} ({result['seconds']:.1f} s)", flush=True)
+  meta = {"checkpoint": path, "model_name": model_name, "paper_model": paper_model(model_name),
+          "devices": jax.device_count(), "processes": jax.process_count(), "batch_size": args.batch_size,
+          "limit": args.limit}
+  if ctx["is_main"]:
+    json_path, md_path = write_report(out_dir, results, meta)
+    print(markdown_table(results, {**meta, "out_dir": out_dir}))
+    print(f"Wrote {json_path}, {md_path} and plots in {os.path.join(out_dir, 'plots')}.")
+  return {"meta": meta, "results": results, "out_dir": out_dir}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.list_datasets:
+    print(list_datasets())
+    return 0
+  if not (args.checkpoint or args.workdir):
+    parser.error("give the model: --checkpoint PATH or --workdir DIR.")
+  if not args.tasks:
+    parser.error("give --tasks, e.g. --tasks zeroshot:cifar10,linear_probe:cifar10.")
+  try:
+    tasks = parse_tasks(args.tasks)
+  except ValueError as e:
+    parser.error(str(e))
+  from clip_jax.weights import CheckpointError
+  try:
+    evaluate(args, tasks)
+  except (ValueError, FileNotFoundError, CheckpointError) as e:  # the user's input: one clear line
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except ImportError as e:  # e.g. TFDS's coco_captions builder imports TensorFlow to load at all
+    print(f"error: {e}. Install the missing package, or pass the data as a caption file or ArrayRecord "
+          "shards (KIND:DATASET=PATH; `python -m clip_jax.data.prepare` writes shards).", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,341 @@
+"""Evaluation: zero-shot, retrieval and linear probes equal plain numpy on the same embeddings;
+sharded passes count every example once; the CLI runs every task on TFDS mock data."""
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import clip_jax
+from clip_jax import evaluate as cli
+from clip_jax.data import DIGIT_CLASS_NAMES, DIGIT_ZEROSHOT_TEMPLATES
+from clip_jax.eval import classnames, embed, linear_probe, paper_results, retrieval, zeroshot
+from clip_jax.sharding import create_mesh
+from clip_jax.tokenizer import get_tokenizer
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+class ClipJaxTestCaptions(tfds.core.GeneratorBasedBuilder):
+  """An image-caption dataset in COCO's layout (captions/text), for mock data only."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+
+  def _split_generators(self, dl_manager):
+    return {"test": self._generate_examples()}
+
+  def _generate_examples(self):
+    yield 0, {}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = clip_jax.create_model("ViT-Tiny")
+  return model, clip_jax.init_variables(model, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  assert jax.device_count() == 8
+  return create_mesh({"data": -1})
+
+
+# ----------------------------------------------------------------------------- data
+def _norm(name: str) -> str:
+  name = re.sub(r"^/[a-z]/", "", name.lower()).replace("/", " ").replace("_", " ").replace("-", " ")
+  return " ".join(name.split())
+
+
+# CLIP's own wording where it renamed a class; everything else must match TFDS's name.
+_RENAMED = {
+    "caltech101": {"airplanes": "airplane", "background_google": "background", "car_side": "side of a car",
+                   "cougar_body": "body of a cougar cat", "cougar_face": "face of a cougar cat",
+                   "crocodile_head": "head of a crocodile", "faces": "off-center face",
+                   "faces_easy": "centered face", "flamingo_head": "head of a flamingo", "leopards": "leopard",
+                   "motorbikes": "motorbike", "snoopy": "snoopy (cartoon beagle)", "yin_yang": "yin and yang symbol"},
+    "eurosat": {"AnnualCrop": "annual crop land", "HerbaceousVegetation": "brushland or shrubland",
+                "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
+                "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
+                "Residential": "residential buildings or homes or apartments", "SeaLake": "lake or sea"},
+    "oxford_flowers102": {"pink-yellow dahlia?": "pink and yellow dahlia", "ball moss": "air plant"},
+}
+
+
+def test_class_names_follow_tfds_label_order():
+  checked = 0
+  for info in classnames.DATASETS.values():
+    if not (info.source or "").startswith("tfds:"):
+      continue
+    tfds_names = tfds.builder(info.source[len("tfds:"):]).info.features["label"].names
+    assert len(tfds_names) == len(info.class_names), info.name
+    if tfds_names[0] in ("0", "n01440764"):  # digits or WordNet ids: nothing to compare
+      continue
+    renamed = _RENAMED.get(info.name, {})
+    for tfds_name, ours in zip(tfds_names, info.class_names):
+      assert renamed.get(tfds_name, _norm(tfds_name)) == (ours if tfds_name in renamed else _norm(ours)), \
+          (info.name, tfds_name, ours)
+    checked += 1
+  assert checked == 9
+  assert len(classnames.DATASETS["imagenet"].templates) == 80
+  assert len(classnames.DATASETS["imagenet"].class_names) == 1000  # "crane" and "maillot" twice, as in CLIP
+  assert classnames.find_dataset("tfds:cifar10").name == "cifar10"
+  assert classnames.find_dataset("pets").name == "oxford_iiit_pet"
+  assert classnames.find_dataset("nope") is None
+
+
+def test_paper_numbers_are_data_with_their_table():
+  number = paper_results.paper_number("zeroshot", "ViT-B-32-quickgelu", "imagenet", "top1")
+  assert (number.value, number.source, number.model) == (63.2, "Table 11", "ViT-B/32")
+  assert paper_results.paper_number("zeroshot", "ViT-L-14-336", "imagenet", "top1").value == 76.2
+  assert paper_results.paper_model("ViT-L/14@336px") == "ViT-L/14@336px"
+  assert paper_results.paper_model("RN50x4") == "RN50x4"
+  assert paper_results.paper_model("ViT-Tiny") is None
+  assert paper_results.paper_number("zeroshot", "ViT-Tiny", "cifar10", "top1") is None
+  assert paper_results.paper_number("retrieval", "ViT-L-14-336", "coco_captions", "image_to_text/R@1").value == 58.4
+  assert paper_results.paper_number("linear_probe", "ViT-L-14-336", "imagenet", "top1").source == "Table 10"
+  for (task, model, dataset, _), number in paper_results.PAPER_RESULTS.items():
+    assert model in paper_results.PAPER_MODELS and 0 < number.value <= 100
+    assert task == "retrieval" or dataset in classnames.DATASETS
+
+
+# ----------------------------------------------------------------------------- metrics vs numpy
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_zeroshot_metrics_equal_numpy():
+  rng = np.random.default_rng(0)
+  num_classes, num_templates, n, d = 7, 3, 300, 16
+  prompt_emb = _unit(rng.normal(size=(num_classes * num_templates, d))).astype(np.float32)
+  classifier = zeroshot.ensemble_classifier(prompt_emb, num_classes)
+  naive = np.stack([_unit(prompt_emb[c * num_templates:(c + 1) * num_templates].mean(0)) for c in range(num_classes)])
+  np.testing.assert_allclose(classifier, naive, atol=1e-6)
+  labels = rng.integers(0, num_classes, n)
+  image_emb = _unit(classifier[labels] + rng.normal(size=(n, d)) * 0.4).astype(np.float32)
+  metrics, predictions = zeroshot.classify(image_emb, classifier, labels)
+  scores = image_emb @ classifier.T
+  order = np.argsort(-scores, axis=1)
+  assert metrics["top1"] == pytest.approx(100 * np.mean(order[:, 0] == labels))
+  assert metrics["top5"] == pytest.approx(100 * np.mean([labels[i] in order[i, :5] for i in range(n)]))
+  per_class = [np.mean(order[labels == c, 0] == c) for c in range(num_classes)]
+  assert metrics["mean_per_class"] == pytest.approx(100 * np.mean(per_class))
+  assert 20 < metrics["top1"] < 100
+  matrix = zeroshot.confusion_matrix(labels, predictions, num_classes)
+  assert matrix.sum() == n and np.trace(matrix) == np.sum(predictions == labels)
+  assert matrix[labels[0], predictions[0]] == np.sum((labels == labels[0]) & (predictions == predictions[0]))
+
+
+def test_retrieval_metrics_equal_numpy():
+  rng = np.random.default_rng(1)
+  n, d = 40, 12
+  image_emb = _unit(rng.normal(size=(n, d))).astype(np.float32)
+  text_image = np.repeat(np.arange(n), rng.integers(1, 6, n))  # 1-5 captions per image
+  text_emb = _unit(image_emb[text_image] + rng.normal(size=(len(text_image), d))).astype(np.float32)
+  metrics = retrieval.retrieval_metrics(image_emb, text_emb, text_image, chunk=7)
+  scores = image_emb @ text_emb.T  # [n, m]
+  for k in (1, 5, 10):
+    i2t = [np.any(text_image[np.argsort(-scores[i])[:k]] == i) for i in range(n)]
+    t2i = [text_image[j] in np.argsort(-scores[:, j])[:k] for j in range(len(text_image))]
+    assert metrics[f"image_to_text/R@{k}"] == pytest.approx(100 * np.mean(i2t))
+    assert metrics[f"text_to_image/R@{k}"] == pytest.approx(100 * np.mean(t2i))
+  assert 0 < metrics["text_to_image/R@1"] < metrics["text_to_image/R@10"] < 100
+
+
+# ----------------------------------------------------------------------------- sharded passes
+def test_sharded_zeroshot_counts_every_example_once(tiny, mesh, tmp_path):
+  model, variables = tiny
+  tokenizer = get_tokenizer("clip", context_length=model.config.text.context_length)
+  evaluator = zeroshot.ZeroShotEvaluator("digits", tokenizer, DIGIT_CLASS_NAMES, DIGIT_ZEROSHOT_TEMPLATES,
+                                         batch_size=20, image_size=32)
+  num = len(evaluator.source)
+  assert num == 359 and embed.global_batch_size(20, mesh) == 24 and num % 24  # a padded last batch
+  out = evaluator(model, variables, mesh)
+  assert set(out) == {"zeroshot/digits/top1", "zeroshot/digits/top5", "zeroshot/digits/mean_per_class"}
+  features = evaluator.last_features
+  np.testing.assert_array_equal(features.indices, np.arange(num))
+  np.testing.assert_array_equal(features.labels, clip_jax.data.heldout_labels())
+
+  # The same images through an unsharded forward pass, batch by batch.
+  encode = jax.jit(lambda v, x: clip_jax.l2_normalize(model.apply(v, x, method="encode_image")))
+  reference = np.zeros((num, model.config.embed_dim), np.float32)
+  seen = np.zeros(num, int)
+  for batch in evaluator.batches(mesh):
+    rows = batch["index"][batch["mask"]]
+    reference[rows] = np.asarray(encode(variables, batch["image"]))[batch["mask"]]
+    seen[rows] += 1
+  np.testing.assert_array_equal(seen, 1)
+  np.testing.assert_allclose(features.features, reference, atol=2e-5)
+
+  prompts = tokenizer(zeroshot.prompt_texts(DIGIT_CLASS_NAMES, DIGIT_ZEROSHOT_TEMPLATES))
+  text_emb = np.asarray(clip_jax.l2_normalize(model.apply(variables, prompts, method="encode_text")))
+  naive_classifier = np.stack([_unit(e.mean(0)) for e in text_emb.reshape(10, 3, -1)])
+  np.testing.assert_allclose(evaluator.last_classifier, naive_classifier, atol=2e-5)
+
+  # The reported numbers are plain numpy on these embeddings.
+  predictions = np.argmax(features.features @ evaluator.last_classifier.T, axis=1)
+  assert out["zeroshot/digits/top1"] == pytest.approx(100 * np.mean(predictions == features.labels))
+  assert evaluator(model, variables, mesh) == out and len(evaluator._batches) == 1  # reused
+  assert os.path.getsize(evaluator.save_confusion_png(str(tmp_path / "confusion.png"))) > 1000
+
+
+def test_pre_projection_features_are_the_pooled_vit_output(tiny, mesh):
+  model, variables = tiny
+  source = embed.Subset(clip_jax.data.open_source("digits", "test", image_size=32), 10)
+  batches = embed.image_batches(source, batch_size=8, image_size=32, mesh=mesh)
+  on_one_device = jax.device_put(variables, jax.devices()[0])  # as checkpoint loaders return them
+  features = embed.embed_images(model, on_one_device, batches, len(source), mesh, features="pre_projection")
+  assert features.features.shape == (10, model.config.vision.width)
+  first = next(iter(batches))
+  images = first["image"][first["mask"]]  # [8, 32, 32, 3]
+  projected = np.asarray(model.apply(variables, images, method="encode_image"))
+  proj = np.asarray(variables["params"]["visual"]["proj"])
+  np.testing.assert_allclose(features.features[:8] @ proj, projected, atol=2e-4)
+
+
+def test_text_pass_on_a_mesh_with_a_tensor_axis(tiny):
+  model, variables = tiny
+  mesh = create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  tokens = get_tokenizer("clip", context_length=32)([f"a photo of {i} things." for i in range(13)])
+  sharded = embed.embed_texts(model, variables, tokens, batch_size=3, mesh=mesh)  # 4 shards: batches of 4
+  direct = np.asarray(clip_jax.l2_normalize(model.apply(variables, tokens, method="encode_text")))
+  np.testing.assert_allclose(sharded, direct, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- linear probe
+def test_linear_probe_on_separable_features_reaches_100():
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(4, 8)) * 6
+
+  def sample(n):
+    labels = rng.integers(0, 4, n)
+    return (centers[labels] + rng.normal(size=(n, 8))).astype(np.float32), labels
+
+  (train_x, train_y), (test_x, test_y) = sample(200), sample(100)
+  result = linear_probe.fit_linear_probe(train_x, train_y, test_x, test_y, val_fraction=0.25)
+  assert result.top1 >= 99.0 and result.mean_per_class >= 99.0
+  assert 7 <= len(result.sweep) <= 15 and result.best_c in result.sweep
+  assert min(result.sweep) == pytest.approx(1e-6) and max(result.sweep) == pytest.approx(1e6)
+
+
+def test_c_search_is_a_parametric_binary_search(monkeypatch):
+  peak = 1.3  # validation score peaks at log10 C = 1.3
+
+  class Fake:
+    def __init__(self, c):
+      self.c = c
+
+    def predict(self, x):
+      correct = max(0, int(round(100 - 60 * abs(np.log10(self.c) - peak))))
+      return np.array([0] * correct + [1] * (100 - correct))
+
+  monkeypatch.setattr(linear_probe, "_fit", lambda x, y, c, max_iter: Fake(c))
+  sweep = linear_probe.search_c(None, None, None, np.zeros(100, int))
+  best = max(sweep, key=sweep.get)
+  assert len(sweep) == 15
+  assert abs(np.log10(best) - peak) <= linear_probe.FINEST_STEP / 2 + 1e-9
+
+
+# ----------------------------------------------------------------------------- sources, CLI, hook
+def _write_images(directory, count):
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(count):
+    path = os.path.join(directory, f"img{i}.png")
+    Image.fromarray(rng.integers(0, 255, (24 + i, 40, 3), dtype=np.uint8)).save(path)
+    paths.append(os.path.basename(path))
+  return paths
+
+
+def test_caption_files_group_captions_per_image(tmp_path):
+  names = _write_images(tmp_path, 3)
+  jsonl = tmp_path / "caps.jsonl"
+  jsonl.write_text("\n".join([json.dumps({"image": names[0], "captions": ["a", "b"]}),
+                              json.dumps({"image": names[1], "caption": "c"}),
+                              json.dumps({"image": names[0], "caption": "d"})]) + "\n")
+  source = retrieval.CaptionFileSource(str(jsonl))
+  assert len(source) == 2 and source.all_captions() == [["a", "b", "d"], ["c"]]
+  assert source[0]["image"][:4] == b"\x89PNG"
+  csv_file = tmp_path / "caps.csv"
+  csv_file.write_text(f"filepath,title\n{names[2]},x\n{names[1]},y\n{names[2]},z\n")
+  assert retrieval.CaptionFileSource(str(csv_file)).all_captions() == [["x", "z"], ["y"]]
+  (tmp_path / "bad.csv").write_text("path,label\na.png,1\n")
+  with pytest.raises(ValueError, match="caption column"):
+    retrieval.CaptionFileSource(str(tmp_path / "bad.csv"))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny, tmp_path_factory):
+  model, variables = tiny
+  return clip_jax.export_hf(model, variables, str(tmp_path_factory.mktemp("tiny_hf")))
+
+
+def test_cli_runs_every_task_on_mock_data_and_writes_the_table(tiny_checkpoint, tmp_path, capsys):
+  names = _write_images(tmp_path, 5)
+  captions = tmp_path / "captions.jsonl"
+  captions.write_text("".join(json.dumps({"image": n, "captions": [f"photo {i}", f"picture {i}"]}) + "\n"
+                              for i, n in enumerate(names)))
+  out = tmp_path / "eval"
+  tasks = f"zeroshot:cifar10,linear_probe:cifar10,retrieval:tfds:clip_jax_test_captions,retrieval:{captions}"
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    rc = cli.main(["--checkpoint", tiny_checkpoint, "--tasks", tasks, "--batch-size", "12", "--out", str(out),
+                   "--model-name", "ViT-B-32"])
+  assert rc == 0
+  report = json.loads((out / "results.json").read_text())
+  assert [(r["task"], r["dataset"]) for r in report["results"]] == [
+      ("zeroshot", "cifar10"), ("linear_probe", "cifar10"), ("retrieval", "clip_jax_test_captions"),
+      ("retrieval", "captions")]
+  zs, probe, tfds_retrieval, file_retrieval = report["results"]
+  assert zs["num_examples"] == 12 and set(zs["metrics"]) == {"top1", "top5", "mean_per_class"}
+  assert zs["paper"]["top1"] == {"value": 91.3, "source": "Table 11", "model": "ViT-B/32"}
+  assert probe["num_train"] == 12 and 0 <= probe["metrics"]["top1"] <= 100
+  assert tfds_retrieval["num_examples"] == 12 and tfds_retrieval["num_texts"] > 12
+  assert file_retrieval["num_examples"] == 5 and file_retrieval["num_texts"] == 10
+  assert report["meta"]["paper_model"] == "ViT-B/32" and report["meta"]["devices"] == 8
+  table = (out / "results.md").read_text()
+  assert "| zeroshot | cifar10 | test | top1 * |" in table and "| 91.3 | Table 11 |" in table
+  assert "| retrieval | captions | test | image_to_text/R@1 |" in table
+  for plot in zs["plots"] + probe["plots"]:
+    assert os.path.isfile(plot)
+  assert "Wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tasks, message", [
+    ("bogus:cifar10", "unknown task kind 'bogus'"),
+    ("zeroshot:not_a_dataset", "unknown dataset 'not_a_dataset'"),
+    ("zeroshot:fgvc_aircraft", "fgvc_aircraft is not in TFDS"),
+    ("linear_probe:imagenet_v2", "no training split"),
+    ("retrieval:flickr30k", "give its caption file"),
+    ("cifar10", "is not KIND:DATASET"),
+])
+def test_cli_bad_task_gives_one_clear_error(tasks, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--checkpoint", "unused", "--tasks", tasks])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_cli_unreadable_data_is_one_error_line(tiny_checkpoint, tmp_path, capsys):
+  rc = cli.main(["--checkpoint", tiny_checkpoint, "--tasks", "zeroshot:dtd", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err.strip()
+  assert rc == 1 and err.startswith("error: ") and "dtd" in err and len(err.splitlines()) == 1
+
+
+def test_training_hook_from_the_digits_config(tiny, mesh, tmp_path):
+  from configs.clip.digits import get_config
+  cfg = get_config()
+  cfg.zeroshot_eval.limit = 40
+  (evaluator,) = zeroshot.build_training_evaluators(cfg, workdir=str(tmp_path))
+  assert evaluator.name == "digits" and evaluator.image_size == 32 and len(evaluator.source) == 40
+  assert evaluator.prompt_tokens.shape == (10 * len(DIGIT_ZEROSHOT_TEMPLATES), 32)
+  model, variables = tiny
+  out = evaluator(model, variables, mesh)
+  assert 0 <= out["zeroshot/digits/top1"] <= 100 and "zeroshot/digits/top5" in out
+  assert (tmp_path / "plots" / "confusion_digits.png").is_file()
