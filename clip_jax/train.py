@@ -314,8 +314,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   try:
     while step < cfg.total_steps:
       local = next(data_iter)
-      batch = {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(local[k]))
-               for k in ("image", "tokens")}
+      batch = to_global_batch({k: local[k] for k in ("image", "tokens")}, mesh, sharding.BATCH_AXES)
       if flops_per_step is None:
         flops_per_step = _step_flops(step_fn, state, batch)
         if peak_flops is None and cfg.get("measure_peak_flops", True):
@@ -333,6 +332,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
           metrics["mfu"] = flops_per_step * window_steps / elapsed / (peak_flops * jax.device_count())
         streak = int(jax.device_get(state["nonfinite_streak"]))
         metrics["nonfinite_total"] = float(jax.device_get(state["nonfinite_total"]))
+        metrics.update(data_quality_metrics(data_iter))
         writer.write(step, metrics)
         progress.set_postfix(loss=metrics["loss"], img_s=metrics["images_per_sec"])
         last_metrics = metrics
@@ -362,6 +362,22 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     loss_curve_png(writer.jsonl_path, os.path.join(workdir, "plots", "loss.png"))
   return {"step": step, "metrics": last_metrics, "eval": results, "preempted": preempted["flag"],
           "state": state, "model": model, "mesh": mesh}
+
+
+def to_global_batch(local: dict, mesh, batch_axes) -> dict:
+  """Per-process rows -> global arrays split over the batch axes (the pipeline's helper)."""
+  from clip_jax.data.pipeline import to_global_batch as pipeline_to_global
+  return pipeline_to_global(local, mesh, tuple(batch_axes))
+
+
+def data_quality_metrics(data_iter) -> dict[str, float]:
+  """Skipped and repaired input records so far, per reason ('data/skipped/corrupt_image': 3)."""
+  if isinstance(data_iter, SyntheticData):
+    return {}
+  from clip_jax.data.pipeline import quality_counts
+  counts = quality_counts(data_iter)
+  return {f"data/{kind}/{reason}": float(n) for kind in ("skipped", "repaired")
+          for reason, n in counts[kind].items()}
 
 
 def _run_evaluators(evaluators, model, state, mesh, step, writer) -> dict[str, float]:
@@ -403,20 +419,39 @@ def measure_peak_flops(dtype=jnp.bfloat16, size: int = 2048, repeats: int = 5) -
 
 
 # ----------------------------------------------------------------------------- CLI
+def write_results(workdir: str, out: dict[str, Any]) -> tuple[str, str]:
+  """results.json (what sweeps and `launch.results` gather) and a Markdown table of the run."""
+  summary = {"step": out["step"], **{f"train/{k}": v for k, v in out["metrics"].items()}, **out["eval"]}
+  json_path, md_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "results.md")
+  with open(json_path, "w") as f:
+    json.dump(summary, f, indent=2)
+  rows = [("final training loss", out["metrics"].get("loss")), ("steps", out["step"])]
+  rows += [(k, v) for k, v in out["eval"].items()]
+  with open(md_path, "w") as f:
+    f.write("| metric | value |\n| --- | --- |\n")
+    f.writelines(f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in rows)
+  return json_path, md_path
+
+
 def main(argv):
   del argv
   from absl import flags
   if not flags.FLAGS["verbosity"].present:  # orbax logs every file it renames at INFO
     logging.set_verbosity(logging.WARNING)
-  cfg = flags.FLAGS.config
+  cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   evaluators = []
   if cfg.get("zeroshot_eval", None) and cfg.zeroshot_eval.get("enabled", False):
-    from clip_jax.eval import build_training_evaluators
-    evaluators = build_training_evaluators(cfg)
-  out = train_and_evaluate(cfg, flags.FLAGS.workdir, evaluators)
-  if jax.process_index() == 0:
-    summary = {"step": out["step"], "metrics": out["metrics"], "eval": out["eval"]}
-    print(json.dumps(summary, indent=2))
+    from clip_jax.eval.zeroshot import build_training_evaluators
+    evaluators = build_training_evaluators(cfg, workdir if jax.process_index() == 0 else None)
+  out = train_and_evaluate(cfg, workdir, evaluators)
+  if jax.process_index() == 0 and not out["preempted"]:
+    json_path, md_path = write_results(workdir, out)
+    with open(md_path) as f:
+      print(f.read())
+    plots = sorted(os.listdir(os.path.join(workdir, "plots"))) if os.path.isdir(os.path.join(workdir, "plots")) else []
+    print(f"Results: {json_path}, {md_path}\nPlots: {', '.join(os.path.join(workdir, 'plots', p) for p in plots)}\n"
+          f"Checkpoints: {os.path.join(workdir, 'checkpoints')} (python -m clip_jax.evaluate --workdir {workdir} "
+          "--tasks zeroshot:digits,linear_probe:digits for the full evaluation)")
 
 
 if __name__ == "__main__":
