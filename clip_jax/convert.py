@@ -410,7 +410,9 @@ def text_encoder_kwargs_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 def text_encoder_config_to_hf(module: TextTransformer, base: dict[str, Any] | None = None) -> dict[str, Any]:
   """A CLIPTextModel config.json for `module`; keys of `base` that do not describe the
   architecture (token ids, projection_dim, ...) are kept."""
-  hf = {k: v for k, v in (base or {}).items() if k not in ("transformers_version", "_name_or_path")}
+  # The weights are written in float32, whatever dtype the source config named.
+  dropped = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
+  hf = {k: v for k, v in (base or {}).items() if k not in dropped}
   hf.update({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
              "vocab_size": module.vocab_size, "hidden_size": module.width,
              "intermediate_size": int(round(module.width * module.mlp_ratio)),
