@@ -304,8 +304,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   peak_flops = cfg.get("peak_flops_per_device", 0.0) or None
   progress = Progress(cfg.total_steps, start_step, enabled=is_main and cfg.get("progress_bar", True))
   preempted = {"flag": False}
+  # One process: our own SIGTERM flag. Several: jax.distributed's preemption sync manager catches
+  # SIGTERM and picks one step at which every process saves (a checkpoint is collective); a Python
+  # handler would replace jax's.
+  multi_process = jax.process_count() > 1
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
-      if _in_main_thread() else None
+      if _in_main_thread() and not multi_process else None
   evaluators = list(evaluators or [])
   results: dict[str, Any] = {}
   last_metrics: dict[str, float] = {}
@@ -345,6 +349,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
               "rate or check the data.")
       if cfg.eval_every and evaluators and (step % cfg.eval_every == 0 or step == cfg.total_steps):
         results = _run_evaluators(evaluators, model, state, mesh, step, writer)
+      if multi_process:
+        from jax.experimental import multihost_utils
+        preempted["flag"] = multihost_utils.reached_preemption_sync_point(step)
       if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted["flag"]:
         if int(jax.device_get(state["nonfinite_streak"])) == 0:
           ckpt.save(manager, step, state, data_iter if hasattr(data_iter, "get_state") else None, force=True)

@@ -1,0 +1,157 @@
+"""Runs on this machine: one process, or N processes that form one JAX distributed run.
+
+The N-process form is how multi-host code paths (per-process data shards, global arrays built from
+process-local data, checkpoints written by several processes) are exercised on one machine: each
+process is a `launch.worker` with its own simulated CPU devices, joined over localhost.
+
+`supervise` watches the children: when one fails, the others get `grace_s` seconds to notice on
+their own (their watchdog exits them), then are terminated; the launcher exits non-zero naming the
+process that failed first and its exit code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from launch.worker import set_host_device_count
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Child:
+  """One process to start: what to run and the environment changes it needs."""
+  argv: list[str]
+  env: dict[str, str]   # only the variables that differ from the launcher's own environment
+  label: str            # 'process 0', ...
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def child_env(devices: int | None, platform: str | None) -> dict[str, str]:
+  env: dict[str, str] = {}
+  # The trainer module and this package resolve from the repository, wherever the launcher runs.
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+  if platform:
+    env["JAX_PLATFORMS"] = platform
+  if devices:
+    env["XLA_FLAGS"] = set_host_device_count(dict(os.environ), devices)["XLA_FLAGS"]
+  return env
+
+
+def single_process(module: str, trainer_args: list[str], devices: int | None = None,
+                   platform: str | None = None) -> list[Child]:
+  return [Child([sys.executable, "-m", module, *trainer_args], child_env(devices, platform), "process 0")]
+
+
+def multi_process(module: str, trainer_args: list[str], num_processes: int, devices_per_process: int | None,
+                  port: int, platform: str | None = "cpu", heartbeat_timeout: int = 20,
+                  gpus_per_process: int | None = None) -> list[Child]:
+  """N workers joined through a coordinator on localhost:PORT.
+
+  On CPU each process gets `devices_per_process` simulated devices; with `gpus_per_process` each
+  takes its own slice of this machine's GPUs instead."""
+  children = []
+  for i in range(num_processes):
+    argv = [sys.executable, "-m", "launch.worker", f"--module={module}", f"--coordinator=localhost:{port}",
+            f"--num-processes={num_processes}", f"--process-id={i}", f"--heartbeat-timeout={heartbeat_timeout}"]
+    if gpus_per_process:
+      ids = range(i * gpus_per_process, (i + 1) * gpus_per_process)
+      argv.append("--local-device-ids=" + ",".join(str(d) for d in ids))
+    env = child_env(devices_per_process if platform == "cpu" else None, platform)
+    children.append(Child([*argv, "--", *trainer_args], env, f"process {i}"))
+  return children
+
+
+def describe_exit(code: int) -> str:
+  if code < 0:
+    try:
+      return f"exit code {code} (killed by {signal.Signals(-code).name})"
+    except ValueError:
+      return f"exit code {code} (killed by signal {-code})"
+  return f"exit code {code}"
+
+
+def _pump(stream, prefix: str, out) -> None:
+  for line in iter(stream.readline, ""):
+    out.write(prefix + line)
+    out.flush()
+  stream.close()
+
+
+def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0, out=None) -> int:
+  """Starts the children, relays their output (prefixed with [i] when several), forwards SIGINT/SIGTERM
+  to them, and returns the run's exit code: 0 when all succeed, else that of the first failure."""
+  out = out or sys.stdout
+  several = len(children) > 1
+  procs: list[subprocess.Popen] = []
+  pumps = []
+  for i, child in enumerate(children):
+    proc = subprocess.Popen(child.argv, env={**os.environ, **child.env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=several)
+    procs.append(proc)
+    print(f"launch: started {child.label} (pid {proc.pid})", file=out, flush=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, f"[{i}] " if several else "", out), daemon=True)
+    pump.start()
+    pumps.append(pump)
+
+  def forward(signum, _frame):  # preemption: let every process checkpoint and exit on its own
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} \
+      if threading.current_thread() is threading.main_thread() else {}
+
+  first_failure: tuple[int, int] | None = None   # (index, code)
+  failed_at = 0.0
+  terminated_at = None
+  try:
+    while any(p.poll() is None for p in procs):
+      for i, p in enumerate(procs):
+        code = p.poll()
+        if code not in (None, 0) and first_failure is None:
+          first_failure, failed_at = (i, code), time.monotonic()
+          print(f"launch: {children[i].label} (pid {p.pid}) failed with {describe_exit(code)}; the others "
+                f"get {grace_s:.0f} s to stop on their own before they are terminated.", file=out, flush=True)
+      if first_failure is not None:
+        waited = time.monotonic() - failed_at
+        if terminated_at is None and waited > grace_s:
+          terminated_at = time.monotonic()
+          for p in procs:
+            if p.poll() is None:
+              p.terminate()
+        elif terminated_at is not None and time.monotonic() - terminated_at > term_s:
+          for p in procs:
+            if p.poll() is None:
+              p.kill()
+      time.sleep(0.1)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for pump in pumps:
+      pump.join(timeout=5)
+
+  codes = [p.returncode for p in procs]
+  if first_failure is None and any(codes):  # several failed within one poll: take the lowest index
+    first_failure = next((i, c) for i, c in enumerate(codes) if c)
+  if first_failure is None:
+    return 0
+  index, code = first_failure
+  others = ", ".join(f"{children[i].label}: {describe_exit(c)}" for i, c in enumerate(codes) if i != index)
+  print(f"launch: the run failed: {children[index].label} (pid {procs[index].pid}) exited first with "
+        f"{describe_exit(code)}" + (f"; then {others}" if others else "") + ".", file=out, flush=True)
+  return code if 0 < code < 256 else 128 + (-code if code < 0 else 1)

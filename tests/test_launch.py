@@ -1,0 +1,351 @@
+"""Launchers, multi-process runs on one machine, sweeps and result tables."""
+import csv
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from launch import local, results, sweep, tpu
+from launch import run as launcher
+from launch.worker import PEER_LOST_EXIT_CODE, set_host_device_count, split_trainer_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(argv):
+  out = io.StringIO()
+  code = launcher.launch(argv, out=out)
+  return code, out.getvalue()
+
+
+# ----------------------------------------------------------------------------- dry runs
+def test_processes_dry_run_prints_one_worker_per_process():
+  code, text = _launch(["--num-processes=2", "--devices-per-process=4", "--port=1234", "--dry-run", "--",
+                        "--config=configs/clip/digits.py", "--workdir=/tmp/w"])
+  assert code == 0
+  lines = text.strip().splitlines()
+  assert len(lines) == 2
+  for i, line in enumerate(lines):
+    assert "JAX_PLATFORMS=cpu" in line and "XLA_FLAGS=--xla_force_host_platform_device_count=4" in line
+    assert (f"-m launch.worker --module=clip_jax.train --coordinator=localhost:1234 --num-processes=2 "
+            f"--process-id={i} --heartbeat-timeout=20 -- --config=configs/clip/digits.py --workdir=/tmp/w") in line
+
+
+def test_local_dry_run_runs_the_module_directly():
+  code, text = _launch(["--module=dreambooth_jax.train", "--dry-run", "--", "--workdir=/tmp/w"])
+  assert code == 0
+  assert text.strip().endswith("-m dreambooth_jax.train --workdir=/tmp/w")
+
+
+def test_slurm_dry_run_prints_the_script_and_sbatch():
+  code, text = _launch(["--mode=slurm", "--nodes=4", "--gpus-per-node=8", "--time=12:00:00", "--partition=gpu",
+                        "--account=proj", "--sbatch=--qos=high", "--dry-run", "--",
+                        "--config=configs/clip/paper.py:ViT-B-32", "--workdir=/ckpt/vit_b32"])
+  assert code == 0
+  lines = text.splitlines()
+  assert lines[0] == "# slurm_logs/vit_b32.sbatch"
+  assert lines[1] == "#!/bin/bash"
+  for expected in ["#SBATCH --job-name=vit_b32", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8",
+                   "#SBATCH --gpus-per-node=8", "#SBATCH --time=12:00:00", "#SBATCH --partition=gpu",
+                   "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --signal=TERM@300",
+                   "#SBATCH --requeue", "#SBATCH --output=slurm_logs/%x-%j.out", f"cd {REPO}",
+                   "source .venv/bin/activate"]:
+    assert expected in lines, expected
+  assert ("srun --kill-on-bad-exit=1 python -m launch.worker --module=clip_jax.train --heartbeat-timeout=20 -- "
+          "--config=configs/clip/paper.py:ViT-B-32 --workdir=/ckpt/vit_b32") in lines
+  assert lines[-1] == "sbatch slurm_logs/vit_b32.sbatch"
+  assert not os.path.exists(os.path.join(REPO, "slurm_logs", "vit_b32.sbatch"))  # a dry run writes nothing
+
+
+def test_tpu_dry_run_prints_setup_and_run_on_all_workers():
+  code, text = _launch(["--mode=tpu", "--tpu-name=pod", "--zone=us-central2-b", "--project=p", "--dry-run", "--",
+                        "--config=configs/clip/paper.py:ViT-B-32", "--workdir=gs://bucket/run"])
+  assert code == 0
+  version = tpu.pinned_jax_version()
+  assert text.splitlines() == [
+      f"bash -c 'git -C {REPO} ls-files -z --cached --others --exclude-standard | tar -czf "
+      f"/tmp/clip_jax_src.tar.gz -C {REPO} --null -T -'",
+      "gcloud compute tpus tpu-vm scp /tmp/clip_jax_src.tar.gz pod:/tmp/clip_jax_src.tar.gz --zone us-central2-b "
+      "--worker=all --project p",
+      "gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --worker=all --project p --command 'mkdir -p clip_jax "
+      "&& tar -xzf /tmp/clip_jax_src.tar.gz -C clip_jax && cd clip_jax && bash launch/setup.sh && "
+      f".venv/bin/pip install --quiet \"jax[tpu]=={version}\"'",
+      "gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --worker=all --project p --command 'cd clip_jax && "
+      ".venv/bin/python -m launch.worker --module=clip_jax.train --heartbeat-timeout=20 -- "
+      "--config=configs/clip/paper.py:ViT-B-32 --workdir=gs://bucket/run'",
+  ]
+  code, text = _launch(["--mode=tpu", "--tpu-name=pod", "--zone=z", "--skip-setup", "--dry-run", "--", "--workdir=w"])
+  assert len(text.splitlines()) == 1 and "launch.worker" in text
+
+
+def test_bad_launch_input_gets_one_clear_line():
+  with pytest.raises(SystemExit, match="no trainer arguments"):
+    _launch(["--dry-run"])
+  with pytest.raises(SystemExit, match="needs --tpu-name and --zone"):
+    _launch(["--mode=tpu", "--dry-run", "--", "--workdir=w"])
+  with pytest.raises(SystemExit, match="--mode=local runs one process"):
+    _launch(["--mode=local", "--num-processes=2", "--dry-run", "--", "--workdir=w"])
+
+
+def test_worker_helpers():
+  assert split_trainer_args(["--a", "--", "--b", "--"]) == (["--a"], ["--b", "--"])
+  env = set_host_device_count({"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"}, 4)
+  assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=4"
+
+
+def test_supervisor_stops_the_others_and_names_the_failed_process():
+  sleeper = local.Child([sys.executable, "-c", "import time; time.sleep(60)"], {}, "process 0")
+  failing = local.Child([sys.executable, "-c", "import sys; sys.exit(3)"], {}, "process 1")
+  out = io.StringIO()
+  start = time.monotonic()
+  code = local.supervise([sleeper, failing], grace_s=1.0, term_s=2.0, out=out)
+  assert time.monotonic() - start < 20
+  assert code == 3
+  text = out.getvalue()
+  assert re.search(r"process 1 \(pid \d+\) exited first with exit code 3; then process 0: exit code -15 "
+                   r"\(killed by SIGTERM\)", text), text
+
+
+# ----------------------------------------------------------------------------- sweeps and results
+def test_sweep_helpers_and_names():
+  runs = sweep.seeds(sweep.product(sweep.fixed(total_steps=10), sweep.grid(global_batch=[16, 32])), 2)
+  assert runs == [{"total_steps": 10, "global_batch": b, "seed": s} for b in (16, 32) for s in (0, 1)]
+  assert sweep.run_names(runs) == ["global_batch=16_seed=0", "global_batch=16_seed=1",
+                                   "global_batch=32_seed=0", "global_batch=32_seed=1"]
+  zipped = sweep.zipped(**{"optimizer.learning_rate": [1e-3, 3e-4], "optimizer.warmup_steps": [10, 20]})
+  assert sweep.run_names(zipped) == ["learning_rate=0.001_warmup_steps=10", "learning_rate=0.0003_warmup_steps=20"]
+  assert sweep.run_names([{"a": 1}, {"a": 1}]) == ["run", "run_2"]
+  with pytest.raises(ValueError, match="one length"):
+    sweep.zipped(a=[1, 2], b=[3])
+  assert results.overrides_from_name("global_batch=16_seed=1") == {"global_batch": 16, "seed": 1}
+
+
+def _write_sweep_file(path, body):
+  path.write_text(textwrap.dedent(body))
+  return str(path)
+
+
+def test_sweep_rejects_unknown_keys(tmp_path):
+  sweep_file = _write_sweep_file(tmp_path / "bad.py", """
+      from launch.sweep import grid
+      def get_sweep():
+        return grid(**{"optimizer.learning_rat": [1e-3, 1e-4]})
+      """)
+  with pytest.raises(SystemExit, match="'optimizer.learning_rat' is not a field of the base config"):
+    sweep.main([sweep_file, "--base-config=configs/clip/digits.py", f"--root={tmp_path / 'root'}"], out=io.StringIO())
+
+
+# A stand-in for clip_jax.train with the same workdir contract: resumes from its last checkpoint
+# directory, appends metrics.jsonl lines, writes a zero-shot metric at the end. It kills itself at
+# step FAKE_CRASH_AT of the run whose workdir contains FAKE_CRASH_RUN.
+FAKE_TRAINER = """
+import json, os, signal, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+workdir, total = args["workdir"], int(args.get("config.total_steps", 4))
+batch, seed = int(args.get("config.global_batch", 8)), int(args.get("config.seed", 0))
+os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+start = max([int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()], default=0)
+if start:
+  print(f"Resuming from the checkpoint of step {start}", flush=True)
+crash = os.environ.get("FAKE_CRASH_RUN")
+for step in range(start + 1, total + 1):
+  if crash and crash in workdir and step == int(os.environ["FAKE_CRASH_AT"]):
+    os.kill(os.getpid(), signal.SIGKILL)
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": step, "loss": 10.0 / (batch * step) + seed}) + "\\n")
+  os.makedirs(os.path.join(workdir, "checkpoints", str(step)))
+with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+  f.write(json.dumps({"step": total, "zeroshot/digits/top1": batch / 100 + seed / 10}) + "\\n")
+"""
+
+
+def test_interrupted_sweep_resumes_and_tabulates(tmp_path, monkeypatch):
+  (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  sweep_file = _write_sweep_file(tmp_path / "sweep_bs.py", """
+      from launch.sweep import fixed, grid, product, seeds
+      BASE_CONFIG = "configs/clip/digits.py"
+      def get_sweep():
+        return seeds(product(fixed(total_steps=4), grid(global_batch=[16, 32])), 2)
+      """)
+  root = tmp_path / "root"
+  argv = [sweep_file, f"--root={root}", "--module=fake_trainer"]
+  monkeypatch.setenv("FAKE_CRASH_RUN", "global_batch=16_seed=1")
+  monkeypatch.setenv("FAKE_CRASH_AT", "3")
+  out = io.StringIO()
+  assert sweep.main(argv, out=out) == 1
+  text = out.getvalue()
+  assert "global_batch=16_seed=1 failed (exit code 137)" in text
+  assert "exit code -9 (killed by SIGKILL)" in text
+  names = ["global_batch=16_seed=0", "global_batch=16_seed=1", "global_batch=32_seed=0", "global_batch=32_seed=1"]
+  assert [os.path.exists(root / n / "DONE") for n in names] == [True, False, True, True]
+
+  monkeypatch.delenv("FAKE_CRASH_RUN")
+  out = io.StringIO()
+  assert sweep.main(argv, out=out) == 0
+  text = out.getvalue()
+  assert "[1/4] global_batch=16_seed=0: done" in text
+  assert "[2/4] global_batch=16_seed=1: resume from step 2" in text
+  assert "Resuming from the checkpoint of step 2" in text
+  assert all(os.path.exists(root / n / "DONE") for n in names)
+  # A third pass has nothing left to do.
+  out = io.StringIO()
+  assert sweep.main(argv, out=out) == 0
+  assert out.getvalue().count(": done") == 4 and "Resuming" not in out.getvalue()
+
+  written = results.write_tables([str(root)], str(tmp_path / "table"))
+  with open(written["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["name"] for r in rows] == names
+  assert rows[1]["global_batch"] == "16" and rows[1]["seed"] == "1"
+  assert float(rows[1]["loss"]) == pytest.approx(10.0 / (16 * 4) + 1)
+  assert float(rows[3]["zeroshot/digits/top1"]) == pytest.approx(0.42)
+  markdown = written["markdown"]
+  assert "| global_batch | seed | step | loss | zeroshot/digits/top1 |" in markdown.replace("name | ", "")
+  assert "## Mean ± standard deviation over seeds" in markdown
+  assert "| 32 | 2 | 4 | 0.5781 ± 0.7071 | 0.37 ± 0.07071 |" in markdown
+  assert os.path.getsize(written["png"]) > 1000
+
+
+def test_sweep_emits_slurm_jobs_for_unfinished_runs(tmp_path):
+  sweep_file = _write_sweep_file(tmp_path / "s.py", """
+      from launch.sweep import grid
+      def get_sweep():
+        return grid(global_batch=[16, 32])
+      """)
+  root = tmp_path / "root"
+  os.makedirs(root / "global_batch=16")
+  (root / "global_batch=16" / "DONE").write_text("600\n")
+  out = io.StringIO()
+  code = sweep.main([sweep_file, "--base-config=configs/clip/digits.py", f"--root={root}", "--emit=slurm",
+                     "--partition=gpu", "--dry-run", "--", "--config.log_every=5"], out=out)
+  assert code == 0
+  text = out.getvalue()
+  assert "global_batch=16: done" in text
+  assert f"# {root}/slurm/global_batch=32.sbatch" in text
+  assert "#SBATCH --job-name=root-global_batch=32" in text and "#SBATCH --partition=gpu" in text
+  assert (f"--workdir={root}/global_batch=32 --config.global_batch=32 --config.log_every=5" in text)
+  assert text.count("sbatch ") == 1
+
+
+# ----------------------------------------------------------------------------- real multi-process runs
+def _trainer_args(workdir, steps):
+  return ["--config=configs/clip/digits.py", f"--workdir={workdir}", f"--config.total_steps={steps}",
+          "--config.global_batch=16", "--config.log_every=1", "--config.checkpoint_every=3", "--config.eval_every=0",
+          "--config.zeroshot_eval.enabled=False", "--config.progress_bar=False",
+          "--config.peak_flops_per_device=1e12",
+          # Parameters sharded over all 8 devices: every process holds and checkpoints only its part.
+          # (On CPU, gloo makes a large all-reduce after a reduce-scatter very slow; FSDP avoids it.)
+          "--config.mesh.data=1", "--config.mesh.fsdp=8",
+          # A constant learning rate after warmup: stopping at step 3 and resuming to 6 follows the
+          # same schedule as running to 6 in one go.
+          "--config.optimizer.warmup_steps=2", "--config.optimizer.end_learning_rate=0.001"]
+
+
+def _run_launcher(launch_args, trainer_args, timeout=400):
+  return subprocess.run([sys.executable, "-m", "launch.run", *launch_args, "--", *trainer_args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(workdir):
+  from clip_jax.observe import read_metrics
+  return {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_process_and_resume(tmp_path):
+  one = _run_launcher(["--devices-per-process=8"], _trainer_args(tmp_path / "1x8", 6))
+  assert one.returncode == 0, one.stdout[-3000:]
+  two = ["--num-processes=2", "--devices-per-process=4"]
+  first = _run_launcher(two, _trainer_args(tmp_path / "2x4", 3))
+  assert first.returncode == 0, first.stdout[-3000:]
+  assert "[0] " in first.stdout and "[1] " in first.stdout
+  resumed = _run_launcher(two, _trainer_args(tmp_path / "2x4", 6))
+  assert resumed.returncode == 0, resumed.stdout[-3000:]
+  assert "Resuming from the checkpoint of step 3" in resumed.stdout
+  reference, multi = _losses(tmp_path / "1x8"), _losses(tmp_path / "2x4")
+  assert sorted(reference) == sorted(multi) == [1, 2, 3, 4, 5, 6]
+  for step in reference:
+    assert multi[step] == pytest.approx(reference[step], abs=1e-5), step
+  assert sweep.checkpoint_steps(str(tmp_path / "2x4")) == [3, 6]
+  # Both processes wrote their input iterator's state (grain: one file per process).
+  data_files = os.listdir(tmp_path / "2x4" / "checkpoints" / "6" / "data")
+  assert len([f for f in data_files if "process" in f]) == 2, data_files
+
+
+@pytest.mark.slow
+def test_killing_one_process_stops_the_other(tmp_path):
+  workdir = tmp_path / "killed"
+  log_path = tmp_path / "launcher.log"
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "launch.run", "--num-processes=2", "--devices-per-process=4",
+                             "--heartbeat-timeout=10", "--", *_trainer_args(workdir, 1000)],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 400
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+      assert proc.poll() is None, log_path.read_text()[-3000:]
+      time.sleep(0.2)
+    pids = dict(re.findall(r"started process (\d) \(pid (\d+)\)", log_path.read_text()))
+    os.kill(int(pids["1"]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    survivor = int(pids["0"])
+    while time.monotonic() - killed_at < 90:
+      try:
+        os.kill(survivor, 0)
+      except ProcessLookupError:
+        break
+      time.sleep(0.2)
+    stopped_after = time.monotonic() - killed_at
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  text = log_path.read_text()
+  assert stopped_after <= 60, f"process 0 still ran {stopped_after:.0f} s after process 1 died"
+  assert proc.returncode != 0
+  assert f"process 1 (pid {pids['1']}) exited first with exit code -9 (killed by SIGKILL)" in text, text[-3000:]
+  # Process 0 stopped on its own (not by the launcher's SIGTERM) and said why.
+  own_exit = (f"process 0: exit code {PEER_LOST_EXIT_CODE}" in text and "launch.worker[0]: process(es) [1]" in text)
+  runtime_exit = "process 0: exit code -6" in text and "Terminating process because the JAX distributed" in text
+  assert own_exit or runtime_exit, text[-3000:]
+
+
+@pytest.mark.slow
+def test_real_sweep_interrupted_and_rerun(tmp_path):
+  sweep_file = _write_sweep_file(tmp_path / "tiny.py", """
+      from launch.sweep import grid, seeds
+      def get_sweep():
+        return seeds(grid(global_batch=[8, 16]), 2)
+      """)
+  root = tmp_path / "root"
+  command = [sys.executable, "-m", "launch.sweep", sweep_file, "--base-config=configs/clip/digits.py",
+             f"--root={root}", "--", "--config.total_steps=20", "--config.checkpoint_every=10", "--config.log_every=1",
+             "--config.eval_every=0", "--config.zeroshot_eval.enabled=False", "--config.progress_bar=False",
+             "--config.peak_flops_per_device=1e12", "--config.async_checkpoints=False"]
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  second = root / "global_batch=8_seed=1" / "metrics.jsonl"
+  deadline = time.time() + 400
+  while time.time() < deadline and proc.poll() is None and not (second.exists() and second.read_text().strip()):
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)  # preemption: the run checkpoints and the sweep stops
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 75, output[-3000:]
+  assert "the sweep stops here" in output
+  rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stdout[-3000:]
+  assert "global_batch=8_seed=0: done" in rerun.stdout
+  assert "[2/4] global_batch=8_seed=1: resume from step" in rerun.stdout
+  written = results.write_tables([str(root)], str(root / "results"))
+  rows = list(csv.DictReader(open(written["csv"])))
+  assert len(rows) == 4 and all(r["step"] == "20" and float(r["loss"]) > 0 for r in rows)
+  with open(root / "sweep.json") as f:
+    assert len(json.load(f)["runs"]) == 4
