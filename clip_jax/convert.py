@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -173,35 +173,47 @@ def _expected_shapes(model: CLIP) -> dict[FlaxKey, tuple[int, ...]]:
   return {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
 
 
-def state_dict_to_variables(state: dict[str, np.ndarray], model: CLIP, entries: list[Entry],
-                            source: str = "checkpoint") -> dict[str, Any]:
-  """Maps a state dict onto `model`'s variables, checking every name and shape."""
-  expected = _expected_shapes(model)
+def tree_from_table(state: Mapping[str, np.ndarray], entries: Iterable[Entry], expected: Mapping[FlaxKey, tuple],
+                    source: str, what: str, ignored: re.Pattern | None = _IGNORED, hint: str = "") -> dict[str, Any]:
+  """Maps a state dict onto a variable tree through a table, checking every name and shape.
+
+  `expected` holds the Flax shapes (`{flax_key: shape}`); `what` names the model in messages
+  ('the ViT-B/32 model'); `ignored` matches state-dict names that carry nothing the model uses.
+  Shared by every converter here and in dreambooth_jax (CLIP, text encoders, DINO, LPIPS).
+  """
+  entries = list(entries)
   missing = [e.torch_key for e in entries if e.torch_key not in state]
   if missing:
-    raise CheckpointError(f"{source}: {len(missing)} weights the model needs are missing, e.g. "
-                          f"{missing[:3]} (is this checkpoint for a different architecture?).")
+    raise CheckpointError(f"{source}: {len(missing)} weights {what} needs are missing, e.g. {missing[:3]} "
+                          f"({hint or 'is this a checkpoint of a different model?'}).")
   used = {e.torch_key for e in entries}
-  unexpected = [k for k in state if k not in used and not _IGNORED.search(k)]
+  unexpected = [k for k in state if k not in used and not (ignored and ignored.search(k))]
   if unexpected:
-    raise CheckpointError(f"{source}: {len(unexpected)} weights do not belong to a "
-                          f"{_describe(model.config)} model, e.g. {unexpected[:3]}.")
+    raise CheckpointError(f"{source}: {len(unexpected)} weights do not belong to {what}, e.g. {unexpected[:3]}"
+                          f"{' (' + hint + ')' if hint else ''}.")
   flat = {}
   for e in entries:
-    value = _LAYOUTS[e.layout][0](np.asarray(state[e.torch_key], np.float32))
-    if e.flax_key == ("params", "logit_scale") or e.flax_key == ("params", "logit_bias"):
-      value = value.reshape(())
     want = expected.get(e.flax_key)
-    if want is None:
-      raise CheckpointError(f"{source}: internal table names {'/'.join(e.flax_key)}, which the model lacks.")
-    if tuple(value.shape) != tuple(want):
-      raise CheckpointError(f"{source}: shape mismatch for '{e.torch_key}': checkpoint has "
-                            f"{tuple(value.shape)}, the {_describe(model.config)} model needs {tuple(want)}.")
+    assert want is not None, f"the conversion table names {'/'.join(e.flax_key)}, which the model lacks"
+    want = tuple(want)
+    value = _LAYOUTS[e.layout][0](np.asarray(state[e.torch_key], np.float32))
+    if e.layout == "copy" and value.size == math.prod(want):
+      value = value.reshape(want)  # scalars stored as [1] (or [] as [1, 1])
+    if tuple(value.shape) != want:
+      raise CheckpointError(f"{source}: shape mismatch for '{e.torch_key}': the checkpoint has "
+                            f"{tuple(np.shape(state[e.torch_key]))}, {what} needs {want} (Flax layout).")
     flat[e.flax_key] = value
   return traverse_util.unflatten_dict(flat)
 
 
-def variables_to_state_dict(variables: dict[str, Any], entries: list[Entry]) -> dict[str, np.ndarray]:
+def state_dict_to_variables(state: dict[str, np.ndarray], model: CLIP, entries: list[Entry],
+                            source: str = "checkpoint") -> dict[str, Any]:
+  """Maps a state dict onto `model`'s variables, checking every name and shape."""
+  return tree_from_table(state, entries, _expected_shapes(model), source, f"the {_describe(model.config)} model",
+                         hint="is this checkpoint for a different architecture?")
+
+
+def variables_to_state_dict(variables: Mapping[str, Any], entries: Iterable[Entry]) -> dict[str, np.ndarray]:
   flat = traverse_util.flatten_dict(nn.meta.unbox(variables))
   return {e.torch_key: _LAYOUTS[e.layout][1](np.asarray(flat[e.flax_key], np.float32)) for e in entries}
 
@@ -429,28 +441,13 @@ def text_encoder_state_dict_to_variables(state: dict[str, np.ndarray], module: T
   """CLIPTextModel state dict -> `module`'s variables, checking every name and shape."""
   state = {(k if k.startswith(f"{_TEXT_MODEL}.") else f"{_TEXT_MODEL}.{k}"): v for k, v in state.items()}
   entries = text_encoder_entries(module.layers)
-  describe = f"{module.layers}-layer, {module.width}-wide text encoder"
-  missing = [e.torch_key for e in entries if e.torch_key not in state]
-  if missing:
-    raise CheckpointError(f"{source}: {len(missing)} weights the {describe} needs are missing, e.g. "
-                          f"{missing[:3]} (does config.json belong to these weights?).")
-  used = {e.torch_key for e in entries}
-  unexpected = [k for k in state if k not in used and not _IGNORED.search(k)]
-  if unexpected:
-    raise CheckpointError(f"{source}: {len(unexpected)} weights do not belong to a {describe}, e.g. "
-                          f"{unexpected[:3]} (a CLIPTextModelWithProjection is not supported).")
   tokens = jax.ShapeDtypeStruct((1, module.context_length), jnp.int32)
   abstract = jax.eval_shape(lambda t: nn.meta.unbox(module.init(jax.random.key(0), t)), tokens)
   expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
-  assert set(expected) == {e.flax_key for e in entries}, "text encoder table out of date"
-  flat = {}
-  for e in entries:
-    value = _LAYOUTS[e.layout][0](np.asarray(state[e.torch_key], np.float32))
-    if tuple(value.shape) != tuple(expected[e.flax_key]):
-      raise CheckpointError(f"{source}: shape mismatch for '{e.torch_key}': checkpoint has "
-                            f"{tuple(value.shape)}, the {describe} needs {tuple(expected[e.flax_key])}.")
-    flat[e.flax_key] = value
-  return traverse_util.unflatten_dict(flat)
+  return tree_from_table(state, entries, expected, source,
+                         f"the {module.layers}-layer, {module.width}-wide text encoder",
+                         hint="does config.json belong to these weights? A CLIPTextModelWithProjection is "
+                              "not supported")
 
 
 def load_hf_text_encoder(path: str, **module_kwargs):

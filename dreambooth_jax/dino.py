@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -26,13 +26,13 @@ import numpy as np
 from flax import traverse_util
 from PIL import Image
 
-from clip_jax.convert import Entry
+from clip_jax.convert import Entry, tree_from_table
+from clip_jax.convert import variables_to_state_dict as table_to_state_dict
 from clip_jax.data.images import eval_transform, to_rgb
 from clip_jax.layers import Dense, LayerNorm, exact_gelu, matmul, normal
 from clip_jax.models.transformer import MultiHeadAttention
 from clip_jax.models.vit import patchify
-from clip_jax.weights import (CheckpointError, conv_to_flax, conv_to_torch, linear_to_flax, linear_to_torch,
-                              load_state_dict)
+from clip_jax.weights import CheckpointError, load_state_dict
 
 Dtype = Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,43 +185,6 @@ def preprocess(images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndar
 
 
 # ----------------------------------------------------------------------------- weights
-_LAYOUTS = {"copy": (np.asarray, np.asarray), "linear": (linear_to_flax, linear_to_torch),
-            "conv": (conv_to_flax, conv_to_torch)}
-
-
-def tree_from_table(state: Mapping[str, np.ndarray], entries: Iterable[Entry], expected: Mapping[tuple, tuple],
-                    source: str, what: str, ignored: re.Pattern | None = None) -> dict[str, Any]:
-  """Maps a state dict onto a variable tree through a table, checking every name and shape.
-
-  `expected` holds the Flax shapes (`{flax_key: shape}`); `ignored` matches state-dict names that
-  carry nothing the model uses (classifier heads, constant buffers).
-  """
-  entries = list(entries)
-  missing = [e.torch_key for e in entries if e.torch_key not in state]
-  if missing:
-    raise CheckpointError(f"{source}: {len(missing)} weights a {what} needs are missing, e.g. {missing[:3]} "
-                          "(is this a checkpoint of a different model?).")
-  used = {e.torch_key for e in entries}
-  unexpected = [k for k in state if k not in used and not (ignored and ignored.search(k))]
-  if unexpected:
-    raise CheckpointError(f"{source}: {len(unexpected)} weights do not belong to a {what}, e.g. {unexpected[:3]}.")
-  flat = {}
-  for e in entries:
-    value = _LAYOUTS[e.layout][0](np.asarray(state[e.torch_key], np.float32))
-    want = tuple(expected[e.flax_key])
-    value = value.reshape(want) if value.size == math.prod(want) and e.layout == "copy" else value
-    if tuple(value.shape) != want:
-      raise CheckpointError(f"{source}: shape mismatch for '{e.torch_key}': the checkpoint has "
-                            f"{tuple(np.shape(state[e.torch_key]))}, a {what} needs {want} (Flax layout).")
-    flat[e.flax_key] = value
-  return traverse_util.unflatten_dict(flat)
-
-
-def table_to_state_dict(variables: Mapping[str, Any], entries: Iterable[Entry]) -> dict[str, np.ndarray]:
-  flat = traverse_util.flatten_dict(nn.meta.unbox(variables))
-  return {e.torch_key: _LAYOUTS[e.layout][1](np.asarray(flat[e.flax_key], np.float32)) for e in entries}
-
-
 def dino_entries(cfg: DinoConfig) -> list[Entry]:
   """timm / DINO layout (after `split_qkv`); the flat tensors are reshaped to ours on the way."""
   def norm(f, t):
@@ -311,7 +274,7 @@ def dino_from_state_dict(state: Mapping[str, np.ndarray], *, config: DinoConfig 
   cfg = config or infer_config(state)
   model = DinoViT(cfg, **module_kwargs)
   return model, tree_from_table(split_qkv(state), dino_entries(cfg), _expected_shapes(model), source,
-                                f"DINO ViT (width {cfg.width}, {cfg.layers} blocks, patch {cfg.patch_size})",
+                                f"a DINO ViT (width {cfg.width}, {cfg.layers} blocks, patch {cfg.patch_size})",
                                 _IGNORED)
 
 

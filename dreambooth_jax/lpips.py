@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.convert import Entry
+from clip_jax.convert import Entry, tree_from_table
+from clip_jax.convert import variables_to_state_dict as table_to_state_dict
 from clip_jax.weights import CheckpointError, load_state_dict
-from dreambooth_jax.dino import table_to_state_dict, tree_from_table
 
 # The `lpips` package's ScalingLayer: ImageNet statistics mapped to inputs in [-1, 1].
 _SHIFT = (-0.030, -0.088, -0.188)
@@ -180,7 +180,7 @@ def lpips_from_state_dict(state: Mapping[str, np.ndarray], net: str = "alex",
   `lpips.LPIPS(net=...)` module's state dict, or torchvision's weights merged with the package's."""
   model = LPIPS(net)
   return model, tree_from_table(_canonical_names(state), lpips_entries(net), _expected_shapes(model), source,
-                                f"LPIPS-{net}", _IGNORED)
+                                f"an LPIPS-{net} model", _IGNORED)
 
 
 def lpips_to_state_dict(model: LPIPS, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:

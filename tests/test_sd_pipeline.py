@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from clip_jax import convert as clip_convert  # noqa: E402
 from clip_jax.tokenizer import ClipTokenizer  # noqa: E402
 from clip_jax.weights import CheckpointError  # noqa: E402
 from dreambooth_jax import pipeline as pipeline_lib  # noqa: E402
