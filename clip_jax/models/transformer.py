@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.layers import Dense, LayerNorm, get_activation, normal
+from clip_jax.layers import Dense, LayerNorm, dot_product_attention, get_activation, normal
 
 Dtype = Any
 
@@ -22,6 +22,7 @@ class MultiHeadAttention(nn.Module):
   qkv_std: float | None = None
   out_std: float | None = None
   out_features: int | None = None
+  attention_impl: str = "auto"  # see clip_jax.layers.dot_product_attention
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -41,7 +42,8 @@ class MultiHeadAttention(nn.Module):
     q = split_heads(proj("q", width, ("embed", "heads"), self.qkv_std)(x_q))
     k = split_heads(proj("k", width, ("embed", "heads"), self.qkv_std)(x_kv))
     v = split_heads(proj("v", width, ("embed", "heads"), self.qkv_std)(x_kv))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)  # [B, Tq, heads, head_dim]
+    # [B, Tq, heads, head_dim]
+    out = dot_product_attention(q, k, v, is_causal=is_causal, impl=self.attention_impl)
     out = out.reshape(*out.shape[:-2], width)
     return proj("out", self.out_features or width, ("heads", "embed"), self.out_std)(out)
 
@@ -52,6 +54,7 @@ class ResidualAttentionBlock(nn.Module):
   act: str = "gelu"
   is_causal: bool = False
   init_stds: tuple[float, float, float, float] | None = None  # qkv, out, fc, proj
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -61,7 +64,8 @@ class ResidualAttentionBlock(nn.Module):
     qkv_std, out_std, fc_std, proj_std = self.init_stds or (None,) * 4
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = LayerNorm(name="ln_1", **kw)(x)
-    x = x + MultiHeadAttention(self.num_heads, qkv_std, out_std, name="attn", **kw)(
+    x = x + MultiHeadAttention(self.num_heads, qkv_std, out_std, attention_impl=self.attention_impl,
+                               name="attn", **kw)(
         h, h, is_causal=self.is_causal)
     h = LayerNorm(name="ln_2", **kw)(x)
     fc_init = normal(fc_std) if fc_std else nn.initializers.lecun_normal()
@@ -82,6 +86,7 @@ class Transformer(nn.Module):
   act: str = "gelu"
   is_causal: bool = False
   remat: bool = False
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -93,6 +98,6 @@ class Transformer(nn.Module):
                  (2 * width) ** -0.5, width ** -0.5 * (2 * self.layers) ** -0.5)
     block_cls = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     for i in range(self.layers if num_layers is None else num_layers):
-      x = block_cls(self.num_heads, self.mlp_ratio, self.act, self.is_causal, init_stds,
+      x = block_cls(self.num_heads, self.mlp_ratio, self.act, self.is_causal, init_stds, self.attention_impl,
                     dtype=self.dtype, param_dtype=self.param_dtype, name=f"resblocks_{i}")(x)
     return x

@@ -1,0 +1,325 @@
+"""CLIP training-step throughput and MFU: this project (JAX) against open_clip (PyTorch), same CPU.
+
+  python benchmarks/bench_train_step.py [--model ViT-B-32] [--batch 32] [--steps 6] [--warmup 2]
+      [--runs jax_bf16,jax_fp32,torch_fp32,torch_bf16] [--hugetlb both|on|off]
+      [--out benchmarks/results/train_step.md]
+
+One full training step each: forward through both towers, the contrastive loss, backward, gradient
+clipping and AdamW (CLIP paper settings), at the same batch and image size. Every (run, allocator)
+pair is a child process of this script, so the runs do not share thread pools or heaps and
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for malloc) applies from process
+start; the pairs run one after the other, never at the same time.
+
+  jax_bf16    the project's train step (`clip_jax.train.make_train_step`), jitted on a 1-device mesh
+              with donated state: bf16 compute, fp32 parameters and optimizer state
+  jax_fp32    the same step in fp32
+  torch_fp32  open_clip's model, its ClipLoss, torch.optim.AdamW (decay on >= 2-D weights only),
+              clip_grad_norm_, fp32
+  torch_bf16  the same under torch.autocast('cpu', dtype=torch.bfloat16), as open_clip's
+              `--precision amp_bf16`
+
+images/s is the median over `--steps` timed steps after `--warmup` untimed ones. Model FLOPs per
+step are XLA's cost analysis of the compiled fp32 step (`compile().cost_analysis()['flops']`, all
+matmuls and elementwise ops, forward + backward + update); the analytic 6 x matmul-params x tokens
+count (+ attention scores) is printed beside it as a check. MFU = FLOPs per step x steps/s over the
+measured bf16 x bf16 -> f32 matmul peak (`clip_jax.train.measure_peak_flops`), the same numerator
+for every run, so the MFU ratio is the throughput ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = ("jax_bf16", "jax_fp32", "torch_fp32", "torch_bf16")
+HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def _parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="ViT-B-32", help="a model name both projects know (ViT-B-32, RN50, ...)")
+  parser.add_argument("--batch", type=int, default=32, help="images (and captions) per step")
+  parser.add_argument("--steps", type=int, default=6, help="timed steps per run (the median is reported)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+  parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
+  parser.add_argument("--hugetlb", choices=("both", "on", "off"), default="both",
+                      help=f"run with GLIBC_TUNABLES={HUGETLB}, without, or both")
+  parser.add_argument("--hugetlb_runs", default="jax_bf16,torch_bf16",
+                      help="with --hugetlb both: the runs repeated with huge pages ('' = all of --runs)")
+  parser.add_argument("--out", default="benchmarks/results/train_step.md",
+                      help="markdown table to write ('' to only print)")
+  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  unknown = (set(args.runs.split(",")) | set(filter(None, args.hugetlb_runs.split(",")))) - set(RUNS)
+  if unknown:
+    parser.error(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
+  if args.batch < 2 or args.steps < 1:
+    parser.error("--batch must be at least 2 and --steps at least 1")
+  return args
+
+
+# ----------------------------------------------------------------------------- children
+def _synthetic_batch(model_name: str, batch: int):
+  """One fixed batch (random pixels, captions of random length ending in EOT) from the project's
+  own synthetic source; both frameworks get the same arrays."""
+  sys.path.insert(0, ROOT)
+  from clip_jax.models.configs import get_config
+  from clip_jax.train import SyntheticData
+  cfg = get_config(model_name)
+  return next(SyntheticData(batch, cfg.vision.image_size, cfg.text.context_length, seed=0))
+
+
+def _time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+  """Wall-clock and process CPU seconds of each timed step. CPU time is the steadier number on a
+  shared machine (waiting for a core does not count), though spinning thread pools inflate it."""
+  for _ in range(warmup):
+    step()
+  times, cpu_times = [], []
+  for _ in range(steps):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    step()
+    times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu_start)
+  return times, cpu_times
+
+
+def _jax_child(args, dtype_name: str) -> dict:
+  sys.path.insert(0, ROOT)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from clip_jax import optim, sharding
+  from clip_jax.train import (build_model, create_train_state, make_train_step, measure_peak_flops)
+  from configs.clip.common import base_config
+
+  cfg = base_config()
+  cfg.model.name, cfg.model.dtype = args.model, dtype_name
+  cfg.global_batch, cfg.total_steps = args.batch, 1000
+  if "RN" in args.model:
+    cfg.optimizer.update(optim.paper_adam_defaults(is_resnet=True))
+  mesh = sharding.create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  rules = [tuple(r) for r in cfg.logical_axis_rules]
+  model = build_model(cfg)
+  state, state_shardings, tx = create_train_state(model, cfg.optimizer, mesh, rules, jax.random.key(0))
+  train_step = make_train_step(model, tx, loss_kind="softmax", mesh=mesh, batch_axes=("data",),
+                               microbatches=1, schedule=optim.learning_rate_schedule(cfg.optimizer))
+  data_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  batch_shardings = {"image": data_sharding, "tokens": data_sharding}
+  step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                    out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+  local = _synthetic_batch(args.model, args.batch)
+  batch = {k: jax.device_put(np.asarray(v), data_sharding) for k, v in local.items()}
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics)
+    holder["loss"] = float(metrics["loss"])
+
+  times, cpu_times = _time_steps(step, args.warmup, args.steps)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"]["params"]))
+  return {"times": times, "cpu_times": cpu_times, "xla_flops": float(cost.get("flops", 0.0)), "compile_s": compile_s,
+          "loss": holder["loss"], "params": params,
+          "peak_bf16": _best_peak(measure_peak_flops, jnp.bfloat16),
+          "peak_fp32": _best_peak(measure_peak_flops, jnp.float32),
+          "versions": {"jax": jax.__version__}}
+
+
+def _best_peak(measure_peak_flops, dtype, trials: int = 5) -> float:
+  """The project's peak measurement, best of `trials` uncached calls: on a shared machine a single
+  call reads the other tenants' load, not the hardware."""
+  return max(measure_peak_flops.__wrapped__(dtype) for _ in range(trials))
+
+
+def _torch_child(args, dtype_name: str) -> dict:
+  import contextlib
+
+  import open_clip
+  import torch
+  from open_clip.loss import ClipLoss
+
+  torch.manual_seed(0)
+  model = open_clip.create_model(args.model, output_dict=True)  # random init; open_clip's default ViT act is GELU
+  model.train()
+  decay = [p for p in model.parameters() if p.ndim >= 2]
+  no_decay = [p for p in model.parameters() if p.ndim < 2]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+  loss_fn = ClipLoss()
+  local = _synthetic_batch(args.model, args.batch)
+  images = torch.from_numpy(local["image"]).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+  tokens = torch.from_numpy(local["tokens"]).long()
+  autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype_name == "bfloat16"
+              else contextlib.nullcontext())
+  holder = {}
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    with autocast:
+      out = model(images, tokens)
+      loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+      model.logit_scale.clamp_(0, 4.6052)
+    holder["loss"] = float(loss)
+
+  times, cpu_times = _time_steps(step, args.warmup, args.steps)
+  return {"times": times, "cpu_times": cpu_times, "loss": holder["loss"],
+          "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+          "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__}}
+
+
+def _child_main(args) -> None:
+  run = args.child
+  dtype_name = "bfloat16" if run.endswith("bf16") else "float32"
+  result = _jax_child(args, dtype_name) if run.startswith("jax") else _torch_child(args, dtype_name)
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- parent
+def analytic_flops(model_name: str, batch: int) -> float:
+  """6 x (matmul parameters x tokens) + attention scores (12 x T^2 x width per layer), both towers;
+  the ResNet stem and convs are not counted (ViTs only)."""
+  sys.path.insert(0, ROOT)
+  from clip_jax.models.configs import get_config
+  cfg = get_config(model_name)
+  if cfg.vision.is_resnet:
+    return float("nan")
+
+  def tower(tokens, width, layers, mlp_ratio):
+    per_layer = (4 + 2 * mlp_ratio) * width * width  # q, k, v, out, fc, proj
+    return 6 * batch * tokens * layers * per_layer + 12 * batch * layers * tokens * tokens * width
+
+  v, t = cfg.vision, cfg.text
+  patches = (v.image_size // v.patch_size) ** 2
+  flops = tower(patches + 1, v.width, v.layers, v.mlp_ratio) + tower(t.context_length, t.width, t.layers, t.mlp_ratio)
+  flops += 6 * batch * patches * v.patch_size ** 2 * 3 * v.width                  # patch embedding
+  flops += 6 * batch * (v.width + t.width) * cfg.embed_dim                       # projections
+  return float(flops)
+
+
+def run_child(args, run: str, hugetlb: bool) -> dict:
+  env = dict(os.environ)
+  env.pop("GLIBC_TUNABLES", None)
+  if hugetlb:
+    env["GLIBC_TUNABLES"] = HUGETLB
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", run, "--model", args.model,
+         "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"{run} (hugetlb={hugetlb}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def _load() -> str:
+  return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv=None) -> None:
+  args = _parse_args(argv)
+  if args.child:
+    _child_main(args)
+    return
+  runs = args.runs.split(",")
+  hugetlb_runs = [r for r in runs if r in args.hugetlb_runs.split(",")] if args.hugetlb_runs else runs
+  plan = {"off": [(r, False) for r in runs], "on": [(r, True) for r in runs],
+          "both": [(r, False) for r in runs] + [(r, True) for r in hugetlb_runs]}[args.hugetlb]
+  results = []
+  for run, hugetlb in plan:
+    load = _load()
+    result = run_child(args, run, hugetlb)
+    result.update(run=run, hugetlb=hugetlb, load_before=load, load_after=_load())
+    median = statistics.median(result["times"])
+    print(f"{run:11s} hugetlb={int(hugetlb)}  {args.batch / median:6.2f} img/s  (median step {median:.2f} s, "
+          f"CPU {statistics.median(result['cpu_times']):.2f} s, "
+          f"steps {', '.join(f'{t:.2f}' for t in result['times'])}; load {load})", flush=True)
+    results.append(result)
+  report = build_report(args, results)
+  print(report)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(report)
+
+
+def build_report(args, results) -> str:
+  jax_results = [r for r in results if r["run"].startswith("jax")]
+  fp32 = next((r for r in jax_results if r["run"] == "jax_fp32"), None)
+  flops = (fp32 or jax_results[0])["xla_flops"] if jax_results else float("nan")
+  flops_source = "XLA cost analysis of the fp32 step" if fp32 else "XLA cost analysis of the bf16 step"
+  peak = statistics.median([r["peak_bf16"] for r in jax_results]) if jax_results else float("nan")
+  peak32 = statistics.median([r["peak_fp32"] for r in jax_results]) if jax_results else float("nan")
+  analytic = analytic_flops(args.model, args.batch)
+  reference = next((r for r in results if r["run"] == "torch_bf16" and r["hugetlb"]), None) or \
+      next((r for r in results if r["run"] == "torch_bf16"), None)
+  ref_rate = args.batch / statistics.median(reference["times"]) if reference else None
+  command = "python benchmarks/bench_train_step.py " + argv_string(args)
+  lines = [
+      f"# CLIP training step on CPU: {args.model}, batch {args.batch}, this project vs open_clip",
+      "",
+      f"Command: `{command.strip()}`",
+      "",
+      f"Machine: {_cpu_name()}, {os.cpu_count()} cores; "
+      + ", ".join(f"{k} {v}" for k, v in {k: v for r in results for k, v in r["versions"].items()}.items())
+      + ".",
+      f"Model FLOPs per step: {flops / 1e9:,.0f} GFLOP ({flops_source}); analytic 6 x params x tokens "
+      f"+ attention: {analytic / 1e9:,.0f} GFLOP.",
+      f"Peak (measured, 2048^3 matmul, best of 5): bf16 x bf16 -> f32 {peak / 1e9:,.0f} GFLOP/s; "
+      f"f32 {peak32 / 1e9:,.0f} GFLOP/s. MFU is against the bf16 peak for every row.",
+      f"Timed: median of {args.steps} steps after {args.warmup} warmup steps, each run a separate process.",
+      "",
+      "| run | GLIBC hugetlb | images/s | median step (s) | MFU | vs open_clip bf16"
+      + (" (hugetlb)" if reference and reference["hugetlb"] else "") + " | CPU s / step | loss | load 1-min before |",
+      "|---|:-:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in results:
+    median = statistics.median(r["times"])
+    rate = args.batch / median
+    mfu = flops / median / peak
+    ratio = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
+    lines.append(f"| {r['run']} | {'on' if r['hugetlb'] else 'off'} | {rate:.2f} | {median:.2f} | {mfu:.1%} | "
+                 f"{ratio} | {statistics.median(r['cpu_times']):.2f} | {r['loss']:.4f} | "
+                 f"{r['load_before'].split(',')[0]} |")
+  lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return platform.machine()
+  name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+              platform.machine())
+  bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if f" {flag}" in info]
+  return f"{name} ({', '.join(bf16) or 'no bf16 dot instructions'})"
+
+
+def argv_string(args) -> str:
+  parts = []
+  defaults = _parse_args([])
+  for key in ("model", "batch", "steps", "warmup", "runs", "hugetlb", "hugetlb_runs"):
+    if getattr(args, key) != getattr(defaults, key):
+      parts.append(f"--{key} {getattr(args, key)}")
+  return " ".join(parts)
+
+
+if __name__ == "__main__":
+  main()
