@@ -262,3 +262,28 @@ def test_unknown_model_and_override():
     clip_jax.create_model("ViT-B-32", not_a_field=3)
   assert clip_jax.create_model("ViT-B-32-quickgelu").config.act == "quick_gelu"
   assert set(MODEL_CONFIGS) >= set(NAMED)
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "open_clip_training_checkpoint", "safetensors"])
+def test_checkpoint_file_formats(tmp_path, kind):
+  """OpenAI's TorchScript archives, open_clip's training checkpoints ({'state_dict': {'module.…'}})
+  and safetensors files all load to the same model."""
+  reference = _randomize_open_clip(open_clip.model.CLIP(**_tiny_open_clip_cfg(False)))
+  images, tokens = _inputs(32)
+  path = tmp_path / "model.bin"
+  if kind == "torchscript":
+    traced = torch.jit.trace(reference, (torch.from_numpy(images), torch.from_numpy(tokens)), strict=False,
+                             check_trace=False)
+    torch.jit.save(traced, str(path))
+  elif kind == "open_clip_training_checkpoint":
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()},
+                "optimizer": {"state": {}, "param_groups": []}}, path)
+  else:
+    from safetensors.torch import save_file
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+  module, variables = clip_jax.load_checkpoint(str(path), act="gelu")
+  with torch.no_grad():
+    ref_image = reference.encode_image(torch.from_numpy(images)).numpy()
+  image_emb = module.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), method="encode_image")
+  np.testing.assert_allclose(image_emb, ref_image, atol=1e-4, rtol=0)
