@@ -1,0 +1,152 @@
+r"""The DreamBooth paper's evaluation of one fine-tuned subject, beside the paper's numbers.
+
+    python -m dreambooth_jax.evaluate --model runs/dog/export --instance-dir photos/ --class-noun dog \
+        --identifier sks --live --clip CLIP_CKPT --dino DINO_WEIGHTS --lpips-backbone ALEXNET_WEIGHTS \
+        [--base-model SD_DIR] --out runs/dog/eval
+
+Generates `--images-per-prompt` images for each of the paper's 25 prompts (recontextualisation,
+accessorisation for live subjects / more contexts for objects, property change), and images of
+"a [class noun]" for PRES; computes DINO, CLIP-I, CLIP-T (the paper's Table 1), PRES and DIV
+(Table 3) with `dreambooth_jax.metrics`, and writes results.json, results.md and an image grid.
+Metrics whose network is not given are left out (no weights are downloaded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+
+# The evaluation prompts published with the paper's dataset; {0} is "[V] [class noun]".
+RECONTEXTUALIZATION = [
+    "a {0} in the jungle", "a {0} in the snow", "a {0} on the beach", "a {0} on a cobblestone street",
+    "a {0} on top of pink fabric", "a {0} on top of a wooden floor", "a {0} with a city in the background",
+    "a {0} with a mountain in the background", "a {0} with a blue house in the background",
+    "a {0} on top of a purple rug in a forest"]
+OBJECT_CONTEXTS = [
+    "a {0} with a wheat field in the background", "a {0} with a tree and autumn leaves in the background",
+    "a {0} with the Eiffel Tower in the background", "a {0} floating on top of water",
+    "a {0} floating in an ocean of milk", "a {0} on top of green grass with sunflowers around it",
+    "a {0} on top of a mirror", "a {0} on top of the sidewalk in a crowded street", "a {0} on top of a dirt road",
+    "a {0} on top of a white rug"]
+ACCESSORIZATION = [
+    "a {0} wearing a red hat", "a {0} wearing a santa hat", "a {0} wearing a rainbow scarf",
+    "a {0} wearing a black top hat and a monocle", "a {0} in a chef outfit", "a {0} in a firefighter outfit",
+    "a {0} in a police outfit", "a {0} wearing pink glasses", "a {0} wearing a yellow shirt",
+    "a {0} in a purple wizard outfit"]
+PROPERTY_CHANGE = ["a red {0}", "a purple {0}", "a shiny {0}", "a wet {0}", "a cube shaped {0}"]
+
+# Ruiz et al., CVPR 2023. Table 1: subject fidelity (DINO, CLIP-I) and prompt fidelity (CLIP-T),
+# averaged over the dataset's 30 subjects. Table 3: prior-preservation ablation (Imagen).
+# The DINO cells were cross-checked with a public benchmark listing; check the rest against the PDF.
+PAPER_TABLE_1 = {
+    "Real Images": {"dino": 0.774, "clip_i": 0.885},
+    "DreamBooth (Imagen)": {"dino": 0.696, "clip_i": 0.812, "clip_t": 0.306},
+    "DreamBooth (Stable Diffusion)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305},
+    "Textual Inversion (Stable Diffusion)": {"dino": 0.569, "clip_i": 0.780, "clip_t": 0.255},
+}
+PAPER_TABLE_3 = {
+    "DreamBooth (Imagen) w/ prior preservation": {"pres": 0.493, "div": 0.391, "dino": 0.684},
+    "DreamBooth (Imagen) w/o prior preservation": {"pres": 0.664, "div": 0.371, "dino": 0.712},
+}
+METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
+
+
+def evaluation_prompts(identifier: str, class_noun: str, live: bool) -> list[str]:
+  """The paper's 25 prompts for a live subject (pets) or an object."""
+  subject = f"{identifier} {class_noun}"
+  middle = ACCESSORIZATION if live else OBJECT_CONTEXTS
+  return [p.format(subject) for p in RECONTEXTUALIZATION + middle + PROPERTY_CHANGE]
+
+
+def markdown_table(ours: dict[str, float], label: str) -> str:
+  rows = [(label, ours)] + list(PAPER_TABLE_1.items()) + list(PAPER_TABLE_3.items())
+  lines = ["| model | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | PRES ↓ | DIV ↑ |", "|---|---|---|---|---|---|"]
+  for name, values in rows:
+    cells = [f"{values[m]:.3f}" if m in values else "" for m in METRICS]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n\nPaper rows: Ruiz et al. 2023, Table 1 (DINO, CLIP-I, CLIP-T) and Table 3 (PRES, DIV, DINO).\n"
+
+
+def evaluate_subject(pipe, params, metrics, real_images: Sequence[np.ndarray], *, identifier: str, class_noun: str,
+                     live: bool, images_per_prompt: int, class_images: int, steps: int, guidance: float,
+                     sampler: str, seed: int, num_prompts: int | None = None, batch_size: int = 8):
+  """(results, generated uint8 [n, H, W, 3], their prompts) for one subject."""
+  from dreambooth_jax import pipeline as sd
+  prompts = evaluation_prompts(identifier, class_noun, live)[:num_prompts]
+  per_image = [p for p in prompts for _ in range(images_per_prompt)]
+
+  def generate(texts, rng_offset):
+    out = []
+    for start in range(0, len(texts), batch_size):
+      out.append(sd.generate(pipe, params, texts[start:start + batch_size], num_steps=steps,
+                             guidance_scale=guidance, sampler=sampler,
+                             rng=jax.random.fold_in(jax.random.key(seed), rng_offset + start)))
+    return np.concatenate(out)
+
+  generated = generate(per_image, 0)
+  class_generated = generate([f"a {class_noun}"] * class_images, 1_000_000) if class_images else None
+  results = metrics.evaluate(list(generated), real=list(real_images), prompts=per_image,
+                             class_images=None if class_generated is None else list(class_generated),
+                             identifier=identifier)
+  return results, generated, per_image
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m dreambooth_jax.evaluate", description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", required=True, help="the fine-tuned diffusers folder (the trainer's export/)")
+  parser.add_argument("--instance-dir", required=True, help="the subject's real photos")
+  parser.add_argument("--class-noun", required=True)
+  parser.add_argument("--identifier", required=True, help="the rare token the model was trained with")
+  parser.add_argument("--live", action="store_true", help="a live subject (pets): accessorisation prompts")
+  parser.add_argument("--clip", help="CLIP checkpoint for CLIP-I / CLIP-T (file, HF dir or workdir)")
+  parser.add_argument("--dino", help="ViT-S/16 DINO weights (timm or DINO layout) for DINO and PRES")
+  parser.add_argument("--lpips-backbone", help="torchvision AlexNet weights for LPIPS (DIV)")
+  parser.add_argument("--images-per-prompt", type=int, default=4)
+  parser.add_argument("--class-images", type=int, default=25, help="images of 'a [class noun]' for PRES")
+  parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N of the 25 prompts")
+  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--guidance", type=float, default=7.5)
+  parser.add_argument("--sampler", default="ddim")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  if not (args.clip or args.dino or args.lpips_backbone):
+    parser.error("give at least one of --clip, --dino, --lpips-backbone: each metric needs its network.")
+  from clip_jax.data.images import to_rgb
+  from dreambooth_jax import data as db_data
+  from dreambooth_jax import pipeline as sd
+  from dreambooth_jax.metrics import SubjectMetrics
+  from dreambooth_jax.train import save_grid
+  try:
+    pipe = sd.load_pipeline(args.model)
+    real, _ = db_data.load_image_folder(args.instance_dir, "instance")
+    metrics = SubjectMetrics.from_files(clip=args.clip, dino=args.dino, lpips_backbone=args.lpips_backbone)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  real = [np.asarray(to_rgb(image)[0]) for image in real]
+  results, generated, _ = evaluate_subject(
+      pipe, pipe.params, metrics, real, identifier=args.identifier, class_noun=args.class_noun, live=args.live,
+      images_per_prompt=args.images_per_prompt, class_images=args.class_images if args.dino else 0,
+      steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed, num_prompts=args.num_prompts)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({"model": args.model, **results}, f, indent=2)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(markdown_table(results, f"ours: {os.path.basename(os.path.normpath(args.model))}"))
+  grid = save_grid(generated[: 4 * args.images_per_prompt], os.path.join(args.out, "samples.png"),
+                   columns=args.images_per_prompt)
+  with open(os.path.join(args.out, "results.md")) as f:
+    print(f.read())
+  print(f"Wrote {os.path.join(args.out, 'results.json')}, results.md and {grid}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,68 @@
+"""The DreamBooth evaluation CLI: the paper's prompts, its numbers beside ours, and a tiny end-to-end run."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import clip_jax
+from clip_jax.weights import save_safetensors
+from dreambooth_jax import dino as dino_lib
+from dreambooth_jax import evaluate as db_eval
+from dreambooth_jax import pipeline as sd
+from dreambooth_jax.tiny import make_tiny_pipeline
+
+
+def test_the_papers_25_prompts():
+  live = db_eval.evaluation_prompts("sks", "dog", live=True)
+  objects = db_eval.evaluation_prompts("sks", "teapot", live=False)
+  assert len(live) == len(objects) == 25 and len(set(live)) == 25
+  assert all("sks dog" in p for p in live) and all("sks teapot" in p for p in objects)
+  assert "a sks dog wearing a santa hat" in live and "a sks teapot floating in an ocean of milk" in objects
+  same = lambda prompts: [p.replace("teapot", "dog") for p in prompts]  # noqa: E731
+  assert live[:10] == same(objects[:10]) and live[-5:] == same(objects[-5:]) and live[10:20] != same(objects[10:20])
+
+
+def test_table_puts_the_paper_beside_ours():
+  table = db_eval.markdown_table({"dino": 0.5, "clip_i": 0.7, "clip_t": 0.2, "pres": 0.4}, "ours")
+  assert "| ours | 0.500 | 0.700 | 0.200 | 0.400 |  |" in table
+  assert "| DreamBooth (Stable Diffusion) | 0.668 | 0.803 | 0.305 |" in table
+  assert "Table 1" in table and "Table 3" in table
+
+
+def test_cli_needs_a_metric_network(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    db_eval.main(["--model", str(tmp_path), "--instance-dir", str(tmp_path), "--class-noun", "dog",
+                  "--identifier", "sks", "--out", str(tmp_path / "out")])
+  assert "give at least one of --clip" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_tiny_models(tmp_path):
+  model_dir = str(tmp_path / "model")
+  sd.save_pipeline(make_tiny_pipeline(jax.random.key(0)), model_dir)
+  clip_model = clip_jax.create_model("ViT-Tiny")
+  clip_dir = clip_jax.export_hf(clip_model, clip_jax.init_variables(clip_model, jax.random.key(1)),
+                                str(tmp_path / "clip"))
+  dino_model = dino_lib.DinoViT(dino_lib.DinoConfig(layers=1))
+  dino_vars = jax.jit(dino_model.init)(jax.random.key(2), jnp.zeros((1, 224, 224, 3)))
+  save_safetensors(dino_lib.dino_to_state_dict(dino_model, jax.device_get(dino_vars)),
+                   str(tmp_path / "dino.safetensors"))
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for i in range(3):
+    Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(photos / f"{i}.png")
+  out = tmp_path / "eval"
+  code = db_eval.main(["--model", model_dir, "--instance-dir", str(photos), "--class-noun", "dog",
+                       "--identifier", "sks", "--live", "--clip", clip_dir, "--dino", str(tmp_path / "dino.safetensors"),
+                       "--num-prompts", "2", "--images-per-prompt", "2", "--class-images", "2", "--steps", "2",
+                       "--out", str(out)])
+  assert code == 0
+  results = json.loads((out / "results.json").read_text())
+  assert results["num_generated"] == 4
+  for key in ("dino", "clip_i", "clip_t", "pres"):
+    assert -1.0 <= results[key] <= 1.0, key
+  assert "| DreamBooth (Imagen) |" in (out / "results.md").read_text()
+  assert (out / "samples.png").exists()
