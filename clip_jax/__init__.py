@@ -9,11 +9,14 @@ _EXPORTS = {
     "CLIP": "clip_jax.models", "CLIPConfig": "clip_jax.models", "MODEL_CONFIGS": "clip_jax.models",
     "create_model": "clip_jax.models", "init_variables": "clip_jax.models", "l2_normalize": "clip_jax.models",
     "load_checkpoint": "clip_jax.convert", "export_hf": "clip_jax.convert",
-    "preprocess": "clip_jax.preprocess",
     "tokenize": "clip_jax.tokenizer", "get_tokenizer": "clip_jax.tokenizer",
     "ClipTokenizer": "clip_jax.tokenizer", "SentencePieceTokenizer": "clip_jax.tokenizer",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + ["preprocess"]
+
+# Imported now (numpy + PIL only): the function shares its name with its module, and a lazy
+# lookup would lose to the submodule attribute once anything imports `clip_jax.preprocess`.
+from clip_jax.preprocess import preprocess  # noqa: E402
 
 
 def __getattr__(name):
