@@ -50,12 +50,7 @@ def tiny_config(model_dir, instance_dir, *args, **overrides):
   c.progress_bar = False
   c.async_checkpoints = False
   c.validation.every = 0
-  for key, value in overrides.items():
-    target = c
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
+  c.update_from_flattened_dict(overrides)  # dotted keys, e.g. {"loss.kind": "sigmoid"}
   return c
 
 

@@ -28,12 +28,7 @@ def tiny_config(**overrides):
   c.progress_bar = False
   c.measure_peak_flops = False
   c.async_checkpoints = False
-  for key, value in overrides.items():
-    target = c
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
+  c.update_from_flattened_dict(overrides)  # dotted keys, e.g. {"loss.kind": "sigmoid"}
   return c
 
 
