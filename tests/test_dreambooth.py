@@ -25,6 +25,11 @@ from dreambooth_jax.tiny import SD_SCHEDULER, make_tiny_pipeline
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _has_checkpoint(workdir) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("tiny_sd"))
@@ -239,7 +244,8 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, 
   metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
   kill_after = int(np.random.default_rng().integers(3, 7))
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+    # After the first finalized checkpoint (an async save may still be in flight at that step).
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after and _has_checkpoint(workdir):
       proc.send_signal(signal.SIGKILL)
       break
     time.sleep(0.05)

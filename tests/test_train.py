@@ -19,6 +19,11 @@ from configs.clip.common import base_config, runlocal
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _has_checkpoint(workdir) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def tiny_config(**overrides):
   c = runlocal(base_config())
   c.model.name = "ViT-Tiny"
@@ -151,7 +156,8 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
   rng = np.random.default_rng()
   kill_after = int(rng.integers(4, 9))
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+    # After the first finalized checkpoint (an async save may still be in flight at that step).
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after and _has_checkpoint(workdir):
       proc.send_signal(signal.SIGKILL)
       break
     time.sleep(0.05)
