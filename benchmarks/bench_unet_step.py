@@ -125,7 +125,7 @@ def run_jax(dtype_name: str, args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from dreambooth_jax import unet as unet_lib
+  from dreambooth_jax.models import unet as unet_lib
 
   config = unet_lib.UNetConfig.from_diffusers(SD15_UNET)
   dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32

@@ -1,7 +1,7 @@
 """DreamBooth on Stable Diffusion in JAX/Flax: UNet, VAE, text encoder, samplers, pipeline.
 
 The pipeline entry points are importable from the package (loaded on first use, so that
-`import dreambooth_jax.unet` stays light):
+`import dreambooth_jax.models.unet` stays light):
   load_pipeline, save_pipeline, encode_prompt, generate, StableDiffusion
 """
 from __future__ import annotations
@@ -14,5 +14,5 @@ __all__ = list(_PIPELINE_NAMES)
 
 def __getattr__(name: str):
   if name in _PIPELINE_NAMES:
-    return getattr(importlib.import_module("dreambooth_jax.pipeline"), name)
+    return getattr(importlib.import_module("dreambooth_jax.sampling.pipeline"), name)
   raise AttributeError(f"module 'dreambooth_jax' has no attribute {name!r}")

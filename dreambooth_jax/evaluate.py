@@ -7,7 +7,7 @@ r"""The DreamBooth paper's evaluation of one fine-tuned subject, beside the pape
 Generates `--images-per-prompt` images for each of the paper's 25 prompts (recontextualisation,
 accessorisation for live subjects / more contexts for objects, property change), and images of
 "a [class noun]" for PRES; computes DINO, CLIP-I, CLIP-T (the paper's Table 1), PRES and DIV
-(Table 3) with `dreambooth_jax.metrics`, and writes results.json, results.md and an image grid.
+(Table 3) with `dreambooth_jax.eval.metrics`, and writes results.json, results.md and an image grid.
 Metrics whose network is not given are left out (no weights are downloaded).
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def evaluate_subject(pipe, params, metrics, real_images: Sequence[np.ndarray], *
                      live: bool, images_per_prompt: int, class_images: int, steps: int, guidance: float,
                      sampler: str, seed: int, num_prompts: int | None = None, batch_size: int = 8):
   """(results, generated uint8 [n, H, W, 3], their prompts) for one subject."""
-  from dreambooth_jax import pipeline as sd
+  from dreambooth_jax.sampling import pipeline as sd
   prompts = evaluation_prompts(identifier, class_noun, live)[:num_prompts]
   per_image = [p for p in prompts for _ in range(images_per_prompt)]
 
@@ -119,9 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not (args.clip or args.dino or args.lpips_backbone):
     parser.error("give at least one of --clip, --dino, --lpips-backbone: each metric needs its network.")
   from clip_jax.data.images import to_rgb
-  from dreambooth_jax import data as db_data
-  from dreambooth_jax import pipeline as sd
-  from dreambooth_jax.metrics import SubjectMetrics
+  from dreambooth_jax.training import data as db_data
+  from dreambooth_jax.sampling import pipeline as sd
+  from dreambooth_jax.eval.metrics import SubjectMetrics
   from dreambooth_jax.train import save_grid
   try:
     pipe = sd.load_pipeline(args.model)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreambooth_jax import pipeline as pipeline_lib
+from dreambooth_jax.sampling import pipeline as pipeline_lib
 
 
 def parse_args(argv=None) -> argparse.Namespace:

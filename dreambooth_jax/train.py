@@ -28,13 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from clip_jax import checkpoint as ckpt
 from clip_jax import optim, sharding
 from clip_jax.observe import MetricWriter, Progress, loss_curve_png
-from dreambooth_jax import data as db_data
-from dreambooth_jax import identifier as ident
-from dreambooth_jax import lora as lora_lib
-from dreambooth_jax import pipeline as sd
-from dreambooth_jax import schedulers
-from dreambooth_jax.unet import init_inputs as unet_init_inputs
-from dreambooth_jax.vae import sample_posterior
+from dreambooth_jax.training import data as db_data
+from dreambooth_jax.training import identifier as ident
+from dreambooth_jax.training import lora as lora_lib
+from dreambooth_jax.sampling import pipeline as sd
+from dreambooth_jax.sampling import schedulers
+from dreambooth_jax.models.unet import init_inputs as unet_init_inputs
+from dreambooth_jax.models.vae import sample_posterior
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -14,13 +14,13 @@ from PIL import Image
 
 from clip_jax.tokenizer import default_tokenizer
 from configs.dreambooth.default import get_config
-from dreambooth_jax import data as db_data
-from dreambooth_jax import identifier as ident
-from dreambooth_jax import lora as lora_lib
-from dreambooth_jax import pipeline as sd
-from dreambooth_jax import schedulers
+from dreambooth_jax.training import data as db_data
+from dreambooth_jax.training import identifier as ident
+from dreambooth_jax.training import lora as lora_lib
+from dreambooth_jax.sampling import pipeline as sd
+from dreambooth_jax.sampling import schedulers
 from dreambooth_jax import train as db
-from dreambooth_jax.tiny import SD_SCHEDULER, make_tiny_pipeline
+from dreambooth_jax.embedded.tiny import SD_SCHEDULER, make_tiny_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from dreambooth_jax import pretrain, table3
+from dreambooth_jax.embedded import pretrain, table3
 
 
 def test_subject_is_red_and_shifted():

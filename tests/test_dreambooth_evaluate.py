@@ -9,10 +9,10 @@ from PIL import Image
 
 import clip_jax
 from clip_jax.weights import save_safetensors
-from dreambooth_jax import dino as dino_lib
+from dreambooth_jax.eval import dino as dino_lib
 from dreambooth_jax import evaluate as db_eval
-from dreambooth_jax import pipeline as sd
-from dreambooth_jax.tiny import make_tiny_pipeline
+from dreambooth_jax.sampling import pipeline as sd
+from dreambooth_jax.embedded.tiny import make_tiny_pipeline
 
 
 def test_the_papers_25_prompts():

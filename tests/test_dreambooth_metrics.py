@@ -19,8 +19,8 @@ from PIL import Image
 import clip_jax
 from clip_jax.preprocess import preprocess as clip_preprocess
 from clip_jax.weights import CheckpointError, save_safetensors
-from dreambooth_jax import dino, metrics
-from dreambooth_jax import lpips as lpips_lib
+from dreambooth_jax.eval import dino, metrics
+from dreambooth_jax.eval import lpips as lpips_lib
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")

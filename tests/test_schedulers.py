@@ -1,4 +1,4 @@
-"""dreambooth_jax.schedulers against diffusers' PyTorch schedulers built from the same config dicts.
+"""dreambooth_jax.sampling.schedulers against diffusers' PyTorch schedulers built from the same config dicts.
 
 The model is replaced by an analytic denoiser (the same arithmetic in torch and jax), and the
 stochastic samplers get the same per-step noise on both sides, so whole sampling trajectories
@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete  # noqa: E402
 
-from dreambooth_jax import schedulers as S  # noqa: E402
+from dreambooth_jax.sampling import schedulers as S  # noqa: E402
 
 RTOL = 1e-5
 # diffusers' np.array(tensor) calls trip a numpy 2 DeprecationWarning on every set_timesteps.

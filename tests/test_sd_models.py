@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from clip_jax.weights import CheckpointError, load_state_dict  # noqa: E402
-from dreambooth_jax import convert  # noqa: E402
-from dreambooth_jax import unet as unet_lib  # noqa: E402
-from dreambooth_jax import vae as vae_lib  # noqa: E402
+from dreambooth_jax.models import convert  # noqa: E402
+from dreambooth_jax.models import unet as unet_lib  # noqa: E402
+from dreambooth_jax.models import vae as vae_lib  # noqa: E402
 
 torch.set_num_threads(1)
 

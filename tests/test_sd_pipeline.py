@@ -18,9 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 from clip_jax.tokenizer import ClipTokenizer  # noqa: E402
 from clip_jax.weights import CheckpointError  # noqa: E402
-from dreambooth_jax import pipeline as pipeline_lib  # noqa: E402
+from dreambooth_jax.sampling import pipeline as pipeline_lib  # noqa: E402
 from dreambooth_jax import sample as sample_cli  # noqa: E402
-from dreambooth_jax import text_encoder as text_encoder_lib  # noqa: E402
+from dreambooth_jax.models import text_encoder as text_encoder_lib  # noqa: E402
 
 torch.set_num_threads(1)
 

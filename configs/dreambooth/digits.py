@@ -1,5 +1,5 @@
-r"""DreamBooth on the embedded tiny Stable Diffusion (`python -m dreambooth_jax.pretrain`): a subject
-of 4 images of one red handwritten seven (`python -m dreambooth_jax.table3` builds it).
+r"""DreamBooth on the embedded tiny Stable Diffusion (`python -m dreambooth_jax.embedded.pretrain`): a subject
+of 4 images of one red handwritten seven (`python -m dreambooth_jax.embedded.table3` builds it).
 
     python -m dreambooth_jax.train --config=configs/dreambooth/digits.py --workdir=runs/red_seven \
         --config.pretrained_model=runs/digits_sd/export --config.instance_dir=runs/table3/subject

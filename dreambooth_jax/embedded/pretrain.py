@@ -1,7 +1,7 @@
 r"""The embedded base model: a tiny Stable Diffusion (the real UNet, VAE and clip_jax text encoder)
 trained from scratch on the captioned handwritten digits that ship with scikit-learn.
 
-    python -m dreambooth_jax.pretrain --workdir runs/digits_sd [--vae_steps 250 --unet_steps 1200]
+    python -m dreambooth_jax.embedded.pretrain --workdir runs/digits_sd [--vae_steps 250 --unet_steps 1200]
 
 Two stages, as Stable Diffusion was built: (1) the VAE learns to reconstruct the 32 px digits
 (L1 + L2 + a small KL), then its latent scale is measured so that scaled latents have unit
@@ -33,11 +33,11 @@ import optax
 from clip_jax import optim
 from clip_jax.data import digits as digits_lib
 from clip_jax.observe import MetricWriter, Progress, loss_curve_png, read_metrics
-from dreambooth_jax import pipeline as sd
-from dreambooth_jax import schedulers
+from dreambooth_jax.sampling import pipeline as sd
+from dreambooth_jax.sampling import schedulers
 from dreambooth_jax import train as db_train
-from dreambooth_jax.tiny import make_tiny_pipeline
-from dreambooth_jax.vae import AutoencoderKL, sample_posterior
+from dreambooth_jax.embedded.tiny import make_tiny_pipeline
+from dreambooth_jax.models.vae import AutoencoderKL, sample_posterior
 
 # The class prompt of DreamBooth is "a {name}"; the digits' own templates never say it that plainly,
 # so it joins them here (otherwise "a seven" would be off the captions' distribution).
@@ -239,7 +239,7 @@ def is_pretrained(workdir: str) -> bool:
 def main(argv=None):
   import argparse
   parser = argparse.ArgumentParser(
-      prog="python -m dreambooth_jax.pretrain",
+      prog="python -m dreambooth_jax.embedded.pretrain",
       description="Train the embedded tiny Stable Diffusion (VAE, then UNet + text encoder) on the "
                   "captioned digits that ship with scikit-learn; writes a diffusers folder to WORKDIR/export.")
   parser.add_argument("--workdir", required=True, help="output folder (export/, samples.png, metrics)")

@@ -6,12 +6,12 @@ import flax.linen as nn
 import jax
 
 from clip_jax.tokenizer import ClipTokenizer
-from dreambooth_jax import pipeline as sd
-from dreambooth_jax import text_encoder as text_encoder_lib
-from dreambooth_jax.unet import UNet2DConditionModel, UNetConfig
-from dreambooth_jax.unet import init_inputs as unet_inputs
-from dreambooth_jax.vae import AutoencoderKL, VAEConfig
-from dreambooth_jax.vae import init_inputs as vae_inputs
+from dreambooth_jax.sampling import pipeline as sd
+from dreambooth_jax.models import text_encoder as text_encoder_lib
+from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
+from dreambooth_jax.models.unet import init_inputs as unet_inputs
+from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig
+from dreambooth_jax.models.vae import init_inputs as vae_inputs
 
 # SD 1.x's scheduler (scaled_linear betas, epsilon targets); 'v_prediction' for an SD 2.x-like model.
 SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dreambooth_jax.unet import (Downsample2D, ResnetBlock2D, Upsample2D, attention_core, conv,
+from dreambooth_jax.models.unet import (Downsample2D, ResnetBlock2D, Upsample2D, attention_core, conv,
                                  dense, group_norm)
 
 Dtype = Any

@@ -21,8 +21,8 @@ from flax import traverse_util
 
 from clip_jax.weights import (CheckpointError, conv_to_flax, conv_to_torch, linear_to_flax,
                               linear_to_torch, load_state_dict, save_safetensors)
-from dreambooth_jax import unet as unet_lib
-from dreambooth_jax import vae as vae_lib
+from dreambooth_jax.models import unet as unet_lib
+from dreambooth_jax.models import vae as vae_lib
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"

@@ -1,7 +1,7 @@
 """Stable Diffusion's conditional UNet (SD 1.x / 2.x) in Flax Linen, NHWC throughout.
 
 The module tree mirrors diffusers' `UNet2DConditionModel` names one to one (a list entry
-`down_blocks.0` becomes the Flax module `down_blocks_0`), so `dreambooth_jax.convert` maps
+`down_blocks.0` becomes the Flax module `down_blocks_0`), so `dreambooth_jax.models.convert` maps
 checkpoints by renaming and transposing only. The layers shared with the VAE (ResNet
 blocks, resamplers, the attention core, norm/conv/dense factories) live here too.
 

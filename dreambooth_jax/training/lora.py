@@ -52,7 +52,7 @@ def to_diffusers_state_dict(lora: dict, alpha: float, prefix: str = "unet") -> d
 
   A file without alphas loads with alpha = rank (scale 1), so alpha / rank is folded into B.
   """
-  from dreambooth_jax.convert import flax_path_to_torch_name
+  from dreambooth_jax.models.convert import flax_path_to_torch_name
   out = {}
   for key, pair in lora.items():
     module = flax_path_to_torch_name(tuple(key.split("/")))

@@ -25,8 +25,8 @@ from PIL import Image
 
 from clip_jax.models.clip import l2_normalize
 from clip_jax.preprocess import preprocess as clip_preprocess
-from dreambooth_jax import dino as dino_lib
-from dreambooth_jax import lpips as lpips_lib
+from dreambooth_jax.eval import dino as dino_lib
+from dreambooth_jax.eval import lpips as lpips_lib
 
 ImageLike = Image.Image | np.ndarray
 Images = np.ndarray | Sequence[ImageLike]
@@ -158,8 +158,8 @@ class SubjectMetrics:
 
   clip: `(module, variables)` of a clip_jax CLIP (e.g. from `clip_jax.load_checkpoint`) with a
   tokenizer (any callable `texts, context_length=... -> int [n, T]`, e.g. `clip_jax.get_tokenizer()`);
-  dino: `(module, variables)` from `dreambooth_jax.dino`; lpips: `(module, variables)` from
-  `dreambooth_jax.lpips`. Any may be None; the metrics needing it are then skipped.
+  dino: `(module, variables)` from `dreambooth_jax.eval.dino`; lpips: `(module, variables)` from
+  `dreambooth_jax.eval.lpips`. Any may be None; the metrics needing it are then skipped.
 
   Every network runs with 'highest' matmul precision, so the numbers do not depend on an
   accelerator's default for float32 matmuls (TF32 on recent NVIDIA GPUs, bf16 passes on TPUs).

@@ -1,8 +1,8 @@
 r"""A small-scale reproduction of DreamBooth's Table 3 (prior preservation on / off) with no download.
 
-    python -m dreambooth_jax.table3 --workdir runs/table3 [--pretrain_dir runs/digits_sd] [--steps 200]
+    python -m dreambooth_jax.embedded.table3 --workdir runs/table3 [--pretrain_dir runs/digits_sd] [--steps 200]
 
-1. The base model: the tiny Stable Diffusion of `dreambooth_jax.pretrain`, trained on grey
+1. The base model: the tiny Stable Diffusion of `dreambooth_jax.embedded.pretrain`, trained on grey
    handwritten digits (trained into <workdir>/base first when --pretrain_dir holds none).
 2. The subject: 4 images of one particular held-out seven drawn in red ink, shifted by a few pixels.
    The base model never saw coloured ink, so "a seven" never gives it.
@@ -33,10 +33,10 @@ import numpy as np
 from PIL import Image
 
 from clip_jax.data import digits as digits_lib
-from dreambooth_jax import identifier as ident
-from dreambooth_jax import metrics as db_metrics
-from dreambooth_jax import pipeline as sd
-from dreambooth_jax import pretrain as pretrain_lib
+from dreambooth_jax.training import identifier as ident
+from dreambooth_jax.eval import metrics as db_metrics
+from dreambooth_jax.sampling import pipeline as sd
+from dreambooth_jax.embedded import pretrain as pretrain_lib
 from dreambooth_jax import train as db_train
 
 SUBJECT_DIGIT = 7
@@ -211,13 +211,13 @@ def run(workdir: str, pretrain_dir: str | None = None, pretrain_cfg=None, dreamb
 def main(argv=None):
   import argparse
   parser = argparse.ArgumentParser(
-      prog="python -m dreambooth_jax.table3",
+      prog="python -m dreambooth_jax.embedded.table3",
       description="DreamBooth's Table 3 at toy scale: pretrain a tiny SD on the embedded digits (if needed), "
                   "fine-tune it on a red seven with and without prior preservation, report subject fidelity, "
                   "PRES and DIV.")
   parser.add_argument("--workdir", required=True, help="output folder (table3.md, table3.json, grids/, runs/)")
   parser.add_argument("--pretrain_dir", default=None,
-                      help="a `dreambooth_jax.pretrain` workdir to reuse (default: WORKDIR/base, trained if absent)")
+                      help="a `dreambooth_jax.embedded.pretrain` workdir to reuse (default: WORKDIR/base, trained if absent)")
   parser.add_argument("--steps", type=int, default=None, help="DreamBooth steps (default: the config's)")
   parser.add_argument("--images_per_prompt", type=int, default=16)
   parser.add_argument("--pretrain_vae_steps", type=int, default=None)

@@ -30,11 +30,11 @@ from clip_jax.models.text import TextTransformer
 from clip_jax.sharding import BATCH_AXES
 from clip_jax.tokenizer import ClipTokenizer, TokenizerError, get_tokenizer
 from clip_jax.weights import CheckpointError
-from dreambooth_jax import convert
-from dreambooth_jax import schedulers
-from dreambooth_jax import text_encoder as text_encoder_lib
-from dreambooth_jax.unet import UNet2DConditionModel
-from dreambooth_jax.vae import AutoencoderKL
+from dreambooth_jax.models import convert
+from dreambooth_jax.sampling import schedulers
+from dreambooth_jax.models import text_encoder as text_encoder_lib
+from dreambooth_jax.models.unet import UNet2DConditionModel
+from dreambooth_jax.models.vae import AutoencoderKL
 
 Dtype = Any
 

@@ -1,0 +1,1 @@
+"""Subject-fidelity metrics of the DreamBooth paper: CLIP-I/T, DINO, LPIPS-based diversity."""

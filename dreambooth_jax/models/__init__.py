@@ -1,0 +1,1 @@
+"""Stable Diffusion networks in Flax: UNet, VAE, text encoder, and the diffusers-format converters."""

@@ -1,0 +1,1 @@
+"""DreamBooth training pieces: instance/class data, the rare-token identifier, LoRA."""
