@@ -1,4 +1,13 @@
-"""The optimizer: AdamW with the CLIP paper's settings, warmup + cosine, clipping, freezing."""
+"""The optimizer: AdamW with the CLIP paper's settings, warmup + cosine, clipping, freezing.
+
+Weight decay. The CLIP paper (section 2.5) applies it "to all weights that are not gains or biases",
+which includes the embeddings; it says nothing about the temperature and does not mention gradient
+clipping. This module's mask (`decay_mask`) exempts gains and biases (the paper's rule); the learned
+temperature and the sigmoid loss's logit bias (open_clip's choice, on which the paper is silent); and
+the class, positional and token embeddings (this project's choice, not the paper's; open_clip decays
+the token and positional embeddings). Gradient clipping (`grad_clip_norm`) is available but is not
+part of the paper's recipe (`configs/clip/paper.py` turns it off).
+"""
 from __future__ import annotations
 
 import re
@@ -7,7 +16,8 @@ from typing import Any
 import jax
 import optax
 
-# No weight decay on gains, biases, the temperature (and bias) or embeddings (CLIP paper, 2.5).
+# No weight decay on gains and biases (the CLIP paper, 2.5), the temperature and logit bias (open_clip's
+# choice; the paper is silent), or the embeddings (this project's choice; the paper decays them).
 _NO_DECAY = re.compile(r"(^|/)(bias|scale|logit_scale|logit_bias|class_embedding|positional_embedding|"
                        r"token_embedding)$")
 
@@ -17,7 +27,8 @@ def _path_str(path) -> str:
 
 
 def decay_mask(params: Any) -> Any:
-  """True where weight decay applies: matrices and conv kernels that are not embeddings."""
+  """True where weight decay applies: matrices and conv kernels that are not embeddings (the paper
+  would decay the embeddings too; see the module docstring)."""
   return jax.tree_util.tree_map_with_path(
       lambda path, x: x.ndim >= 2 and not _NO_DECAY.search(_path_str(path)), params)
 

@@ -6,7 +6,10 @@ its models, by name:
 
 32 epochs of 400M pairs at batch 32,768 (390,625 steps), 2,000 warmup steps then cosine decay,
 weight decay 0.2, AdamW with beta2 0.98 / eps 1e-6 (ViTs) or 0.999 / 1e-8 (ResNets), mixed
-precision, QuickGELU (the paper's activation). Add `,runlocal` to shrink it for a smoke test.
+precision, QuickGELU (the paper's activation). No gradient clipping: the paper does not mention
+any (turn it on with --config.optimizer.grad_clip_norm=1.0). Weight decay follows `clip_jax.optim`'s
+mask, which differs from the paper on the embeddings (see that module). Add `,runlocal` to shrink
+it for a smoke test.
 """
 from clip_jax.optim import paper_adam_defaults
 from configs.clip.common import base_config, runlocal
@@ -32,6 +35,7 @@ def get_config(arg: str | None = None):
   c.optimizer.learning_rate = PAPER_LEARNING_RATES[name]
   c.optimizer.warmup_steps = 2000
   c.optimizer.weight_decay = 0.2
+  c.optimizer.grad_clip_norm = 0.0   # off: the paper mentions no clipping (common.py's default is 1.0)
   c.optimizer.update(paper_adam_defaults(is_resnet=name.startswith("RN")))
   c.checkpoint_every = 2000
   c.log_every = 50

@@ -5,8 +5,9 @@ r"""DreamBooth on a Stable Diffusion 1.x/2.x folder with the paper's defaults.
         --config.class_noun=dog [--config.train.mode=lora]
 
 Arguments after the colon: `lora` (rank-4 LoRA instead of the full UNet), `runlocal` (a few steps).
-Paper defaults: prior-preservation weight 1, 200 class images from the frozen model's ancestral
-sampler, ~1000 steps at lr 5e-6 for the full UNet (LoRA: 1e-4).
+Paper defaults: prior-preservation weight 1, ~1000 steps at lr 5e-6 for the full UNet (LoRA: 1e-4,
+not from the paper). The paper generates about 1,000 class images from the frozen model ("but less
+can be used"); the default here is 200 (`num_class_images`), this project's cheaper choice.
 """
 import ml_collections
 
