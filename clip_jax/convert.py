@@ -365,10 +365,15 @@ def export_openai_state_dict(module: CLIP, variables: dict[str, Any]) -> dict[st
   return state
 
 
-def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None = None, **module_kwargs):
+def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None = None,
+                    image_size: int | None = None, **module_kwargs):
   """`(module, variables)` from an OpenAI/open_clip checkpoint file, a Hugging Face CLIPModel
   directory, or a training workdir of this project. `module_kwargs` (dtype, param_dtype, remat)
-  go to the module."""
+  go to the module. `image_size` (px) moves the image tower to a new resolution, its grid
+  positional embedding resampled (`clip_jax.resize.resize_model`)."""
+  if image_size is not None:
+    from clip_jax.resize import resize_model
+    return resize_model(*load_checkpoint(path, model_name=model_name, act=act, **module_kwargs), image_size)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory.")
   if os.path.isdir(path):
