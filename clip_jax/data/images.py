@@ -1,9 +1,23 @@
 """Image decoding that survives real-world files, and CLIP's train / eval transforms.
 
-Decoding turns whatever arrives (encoded bytes of any PIL format, or a decoded uint8 array from
-TFDS) into an RGB PIL image, or raises BadRecord with a reason. The transforms follow the CLIP
-paper as open_clip implements it: RandomResizedCrop(scale=(0.9, 1.0)) for training,
-Resize(shortest side) + CenterCrop for evaluation, both bicubic, then OpenAI's mean/std.
+`load_image` is the one place an image is opened: whatever arrives (encoded bytes of any PIL
+format, or a decoded uint8/uint16 array from TFDS) becomes a decoded, upright PIL image in its own
+mode, or BadRecord with a reason. EXIF orientation is applied for every format that carries it
+(JPEG, PNG, WebP, TIFF, ...). Everything that reads images (the CLIP pipeline, `prepare`, the
+evaluation sources, DreamBooth's folders) goes through it.
+
+The transforms follow the CLIP paper as open_clip implements it: RandomResizedCrop(scale=(0.9,
+1.0)) for training, Resize(shortest side) + CenterCrop for evaluation, both bicubic, then OpenAI's
+mean/std. Mode handling differs on purpose between the two:
+  evaluation (`eval_transform`, `clip_jax.preprocess`): open_clip's order, resize and crop in the
+    image's own mode, convert to RGB last, so pretrained OpenAI/open_clip weights see exactly the
+    pixels their reference numbers were measured on (a palette image is resampled with NEAREST,
+    alpha is dropped, as there). Only 16/32-bit and float gray differ: open_clip's convert("RGB")
+    saturates them at 255 (a white image); here they keep their top 8 bits.
+  training (`decode_image`, then `train_transform`): convert first (`to_rgb`): transparent pixels
+    become white instead of whatever colour they happen to store, palettes are expanded before the
+    bicubic crop (no NEAREST aliasing), 16-bit gray keeps its top 8 bits. This is what a person sees
+    in a viewer, which is what the caption describes.
 """
 from __future__ import annotations
 
@@ -44,9 +58,37 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
   return image
 
 
+def mode_repairs(mode: str) -> list[str]:
+  """['mode_<MODE>'] for modes other than the two everyday ones (RGB, L), else []: the count the
+  pipeline and `prepare` report as a repair."""
+  return [] if mode in ("RGB", "L") else [f"mode_{mode}"]
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+  """I;16*, I, F -> L. PIL's convert clips at 255 (a white image); rescale instead: 16-bit values
+  keep their top 8 bits (also 32-bit 'I' whose values exceed 255), floats up to 1.0 are scaled
+  by 255, NaN becomes 0."""
+  mode = image.mode
+  values = np.asarray(image)
+  if mode == "F":
+    peak = float(np.nanmax(values)) if values.size else 0.0
+    values = np.nan_to_num(values) * (255.0 if peak <= 1.0 else 1.0)
+  elif mode.startswith("I;16") or values.max(initial=0) > 255:
+    values = values.astype(np.int64) >> 8
+  return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+
+
+def _is_high_depth(mode: str) -> bool:
+  return mode.startswith("I") or mode == "F"
+
+
 def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-  """Any PIL mode -> (RGB image, repairs). Transparent pixels become white; 16/32-bit gray keeps
-  its top 8 bits. Modes other than RGB and L are counted as a repair 'mode_<MODE>'."""
+  """Any PIL mode -> (RGB image, repairs), the training pipeline's conversion (before any crop).
+
+  Transparent pixels (RGBA, LA, PA, P with a transparency entry) are composited on white; 16/32-bit
+  and float gray keep their top 8 bits (`_high_depth_to_l`); every other mode (P, 1, CMYK, YCbCr,
+  ...) is PIL's convert("RGB"). Repairs: `mode_repairs(mode)`.
+  """
   mode = image.mode
   if mode in ("RGB", "L"):  # the two everyday modes; gray -> RGB is no repair
     return (image if mode == "RGB" else image.convert("RGB")), []
@@ -57,58 +99,76 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     image = Image.alpha_composite(white, rgba)
-  elif mode.startswith("I") or mode == "F":
-    # PIL's convert clips 16-bit values at 255 (a white image); rescale instead.
-    values = np.asarray(image)
-    if mode == "F":
-      peak = float(np.nanmax(values)) if values.size else 0.0
-      values = np.nan_to_num(values) * (255.0 if peak <= 1.0 else 1.0)
-    elif mode.startswith("I;16") or values.max(initial=0) > 255:
-      values = values.astype(np.int64) >> 8
-    image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
-  return image.convert("RGB"), [f"mode_{mode}"]
+  elif _is_high_depth(mode):
+    image = _high_depth_to_l(image)
+  return image.convert("RGB"), mode_repairs(mode)
 
 
-def decode_image(data, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_size: int | None = None) -> tuple[Image.Image, list[str]]:
-  """bytes (any PIL format) or a uint8 array [h, w] / [h, w, 1|3|4] -> (RGB image, repairs).
+def to_rgb_last(image: Image.Image) -> Image.Image:
+  """open_clip's final conversion (its eval transform's `convert("RGB")` after the crop): alpha is
+  dropped, palettes are looked up; only 16/32-bit and float gray go through `_high_depth_to_l`
+  where open_clip would saturate them at 255."""
+  if image.mode == "RGB":
+    return image
+  if _is_high_depth(image.mode):
+    image = _high_depth_to_l(image)
+  with warnings.catch_warnings():
+    # "Palette images with Transparency expressed in bytes should be converted to RGBA": dropping
+    # the transparency is what open_clip does here.
+    warnings.simplefilter("ignore", UserWarning)
+    return image.convert("RGB")
 
+
+def load_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+  """bytes (any PIL format) or an array ([h, w] / [h, w, 1|3|4] uint8, [h, w] uint16) -> a decoded,
+  upright PIL image in its own mode. The one place this project opens an image.
+
+  EXIF orientation (tag 0x0112) is applied for every format that stores it, not only JPEG.
   `draft_size` lets JPEG decode at a reduced scale (1/2, 1/4, 1/8) as long as both sides stay at
   least that large; it makes big photos several times cheaper to decode.
+  Raises BadRecord: empty_image, corrupt_image (undecodable, truncated, not an image array),
+  image_too_large (over `max_pixels`, checked from the header before decoding).
   """
   if isinstance(data, np.ndarray):
-    return _array_to_rgb(data)
+    return _array_to_image(data)
   image = open_image(bytes(data), max_pixels)
   try:
     if draft_size and image.format == "JPEG":
       image.draft(None, (draft_size, draft_size))
     image.load()
-    image = _apply_exif_orientation(image)
+    return _apply_exif_orientation(image)
   except Image.DecompressionBombError as e:
     raise BadRecord("image_too_large", str(e)) from e
   except Exception as e:  # truncated data, broken chunks, plugin errors: all mean "cannot decode"
     raise BadRecord("corrupt_image", f"{type(e).__name__}: {e}") from e
-  return to_rgb(image)
+
+
+def decode_image(data, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_size: int | None = None) -> tuple[Image.Image, list[str]]:
+  """The training decoder: `load_image` then `to_rgb` -> (RGB image, repairs). Raises BadRecord
+  as `load_image` does."""
+  return to_rgb(load_image(data, max_pixels, draft_size))
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
   # Phone photos are stored sideways with an EXIF rotation tag; captions describe them upright.
-  if image.format == "JPEG" and image.getexif().get(0x0112, 1) != 1:
+  # PIL reads the tag from JPEG, PNG (eXIf), WebP, TIFF and others, so every format gets this.
+  if image.getexif().get(0x0112, 1) != 1:
     return ImageOps.exif_transpose(image)
   return image
 
 
-def _array_to_rgb(array: np.ndarray) -> tuple[Image.Image, list[str]]:
+def _array_to_image(array: np.ndarray) -> Image.Image:
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or array.size == 0:
     raise BadRecord("corrupt_image", f"array of shape {array.shape} is not an image")
-  if array.dtype == np.uint16:
-    return to_rgb(Image.fromarray(array))
+  if array.dtype == np.uint16 and array.ndim == 2:
+    return Image.fromarray(array)
   if array.dtype != np.uint8:
     raise BadRecord("corrupt_image", f"array of dtype {array.dtype}; expected uint8")
   mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.ndim if array.ndim == 2 else array.shape[-1]]
-  return to_rgb(Image.fromarray(np.ascontiguousarray(array), mode))
+  return Image.fromarray(np.ascontiguousarray(array), mode)
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
@@ -145,11 +205,17 @@ def train_transform(image: Image.Image, size: int, rng: np.random.Generator,
 
 
 def eval_transform(image: Image.Image, size: int) -> np.ndarray:
-  """Resize the shortest side to `size` (bicubic), then center crop: [size, size, 3] uint8.
+  """Resize the shortest side to `size` (bicubic), center crop, then convert to RGB:
+  [size, size, 3] uint8 from a PIL image of any mode.
 
-  Bit-identical to torchvision's Resize(int) + CenterCrop on PIL images, which OpenAI's and
-  open_clip's eval preprocessing run. For extreme aspect ratios the crop's source box is
-  resampled directly instead, so a 1 x 100000 image never becomes a 224 x 22400000 intermediate.
+  Bit-identical to open_clip's eval transform (torchvision Resize(int) + CenterCrop on PIL images,
+  then convert("RGB")), which OpenAI's preprocessing also runs, in the same order: the resampling
+  happens in the image's own mode, so a palette ('P') or bilevel ('1') image is resampled with
+  NEAREST (PIL's rule for those modes) and RGBA/LA with premultiplied alpha, and the alpha channel is
+  dropped only at the end (`to_rgb_last`). Differs only for 16/32-bit and float gray, which keep
+  their top 8 bits where open_clip saturates them at 255. For extreme aspect ratios the crop's
+  source box is resampled directly instead, so a 1 x 100000 image never becomes a 224 x 22400000
+  intermediate.
   """
   width, height = image.size
   if width <= height:
@@ -161,10 +227,10 @@ def eval_transform(image: Image.Image, size: int) -> np.ndarray:
   if max(new_w, new_h) > 8 * size:
     scale_x, scale_y = width / new_w, height / new_h
     box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
-    return np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
+    return np.asarray(to_rgb_last(image.resize((size, size), Image.BICUBIC, box=box)))
   if (new_w, new_h) != (width, height):
     image = image.resize((new_w, new_h), Image.BICUBIC)
-  return np.asarray(image.crop((left, top, left + size, top + size)))
+  return np.asarray(to_rgb_last(image.crop((left, top, left + size, top + size))))
 
 
 # uint8 value -> normalized float32, per channel: a table lookup is ~1.5x cheaper than the

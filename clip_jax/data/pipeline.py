@@ -75,10 +75,12 @@ class ExampleMaker:
       captions = raw["captions"] or [""]
       pick = int(rng.integers(len(captions))) if (self.train and rng is not None) else 0
       caption, caption_repairs = clean_caption(captions[pick], self.max_caption_chars)
-      image, image_repairs = image_ops.decode_image(raw["image"], self.max_pixels, self.draft_size)
-      if self.train:
+      if self.train:  # convert first (alpha on white), then crop: see clip_jax.data.images
+        image, image_repairs = image_ops.decode_image(raw["image"], self.max_pixels, self.draft_size)
         pixels = image_ops.train_transform(image, self.image_size, rng, self.crop_scale)
-      else:
+      else:  # open_clip's order: resize and crop in the image's own mode, RGB last
+        image = image_ops.load_image(raw["image"], self.max_pixels, self.draft_size)
+        image_repairs = image_ops.mode_repairs(image.mode)
         pixels = image_ops.eval_transform(image, self.image_size)
       tokens = np.asarray(self.tokenizer([caption]), np.int32)[0]
     except BadRecord as e:

@@ -16,7 +16,7 @@ from PIL import Image
 from clip_jax.data.images import decode_image
 from clip_jax.data.records import BadRecord
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def load_image_folder(directory: str, what: str = "instance") -> tuple[list[Image.Image], dict[str, int]]:
