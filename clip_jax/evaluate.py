@@ -4,17 +4,40 @@ r"""Evaluate a CLIP checkpoint the way the CLIP paper does, with the paper's num
         --tasks zeroshot:cifar10,retrieval:coco_captions,linear_probe:cifar10 --out /tmp/eval
     python -m clip_jax.evaluate --workdir /tmp/digits --tasks zeroshot:digits,linear_probe:digits
 
+Your own labelled images, zero-shot with your class names and prompts (what clip_benchmark computes,
+image by image):
+
+    python -m clip_jax.evaluate --checkpoint open_clip_model.pt --model-name ViT-B-32 \
+        --tasks zeroshot:mine=/data/mine --classnames classes.txt --templates prompts.txt
+    python -m clip_jax.evaluate --checkpoint model.pt --act gelu --tasks linear_probe:mine=/data/mine/{split}
+
 Tasks are KIND:DATASET[=DATA], comma-separated:
   KIND     zeroshot | retrieval | linear_probe
   DATASET  a dataset this project knows (`--list-datasets`): its class names, prompts, splits and
-           the paper's numbers come with it; 'tfds:NAME' for any other labelled TFDS dataset; for
-           retrieval also a caption file (.jsonl / .csv, see clip_jax/eval/retrieval.py) or
-           ArrayRecord shards with several captions per image
-  DATA     where the data really are, when not in TFDS's default place: ArrayRecord shards
-           ('{split}' in the path becomes the split), a caption file, or 'tfds:NAME'
-           e.g. linear_probe:fgvc_aircraft=/data/aircraft/{split}, retrieval:flickr30k=/data/f30k/test.jsonl
+           the paper's numbers come with it; 'tfds:NAME' for any other labelled TFDS dataset; a name
+           of your choosing with =DATA for your own data; for retrieval also a caption file (.jsonl /
+           .csv, see clip_jax/eval/retrieval.py) or ArrayRecord shards with several captions per image
+  DATA     where the data really are ('{split}' in the path becomes the split: train for the probe's
+           fit, test for evaluation): a folder of class sub-folders (ImageFolder layout), a .csv /
+           .jsonl of path,label rows (label = class index or name), webdataset .tar shards with a
+           'cls' entry, ArrayRecord shards from `python -m clip_jax.data.prepare`, a caption file, or
+           'tfds:NAME' (clip_jax/data/labelled.py describes each layout)
+           e.g. zeroshot:pets=/data/pets/test, linear_probe:fgvc_aircraft=/data/aircraft/{split}
 
-Writes OUT/results.json, OUT/results.md (a Markdown table) and OUT/plots/. Evaluation runs sharded
+Class names: a known dataset's own, else --classnames FILE (one per line in label order = sorted
+folder order, or JSON: a list, or an object {folder: name}), else the folder names (or a tar set's
+classnames.txt). Prompts: a known dataset's own, else --templates FILE (one per line, '{}' or
+clip_benchmark's '{c}' for the class name), else "a photo of a {}.". The two files override a
+known dataset's lists too; the paper's numbers are then left out (its prompts were different).
+
+Architecture: a bare state dict (.pt / .bin / .safetensors) does not say which activation or head
+width it was trained with. --model-name NAME (e.g. ViT-B-32: exact GELU, open_clip's; or
+ViT-B-32-quickgelu: OpenAI's) sets both; --act overrides the activation. Without either, OpenAI's
+QuickGELU is assumed, with a warning. Hugging Face directories and training workdirs carry their own.
+
+Writes OUT/results.json, OUT/results.md (a Markdown table; what was wrong with the data is counted
+in both), OUT/predictions/zeroshot_DATASET.csv (index, key, label, prediction per image) and
+OUT/plots/. Evaluation runs sharded
 over every device of every process; start it on each host of a pod like training.
 """
 from __future__ import annotations
@@ -36,9 +59,10 @@ class Task:
   source: str                   # data spec for the sources
   test_split: str
   train_split: str | None = None
-  class_names: tuple[str, ...] | None = None
+  class_names: Any = None       # tuple of names, or {folder: name} for a folder of class sub-folders
   templates: tuple[str, ...] | None = None
   paper_metric: str | None = None  # the metric the paper reports for this dataset (None: not in the paper)
+  paper_comparable: bool = True    # False once the user's class names or prompts replace the paper's
 
 
 def _known_names() -> str:
@@ -78,10 +102,17 @@ def parse_task(text: str) -> Task:
                      "ArrayRecord shards, or tfds:NAME.")
   info = find_dataset(name)
   if info is None:
-    if not name.startswith("tfds:"):
-      raise ValueError(f"unknown dataset {name!r} in {text!r}; known datasets ({_known_names()}), or "
-                       "tfds:NAME for another labelled TFDS dataset.")
-    return Task(kind, name[len("tfds:"):], data or name, "test", "train")
+    if name.startswith("tfds:"):
+      return Task(kind, name[len("tfds:"):], data or name, "test", "train")
+    if data is None and _is_data_path(name):  # a path alone: the dataset is named after it
+      name, data = _name_of_path(name), name
+    if data is None:
+      raise ValueError(f"unknown dataset {name!r} in {text!r}; known datasets ({_known_names()}), "
+                       "tfds:NAME for another labelled TFDS dataset, or NAME=PATH for your own data.")
+    if kind == "linear_probe" and "{split}" not in data:
+      raise ValueError(f"linear_probe:{name} needs a training and a test split: put '{{split}}' in the path "
+                       f"(e.g. linear_probe:{name}=/data/{name}/{{split}} with train/ and test/ beside each other).")
+    return Task(kind, name, data, "test", "train")
   source = data or info.source
   if source is None:
     raise ValueError(f"{info.name} is not in TFDS; give its data: {kind}:{info.name}=/path/to/shards/{{split}}.")
@@ -91,11 +122,37 @@ def parse_task(text: str) -> Task:
               info.metric if info.paper_name else None)
 
 
+def _is_data_path(name: str) -> bool:
+  return "{split}" in name or os.path.exists(name) or name.lower().endswith((".csv", ".tsv", ".jsonl", ".tar"))
+
+
+def _name_of_path(path: str) -> str:
+  path = os.path.normpath(path.replace("{split}", ""))
+  return os.path.splitext(os.path.basename(path))[0] or "data"
+
+
 def parse_tasks(text: str) -> list[Task]:
   tasks = [parse_task(t) for t in text.split(",") if t.strip()]
   if not tasks:
     raise ValueError("--tasks is empty; e.g. --tasks zeroshot:cifar10.")
   return tasks
+
+
+def with_prompts(tasks: Sequence[Task], class_names=None, templates: Sequence[str] | None = None) -> list[Task]:
+  """The --classnames / --templates lists applied to every zero-shot task. A known dataset
+  evaluated with other prompts or names is no longer the paper's setting: its paper metric goes."""
+  if class_names is None and templates is None:
+    return list(tasks)
+  out = []
+  for task in tasks:
+    if task.kind != "zeroshot":  # a probe reads labels only; retrieval its captions
+      out.append(task)
+      continue
+    out.append(dataclasses.replace(
+        task, class_names=task.class_names if class_names is None else
+        (dict(class_names) if isinstance(class_names, dict) else tuple(class_names)),
+        templates=task.templates if templates is None else tuple(templates), paper_comparable=False))
+  return out
 
 
 def infer_model_name(config) -> str | None:
@@ -123,6 +180,27 @@ def _limited(source, limit):
   return Subset(source, limit) if limit else source
 
 
+def _data_report(skipped: dict, source) -> dict[str, Any]:
+  """What was wrong with one split's data: pipeline skips and scan-time problems, per reason."""
+  return {"skipped": dict(skipped), "problems": dict(getattr(source, "problems", {}) or {}),
+          "problem_examples": dict(getattr(source, "problem_examples", {}) or {})}
+
+
+def write_predictions(path: str, indices, labels, predictions, source, class_names) -> str:
+  """CSV of one row per evaluated image: source index, key (where the source names its records
+  cheaply), true label, predicted label and their class names."""
+  import csv
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  key_of = getattr(source, "record_key", None)
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["index", "key", "label", "prediction", "label_name", "prediction_name"])
+    for index, label, prediction in zip(indices, labels, predictions):
+      writer.writerow([int(index), key_of(int(index)) if key_of else "", int(label), int(prediction),
+                       class_names[int(label)], class_names[int(prediction)]])
+  return path
+
+
 def run_zeroshot(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
   from clip_jax.eval.zeroshot import ZeroShotEvaluator
   evaluator = ZeroShotEvaluator(task.source, ctx["tokenizer"], task.class_names, task.templates,
@@ -130,13 +208,18 @@ def run_zeroshot(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
                                 data_dir=ctx["data_dir"], name=task.dataset, limit=ctx["limit"],
                                 num_workers=ctx["num_workers"])
   metrics = evaluator.evaluate(ctx["model"], ctx["variables"], ctx["mesh"])
-  plots = []
+  plots, predictions = [], None
   if ctx["is_main"]:
     path = os.path.join(ctx["out_dir"], "plots", f"confusion_{task.dataset}.png")
     plots.append(evaluator.save_confusion_png(path))
+    features = evaluator.last_features
+    predictions = write_predictions(os.path.join(ctx["out_dir"], "predictions", f"zeroshot_{task.dataset}.csv"),
+                                    features.indices, features.labels, evaluator.last_predictions,
+                                    evaluator.source, evaluator.class_names)
   return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_")},
           "num_examples": int(metrics["num_examples"]), "num_skipped": int(metrics["num_skipped"]),
-          "num_classes": len(evaluator.class_names), "num_templates": len(evaluator.templates), "plots": plots}
+          "num_classes": len(evaluator.class_names), "num_templates": len(evaluator.templates),
+          "data": {"test": evaluator.data_report()}, "predictions": predictions, "plots": plots}
 
 
 def run_retrieval(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -166,8 +249,12 @@ def run_linear_probe(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
     path = os.path.join(ctx["out_dir"], "plots", f"probe_{task.dataset}.png")
     plots.append(sweep_png(probe.sweep, probe.best_c, path,
                            f"linear probe {task.dataset}: validation {task.paper_metric or 'top1'}"))
-  return {"metrics": probe.metrics(), "num_train": len(train), "num_examples": len(test),
+  return {"metrics": probe.metrics(), "num_train": len(train) - probe.skipped_count("train"),
+          "num_examples": len(test) - probe.skipped_count("test"), "num_skipped": probe.skipped_count("test"),
           "sweep": {f"{c:.6g}": s for c, s in probe.sweep.items()}, "features": ctx["probe_features"],
+          "too_small_to_split": list(probe.too_small_to_split),
+          "data": {split: _data_report(probe.skipped.get(split, {}), source)
+                   for split, source in (("train", train), ("test", test))},
           "plots": plots}
 
 
@@ -175,6 +262,18 @@ RUNNERS = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "linear_probe":
 
 
 # ----------------------------------------------------------------------------- CLI
+def _read_list_file(path: str | None, what: str):
+  if path is None:
+    return None
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--{what} {path}: no such file.")
+  if what == "classnames":
+    from clip_jax.data.labelled import read_class_names_file
+    return read_class_names_file(path)
+  from clip_jax.eval.zeroshot import read_templates_file
+  return read_templates_file(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m clip_jax.evaluate", description=__doc__.split("\n\n")[0],
@@ -185,8 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--tasks", help="comma-separated KIND:DATASET[=DATA] (see above)")
   parser.add_argument("--batch-size", type=int, default=256, help="global batch (rounded up to the device count)")
   parser.add_argument("--out", help="output directory (default: WORKDIR/eval, or ./eval_results)")
-  parser.add_argument("--model-name", help="which paper row applies, e.g. ViT-B-32 (default: inferred "
-                      "from the architecture)")
+  parser.add_argument("--model-name", help="the named architecture of a bare state dict, e.g. ViT-B-32 (exact "
+                      "GELU) or ViT-B-32-quickgelu: sets its activation and head widths, and picks the paper's "
+                      "row (default: read off the weights' shapes, QuickGELU assumed)")
+  parser.add_argument("--act", choices=("gelu", "quick_gelu"),
+                      help="the activation of a bare state dict (overrides --model-name's); most open_clip/LAION "
+                      "checkpoints use gelu, OpenAI's quick_gelu")
+  parser.add_argument("--classnames", metavar="FILE", help="class names for zero-shot: one per line in label "
+                      "order (sorted folder order), or JSON (a list, or {folder: name})")
+  parser.add_argument("--templates", metavar="FILE", help="prompt templates for zero-shot, one per line with "
+                      "'{}' (or '{c}') for the class name; several are ensembled")
   parser.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's own)")
   parser.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint directory's own, else 'clip')")
   parser.add_argument("--limit", type=int, help="evaluate only the first N examples of each split (a quick check)")
@@ -216,13 +323,12 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task]) -> dict[str, Any]:
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from clip_jax.convert import load_checkpoint
   from clip_jax.eval.paper_results import paper_model
   from clip_jax.eval.report import attach_paper_numbers, markdown_table, write_report
   from clip_jax.sharding import create_mesh
 
   path = args.checkpoint or args.workdir
-  model, variables = load_checkpoint(path)
+  model, variables = load_model(path, args.model_name, args.act)
   model_name = args.model_name or infer_model_name(model.config)
   mesh = create_mesh({"data": -1})
   # Replicated weights: the image and text passes split only the batch.
@@ -240,11 +346,15 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task]) -> dict[str, Any]:
               "paper_metric": task.paper_metric,
               **RUNNERS[task.kind](task, ctx)}
     result["seconds"] = round(time.time() - start, 2)
-    results.append(attach_paper_numbers(result, model_name))
+    results.append(attach_paper_numbers(result, model_name if task.paper_comparable else None))
     if ctx["is_main"]:
       shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items())
       print(f"{task.kind}:{task.dataset}: {shown} ({result['seconds']:.1f} s)", flush=True)
+      from clip_jax.eval.report import data_problem_lines
+      for line in data_problem_lines(result):
+        print(f"  {line}", file=sys.stderr, flush=True)
   meta = {"checkpoint": path, "model_name": model_name, "paper_model": paper_model(model_name),
+          "act": model.config.act, "vision_heads": model.config.vision.heads, "text_heads": model.config.text.heads,
           "devices": jax.device_count(), "processes": jax.process_count(), "batch_size": args.batch_size,
           "limit": args.limit}
   if ctx["is_main"]:
@@ -252,6 +362,22 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task]) -> dict[str, Any]:
     print(markdown_table(results, {**meta, "out_dir": out_dir}))
     print(f"Wrote {json_path}, {md_path} and plots in {os.path.join(out_dir, 'plots')}.")
   return {"meta": meta, "results": results, "out_dir": out_dir}
+
+
+def load_model(path: str, model_name: str | None, act: str | None):
+  """load_checkpoint with the CLI's architecture flags; a bare state dict takes them, Hugging Face
+  directories and workdirs carry their own (--act there is an error, --model-name only a paper row)."""
+  from clip_jax.convert import load_checkpoint
+  from clip_jax.models.configs import MODEL_CONFIGS
+  if os.path.isdir(path):
+    if act is not None:
+      raise ValueError(f"--act applies to bare state-dict files; {path} is a directory whose config names "
+                       "its activation.")
+    return load_checkpoint(path)
+  if model_name is not None and model_name not in MODEL_CONFIGS:
+    raise ValueError(f"--model-name {model_name!r} is not a named architecture; one of "
+                     f"{', '.join(sorted(MODEL_CONFIGS))}.")
+  return load_checkpoint(path, model_name=model_name, act=act)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,7 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("give --tasks, e.g. --tasks zeroshot:cifar10,linear_probe:cifar10.")
   try:
     tasks = parse_tasks(args.tasks)
-  except ValueError as e:
+    tasks = with_prompts(tasks, _read_list_file(args.classnames, "classnames"),
+                         _read_list_file(args.templates, "templates"))
+  except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   from clip_jax.weights import CheckpointError
   try:

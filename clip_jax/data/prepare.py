@@ -57,7 +57,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
   """Globs and webdataset-style {000..009} ranges -> existing paths; one clear error otherwise."""
   paths = []
   for pattern in patterns:
-    for expanded in _expand_braces(pattern):
+    for expanded in expand_braces(pattern):
       matches = [expanded] if os.path.exists(expanded) else sorted(glob.glob(expanded))
       if not matches:
         raise FileNotFoundError(f"--input {expanded}: no such file or directory.")
@@ -65,14 +65,14 @@ def expand_inputs(patterns: list[str]) -> list[str]:
   return paths
 
 
-def _expand_braces(pattern: str) -> list[str]:
+def expand_braces(pattern: str) -> list[str]:
   match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
   if not match:
     return [pattern]
   first, last = match.group(1), match.group(2)
   width = len(first)
   return [e for i in range(int(first), int(last) + 1)
-          for e in _expand_braces(pattern[:match.start()] + str(i).zfill(width) + pattern[match.end():])]
+          for e in expand_braces(pattern[:match.start()] + str(i).zfill(width) + pattern[match.end():])]
 
 
 def read_candidates(path: str, args) -> Iterator[Candidate]:

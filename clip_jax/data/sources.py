@@ -6,11 +6,13 @@ Every source maps an index to a raw record, a dict:
 or, when the stored record itself is unreadable, {'skip': reason, 'key': str}. Decoding, caption
 choice, augmentation and tokenization happen later, in the pipeline's workers.
 
-A data spec names the source:
+A data spec names the source ('{split}' in a path is replaced by the split name first):
   'digits'              the embedded handwritten digits (clip_jax.data.digits), no download
   'tfds:NAME[/CONFIG]'  any TFDS dataset prepared as array_record (tfds.data_source)
-  a path                ArrayRecord shards from `python -m clip_jax.data.prepare`: a directory,
-                        one file, or a glob; '{split}' in the path is replaced by the split name
+  a path to ArrayRecord shards from `python -m clip_jax.data.prepare`: a directory, one file, or a glob
+  a folder of class sub-folders (ImageFolder layout), a .csv/.tsv/.jsonl of image paths and labels,
+  or webdataset .tar shards with a `cls` member (a .tar file, a glob, a {000..009} range or a folder
+  of tars): labelled data on disk, see clip_jax/data/labelled.py
 """
 from __future__ import annotations
 
@@ -19,16 +21,9 @@ import os
 
 import numpy as np
 
+from clip_jax.data.labelled import (LABEL_CAPTION_TEMPLATES, CLASSNAMES_FILE, ImageFolderSource, LabelTableSource,
+                                    WebDatasetSource, read_class_names_file)
 from clip_jax.data.records import BadRecord, decode_record
-
-# Captions for image-label datasets (cifar10, imagenet2012, ...), `{}` is the class name.
-LABEL_CAPTION_TEMPLATES = (
-    "a photo of a {}.",
-    "a blurry photo of a {}.",
-    "a close-up photo of the {}.",
-    "a picture of a {}.",
-    "a low resolution photo of a {}.",
-)
 
 _CAPTION_FEATURE_NAMES = ("caption", "captions", "text", "texts", "sentences", "description")
 
@@ -40,7 +35,10 @@ class ArrayRecordSource:
     self.paths = find_shards(path)
     import grain  # Imported lazily: keeps `import clip_jax.data` light.
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
-    self.class_names = None
+    # `prepare` writes the class names of labelled data beside the shards.
+    names_file = os.path.join(os.path.dirname(self.paths[0]), CLASSNAMES_FILE)
+    names = read_class_names_file(names_file) if os.path.isfile(names_file) else None
+    self.class_names = names if isinstance(names, list) else None
 
   def __len__(self) -> int:
     return len(self._source)
@@ -172,12 +170,37 @@ def _as_text(value) -> str | bytes:
 
 
 def open_source(spec: str, split: str = "train", *, data_dir: str | None = None,
-                image_size: int = 32, class_names: list[str] | None = None):
+                image_size: int = 32, class_names=None):
   """A data spec (see the module docstring) -> a random-access source. Errors are raised here,
-  at start, with what to do about them."""
+  at start, with what to do about them. `class_names` names the classes of labelled data (TFDS,
+  folders, label tables, tars); see clip_jax/data/labelled.py for the forms each accepts."""
   if spec == "digits":
     from clip_jax.data.digits import DigitsSource
     return DigitsSource(split, image_size=image_size)
   if spec.startswith("tfds:"):
     return TfdsSource(spec[len("tfds:"):], split, data_dir, class_names=class_names)
-  return ArrayRecordSource(spec.replace("{split}", split))
+  path = spec.replace("{split}", split)
+  if path.lower().endswith((".csv", ".tsv", ".jsonl")):
+    return LabelTableSource(path, class_names)
+  tars = find_tars(path)
+  if tars:
+    return WebDatasetSource(tars, class_names)
+  if os.path.isdir(path) and not glob.glob(os.path.join(path, "*.array_record")):
+    return ImageFolderSource(path, class_names)
+  source = ArrayRecordSource(path)
+  if class_names is not None:
+    source.class_names = list(class_names)
+  return source
+
+
+def find_tars(path: str) -> list[str]:
+  """webdataset shards named by `path` (a .tar file, a glob or {a..b} range of them, or a folder that
+  holds .tar files and no .array_record shards), sorted; [] when it names none."""
+  if os.path.isdir(path):
+    if glob.glob(os.path.join(path, "*.array_record")):
+      return []
+    return sorted(glob.glob(os.path.join(path, "*.tar")))
+  if not path.endswith(".tar"):
+    return []
+  from clip_jax.data.prepare import expand_braces  # the same {000..009} rule as the converter
+  return sorted(p for pattern in expand_braces(path) for p in (glob.glob(pattern) or [pattern]) if os.path.isfile(p))

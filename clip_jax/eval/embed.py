@@ -129,6 +129,7 @@ class ImageFeatures:
   labels: np.ndarray       # int32 [n]
   indices: np.ndarray      # int32 [n], the source index of each row (sorted)
   num_skipped: int         # records the pipeline could not read (counted, left out)
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count, this process's share
 
 
 def embed_images(model: CLIP, variables, batches: Iterable[dict], num_examples: int, mesh: Mesh, *,
@@ -153,7 +154,8 @@ def embed_images(model: CLIP, variables, batches: Iterable[dict], num_examples: 
     out[rows], labels[rows], seen[rows] = values[mask], label[mask], True
 
   pending = None
-  for local in batches:
+  iterator = iter(batches)
+  for local in iterator:
     batch = to_global_batch({k: local[k] for k in ("image", "index", "mask", "label")}, mesh, axes)
     values = fn(variables, batch["image"])
     if pending is not None:  # read back the previous batch while this one computes
@@ -164,7 +166,17 @@ def embed_images(model: CLIP, variables, batches: Iterable[dict], num_examples: 
   if out is None:
     raise ValueError("the evaluation data yielded no batches.")
   indices = np.flatnonzero(seen).astype(np.int32)
-  return ImageFeatures(out[indices], labels[indices], indices, num_examples - len(indices))
+  return ImageFeatures(out[indices], labels[indices], indices, num_examples - len(indices),
+                       _skip_reasons(iterator))
+
+
+def _skip_reasons(iterator) -> dict[str, int]:
+  """The pipeline's per-reason skip counts ({} for a plain iterable of batches)."""
+  from clip_jax.data.pipeline import quality_counts
+  try:
+    return quality_counts(iterator)["skipped"]
+  except (AttributeError, AssertionError, TypeError):
+    return {}
 
 
 def embed_texts(model: CLIP, variables, tokens: np.ndarray, *, batch_size: int, mesh: Mesh,

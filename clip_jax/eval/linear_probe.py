@@ -1,8 +1,8 @@
 """Linear probes on frozen image features, the paper's protocol (Appendix A.3): scikit-learn's
-L-BFGS logistic regression; the regularisation strength chosen on a validation split by a
-parametric binary search (start at C = 1e-6, 1e-4, ..., 1e6, then halve the step around the best
-value until it reaches 8 steps per decade); the final model fit on train + validation and scored
-on the test split.
+L-BFGS logistic regression; the regularisation strength chosen on a validation split (stratified by
+class, so every class is scored) by a parametric binary search (start at C = 1e-6, 1e-4, ..., 1e6,
+then halve the step around the best value until it reaches 8 steps per decade); the final model
+fit on train + validation and scored on the test split.
 
 Features: for ViTs the pooled output before the projection to the embedding space (the paper's
 I_f), for ResNets the attention pool's output.
@@ -28,9 +28,15 @@ class ProbeResult:
   mean_per_class: float            # test mean per-class accuracy, percent
   best_c: float
   sweep: dict[float, float]        # C -> validation score (percent), every C tried
+  too_small_to_split: tuple[int, ...] = ()  # classes with one training row: fitted on, not validated
+  num_skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> unreadable records
+  skipped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # split -> {reason: n}
 
   def metrics(self) -> dict[str, float]:
     return {"top1": self.top1, "mean_per_class": self.mean_per_class, "C": self.best_c}
+
+  def skipped_count(self, split: str) -> int:
+    return self.num_skipped.get(split, 0)
 
 
 def _score(labels: np.ndarray, predictions: np.ndarray, metric: str) -> float:
@@ -54,15 +60,36 @@ def _fit(features, labels, c: float, max_iter: int):
     return LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter).fit(features, labels)
 
 
-def split_train_val(num: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Seeded random split of range(num) into (train, validation) indices."""
+def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+  """Seeded split of the rows of int `labels` [n] into (train rows, validation rows, classes too small
+  to split), stratified by class.
+
+  Each class keeps its share: round(val_fraction * n_c) of its rows go to validation, at least one
+  and never all of them, so the C search is scored on every class it is fitted on (a plain
+  permutation can leave a rare class out of either side; scikit-learn then fails with "needs
+  samples of at least 2 classes", or C is chosen on a split missing a class). A class with a
+  single row cannot be split: its row stays in the training part and the class is returned in the
+  third list, to be reported. Raises ValueError for val_fraction outside (0, 1) or when no class
+  has two rows (then nothing can be validated).
+  """
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-  order = np.random.default_rng(seed).permutation(num)
-  num_val = max(1, int(round(val_fraction * num)))
-  if num - num_val < 1:
-    raise ValueError(f"{num} training examples are too few to carve out a validation split.")
-  return np.sort(order[num_val:]), np.sort(order[:num_val])
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  train_rows, val_rows, too_small = [], [], []
+  for c in np.unique(labels):  # sorted, so the split depends only on (labels, seed)
+    rows = rng.permutation(np.flatnonzero(labels == c))
+    if len(rows) < 2:
+      too_small.append(int(c))
+      train_rows.append(rows)
+      continue
+    num_val = min(max(1, int(round(val_fraction * len(rows)))), len(rows) - 1)
+    val_rows.append(rows[:num_val])
+    train_rows.append(rows[num_val:])
+  if not val_rows:
+    raise ValueError(f"{len(labels)} training examples with no class of two or more rows: too few to carve out "
+                     "a validation split for the linear probe's C search.")
+  return np.sort(np.concatenate(train_rows)), np.sort(np.concatenate(val_rows)), too_small
 
 
 def search_c(train_x, train_y, val_x, val_y, *, metric: str = "top1", max_iter: int = 1000) -> dict[float, float]:
@@ -100,8 +127,17 @@ def best_log_c(scores: dict[float, float]) -> float:
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
                      val_fraction: float = 0.2, seed: int = 0, metric: str = "top1",
                      max_iter: int = 1000) -> ProbeResult:
-  """Sweep C on a validation split carved from train, refit on all of train, score on test."""
-  fit_rows, val_rows = split_train_val(len(train_y), val_fraction, seed)
+  """Sweep C on a stratified validation split carved from train, refit on all of train, score on
+  test. Raises ValueError when the training labels hold fewer than two classes (nothing to tell
+  apart) or no class with two rows (nothing to validate on); classes with a single row are kept
+  for fitting and listed in the result's `too_small_to_split`."""
+  if len(np.unique(train_y)) < 2:
+    raise ValueError(f"the linear probe's training split holds {len(np.unique(train_y))} class(es); it needs "
+                     "at least 2.")
+  fit_rows, val_rows, too_small = split_train_val(train_y, val_fraction, seed)
+  if too_small:
+    logging.warning("linear probe: %d class(es) have a single training example, too few to split; they are "
+                    "fitted on but not validated: %s", len(too_small), too_small[:20])
   sweep = search_c(train_x[fit_rows], train_y[fit_rows], train_x[val_rows], train_y[val_rows],
                    metric=metric, max_iter=max_iter)
   c_of_log = {float(np.log10(c)): c for c in sweep}
@@ -109,7 +145,7 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
   model = _fit(train_x, train_y, best_c, max_iter)
   predictions = model.predict(test_x)
   return ProbeResult(_score(test_y, predictions, "top1"), mean_per_class_accuracy(test_y, predictions),
-                     best_c, sweep)
+                     best_c, sweep, tuple(too_small))
 
 
 def evaluate_linear_probe(model, variables, train_source, test_source, *, batch_size: int, image_size: int,
@@ -126,5 +162,7 @@ def evaluate_linear_probe(model, variables, train_source, test_source, *, batch_
     if (splits[name].labels < 0).any():
       raise ValueError(f"the {name} data of the linear probe has unlabelled examples; it needs a class label.")
   train, test = splits["train"], splits["test"]
-  return fit_linear_probe(train.features, train.labels, test.features, test.labels, val_fraction=val_fraction,
-                          seed=seed, metric=metric)
+  result = fit_linear_probe(train.features, train.labels, test.features, test.labels, val_fraction=val_fraction,
+                            seed=seed, metric=metric)
+  return dataclasses.replace(result, num_skipped={k: v.num_skipped for k, v in splits.items()},
+                             skipped={k: dict(v.skipped) for k, v in splits.items()})

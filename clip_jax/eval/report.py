@@ -27,6 +27,20 @@ def attach_paper_numbers(result: dict[str, Any], model_name: str | None) -> dict
   return {**result, "paper": paper}
 
 
+def data_problem_lines(result: dict[str, Any]) -> list[str]:
+  """One line per split whose data had problems: what was counted, by reason."""
+  lines = []
+  for split, report in (result.get("data") or {}).items():
+    counts = {**report.get("problems", {}), **{f"skipped {k}": v for k, v in report.get("skipped", {}).items()}}
+    if counts:
+      lines.append(f"{result['task']}:{result['dataset']} {split} data: " +
+                   ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())))
+  if result.get("too_small_to_split"):
+    lines.append(f"{result['task']}:{result['dataset']}: classes with a single training example (fitted, not "
+                 f"validated): {result['too_small_to_split'][:20]}")
+  return lines
+
+
 def _cell(value: float | None) -> str:
   return "" if value is None else f"{value:.1f}"
 
@@ -50,6 +64,10 @@ def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                    f"{paper['source'] if paper else ''} |")
   lines += ["", "All numbers in percent. * marks the metric the paper reports for that dataset. "
             "A blank paper cell: the paper has no number for this model and dataset."]
+  problems = [line for result in results for line in data_problem_lines(result)]
+  if problems:
+    lines += ["", "Data problems (counted, left out or kept as noted in clip_jax/data/labelled.py):"]
+    lines += [f"- {line}" for line in problems]
   plots = [p for r in results for p in r.get("plots", [])]
   if plots:
     lines += ["", "Plots:"] + [f"- [{os.path.basename(p)}]({os.path.relpath(p, meta['out_dir'])})" for p in plots]

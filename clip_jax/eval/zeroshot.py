@@ -32,6 +32,32 @@ def prompt_texts(class_names: Sequence[str], templates: Sequence[str]) -> list[s
   return [template.format(name) for name in class_names for template in templates]
 
 
+def read_templates_file(path: str) -> tuple[str, ...]:
+  """Prompt templates, one per line, each with one '{}' for the class name (clip_benchmark's '{c}'
+  is read as '{}'); blank lines and lines starting with '#' are ignored. A JSON list of strings
+  works too. Raises ValueError for a file without templates or a line without its placeholder."""
+  import json
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if text.lstrip().startswith("["):
+    try:
+      lines = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}).") from e
+    if not all(isinstance(t, str) for t in lines):
+      raise ValueError(f"{path}: a JSON template file is a list of strings.")
+  else:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+  templates = tuple(t.replace("{c}", "{}") for t in lines)
+  if not templates:
+    raise ValueError(f"{path}: holds no prompt templates; write one per line, e.g. 'a photo of a {{}}.'")
+  for number, template in enumerate(templates, 1):
+    if template.count("{}") != 1:
+      raise ValueError(f"{path}: template {number} {template!r} needs exactly one '{{}}' (or '{{c}}') for the "
+                       "class name.")
+  return templates
+
+
 def ensemble_classifier(prompt_emb: np.ndarray, num_classes: int) -> np.ndarray:
   """float32 [C*T, d] normalised prompt embeddings (class-major) -> [C, d]: the mean over each
   class's templates, renormalised."""
@@ -131,14 +157,16 @@ class ZeroShotEvaluator:
                limit: int | None = None, num_workers: int = 0, source=None, confusion_png: str | None = None):
     info = find_dataset(source_spec)
     split = split or (info.test_split if info else "test")
-    self.source = source if source is not None else open_source(source_spec, split, data_dir=data_dir,
-                                                                image_size=image_size)
+    if source is None:  # the user's own data takes the names into its source ({folder: name} maps)
+      source = open_source(source_spec, split, data_dir=data_dir, image_size=image_size,
+                           class_names=None if info else class_names)
+    self.source = source
     if limit is not None:
       self.source = embed.Subset(self.source, limit)
-    if class_names is None:
+    if class_names is None or isinstance(class_names, dict):
       class_names = info.class_names if info else getattr(self.source, "class_names", None)
     if not class_names:
-      raise ValueError(f"{source_spec!r} carries no class names; pass class_names.")
+      raise ValueError(f"{source_spec!r} carries no class names; pass them (the CLI's --classnames FILE).")
     templates = templates or (info.templates if info else GENERIC_TEMPLATES)
     self.class_names, self.templates = tuple(class_names), tuple(templates)
     self.name = name or (info.name if info else source_spec)
@@ -159,8 +187,19 @@ class ZeroShotEvaluator:
                                                 mesh=mesh, num_workers=self.num_workers)
     return self._batches[size]
 
+  def data_report(self) -> dict:
+    """What was wrong with the data of the last call: {'skipped': {reason: n}} from the pipeline
+    (unreadable images, missing files, ...) and {'problems': {reason: n}, 'problem_examples'} found
+    when the source was scanned (non-image files, empty class folders, name collisions, ...)."""
+    features = self.last_features
+    return {"skipped": dict(features.skipped) if features else {},
+            "problems": dict(getattr(self.source, "problems", {}) or {}),
+            "problem_examples": dict(getattr(self.source, "problem_examples", {}) or {})}
+
   def evaluate(self, model, variables, mesh) -> dict[str, float]:
-    """Unprefixed metrics {'top1', 'top5', 'mean_per_class', 'num_examples', 'num_skipped'}."""
+    """Unprefixed metrics {'top1', 'top5', 'mean_per_class', 'num_examples', 'num_skipped'}; after
+    it, `last_predictions` [n] (class index per image), `last_features.indices` [n] (their source
+    indices) and `data_report()`. Raises ValueError when labels fall outside the class names."""
     classifier = zeroshot_classifier(model, variables, self.prompt_tokens, len(self.class_names),
                                      batch_size=self.batch_size, mesh=mesh)
     images = embed.embed_images(model, variables, self.batches(mesh), len(self.source), mesh)

@@ -1,0 +1,398 @@
+"""Labelled image collections as people keep them on disk, as random-access sources (see sources.py
+for the record format): the sources of zero-shot classification and linear probes on one's own data.
+
+  class folders   ROOT/CLASS/.../image.jpg (torchvision's ImageFolder layout): one class per
+                  sub-folder of ROOT, label = the folder's index in sorted order (ImageFolder's
+                  `class_to_idx`), class name = the folder name with '_' read as a space
+  a label table   a .csv / .tsv / .jsonl file with one row per image: an image-path column
+                  (path / filepath / file_path / image / image_path / file / filename, or `path_column`)
+                  and a label column (label / class / class_name / cls / target / category, or
+                  `label_column`); the label is a class index or a class name; relative paths are
+                  resolved against the file's folder. Other columns are ignored.
+  webdataset tars members KEY.jpg|png|webp|... + KEY.cls (the class index as text) grouped by KEY,
+                  optionally KEY.txt; clip_benchmark's layout, whose `classnames.txt` beside the
+                  tars (or one folder up) names the classes
+
+What is wrong with the data is counted, never fatal: at scan time (`problems`, reason -> count, with
+the first few names in `problem_examples`): non-image files, empty class folders, files of one
+folder whose names differ only in extension (kept, both), class names that collide, rows with a
+missing file or an unknown label, tar members without an image or a label. Unreadable images are
+counted later by the pipeline, as for every source.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import os
+import tarfile
+from typing import Mapping, Sequence
+
+from absl import logging
+
+# torchvision's ImageFolder extensions, plus the formats the pipeline decodes anyway.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+PATH_COLUMNS = ("path", "filepath", "file_path", "image", "image_path", "file", "filename")
+LABEL_COLUMNS = ("label", "class", "class_name", "cls", "target", "category")
+CLASSNAMES_FILE = "classnames.txt"
+_EXAMPLES_KEPT = 5
+
+# Captions for image-label data (cifar10, imagenet2012, class folders, ...), `{}` is the class name:
+# what a labelled source gives the training pipeline. Zero-shot prompts are chosen separately.
+LABEL_CAPTION_TEMPLATES = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a close-up photo of the {}.",
+    "a picture of a {}.",
+    "a low resolution photo of a {}.",
+)
+
+ClassNames = Sequence[str] | Mapping[str, str] | None
+
+
+def is_image_file(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def display_name(folder: str) -> str:
+  """A class folder's name as a prompt reads it: 'golden_retriever' -> 'golden retriever'."""
+  return " ".join(folder.replace("_", " ").split())
+
+
+class Problems:
+  """Scan-time counts per reason, with the first few names of each."""
+
+  def __init__(self):
+    self.counts: collections.Counter = collections.Counter()
+    self.examples: dict[str, list[str]] = {}
+
+  def add(self, reason: str, name: str, count: int = 1) -> None:
+    self.counts[reason] += count
+    kept = self.examples.setdefault(reason, [])
+    if len(kept) < _EXAMPLES_KEPT:
+      kept.append(name)
+
+  def log(self, where: str) -> None:
+    for reason, count in sorted(self.counts.items()):
+      logging.warning("%s: %d x %s (e.g. %s)", where, count, reason, ", ".join(self.examples[reason][:3]))
+
+
+class LabelledFiles:
+  """Base of the file-backed sources: parallel lists of paths (or tar spans), labels and keys.
+
+  A record whose scan already failed (missing file, unknown label) stays in the list as a
+  {'skip': reason} record, so that it is counted with the unreadable images.
+  """
+  class_names: list[str]
+  templates: tuple[str, ...]
+
+  def _init_records(self, entries, class_names, problems: Problems, where: str, templates):
+    self._entries = entries  # [(locator, label, key, skip reason or None)]
+    self.class_names = list(class_names)
+    self.templates = tuple(templates or LABEL_CAPTION_TEMPLATES)
+    for name in _colliding_names(self.class_names):
+      problems.add("class_name_collision", name)
+    self.problems, self.problem_examples = dict(sorted(problems.counts.items())), problems.examples
+    self.where = where
+    problems.log(where)
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def record_key(self, index: int) -> str:
+    """The record's name (its path below the root, or tar/key), without reading it."""
+    return self._entries[index][2]
+
+  def _read(self, locator) -> bytes:
+    with open(locator, "rb") as f:
+      return f.read()
+
+  def __getitem__(self, index: int) -> dict:
+    locator, label, key, skip = self._entries[index]
+    if skip is not None:
+      return {"skip": skip, "key": key, "detail": str(locator)}
+    try:
+      data = self._read(locator)
+    except OSError as e:
+      return {"skip": "unreadable_file", "key": key, "detail": f"{type(e).__name__}: {e}"}
+    name = self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+    return {"image": data, "captions": [t.format(name) for t in self.templates], "label": label, "key": key}
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self.where!r}, {len(self)} images, {len(self.class_names)} classes)"
+
+
+def _colliding_names(class_names: Sequence[str]) -> list[str]:
+  """Class names that two or more classes share (case and spacing aside): their prompts are the
+  same, so zero-shot cannot tell them apart."""
+  seen = collections.Counter(" ".join(n.lower().split()) for n in class_names)
+  return sorted(n for n, count in seen.items() if count > 1)
+
+
+def _names_for(folders: Sequence[str], class_names: ClassNames, where: str) -> list[str]:
+  if class_names is None:
+    return [display_name(f) for f in folders]
+  if isinstance(class_names, Mapping):  # {folder: name}; folders it does not name keep their own
+    unknown = sorted(set(class_names) - set(folders))
+    if unknown:
+      raise ValueError(f"{where}: the class names name folders that are not there: {unknown[:5]} "
+                       f"(folders: {list(folders)[:5]}...).")
+    return [class_names.get(f, display_name(f)) for f in folders]
+  if len(class_names) != len(folders):
+    raise ValueError(f"{where}: {len(folders)} class folders but {len(class_names)} class names; give one "
+                     "name per folder, in sorted folder order, or a JSON object {folder: name}.")
+  return list(class_names)
+
+
+class ImageFolderSource(LabelledFiles):
+  """ROOT/CLASS/**/image files (torchvision's ImageFolder layout); see the module docstring.
+
+  `class_names`: None (the folder names), a list in sorted folder order, or {folder: name}.
+  Raises FileNotFoundError when ROOT has no sub-folder.
+  """
+
+  def __init__(self, root: str, class_names: ClassNames = None, templates: Sequence[str] | None = None):
+    folders, entries, problems = scan_image_folder(root)
+    self.root, self.folders = root, folders
+    self._init_records(entries, _names_for(folders, class_names, root), problems, root, templates)
+
+
+def scan_image_folder(root: str) -> tuple[list[str], list, Problems]:
+  """-> (sorted class folder names, [(path, label, key, None)], problems). Follows ImageFolder: every
+  image file below a class folder (recursively, sorted) is one example of that class."""
+  problems = Problems()
+  try:
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  except OSError as e:
+    raise FileNotFoundError(f"{root}: cannot list the folder ({e}).") from e
+  if not folders:
+    raise FileNotFoundError(f"{root}: holds no class sub-folders (ROOT/CLASS/image.jpg), no .array_record "
+                            "shards and no .tar shards.")
+  for entry in os.scandir(root):
+    if entry.is_file():
+      problems.add("outside_class_folder", entry.name)
+  entries = []
+  for label, folder in enumerate(folders):
+    count = 0
+    for directory, subfolders, files in os.walk(os.path.join(root, folder), followlinks=True):
+      subfolders.sort()
+      stems = collections.Counter()
+      for name in sorted(files):
+        relative = os.path.relpath(os.path.join(directory, name), root)
+        if not is_image_file(name):
+          problems.add("not_an_image", relative)
+          continue
+        stems[os.path.splitext(name)[0]] += 1
+        entries.append((os.path.join(directory, name), label, relative, None))
+        count += 1
+      for stem, n in sorted(stems.items()):
+        if n > 1:  # 'a.jpg' and 'a.png': both kept, but keys without extension (webdataset's) would clash
+          problems.add("name_collision", os.path.relpath(os.path.join(directory, stem), root) + ".*", n)
+    if count == 0:
+      problems.add("empty_class_folder", folder)
+  return folders, entries, problems
+
+
+def read_class_names_file(path: str) -> list[str] | dict[str, str]:
+  """A class-name file: JSON (a list, or an object {folder or label: name}) or one name per line
+  (blank lines and lines starting with '#' ignored). Raises ValueError when it names nothing."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if path.lower().endswith(".json") or text.lstrip().startswith(("[", "{")):
+    try:
+      names = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}).") from e
+    if isinstance(names, dict):
+      names = {str(k): str(v) for k, v in names.items()}
+    elif isinstance(names, list) and all(isinstance(n, str) for n in names):
+      names = list(names)
+    else:
+      raise ValueError(f"{path}: JSON class names must be a list of strings or an object {{folder: name}}.")
+  else:
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+  if not names:
+    raise ValueError(f"{path}: names no classes.")
+  return names
+
+
+class LabelTableSource(LabelledFiles):
+  """A .csv / .tsv / .jsonl of image paths and labels (see the module docstring).
+
+  Labels: a value equal to one of `class_names` is that class; otherwise an integer is a class
+  index. Without `class_names`, integer labels are indices (names '0', '1', ...) and other labels
+  are class names, sorted. A row whose file is missing or whose label is unknown is a skipped
+  record (counted); an unreadable table or a missing column raises ValueError.
+  """
+
+  def __init__(self, path: str, class_names: Sequence[str] | None = None, *, path_column: str | None = None,
+               label_column: str | None = None, templates: Sequence[str] | None = None):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such label file.")
+    if isinstance(class_names, Mapping):
+      raise ValueError(f"{path}: class names for a label table are a list (index order), not an object.")
+    rows = list(_table_rows(path))
+    columns = list(dict.fromkeys(k for _, row in rows if isinstance(row, dict) for k in row))
+    path_col = _column(columns, path_column, PATH_COLUMNS, "path", path)
+    label_col = _column(columns, label_column, LABEL_COLUMNS, "label", path)
+    labels = [_label_text(row.get(label_col)) if isinstance(row, dict) else "" for _, row in rows]
+    names = list(class_names) if class_names else _names_from_labels(labels)
+    index_of = {n: i for i, n in enumerate(names)}
+    base = os.path.dirname(os.path.abspath(path))
+    problems, entries = Problems(), []
+    for (where, row), label_text in zip(rows, labels):
+      image = row.get(path_col) if isinstance(row, dict) else None
+      if not isinstance(image, str) or not image.strip():
+        problems.add("malformed_row", where)
+        entries.append((where, -1, where, "malformed_row"))
+        continue
+      full = image.strip() if os.path.isabs(image.strip()) else os.path.join(base, image.strip())
+      label = index_of.get(label_text)
+      if label is None and label_text.lstrip("-").isdigit() and 0 <= int(label_text) < len(names):
+        label = int(label_text)
+      if label is None:
+        problems.add("unknown_label", f"{where} ({label_text!r})")
+        entries.append((full, -1, image.strip(), "unknown_label"))
+      elif not os.path.isfile(full):
+        problems.add("missing_file", image.strip())
+        entries.append((full, label, image.strip(), "missing_file"))
+      else:
+        entries.append((full, label, image.strip(), None))
+    if not entries:
+      raise ValueError(f"{path}: lists no images.")
+    self.path = path
+    self._init_records(entries, names, problems, path, templates)
+
+
+def _label_text(value) -> str:
+  return "" if value is None else str(value).strip()
+
+
+def _names_from_labels(labels: Sequence[str]) -> list[str]:
+  present = [label for label in labels if label]
+  if present and all(label.lstrip("-").isdigit() for label in present):
+    return [str(i) for i in range(max(int(label) for label in present) + 1)]
+  return sorted(set(present))
+
+
+def _column(columns, explicit: str | None, choices, what: str, path: str) -> str:
+  if explicit:
+    if explicit not in columns:
+      raise ValueError(f"{path}: has no column {explicit!r} (columns: {columns}).")
+    return explicit
+  for choice in choices:
+    if choice in columns:
+      return choice
+  raise ValueError(f"{path}: no {what} column among {columns}; expected one of {', '.join(choices)}.")
+
+
+def _table_rows(path: str):
+  """(where, row dict or None) per data row of a .csv / .tsv / .jsonl file."""
+  name = os.path.basename(path)
+  with open(path, encoding="utf-8", newline="") as f:
+    if path.lower().endswith((".jsonl", ".json")):
+      for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          row = None
+        yield f"{name}:{line_number}", row if isinstance(row, dict) else None
+    else:
+      reader = csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
+      for line_number, row in enumerate(reader, start=2):
+        yield f"{name}:{line_number}", row
+
+
+# ----------------------------------------------------------------------------- webdataset tars
+def tar_key(member_name: str) -> tuple[str, str]:
+  """webdataset's grouping: the key is the path up to the first dot of the basename, the rest the field."""
+  folder, base = os.path.split(member_name)
+  stem, _, field = base.partition(".")
+  return os.path.join(folder, stem), field.lower()
+
+
+class WebDatasetSource(LabelledFiles):
+  """Uncompressed webdataset tar shards with an image and a `cls` member per key (see the module
+  docstring). The tars are indexed once (headers only); reads seek to the image's bytes.
+
+  `class_names`: a list in label order; None reads `classnames.txt` beside the tars or one folder
+  up (clip_benchmark's layout), else the names are the label indices.
+  """
+
+  def __init__(self, paths: Sequence[str], class_names: Sequence[str] | None = None,
+               templates: Sequence[str] | None = None):
+    if not paths:
+      raise FileNotFoundError("no .tar shards given.")
+    problems, entries = Problems(), []
+    for path in paths:
+      entries.extend(_index_tar(path, problems))
+    if class_names is None:
+      names_file = _find_classnames_file(paths[0])
+      class_names = read_class_names_file(names_file) if names_file else None
+    if isinstance(class_names, Mapping):
+      raise ValueError("class names for webdataset tars are a list (index order), not an object.")
+    labels = [label for _, label, _, skip in entries if skip is None]
+    names = list(class_names) if class_names else [str(i) for i in range(max(labels, default=-1) + 1)]
+    checked = []
+    for locator, label, key, skip in entries:
+      if skip is None and not 0 <= label < len(names):
+        problems.add("unknown_label", f"{key} ({label})")
+        skip = "unknown_label"
+      checked.append((locator, label, key, skip))
+    self.paths = list(paths)
+    self._init_records(checked, names, problems, os.path.dirname(paths[0]) or ".", templates)
+
+  def _read(self, locator) -> bytes:
+    path, offset, size = locator
+    with open(path, "rb") as f:
+      f.seek(offset)
+      data = f.read(size)
+    if len(data) != size:
+      raise OSError(f"{path} is cut short inside this member")
+    return data
+
+
+def _find_classnames_file(tar_path: str) -> str | None:
+  folder = os.path.dirname(os.path.abspath(tar_path))
+  for candidate in (os.path.join(folder, CLASSNAMES_FILE), os.path.join(os.path.dirname(folder), CLASSNAMES_FILE)):
+    if os.path.isfile(candidate):
+      return candidate
+  return None
+
+
+def _index_tar(path: str, problems: Problems) -> list:
+  """[((path, offset, size), label, key, skip)] for every key of one tar, in archive order."""
+  name = os.path.basename(path)
+  groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+  small: dict[tuple[str, str], bytes] = {}
+  try:
+    with tarfile.open(path, "r:") as archive:  # random access: headers only, data skipped
+      for member in archive:
+        if not member.isfile():
+          continue
+        key, field = tar_key(member.name)
+        groups.setdefault(key, {})[field] = member
+        if field == "cls":
+          small[(key, field)] = archive.extractfile(member).read()
+  except (tarfile.TarError, OSError, EOFError) as e:
+    problems.add("tar_read_error", f"{name} ({type(e).__name__}: {e})")  # the keys read before it still count
+  entries = []
+  for key, fields in groups.items():
+    where = f"{name}/{key}"
+    image_field = next((f for f in fields if "." + f in IMAGE_EXTENSIONS), None)
+    if image_field is None:
+      problems.add("missing_image", where)
+      entries.append(((path, 0, 0), -1, where, "missing_image"))
+      continue
+    member = fields[image_field]
+    locator = (path, member.offset_data, member.size)
+    raw = small.get((key, "cls"))
+    text = raw.decode("utf-8", "replace").strip() if raw is not None else ""
+    if not text.lstrip("-").isdigit():
+      problems.add("missing_label", where)
+      entries.append((locator, -1, where, "missing_label"))
+      continue
+    entries.append((locator, int(text), where, None))
+  return entries
