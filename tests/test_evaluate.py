@@ -224,6 +224,52 @@ def test_linear_probe_on_separable_features_reaches_100():
   assert min(result.sweep) == pytest.approx(1e-6) and max(result.sweep) == pytest.approx(1e6)
 
 
+def test_c_search_split_is_stratified_under_imbalance():
+  """The issue's case: 21 rows, 19 of class 0 and 2 of class 1, val_fraction 0.2, seed 6. A plain
+  permutation put both class-1 rows into validation (scikit-learn: "needs samples of at least 2
+  classes"); stratified, each class keeps rows on both sides."""
+  rng = np.random.default_rng(0)
+  labels = np.array([0] * 19 + [1] * 2)
+  features = (np.where(labels[:, None] == 1, 3.0, -3.0) + rng.normal(size=(21, 4))).astype(np.float32)
+  plain = np.random.default_rng(6).permutation(21)[:4]
+  assert set(labels[plain]) == {0, 1} and (labels[plain] == 1).sum() == 2  # the old split's failure
+  fit_rows, val_rows, too_small = linear_probe.split_train_val(labels, 0.2, seed=6)
+  assert (np.bincount(labels[val_rows]) == [4, 1]).all() and (np.bincount(labels[fit_rows]) == [15, 1]).all()
+  assert too_small == [] and not set(fit_rows) & set(val_rows) and len(fit_rows) + len(val_rows) == 21
+  for seed in range(20):
+    result = linear_probe.fit_linear_probe(features, labels, features, labels, val_fraction=0.2, seed=seed)
+    assert result.top1 == 100.0
+
+
+def test_a_class_too_small_to_split_is_reported():
+  rng = np.random.default_rng(1)
+  labels = np.array([0] * 8 + [1] * 8 + [2])
+  features = (np.eye(3)[labels] * 5 + rng.normal(size=(17, 3))).astype(np.float32)
+  fit_rows, val_rows, too_small = linear_probe.split_train_val(labels, 0.25, seed=0)
+  assert too_small == [2] and 16 in fit_rows and 16 not in val_rows
+  result = linear_probe.fit_linear_probe(features, labels, features, labels, val_fraction=0.25)
+  assert result.too_small_to_split == (2,) and result.top1 > 90
+  with pytest.raises(ValueError, match="needs at least 2"):
+    linear_probe.fit_linear_probe(features, np.zeros(17, int), features, labels)
+  with pytest.raises(ValueError, match="no class of two or more rows"):
+    linear_probe.split_train_val(np.arange(5), 0.2, seed=0)
+
+
+def test_template_files_and_prompt_overrides(tmp_path):
+  path = tmp_path / "t.txt"
+  path.write_text("# clip_benchmark's placeholder works too\na photo of a {c}.\n\n{} in the wild\n")
+  assert zeroshot.read_templates_file(str(path)) == ("a photo of a {}.", "{} in the wild")
+  path.write_text("no placeholder\n")
+  with pytest.raises(ValueError, match="needs exactly one"):
+    zeroshot.read_templates_file(str(path))
+  (task,) = cli.with_prompts(cli.parse_tasks("zeroshot:cifar10"), templates=["itap of a {}."])
+  assert task.templates == ("itap of a {}.",) and not task.paper_comparable and len(task.class_names) == 10
+  (probe,) = cli.with_prompts(cli.parse_tasks("linear_probe:cifar10"), templates=["x {}"])
+  assert probe.paper_comparable
+  own = cli.parse_task(f"zeroshot:{tmp_path}")
+  assert (own.dataset, own.source, own.class_names) == (os.path.basename(tmp_path), str(tmp_path), None)
+
+
 def test_c_search_is_a_parametric_binary_search(monkeypatch):
   peak = 1.3  # validation score peaks at log10 C = 1.3
 

@@ -48,6 +48,9 @@ LABEL_CAPTION_TEMPLATES = (
 )
 
 ClassNames = Sequence[str] | Mapping[str, str] | None
+# Problems that leave no image out (both files of a name collision are kept; colliding class names
+# stay separate classes): reported, not skipped.
+KEPT_PROBLEMS = ("name_collision", "class_name_collision")
 
 
 def is_image_file(name: str) -> bool:
@@ -129,7 +132,9 @@ def _colliding_names(class_names: Sequence[str]) -> list[str]:
   return sorted(n for n, count in seen.items() if count > 1)
 
 
-def _names_for(folders: Sequence[str], class_names: ClassNames, where: str) -> list[str]:
+def names_for_folders(folders: Sequence[str], class_names: ClassNames, where: str) -> list[str]:
+  """Class names of sorted class folders: their own (display_name), a list in folder order, or
+  {folder: name} (folders it leaves out keep their own). Raises ValueError on a mismatch."""
   if class_names is None:
     return [display_name(f) for f in folders]
   if isinstance(class_names, Mapping):  # {folder: name}; folders it does not name keep their own
@@ -154,7 +159,7 @@ class ImageFolderSource(LabelledFiles):
   def __init__(self, root: str, class_names: ClassNames = None, templates: Sequence[str] | None = None):
     folders, entries, problems = scan_image_folder(root)
     self.root, self.folders = root, folders
-    self._init_records(entries, _names_for(folders, class_names, root), problems, root, templates)
+    self._init_records(entries, names_for_folders(folders, class_names, root), problems, root, templates)
 
 
 def scan_image_folder(root: str) -> tuple[list[str], list, Problems]:
@@ -232,7 +237,9 @@ class LabelTableSource(LabelledFiles):
     if isinstance(class_names, Mapping):
       raise ValueError(f"{path}: class names for a label table are a list (index order), not an object.")
     rows = list(_table_rows(path))
-    columns = list(dict.fromkeys(k for _, row in rows if isinstance(row, dict) for k in row))
+    # Most common keys first (JSONL rows may differ), so the column most rows use wins a tie of names.
+    key_counts = collections.Counter(k for _, row in rows if isinstance(row, dict) for k in row)
+    columns = sorted(key_counts, key=lambda k: -key_counts[k])
     path_col = _column(columns, path_column, PATH_COLUMNS, "path", path)
     label_col = _column(columns, label_column, LABEL_COLUMNS, "label", path)
     labels = [_label_text(row.get(label_col)) if isinstance(row, dict) else "" for _, row in rows]
@@ -280,9 +287,9 @@ def _column(columns, explicit: str | None, choices, what: str, path: str) -> str
     if explicit not in columns:
       raise ValueError(f"{path}: has no column {explicit!r} (columns: {columns}).")
     return explicit
-  for choice in choices:
-    if choice in columns:
-      return choice
+  for column in columns:
+    if column in choices:
+      return column
   raise ValueError(f"{path}: no {what} column among {columns}; expected one of {', '.join(choices)}.")
 
 
@@ -329,7 +336,7 @@ class WebDatasetSource(LabelledFiles):
     for path in paths:
       entries.extend(_index_tar(path, problems))
     if class_names is None:
-      names_file = _find_classnames_file(paths[0])
+      names_file = find_classnames_file(paths[0])
       class_names = read_class_names_file(names_file) if names_file else None
     if isinstance(class_names, Mapping):
       raise ValueError("class names for webdataset tars are a list (index order), not an object.")
@@ -354,7 +361,7 @@ class WebDatasetSource(LabelledFiles):
     return data
 
 
-def _find_classnames_file(tar_path: str) -> str | None:
+def find_classnames_file(tar_path: str) -> str | None:
   folder = os.path.dirname(os.path.abspath(tar_path))
   for candidate in (os.path.join(folder, CLASSNAMES_FILE), os.path.join(os.path.dirname(folder), CLASSNAMES_FILE)):
     if os.path.isfile(candidate):

@@ -1,23 +1,39 @@
-"""Converts image-text collections into ArrayRecord shards for the input pipeline.
+r"""Converts image-text collections, and labelled image collections, into ArrayRecord shards.
 
     python -m clip_jax.data.prepare --input photos/ --output data/mine/train
     python -m clip_jax.data.prepare --input pairs.csv --output data/mine/train --shard-size 10000
     python -m clip_jax.data.prepare --input 'laion/{00000..00009}.tar' --output data/laion/train
+    python -m clip_jax.data.prepare --input pets/train --output data/pets/train --caption-template "a photo of a {}, a type of pet."
 
 Inputs (several may be given, in any mix):
-  a directory   images (jpg, png, webp, ...) with a sidecar caption: photo.jpg + photo.txt
-  a .csv file   columns for the image path and the caption (path relative to the CSV's folder);
-                named path/filepath/image/file and caption/text/title, or --path-column/--caption-column
-  a .jsonl file one object per line with the same keys
-  a .tar file   webdataset / img2dataset shards: members KEY.jpg|png|webp + KEY.txt (or KEY.json
-                with a "caption") grouped by KEY; a glob or {a..b} range names many
-Every image is fully decoded once to check it; files in an odd mode or format are stored re-encoded
-as PNG (counted as repaired), all others byte-for-byte. Each record is skipped or repaired for a
-reason that is counted; the counts are printed and written to OUTPUT/report.json.
+  a directory   either captioned images: photo.jpg with a sidecar caption photo.txt beside it;
+                or class sub-folders (torchvision's ImageFolder layout, ROOT/CLASS/**/image.jpg): the
+                label is the folder's index in sorted order, the class name the folder name ('_' read
+                as a space) or --classnames'. --layout chooses; 'auto' takes class folders when no image
+                below the directory has a sidecar caption and it has sub-folders
+  a .csv/.tsv   a header row, then one row per image. Columns read (others are ignored):
+                  path      path / filepath / file_path / image / image_path / file / filename
+                            (or --path-column): the image, relative to the table's folder
+                  caption   caption / text / title / txt / description (or --caption-column)
+                  label     label / class / class_name / cls / target / category (or --label-column),
+                            optional: a class index, or a class name (numbered in sorted order, or by
+                            --classnames). With a label, the caption column is optional
+  a .jsonl      one object per line with the same keys
+  a .tar file   webdataset / img2dataset shards: members KEY.jpg|png|webp|... grouped by KEY, with the
+                caption in KEY.txt (or KEY.json's "caption") and/or the label in KEY.cls (a class index
+                as text; class names from --classnames or a classnames.txt beside the tars); a glob or
+                {a..b} range names many
+A labelled image without a caption gets one from --caption-template ('{}' = the class name; default
+'{}', the class name itself). Every image is fully decoded once to check it; files in an odd mode or
+format are stored re-encoded as PNG (counted as repaired), all others byte-for-byte. Each record is
+skipped or repaired for a reason that is counted; the counts are printed and written to
+OUTPUT/report.json, and the class names of labelled data to OUTPUT/classnames.txt (read back by the
+shards' source).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import glob
 import io
@@ -32,14 +48,46 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
 from clip_jax.data import images as image_ops
+from clip_jax.data.labelled import (CLASSNAMES_FILE, IMAGE_EXTENSIONS, KEPT_PROBLEMS, LABEL_COLUMNS, PATH_COLUMNS,
+                                    find_classnames_file, names_for_folders, read_class_names_file,
+                                    scan_image_folder, tar_key)
 from clip_jax.data.records import (DEFAULT_MAX_CAPTION_CHARS, BadRecord, QualityCounts, clean_caption,
                                    encode_record)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _STORED_AS_IS = ("JPEG", "PNG", "WEBP")  # formats every reader decodes; others are re-encoded
-_PATH_COLUMNS = ("path", "filepath", "file_path", "image", "image_path", "file", "filename")
 _CAPTION_COLUMNS = ("caption", "text", "title", "txt", "description")
 DEFAULT_SHARD_SIZE = 5000
+
+
+class ClassNames:
+  """The class names of the labelled inputs, shared by all of them. Fixed by --classnames (a list
+  in label order; a name not in it is an unknown label) or by class folders (their sorted order);
+  otherwise numbered as they come, each input's new names in sorted order."""
+
+  def __init__(self, names: list[str] | None = None):
+    self.fixed = names is not None
+    self.names: list[str] = list(names or [])
+
+  def set_for_folders(self, names: list[str], where: str) -> None:
+    if self.names and self.names != names:
+      raise ValueError(f"{where}: its class folders give the classes {names[:5]}..., another input gave "
+                       f"{self.names[:5]}...; convert them separately or give --classnames.")
+    self.names, self.fixed = list(names), True
+
+  def add(self, names) -> None:
+    if not self.fixed:
+      self.names.extend(n for n in sorted(set(names)) if n not in self.names)
+
+  def index(self, text: str) -> int | None:
+    """A class name -> its index; an integer -> itself (None: unknown, or past fixed names)."""
+    if text in self.names:
+      return self.names.index(text)
+    if text.isdigit() and (not self.fixed or int(text) < len(self.names)):
+      return int(text)
+    return None
+
+  def name(self, label: int) -> str:
+    return self.names[label] if 0 <= label < len(self.names) else str(label)
 
 
 class Candidate:
@@ -77,9 +125,12 @@ def expand_braces(pattern: str) -> list[str]:
 
 def read_candidates(path: str, args) -> Iterator[Candidate]:
   if os.path.isdir(path):
-    yield from _read_folder(path)
+    if _folder_layout(path, args.layout) == "classes":
+      yield from _read_class_folders(path, args)
+    else:
+      yield from _read_folder(path)
   elif path.endswith(".tar"):
-    yield from _read_tar(path)
+    yield from _read_tar(path, args)
   elif path.endswith(".csv") or path.endswith(".tsv"):
     yield from _read_table(path, args, delimiter="\t" if path.endswith(".tsv") else ",")
   elif path.endswith(".jsonl") or path.endswith(".json"):
@@ -91,6 +142,41 @@ def read_candidates(path: str, args) -> Iterator[Candidate]:
 def _read_bytes(path: str) -> bytes:
   with open(path, "rb") as f:
     return f.read()
+
+
+def _folder_layout(root: str, layout: str) -> str:
+  if layout != "auto":
+    return layout
+  has_subfolders = any(e.is_dir() for e in os.scandir(root))
+  for _, _, files in os.walk(root):
+    names = set(files)
+    if any(os.path.splitext(n)[0] + ".txt" in names for n in files if n.lower().endswith(IMAGE_EXTENSIONS)):
+      return "captions"  # an image with its sidecar caption
+  return "classes" if has_subfolders else "captions"
+
+
+def _read_class_folders(root: str, args) -> Iterator[Candidate]:
+  """ROOT/CLASS/**/image -> labelled candidates (label = the folder's sorted index); what the scan
+  found wrong (non-image files, empty class folders, ...) becomes skipped candidates, so it is
+  counted with the rest."""
+  folders, entries, problems = scan_image_folder(root)
+  args.class_names.set_for_folders(names_for_folders(folders, args.given_class_names, root), root)
+  base = os.path.basename(os.path.normpath(root))
+  for reason, count in sorted(problems.counts.items()):
+    examples = problems.examples.get(reason, [])
+    if reason in KEPT_PROBLEMS:  # noted in the report, nothing left out
+      args.notes[reason] += count
+      continue
+    for i in range(count):
+      yield Candidate(f"{base}/{examples[i]}" if i < len(examples) else base, skip=reason,
+                      detail="found when scanning the class folders")
+  for path, label, key, _ in entries:
+    try:
+      image = _read_bytes(path)
+    except OSError as e:
+      yield Candidate(key, skip="unreadable_file", detail=str(e))
+      continue
+    yield Candidate(key, image, args.caption_template.format(args.class_names.name(label)), label)
 
 
 def _read_folder(root: str) -> Iterator[Candidate]:
@@ -131,18 +217,36 @@ def _pick_column(columns, explicit: str | None, choices, what: str, path: str) -
                    f"--{what}-column.")
 
 
-def _row_candidate(row: dict, path_col: str, caption_col: str, base: str, key: str) -> Candidate:
-  image_path, caption = row.get(path_col), row.get(caption_col)
+def _optional_column(columns, explicit: str | None, choices) -> str | None:
+  if explicit:
+    return explicit if explicit in columns else None
+  return next((c for c in choices if c in columns), None)
+
+
+def _label_text(value) -> str:
+  return "" if value is None or isinstance(value, (dict, list)) else str(value).strip()
+
+
+def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Candidate:
+  path_col, caption_col, label_col = columns
+  image_path = row.get(path_col)
+  caption = row.get(caption_col) if caption_col else None
   if not isinstance(image_path, str) or not image_path.strip():
     return Candidate(key, skip="malformed_row", detail=f"no {path_col!r} value")
+  label = None
+  text = _label_text(row.get(label_col)) if label_col is not None else ""
+  if text:  # a row without a label is an unlabelled record, as in a plain caption table
+    label = args.class_names.index(text)
+    if label is None:
+      return Candidate(key, skip="unknown_label", detail=f"label {text!r} is not a class index or a known name")
+    if caption is None or (isinstance(caption, str) and not caption.strip()):
+      caption = args.caption_template.format(args.class_names.name(label))
   if caption is None:
     caption = ""
   elif isinstance(caption, (int, float)):
     caption = str(caption)
   if isinstance(caption, str) and any("\udc80" <= c <= "\udcff" for c in caption):
     caption = caption.encode("utf-8", errors="surrogateescape")  # undecodable bytes: let clean_caption count them
-  label = row.get("label")
-  label = int(label) if isinstance(label, (int, str)) and str(label).strip().lstrip("-").isdigit() else None
   full_path = os.path.join(base, image_path.strip())
   if not os.path.isfile(full_path):
     return Candidate(key, skip="missing_file", detail=f"{full_path} does not exist")
@@ -152,47 +256,66 @@ def _row_candidate(row: dict, path_col: str, caption_col: str, base: str, key: s
     return Candidate(key, skip="unreadable_file", detail=str(e))
 
 
+def _table_columns(columns, args, path: str) -> tuple[str, str | None, str | None]:
+  """(path column, caption column or None, label column or None); with a label the caption may be absent."""
+  path_col = _pick_column(columns, args.path_column, PATH_COLUMNS, "path", path)
+  label_col = _optional_column(columns, args.label_column, LABEL_COLUMNS)
+  if args.label_column and label_col is None:
+    raise ValueError(f"{path}: has no column {args.label_column!r} (columns: {list(columns)}).")
+  if label_col is None:
+    return path_col, _pick_column(columns, args.caption_column, _CAPTION_COLUMNS, "caption", path), None
+  return path_col, _optional_column(columns, args.caption_column, _CAPTION_COLUMNS), label_col
+
+
+def _register_labels(rows, label_col: str | None, args) -> None:
+  """Names among the labels (not integers) join the class names, sorted, before any row is converted."""
+  if label_col is not None:
+    texts = (_label_text(row.get(label_col)) for row in rows if isinstance(row, dict))
+    args.class_names.add(t for t in texts if t and not t.isdigit())
+
+
 def _read_table(path: str, args, delimiter: str) -> Iterator[Candidate]:
   base = os.path.dirname(os.path.abspath(path))
   with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
     reader = csv.DictReader(f, delimiter=delimiter)
-    columns = reader.fieldnames or []
-    path_col = _pick_column(columns, args.path_column, _PATH_COLUMNS, "path", path)
-    caption_col = _pick_column(columns, args.caption_column, _CAPTION_COLUMNS, "caption", path)
-    for line, row in enumerate(reader, start=2):
-      yield _row_candidate(row, path_col, caption_col, base, f"{os.path.basename(path)}:{line}")
+    rows = list(reader)  # twice over: class names first, then the rows
+    columns = _table_columns(reader.fieldnames or [], args, path)
+  _register_labels(rows, columns[2], args)
+  for line, row in enumerate(rows, start=2):
+    yield _row_candidate(row, columns, base, f"{os.path.basename(path)}:{line}", args)
 
 
 def _read_jsonl(path: str, args) -> Iterator[Candidate]:
   base = os.path.dirname(os.path.abspath(path))
-  columns = None
+  rows = []
   with open(path, encoding="utf-8", errors="surrogateescape") as f:
     for line_number, line in enumerate(f, start=1):
-      key = f"{os.path.basename(path)}:{line_number}"
       if not line.strip():
         continue
       try:
         row = json.loads(line)
-        assert isinstance(row, dict)
-      except (json.JSONDecodeError, AssertionError):
-        yield Candidate(key, skip="malformed_row", detail="not a JSON object")
-        continue
-      if columns is None:
-        columns = (_pick_column(row, args.path_column, _PATH_COLUMNS, "path", path),
-                   _pick_column(row, args.caption_column, _CAPTION_COLUMNS, "caption", path))
-      yield _row_candidate(row, columns[0], columns[1], base, key)
+      except json.JSONDecodeError:
+        row = None
+      rows.append((f"{os.path.basename(path)}:{line_number}", row if isinstance(row, dict) else None))
+  keys = list(dict.fromkeys(k for _, row in rows if row is not None for k in row))
+  columns = _table_columns(keys, args, path) if keys else None
+  if columns is not None:
+    _register_labels([row for _, row in rows], columns[2], args)
+  for key, row in rows:
+    if row is None:
+      yield Candidate(key, skip="malformed_row", detail="not a JSON object")
+    else:
+      yield _row_candidate(row, columns, base, key, args)
 
 
-def _tar_key(member_name: str) -> tuple[str, str]:
-  # webdataset: the key is the path up to the first dot of the basename; the rest is the field.
-  folder, base = os.path.split(member_name)
-  stem, _, field = base.partition(".")
-  return os.path.join(folder, stem), field.lower()
-
-
-def _read_tar(path: str) -> Iterator[Candidate]:
+def _read_tar(path: str, args) -> Iterator[Candidate]:
   name = os.path.basename(path)
   group_key, fields = None, {}
+  if not args.class_names.fixed and not args.class_names.names:  # clip_benchmark's classnames.txt
+    names_file = find_classnames_file(path)
+    if names_file:
+      names = read_class_names_file(names_file)
+      args.class_names = ClassNames(names if isinstance(names, list) else None)
 
   def flush():
     if group_key is None:
@@ -205,11 +328,18 @@ def _read_tar(path: str) -> Iterator[Candidate]:
         caption = json.loads(fields["json"]).get("caption")
       except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
         caption = None
+    label = None
+    if "cls" in fields:
+      label = args.class_names.index(fields["cls"].decode("utf-8", "replace").strip())
+      if label is None:
+        return Candidate(key, skip="unknown_label", detail=f"cls {fields['cls'][:20]!r}")
+      if caption is None:
+        caption = args.caption_template.format(args.class_names.name(label))
     if image_field is None:
       return Candidate(key, skip="missing_image", detail=f"fields {sorted(fields)}")
     if caption is None:
       return Candidate(key, skip="missing_caption", detail=f"fields {sorted(fields)}")
-    return Candidate(key, fields[image_field], caption)
+    return Candidate(key, fields[image_field], caption, label)
 
   data_end = 0
   try:
@@ -218,7 +348,7 @@ def _read_tar(path: str) -> Iterator[Candidate]:
         data_end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
         if not member.isfile():
           continue
-        key, field = _tar_key(member.name)
+        key, field = tar_key(member.name)
         if key != group_key:
           candidate = flush()
           if candidate is not None:
@@ -301,10 +431,17 @@ def convert(inputs: list[str], output: str, *, shard_size: int = DEFAULT_SHARD_S
             max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
             max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, workers: int = 1,
             overwrite: bool = False, path_column: str | None = None,
-            caption_column: str | None = None, verbose: bool = True) -> dict:
-  """Writes shards and OUTPUT/report.json; returns the report."""
+            caption_column: str | None = None, label_column: str | None = None, layout: str = "auto",
+            classnames_file: str | None = None, caption_template: str = "{}", verbose: bool = True) -> dict:
+  """Writes shards, OUTPUT/report.json and (for labelled data) OUTPUT/classnames.txt; returns the
+  report. Raises ValueError / FileNotFoundError / FileExistsError for what the user must fix."""
   if shard_size < 1:
     raise ValueError(f"--shard-size must be at least 1, got {shard_size}.")
+  if caption_template.count("{}") != 1:
+    raise ValueError(f"--caption-template {caption_template!r} needs exactly one '{{}}' for the class name.")
+  if layout not in ("auto", "captions", "classes"):
+    raise ValueError(f"--layout must be auto, captions or classes, not {layout!r}.")
+  given = read_class_names_file(classnames_file) if classnames_file else None
   paths = expand_inputs(inputs)
   os.makedirs(output, exist_ok=True)
   existing = glob.glob(os.path.join(output, "*.array_record"))
@@ -314,7 +451,10 @@ def convert(inputs: list[str], output: str, *, shard_size: int = DEFAULT_SHARD_S
                             "--output or pass --overwrite.")
     for path in existing:
       os.remove(path)
-  options = argparse.Namespace(path_column=path_column, caption_column=caption_column)
+  options = argparse.Namespace(path_column=path_column, caption_column=caption_column, label_column=label_column,
+                               layout=layout, caption_template=caption_template, given_class_names=given,
+                               class_names=ClassNames(given if isinstance(given, list) else None),
+                               notes=collections.Counter())
   counts = QualityCounts()
   writer = ShardWriter(output, shard_size)
   written, started = 0, time.time()
@@ -341,8 +481,13 @@ def convert(inputs: list[str], output: str, *, shard_size: int = DEFAULT_SHARD_S
     if pool is not None:
       pool.shutdown()
   shards = writer.close()
+  class_names = options.class_names.names
+  if class_names:
+    with open(os.path.join(output, CLASSNAMES_FILE), "w", encoding="utf-8") as f:
+      f.write("".join(f"{name}\n" for name in class_names))
   report = {"written": written, "shards": [os.path.basename(s) for s in shards],
-            "inputs": paths, **counts.as_dict(),
+            "inputs": paths, "num_classes": len(class_names), **counts.as_dict(),
+            "notes": dict(sorted(options.notes.items())),
             "format": "clip_jax.data.records (CLR1: JSON header + image bytes)",
             "seconds": round(time.time() - started, 2)}
   with open(os.path.join(output, "report.json"), "w") as f:
@@ -350,6 +495,8 @@ def convert(inputs: list[str], output: str, *, shard_size: int = DEFAULT_SHARD_S
   if verbose:
     print(f"wrote {written} records in {len(shards)} shards to {output}")
     print(counts.table())
+    for reason, count in sorted(options.notes.items()):
+      print(f"noted (all kept): {reason} {count}")
   return report
 
 
@@ -379,12 +526,20 @@ def main(argv=None) -> int:
   parser.add_argument("--workers", type=int, default=1, help="processes that decode and check images")
   parser.add_argument("--path-column", help="CSV/JSONL column holding the image path")
   parser.add_argument("--caption-column", help="CSV/JSONL column holding the caption")
+  parser.add_argument("--label-column", help="CSV/JSONL column holding the class index or name")
+  parser.add_argument("--layout", default="auto", choices=("auto", "captions", "classes"),
+                      help="a directory input: captioned images (photo.jpg + photo.txt) or class sub-folders")
+  parser.add_argument("--classnames", help="class names: one per line (label order; for class folders, sorted "
+                      "folder order) or JSON (a list, or {folder: name})")
+  parser.add_argument("--caption-template", default="{}",
+                      help="caption of a labelled image without one; '{}' is the class name (default: the name)")
   parser.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
   args = parser.parse_args(argv)
   try:
     convert(args.input, args.output, shard_size=args.shard_size, max_pixels=args.max_pixels,
             max_caption_chars=args.max_caption_chars, workers=args.workers, overwrite=args.overwrite,
-            path_column=args.path_column, caption_column=args.caption_column)
+            path_column=args.path_column, caption_column=args.caption_column, label_column=args.label_column,
+            layout=args.layout, classnames_file=args.classnames, caption_template=args.caption_template)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

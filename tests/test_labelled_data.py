@@ -1,0 +1,187 @@
+"""The user's own labelled images: class folders, path/label tables and webdataset tars as sources;
+`prepare` converts the same layouts; what is wrong with the data is counted and reported, never a crash."""
+import io
+import json
+import os
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import clip_jax
+from clip_jax import evaluate as cli
+from clip_jax.data import labelled, prepare, sources
+
+
+def _png(path, rng, size=(20, 30)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def _messy_folder(root, rng):
+  """Two good classes; a corrupt .jpg, a non-image file, an empty class folder, and two files whose
+  names differ only in extension (a name collision)."""
+  for i in range(4):
+    _png(root / "golden_retriever" / f"{i}.png", rng)
+    _png(root / "tabby_cat" / f"{i}.png", rng)
+  _png(root / "tabby_cat" / "3.jpeg", rng)                 # collides with 3.png: both kept
+  (root / "golden_retriever" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+  (root / "golden_retriever" / "notes.txt").write_text("taken in May")
+  os.makedirs(root / "zebra")                             # no image at all
+  return root
+
+
+def test_image_folder_source_counts_what_is_wrong(tmp_path):
+  root = _messy_folder(tmp_path / "pets", np.random.default_rng(0))
+  source = sources.open_source(str(root))
+  assert isinstance(source, labelled.ImageFolderSource)
+  assert source.class_names == ["golden retriever", "tabby cat", "zebra"]  # sorted folders, '_' read as ' '
+  assert source.problems == {"empty_class_folder": 1, "name_collision": 2, "not_an_image": 1}
+  assert source.problem_examples["name_collision"] == ["tabby_cat/3.*"]
+  assert len(source) == 10  # 4 + corrupt + 4 + the collision's second file
+  labels = [source[i]["label"] for i in range(len(source))]
+  assert labels == [0] * 5 + [1] * 5
+  assert source.record_key(0) == os.path.join("golden_retriever", "0.png")
+  assert source[0]["captions"][0] == "a photo of a golden retriever."
+  renamed = sources.open_source(str(root), class_names={"tabby_cat": "cat", "zebra": "golden retriever"})
+  assert renamed.class_names == ["golden retriever", "cat", "golden retriever"]
+  assert renamed.problems["class_name_collision"] == 1
+  with pytest.raises(ValueError, match="3 class folders but 2 class names"):
+    sources.open_source(str(root), class_names=["a", "b"])
+
+
+def test_label_tables_take_indices_or_names(tmp_path):
+  rng = np.random.default_rng(1)
+  for name in ("a.png", "b.png", "c.png"):
+    _png(tmp_path / "img" / name, rng)
+  (tmp_path / "by_name.csv").write_text("filepath,class,note\nimg/a.png,dog,x\nimg/b.png,cat,y\n"
+                                        "img/gone.png,cat,z\nimg/c.png,bird,w\n")
+  source = sources.open_source(str(tmp_path / "by_name.csv"))
+  assert source.class_names == ["bird", "cat", "dog"]
+  assert [source[i].get("label") for i in (0, 1, 3)] == [2, 1, 0]
+  assert source[2]["skip"] == "missing_file" and source.problems == {"missing_file": 1}
+  (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in (
+      {"image": "img/a.png", "label": 1}, {"image": "img/b.png", "label": "cat"}, {"image": "img/c.png", "label": 7},
+      {"path": None})) + "\n")
+  source = sources.open_source(str(tmp_path / "rows.jsonl"), class_names=["dog", "cat"])
+  assert [source[i].get("label", source[i].get("skip")) for i in range(4)] == [1, 1, "unknown_label", "malformed_row"]
+  (tmp_path / "nolabel.csv").write_text("path,caption\nimg/a.png,hi\n")
+  with pytest.raises(ValueError, match="no label column"):
+    sources.open_source(str(tmp_path / "nolabel.csv"))
+
+
+def _tar(path, members):
+  with tarfile.open(path, "w") as archive:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      archive.addfile(info, io.BytesIO(data))
+
+
+def _png_bytes(rng):
+  buffer = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def test_webdataset_tars_with_cls_and_classnames_file(tmp_path):
+  rng = np.random.default_rng(2)
+  os.makedirs(tmp_path / "wds" / "test")
+  images = [_png_bytes(rng) for _ in range(4)]
+  _tar(tmp_path / "wds" / "test" / "0.tar", [("s0.png", images[0]), ("s0.cls", b"1"), ("s1.png", images[1]),
+                                              ("s1.cls", b"0\n"), ("s2.cls", b"1")])
+  _tar(tmp_path / "wds" / "test" / "1.tar", [("s3.png", images[2]), ("s3.cls", b"5"), ("s4.webp", b"RIFF"),
+                                              ("s5.png", images[3])])
+  (tmp_path / "wds" / "classnames.txt").write_text("cat\ndog\n")  # clip_benchmark's layout: one folder up
+  source = sources.open_source(str(tmp_path / "wds" / "{split}"), "test")
+  assert isinstance(source, labelled.WebDatasetSource) and source.class_names == ["cat", "dog"]
+  assert source[0]["image"] == images[0] and source[0]["label"] == 1 and source[1]["label"] == 0
+  reasons = [source[i].get("skip") for i in range(len(source))]
+  assert reasons == [None, None, "missing_image", "unknown_label", "missing_label", "missing_label"]
+  assert source.problems == {"missing_image": 1, "missing_label": 2, "unknown_label": 1}
+  assert len(sources.open_source(str(tmp_path / "wds" / "test" / "{0..1}.tar"))) == 6
+
+
+def test_prepare_converts_class_folders_tables_and_tars(tmp_path, capsys):
+  rng = np.random.default_rng(3)
+  root = _messy_folder(tmp_path / "pets", rng)
+  report = prepare.convert([str(root)], str(tmp_path / "shards"), caption_template="a photo of a {}.", verbose=False)
+  assert report["written"] == 9 and report["num_classes"] == 3
+  assert report["skipped"] == {"corrupt_image": 1, "empty_class_folder": 1, "not_an_image": 1}
+  assert report["notes"] == {"name_collision": 2}
+  shards = sources.open_source(str(tmp_path / "shards"))
+  assert shards.class_names == ["golden retriever", "tabby cat", "zebra"]  # from OUTPUT/classnames.txt
+  records = [shards[i] for i in range(len(shards))]
+  assert sorted(r["label"] for r in records) == [0] * 4 + [1] * 5
+  assert {r["captions"][0] for r in records} == {"a photo of a golden retriever.", "a photo of a tabby cat."}
+
+  (tmp_path / "rows.csv").write_text("path,label,caption\npets/tabby_cat/0.png,tabby,\n"
+                                     "pets/tabby_cat/1.png,1,a cat on a mat\npets/zebra.png,tabby,\n")
+  (tmp_path / "names.txt").write_text("dog\ntabby\n")
+  report = prepare.convert([str(tmp_path / "rows.csv")], str(tmp_path / "table"), classnames_file=str(tmp_path / "names.txt"),
+                           caption_template="a {} photo", verbose=False)
+  assert report["written"] == 2 and report["skipped"] == {"missing_file": 1}
+  table = sources.open_source(str(tmp_path / "table"))
+  assert sorted((r["label"], r["captions"][0]) for r in (table[0], table[1])) == [(1, "a cat on a mat"), (1, "a tabby photo")]
+
+  os.makedirs(tmp_path / "tars")
+  _tar(tmp_path / "tars" / "0.tar", [("k0.png", _png_bytes(rng)), ("k0.cls", b"1"), ("k1.png", _png_bytes(rng)),
+                                     ("k1.txt", b"its own caption"), ("k1.cls", b"0")])
+  (tmp_path / "tars" / "classnames.txt").write_text("cat\ndog\n")
+  report = prepare.convert([str(tmp_path / "tars" / "0.tar")], str(tmp_path / "from_tar"), verbose=False)
+  records = [sources.open_source(str(tmp_path / "from_tar"))[i] for i in range(2)]
+  assert report["written"] == 2 and [(r["label"], r["captions"][0]) for r in records] == [(1, "dog"), (0, "its own caption")]
+  assert prepare.main(["--input", str(root), "--output", str(tmp_path / "bad"), "--caption-template", "no slot"]) == 2
+  assert "needs exactly one '{}'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  model = clip_jax.create_model("ViT-Tiny")
+  return clip_jax.export_hf(model, clip_jax.init_variables(model, jax.random.key(0)),
+                            str(tmp_path_factory.mktemp("tiny_hf")))
+
+
+def test_cli_on_a_messy_folder_counts_and_reports(tiny_checkpoint, tmp_path, capsys):
+  rng = np.random.default_rng(4)
+  for split in ("train", "test"):
+    _messy_folder(tmp_path / "pets" / split, rng)
+  _png(tmp_path / "pets" / "train" / "tabby_cat" / "only_in_train.png", rng)
+  out = tmp_path / "eval"
+  rc = cli.main(["--checkpoint", tiny_checkpoint, "--tasks", f"zeroshot:mine={tmp_path / 'pets' / 'test'},"
+                 f"linear_probe:mine={tmp_path / 'pets' / '{split}'}", "--batch-size", "8", "--out", str(out)])
+  assert rc == 0
+  report = json.loads((out / "results.json").read_text())
+  zeroshot, probe = report["results"]
+  assert zeroshot["num_examples"] == 9 and zeroshot["num_skipped"] == 1 and zeroshot["num_classes"] == 3
+  assert zeroshot["data"]["test"]["skipped"] == {"corrupt_image": 1}
+  assert zeroshot["data"]["test"]["problems"] == {"empty_class_folder": 1, "name_collision": 2, "not_an_image": 1}
+  assert probe["num_train"] == 10 and probe["num_examples"] == 9
+  assert probe["data"]["train"]["skipped"] == {"corrupt_image": 1}
+  predictions = (out / "predictions" / "zeroshot_mine.csv").read_text().splitlines()
+  assert predictions[0] == "index,key,label,prediction,label_name,prediction_name" and len(predictions) == 10
+  assert "broken" not in "".join(predictions)
+  table = (out / "results.md").read_text()
+  assert "Data problems" in table and "skipped corrupt_image 1" in table and "empty_class_folder 1" in table
+  err = capsys.readouterr().err
+  assert "zeroshot:mine test data: empty_class_folder 1, name_collision 2, not_an_image 1, skipped corrupt_image 1" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "linear_probe:mine=/data/mine"], "needs a training and a test split"),
+    (["--tasks", "zeroshot:cifar10", "--templates", "/no/such/file.txt"], "--templates /no/such/file.txt: no such"),
+    (["--tasks", "zeroshot:nope"], "NAME=PATH for your own data"),
+])
+def test_cli_user_data_errors_are_one_line(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--checkpoint", "unused", *args])
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_act_on_a_directory_and_unknown_model_name(tiny_checkpoint, tmp_path, capsys):
+  folder = tmp_path / "data"
+  _png(folder / "a" / "0.png", np.random.default_rng(5))
+  assert cli.main(["--checkpoint", tiny_checkpoint, "--act", "gelu", "--tasks", f"zeroshot:d={folder}"]) == 1
+  assert "--act applies to bare state-dict files" in capsys.readouterr().err
