@@ -6,10 +6,16 @@ process is a `launch.worker` with its own simulated CPU devices, joined over loc
 
 `supervise` watches the children: when one fails, the others get `grace_s` seconds to notice on
 their own (their watchdog exits them), then are terminated; the launcher exits non-zero naming the
-process that failed first and its exit code.
+process that failed first and its exit code. The children die with the launcher even when it is
+SIGKILLed and can forward nothing: on Linux each asks the kernel for a SIGKILL when its parent dies
+(prctl PR_SET_PDEATHSIG), as if the whole run had been killed; it resumes from its last checkpoint.
+(SIGKILL, not SIGTERM: a worker inside jax.distributed takes SIGTERM as a preemption notice and
+would wait for its peers at the next step, which a worker stuck in start-up never reaches.)
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import signal
@@ -73,6 +79,40 @@ def multi_process(module: str, trainer_args: list[str], num_processes: int, devi
   return children
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl():
+  """libc's prctl, looked up before any fork (a forked child should call, not load); None off Linux."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.prctl
+  except (OSError, AttributeError):
+    return None
+
+
+_PRCTL = _load_prctl()
+
+
+def die_with_parent(signum: int = signal.SIGKILL):
+  """A `preexec_fn` for Popen: the child gets `signum` when the process that started it dies.
+
+  Linux only (elsewhere None: nothing is asked). The kernel sends it when the *thread* that forked the
+  child exits, so start children from a thread that lives as long as they should (supervise is
+  called from the main thread). A parent that died between fork and prctl is caught by the
+  getppid check."""
+  if _PRCTL is None:
+    return None
+  parent = os.getpid()
+
+  def arm():  # runs in the child between fork and exec: no imports, no allocation-heavy work
+    if _PRCTL(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0 and os.getppid() != parent:
+      os.kill(os.getpid(), signum)
+  return arm
+
+
 def describe_exit(code: int) -> str:
   if code < 0:
     try:
@@ -98,9 +138,11 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
   pumps = []
   for i, child in enumerate(children):
     proc = subprocess.Popen(child.argv, env={**os.environ, **child.env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=several)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=several,
+                            preexec_fn=die_with_parent())
     procs.append(proc)
     print(f"launch: started {child.label} (pid {proc.pid})", file=out, flush=True)
+  for i, proc in enumerate(procs):  # threads only after the forks: preexec_fn runs in a forked copy
     pump = threading.Thread(target=_pump, args=(proc.stdout, f"[{i}] " if several else "", out), daemon=True)
     pump.start()
     pumps.append(pump)

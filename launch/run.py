@@ -5,12 +5,15 @@ r"""Start a training run: here, as N local processes, on a SLURM cluster, or on 
         -- --config=configs/clip/digits.py --workdir=/tmp/digits_2x4
     python -m launch.run --mode=slurm --nodes=4 --gpus-per-node=8 --time=12:00:00 --partition=gpu \
         --dry-run -- --config=configs/clip/paper.py:ViT-B-32 --workdir=/checkpoints/vit_b32
+    python -m launch.run --mode=slurm --nodes=1 --ntasks-per-node=2 --platform=cpu --devices-per-process=4 \
+        --wait -- --config=configs/clip/digits.py:runlocal --workdir=/shared/digits_slurm
     python -m launch.run --mode=tpu --tpu-name=my-v4-32 --zone=us-central2-b --dry-run \
         -- --config=configs/clip/paper.py:ViT-B-32 --workdir=gs://bucket/vit_b32
 
 Everything after `--` goes to the trainer (`--module`, default clip_jax.train; also
 dreambooth_jax.train). `--dry-run` prints exactly what would run and starts nothing. A run whose
-workdir holds a checkpoint resumes from it, whichever way it is launched.
+workdir holds a checkpoint resumes from it, whichever way it is launched. A SLURM job starts in the
+directory this command runs in; `scancel --signal=TERM JOB` makes every task save and stop.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
                  help="where to run (default: local, or processes when --num-processes > 1)")
   p.add_argument("--module", default=DEFAULT_MODULE, help="trainer module to run (default %(default)s)")
   p.add_argument("--dry-run", action="store_true", help="print the commands (and scripts) instead of running them")
-  g = p.add_argument_group("local and processes")
+  g = p.add_argument_group("local and processes (--devices-per-process, --platform, --heartbeat-timeout: slurm too)")
   g.add_argument("--num-processes", type=int, default=1, help="local processes joined into one run")
   g.add_argument("--devices-per-process", type=int, default=None,
                  help="simulated CPU devices per process (XLA_FLAGS=--xla_force_host_platform_device_count)")
@@ -49,7 +52,10 @@ def parser() -> argparse.ArgumentParser:
                       "before they are terminated (default %(default)s)")
   g = p.add_argument_group("slurm")
   g.add_argument("--nodes", type=int, default=1)
-  g.add_argument("--gpus-per-node", type=int, default=8)
+  g.add_argument("--gpus-per-node", type=int, default=None,
+                 help="GPUs per node (default 8; 0 with --platform=cpu)")
+  g.add_argument("--ntasks-per-node", type=int, default=None,
+                 help="tasks (processes) per node (default: one per GPU)")
   g.add_argument("--cpus-per-task", type=int, default=None)
   g.add_argument("--time", default="24:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS")
   g.add_argument("--partition", default=None)
@@ -57,9 +63,12 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--job-name", default=None, help="default: the workdir's last component")
   g.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                  help="extra sbatch option, repeatable (e.g. --sbatch=--qos=high)")
-  g.add_argument("--setup", default="source .venv/bin/activate", help="shell line run before srun")
+  g.add_argument("--setup", default="",
+                 help="shell line run before srun, e.g. 'module load cuda' (the tasks run this command's python)")
   g.add_argument("--log-dir", default="slurm_logs",
-                 help="job logs and scripts (relative to the repository, like a relative --workdir)")
+                 help="job logs and scripts (relative to the current directory, like a relative --workdir)")
+  g.add_argument("--wait", action="store_true",
+                 help="follow the job to its end and exit with its status (0 when COMPLETED)")
   g.add_argument("--script", default=None, help="where to write the sbatch script (default LOG_DIR/JOB.sbatch)")
   g.add_argument("--no-requeue", action="store_true", help="do not requeue the job after preemption")
   g = p.add_argument_group("tpu")
@@ -124,15 +133,17 @@ def launch(argv: list[str], out=None) -> int:
 
   if args.mode == "slurm":
     job_name = args.job_name or os.path.basename(os.path.normpath(workdir or "clip_jax")) or "clip_jax"
+    platform = args.platform or ("cpu" if args.devices_per_process else None)  # simulated devices are CPU ones
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else (0 if platform == "cpu" else 8)
     settings = slurm.SlurmSettings(
-        job_name=job_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-        time=args.time, partition=args.partition, account=args.account, log_dir=args.log_dir,
-        requeue=not args.no_requeue, extra_sbatch=tuple(args.sbatch), setup=args.setup)
-    script = slurm.sbatch_script(settings, args.module, trainer_args, local.REPO_ROOT)
+        job_name=job_name, nodes=args.nodes, gpus_per_node=gpus, ntasks_per_node=args.ntasks_per_node,
+        cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
+        log_dir=args.log_dir, requeue=not args.no_requeue, extra_sbatch=tuple(args.sbatch), setup=args.setup,
+        env=local.child_env(args.devices_per_process if platform == "cpu" else None, platform))
+    run_dir = os.getcwd()
+    script = slurm.sbatch_script(settings, args.module, trainer_args, run_dir, args.heartbeat_timeout)
     script_path = args.script or os.path.join(args.log_dir, f"{job_name}.sbatch")
-    if not args.dry_run:
-      os.makedirs(os.path.join(local.REPO_ROOT, args.log_dir), exist_ok=True)  # sbatch does not create it
-    return slurm.submit(script, script_path, args.dry_run, out, local.REPO_ROOT)
+    return slurm.submit(script, script_path, settings, run_dir, dry_run=args.dry_run, wait=args.wait, out=out)
 
   if not (args.tpu_name and args.zone):
     raise SystemExit("launch: --mode=tpu needs --tpu-name and --zone (the slice from "

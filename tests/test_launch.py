@@ -55,13 +55,28 @@ def test_slurm_dry_run_prints_the_script_and_sbatch():
   for expected in ["#SBATCH --job-name=vit_b32", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8",
                    "#SBATCH --gpus-per-node=8", "#SBATCH --time=12:00:00", "#SBATCH --partition=gpu",
                    "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --signal=TERM@300",
-                   "#SBATCH --requeue", "#SBATCH --output=slurm_logs/%x-%j.out", f"cd {REPO}",
-                   "source .venv/bin/activate"]:
+                   "#SBATCH --requeue", "#SBATCH --output=slurm_logs/%x-%j.out", "#SBATCH --open-mode=append",
+                   f"cd {os.getcwd()}"]:
     assert expected in lines, expected
-  assert ("srun --kill-on-bad-exit=1 python -m launch.worker --module=clip_jax.train --heartbeat-timeout=20 -- "
-          "--config=configs/clip/paper.py:ViT-B-32 --workdir=/ckpt/vit_b32") in lines
-  assert lines[-1] == "sbatch slurm_logs/vit_b32.sbatch"
+  assert (f"srun --kill-on-bad-exit=1 {sys.executable} -m launch.worker --module=clip_jax.train --heartbeat-timeout=20 "
+          "-- --config=configs/clip/paper.py:ViT-B-32 --workdir=/ckpt/vit_b32") in lines
+  assert not any(line.startswith(("export JAX_PLATFORMS", "export XLA_FLAGS")) for line in lines)
+  assert lines[-1] == "sbatch --parsable slurm_logs/vit_b32.sbatch"
   assert not os.path.exists(os.path.join(REPO, "slurm_logs", "vit_b32.sbatch"))  # a dry run writes nothing
+
+
+def test_slurm_dry_run_on_cpu_asks_for_tasks_not_gpus():
+  code, text = _launch(["--mode=slurm", "--ntasks-per-node=2", "--devices-per-process=4", "--heartbeat-timeout=10",
+                        "--dry-run", "--", "--workdir=w"])
+  assert code == 0
+  lines = text.splitlines()
+  assert "#SBATCH --ntasks-per-node=2" in lines and "#SBATCH --nodes=1" in lines
+  assert not any("--gpus-per-node" in line for line in lines)
+  assert "export JAX_PLATFORMS=cpu" in lines
+  assert any(line.startswith("export XLA_FLAGS=") and "--xla_force_host_platform_device_count=4" in line
+             for line in lines)
+  assert f"export PYTHONPATH={REPO}" in [line.split(os.pathsep)[0] for line in lines]
+  assert lines[-2].endswith("-m launch.worker --module=clip_jax.train --heartbeat-timeout=10 -- --workdir=w")
 
 
 def test_tpu_dry_run_prints_setup_and_run_on_all_workers():
@@ -111,6 +126,47 @@ def test_supervisor_stops_the_others_and_names_the_failed_process():
   text = out.getvalue()
   assert re.search(r"process 1 \(pid \d+\) exited first with exit code 3; then process 0: exit code -15 "
                    r"\(killed by SIGTERM\)", text), text
+
+
+def _alive(pid: int) -> bool:
+  """Running (a zombie counts as dead: its parent is gone and nothing may reap it in a container)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux-only (prctl)")
+def test_workers_die_with_a_sigkilled_launcher(tmp_path):
+  # Each worker joins jax.distributed, then runs a module that records its pid and sleeps.
+  (tmp_path / "sleeper.py").write_text("import os, time\n"
+                                       "open(os.path.join(os.environ['PID_DIR'], str(os.getpid())), 'w').close()\n"
+                                       "time.sleep(600)\n")
+  pid_dir = tmp_path / "pids"
+  pid_dir.mkdir()
+  env = {**os.environ, "PYTHONPATH": str(tmp_path), "PID_DIR": str(pid_dir)}
+  launcher_proc = subprocess.Popen([sys.executable, "-m", "launch.run", "--mode=processes", "--num-processes=2",
+                                    "--devices-per-process=1", "--module=sleeper", "--", "--workdir=unused"],
+                                   cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 300
+    while len(os.listdir(pid_dir)) < 2 and time.monotonic() < deadline:
+      assert launcher_proc.poll() is None, "the launcher ended before its workers started"
+      time.sleep(0.1)
+    workers = [int(name) for name in os.listdir(pid_dir)]
+    assert len(workers) == 2, "the workers did not start within 300 s"
+    assert all(_alive(pid) for pid in workers)
+  finally:
+    launcher_proc.kill()  # SIGKILL: the launcher can forward nothing
+    launcher_proc.wait()
+  deadline = time.monotonic() + 30
+  while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  left = [pid for pid in workers if _alive(pid)]
+  for pid in left:  # do not leave them behind when the test fails
+    os.kill(pid, signal.SIGKILL)
+  assert not left, f"workers {left} outlived their SIGKILLed launcher by 30 s"
 
 
 # ----------------------------------------------------------------------------- sweeps and results
