@@ -40,19 +40,22 @@ ACCESSORIZATION = [
     "a {0} in a purple wizard outfit"]
 PROPERTY_CHANGE = ["a red {0}", "a purple {0}", "a shiny {0}", "a wet {0}", "a cube shaped {0}"]
 
-# Ruiz et al., CVPR 2023. Table 1: subject fidelity (DINO, CLIP-I) and prompt fidelity (CLIP-T),
-# averaged over the dataset's 30 subjects. Table 3: prior-preservation ablation (Imagen).
-# The DINO cells were cross-checked with a public benchmark listing; check the rest against the PDF.
-PAPER_TABLE_1 = {
-    "Real Images": {"dino": 0.774, "clip_i": 0.885},
-    "DreamBooth (Imagen)": {"dino": 0.696, "clip_i": 0.812, "clip_t": 0.306},
-    "DreamBooth (Stable Diffusion)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305},
-    "Textual Inversion (Stable Diffusion)": {"dino": 0.569, "clip_i": 0.780, "clip_t": 0.255},
-}
-PAPER_TABLE_3 = {
-    "DreamBooth (Imagen) w/ prior preservation": {"pres": 0.493, "div": 0.391, "dino": 0.684},
-    "DreamBooth (Imagen) w/o prior preservation": {"pres": 0.664, "div": 0.371, "dino": 0.712},
-}
+# Ruiz et al., CVPR 2023 (arXiv:2208.12242): Table 1 (subject fidelity DINO, CLIP-I and prompt
+# fidelity CLIP-T over the dataset's 30 subjects), Table 3 (the prior-preservation ablation, Imagen)
+# and Table 4 (the class-noun ablation), as data in clip_jax/assets/paper_numbers.csv.
+def paper_table_rows() -> list[tuple[str, str, dict[str, float]]]:
+  """[(setting, 'Table N (note)', {metric: value})], one per (table, setting), in file order."""
+  from clip_jax.eval.paper_results import paper_rows
+  grouped: dict[tuple[str, str], dict[str, float]] = {}
+  notes: dict[tuple[str, str], str] = {}
+  for row in paper_rows("DreamBooth"):
+    key = (row.model, row.source)
+    grouped.setdefault(key, {})[row.metric] = row.value
+    notes.setdefault(key, row.note)
+  return [(model, f"{source} ({notes[(model, source)]})" if notes[(model, source)] else source, values)
+          for (model, source), values in grouped.items()]
+
+
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 
 
@@ -64,12 +67,14 @@ def evaluation_prompts(identifier: str, class_noun: str, live: bool) -> list[str
 
 
 def markdown_table(ours: dict[str, float], label: str) -> str:
-  rows = [(label, ours)] + list(PAPER_TABLE_1.items()) + list(PAPER_TABLE_3.items())
-  lines = ["| model | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | PRES ↓ | DIV ↑ |", "|---|---|---|---|---|---|"]
-  for name, values in rows:
+  rows = [(label, "", ours)] + paper_table_rows()
+  lines = ["| model | DINO ↑ | CLIP-I ↑ | CLIP-T ↑ | PRES ↓ | DIV ↑ | source |", "|---|---|---|---|---|---|---|"]
+  for name, source, values in rows:
     cells = [f"{values[m]:.3f}" if m in values else "" for m in METRICS]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n\nPaper rows: Ruiz et al. 2023, Table 1 (DINO, CLIP-I, CLIP-T) and Table 3 (PRES, DIV, DINO).\n"
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {source} |")
+  return "\n".join(lines) + ("\n\nPaper rows: Ruiz et al. 2023, Table 1 (DINO, CLIP-I, CLIP-T; DreamBooth and Textual "
+                             "Inversion), Table 3 (prior preservation, Imagen: PRES, DIV, DINO, CLIP-I, CLIP-T) and "
+                             "Table 4 (class noun: DINO, CLIP-I).\n")
 
 
 def evaluate_subject(pipe, params, metrics, real_images: Sequence[np.ndarray], *, identifier: str, class_noun: str,

@@ -1,13 +1,18 @@
 """The CLIP paper's numbers, as data, each with the table it comes from.
 
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision"
-(arXiv:2103.00020). Only numbers checked against the paper are here; a dataset or model the paper
-does not report, or whose number was not verified, is simply absent and its cell stays blank.
-All numbers are percentages, in the metric the paper uses for that dataset.
+(arXiv:2103.00020). The numbers live in `clip_jax/assets/paper_numbers.csv` (with the DreamBooth
+paper's, which dreambooth_jax reads through `paper_rows`), not in code: only numbers checked
+against the papers are there; a dataset or model the paper does not report is absent and its cell
+stays blank. CLIP numbers are percentages, in the metric the paper uses for that dataset (top-1,
+mean per class, 11-point mAP, ROC AUC, ...); only those this project computes are matched.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import functools
+import os
 import re
 
 PAPER = "Radford et al. 2021 (arXiv:2103.00020)"
@@ -17,6 +22,12 @@ PAPER_MODELS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "Vi
                 "ViT-L/14@336px")
 
 
+PAPER_NUMBERS_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                                 "paper_numbers.csv")
+# The metric prefixes of the CSV's CLIP rows -> this project's task names.
+_TASK_PREFIXES = ("zeroshot", "linear_probe", "retrieval")
+
+
 @dataclasses.dataclass(frozen=True)
 class PaperNumber:
   value: float
@@ -24,51 +35,60 @@ class PaperNumber:
   model: str        # the paper's model name
 
 
-# Table 11: zero-shot top-1 of every CLIP model, with the dataset's prompt ensemble.
-_ZEROSHOT_TABLE11_DATASETS = ("food101", "cifar10", "cifar100", "stl10", "imagenet")
-_ZEROSHOT_TABLE11 = {
-    "RN50": (81.1, 75.6, 41.6, 94.3, 59.6),
-    "RN101": (83.9, 81.0, 49.0, 96.7, 62.2),
-    "RN50x4": (86.8, 79.2, 48.9, 96.4, 65.8),
-    "RN50x16": (90.5, 82.2, 54.2, 97.8, 70.5),
-    "RN50x64": (91.8, 86.8, 61.3, 98.3, 73.6),
-    "ViT-B/32": (84.4, 91.3, 65.1, 97.2, 63.2),
-    "ViT-B/16": (89.2, 91.6, 68.7, 98.2, 68.6),
-    "ViT-L/14": (92.9, 96.2, 77.9, 99.3, 75.3),
-    "ViT-L/14@336px": (93.8, 95.7, 77.5, 99.4, 76.2),
-}
+@dataclasses.dataclass(frozen=True)
+class PaperRow:
+  """One row of clip_jax/assets/paper_numbers.csv."""
+  paper: str        # 'CLIP' or 'DreamBooth'
+  table: str        # '11', or a section such as '3.1.3'
+  dataset: str      # TFDS-style name ('dreambench' for DreamBooth's dataset)
+  model: str        # the paper's name of the model or setting
+  metric: str       # e.g. 'zeroshot_top1', 'linear_probe_mean_per_class', 'retrieval_image_to_text/R@1', 'clip_i'
+  value: float
+  note: str
 
-# Table 10: linear-probe accuracy, ViT-L/14@336px.
-_LINEAR_PROBE_TABLE10 = {
-    "ViT-L/14@336px": {"food101": 95.9, "cifar10": 97.9, "cifar100": 87.4, "sun397": 82.2,
-                       "cars196": 91.5, "imagenet": 85.4},
-}
+  @property
+  def source(self) -> str:
+    return f"Sec. {self.table}" if "." in self.table else f"Table {self.table}"
 
-# Table 13: zero-shot retrieval of the paper's best model ("text retrieval" = image->text).
-_RETRIEVAL_TABLE13 = {
-    "ViT-L/14@336px": {
-        "flickr30k": {"image_to_text/R@1": 88.0, "image_to_text/R@5": 98.7, "image_to_text/R@10": 99.4,
-                      "text_to_image/R@1": 68.7, "text_to_image/R@5": 90.6, "text_to_image/R@10": 95.2},
-        "coco_captions": {"image_to_text/R@1": 58.4, "image_to_text/R@5": 81.5, "image_to_text/R@10": 88.1,
-                          "text_to_image/R@1": 37.8, "text_to_image/R@5": 62.4, "text_to_image/R@10": 72.2},
-    },
-}
+
+@functools.lru_cache(maxsize=None)
+def paper_rows(paper: str | None = None) -> tuple[PaperRow, ...]:
+  """Every published number of the packaged CSV (of one paper when `paper` is given), in file order.
+
+  The file (columns paper, table, dataset, model, metric, value, note) holds the numbers of the CLIP
+  paper's Tables 1, 10, 11, 13, 14, 16 and section 3.1.3, and the DreamBooth paper's Tables 1, 3
+  and 4, as checked against the papers (the project's shared reference, `paper_numbers.csv`).
+  Raises ValueError when a row does not parse.
+  """
+  rows = []
+  with open(PAPER_NUMBERS_CSV, newline="", encoding="utf-8") as f:
+    for line, record in enumerate(csv.DictReader(f), start=2):
+      try:
+        row = PaperRow(record["paper"], record["table"], record["dataset"], record["model"], record["metric"],
+                       float(record["value"]), record.get("note") or "")
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{PAPER_NUMBERS_CSV}:{line}: malformed row ({e}).") from e
+      if paper is None or row.paper == paper:
+        rows.append(row)
+  return tuple(rows)
+
+
+def _split_metric(metric: str) -> tuple[str, str] | None:
+  """'zeroshot_top1' -> ('zeroshot', 'top1'); None for a metric of no task here."""
+  for task in _TASK_PREFIXES:
+    if metric.startswith(task + "_"):
+      return task, metric[len(task) + 1:]
+  return None
 
 
 def _build() -> dict[tuple[str, str, str, str], PaperNumber]:
+  """(task, paper model, dataset, metric) -> the number; where two tables print the same cell
+  (e.g. ImageNet zero-shot in Tables 11 and 16), the first row of the file is cited."""
   table: dict[tuple[str, str, str, str], PaperNumber] = {}
-  for model, values in _ZEROSHOT_TABLE11.items():
-    for dataset, value in zip(_ZEROSHOT_TABLE11_DATASETS, values):
-      table[("zeroshot", model, dataset, "top1")] = PaperNumber(value, "Table 11", model)
-  # Sec. 3.1.3: the best model's ImageNet top-5 "is 95%, matching Inception-V4".
-  table[("zeroshot", "ViT-L/14@336px", "imagenet", "top5")] = PaperNumber(95.0, "Sec. 3.1.3", "ViT-L/14@336px")
-  for model, per_dataset in _LINEAR_PROBE_TABLE10.items():
-    for dataset, value in per_dataset.items():
-      table[("linear_probe", model, dataset, "top1")] = PaperNumber(value, "Table 10", model)
-  for model, per_dataset in _RETRIEVAL_TABLE13.items():
-    for dataset, metrics in per_dataset.items():
-      for metric, value in metrics.items():
-        table[("retrieval", model, dataset, metric)] = PaperNumber(value, "Table 13", model)
+  for row in paper_rows("CLIP"):
+    split = _split_metric(row.metric)
+    if split is not None:
+      table.setdefault((split[0], row.model, row.dataset, split[1]), PaperNumber(row.value, row.source, row.model))
   return table
 
 
