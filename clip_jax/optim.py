@@ -1,4 +1,6 @@
-"""The optimizer: AdamW with the CLIP paper's settings, warmup + cosine, clipping, freezing.
+"""The optimizer: AdamW with the CLIP paper's settings, warmup + cosine, clipping, freezing (a
+regex, or whole towers locked as open_clip's --lock-image / --lock-text), layer-wise
+learning-rate decay for fine-tuning.
 
 Weight decay. The CLIP paper (section 2.5) applies it "to all weights that are not gains or biases",
 which includes the embeddings; it says nothing about the temperature and does not mention gradient
@@ -41,6 +43,111 @@ def trainable_mask(params: Any, frozen_regex: str | None) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: not pattern.search(_path_str(path)), params)
 
 
+# ----------------------------------------------------------------------------- towers and depth
+# Both towers are laid out as OpenAI's: embeddings, residual blocks, a final norm, a projection.
+_TOWER_PARTS = {
+    "visual": {"embeddings": ("conv1", "class_embedding", "positional_embedding", "ln_pre"),
+               "final_norm": "ln_post", "projection": "proj"},
+    "text": {"embeddings": ("token_embedding", "positional_embedding"),
+             "final_norm": "ln_final", "projection": "text_projection"},
+}
+_BLOCK = re.compile(r"^transformer/resblocks_(\d+)/")
+
+
+def _is_transformer_tower(params: Any, tower: str) -> bool:
+  return isinstance(params.get(tower), dict) and "transformer" in params[tower]
+
+
+def tower_layers(params: Any, tower: str) -> int:
+  """Residual blocks in `params[tower]` ('visual' of a ViT, or 'text')."""
+  return sum(1 for k in params[tower]["transformer"] if k.startswith("resblocks_"))
+
+
+def _layer_id(tower: str, rest: str, layers: int) -> int:
+  """BEiT's layer id inside a tower: 0 the embeddings, i + 1 block i, layers + 1 what follows."""
+  block = _BLOCK.match(rest)
+  if block:
+    return int(block.group(1)) + 1
+  part, head = rest.split("/")[0], _TOWER_PARTS[tower]
+  if part in head["embeddings"]:
+    return 0
+  assert part in (head["final_norm"], head["projection"]), f"unknown {tower} parameter {rest}"
+  return layers + 1
+
+
+def _lock_group(tower: str, rest: str, layers: int) -> int:
+  """open_clip's lock groups (`VisionTransformer.lock`, `lock_text_tower`): [embeddings], each
+  block but the last, [last block + final norm], [projection]; layers + 2 groups in all."""
+  if rest.split("/")[0] == _TOWER_PARTS[tower]["final_norm"]:
+    return layers
+  return _layer_id(tower, rest, layers)
+
+
+def _split_tower(path) -> tuple[str, str]:
+  tower, _, rest = _path_str(path).partition("/")
+  return tower, rest
+
+
+def lock_mask(params: Any, *, image: bool = False, image_unlocked_groups: int = 0, text: bool = False,
+              text_unlocked_layers: int = 0) -> Any:
+  """True where a parameter is locked (no optimizer state, no update), as open_clip's
+  `--lock-image --lock-image-unlocked-groups N` and `--lock-text --lock-text-unlocked-layers N`:
+  the last N groups of a locked tower stay trainable (groups: [embeddings], each block but the
+  last, [last block + final norm], [projection]). The temperature (and bias) is never locked.
+  LiT (Zhai et al. 2022) is `image=True`. Raises ValueError for N on an unlocked tower, N above the
+  tower's group count, or N > 0 on a ResNet image tower (open_clip does not split it either).
+  """
+  settings = {"visual": (image, image_unlocked_groups, "image", "image_unlocked_groups"),
+              "text": (text, text_unlocked_layers, "text", "text_unlocked_layers")}
+  limits = {}  # tower -> the first group that trains
+  for tower, (locked, unlocked, name, option) in settings.items():
+    if unlocked < 0 or (unlocked and not locked):
+      raise ValueError(f"lock.{option}={unlocked} needs lock.{name}=True and a count >= 0.")
+    if not unlocked:
+      continue
+    if not _is_transformer_tower(params, tower):
+      raise ValueError(f"lock.{option}={unlocked}: a ResNet image tower is locked whole (as in open_clip); "
+                       f"use lock.{option}=0.")
+    groups = tower_layers(params, tower) + 2
+    if unlocked > groups:
+      raise ValueError(f"lock.{option}={unlocked}, but the {name} tower has only {groups} groups.")
+    limits[tower] = groups - unlocked
+
+  def is_locked(path, _) -> bool:
+    tower, rest = _split_tower(path)
+    if tower not in settings or not settings[tower][0]:
+      return False
+    return tower not in limits or _lock_group(tower, rest, tower_layers(params, tower)) < limits[tower]
+  return jax.tree_util.tree_map_with_path(is_locked, params)
+
+
+def layer_decay_scales(params: Any, decay: float) -> Any:
+  """Per-parameter learning-rate factors for layer-wise decay (BEiT, Bao et al. 2022; used for
+  CLIP fine-tuning by FT-CLIP, Dong et al. 2022): in each tower with L blocks, layer id 0 (the
+  embeddings), i + 1 (block i) or L + 1 (final norm, projection) trains at decay ** (L + 1 - id).
+  The temperature (and bias) keeps factor 1. Raises ValueError unless 0 < decay <= 1, or for a
+  ResNet image tower (its stages are not layers of equal standing).
+  """
+  if not 0.0 < decay <= 1.0:
+    raise ValueError(f"optimizer.layer_decay must be in (0, 1], not {decay} (0 turns it off).")
+  if "visual" in params and not _is_transformer_tower(params, "visual"):
+    raise ValueError("optimizer.layer_decay is for ViT image towers; this model's is a ResNet.")
+  layers = {tower: tower_layers(params, tower) for tower in _TOWER_PARTS if tower in params}
+
+  def scale(path, _) -> float:
+    tower, rest = _split_tower(path)
+    if tower not in layers:
+      return 1.0
+    return decay ** (layers[tower] + 1 - _layer_id(tower, rest, layers[tower]))
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_leaves(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its factor in `scales` (a tree of floats shaped like the params)."""
+  return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, s: u * s, updates, scales))
+
+
+# ----------------------------------------------------------------------------- schedule and AdamW
 def learning_rate_schedule(cfg) -> optax.Schedule:
   """Linear warmup to `cfg.learning_rate`, then cosine decay to `cfg.end_learning_rate`
   (`cfg.schedule='cosine'`, the default) or constant (`'constant'`)."""
@@ -61,19 +168,27 @@ def adamw(cfg) -> optax.GradientTransformation:
                      weight_decay=cfg.weight_decay, mask=decay_mask)
 
 
-def make_optimizer(cfg, params: Any) -> optax.GradientTransformation:
+def make_optimizer(cfg, params: Any, frozen: Any | None = None) -> optax.GradientTransformation:
   """cfg: learning_rate, warmup_steps, total_steps, b1, b2, eps, weight_decay, grad_clip_norm,
-  and optionally schedule and frozen_regex (parameters left untouched, clipping over the trained
-  ones only)."""
+  and optionally schedule, frozen_regex and layer_decay (0: off). Frozen parameters (the regex's
+  matches, and True leaves of `frozen`, e.g. `lock_mask`'s) get a zero update and no optimizer
+  state; clipping runs over the trained ones only. Raises ValueError when nothing would train."""
   chain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity(),
                       adamw(cfg))
   frozen_regex = cfg.get("frozen_regex", None)
-  if not frozen_regex:
-    return chain
-  labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(params, frozen_regex))
-  if not any(label == "train" for label in jax.tree.leaves(labels)):
-    raise ValueError(f"frozen_regex '{frozen_regex}' freezes every parameter; nothing would train.")
-  return optax.multi_transform({"train": chain, "freeze": optax.set_to_zero()}, labels)
+  if frozen_regex or frozen is not None:
+    trainable = trainable_mask(params, frozen_regex)
+    if frozen is not None:
+      trainable = jax.tree.map(lambda t, f: t and not f, trainable, frozen)
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+    if not any(label == "train" for label in jax.tree.leaves(labels)):
+      raise ValueError(f"frozen_regex '{frozen_regex}' and the locked towers freeze every parameter; nothing "
+                       "would train.")
+    chain = optax.multi_transform({"train": chain, "freeze": optax.set_to_zero()}, labels)
+  layer_decay = cfg.get("layer_decay", 0.0)
+  if layer_decay:  # After multi_transform: inside it, frozen leaves are absent from the updates.
+    chain = optax.chain(chain, scale_leaves(layer_decay_scales(params, layer_decay)))
+  return chain
 
 
 def paper_adam_defaults(is_resnet: bool) -> dict[str, float]:

@@ -66,7 +66,10 @@ def init_trainable(cfg, pipe: sd.StableDiffusion, rng: jax.Array) -> dict[str, A
                                                 cfg.train.lora_targets)
   else:
     raise ValueError(f"train.mode must be 'full' or 'lora', not '{cfg.train.mode}'.")
-  if cfg.train.train_text_encoder:
+  if cfg.train.train_text_encoder and cfg.train.mode == "lora":  # LoRA too, so the adapter is whole
+    trainable["text_encoder_lora"] = lora_lib.init_lora(jax.random.fold_in(rng, 1), pipe.params["text_encoder"],
+                                                        cfg.train.lora_rank, lora_lib.TEXT_ENCODER_TARGETS)
+  elif cfg.train.train_text_encoder:
     trainable["text_encoder"] = pipe.params["text_encoder"]
   return trainable
 
@@ -80,6 +83,9 @@ def model_params(cfg, frozen: dict[str, Any], trainable: dict[str, Any]) -> dict
     params["unet"] = lora_lib.merge(frozen["unet"], trainable["unet_lora"], cfg.train.lora_alpha)
   if "text_encoder" in trainable:
     params["text_encoder"] = trainable["text_encoder"]
+  if "text_encoder_lora" in trainable:
+    params["text_encoder"] = lora_lib.merge(frozen["text_encoder"], trainable["text_encoder_lora"],
+                                            cfg.train.lora_alpha)
   return params
 
 
@@ -333,10 +339,10 @@ def export(cfg, pipe, frozen, state, directory: str) -> str:
   (`pytorch_lora_weights.safetensors`, PEFT names) for diffusers' `load_lora_weights`."""
   params = jax.device_get(jax.jit(lambda f, t: model_params(cfg, f, t))(frozen, state["trainable"]))
   sd.save_pipeline(pipe, directory, params=params)
-  if "unet_lora" in state["trainable"]:
+  adapters = {name[:-len("_lora")]: lora for name, lora in state["trainable"].items() if name.endswith("_lora")}
+  if adapters:
     from clip_jax.weights import save_safetensors
-    lora = jax.device_get(state["trainable"]["unet_lora"])
-    save_safetensors(lora_lib.to_diffusers_state_dict(lora, cfg.train.lora_alpha),
+    save_safetensors(lora_lib.adapter_state_dict(jax.device_get(adapters), cfg.train.lora_alpha),
                      os.path.join(directory, "pytorch_lora_weights.safetensors"))
   return directory
 

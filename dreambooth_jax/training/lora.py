@@ -3,8 +3,14 @@
 A LoRA pair (down [in, r], up [r, out]) sits beside each chosen kernel; the model runs on
 `merge(base, lora)` = base + (alpha / r) * down @ up, computed inside the train step, so the UNet
 code is untouched and exporting merged weights is the same function. `up` starts at zero, so
-training starts exactly at the base model. Saved LoRA weights use the PEFT names that diffusers'
-`load_lora_weights` reads (`unet.<module>.lora_A.weight` = down^T, `lora_B.weight` = up^T).
+training starts exactly at the base model.
+
+Adapters are kept per pipeline component ({'unet': lora, 'text_encoder': lora}); with the text
+encoder trained, it is LoRA'd too (its attention projections, as diffusers'
+`train_dreambooth_lora.py --train_text_encoder` does), so the adapter file alone reproduces the
+trained model. `adapter_state_dict` writes them under the names diffusers'
+`StableDiffusionPipeline.load_lora_weights` reads: `unet.<module>.lora_A.weight` = down^T and
+`lora_B.weight` = up^T for the UNet, `text_encoder.text_model.<module>...` for the text encoder.
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from flax import traverse_util
 
 # The attention projections of every self- and cross-attention block (the paper-era default).
 DEFAULT_TARGETS = r"attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"
+# The text encoder's q/k/v/out projections (q_proj ... out_proj in transformers' CLIPTextModel), the
+# modules diffusers' DreamBooth LoRA script adapts in the text encoder.
+TEXT_ENCODER_TARGETS = r"attn/(q|k|v|out)/kernel$"
 
 
 def init_lora(rng: jax.Array, params: Any, rank: int, targets: str = DEFAULT_TARGETS) -> dict:
@@ -47,18 +56,50 @@ def merge(params: Any, lora: dict, alpha: float) -> Any:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def _unet_module_name(key: str) -> str:
+  from dreambooth_jax.models.convert import flax_path_to_torch_name
+  return flax_path_to_torch_name(tuple(key.split("/")))
+
+
+def _text_encoder_module_names(keys) -> dict[str, str]:
+  """Flax kernel path -> CLIPTextModel weight name, read from the text encoder's conversion table."""
+  from clip_jax.convert import text_encoder_entries
+  layers = 1 + max((int(m.group(1)) for k in keys if (m := re.search(r"resblocks_(\d+)/", k))), default=-1)
+  table = {"/".join(e.flax_key[1:]): e.torch_key for e in text_encoder_entries(layers)}
+  missing = [k for k in keys if k not in table]
+  if missing:
+    raise ValueError(f"text-encoder LoRA on {missing[0]!r}: CLIPTextModel has no such linear layer.")
+  return {k: table[k] for k in keys}
+
+
 def to_diffusers_state_dict(lora: dict, alpha: float, prefix: str = "unet") -> dict[str, np.ndarray]:
-  """PEFT / diffusers naming: `<prefix>.<module path>.lora_A.weight` [r, in] and `lora_B.weight` [out, r].
+  """One component's adapter in PEFT / diffusers naming: `<prefix>.<module>.lora_A.weight` [r, in]
+  and `lora_B.weight` [out, r]. prefix: 'unet' or 'text_encoder' (its modules keep transformers'
+  `text_model.` prefix, as hub adapters have it; diffusers strips it where the model lacks it).
 
   A file without alphas loads with alpha = rank (scale 1), so alpha / rank is folded into B.
   """
-  from dreambooth_jax.models.convert import flax_path_to_torch_name
+  if prefix == "unet":
+    names = {key: _unet_module_name(key) for key in lora}
+  elif prefix == "text_encoder":
+    names = _text_encoder_module_names(list(lora))
+  else:
+    raise ValueError(f"LoRA export for component {prefix!r}: only 'unet' and 'text_encoder' are known.")
   out = {}
   for key, pair in lora.items():
-    module = flax_path_to_torch_name(tuple(key.split("/")))
+    module = names[key]
     assert module.endswith(".weight"), module
     module = module[: -len(".weight")]
     out[f"{prefix}.{module}.lora_A.weight"] = np.ascontiguousarray(np.asarray(pair["down"], np.float32).T)
     scale = alpha / pair["down"].shape[1]
     out[f"{prefix}.{module}.lora_B.weight"] = np.ascontiguousarray(np.asarray(pair["up"], np.float32).T * scale)
+  return out
+
+
+def adapter_state_dict(adapters: dict[str, dict], alpha: float) -> dict[str, np.ndarray]:
+  """Every component's adapter ({'unet': lora, 'text_encoder': lora}) in one PEFT state dict: the
+  `pytorch_lora_weights.safetensors` that `StableDiffusionPipeline.load_lora_weights` reads."""
+  out = {}
+  for component, lora in adapters.items():
+    out.update(to_diffusers_state_dict(lora, alpha, prefix=component))
   return out

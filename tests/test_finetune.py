@@ -1,0 +1,144 @@
+"""Starting from a pretrained CLIP: locked towers (== open_clip's lock groups), layer-wise
+learning-rate decay, and the trainer's `init` (bitwise loading, resume wins, clear errors)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+import clip_jax
+from clip_jax import convert, optim
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from tests.test_models import _tiny_open_clip_cfg  # noqa: E402
+
+
+def _tiny_params(resnet: bool = False):
+  """Random parameters of a tiny model, shaped by eval_shape (no compilation)."""
+  model = clip_jax.create_model("RN-Tiny" if resnet else "ViT-Tiny")
+  abstract = jax.eval_shape(lambda: clip_jax.init_variables(model, jax.random.key(0)))["params"]
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape).astype(np.float32) * 0.02), abstract)
+
+
+def _flat(tree):
+  """{'visual/conv1': value}; arrays come to the host (numpy), so comparisons compile nothing."""
+  return {"/".join(k): (np.asarray(v) if isinstance(v, jax.Array) else v)
+          for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _open_clip_trainable(model) -> dict[str, bool]:
+  """open_clip's requires_grad, per Flax parameter path (through the conversion table)."""
+  grads = {name: p.requires_grad for name, p in model.named_parameters()}
+  cfg = convert.infer_openai_config(convert.split_fused_attention(
+      {k: v.numpy() for k, v in model.state_dict().items()}), "gelu")
+  out = {}
+  for entry in convert.openai_entries(cfg):
+    if entry.flax_key[0] != "params":
+      continue
+    torch_name = re.sub(r"attn\.[qkv]_proj\.(weight|bias)$", r"attn.in_proj_\1", entry.torch_key)
+    out["/".join(entry.flax_key[1:])] = grads[torch_name]
+  return out
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_lock_groups_equal_open_clip(tower):
+  """Every unlocked-group count, on both towers: the parameters left trainable are open_clip's."""
+  reference = open_clip.model.CLIP(**_tiny_open_clip_cfg(False))  # 2 blocks per tower: 4 groups
+  state = convert.split_fused_attention({k: v.numpy() for k, v in reference.state_dict().items()})
+  _, variables = convert.load_openai_state_dict(state, act="gelu")
+  for unlocked in range(0, 5):
+    for p in reference.parameters():
+      p.requires_grad = True
+    if tower == "image":
+      reference.lock_image_tower(unlocked_groups=unlocked)
+      mask = optim.lock_mask(variables["params"], image=True, image_unlocked_groups=unlocked)
+    else:
+      reference.lock_text_tower(unlocked_layers=unlocked)
+      mask = optim.lock_mask(variables["params"], text=True, text_unlocked_layers=unlocked)
+    expected = _open_clip_trainable(reference)
+    ours = {k: not v for k, v in _flat(mask).items()}
+    assert ours == expected, f"{tower} unlocked={unlocked}"
+
+
+def test_lock_errors_are_clear():
+  vit, resnet = _tiny_params(), _tiny_params(resnet=True)
+  with pytest.raises(ValueError, match="lock.image_unlocked_groups=2 needs lock.image=True"):
+    optim.lock_mask(vit, image_unlocked_groups=2)
+  with pytest.raises(ValueError, match="only 4 groups"):
+    optim.lock_mask(vit, image=True, image_unlocked_groups=5)
+  with pytest.raises(ValueError, match="ResNet image tower is locked whole"):
+    optim.lock_mask(resnet, image=True, image_unlocked_groups=1)
+  assert all(v for k, v in _flat(optim.lock_mask(resnet, image=True)).items() if k.startswith("visual/"))
+
+
+def test_layer_decay_scales_follow_beit():
+  """ViT-Tiny has 2 blocks per tower: embeddings d^3, block 0 d^2, block 1 d, the rest 1."""
+  d = 0.5
+  scales = _flat(optim.layer_decay_scales(_tiny_params(), d))
+  expected = {"visual/conv1": d ** 3, "visual/positional_embedding": d ** 3, "visual/ln_pre/scale": d ** 3,
+              "visual/transformer/resblocks_0/attn/q/kernel": d ** 2,
+              "visual/transformer/resblocks_1/c_fc/bias": d, "visual/ln_post/scale": 1.0, "visual/proj": 1.0,
+              "text/token_embedding": d ** 3, "text/transformer/resblocks_1/ln_1/scale": d,
+              "text/ln_final/bias": 1.0, "text/text_projection": 1.0, "logit_scale": 1.0}
+  for key, value in expected.items():
+    assert scales[key] == value, key
+  with pytest.raises(ValueError, match="layer_decay must be in"):
+    optim.layer_decay_scales(_tiny_params(), 1.5)
+  with pytest.raises(ValueError, match="for ViT image towers"):
+    optim.layer_decay_scales(_tiny_params(resnet=True), 0.7)
+
+
+def _opt_cfg(**overrides):
+  cfg = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=0, total_steps=10, b1=0.9, b2=0.98,
+                                       eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0, frozen_regex=""))
+  cfg.update(overrides)
+  return cfg
+
+
+def _grads(params, seed=1):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape).astype(np.float32)), params)
+
+
+def _one_update(tx, params, grads):
+  """(updates, opt_state) of one step, compiled once (eager optax ops compile per leaf)."""
+  opt_state = jax.jit(tx.init)(params)
+  return jax.jit(tx.update)(grads, opt_state, params)[0], opt_state
+
+
+def test_locked_parameters_have_no_moments_and_no_update():
+  params = _tiny_params()
+  frozen = optim.lock_mask(params, image=True)
+  tx = optim.make_optimizer(_opt_cfg(), params, frozen=frozen)
+  updates, opt_state = _one_update(tx, params, _grads(params))
+  trainable_size = sum(x.size for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen)) if not f)
+  moment_sizes = [x.size for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert sum(moment_sizes) == 2 * trainable_size  # Adam's mu and nu, for trainable leaves only
+  new, old = _flat(jax.jit(optax.apply_updates)(params, updates)), _flat(params)
+  for key in old:
+    if key.startswith("visual/"):
+      np.testing.assert_array_equal(new[key], old[key], err_msg=key)
+  assert not np.array_equal(new["text/token_embedding"], old["text/token_embedding"])
+  assert not np.array_equal(new["logit_scale"], old["logit_scale"])
+
+
+def test_layer_decay_scales_each_update_exactly():
+  """With decay d each update is the undecayed one times its factor (weight decay included);
+  with a locked tower as well, the locked updates are zero."""
+  params, grads = _tiny_params(), _grads(_tiny_params())
+  scales = _flat(optim.layer_decay_scales(params, 0.5))
+  u_plain = _flat(_one_update(optim.make_optimizer(_opt_cfg(), params), params, grads)[0])
+  u_decayed = _flat(_one_update(optim.make_optimizer(_opt_cfg(layer_decay=0.5), params), params, grads)[0])
+  for key, u in u_decayed.items():
+    np.testing.assert_array_equal(u, u_plain[key] * scales[key], err_msg=key)
+  locked = optim.make_optimizer(_opt_cfg(layer_decay=0.5), params, frozen=optim.lock_mask(params, text=True))
+  u_locked = _flat(_one_update(locked, params, grads)[0])
+  assert all(not np.any(u) for k, u in u_locked.items() if k.startswith("text/"))
+  assert np.any(u_locked["visual/conv1"])
