@@ -319,7 +319,9 @@ def list_datasets() -> str:
   return "\n".join(lines)
 
 
-def evaluate(args: argparse.Namespace, tasks: Sequence[Task]) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | None = None) -> dict[str, Any]:
+  """Runs `tasks` on the model of --checkpoint / --workdir, or on `loaded` = (model, variables,
+  description) already in memory (WiSE-FT's weight mixes); the path still picks the tokenizer."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -328,7 +330,7 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task]) -> dict[str, Any]:
   from clip_jax.sharding import create_mesh
 
   path = args.checkpoint or args.workdir
-  model, variables = load_model(path, args.model_name, args.act)
+  model, variables = loaded[:2] if loaded else load_model(path, args.model_name, args.act)
   model_name = args.model_name or infer_model_name(model.config)
   mesh = create_mesh({"data": -1})
   # Replicated weights: the image and text passes split only the batch.
@@ -353,7 +355,7 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task]) -> dict[str, Any]:
       from clip_jax.eval.report import data_problem_lines
       for line in data_problem_lines(result):
         print(f"  {line}", file=sys.stderr, flush=True)
-  meta = {"checkpoint": path, "model_name": model_name, "paper_model": paper_model(model_name),
+  meta = {"checkpoint": loaded[2] if loaded else path, "model_name": model_name, "paper_model": paper_model(model_name),
           "act": model.config.act, "vision_heads": model.config.vision.heads, "text_heads": model.config.text.heads,
           "devices": jax.device_count(), "processes": jax.process_count(), "batch_size": args.batch_size,
           "limit": args.limit}
