@@ -23,8 +23,8 @@ from flax import traverse_util
 from clip_jax.models.clip import CLIP, create_model
 from clip_jax.models.configs import MODEL_CONFIGS, CLIPConfig, TextConfig, VisionConfig
 from clip_jax.models.text import TextTransformer
-from clip_jax.weights import (CheckpointError, conv_to_flax, conv_to_torch, linear_to_flax, linear_to_torch,
-                              load_state_dict, save_safetensors)
+from clip_jax.weights import (TRANSFORMERS_WEIGHTS, CheckpointError, conv_to_flax, conv_to_torch, linear_to_flax,
+                              linear_to_torch, load_state_dict, load_weights_dir, save_safetensors)
 
 FlaxKey = tuple[str, ...]   # ('params', 'visual', 'ln_pre', 'scale')
 # How a tensor's layout changes on the way in; the way out is the inverse.
@@ -33,8 +33,10 @@ _LAYOUTS: dict[str, tuple[Callable, Callable]] = {
     "linear": (linear_to_flax, linear_to_torch),
     "conv": (conv_to_flax, conv_to_torch),
 }
-# Buffers PyTorch models keep in their state dicts that carry no learned weights.
-_IGNORED = re.compile(r"(attn_mask|position_ids|num_batches_tracked)$")
+# Buffers PyTorch models keep in their state dicts that carry no learned weights. OpenAI's TorchScript
+# archives also hold their sizes as top-level tensors (OpenAI's build_model drops them the same way).
+_IGNORED = re.compile(r"(attn_mask|position_ids|num_batches_tracked)$|^(input_resolution|context_length|vocab_size)$")
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +235,8 @@ def infer_openai_config(state: dict[str, np.ndarray], act: str = "quick_gelu") -
   """Reads the architecture off an OpenAI-layout state dict's shapes (as OpenAI's build_model does).
 
   Head counts are not visible in weights: a named config with identical shapes supplies them
-  (ViT-H-14 uses 80-wide heads); otherwise heads are 64 wide, OpenAI's rule.
+  (ViT-H-14 uses 80-wide heads); otherwise heads are 64 wide, OpenAI's rule (`matching_model_name`
+  tells which). Text is pooled at argmax(token id), as OpenAI and open_clip do by default.
   """
   try:
     text = TextConfig(context_length=state["positional_embedding"].shape[0],
@@ -257,12 +260,38 @@ def infer_openai_config(state: dict[str, np.ndarray], act: str = "quick_gelu") -
                           f"(keys start with {sorted(state)[:3]}).") from None
   cfg = CLIPConfig(embed_dim, vision, text, act=act,
                    init_logit_bias=0.0 if "logit_bias" in state else None)
-  for named in MODEL_CONFIGS.values():  # Same shapes as a named config: take its head widths.
-    if dataclasses.replace(named.vision, head_width=64) == vision and named.text == text \
-        and named.embed_dim == embed_dim:
-      cfg = dataclasses.replace(cfg, vision=named.vision)
-      break
+  named = matching_model_name(cfg)
+  if named is not None:  # Same shapes as a named config: take its head widths.
+    cfg = dataclasses.replace(cfg, vision=MODEL_CONFIGS[named].vision)
   return cfg
+
+
+def matching_model_name(cfg: CLIPConfig) -> str | None:
+  """The first named config with `cfg`'s shapes (head widths aside), or None."""
+  for name, named in MODEL_CONFIGS.items():
+    if dataclasses.replace(named.vision, head_width=cfg.vision.head_width) == cfg.vision \
+        and named.text == cfg.text and named.embed_dim == cfg.embed_dim:
+      return name
+  return None
+
+
+# transformers' CLIPTextConfig default, used when a config.json does not name its eos_token_id.
+_HF_DEFAULT_EOS_TOKEN_ID = 49407
+
+
+def eot_token_id_from_hf(text_config: Mapping[str, Any]) -> int | None:
+  """The token a Hugging Face CLIP text config pools at, as transformers reads it: its
+  `eos_token_id`, except the legacy value 2 (configs written before transformers stated the real
+  one), for which transformers pools at argmax(token id) (returned as None)."""
+  eos = text_config.get("eos_token_id", _HF_DEFAULT_EOS_TOKEN_ID)
+  if not isinstance(eos, int):
+    raise CheckpointError(f"text config eos_token_id={eos!r}: expected one token id.")
+  return None if eos == 2 else eos
+
+
+def eot_token_id_to_hf(eot_token_id: int | None) -> int:
+  """The `eos_token_id` that makes transformers pool where we do (2: its argmax rule)."""
+  return 2 if eot_token_id is None else eot_token_id
 
 
 def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
@@ -279,7 +308,8 @@ def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
   text = TextConfig(context_length=tc.get("max_position_embeddings", 77), vocab_size=tc.get("vocab_size", 49408),
                     width=text_width, heads=tc.get("num_attention_heads", 8),
                     layers=tc.get("num_hidden_layers", 12),
-                    mlp_ratio=tc.get("intermediate_size", 2048) / text_width)
+                    mlp_ratio=tc.get("intermediate_size", 2048) / text_width,
+                    eot_token_id=eot_token_id_from_hf(tc))
   return CLIPConfig(embed_dim=hf.get("projection_dim", 512), vision=vision, text=text, act=acts.pop(),
                     init_logit_scale=hf.get("logit_scale_init_value", math.log(1 / 0.07)))
 
@@ -293,7 +323,8 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
                       "intermediate_size": int(t.width * t.mlp_ratio), "num_attention_heads": t.heads,
                       "num_hidden_layers": t.layers, "max_position_embeddings": t.context_length,
                       "hidden_act": cfg.act, "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim,
-                      "bos_token_id": t.vocab_size - 2, "eos_token_id": t.vocab_size - 1, "pad_token_id": 0},
+                      "bos_token_id": t.vocab_size - 2, "eos_token_id": eot_token_id_to_hf(t.eot_token_id),
+                      "pad_token_id": 0},
       "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.width,
                         "intermediate_size": int(v.width * v.mlp_ratio), "num_attention_heads": v.heads,
                         "num_hidden_layers": v.layers, "image_size": v.image_size, "patch_size": v.patch_size,
@@ -304,6 +335,15 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
 
 def load_openai_state_dict(state: dict[str, np.ndarray], *, model_name: str | None = None,
                            act: str | None = None, source: str = "checkpoint", **module_kwargs):
+  """`(module, variables)` from an OpenAI-layout state dict.
+
+  `model_name` (a `MODEL_CONFIGS` name) sets the architecture, activation and head widths
+  included; `act` overrides the activation. Without them the architecture is read off the shapes,
+  and what the weights cannot tell (activation: QuickGELU, OpenAI's release; head width: 64, or a
+  same-shaped named config's) is assumed and said in one WARNING line. `module_kwargs` go to
+  `create_model` (dtype, param_dtype, remat, or config overrides such as
+  `text={'eot_token_id': 49407}` for open_clip models with `pool_type='eos'`).
+  """
   state = split_fused_attention(state)
   if model_name is not None:
     cfg = MODEL_CONFIGS.get(model_name)
@@ -312,15 +352,28 @@ def load_openai_state_dict(state: dict[str, np.ndarray], *, model_name: str | No
     if act is not None:
       cfg = cfg.replace(act=act)
   else:
-    if act is None:
-      logging.info("%s: no config with the weights; assuming QuickGELU as in OpenAI's release "
-                   "(pass act='gelu' for weights trained with exact GELU, e.g. most open_clip runs).", source)
     cfg = infer_openai_config(state, act or "quick_gelu")
+    _warn_assumptions(cfg, act_given=act is not None, source=source)
   model = create_model(cfg, **module_kwargs)
   return model, state_dict_to_variables(state, model, openai_entries(cfg), source)
 
 
-def load_hf_directory(path: str, **module_kwargs):
+def _warn_assumptions(cfg: CLIPConfig, act_given: bool, source: str) -> None:
+  """One WARNING line naming what a bare state dict's architecture took on trust."""
+  assumed = []
+  if not act_given:
+    assumed.append("QuickGELU activation (OpenAI's release; exact-GELU weights, e.g. most open_clip runs, "
+                   "need act='gelu')")
+  named = matching_model_name(cfg)
+  heads = f"{cfg.vision.heads} image and {cfg.text.heads} text attention heads"
+  assumed.append(f"{heads} as in {named}" if named else f"{heads} (64 wide, OpenAI's rule)")
+  _log.warning("%s: the weights do not state it, so assumed %s; pass model_name= (sets activation and "
+               "heads) or act= to override.", source, "; ".join(assumed))
+
+
+def load_hf_directory(path: str, variant: str | None = None, **module_kwargs):
+  """`(module, variables)` from a transformers CLIPModel folder: config.json and its weights,
+  single, sharded, `variant` (e.g. 'fp16') or `.bin` files as transformers names them."""
   config_path = os.path.join(path, "config.json")
   if not os.path.exists(config_path):
     raise CheckpointError(f"{path}: a Hugging Face model directory needs a config.json.")
@@ -328,11 +381,7 @@ def load_hf_directory(path: str, **module_kwargs):
     hf_config = json.load(f)
   if hf_config.get("model_type") not in (None, "clip"):
     raise CheckpointError(f"{path}: config.json is for model_type '{hf_config.get('model_type')}', not 'clip'.")
-  weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin") if
-             os.path.exists(os.path.join(path, n))]
-  if not weights:
-    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json.")
-  state = load_state_dict(weights[0])
+  state = load_weights_dir(path, TRANSFORMERS_WEIGHTS, variant)
   cfg = config_from_hf(hf_config)
   model = create_model(cfg, **module_kwargs)
   return model, state_dict_to_variables(state, model, hf_entries(cfg), path)
@@ -352,7 +401,17 @@ def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=N
 
 
 def export_openai_state_dict(module: CLIP, variables: dict[str, Any]) -> dict[str, np.ndarray]:
-  """OpenAI-layout state dict (in_proj fused again), loadable by open_clip's CLIP class."""
+  """OpenAI-layout state dict (in_proj fused again), loadable by open_clip's CLIP class.
+
+  The layout cannot say where text is pooled; OpenAI and open_clip pool at argmax(token id).
+  A model that pools at an end token below the vocabulary's top id (added tokens) is exported
+  with a WARNING: open_clip needs `pool_type='eos'` and that `eos_id` for it.
+  """
+  text = module.config.text
+  if text.eot_token_id is not None and text.eot_token_id != text.vocab_size - 1:
+    _log.warning("this model pools text at token %d, not at argmax(token id) as OpenAI-layout loaders do; "
+                 "in open_clip set text_cfg pool_type='eos', eos_id=%d (or export with export_hf).",
+                 text.eot_token_id, text.eot_token_id)
   state = variables_to_state_dict(variables, openai_entries(module.config))
   fused = {}
   for key in list(state):
@@ -366,20 +425,26 @@ def export_openai_state_dict(module: CLIP, variables: dict[str, Any]) -> dict[st
 
 
 def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None = None,
-                    image_size: int | None = None, **module_kwargs):
-  """`(module, variables)` from an OpenAI/open_clip checkpoint file, a Hugging Face CLIPModel
-  directory, or a training workdir of this project. `module_kwargs` (dtype, param_dtype, remat)
+                    image_size: int | None = None, variant: str | None = None, **module_kwargs):
+  """`(module, variables)` from an OpenAI/open_clip checkpoint file (.safetensors, .pt/.bin/.pth,
+  TorchScript archive), a Hugging Face CLIPModel directory (single, sharded, `variant`='fp16' or
+  .bin weights, found as transformers finds them), or a training workdir of this project.
+
+  For bare state dicts `model_name` sets the architecture (activation and heads included) and
+  `act` the activation; what neither gives is assumed with one WARNING line. Raises
+  FileNotFoundError or CheckpointError. `module_kwargs` (dtype, param_dtype, remat)
   go to the module. `image_size` (px) moves the image tower to a new resolution, its grid
   positional embedding resampled (`clip_jax.resize.resize_model`)."""
   if image_size is not None:
     from clip_jax.resize import resize_model
-    return resize_model(*load_checkpoint(path, model_name=model_name, act=act, **module_kwargs), image_size)
+    return resize_model(*load_checkpoint(path, model_name=model_name, act=act, variant=variant, **module_kwargs),
+                        image_size)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory.")
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
         os.path.join(path, "clip_config.json")):
-      return load_hf_directory(path, **module_kwargs)
+      return load_hf_directory(path, variant=variant, **module_kwargs)
     from clip_jax.checkpoint import load_workdir  # Training workdirs: orbax + the model config.
     return load_workdir(path, **module_kwargs)
   state = load_state_dict(path)
@@ -421,7 +486,8 @@ def text_encoder_kwargs_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   width = hf.get("hidden_size", 512)
   return dict(context_length=hf.get("max_position_embeddings", 77), vocab_size=hf.get("vocab_size", 49408),
               width=width, heads=hf.get("num_attention_heads", 8), layers=hf.get("num_hidden_layers", 12),
-              output_dim=None, mlp_ratio=hf.get("intermediate_size", 2048) / width, act=act)
+              output_dim=None, mlp_ratio=hf.get("intermediate_size", 2048) / width, act=act,
+              eot_token_id=eot_token_id_from_hf(hf))
 
 
 def text_encoder_config_to_hf(module: TextTransformer, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -435,9 +501,8 @@ def text_encoder_config_to_hf(module: TextTransformer, base: dict[str, Any] | No
              "intermediate_size": int(round(module.width * module.mlp_ratio)),
              "num_attention_heads": module.heads, "num_hidden_layers": module.layers,
              "max_position_embeddings": module.context_length, "hidden_act": module.act,
-             "layer_norm_eps": 1e-5})
+             "layer_norm_eps": 1e-5, "eos_token_id": eot_token_id_to_hf(module.eot_token_id)})
   hf.setdefault("bos_token_id", module.vocab_size - 2)  # CLIP's vocabulary ends <sot>, <eot>
-  hf.setdefault("eos_token_id", module.vocab_size - 1)
   return hf
 
 
@@ -455,8 +520,9 @@ def text_encoder_state_dict_to_variables(state: dict[str, np.ndarray], module: T
                               "not supported")
 
 
-def load_hf_text_encoder(path: str, **module_kwargs):
-  """`(module, variables, hf_config)` from a CLIPTextModel directory (config.json + weights).
+def load_hf_text_encoder(path: str, variant: str | None = None, **module_kwargs):
+  """`(module, variables, hf_config)` from a CLIPTextModel directory (config.json + weights:
+  single, sharded, `variant` (e.g. 'fp16') or `.bin` files, as transformers names them).
 
   `module_kwargs` (dtype, param_dtype, remat) go to the TextTransformer.
   """
@@ -466,20 +532,7 @@ def load_hf_text_encoder(path: str, **module_kwargs):
                           "CLIPTextModel folder).")
   with open(config_path) as f:
     hf_config = json.load(f)
-  names = ("model.safetensors", "pytorch_model.bin")
-  weights = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-  if weights:
-    state = load_state_dict(weights[0])
-  else:  # Sharded checkpoints: an index names the shards.
-    index = [os.path.join(path, f"{n}.index.json") for n in names]
-    index = [p for p in index if os.path.isfile(p)]
-    if not index:
-      raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json.")
-    with open(index[0]) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for shard in shards:
-      state.update(load_state_dict(os.path.join(path, shard)))
+  state = load_weights_dir(path, TRANSFORMERS_WEIGHTS, variant)
   module = TextTransformer(**text_encoder_kwargs_from_hf(hf_config), **module_kwargs)
   return module, text_encoder_state_dict_to_variables(state, module, path), hf_config
 

@@ -229,7 +229,7 @@ def test_corrupt_safetensors(tmp_path):
 def test_pickled_objects_are_refused(tmp_path):
   path = tmp_path / "evil.pt"
   torch.save({"state_dict": {"w": torch.zeros(2)}, "hook": os.system}, path)
-  with pytest.raises(CheckpointError, match="not a loadable PyTorch checkpoint"):
+  with pytest.raises(CheckpointError, match="refused to load: the pickle asks for '(posix|os).system'"):
     clip_jax.load_checkpoint(str(path))
 
 
@@ -251,7 +251,7 @@ def test_shape_mismatch_against_named_model(tmp_path):
 
 def test_hf_directory_without_weights(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
-  with pytest.raises(CheckpointError, match="no model.safetensors"):
+  with pytest.raises(CheckpointError, match="no weights named model.safetensors or pytorch_model.bin"):
     clip_jax.load_checkpoint(str(tmp_path))
 
 
@@ -287,3 +287,137 @@ def test_checkpoint_file_formats(tmp_path, kind):
     ref_image = reference.encode_image(torch.from_numpy(images)).numpy()
   image_emb = module.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), method="encode_image")
   np.testing.assert_allclose(image_emb, ref_image, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- text pooling (issue 12.6)
+ADDED_TOKEN_PROMPTS = np.zeros((2, 77), np.int64)
+ADDED_TOKEN_PROMPTS[0, :5] = [49406, 320, 49409, 1929, 49407]  # 49409: a token added after <|endoftext|>
+ADDED_TOKEN_PROMPTS[1, :4] = [49406, 2368, 49407, 49407]        # padded with the end token
+
+
+def _hf_clip_with_added_tokens(eos_token_id):
+  transformers = pytest.importorskip("transformers")
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=49410, hidden_size=64, intermediate_size=256, num_attention_heads=2,
+                       num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406,
+                       eos_token_id=eos_token_id),
+      vision_config=dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
+                         image_size=32, patch_size=8),
+      projection_dim=48)
+  torch.manual_seed(0)
+  return transformers.CLIPModel(config).eval()
+
+
+def _text_features(module, variables, tokens=ADDED_TOKEN_PROMPTS):
+  return np.asarray(module.apply(variables, jnp.asarray(tokens, jnp.int32), method="encode_text"))
+
+
+@pytest.mark.parametrize("eos_token_id", [49407, 2], ids=["eos", "legacy_eos_2"])
+def test_hf_text_pooling_follows_eos_token_id(tmp_path, eos_token_id):
+  """The issue's example: vocabulary 49,410 with token 49409 in the prompt. transformers pools at
+  the first eos_token_id, or at argmax(id) for the legacy eos_token_id == 2; so do we, and the
+  rule survives export to transformers."""
+  transformers = pytest.importorskip("transformers")
+  hf_model = _hf_clip_with_added_tokens(eos_token_id)
+  hf_model.save_pretrained(tmp_path / "hf")
+  module, variables = clip_jax.load_checkpoint(str(tmp_path / "hf"))
+  assert module.config.text.eot_token_id == (None if eos_token_id == 2 else eos_token_id)
+  _, ref_text = _hf_embeddings(hf_model, np.zeros((2, 3, 32, 32), np.float32), ADDED_TOKEN_PROMPTS)
+  ours = _text_features(module, variables)
+  np.testing.assert_allclose(ours, ref_text, atol=1e-4, rtol=0)
+  # The other rule differs on the first prompt (the test can fail), not on the second.
+  other = module.clone(config=module.config.replace(
+      text={"eot_token_id": 49407 if eos_token_id == 2 else None}))
+  moved = _text_features(other, variables)
+  assert np.linalg.norm(moved[0] - ours[0]) > 0.1 * np.linalg.norm(ours[0])
+  np.testing.assert_allclose(moved[1], ours[1], atol=1e-6, rtol=0)
+
+  out = clip_jax.export_hf(module, variables, str(tmp_path / "exported"))
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["text_config"]["eos_token_id"] == eos_token_id
+  _, re_text = _hf_embeddings(transformers.CLIPModel.from_pretrained(out).eval(),
+                              np.zeros((2, 3, 32, 32), np.float32), ADDED_TOKEN_PROMPTS)
+  np.testing.assert_allclose(re_text, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("pool_type", ["argmax", "eos"])
+def test_open_clip_text_pooling_rules(pool_type):
+  """open_clip pools at argmax(id) by default (OpenAI's rule, what a bare state dict gets) or, with
+  pool_type='eos', at the first eos_id: given as a config override here."""
+  cfg = _tiny_open_clip_cfg(False)
+  cfg["text_cfg"].update(vocab_size=49410, pool_type=pool_type, eos_id=49407)
+  reference = _randomize_open_clip(open_clip.model.CLIP(**cfg))
+  state = {k: v.numpy() for k, v in reference.state_dict().items()}
+  overrides = {"text": {"eot_token_id": 49407}} if pool_type == "eos" else {}
+  model, variables = convert.load_openai_state_dict(state, act="gelu", **overrides)
+  with torch.no_grad():
+    ref_text = reference.encode_text(torch.from_numpy(ADDED_TOKEN_PROMPTS)).numpy()
+  np.testing.assert_allclose(_text_features(model, variables), ref_text, atol=1e-4, rtol=0)
+
+
+def test_pooling_rule_is_saved_with_the_config():
+  cfg = MODEL_CONFIGS["ViT-Tiny"].replace(text={"eot_token_id": 49407})
+  assert clip_jax.models.configs.CLIPConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  assert MODEL_CONFIGS["ViT-B-32"].text.eot_token_id is None  # OpenAI-style: argmax
+
+
+def test_bare_text_encoder_pools_like_clip_text_model(tmp_path):
+  """Stable Diffusion's text encoder (a CLIPTextModel): pooler_output at the eos token too."""
+  transformers = pytest.importorskip("transformers")
+  config = transformers.CLIPTextConfig(vocab_size=49410, hidden_size=32, intermediate_size=64,
+                                       num_attention_heads=4, num_hidden_layers=2, eos_token_id=49407)
+  torch.manual_seed(0)
+  reference = transformers.CLIPTextModel(config).eval()
+  reference.save_pretrained(tmp_path)
+  module, variables, _ = convert.load_hf_text_encoder(str(tmp_path))
+  with torch.no_grad():
+    pooled = reference(input_ids=torch.from_numpy(ADDED_TOKEN_PROMPTS)).pooler_output.numpy()
+  ours = module.apply(variables, jnp.asarray(ADDED_TOKEN_PROMPTS, jnp.int32))
+  np.testing.assert_allclose(ours, pooled, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- assumptions said (issue 19.2)
+@pytest.fixture(scope="module")
+def vit_tiny_file(tmp_path_factory):
+  """A ViT-Tiny (32-wide heads, exact GELU) saved as a bare OpenAI-layout state dict."""
+  module = clip_jax.create_model("ViT-Tiny")
+  variables = clip_jax.init_variables(module, jax.random.key(3))
+  path = str(tmp_path_factory.mktemp("bare") / "vit_tiny.safetensors")
+  from clip_jax.weights import save_safetensors
+  save_safetensors(convert.export_openai_state_dict(module, variables), path)
+  tokens = np.zeros((2, 32), np.int32)
+  tokens[:, :4] = [[49406, 320, 1929, 49407], [49406, 2368, 49407, 0]]
+  return path, tokens, _text_features(module, variables, tokens)
+
+
+def _load_warnings(caplog, path, **kwargs):
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="clip_jax.convert"):
+    loaded = clip_jax.load_checkpoint(path, **kwargs)
+  return loaded, [r.getMessage() for r in caplog.records if r.name == "clip_jax.convert"]
+
+
+def test_bare_state_dict_assumptions_are_one_warning_line(vit_tiny_file, caplog):
+  path, tokens, expected = vit_tiny_file
+  (module, variables), messages = _load_warnings(caplog, path)
+  assert len(messages) == 1 and "\n" not in messages[0]
+  assert "assumed QuickGELU activation" in messages[0]
+  assert "1 image and 1 text attention heads (64 wide, OpenAI's rule)" in messages[0]
+  assert "pass model_name= (sets activation and heads) or act=" in messages[0]
+  assert module.config.act == "quick_gelu" and module.config.text.heads == 1
+  assert not np.allclose(_text_features(module, variables, tokens), expected, atol=1e-3)  # the guess is wrong here
+
+  (module, _), messages = _load_warnings(caplog, path, act="gelu")
+  assert len(messages) == 1 and "QuickGELU" not in messages[0] and "attention heads" in messages[0]
+
+  (module, variables), messages = _load_warnings(caplog, path, model_name="ViT-Tiny")
+  assert messages == [] and module.config.act == "gelu" and module.config.text.heads == 2
+  np.testing.assert_allclose(_text_features(module, variables, tokens), expected, atol=1e-5, rtol=0)
+  (module, _), messages = _load_warnings(caplog, path, model_name="ViT-Tiny-quickgelu")
+  assert messages == [] and module.config.act == "quick_gelu"
+
+
+def test_hf_directories_state_their_architecture(tmp_path, caplog):
+  _tiny_hf_model("gelu").save_pretrained(tmp_path)
+  (module, _), messages = _load_warnings(caplog, str(tmp_path))
+  assert messages == [] and module.config.act == "gelu"

@@ -162,6 +162,26 @@ def test_load_pipeline_reads_every_component(ours):
   assert ours.tokenizer.pad_token_id == ours.tokenizer.eot_token_id  # SD 1.x pads with <|endoftext|>
 
 
+def test_load_pipeline_variants_as_diffusers(torch_pipe, ours, tmp_path, caplog):
+  """variant='fp16' reads every component's variant files; a component without them falls back to
+  its plain files with a warning (diffusers' rule); a variant no component has is refused."""
+  root, pipe = torch_pipe
+  pipe.save_pretrained(str(tmp_path / "fp16"), variant="fp16")  # variant names, float32 weights
+  assert os.path.exists(tmp_path / "fp16" / "text_encoder" / "model.fp16.safetensors")
+  same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
+  jax.tree.map(same, pipeline_lib.load_pipeline(str(tmp_path / "fp16"), variant="fp16").params, ours.params)
+  with pytest.raises(CheckpointError, match="found diffusion_pytorch_model.fp16.safetensors; pass variant='fp16'"):
+    pipeline_lib.load_pipeline(str(tmp_path / "fp16"))
+  os.remove(tmp_path / "fp16" / "text_encoder" / "model.fp16.safetensors")
+  shutil.copy(os.path.join(root, "text_encoder", "model.safetensors"), tmp_path / "fp16" / "text_encoder")
+  with caplog.at_level("WARNING"):
+    mixed = pipeline_lib.load_pipeline(str(tmp_path / "fp16"), variant="fp16")
+  assert [r.getMessage() for r in caplog.records if "text_encoder has no such files" in r.getMessage()]
+  jax.tree.map(same, mixed.params, ours.params)
+  with pytest.raises(CheckpointError, match="no component has variant='bf16' weights .variants here: fp16."):
+    pipeline_lib.load_pipeline(str(tmp_path / "fp16"), variant="bf16")
+
+
 def test_encode_prompt_equals_diffusers(torch_pipe, ours):
   _, pipe = torch_pipe
   with torch.no_grad():

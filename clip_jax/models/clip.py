@@ -38,7 +38,7 @@ class CLIP(nn.Module):
                                       cfg.vision.mlp_ratio, cfg.act, **kw)
     t = cfg.text
     self.text = TextTransformer(t.context_length, t.vocab_size, t.width, t.heads, t.layers, cfg.embed_dim,
-                                t.mlp_ratio, cfg.act, **kw)
+                                t.mlp_ratio, cfg.act, eot_token_id=t.eot_token_id, **kw)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.init_logit_scale), (),
                                   jnp.float32)
     if cfg.init_logit_bias is not None:

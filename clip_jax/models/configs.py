@@ -40,6 +40,10 @@ class TextConfig:
   heads: int = 8
   layers: int = 12
   mlp_ratio: float = 4.0
+  # Where the text is pooled: at the first `eot_token_id` (Hugging Face checkpoints state it), or at
+  # argmax(token id) when None (OpenAI's rule, and open_clip's default): equal while the end token
+  # has the largest id, which added tokens break.
+  eot_token_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

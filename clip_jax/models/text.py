@@ -1,5 +1,11 @@
 """CLIP's causal text Transformer, pooled at the end-of-text token.
 
+Where the end-of-text token is: OpenAI's CLIP takes argmax(token id), which finds it because it has
+the largest id in the CLIP vocabulary (`eot_token_id=None`). A vocabulary with tokens added after it
+(Hugging Face CLIPs with extra tokens) breaks that rule; there, as in transformers' CLIPTextTransformer
+and open_clip's `pool_type='eos'`, the first position holding `eot_token_id` is taken (position 0 when
+a row has none, as they do).
+
 Also the text encoder of Stable Diffusion (`hidden_states`): SD 1.x uses OpenAI's ViT-L/14 text
 tower's last layer, SD 2.x OpenCLIP ViT-H/14's penultimate layer, both after the final LayerNorm.
 """
@@ -17,6 +23,14 @@ from clip_jax.models.transformer import Transformer
 Dtype = Any
 
 
+def pool_index(tokens: jax.Array, eot_token_id: int | None) -> jax.Array:
+  """Position [B] of the end-of-text token in each row of `tokens` [B, T]: the first
+  `eot_token_id` (0 if the row has none, as transformers), or argmax(id) when it is None."""
+  if eot_token_id is None:
+    return jnp.argmax(tokens, axis=-1)
+  return jnp.argmax(tokens == eot_token_id, axis=-1)
+
+
 class TextTransformer(nn.Module):
   context_length: int
   vocab_size: int
@@ -26,6 +40,7 @@ class TextTransformer(nn.Module):
   output_dim: int | None  # None: no projection (a bare text encoder, as Stable Diffusion's).
   mlp_ratio: float = 4.0
   act: str = "gelu"
+  eot_token_id: int | None = None  # pool at the first eot_token_id; None: at argmax(id) (OpenAI's rule)
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -55,9 +70,10 @@ class TextTransformer(nn.Module):
     return self.ln_final(x)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Projected features [B, output_dim] at the end-of-text token, which has the largest id."""
+    """Features at the end-of-text token (see the module docstring): [B, output_dim] projected,
+    or [B, width] float32 without a projection."""
     x = self.hidden_states(tokens)
-    eot_index = jnp.argmax(tokens, axis=-1)
+    eot_index = pool_index(tokens, self.eot_token_id)
     pooled = jnp.take_along_axis(x, eot_index[:, None, None], axis=1)[:, 0]  # [B, width]
     if self.output_dim is None:
       return pooled.astype(jnp.float32)

@@ -19,8 +19,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from clip_jax.weights import (CheckpointError, conv_to_flax, conv_to_torch, linear_to_flax,
-                              linear_to_torch, load_state_dict, save_safetensors)
+from clip_jax.weights import (DIFFUSERS_WEIGHTS, CheckpointError, conv_to_flax, conv_to_torch,
+                              linear_to_flax, linear_to_torch, load_weights_dir, save_safetensors)
 from dreambooth_jax.models import unet as unet_lib
 from dreambooth_jax.models import vae as vae_lib
 
@@ -179,24 +179,6 @@ def vae_to_diffusers(params, config, dtype=None) -> dict[str, np.ndarray]:
 _CLASSES = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}
 
 
-def _read_weights(component_dir: str, variant: str | None) -> dict[str, np.ndarray]:
-  suffix = f".{variant}" if variant else ""
-  for ext in ("safetensors", "bin"):
-    path = os.path.join(component_dir, f"{WEIGHTS_NAME}{suffix}.{ext}")
-    if os.path.isfile(path):
-      return load_state_dict(path)
-    index = path + ".index.json"  # sharded checkpoints
-    if os.path.isfile(index):
-      with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-      state = {}
-      for shard in shards:
-        state.update(load_state_dict(os.path.join(component_dir, shard)))
-      return state
-  raise CheckpointError(f"{component_dir}: no weights file {WEIGHTS_NAME}{suffix}.safetensors "
-                        f"(or .bin); is the pipeline folder complete?")
-
-
 def read_config(component_dir: str) -> dict[str, Any]:
   path = os.path.join(component_dir, CONFIG_NAME)
   if not os.path.isfile(path):
@@ -213,7 +195,9 @@ def load_component(directory: str, name: str, dtype=np.float32, variant: str | N
   """Reads `<directory>/<name>/` of a diffusers pipeline -> (UNetConfig | VAEConfig, params).
 
   The model class comes from config.json's `_class_name` (UNet2DConditionModel or
-  AutoencoderKL); `variant='fp16'` reads `diffusion_pytorch_model.fp16.safetensors`.
+  AutoencoderKL). Weights are found as diffusers finds them: single, sharded (an index naming
+  the shards), `variant='fp16'` (`diffusion_pytorch_model.fp16.safetensors`, sharded variants
+  too) or `.bin` files, safetensors first; CheckpointError lists what the folder holds otherwise.
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no such model directory (expected a diffusers "
@@ -233,7 +217,7 @@ def load_component(directory: str, name: str, dtype=np.float32, variant: str | N
     config = (unet_lib.UNetConfig if kind == "unet" else vae_lib.VAEConfig).from_diffusers(raw_config)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{component_dir}/{CONFIG_NAME}: {e}") from e
-  state = _read_weights(component_dir, variant)
+  state = load_weights_dir(component_dir, DIFFUSERS_WEIGHTS, variant)
   convert = unet_from_diffusers if kind == "unet" else vae_from_diffusers
   try:
     params = convert(state, config, dtype=dtype)

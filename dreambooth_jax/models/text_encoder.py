@@ -23,13 +23,14 @@ Dtype = Any
 
 
 def load_text_encoder(component_dir: str, *, dtype: Dtype = jnp.float32,
-                      param_dtype: Dtype = jnp.float32):
-  """`(module, params, hf_config)` from a CLIPTextModel folder (e.g. `<pipeline>/text_encoder`).
+                      param_dtype: Dtype = jnp.float32, variant: str | None = None):
+  """`(module, params, hf_config)` from a CLIPTextModel folder (e.g. `<pipeline>/text_encoder`),
+  its weights single, sharded, `variant` ('fp16': `model.fp16.safetensors`) or `.bin`.
 
   `dtype` is the compute dtype; params are stored in `param_dtype`.
   """
   module, variables, hf_config = clip_convert.load_hf_text_encoder(
-      component_dir, dtype=dtype, param_dtype=param_dtype)
+      component_dir, variant=variant, dtype=dtype, param_dtype=param_dtype)
   params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), variables["params"])
   return module, params, hf_config
 

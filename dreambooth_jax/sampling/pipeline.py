@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -29,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from clip_jax.models.text import TextTransformer
 from clip_jax.sharding import BATCH_AXES
 from clip_jax.tokenizer import ClipTokenizer, TokenizerError, get_tokenizer
-from clip_jax.weights import CheckpointError
+from clip_jax.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, CheckpointError, has_weights, weight_variants
 from dreambooth_jax.models import convert
 from dreambooth_jax.sampling import schedulers
 from dreambooth_jax.models import text_encoder as text_encoder_lib
@@ -133,6 +134,27 @@ def _component_dir(directory: str, index: dict[str, Any], name: str) -> str:
   return path
 
 
+_WEIGHT_NAMES = {"unet": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": TRANSFORMERS_WEIGHTS}
+
+
+def _component_variants(dirs: dict[str, str], variant: str | None) -> dict[str, str | None]:
+  """The variant each weighted component is read with: `variant` where its files exist, else the
+  plain files (diffusers' rule); CheckpointError when no component has `variant`."""
+  if variant is None:
+    return {name: None for name in _WEIGHT_NAMES}
+  chosen = {name: variant if has_weights(dirs[name], names, variant) else None
+            for name, names in _WEIGHT_NAMES.items()}
+  if not any(chosen.values()):
+    found = sorted({v for name, names in _WEIGHT_NAMES.items() for v in weight_variants(dirs[name], names)})
+    raise CheckpointError(f"{os.path.dirname(dirs['unet'])}: no component has variant={variant!r} weights "
+                          f"(variants here: {', '.join(found) or 'none'}); pass variant=None for the plain files.")
+  plain = [name for name, v in chosen.items() if v is None]
+  if plain:
+    logging.warning("variant=%r: %s %s no such files; reading the plain weights there (as diffusers does).",
+                    variant, ", ".join(plain), "has" if len(plain) == 1 else "have")
+  return chosen
+
+
 def load_pipeline(directory: str, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                   text_encoder_layers: int | None = None, variant: str | None = None) -> StableDiffusion:
   """Reads a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/,
@@ -141,7 +163,9 @@ def load_pipeline(directory: str, *, dtype: Dtype = jnp.float32, param_dtype: Dt
   dtype: compute dtype of the UNet and text encoder (the VAE stays float32 when its config says
   force_upcast, as diffusers does); param_dtype: storage dtype of all params. text_encoder_layers:
   condition on that many text layers (e.g. 23 for a full 24-layer OpenCLIP tower). variant:
-  'fp16' reads the diffusion_pytorch_model.fp16.* UNet/VAE files.
+  'fp16' reads the UNet, VAE and text encoder's fp16 files (single or sharded, safetensors or
+  .bin); as in diffusers, a component without that variant reads its plain files (with a
+  warning), and a folder where no component has it is refused.
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no such directory (expected a diffusers Stable Diffusion "
@@ -155,11 +179,12 @@ def load_pipeline(directory: str, *, dtype: Dtype = jnp.float32, param_dtype: Dt
     raise CheckpointError(f"{directory}: has a second text encoder (Stable Diffusion XL); only "
                           "SD 1.x / 2.x pipelines are supported.")
   dirs = {name: _component_dir(directory, index, name) for name in COMPONENTS}
+  variants = _component_variants(dirs, variant)
 
-  unet_config, unet_params = convert.load_component(directory, "unet", variant=variant)
-  vae_config, vae_params = convert.load_component(directory, "vae", variant=variant)
+  unet_config, unet_params = convert.load_component(directory, "unet", variant=variants["unet"])
+  vae_config, vae_params = convert.load_component(directory, "vae", variant=variants["vae"])
   text_encoder, text_params, text_config = text_encoder_lib.load_text_encoder(
-      dirs["text_encoder"], dtype=dtype, param_dtype=param_dtype)
+      dirs["text_encoder"], dtype=dtype, param_dtype=param_dtype, variant=variants["text_encoder"])
   text_encoder_lib.check_num_layers(text_encoder, text_encoder_layers)
   if text_encoder.width != unet_config.cross_attention_dim:
     raise CheckpointError(f"{directory}: the text encoder is {text_encoder.width} wide but the UNet "
