@@ -468,4 +468,5 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go; resumes if it holds a checkpoint.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from clip_jax import cli
+  cli.run_absl(main)  # user mistakes: one line, exit code 2

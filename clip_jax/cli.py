@@ -1,0 +1,292 @@
+"""What every command-line entry point shares: a user's mistake ends as one line on stderr with exit
+code 2; a bug keeps its traceback.
+
+    if __name__ == "__main__":
+      cli.run(main)         # argparse mains: main(argv=None) -> exit code or None
+      cli.run_absl(main)    # absl mains with a config file and --config.key=value overrides
+
+Raise `UserError` (or `MissingPathError` for a path the user gave that is not there) where the
+mistake is found, with one sentence that names the bad value and what to do; `unknown_choice`
+builds the message for a name that is not among the valid ones. The runners print
+`error: <message>` and exit with 2 for these, for argparse's own errors (usage mistakes), for
+absl's flag errors and for `SystemExit("message")`; anything else is a bug and keeps its traceback
+(exit code 1). `--debug` anywhere before a lone `--`, or CLIP_JAX_DEBUG=1 in the environment, shows
+the traceback of user errors too (and reaches the processes a launcher starts, through the
+environment).
+
+Config overrides are checked before absl parses them (`check_config_overrides`): an unknown key
+names the closest existing keys ("did you mean config.model.name?"), a value that does not parse as
+the key's type says which type the key takes.
+
+In a multi-process jax.distributed run every process usually raises the same error; only the first
+process to report a given message prints it (a counter in jax's coordination service), so the
+launcher's output holds it once, from a process that raised it. The others exit with the same code
+silently.
+
+Imports only the standard library at module level: error paths run before any heavy import.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import hashlib
+import importlib.util
+import os
+import sys
+import traceback
+from typing import Callable, Iterable, NoReturn, Sequence
+
+DEBUG_ENV = "CLIP_JAX_DEBUG"
+DEBUG_FLAG = "--debug"
+USER_ERROR_EXIT_CODE = 2
+BUG_EXIT_CODE = 1
+
+
+class UserError(ValueError):
+  """A mistake in what the user asked for (a flag, a config value, a name, a path): reported by the
+  runners as one line, exit code 2. A ValueError, so callers that catch ValueError still do."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+  """A path the user gave does not exist (also a FileNotFoundError for callers that catch that)."""
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+  """The up to `n` candidates most similar to `name` (difflib ratio >= cutoff), best first."""
+  return difflib.get_close_matches(name, list(candidates), n=n, cutoff=cutoff)
+
+
+def unknown_choice(what: str, name, valid: Iterable, hint: str = "") -> UserError:
+  """UserError "unknown <what> 'name'; did you mean 'x'? Valid: a, b, c." (+ hint) to raise."""
+  valid = [str(v) for v in valid]
+  near = closest(str(name), valid)
+  suggestion = f" did you mean {' or '.join(repr(v) for v in near)}?" if near else ""
+  return UserError(f"unknown {what} {name!r};{suggestion} valid: {', '.join(valid)}.{' ' + hint if hint else ''}")
+
+
+# ----------------------------------------------------------------------------- config overrides
+
+def _load_config(spec: str):
+  """ml_collections' config_flags rule: 'path.py[:arg]' -> get_config(arg) or get_config()."""
+  path, sep, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise MissingPathError(f"--config={spec}: no such config file {path!r}.")
+  module_spec = importlib.util.spec_from_file_location("_clip_jax_cli_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"--config={spec}: {path} defines no get_config(); is it a config file?")
+  return module.get_config(arg) if sep else module.get_config()
+
+
+def _flatten_keys(config, prefix: str) -> list[str]:
+  """Every dotted key of a ConfigDict, groups included: ['model', 'model.name', ...]."""
+  keys = []
+  for key in config.keys():
+    value = config[key]
+    path = f"{prefix}.{key}" if prefix else key
+    keys.append(path)
+    if hasattr(value, "keys") and hasattr(value, "get_type"):  # a nested ConfigDict
+      keys.extend(_flatten_keys(value, path))
+  return keys
+
+
+def _near_keys(key: str, all_keys: list[str], n: int = 3) -> list[str]:
+  """Existing keys a mistyped `key` probably meant: the same last name in another group first
+  (model.dtype -> dtype), then typos of the whole path, then typos of the last name."""
+  def leaf(k):
+    return k.rsplit(".", 1)[-1]
+  last = leaf(key)
+  near = [k for k in all_keys if leaf(k) == last]
+  near += [k for k in closest(key, all_keys) if k not in near]
+  close_leaves = set(closest(last, {leaf(k) for k in all_keys}))
+  near += [k for k in all_keys if leaf(k) in close_leaves and k not in near]
+  return near[:n]
+
+
+def _overrides(argv: Sequence[str], flag: str) -> tuple[str | None, list[tuple[str, str | None, str]]]:
+  """argv -> (the --flag value, [(dotted key, value or None for bare booleans, as typed)])."""
+  spec, found = None, []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--":
+      break
+    name, eq, value = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name == flag:
+      spec = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+      i += 1 if eq else 2
+      continue
+    for negated, prefix in ((False, flag + "."), (True, "no" + flag + ".")):
+      if arg.startswith("-") and name.startswith(prefix):
+        key = name[len(prefix):]
+        if negated:
+          found.append((key, "false", arg))
+        elif eq:
+          found.append((key, value, arg))
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+          found.append((key, argv[i + 1], f"{arg} {argv[i + 1]}"))
+          i += 1
+        else:
+          found.append((key, None, arg))
+        break
+    i += 1
+  return spec, found
+
+
+_BOOL_WORDS = {"true": True, "t": True, "1": True, "false": False, "f": False, "0": False}
+
+
+def _type_error(key: str, value: str | None, field_type: type, flag: str, typed: str) -> str | None:
+  if field_type is bool:
+    if value is None or value.lower() in _BOOL_WORDS:
+      return None
+    return f"{flag}.{key} takes a bool (true/false), got {value!r} ({typed})."
+  if value is None:
+    return f"{flag}.{key} takes a {field_type.__name__}: give a value ({typed}=...)."
+  if field_type in (int, float):
+    try:
+      field_type(value)
+    except ValueError:
+      if field_type is int:  # ml_collections reads ints like 1e3 strictly as well
+        return f"{flag}.{key} takes an int, got {value!r} ({typed})."
+      return f"{flag}.{key} takes a float, got {value!r} ({typed})."
+  return None
+
+
+def check_config_overrides(argv: Sequence[str], flag: str = "config") -> None:
+  """Raises UserError for `--config.KEY=VALUE` overrides that ml_collections would reject with a
+  traceback: an unknown KEY (naming the closest existing keys) or a VALUE that does not parse as the
+  type of an int/float/bool field. The config file is loaded the way config_flags loads it
+  (`path.py[:arg]`); MissingPathError when it does not exist. Other value types are left to
+  config_flags (the runner still turns its errors into one line)."""
+  spec, overrides = _overrides(argv, flag)
+  if spec is None:
+    return
+  config = _load_config(spec)
+  all_keys = _flatten_keys(config, "")
+  for key, value, typed in overrides:
+    holder, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+      if not (hasattr(holder, "keys") and part in holder.keys()):
+        full = f"{flag}.{key}"
+        near = _near_keys(key, all_keys)
+        parent = ".".join([flag, *parts[:depth]])
+        if near:
+          hint = f"did you mean {' or '.join(f'{flag}.{k}' for k in near)}?"
+        elif hasattr(holder, "keys"):
+          hint = f"{parent} has: {', '.join(sorted(holder.keys()))}."
+        else:
+          hint = f"{parent} is a value, not a group of keys."
+        raise UserError(f"unknown config key {full} ({typed}); {hint}")
+      if depth < len(parts) - 1:
+        holder = holder[part]
+    problem = _type_error(key, value, holder.get_type(parts[-1]), flag, typed)
+    if problem:
+      raise UserError(problem)
+
+
+# ----------------------------------------------------------------------------- runners
+
+def _one_line(text: str) -> str:
+  return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+def debug_enabled() -> bool:
+  return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "False")
+
+
+def _strip_debug(argv: list[str]) -> list[str]:
+  """Removes --debug (before a lone '--') and records it in the environment for child processes."""
+  cut = argv.index("--") if "--" in argv else len(argv)
+  if DEBUG_FLAG in argv[1:cut]:
+    os.environ[DEBUG_ENV] = "1"
+    argv = [a for i, a in enumerate(argv) if not (0 < i < cut and a == DEBUG_FLAG)]
+  return argv
+
+
+def _first_to_report(text: str) -> bool:
+  """False only in a jax.distributed run where another process has already reported `text`."""
+  if "jax" not in sys.modules:  # no jax: no distributed run to deduplicate over
+    return True
+  try:
+    from jax._src import distributed  # the client is not public API; any failure -> print
+    client = distributed.global_state.client
+    if client is None:
+      return True
+    key = "clip_jax/reported/" + hashlib.sha1(text.encode()).hexdigest()
+    return int(client.key_value_increment(key, 1)) == 1
+  except Exception:  # noqa: BLE001 - better printed twice than never
+    return True
+
+
+def report_user_error(message: str) -> NoReturn:
+  line = _one_line(message)
+  if _first_to_report(line):
+    print(f"error: {line}", file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def _report_bug(error: BaseException) -> NoReturn:
+  text = "".join(traceback.format_exception(error))
+  last = text.strip().splitlines()[-1]
+  if _first_to_report(last):
+    sys.stderr.write(text)
+    sys.stderr.flush()
+  sys.exit(BUG_EXIT_CODE)
+
+
+def _raise_usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+  raise UserError(f"{message} (see {parser.prog} --help)")
+
+
+@contextlib.contextmanager
+def _reporting():
+  """User errors -> one line and exit 2 (unless debugging); bugs -> their traceback once, exit 1."""
+  try:
+    yield
+  except UserError as e:
+    if debug_enabled():
+      raise
+    report_user_error(str(e))
+  except SystemExit as e:
+    if isinstance(e.code, str):  # SystemExit("message"): a message for the user
+      if debug_enabled():
+        raise
+      report_user_error(e.code)
+    raise
+  except Exception as e:  # noqa: BLE001 - a bug: keep the traceback, print it once per run
+    _report_bug(e)
+
+
+def run(main: Callable[[], int | None]) -> NoReturn:
+  """Runs an argparse `main()` (reading sys.argv) as a command: argparse's usage errors and
+  UserError become one line on stderr with exit code 2; main's return value is the exit code."""
+  sys.argv = _strip_debug(list(sys.argv))
+  original = argparse.ArgumentParser.error
+  argparse.ArgumentParser.error = _raise_usage_error  # one line instead of usage + message
+  try:
+    with _reporting():
+      code = main()
+  finally:
+    argparse.ArgumentParser.error = original
+  sys.exit(code)
+
+
+def run_absl(main: Callable[[list[str]], int | None], config_flag: str | None = "config") -> NoReturn:
+  """absl.app.run(main) with config overrides checked first and flag errors as one line (exit 2)."""
+  from absl import app, flags
+  argv = _strip_debug(list(sys.argv))
+
+  def parse(args: list[str]) -> list[str]:
+    if config_flag:
+      check_config_overrides(args[1:], config_flag)
+    try:
+      return flags.FLAGS(args)
+    except flags.Error as e:
+      raise UserError(str(e)) from e
+
+  with _reporting():
+    app.run(main, argv=argv, flags_parser=parse)
+  sys.exit(0)
