@@ -144,4 +144,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from clip_jax import cli
+  cli.run(main)  # user mistakes: one line, exit code 2

@@ -158,4 +158,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from clip_jax import cli
+  cli.run(main)  # user mistakes: one line, exit code 2

@@ -138,4 +138,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from clip_jax import cli
+  cli.run(main)  # user mistakes: one line, exit code 2

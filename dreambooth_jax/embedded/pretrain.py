@@ -259,4 +259,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from clip_jax import cli
+  cli.run(main)  # user mistakes: one line, exit code 2
