@@ -144,6 +144,7 @@ def test_cli_predictions_equal_clip_benchmark_and_open_clip(user_data, tmp_path,
   assert metrics["mean_per_class"] == pytest.approx(100 * bench_metrics["mean_per_class_recall"], abs=1e-9)
 
 
+@pytest.mark.slow  # two CLI runs of a second model (~40 s on the shared box)
 def test_bare_state_dict_activation_is_warned_about_and_set_by_act(user_data, tmp_path, caplog):
   model = _random_open_clip(_wide_head_cfg(), seed=1)
   checkpoint = _save(model, tmp_path / "wide_gelu.pt")

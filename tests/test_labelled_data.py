@@ -185,3 +185,31 @@ def test_cli_act_on_a_directory_and_unknown_model_name(tiny_checkpoint, tmp_path
   _png(folder / "a" / "0.png", np.random.default_rng(5))
   assert cli.main(["--checkpoint", tiny_checkpoint, "--act", "gelu", "--tasks", f"zeroshot:d={folder}"]) == 1
   assert "--act applies to bare state-dict files" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # five image/text passes: ~30-160 s on the shared 2-core box
+def test_prompt_ablation_equals_the_zero_shot_evaluator(tiny_checkpoint, tmp_path):
+  """Each prompt set's numbers equal a ZeroShotEvaluator run with those templates alone."""
+  from clip_jax.data.digits import CLASS_NAMES
+  from clip_jax.eval import prompt_ablation, zeroshot
+  from clip_jax.sharding import create_mesh
+  from clip_jax.tokenizer import get_tokenizer
+  sweep = tmp_path / "sweep.py"
+  sweep.write_text('DATASET = "digits"\nREFERENCE = "both"\n'
+                   'def get_prompt_sets():\n  return {"name": ("{}",), "both": ("{}", "a photo of a {}.")}\n')
+  out = prompt_ablation.run(str(sweep), [tiny_checkpoint], str(tmp_path / "out"), batch_size=16, limit=40)
+  rows = {r["prompt_set"]: r for r in out["rows"]}
+  model, variables = clip_jax.load_checkpoint(tiny_checkpoint)
+  tokenizer = get_tokenizer("clip", context_length=model.config.text.context_length)
+  for name, templates in (("name", ("{}",)), ("both", ("{}", "a photo of a {}."))):
+    evaluator = zeroshot.ZeroShotEvaluator("digits", tokenizer, CLASS_NAMES, templates, batch_size=16, image_size=32,
+                                           limit=40)
+    metrics = evaluator.evaluate(model, variables, create_mesh({"data": -1}))
+    assert rows[name]["top1"] == pytest.approx(metrics["top1"]) and rows[name]["num_templates"] == len(templates)
+  assert rows["both"]["delta_top1"] == 0 and rows["both"]["delta_ci95"] == [0, 0]
+  low, high = rows["name"]["delta_ci95"]
+  assert low <= rows["name"]["delta_top1"] <= high
+  for suffix in ("md", "csv", "json", "png"):
+    assert (tmp_path / "out" / f"prompt_ablation.{suffix}").stat().st_size > 100
+  better, worse = np.ones(50, bool), np.r_[np.ones(40, bool), np.zeros(10, bool)]
+  assert prompt_ablation.paired_bootstrap(better, worse)[0] > 0 and prompt_ablation.paired_bootstrap(worse, worse) == (0, 0)
