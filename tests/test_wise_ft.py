@@ -1,0 +1,81 @@
+"""WiSE-FT (clip_jax.wise_ft): exact endpoints, the mix rule, refusals, and the CLI against the
+evaluation CLI on each input."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clip_jax
+from clip_jax import convert, evaluate, wise_ft
+from clip_jax.weights import save_safetensors
+
+
+def _tree(seed):
+  rng = np.random.default_rng(seed)
+  return {"params": {"w": rng.normal(size=(3, 4)).astype(np.float32),
+                     "h": jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16),
+                     "logit_scale": np.float32(rng.normal())},
+          "batch_stats": {"mean": rng.normal(size=(4,)).astype(np.float32)}}
+
+
+def test_endpoints_are_exact_and_the_middle_is_the_mix():
+  zs, ft = _tree(0), _tree(1)
+  flat = lambda t: jax.tree_util.tree_leaves_with_path(t)  # noqa: E731
+  for alpha, expected in ((0.0, zs), (1.0, ft)):
+    for (path, got), (_, want) in zip(flat(wise_ft.interpolate(zs, ft, alpha)), flat(expected)):
+      assert np.asarray(got).dtype == np.asarray(want).dtype, path
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
+  mid = wise_ft.interpolate(zs, ft, 0.25)
+  np.testing.assert_allclose(mid["params"]["w"], 0.75 * zs["params"]["w"] + 0.25 * ft["params"]["w"], rtol=1e-6)
+
+
+def test_mismatched_pairs_are_refused():
+  zs, ft = _tree(0), _tree(1)
+  ft["params"]["w"] = ft["params"]["w"][:, :3]
+  with pytest.raises(ValueError, match=r"params/w has shape \(3, 4\) in --zeroshot, \(3, 3\) in --finetuned"):
+    wise_ft.interpolate(zs, ft, 0.5)
+  del ft["params"]["w"]
+  with pytest.raises(ValueError, match="params/w is only in --zeroshot"):
+    wise_ft.interpolate(zs, ft, 0.5)
+  tiny = clip_jax.create_model("ViT-Tiny")
+  other = clip_jax.create_model("ViT-Tiny", vision={"width": 128}, act="quick_gelu")
+  with pytest.raises(ValueError, match=r"different architectures \(vision.width 64 vs 128; act gelu vs quick_gelu\)"):
+    wise_ft.align_pair((tiny, {}), (other, {}))
+  with pytest.raises(ValueError, match="every alpha must be in"):
+    wise_ft.parse_alphas("0,1.5")
+
+
+def _save_random_tiny(path, seed, **overrides):
+  model = clip_jax.create_model("ViT-Tiny", **overrides)
+  variables = clip_jax.init_variables(model, jax.random.key(seed))
+  save_safetensors(convert.export_openai_state_dict(model, variables), str(path))
+  return str(path)
+
+
+@pytest.mark.slow  # five evaluations of a tiny model: ~40 s on the 2-core box
+def test_cli_endpoints_equal_the_evaluation_cli(tmp_path, capsys):
+  """alpha 0 and 1 give the evaluation CLI's numbers on each input; the table and plot are written;
+  a pair of another architecture is one error line."""
+  a, b = _save_random_tiny(tmp_path / "a.safetensors", 0), _save_random_tiny(tmp_path / "b.safetensors", 1)
+  common = ["--tasks", "zeroshot:digits", "--limit", "64", "--batch-size", "64", "--model-name", "ViT-Tiny"]
+  assert wise_ft.main(["--zeroshot", a, "--finetuned", b, "--alphas", "0,0.5,1", "--out", str(tmp_path / "w"),
+                       *common]) == 0
+  out = json.load(open(tmp_path / "w" / "results.json"))
+  assert [r["alpha"] for r in out["rows"]] == [0.0, 0.5, 1.0]
+  assert (tmp_path / "w" / "plots" / "wise_ft.png").stat().st_size > 0
+  assert "| alpha |" in (tmp_path / "w" / "results.md").read_text()
+  for alpha, path in ((0.0, a), (1.0, b)):
+    assert evaluate.main(["--checkpoint", path, "--out", str(tmp_path / f"e{alpha}"), *common]) == 0
+    reference = json.load(open(tmp_path / f"e{alpha}" / "results.json"))["results"][0]["metrics"]
+    ours = out["results"][out["rows"].index(next(r for r in out["rows"] if r["alpha"] == alpha))][0]["metrics"]
+    assert ours == reference, alpha
+
+  capsys.readouterr()
+  c = _save_random_tiny(tmp_path / "c.safetensors", 2, vision={"width": 128})
+  assert wise_ft.main(["--zeroshot", a, "--finetuned", c, "--out", str(tmp_path / "x"), "--tasks",
+                       "zeroshot:digits"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "different architectures (vision.width 64 vs 128" in err[0], err
+  assert not (tmp_path / "x").exists()
