@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from clip_jax.cli import UserError, did_you_mean
+
 # CLIP (Radford et al. 2021): temperature initialised at 0.07, logit scale clipped at 100.
 CLIP_INIT_LOG_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = 100.0
@@ -232,7 +234,7 @@ _BODIES = {"softmax": _softmax_gathered, "sigmoid": _sigmoid_ring, "softmax_ring
 def _check_inputs(image_emb, text_emb, logit_scale, logit_bias, kind, mesh, batch_axes) -> int:
   """Raises on inputs a caller can get wrong; returns N, the number of batch shards."""
   if kind not in LOSS_KINDS:
-    raise ValueError(f"Unknown contrastive loss kind {kind!r}; use one of {LOSS_KINDS}.")
+    raise UserError(f"Unknown contrastive loss kind {kind!r};{did_you_mean(kind, LOSS_KINDS)} use one of {LOSS_KINDS}.")
   if image_emb.ndim != 2 or image_emb.shape != text_emb.shape:
     raise ValueError(f"Image and text embeddings must both be [batch, dim] of the same shape; got "
                      f"{image_emb.shape} and {text_emb.shape}.")

@@ -210,4 +210,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from clip_jax import cli
+  cli.run(main)  # usage mistakes: one line, exit code 2

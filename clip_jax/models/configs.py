@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Any
 
+from clip_jax.cli import UserError, did_you_mean
+
 VisionLayers = int | tuple[int, ...]
 
 
@@ -117,5 +119,5 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
 
 def get_config(name: str) -> CLIPConfig:
   if name not in MODEL_CONFIGS:
-    raise ValueError(f"Unknown model '{name}'; known models: {', '.join(sorted(MODEL_CONFIGS))}.")
+    raise UserError(f"Unknown model '{name}';{did_you_mean(name, MODEL_CONFIGS)} known models: {', '.join(sorted(MODEL_CONFIGS))}.")
   return MODEL_CONFIGS[name]

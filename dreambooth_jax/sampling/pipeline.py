@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clip_jax.models.text import TextTransformer
 from clip_jax.sharding import BATCH_AXES
+from clip_jax.cli import MissingPathError, UserError, did_you_mean
 from clip_jax.tokenizer import ClipTokenizer, TokenizerError, get_tokenizer
 from clip_jax.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, CheckpointError, has_weights, weight_variants
 from dreambooth_jax.models import convert
@@ -319,7 +320,7 @@ def encode_prompt(pipeline: StableDiffusion, params: dict[str, Any], prompts: st
 def sampler_kind(sampler: str) -> str:
   kind = SAMPLERS.get(sampler)
   if kind is None:
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    raise UserError(f"unknown sampler {sampler!r};{did_you_mean(sampler, SAMPLERS)} choose one of {', '.join(SAMPLERS)}.")
   return kind
 
 
