@@ -345,7 +345,7 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
   for task in tasks:
     start = time.time()
     result = {"task": task.kind, "dataset": task.dataset, "split": task.test_split, "source": task.source,
-              "paper_metric": task.paper_metric,
+              "paper_metric": task.paper_metric, "paper_comparable": task.paper_comparable,
               **RUNNERS[task.kind](task, ctx)}
     result["seconds"] = round(time.time() - start, 2)
     results.append(attach_paper_numbers(result, model_name if task.paper_comparable else None))

@@ -298,6 +298,10 @@ def test_template_files_and_prompt_overrides(tmp_path):
   assert task.templates == ("itap of a {}.",) and not task.paper_comparable and len(task.class_names) == 10
   (probe,) = cli.with_prompts(cli.parse_tasks("linear_probe:cifar10"), templates=["x {}"])
   assert probe.paper_comparable
+  from clip_jax.eval import report
+  result = {"task": "zeroshot", "dataset": "cifar10", "metrics": {"top1": 50.0}, "paper_comparable": False}
+  table = report.markdown_table([report.attach_paper_numbers(result, None)], {"out_dir": str(tmp_path)})
+  assert "| zeroshot | cifar10 |  | top1 | 50.0 |  |  |" in table and "No paper numbers for zeroshot:cifar10" in table
   own = cli.parse_task(f"zeroshot:{tmp_path}")
   assert (own.dataset, own.source, own.class_names) == (os.path.basename(tmp_path), str(tmp_path), None)
 

@@ -64,6 +64,10 @@ def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                    f"{paper['source'] if paper else ''} |")
   lines += ["", "All numbers in percent. * marks the metric the paper reports for that dataset. "
             "A blank paper cell: the paper has no number for this model and dataset."]
+  replaced = [f"{r['task']}:{r['dataset']}" for r in results if r.get("paper_comparable") is False]
+  if replaced:
+    lines += ["", f"No paper numbers for {', '.join(replaced)}: evaluated with your class names or prompts, "
+              "not the paper's."]
   problems = [line for result in results for line in data_problem_lines(result)]
   if problems:
     lines += ["", "Data problems (counted, left out or kept as noted in clip_jax/data/labelled.py):"]

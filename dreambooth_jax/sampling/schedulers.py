@@ -33,8 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.cli import UserError, did_you_mean
-
 SAMPLERS = ("ddim", "dpmsolver++", "euler_ancestral", "ddpm")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
