@@ -6,8 +6,8 @@ code 2; a bug keeps its traceback.
       cli.run_absl(main)    # absl mains with a config file and --config.key=value overrides
 
 Raise `UserError` (or `MissingPathError` for a path the user gave that is not there) where the
-mistake is found, with one sentence that names the bad value and what to do; `unknown_choice`
-builds the message for a name that is not among the valid ones. The runners print
+mistake is found, with one sentence that names the bad value and what to do (`did_you_mean` adds
+the closest valid names to an "unknown name" message). The runners print
 `error: <message>` and exit with 2 for these, for argparse's own errors (usage mistakes), for
 absl's flag errors and for `SystemExit("message")`; anything else is a bug and keeps its traceback
 (exit code 1). `--debug` anywhere before a lone `--`, or CLIP_JAX_DEBUG=1 in the environment, shows
@@ -57,12 +57,24 @@ def closest(name: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.
   return difflib.get_close_matches(name, list(candidates), n=n, cutoff=cutoff)
 
 
-def unknown_choice(what: str, name, valid: Iterable, hint: str = "") -> UserError:
-  """UserError "unknown <what> 'name'; did you mean 'x'? Valid: a, b, c." (+ hint) to raise."""
-  valid = [str(v) for v in valid]
-  near = closest(str(name), valid)
-  suggestion = f" did you mean {' or '.join(repr(v) for v in near)}?" if near else ""
-  return UserError(f"unknown {what} {name!r};{suggestion} valid: {', '.join(valid)}.{' ' + hint if hint else ''}")
+def did_you_mean(name, valid: Iterable) -> str:
+  """" did you mean 'x'?" for the valid names closest to `name` (difflib), or "" when none is close:
+  the piece an "unknown <thing>" message puts before its list of valid names."""
+  near = closest(str(name), [str(v) for v in valid])
+  return f" did you mean {' or '.join(repr(v) for v in near)}?" if near else ""
+
+
+def as_user_errors(check: Callable, *args, **kwargs):
+  """Runs a validator whose ValueErrors (and FileNotFoundErrors) are all mistakes in what the user
+  asked for, e.g. a trainer's validate_config(cfg), re-raising them as UserError / MissingPathError."""
+  try:
+    return check(*args, **kwargs)
+  except UserError:
+    raise
+  except FileNotFoundError as e:
+    raise MissingPathError(str(e)) from e
+  except ValueError as e:
+    raise UserError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------- config overrides
