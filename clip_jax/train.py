@@ -446,6 +446,8 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax logs every file it renames at INFO
     logging.set_verbosity(logging.WARNING)
   cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  from clip_jax import cli
+  cli.as_user_errors(validate_config, cfg)  # config mistakes: one line, before any compilation
   evaluators = []
   if cfg.get("zeroshot_eval", None) and cfg.zeroshot_eval.get("enabled", False):
     from clip_jax.eval.zeroshot import build_training_evaluators

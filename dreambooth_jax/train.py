@@ -352,6 +352,8 @@ def main(argv):
   from absl import flags
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  from clip_jax import cli
+  cli.as_user_errors(validate_config, flags.FLAGS.config)  # config mistakes: one line
   out = train_and_export(flags.FLAGS.config, flags.FLAGS.workdir)
   if jax.process_index() == 0:
     print(json.dumps({"step": out["step"], "identifier": out["identifier"], "metrics": out["metrics"],
