@@ -23,6 +23,7 @@ import numpy as np
 
 from clip_jax.data.labelled import (LABEL_CAPTION_TEMPLATES, CLASSNAMES_FILE, ImageFolderSource, LabelTableSource,
                                     WebDatasetSource, read_class_names_file)
+from clip_jax.cli import MissingPathError, UserError, did_you_mean
 from clip_jax.data.records import BadRecord, decode_record
 
 _CAPTION_FEATURE_NAMES = ("caption", "captions", "text", "texts", "sentences", "description")
@@ -63,14 +64,14 @@ def find_shards(path: str) -> list[str]:
   if os.path.isdir(path):
     paths = sorted(glob.glob(os.path.join(path, "*.array_record")))
     if not paths:
-      raise FileNotFoundError(f"{path}: directory holds no .array_record shards; write them with "
+      raise MissingPathError(f"{path}: directory holds no .array_record shards; write them with "
                               "`python -m clip_jax.data.prepare --input ... --output DIR`.")
     return paths
   if os.path.isfile(path):
     return [path]
   paths = sorted(p for p in glob.glob(path) if os.path.isfile(p))
   if not paths:
-    raise FileNotFoundError(f"{path}: no such file, directory or matching shards. Pass a directory of "
+    raise MissingPathError(f"{path}: no such file, directory or matching shards. Pass a directory of "
                             ".array_record shards, 'tfds:NAME' for a TFDS dataset, or 'digits'.")
   return paths
 
@@ -91,7 +92,7 @@ class TfdsSource:
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f"TFDS has no dataset named {name!r}; check the name against "
+      raise UserError(f"TFDS has no dataset named {name!r};{did_you_mean(name, tfds.list_builders())} check the name against "
                        "https://www.tensorflow.org/datasets/catalog, or pass a path to ArrayRecord shards.") from e
     features = builder.info.features
     self.image_key = image_key or _find_feature(features, tfds.features.Image)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from clip_jax.cli import MissingPathError
 from clip_jax.weights import (DIFFUSERS_WEIGHTS, CheckpointError, conv_to_flax, conv_to_torch,
                               linear_to_flax, linear_to_torch, load_weights_dir, save_safetensors)
 from dreambooth_jax.models import unet as unet_lib
@@ -200,7 +201,7 @@ def load_component(directory: str, name: str, dtype=np.float32, variant: str | N
   too) or `.bin` files, safetensors first; CheckpointError lists what the folder holds otherwise.
   """
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no such model directory (expected a diffusers "
+    raise MissingPathError(f"{directory}: no such model directory (expected a diffusers "
                             "pipeline folder).")
   component_dir = os.path.join(directory, name)
   if not os.path.isdir(component_dir):

@@ -169,7 +169,7 @@ def load_pipeline(directory: str, *, dtype: Dtype = jnp.float32, param_dtype: Dt
   warning), and a folder where no component has it is refused.
   """
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no such directory (expected a diffusers Stable Diffusion "
+    raise MissingPathError(f"{directory}: no such directory (expected a diffusers Stable Diffusion "
                             "pipeline folder).")
   index_path = os.path.join(directory, "model_index.json")
   if not os.path.isfile(index_path):

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from clip_jax.cli import MissingPathError, UserError
 from clip_jax.data.images import decode_image
 from clip_jax.data.records import BadRecord
 
@@ -22,7 +23,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 def load_image_folder(directory: str, what: str = "instance") -> tuple[list[Image.Image], dict[str, int]]:
   """RGB images of a folder (sorted by name) and counts of the files skipped, per reason."""
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{what} image folder {directory!r} does not exist.")
+    raise MissingPathError(f"{what} image folder {directory!r} does not exist.")
   images, skipped = [], {}
   for name in sorted(os.listdir(directory)):
     if not name.lower().endswith(IMAGE_EXTENSIONS):
@@ -36,7 +37,7 @@ def load_image_folder(directory: str, what: str = "instance") -> tuple[list[Imag
       continue
     images.append(image)
   if not images:
-    raise ValueError(f"{what} image folder {directory!r} holds no readable image "
+    raise UserError(f"{what} image folder {directory!r} holds no readable image "
                      f"({', '.join(IMAGE_EXTENSIONS)}); skipped: {skipped or 'none'}.")
   return images, skipped
 
