@@ -467,9 +467,8 @@ def load_weights_dir(directory: str, names: WeightNames, variant: str | None = N
     hint = "; pass variant=None for the plain files"
   suffix = f".{variant}" if variant else ""
   expected = f"{names.safetensors}{suffix}.safetensors or {names.bin}{suffix}.bin"
-  raise CheckpointError(f"{directory}: no weights named {expected} (or their sharded index); found "
-                        f"{', '.join(present[:6]) + (' ...' if len(present) > 6 else '') if present else 'no weight files'}"
-                        f"{hint}.")
+  listing = ", ".join(present[:6]) + (" ..." if len(present) > 6 else "") if present else "no weight files"
+  raise CheckpointError(f"{directory}: no weights named {expected} (or their sharded index); found {listing}{hint}.")
 
 
 def save_safetensors(state: Mapping[str, np.ndarray], path: str, metadata: dict | None = None) -> None:

@@ -272,6 +272,11 @@ def test_checkpoint_file_formats(tmp_path, kind):
   images, tokens = _inputs(32)
   path = tmp_path / "model.bin"
   if kind == "torchscript":
+    # OpenAI's archives also hold their sizes as tensors, which its build_model drops.
+    for name, value in (("input_resolution", 32), ("context_length", 77), ("vocab_size", 49408)):
+      if hasattr(reference, name):
+        delattr(reference, name)  # open_clip keeps them as ints
+      reference.register_buffer(name, torch.tensor(value))
     traced = torch.jit.trace(reference, (torch.from_numpy(images), torch.from_numpy(tokens)), strict=False,
                              check_trace=False)
     torch.jit.save(traced, str(path))

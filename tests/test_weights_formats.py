@@ -297,7 +297,8 @@ def test_safetensors_preferred_and_nothing_found_lists_the_folder(tmp_path, hf_c
     clip_jax.load_checkpoint(str(tmp_path), variant="bf16")
   os.remove(tmp_path / "pytorch_model.bin")
   (tmp_path / "weights.ckpt").write_bytes(b"")
-  with pytest.raises(CheckpointError, match="no weights named model.safetensors or pytorch_model.bin .*found weights.ckpt"):
+  with pytest.raises(CheckpointError,
+                     match="no weights named model.safetensors or pytorch_model.bin .*found weights.ckpt"):
     clip_jax.load_checkpoint(str(tmp_path))
 
 
@@ -358,5 +359,6 @@ def test_diffusers_component_layouts(tmp_path, tiny_unet_and_vae, name, save_kwa
   cast = (lambda a: a.astype(np.float16).astype(np.float32)) if variant else (lambda a: a)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, cast(b)), loaded, plain)
   if variant:
-    with pytest.raises(CheckpointError, match=r"no weights named diffusion_pytorch_model.safetensors .*pass variant='fp16'"):
+    with pytest.raises(CheckpointError,
+                       match=r"no weights named diffusion_pytorch_model.safetensors .*pass variant='fp16'"):
       convert.load_component(str(tmp_path / "other"), name)
