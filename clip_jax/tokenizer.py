@@ -16,7 +16,8 @@ that the end token is still the last one: `[sot, t_1, ..., t_{L-2}, eot]`.
 
 Pooling contract with the text tower: the tower reads its sentence embedding at the end-of-text
 token. Every tokenizer here exposes `eot_token_id`; the robust way to find the position is
-`argmax(ids == eot_token_id)` (the first end token). CLIP's own tower uses `argmax(ids)`, which
+`argmax(ids == eot_token_id)` (the first end token), which the tower uses when its config sets
+`TextConfig.eot_token_id` (Hugging Face checkpoints). Otherwise it uses OpenAI's `argmax(ids)`, which
 finds the same position only when the end token has the largest id in the row: true for
 `ClipTokenizer` (eot = 49407 = vocab_size - 1) and for every model `SentencePieceTokenizer.train`
 writes (eos = vocab_size - 1); `eot_is_largest_id` says whether it holds for a loaded one (it
