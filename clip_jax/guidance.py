@@ -1,0 +1,232 @@
+"""A loaded CLIP as a differentiable objective: images in, "how far from this text" out.
+
+The core that CLIP's optimisation-based derivatives share (CLIPDraw, Frans et al. 2021; StyleCLIP,
+Patashnik et al. 2021; DietNeRF): images [n, h, w, 3] in [0, 1] of any size are resized to the
+model's input size and normalised with its mean/std, differentiably; each is seen through K random
+augmentations (CLIPDraw's: a random perspective warp, then a random resized crop, both with white
+fill, as torchvision's RandomPerspective(distortion_scale=0.5, fill=1) and RandomResizedCrop(scale=
+(0.7, 0.9)) in the authors' code); the loss of an image is the mean over its views of
+
+    -cos(view, target) + negative_weight * sum_j cos(view, negative_j)
+
+(CLIPDraw's objective; its code weights each negative prompt by 0.3). Every step of it is a pure
+function of (variables, images, embeddings, rng), so gradients w.r.t. the images are exact for a
+given rng, and `make_guidance_fn` compiles it with the augmented batch split over the mesh's batch
+axes (`clip_jax.sharding.batch_sharding`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from clip_jax.data.images import OPENAI_MEAN, OPENAI_STD
+from clip_jax.models.clip import CLIP, l2_normalize
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentations:
+  """K random views per image (CLIPDraw's augmentations; `num=0` means the image as it is)."""
+  num: int = 4                                      # K views per image and step (CLIPDraw's code: 4)
+  distortion: float = 0.5                           # RandomPerspective(distortion_scale)
+  crop_scale: tuple[float, float] = (0.7, 0.9)      # RandomResizedCrop(scale): area fraction
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop(ratio): width / height
+  fill: float = 1.0                                 # value outside the warped image (white paper)
+
+  def __post_init__(self):
+    if self.num < 0:
+      raise ValueError(f"the number of augmentations must be >= 0, got {self.num}.")
+    if not 0.0 <= self.distortion < 1.0:
+      raise ValueError(f"perspective distortion must be in [0, 1), got {self.distortion}.")
+    low, high = self.crop_scale
+    if not 0.0 < low <= high <= 1.0:
+      raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}.")
+
+
+NO_AUGMENTATION = Augmentations(num=0)
+
+
+def check_images(images: jax.Array) -> None:
+  """Raises ValueError unless images are [n, h, w, 3] floats (values are taken to be in [0, 1])."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be [n, height, width, 3] RGB in [0, 1], got shape {tuple(images.shape)}.")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images must be floats in [0, 1], got {images.dtype}; divide uint8 pixels by 255.")
+
+
+def resize(images: jax.Array, size: int) -> jax.Array:
+  """[n, h, w, 3] -> [n, size, size, 3], bilinear (antialiased when shrinking), differentiable."""
+  if images.shape[1:3] == (size, size):
+    return images
+  return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "linear", antialias=True)
+
+
+def normalize(images: jax.Array, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> jax.Array:
+  """[0, 1] pixels -> the model's input: (x - mean) / std per channel."""
+  return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
+
+
+# ----------------------------------------------------------------------------- augmentations
+def homography(src: jax.Array, dst: jax.Array) -> jax.Array:
+  """The 3x3 projective map taking 4 points src [4, 2] to dst [4, 2] (h33 = 1)."""
+  x, y = src[:, 0], src[:, 1]
+  u, v = dst[:, 0], dst[:, 1]
+  zero, one = jnp.zeros_like(x), jnp.ones_like(x)
+  rows_u = jnp.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1)
+  rows_v = jnp.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)
+  h = jnp.linalg.solve(jnp.concatenate([rows_u, rows_v]), jnp.concatenate([u, v]))
+  return jnp.append(h, 1.0).reshape(3, 3)
+
+
+def apply_homography(h: jax.Array, points: jax.Array) -> jax.Array:
+  """points [..., 2] -> h(points) [..., 2]."""
+  ones = jnp.ones(points.shape[:-1] + (1,), points.dtype)
+  mapped = jnp.concatenate([points, ones], -1) @ h.T
+  return mapped[..., :2] / mapped[..., 2:]
+
+
+_CORNERS = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], np.float32)
+_INWARD = np.array([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]], np.float32)
+
+
+def sample_view(rng: jax.Array, aug: Augmentations) -> jax.Array:
+  """One random view as the 3x3 map from output coordinates to source coordinates (both in the
+  unit square): a crop box of the perspective-warped image, then the warp's inverse."""
+  corner_rng, scale_rng, ratio_rng, pos_rng = jax.random.split(rng, 4)
+  # RandomPerspective: each corner moves inward by up to distortion / 2 of the side, per axis;
+  # the output holds the whole image squeezed into that quadrilateral.
+  moved = _CORNERS + _INWARD * jax.random.uniform(corner_rng, (4, 2), maxval=aug.distortion / 2)
+  output_to_source = homography(moved, _CORNERS)
+  # RandomResizedCrop: an area fraction and a log-uniform aspect ratio, clipped to the image.
+  area = jax.random.uniform(scale_rng, minval=aug.crop_scale[0], maxval=aug.crop_scale[1])
+  log_ratio = jax.random.uniform(ratio_rng, minval=np.log(aug.crop_ratio[0]), maxval=np.log(aug.crop_ratio[1]))
+  size = jnp.minimum(jnp.sqrt(area * jnp.exp(jnp.array([log_ratio, -log_ratio]))), 1.0)  # (w, h)
+  origin = jax.random.uniform(pos_rng, (2,)) * (1.0 - size)
+  crop = jnp.array([[size[0], 0.0, origin[0]], [0.0, size[1], origin[1]], [0.0, 0.0, 1.0]])
+  return output_to_source @ crop
+
+
+def warp(image: jax.Array, view: jax.Array, size: int, fill: float) -> jax.Array:
+  """Bilinear resampling: output [size, size, 3] pixel (i, j) reads the source at view(j, i)."""
+  h, w = image.shape[:2]
+  centres = (jnp.stack(jnp.meshgrid(jnp.arange(size), jnp.arange(size), indexing="xy"), -1) + 0.5) / size
+  source = apply_homography(view, centres.astype(image.dtype))  # [size, size, (x, y)] in the unit square
+  rows, cols = source[..., 1] * h - 0.5, source[..., 0] * w - 0.5
+  channel = lambda c: jax.scipy.ndimage.map_coordinates(image[..., c], [rows, cols], order=1,  # noqa: E731
+                                                        mode="constant", cval=fill)
+  return jnp.stack([channel(c) for c in range(image.shape[-1])], -1)
+
+
+def random_views(images: jax.Array, rng: jax.Array, aug: Augmentations, size: int) -> jax.Array:
+  """[n, h, w, 3] -> [n * K, size, size, 3], image-major (row i * K + k is view k of image i)."""
+  n = images.shape[0]
+  views = jax.vmap(lambda key: sample_view(key, aug))(jax.random.split(rng, n * aug.num))
+  views = views.reshape(n, aug.num, 3, 3)
+  per_image = jax.vmap(lambda image, vs: jax.vmap(lambda v: warp(image, v, size, aug.fill))(vs))
+  return per_image(images, views).reshape(n * aug.num, size, size, images.shape[-1])
+
+
+# ----------------------------------------------------------------------------- the loss
+def image_embeddings(model: CLIP, variables, images: jax.Array, *, mean=OPENAI_MEAN, std=OPENAI_STD,
+                     constrain: Callable[[jax.Array], jax.Array] = lambda x: x) -> jax.Array:
+  """[n, h, w, 3] in [0, 1] (any size) -> L2-normalised embeddings [n, d]; no augmentation."""
+  check_images(images)
+  x = constrain(normalize(resize(images, model.config.vision.image_size), mean, std))
+  return l2_normalize(model.apply(variables, x, method="encode_image"))
+
+
+def guidance_loss(model: CLIP, variables, images: jax.Array, target_emb: jax.Array, rng: jax.Array | None = None,
+                  *, augment: Augmentations = Augmentations(), negative_emb: jax.Array | None = None,
+                  negative_weight: float = 0.3, mean=OPENAI_MEAN, std=OPENAI_STD,
+                  constrain: Callable[[jax.Array], jax.Array] = lambda x: x) -> jax.Array:
+  """Per-image CLIP guidance loss [n] (lower = closer to the target).
+
+  images: [n, h, w, 3] in [0, 1], any h, w (resized to the model's size, antialiased).
+  target_emb: L2-normalised [d] (one target for all) or [n, d] (one per image): text embeddings
+    (`encode_prompts`) or image embeddings (`image_embeddings`).
+  rng: the augmentations' key; required when augment.num > 0.
+  negative_emb: optional normalised [m, d]; each adds negative_weight * cos (CLIPDraw's negatives).
+  constrain: applied to the model's input batch ([n * K, s, s, 3]), e.g. a sharding constraint.
+  Raises ValueError for images that are not [n, h, w, 3] floats or embeddings of the wrong shape.
+  """
+  check_images(images)
+  n, dim = images.shape[0], model.config.embed_dim
+  if target_emb.shape not in ((dim,), (n, dim)):
+    raise ValueError(f"target embeddings must be [{dim}] or [{n}, {dim}] for {n} images, got {target_emb.shape}.")
+  if negative_emb is not None and (negative_emb.ndim != 2 or negative_emb.shape[1] != dim):
+    raise ValueError(f"negative embeddings must be [m, {dim}], got {negative_emb.shape}.")
+  size = model.config.vision.image_size
+  views = 1
+  x = resize(images, size)
+  if augment.num:
+    if rng is None:
+      raise ValueError("augmentations need an rng key (or pass augment=NO_AUGMENTATION).")
+    x, views = random_views(x, rng, augment, size), augment.num
+  x = constrain(normalize(x, mean, std))
+  emb = l2_normalize(model.apply(variables, x, method="encode_image")).reshape(n, views, dim)
+  target = jnp.broadcast_to(target_emb, (n, dim))
+  loss = -jnp.einsum("nkd,nd->nk", emb, target)
+  if negative_emb is not None:
+    loss = loss + negative_weight * jnp.einsum("nkd,md->nk", emb, negative_emb)
+  return jnp.mean(loss, axis=1)
+
+
+def batch_constraint(mesh: Mesh | None) -> Callable[[jax.Array], jax.Array]:
+  """x -> x constrained to the mesh's batch sharding when its leading dim divides evenly
+  (replicated otherwise: one drawing's 4 views cannot split over 8 devices)."""
+  if mesh is None:
+    return lambda x: x
+  from clip_jax.sharding import batch_sharding
+  sharding = batch_sharding(mesh)
+  axes = sharding.spec[0]
+  shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+  def constrain(x):
+    return jax.lax.with_sharding_constraint(x, sharding) if x.shape[0] % shards == 0 else x
+  return constrain
+
+
+def make_guidance_fn(model: CLIP, mesh: Mesh | None = None, *, augment: Augmentations = Augmentations(),
+                     negative_weight: float = 0.3, mean=OPENAI_MEAN, std=OPENAI_STD):
+  """`fn(variables, images, target_emb, rng, negative_emb=None) -> losses [n]`, jit-compiled, with the
+  augmented batch split over `mesh`'s batch axes (variables replicated: `eval.embed.place_on_mesh`).
+  Differentiate it w.r.t. images (argnums=1) for guidance."""
+  constrain = batch_constraint(mesh)
+
+  def fn(variables, images, target_emb, rng, negative_emb=None):
+    return guidance_loss(model, variables, images, target_emb, rng, augment=augment, negative_emb=negative_emb,
+                         negative_weight=negative_weight, mean=mean, std=std, constrain=constrain)
+  return jax.jit(fn)
+
+
+# ----------------------------------------------------------------------------- loading and text
+def encode_prompts(model: CLIP, variables, tokenizer, prompts: str | Sequence[str], mesh: Mesh | None = None) -> jax.Array:
+  """Prompts -> L2-normalised text embeddings [m, d]. Raises ValueError for an empty prompt."""
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  if not prompts:
+    raise ValueError("no prompt given; pass the text to guide toward, e.g. --prompt 'a drawing of a cat'.")
+  for prompt in prompts:
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise ValueError(f"prompt {prompt!r} is empty; give the text to guide toward, e.g. 'a drawing of a cat'.")
+  from clip_jax.eval.embed import embed_texts
+  from clip_jax.sharding import create_mesh
+  mesh = mesh or create_mesh({"data": -1})
+  tokens = np.asarray(tokenizer(prompts), np.int32)
+  return jnp.asarray(embed_texts(model, variables, tokens, batch_size=len(prompts), mesh=mesh))
+
+
+def load_guide(checkpoint: str, tokenizer: str | None = None):
+  """(model, variables, tokenizer) for any checkpoint `clip_jax.load_checkpoint` reads (OpenAI /
+  open_clip files, Hugging Face directories, training workdirs). Raises FileNotFoundError for a
+  missing path and CheckpointError (a ValueError) for one that is not a CLIP checkpoint."""
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"{checkpoint}: no such checkpoint (a CLIP file, Hugging Face directory or training workdir).")
+  from clip_jax.convert import load_checkpoint
+  from clip_jax.evaluate import _tokenizer  # the same rule as evaluation: a directory's own tokenizer first
+  model, variables = load_checkpoint(checkpoint)
+  return model, variables, _tokenizer(tokenizer, checkpoint, model.config.text.context_length)

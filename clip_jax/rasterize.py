@@ -1,0 +1,97 @@
+"""A differentiable rasteriser of cubic Bezier strokes, in JAX (CLIPDraw's canvas).
+
+CLIPDraw (Frans et al. 2021, arXiv 2106.14843) renders its strokes with diffvg (Li et al. 2020);
+this is a plain-JAX stand-in with the same inputs and the same kind of gradient:
+
+  * a stroke is one cubic Bezier segment: 4 control points (x, y) in pixels (x to the right,
+    y down, pixel centres at i + 0.5), a width in pixels and an RGBA colour in [0, 1];
+  * its coverage of a pixel is a soft function of the distance d from the pixel centre to the
+    curve: clip(width / 2 - d + 1/2, 0, 1), i.e. a one-pixel linear ramp across the stroke's edge
+    (the exact box-filter area of a straight edge that is axis-aligned; within ~0.1 of it at any
+    angle, see tests/test_clipdraw.py). The caps are round, as a thick polyline's distance gives;
+  * the curve is flattened into `num_samples - 1` chords and d is the exact distance to that
+    polyline (a straight stroke is exact; a quarter circle with 32 samples is off by < 1e-3 of
+    its radius);
+  * strokes are composited in order with the "over" operator onto an opaque background:
+    canvas <- canvas * (1 - a) + rgb * a, a = alpha * coverage.
+
+Gradients flow to control points, widths and colours wherever a pixel is on a stroke's soft edge
+(as with diffvg's boundary sampling, a stroke covering no pixel edge gets no gradient).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Strokes(NamedTuple):
+  """A drawing: S cubic Bezier strokes (batch dims in front are allowed for `render_batch`)."""
+  points: jax.Array  # float [S, 4, 2] control points (x, y) in pixels
+  width: jax.Array   # float [S] stroke width in pixels
+  color: jax.Array   # float [S, 4] RGBA in [0, 1]
+
+
+def bezier(points: jax.Array, t: jax.Array) -> jax.Array:
+  """Points on cubic Bezier curves. points [..., 4, 2], t [T] in [0, 1] -> [..., T, 2]."""
+  t = t[:, None]
+  u = 1.0 - t
+  p0, p1, p2, p3 = (points[..., i, None, :] for i in range(4))
+  return u ** 3 * p0 + 3 * u ** 2 * t * p1 + 3 * u * t ** 2 * p2 + t ** 3 * p3
+
+
+def distance_to_polyline(pixels: jax.Array, vertices: jax.Array) -> jax.Array:
+  """Euclidean distance from each pixel to a polyline. pixels [P, 2], vertices [T, 2] -> [P]."""
+  a, b = vertices[:-1], vertices[1:]                       # [T-1, 2] chord ends
+  ab = b - a
+  ap = pixels[:, None, :] - a[None]                        # [P, T-1, 2]
+  # Clamped projection onto each chord; the epsilon keeps a zero-length chord finite.
+  t = jnp.clip(jnp.sum(ap * ab, -1) / (jnp.sum(ab * ab, -1) + 1e-12), 0.0, 1.0)
+  diff = ap - t[..., None] * ab
+  # sqrt(x + eps) instead of norm: its gradient stays finite on the curve itself.
+  return jnp.sqrt(jnp.min(jnp.sum(diff * diff, -1), axis=1) + 1e-12)
+
+
+def pixel_centres(height: int, width: int) -> jax.Array:
+  """[(h * w), 2] (x, y) centres of a height x width canvas, row-major."""
+  ys, xs = jnp.meshgrid(jnp.arange(height) + 0.5, jnp.arange(width) + 0.5, indexing="ij")
+  return jnp.stack([xs.ravel(), ys.ravel()], -1)
+
+
+def coverage(points: jax.Array, width: jax.Array, height: int, canvas_width: int,
+             num_samples: int = 32) -> jax.Array:
+  """Soft coverage [height, canvas_width] in [0, 1] of one stroke (points [4, 2], width scalar)."""
+  curve = bezier(points, jnp.linspace(0.0, 1.0, num_samples))
+  d = distance_to_polyline(pixel_centres(height, canvas_width), curve)
+  return jnp.clip(0.5 * width - d + 0.5, 0.0, 1.0).reshape(height, canvas_width)
+
+
+def render(strokes: Strokes, height: int, width: int, background: jax.Array | float = 1.0,
+           num_samples: int = 32) -> jax.Array:
+  """One drawing -> RGB image [height, width, 3] in [0, 1] (strokes composited in order).
+
+  background: an RGB colour [3] or a scalar grey (1.0 = white paper, as CLIPDraw).
+  Raises ValueError for strokes of the wrong shape.
+  """
+  if strokes.points.ndim != 3 or strokes.points.shape[1:] != (4, 2):
+    raise ValueError(f"stroke points must be [S, 4, 2] (cubic Bezier control points), got {strokes.points.shape}.")
+  num = strokes.points.shape[0]
+  if strokes.width.shape != (num,) or strokes.color.shape != (num, 4):
+    raise ValueError(f"{num} strokes need width [S] and RGBA color [S, 4], got {strokes.width.shape} "
+                     f"and {strokes.color.shape}.")
+  canvas = jnp.broadcast_to(jnp.asarray(background, jnp.float32), (height, width, 3))
+
+  def paint(canvas, stroke):
+    points, stroke_width, color = stroke
+    alpha = color[3] * coverage(points, stroke_width, height, width, num_samples)[..., None]
+    return canvas * (1.0 - alpha) + color[:3] * alpha, None
+
+  canvas, _ = jax.lax.scan(paint, canvas, (strokes.points, strokes.width, strokes.color))
+  return canvas
+
+
+def render_batch(strokes: Strokes, height: int, width: int, background: jax.Array | float = 1.0,
+                 num_samples: int = 32) -> jax.Array:
+  """Drawings with a leading batch axis (points [n, S, 4, 2], ...) -> [n, height, width, 3]."""
+  return jax.vmap(lambda s: render(s, height, width, background, num_samples))(strokes)

@@ -1,0 +1,102 @@
+"""clip_jax.guidance: CLIP as a differentiable loss (resize, normalise, augment, cosine)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import clip_jax
+from clip_jax import guidance
+from clip_jax.sharding import create_mesh
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = clip_jax.create_model("ViT-Tiny")
+  return model, clip_jax.init_variables(model, jax.random.key(0))
+
+
+def _target(dim, key=2):
+  return clip_jax.l2_normalize(jax.random.normal(jax.random.key(key), (dim,)))
+
+
+def test_identity_view_is_the_image_and_the_warp_maps_corners():
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+  identity = guidance.Augmentations(num=1, distortion=0.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+  views = jax.jit(guidance.random_views, static_argnums=(2, 3))(images, jax.random.key(0), identity, 16)
+  np.testing.assert_allclose(views, images, atol=1e-6)
+  src = jnp.array([[0.1, 0.2], [0.9, 0.05], [0.8, 0.95], [0.0, 0.7]])
+  dst = jnp.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+  np.testing.assert_allclose(guidance.apply_homography(guidance.homography(src, dst), src), dst, atol=1e-5)
+  # A pure crop (no perspective) of the left-top quarter reads exactly those pixels (2x upsampled
+  # bilinearly, so every other output pixel lies between two source pixels).
+  view = jnp.array([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0]])
+  crop = jax.jit(guidance.warp, static_argnums=(2, 3))(images[0], view, 16, 1.0)
+  reference = jax.image.resize(images[0, :8, :8], (16, 16, 3), "linear")
+  np.testing.assert_allclose(crop[1:-1, 1:-1], reference[1:-1, 1:-1], atol=1e-5)
+
+
+def test_views_fill_white_outside_and_stay_in_range():
+  black = jnp.zeros((1, 32, 32, 3))
+  views = jax.jit(guidance.random_views, static_argnums=(2, 3))(black, jax.random.key(3), guidance.Augmentations(num=4), 32)
+  assert views.shape == (4, 32, 32, 3)
+  assert float(views.min()) >= 0.0 and float(views.max()) <= 1.0 + 1e-6
+  # distortion 0.5 moves corners inward, so every view shows some white fill around the black image.
+  assert all(float(v.max()) > 0.99 for v in views)
+
+
+@pytest.mark.parametrize("augment", [guidance.NO_AUGMENTATION, guidance.Augmentations(num=2)], ids=["plain", "augmented"])
+def test_gradient_wrt_image_matches_finite_differences(tiny, augment):
+  model, variables = tiny
+  images = jax.random.uniform(jax.random.key(1), (1, 20, 24, 3))  # not the model's 32 px: resized inside
+  target, negatives = _target(64), jnp.stack([_target(64, 7)])
+  loss = jax.jit(lambda x: jnp.sum(guidance.guidance_loss(model, variables, x, target, jax.random.key(3),
+                                                          augment=augment, negative_emb=negatives)))
+  grad = jax.grad(loss)(images)
+  # Central differences along two random directions; eps 3e-3 balances f32 rounding against
+  # curvature (measured: agreement to ~0.1%); tolerance 1% + 2e-4.
+  for seed in (5, 6):
+    direction = jax.random.normal(jax.random.key(seed), images.shape)
+    eps = 3e-3
+    fd = (loss(images + eps * direction) - loss(images - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(float(jnp.vdot(grad, direction)), float(fd), rtol=1e-2, atol=2e-4)
+
+
+def test_augmentations_are_seeded(tiny):
+  model, variables = tiny
+  images = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))
+  fn = guidance.make_guidance_fn(model, augment=guidance.Augmentations(num=2))
+  a, b, c = (fn(variables, images, _target(64), jax.random.key(k)) for k in (0, 0, 1))
+  assert float(a[0]) == float(b[0]) and float(a[0]) != float(c[0])
+
+
+def test_sharded_over_8_devices_equals_one_device(tiny):
+  model, variables = tiny
+  assert jax.device_count() == 8
+  mesh = create_mesh({"data": -1})
+  images = jax.random.uniform(jax.random.key(1), (8, 32, 32, 3))
+  targets = jnp.stack([_target(64, k) for k in range(8)])           # one target per image
+  augment = guidance.Augmentations(num=1)
+  expected = guidance.guidance_loss(model, variables, images, targets, jax.random.key(4), augment=augment)
+  from clip_jax.eval.embed import place_on_mesh
+  sharded_images = jax.device_put(images, NamedSharding(mesh, P(("data", "fsdp"))))
+  fn = guidance.make_guidance_fn(model, mesh, augment=augment)
+  got = fn(place_on_mesh(variables, mesh), sharded_images, targets, jax.random.key(4))
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  # The model's input really is split: the program constrains its [8, 32, 32, 3] batch to 'data'.
+  lowered = fn.lower(place_on_mesh(variables, mesh), sharded_images, targets, jax.random.key(4)).as_text()
+  assert any("sharding_constraint" in line and '[{"data"}, {}, {}, {}]' in line and "tensor<8x32x32x3xf32>" in line
+             for line in lowered.splitlines())
+
+
+def test_bad_input_gets_one_clear_line(tiny, tmp_path):
+  model, variables = tiny
+  with pytest.raises(ValueError, match=r"images must be \[n, height, width, 3\]"):
+    guidance.guidance_loss(model, variables, jnp.zeros((32, 32, 3)), _target(64), augment=guidance.NO_AUGMENTATION)
+  with pytest.raises(ValueError, match="target embeddings must be"):
+    guidance.guidance_loss(model, variables, jnp.zeros((2, 32, 32, 3)), jnp.zeros((3, 64)),
+                           augment=guidance.NO_AUGMENTATION)
+  with pytest.raises(ValueError, match="prompt '' is empty"):
+    guidance.encode_prompts(model, variables, clip_jax.get_tokenizer("clip", context_length=32), ["a cat", ""])
+  with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    guidance.load_guide(str(tmp_path / "missing.pt"))
