@@ -403,11 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate(args, tasks)
   except (ValueError, FileNotFoundError, CheckpointError) as e:  # the user's input: one clear line
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return 2
   except ImportError as e:  # e.g. TFDS's coco_captions builder imports TensorFlow to load at all
     print(f"error: {e}. Install the missing package, or pass the data as a caption file or ArrayRecord "
           "shards (KIND:DATASET=PATH; `python -m clip_jax.data.prepare` writes shards).", file=sys.stderr)
-    return 1
+    return 2
   return 0
 
 
