@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run(args)
   except (ValueError, FileNotFoundError, CheckpointError) as e:  # the user's input: one clear line
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return 2
   return 0
 
 

@@ -407,7 +407,7 @@ def test_cli_unreadable_data_is_one_error_line(tiny_checkpoint, tmp_path, capsys
   rc = cli.main(["--checkpoint", tiny_checkpoint, "--tasks", "zeroshot:dtd", "--data-dir", str(tmp_path),
                  "--out", str(tmp_path / "out")])
   err = capsys.readouterr().err.strip()
-  assert rc == 1 and err.startswith("error: ") and "dtd" in err and len(err.splitlines()) == 1
+  assert rc == 2 and err.startswith("error: ") and "dtd" in err and len(err.splitlines()) == 1
 
 
 def test_training_hook_from_the_digits_config(tiny, mesh, tmp_path):

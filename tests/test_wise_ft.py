@@ -75,7 +75,7 @@ def test_cli_endpoints_equal_the_evaluation_cli(tmp_path, capsys):
   capsys.readouterr()
   c = _save_random_tiny(tmp_path / "c.safetensors", 2, vision={"width": 128})
   assert wise_ft.main(["--zeroshot", a, "--finetuned", c, "--out", str(tmp_path / "x"), "--tasks",
-                       "zeroshot:digits"]) == 1
+                       "zeroshot:digits"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "different architectures (vision.width 64 vs 128" in err[0], err
   assert not (tmp_path / "x").exists()
