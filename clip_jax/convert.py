@@ -23,7 +23,7 @@ from flax import traverse_util
 from clip_jax.models.clip import CLIP, create_model
 from clip_jax.models.configs import MODEL_CONFIGS, CLIPConfig, TextConfig, VisionConfig
 from clip_jax.models.text import TextTransformer
-from clip_jax.weights import (TRANSFORMERS_WEIGHTS, CheckpointError, conv_to_flax, conv_to_torch, linear_to_flax,
+from clip_jax.weights import (OPEN_CLIP_WEIGHTS, TRANSFORMERS_WEIGHTS, CheckpointError, conv_to_flax, conv_to_torch, linear_to_flax,
                               linear_to_torch, load_state_dict, load_weights_dir, save_safetensors)
 
 FlaxKey = tuple[str, ...]   # ('params', 'visual', 'ln_pre', 'scale')
@@ -371,6 +371,75 @@ def _warn_assumptions(cfg: CLIPConfig, act_given: bool, source: str) -> None:
                "heads) or act= to override.", source, "; ".join(assumed))
 
 
+# open_clip model-config fields this project's CLIP does not implement, with the value that is
+# the plain CLIP architecture; any other value is refused by name.
+_OPEN_CLIP_PLAIN = {
+    "vision_cfg": {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable",
+                   "final_ln_after_pool": False, "pool_type": "tok", "act_kwargs": None, "norm_kwargs": None,
+                   "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False,
+                   "scale_attn": False, "scale_fc": False, "timm_model_name": None},
+    "text_cfg": {"ls_init_value": None, "embed_cls": False, "no_causal_mask": False, "final_ln_after_pool": False,
+                 "proj_bias": False, "proj_type": "linear", "act_kwargs": None, "norm_kwargs": None, "qk_norm": False,
+                 "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
+                 "scale_fc": False, "hf_model_name": None},
+}
+
+
+def config_from_open_clip(model_cfg: Mapping[str, Any]) -> CLIPConfig:
+  """CLIPConfig from open_clip's model config (`open_clip_config.json`'s 'model_cfg', the same
+  dict as open_clip's model_configs/*.json): activation, head widths and the text pooling rule
+  come from the file. Raises CheckpointError naming a feature that is not plain CLIP."""
+  if model_cfg.get("custom_text"):
+    raise CheckpointError("open_clip config has custom_text=True (a CustomTextCLIP); only the plain CLIP "
+                          "layout is supported.")
+  vc, tc = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
+  for part, given in (("vision_cfg", vc), ("text_cfg", tc)):
+    for key, plain in _OPEN_CLIP_PLAIN[part].items():
+      if given.get(key, plain) != plain:
+        raise CheckpointError(f"open_clip config sets {part}.{key}={given[key]!r}, which clip_jax's CLIP does not "
+                              "implement.")
+    if given.get("block_type") not in (None, "default"):
+      raise CheckpointError(f"open_clip config sets {part}.block_type={given['block_type']!r}; not supported.")
+  if tc.get("pool_type", "argmax") not in ("argmax", "eos"):
+    raise CheckpointError(f"open_clip config pools text with pool_type={tc['pool_type']!r}; supported: "
+                          "'argmax', 'eos'.")
+  image_size = vc.get("image_size", 224)
+  if isinstance(image_size, (list, tuple)):
+    if len(set(image_size)) != 1:
+      raise CheckpointError(f"open_clip config has a non-square image_size {image_size}; not supported.")
+    image_size = image_size[0]
+  layers = vc.get("layers", 12)
+  resnet = isinstance(layers, (list, tuple))
+  vision = VisionConfig(image_size=image_size, layers=tuple(layers) if resnet else layers, width=vc.get("width", 768),
+                        patch_size=None if resnet else vc.get("patch_size", 16), head_width=vc.get("head_width", 64),
+                        mlp_ratio=vc.get("mlp_ratio", 4.0))
+  text = TextConfig(context_length=tc.get("context_length", 77), vocab_size=tc.get("vocab_size", 49408),
+                    width=tc.get("width", 512), heads=tc.get("heads", 8), layers=tc.get("layers", 12),
+                    mlp_ratio=tc.get("mlp_ratio", 4.0),
+                    eot_token_id=tc.get("eos_id", 2) if tc.get("pool_type") == "eos" else None)
+  return CLIPConfig(embed_dim=model_cfg.get("embed_dim", 512), vision=vision, text=text,
+                    act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+                    init_logit_scale=model_cfg.get("init_logit_scale", math.log(1 / 0.07)),
+                    init_logit_bias=model_cfg.get("init_logit_bias"))
+
+
+def load_open_clip_directory(path: str, **module_kwargs):
+  """`(module, variables)` from an open_clip hub folder: open_clip_config.json beside
+  open_clip_model.safetensors (or open_clip_pytorch_model.bin), as open_clip's save_for_hf writes."""
+  with open(os.path.join(path, "open_clip_config.json")) as f:
+    try:
+      model_cfg = json.load(f).get("model_cfg") or {}
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise CheckpointError(f"{path}/open_clip_config.json: not a JSON object with 'model_cfg' ({e}).") from None
+  try:
+    cfg = config_from_open_clip(model_cfg)
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  state = split_fused_attention(load_weights_dir(path, OPEN_CLIP_WEIGHTS))
+  model = create_model(cfg, **module_kwargs)
+  return model, state_dict_to_variables(state, model, openai_entries(cfg), path)
+
+
 def load_hf_directory(path: str, variant: str | None = None, **module_kwargs):
   """`(module, variables)` from a transformers CLIPModel folder: config.json and its weights,
   single, sharded, `variant` (e.g. 'fp16') or `.bin` files as transformers names them."""
@@ -428,7 +497,8 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
                     image_size: int | None = None, variant: str | None = None, **module_kwargs):
   """`(module, variables)` from an OpenAI/open_clip checkpoint file (.safetensors, .pt/.bin/.pth,
   TorchScript archive), a Hugging Face CLIPModel directory (single, sharded, `variant`='fp16' or
-  .bin weights, found as transformers finds them), or a training workdir of this project.
+  .bin weights, found as transformers finds them), an open_clip hub folder (open_clip_config.json +
+  open_clip_model.safetensors / open_clip_pytorch_model.bin), or a training workdir of this project.
 
   For bare state dicts `model_name` sets the architecture (activation and heads included) and
   `act` the activation; what neither gives is assumed with one WARNING line. Raises
@@ -445,6 +515,8 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
     if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
         os.path.join(path, "clip_config.json")):
       return load_hf_directory(path, variant=variant, **module_kwargs)
+    if os.path.exists(os.path.join(path, "open_clip_config.json")):
+      return load_open_clip_directory(path, **module_kwargs)
     from clip_jax.checkpoint import load_workdir  # Training workdirs: orbax + the model config.
     return load_workdir(path, **module_kwargs)
   state = load_state_dict(path)

@@ -390,6 +390,7 @@ class WeightNames:
 
 TRANSFORMERS_WEIGHTS = WeightNames("model", "pytorch_model")
 DIFFUSERS_WEIGHTS = WeightNames("diffusion_pytorch_model", "diffusion_pytorch_model")
+OPEN_CLIP_WEIGHTS = WeightNames("open_clip_model", "open_clip_pytorch_model")  # open_clip's hub folders
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 

@@ -426,3 +426,46 @@ def test_hf_directories_state_their_architecture(tmp_path, caplog):
   _tiny_hf_model("gelu").save_pretrained(tmp_path)
   (module, _), messages = _load_warnings(caplog, str(tmp_path))
   assert messages == [] and module.config.act == "gelu"
+
+
+def _write_open_clip_folder(directory, reference, model_cfg, safetensors):
+  """What open_clip's save_for_hf writes (the tokenizer aside): open_clip_config.json + weights."""
+  os.makedirs(directory, exist_ok=True)
+  if safetensors:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()},
+              os.path.join(directory, "open_clip_model.safetensors"))
+  else:
+    torch.save(reference.state_dict(), os.path.join(directory, "open_clip_pytorch_model.bin"))
+  with open(os.path.join(directory, "open_clip_config.json"), "w") as f:
+    json.dump({"model_cfg": model_cfg, "preprocess_cfg": {}}, f)
+
+
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "bin"])
+def test_open_clip_hub_folder_states_activation_heads_and_pooling(tmp_path, caplog, safetensors):
+  """An open_clip folder names its activation, head widths (32-wide here, not OpenAI's 64) and text
+  pooling ('eos' at 49407 with an added token): read from the file, equal to open_clip, no warning."""
+  model_cfg = {"embed_dim": 64, "quick_gelu": True,
+               "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8, "head_width": 32},
+               "text_cfg": {"context_length": 77, "vocab_size": 49410, "width": 64, "heads": 4, "layers": 2,
+                            "pool_type": "eos", "eos_id": 49407}}
+  reference = _randomize_open_clip(open_clip.model.CLIP(**model_cfg))
+  _write_open_clip_folder(str(tmp_path), reference, model_cfg, safetensors)
+  (module, variables), messages = _load_warnings(caplog, str(tmp_path))
+  assert messages == [] and module.config.act == "quick_gelu" and module.config.text.eot_token_id == 49407
+  images, _ = _inputs(32)
+  with torch.no_grad():
+    ref_image = reference.encode_image(torch.from_numpy(images)).numpy()
+    ref_text = reference.encode_text(torch.from_numpy(ADDED_TOKEN_PROMPTS)).numpy()
+  np.testing.assert_allclose(module.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), method="encode_image"),
+                             ref_image, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_text_features(module, variables), ref_text, atol=1e-4, rtol=0)
+
+
+def test_open_clip_folder_with_unsupported_features_is_refused(tmp_path):
+  model_cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8},
+               "text_cfg": {"width": 128, "heads": 2, "layers": 2, "no_causal_mask": True}}
+  reference = open_clip.model.CLIP(**model_cfg)
+  _write_open_clip_folder(str(tmp_path), reference, model_cfg, True)
+  with pytest.raises(CheckpointError, match="sets text_cfg.no_causal_mask=True, which clip_jax's CLIP does not"):
+    clip_jax.load_checkpoint(str(tmp_path))
