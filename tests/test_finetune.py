@@ -16,7 +16,7 @@ from clip_jax import convert, optim
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from tests.test_models import _tiny_open_clip_cfg  # noqa: E402
+from tests.test_models import _randomize_open_clip, _tiny_open_clip_cfg  # noqa: E402
 
 
 def _tiny_params(resnet: bool = False):
@@ -142,3 +142,96 @@ def test_layer_decay_scales_each_update_exactly():
   u_locked = _flat(_one_update(locked, params, grads)[0])
   assert all(not np.any(u) for k, u in u_locked.items() if k.startswith("text/"))
   assert np.any(u_locked["visual/conv1"])
+
+
+# ----------------------------------------------------------------------------- init from a checkpoint
+def _tiny_open_clip_like_vit_tiny(seed=0, vision_width=64):
+  """An open_clip CLIP with ViT-Tiny's shapes (32 px, patch 8, 2 layers; text context 32)."""
+  return _randomize_open_clip(open_clip.model.CLIP(
+      embed_dim=64, vision_cfg=dict(image_size=32, layers=2, width=vision_width, patch_size=8),
+      text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2)), seed)
+
+
+def _target(model, mesh_shape=(("data", 2), ("fsdp", 4))):
+  """The train state's variables as ShapeDtypeStructs in their shardings (as the trainer makes them)."""
+  import flax.linen as nn
+  from clip_jax import sharding
+  mesh = sharding.create_mesh(dict(mesh_shape))
+  cfg = model.config
+  dummy = (jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size, 3)), jnp.zeros((1, cfg.text.context_length),
+                                                                                       jnp.int32))
+  boxed = jax.eval_shape(lambda r: model.init(r, *dummy), jax.random.key(0))
+  shardings = nn.meta.unbox(sharding.logical_shardings(boxed, mesh, list(sharding.DEFAULT_RULES)))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
+                      shardings)
+
+
+@pytest.fixture(scope="module")
+def init_sources(tmp_path_factory):
+  """The same random weights as an open_clip .pt, a Hugging Face directory and a workdir."""
+  from clip_jax import checkpoint as ckpt
+  root = tmp_path_factory.mktemp("init")
+  reference = _tiny_open_clip_like_vit_tiny()
+  torch.save(reference.state_dict(), root / "open_clip.pt")
+  model, variables = convert.load_openai_state_dict(
+      {k: v.numpy() for k, v in reference.state_dict().items()}, model_name="ViT-Tiny")
+  convert.export_hf(model, variables, str(root / "hf"))
+  ckpt.write_model_config(str(root / "workdir"), model.config)
+  manager = ckpt.make_manager(str(root / "workdir"), with_data=False, async_save=False)
+  ckpt.save(manager, 7, {"params": variables["params"], "opt_state": {"mu": variables["params"]},
+                         "step": np.int32(7)})
+  manager.wait_until_finished()
+  manager.close()
+  return {"open_clip.pt": str(root / "open_clip.pt"), "hf": str(root / "hf"), "workdir": str(root / "workdir"),
+          "variables": variables, "root": root}
+
+
+@pytest.mark.parametrize("kind", ["open_clip.pt", "hf", "workdir"])
+def test_load_init_is_bitwise_and_sharded(init_sources, kind):
+  from clip_jax import pretrained
+  model = clip_jax.create_model("ViT-Tiny")
+  target = _target(model)
+  loaded = traverse_util.flatten_dict(pretrained.load_init(init_sources[kind], target, model.config))
+  flat_target = traverse_util.flatten_dict(target)
+  for key, want in traverse_util.flatten_dict(init_sources["variables"]).items():
+    assert loaded[key].sharding == flat_target[key].sharding, key
+    np.testing.assert_array_equal(np.asarray(loaded[key]), want, err_msg=str(key))
+
+
+def test_load_init_errors_are_one_clear_line(init_sources, tmp_path):
+  from clip_jax import pretrained
+  from clip_jax.cli import MissingPathError, UserError
+  from clip_jax.weights import CheckpointError
+  model = clip_jax.create_model("ViT-Tiny")
+  target = _target(model)
+  with pytest.raises(MissingPathError, match="init.checkpoint /nonexistent.pt: no such file or directory"):
+    pretrained.load_init("/nonexistent.pt", target, model.config)
+  with pytest.raises(UserError, match=r"activation is quick_gelu \(as init.act / init.model_name state\), but the "
+                     r"configured model uses gelu"):
+    pretrained.load_init(init_sources["open_clip.pt"], target, model.config, act="quick_gelu")
+  with pytest.raises(UserError, match="activation is quick_gelu"):
+    pretrained.load_init(init_sources["open_clip.pt"], target, model.config, model_name="ViT-Tiny-quickgelu")
+  quick = clip_jax.create_model("ViT-Tiny-quickgelu")  # the HF directory's config.json says gelu
+  with pytest.raises(UserError, match=r"activation is gelu \(from .*/hf/config.json\), but the configured model uses "
+                     "quick_gelu"):
+    pretrained.load_init(init_sources["hf"], _target(quick), quick.config)
+  with pytest.raises(UserError, match="clip_config.json"):
+    pretrained.load_init(init_sources["workdir"], _target(quick), quick.config)
+  wide = tmp_path / "wide.pt"
+  torch.save(_tiny_open_clip_like_vit_tiny(vision_width=128).state_dict(), wide)
+  with pytest.raises(CheckpointError, match=r"parameter visual/class_embedding has shape \(128,\) in the checkpoint, "
+                     r"the configured model needs \(64,\) \(\d+ more problems\)"):
+    pretrained.load_init(str(wide), target, model.config)
+  # LiT from scratch: what dont_load matches keeps its fresh init; the rest must still fit.
+  loaded = pretrained.load_init(str(wide), target, model.config, dont_load="^visual/")
+  assert sorted(loaded["params"]) == ["logit_scale", "text"]
+
+
+def test_load_init_resamples_a_new_image_size(init_sources):
+  """A 48 px model from the 32 px weights: the grid embedding as clip_jax.resize makes it."""
+  from clip_jax import pretrained, resize
+  model = clip_jax.create_model("ViT-Tiny", vision={"image_size": 48})
+  for kind in ("open_clip.pt", "workdir"):
+    loaded = pretrained.load_init(init_sources[kind], _target(model), model.config)
+    want = resize.resize_grid_embedding(init_sources["variables"]["params"]["visual"]["positional_embedding"], 6)
+    np.testing.assert_array_equal(np.asarray(loaded["params"]["visual"]["positional_embedding"]), want)

@@ -1,0 +1,182 @@
+"""Starting a training run from a pretrained CLIP (`--config.init.checkpoint=PATH`).
+
+Anything `clip_jax.load_checkpoint` reads is accepted: an OpenAI TorchScript archive or state dict,
+an open_clip `.pt` / `.safetensors`, a Hugging Face CLIPModel directory, or a workdir of this
+project. The weights go straight into the train state's shardings: files are read on the host
+(numpy) and each device receives only its own slices (`jax.make_array_from_callback`); a workdir's
+parameters are restored by orbax directly into the target shardings (its optimizer state is not
+read). Nothing is gathered onto one device. The optimizer starts fresh.
+
+Checks, all before anything is compiled, each one line: the path exists; the activation stated by
+`init.act` / `init.model_name`, or carried by a directory's config, is the configured model's
+(GELU and QuickGELU weights look alike); every parameter has the configured shape, the ViT grid
+embedding aside (a new image size resamples it, `clip_jax.resize`). `init.dont_load` (a regex over
+'/'-joined parameter paths, big_vision's `dont_load`) keeps the fresh initialisation for what it
+matches, e.g. '^text/' for LiT's text tower from scratch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from clip_jax.cli import MissingPathError, UserError
+from clip_jax.models.configs import MODEL_CONFIGS, CLIPConfig
+from clip_jax.weights import CheckpointError
+
+FlatKey = tuple[str, ...]  # ('params', 'visual', 'conv1')
+ACTS = ("gelu", "quick_gelu")
+
+
+def _name(key: FlatKey) -> str:
+  return "/".join(key[1:]) if key[0] == "params" else "/".join(key)
+
+
+def stated_act(model_name: str | None, act: str | None) -> str | None:
+  """The activation the user states for the checkpoint (init.act wins over init.model_name's)."""
+  if act and act not in ACTS:
+    raise UserError(f"init.act={act!r}; use 'gelu' (exact, most open_clip/LAION runs) or 'quick_gelu' (OpenAI's).")
+  if model_name and model_name not in MODEL_CONFIGS:
+    raise UserError(f"init.model_name={model_name!r} is not a named architecture; one of "
+                    f"{', '.join(sorted(MODEL_CONFIGS))}.")
+  return act or (MODEL_CONFIGS[model_name].act if model_name else None)
+
+
+def check_act(checkpoint_act: str, model_act: str, how: str) -> None:
+  """One line when the checkpoint's activation (known `how`) is not the configured model's."""
+  if checkpoint_act != model_act:
+    fix = ("use the model's '-quickgelu' variant (model.name=...-quickgelu)" if checkpoint_act == "quick_gelu"
+           else "use the model name without '-quickgelu'")
+    raise UserError(f"the checkpoint's activation is {checkpoint_act} ({how}), but the configured model uses "
+                    f"{model_act}: the weights would run with the wrong activation; {fix}.")
+
+
+def _is_workdir(path: str) -> bool:
+  from clip_jax.checkpoint import MODEL_CONFIG_FILE
+  return os.path.isdir(path) and os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
+
+
+def _host_variables(path: str, model_config: CLIPConfig, model_name: str | None,
+                    act: str | None) -> tuple[CLIPConfig, dict[FlatKey, np.ndarray]]:
+  """(the checkpoint's config, its flat variables as host arrays) at the configured image size."""
+  from clip_jax.convert import load_checkpoint
+  from clip_jax.resize import resize_model
+  if os.path.isdir(path):
+    ckpt_model, variables = load_checkpoint(path)
+    check_act(ckpt_model.config.act, model_config.act, f"from {path}/config.json")
+  else:  # A bare state dict: what the user stated, else the configured model's activation.
+    ckpt_model, variables = load_checkpoint(path, model_name=model_name or None, act=act or model_config.act)
+  ckpt_vision, vision = ckpt_model.config.vision, model_config.vision
+  if (ckpt_vision.image_size != vision.image_size and ckpt_vision.patch_size == vision.patch_size
+      and ckpt_vision.is_resnet == vision.is_resnet):
+    ckpt_model, variables = resize_model(ckpt_model, variables, vision.image_size)
+  flat = traverse_util.flatten_dict(jax.device_get(variables))
+  return ckpt_model.config, {k: np.asarray(v) for k, v in flat.items()}
+
+
+def _check_shapes(source: str, found: Mapping[FlatKey, tuple], target: Mapping[FlatKey, Any],
+                  dont_load: re.Pattern | None) -> list[FlatKey]:
+  """The target keys to load; raises CheckpointError naming the first parameter that is missing,
+  extra or of another shape (and how many more there are)."""
+  wanted = [k for k in target if not (dont_load and dont_load.search(_name(k)))]
+  problems = []
+  for key in wanted:
+    if key not in found:
+      problems.append(f"the checkpoint has no {_name(key)} (shape {tuple(target[key].shape)}); set init.dont_load "
+                      "to a regex of parameters that start fresh")
+    elif tuple(found[key]) != tuple(target[key].shape):
+      problems.append(f"parameter {_name(key)} has shape {tuple(found[key])} in the checkpoint, the configured "
+                      f"model needs {tuple(target[key].shape)}")
+  extra = [k for k in found if k not in target and not (dont_load and dont_load.search(_name(k)))]
+  problems += [f"the checkpoint's {_name(k)} has no place in the configured model" for k in extra]
+  if problems:
+    more = f" ({len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    raise CheckpointError(f"init.checkpoint {source}: {problems[0]}{more}. Is it a checkpoint of another "
+                          "architecture than model.name?")
+  return wanted
+
+
+def _place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """A global array in `target`'s sharding from a host array every process holds; each device
+  gets only its slice."""
+  host = np.asarray(host, dtype=target.dtype)
+  return jax.make_array_from_callback(target.shape, target.sharding, lambda index: host[index])
+
+
+def _restore_workdir_params(path: str, keys: list[FlatKey], target: Mapping[FlatKey, Any]) -> dict[FlatKey, jax.Array]:
+  """A workdir's newest checkpoint: only `keys` of its state, restored into their target shardings."""
+  import orbax.checkpoint as ocp
+  from clip_jax.checkpoint import make_manager
+  manager = make_manager(path, with_data=False, async_save=False)
+  try:
+    step = manager.latest_step()
+    # The variables live under the same names in the saved state ('params', 'batch_stats').
+    item = traverse_util.unflatten_dict({k: target[k] for k in keys})
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                                               dtype=t.dtype), item)
+    handler = ocp.PyTreeCheckpointHandler()
+    with ocp.Checkpointer(handler) as checkpointer:
+      restored = checkpointer.restore(os.path.join(str(manager.directory), str(step), "state"),
+                                      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                  partial_restore=True))
+  finally:
+    manager.close()
+  return traverse_util.flatten_dict(restored)
+
+
+def _workdir_shapes(path: str) -> tuple[CLIPConfig, dict[FlatKey, tuple]] | None:
+  """(config, saved variable shapes) of a workdir's newest checkpoint; None when it has none."""
+  from clip_jax.checkpoint import MODEL_CONFIG_FILE, make_manager
+  with open(os.path.join(path, MODEL_CONFIG_FILE)) as f:
+    config = CLIPConfig.from_dict(json.load(f))
+  manager = make_manager(path, with_data=False, async_save=False)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise CheckpointError(f"init.checkpoint {path}: a workdir of this project without a checkpoint yet.")
+    metadata = manager.item_metadata(step)["state"]
+  finally:
+    manager.close()
+  variables = {k: metadata[k] for k in ("params", "batch_stats") if k in metadata and metadata[k]}
+  return config, {k: tuple(m.shape) for k, m in traverse_util.flatten_dict(variables).items()}
+
+
+def load_init(path: str, target: Mapping[str, Any], model_config: CLIPConfig, *, model_name: str | None = None,
+              act: str | None = None, dont_load: str | None = None) -> dict[str, Any]:
+  """The checkpoint's variables placed in the train state's shardings, for every target variable
+  that `dont_load` does not match.
+
+  target: {'params': ..., 'batch_stats': ...} of jax.ShapeDtypeStruct with shardings (the train
+  state's). Returns a nested dict of the loaded variables only (the rest keep their fresh init).
+  Raises MissingPathError for a path that does not exist; UserError for an unknown init.act /
+  init.model_name or an activation other than the configured model's; CheckpointError for a file
+  that is not a CLIP checkpoint or a parameter of another shape. All before any compilation.
+  """
+  if not os.path.exists(path):
+    raise MissingPathError(f"init.checkpoint {path}: no such file or directory.")
+  act = stated_act(model_name, act)
+  if act:
+    check_act(act, model_config.act, "as init.act / init.model_name state")
+  pattern = re.compile(dont_load) if dont_load else None
+  flat_target = traverse_util.flatten_dict(dict(target))
+  if _is_workdir(path):
+    ckpt_config, shapes = _workdir_shapes(path)
+    check_act(ckpt_config.act, model_config.act, f"from {path}/clip_config.json")
+    if ckpt_config.vision.image_size == model_config.vision.image_size:
+      keys = _check_shapes(path, shapes, flat_target, pattern)
+      return traverse_util.unflatten_dict(_restore_workdir_params(path, keys, flat_target))
+  _, host = _host_variables(path, model_config, model_name, act)
+  keys = _check_shapes(path, {k: v.shape for k, v in host.items()}, flat_target, pattern)
+  return traverse_util.unflatten_dict({k: _place(host[k], flat_target[k]) for k in keys})
+
+
+def merge(fresh: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:
+  """`fresh` with every leaf that `loaded` holds replaced by the loaded one."""
+  flat = traverse_util.flatten_dict(dict(fresh))
+  flat.update(traverse_util.flatten_dict(dict(loaded)))
+  return traverse_util.unflatten_dict(flat)
