@@ -99,8 +99,10 @@ def _script_class(qualified_name: str) -> type:
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused, dtype=None):
   if not isinstance(storage, _StorageRef):
     raise CheckpointError(f"a tensor is rebuilt from {type(storage).__name__}, not a storage.")
-  return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size),
-                    tuple(int(s) for s in stride), dtype if dtype is not None else storage.dtype)
+  shape, strides = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+  if len(shape) != len(strides) or min(shape + strides + (int(storage_offset),), default=0) < 0:
+    raise CheckpointError(f"a tensor has a malformed layout (size {shape}, stride {strides}, offset {storage_offset}).")
+  return _TensorRef(storage, int(storage_offset), shape, strides, dtype if dtype is not None else storage.dtype)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
@@ -175,8 +177,10 @@ def _unpickle(data, source: str, torchscript: bool = False, storages: bool = Tru
     if seen is not None:
       seen.update(unpickler.storage_refs)
     return obj
-  except CheckpointError:
-    raise
+  except CheckpointError as e:
+    if str(e).startswith(source):
+      raise
+    raise CheckpointError(f"{source}: {e}") from None
   except Exception as e:  # truncated streams, bad opcodes, wrong argument counts
     raise CheckpointError(f"{source}: not a loadable PyTorch checkpoint ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else 'corrupt pickle'}).") from None
@@ -184,6 +188,15 @@ def _unpickle(data, source: str, torchscript: bool = False, storages: bool = Tru
 
 def _materialize(ref: _TensorRef, raw: bytes, big_endian: bool, source: str, name: str) -> np.ndarray:
   """The tensor `ref` describes, as an owned numpy array (bfloat16 widened to float32)."""
+  try:
+    return _materialize_checked(ref, raw, big_endian, source, name)
+  except (TypeError, ValueError, OverflowError) as e:  # fields a crafted pickle filled with junk
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f"{source}: tensor '{name}' is malformed ({type(e).__name__}).") from None
+
+
+def _materialize_checked(ref: _TensorRef, raw: bytes, big_endian: bool, source: str, name: str) -> np.ndarray:
   dtype = np.dtype(ref.dtype)
   if big_endian and dtype.itemsize > 1:
     dtype = dtype.newbyteorder(">")
@@ -195,7 +208,7 @@ def _materialize(ref: _TensorRef, raw: bytes, big_endian: bool, source: str, nam
     array = np.zeros(ref.shape, dtype)
   else:
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
-    if ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= flat.size:
+    if last >= flat.size:
       raise CheckpointError(f"{source}: tensor '{name}' reaches past its storage ({flat.size} elements); "
                             "the file is truncated or corrupt.")
     array = np.lib.stride_tricks.as_strided(flat[ref.offset:], ref.shape,

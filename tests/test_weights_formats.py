@@ -171,6 +171,14 @@ def test_truncated_and_foreign_pickles_get_one_line(tmp_path):
     f.write(data[:-20])
   with pytest.raises(CheckpointError, match="truncated"):
     weights.load_state_dict(path)
+  torch.save({"w": torch.randn(4, 5)}, path)  # a zip whose storage file is cut short
+  with zipfile.ZipFile(path) as archive:
+    members = {name: archive.read(name) for name in archive.namelist()}
+  with zipfile.ZipFile(path, "w") as archive:
+    for name, data in members.items():
+      archive.writestr(name, data[:40] if name.endswith("/data/0") else data)
+  with pytest.raises(CheckpointError, match="tensor 'w' reaches past its storage .10 elements.; the file is truncated"):
+    weights.load_state_dict(path)
   torch.save(torch.nn.Linear(2, 2), path)  # a whole module: its class is not a tensor
   with pytest.raises(CheckpointError, match="refused to load: the pickle asks for 'torch.nn.modules.linear.Linear'"):
     weights.load_state_dict(path)
