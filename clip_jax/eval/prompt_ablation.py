@@ -119,7 +119,7 @@ def plot(rows: list[dict], reference: str, path: str, title: str) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+  fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5))
   positions = np.arange(len(rows))[::-1]
   top1 = [r["top1"] for r in rows]
   reference_top1 = next(r["top1"] for r in rows if r["prompt_set"] == reference)
@@ -132,8 +132,9 @@ def plot(rows: list[dict], reference: str, path: str, title: str) -> str:
   ax.set_yticks(positions, [f"{r['prompt_set']} ({r['num_templates']})" for r in rows], fontsize=8)
   low = min(top1) - 10
   ax.set_xlim(max(0.0, low), 100.0)
-  ax.set_xlabel("zero-shot top-1 (%); bars: 95% paired-bootstrap interval of the difference from the reference")
-  ax.set_title(title, fontsize=10)
+  ax.set_xlabel("zero-shot top-1 (%)")
+  ax.set_title(f"{title}\nblue: ensembles; whiskers: 95% paired bootstrap of the difference from the dashed "
+               "reference", fontsize=9)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
