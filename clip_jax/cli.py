@@ -10,9 +10,9 @@ mistake is found, with one sentence that names the bad value and what to do (`di
 the closest valid names to an "unknown name" message). The runners print
 `error: <message>` and exit with 2 for these, for argparse's own errors (usage mistakes), for
 absl's flag errors and for `SystemExit("message")`; anything else is a bug and keeps its traceback
-(exit code 1). `--debug` anywhere before a lone `--`, or CLIP_JAX_DEBUG=1 in the environment, shows
-the traceback of user errors too (and reaches the processes a launcher starts, through the
-environment).
+(exit code 1). `--debug` anywhere before a lone `--`, or CLIP_JAX_DEBUG=1 in the environment, prints
+the traceback of a user error before its line (the exit code stays 2; the setting reaches the
+processes a launcher starts, through the environment).
 
 Config overrides are checked before absl parses them (`check_config_overrides`): an unknown key
 names the closest existing keys ("did you mean config.model.name?"), a value that does not parse as
@@ -233,9 +233,13 @@ def _first_to_report(text: str) -> bool:
     return True
 
 
-def report_user_error(message: str) -> NoReturn:
+def report_user_error(message: str, error: BaseException | None = None) -> NoReturn:
+  """Prints `error: <message>` as one line (once per run) and exits with 2; with debugging on, the
+  traceback of `error` comes first."""
   line = _one_line(message)
   if _first_to_report(line):
+    if error is not None and debug_enabled():
+      sys.stderr.write("".join(traceback.format_exception(error)))
     print(f"error: {line}", file=sys.stderr, flush=True)
   sys.exit(USER_ERROR_EXIT_CODE)
 
@@ -255,18 +259,15 @@ def _raise_usage_error(parser: argparse.ArgumentParser, message: str) -> NoRetur
 
 @contextlib.contextmanager
 def _reporting():
-  """User errors -> one line and exit 2 (unless debugging); bugs -> their traceback once, exit 1."""
+  """User errors -> one line and exit 2 (after their traceback when debugging); bugs -> their traceback
+  once per run, exit 1."""
   try:
     yield
   except UserError as e:
-    if debug_enabled():
-      raise
-    report_user_error(str(e))
+    report_user_error(str(e), e)
   except SystemExit as e:
     if isinstance(e.code, str):  # SystemExit("message"): a message for the user
-      if debug_enabled():
-        raise
-      report_user_error(e.code)
+      report_user_error(e.code, e)
     raise
   except Exception as e:  # noqa: BLE001 - a bug: keep the traceback, print it once per run
     _report_bug(e)

@@ -1,0 +1,135 @@
+"""Every entry point answers a user's typical mistake with one line on stderr and exit code 2 (issue 14).
+
+Each case runs the command as a subprocess, as a user would, and checks: exit code 2, exactly one
+line on stderr that starts with "error:" and names the bad value (and the suggestion where there is
+one), no "Traceback" anywhere. Cases whose error is found only after jax compiles something, or
+that start several processes, are marked slow.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIP = ["--config=configs/clip/digits.py", "--workdir={tmp}/w"]
+DB = ["--config=configs/dreambooth/default.py", "--workdir={tmp}/w"]
+slow = pytest.mark.slow
+
+# (module, arguments, what the one stderr line must contain). {tmp} is the test's tmp_path.
+CASES = [
+    # clip_jax.train: config typos and types are checked before absl parses them
+    ("clip_jax.train", CLIP + ["--config.modle.name=ViT-Tiny"], ["config.modle.name", "did you mean config.model.name"]),
+    ("clip_jax.train", CLIP + ["--config.name=ViT-Tiny"], ["config.name", "did you mean config.model.name"]),
+    ("clip_jax.train", CLIP + ["--config.total_steps=abc"], ["config.total_steps", "takes an int", "'abc'"]),
+    ("clip_jax.train", CLIP + ["--config.progress_bar=maybe"], ["config.progress_bar", "takes a bool", "'maybe'"]),
+    ("clip_jax.train", ["--config=configs/clip/digits.py"], ["--workdir"]),
+    ("clip_jax.train", ["--config=configs/clip/nope.py", "--workdir={tmp}/w"], ["configs/clip/nope.py"]),
+    ("clip_jax.train", CLIP + ["--wrokdir=x"], ["wrokdir", "workdir"]),
+    pytest.param("clip_jax.train", CLIP + ["--config.loss.kind=softmx"], ["'softmx'", "softmax"], marks=slow),
+    pytest.param("clip_jax.train", CLIP + ["--config.model.name=ViT-Nope"], ["'ViT-Nope'", "ViT-Tiny"], marks=slow),
+    pytest.param("clip_jax.train", CLIP + ["--config.data.source={tmp}/no_shards"], ["no_shards"], marks=slow),
+    # dreambooth_jax.train
+    ("dreambooth_jax.train", DB + ["--config.clas_noun=dog"], ["config.clas_noun", "did you mean config.class_noun"]),
+    pytest.param("dreambooth_jax.train", DB + ["--config.total_steps=1.5"], ["config.total_steps", "takes an int"],
+                 marks=slow),
+    pytest.param("dreambooth_jax.train", DB + ["--config.pretrained_model={tmp}/sd"], ["config.class_noun is empty"],
+                 marks=slow),
+    pytest.param("dreambooth_jax.train", DB + ["--config.pretrained_model={tmp}/no_sd", "--config.class_noun=dog",
+                                               "--config.instance_dir={tmp}"], ["no_sd"], marks=slow),
+    # clip_jax.evaluate
+    ("clip_jax.evaluate", [], ["--checkpoint", "--workdir"]),
+    ("clip_jax.evaluate", ["--workdir", "{tmp}/no_run", "--tasks", "zeroshot:digits"], ["no_run"]),
+    ("clip_jax.evaluate", ["--checkpoint", "x", "--tasks", "zeroshot:cifar11"], ["'cifar11'", "cifar10"]),
+    # dreambooth_jax.sample
+    ("dreambooth_jax.sample", ["--prompt", "x"], ["--model", "--out"]),
+    ("dreambooth_jax.sample", ["--model", "{tmp}/no_sd", "--prompt", "x", "--out", "{tmp}/o"], ["no_sd"]),
+    ("dreambooth_jax.sample", ["--model", "x", "--prompt", "x", "--out", "x", "--sampler", "ddimm"], ["'ddimm'", "'ddim'"]),
+    # launch
+    ("launch.run", ["--mode", "nope", "--", "--config=x"], ["'nope'", "processes"]),
+    ("launch.run", ["--num-processes", "two"], ["--num-processes", "'two'"]),
+    ("launch.sweep", ["{tmp}/no_sweep.py", "--root", "{tmp}/r"], ["no_sweep.py"]),
+    ("launch.sweep", ["configs/sweeps/digits_batch_size.py"], ["--root"]),
+    ("launch.results", ["{tmp}/no_runs"], ["no_runs"]),
+    # data and DreamBooth tools
+    ("clip_jax.data.prepare", ["--output", "{tmp}/o"], ["--input"]),
+    ("clip_jax.data.prepare", ["--input", "{tmp}/no_photos", "--output", "{tmp}/o"], ["no_photos"]),
+    ("dreambooth_jax.evaluate", ["--model", "x"], ["--instance-dir"]),
+    ("dreambooth_jax.evaluate", ["--model", "{tmp}/no_sd", "--instance-dir", "{tmp}", "--class-noun", "dog",
+                                 "--identifier", "sks", "--clip", "x", "--out", "{tmp}/o"], ["no_sd"]),
+    ("dreambooth_jax.embedded.pretrain", ["--workdir", "{tmp}/w", "--vae_steps", "abc"], ["--vae_steps", "'abc'"]),
+    ("dreambooth_jax.embedded.table3", ["--steps", "1"], ["--workdir"]),
+    ("clip_jax.wise_ft", ["--zeroshot", "x"], ["--finetuned"]),
+]
+
+
+def run_cli(module: str, args: list[str], tmp_path, env=None) -> subprocess.CompletedProcess:
+  environment = {k: v for k, v in os.environ.items() if k != "CLIP_JAX_DEBUG"}
+  environment.update(env or {})
+  argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+  return subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, env=environment, capture_output=True,
+                        text=True, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, expected: list[str], tmp_path):
+  lines = proc.stderr.strip().splitlines()
+  assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  for part in expected:
+    assert part.replace("{tmp}", str(tmp_path)) in lines[0], (part, lines[0])
+
+
+@pytest.mark.parametrize("module, args, expected", CASES)
+def test_user_mistake_is_one_line_with_exit_code_2(module, args, expected, tmp_path):
+  assert_one_line_error(run_cli(module, args, tmp_path), expected, tmp_path)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(how, tmp_path):
+  args = ["--root", str(tmp_path / "r"), str(tmp_path / "no_sweep.py")]
+  proc = run_cli("launch.sweep", ["--debug", *args] if how == "flag" else args, tmp_path,
+                 env={"CLIP_JAX_DEBUG": "1"} if how == "env" else None)
+  assert proc.returncode == 2 and "Traceback" in proc.stderr and "SystemExit" in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no_sweep.py" in proc.stderr.splitlines()[-1]
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+  (tmp_path / "buggy_cmd.py").write_text(textwrap.dedent("""
+      from clip_jax import cli
+      def main():
+        return {}["missing"]
+      if __name__ == "__main__":
+        cli.run(main)
+  """))
+  proc = run_cli("buggy_cmd", [], tmp_path, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])})
+  assert proc.returncode == 1 and "Traceback" in proc.stderr and proc.stderr.strip().endswith("KeyError: 'missing'")
+
+
+@slow
+def test_error_in_a_multi_process_run_reaches_the_launcher_once(tmp_path):
+  # Both processes raise the same error; the launcher's output holds it once (the first to report).
+  proc = run_cli("launch.run", ["--mode", "processes", "--num-processes", "2", "--devices-per-process", "1", "--",
+                                *CLIP, "--config.totl_steps=3"], tmp_path)
+  output = proc.stdout + proc.stderr
+  assert proc.returncode == 2, output[-3000:]
+  assert output.count("error: unknown config key config.totl_steps") == 1, output
+  assert "did you mean config.total_steps" in output and "Traceback" not in output
+
+
+@slow
+def test_a_bug_in_a_multi_process_run_prints_one_traceback(tmp_path):
+  (tmp_path / "buggy_worker.py").write_text(textwrap.dedent("""
+      from clip_jax import cli
+      def main():
+        raise RuntimeError("the same bug in every process")
+      if __name__ == "__main__":
+        cli.run(main)
+  """))
+  proc = run_cli("launch.run", ["--mode", "processes", "--num-processes", "2", "--devices-per-process", "1",
+                                "--module", "buggy_worker", "--", "unused"], tmp_path,
+                 env={"PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])})
+  output = proc.stdout + proc.stderr
+  assert proc.returncode == 1, output[-3000:]
+  assert output.count("Traceback") == 1 and output.count("RuntimeError: the same bug in every process") == 1, output
