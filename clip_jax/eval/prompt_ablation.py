@@ -215,4 +215,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from clip_jax import cli
+  cli.run(main)  # user mistakes: one line, exit code 2
