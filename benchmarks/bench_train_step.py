@@ -96,12 +96,12 @@ def _jax_child(args, dtype_name: str) -> dict:
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from clip_jax import optim, sharding
+  from clip_jax import loop, optim, sharding
   from clip_jax.train import (build_model, create_train_state, make_train_step, measure_peak_flops)
   from configs.clip.common import base_config
 
   cfg = base_config()
-  cfg.model.name, cfg.model.dtype = args.model, dtype_name
+  cfg.model.name, cfg.dtype = args.model, dtype_name
   cfg.global_batch, cfg.total_steps = args.batch, 1000
   if "RN" in args.model:
     cfg.optimizer.update(optim.paper_adam_defaults(is_resnet=True))
@@ -109,9 +109,9 @@ def _jax_child(args, dtype_name: str) -> dict:
   rules = [tuple(r) for r in cfg.logical_axis_rules]
   model = build_model(cfg)
   state, state_shardings, tx = create_train_state(model, cfg.optimizer, mesh, rules, jax.random.key(0))
-  train_step = make_train_step(model, tx, loss_kind="softmax", mesh=mesh, batch_axes=("data",),
-                               microbatches=1, schedule=optim.learning_rate_schedule(cfg.optimizer))
-  data_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  train_step = loop.skip_nonfinite(make_train_step(model, tx, loss_kind="softmax", mesh=mesh, microbatches=1,
+                                                   schedule=optim.learning_rate_schedule(cfg.optimizer)))
+  data_sharding = sharding.batch_sharding(mesh)
   batch_shardings = {"image": data_sharding, "tokens": data_sharding}
   step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                     out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))

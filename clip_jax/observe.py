@@ -111,3 +111,18 @@ def loss_curve_png(jsonl_path: str, out_path: str, keys: tuple[str, ...] = ("los
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
   return out_path
+
+
+def write_results(workdir: str, step: int, metrics: Mapping[str, float],
+                  evaluation: Mapping[str, float]) -> tuple[str, str]:
+  """results.json (what sweeps and `launch.results` gather: 'step', 'train/<metric>' and the
+  evaluation keys) and results.md, a table of the same; returns their paths."""
+  summary = {"step": step, **{f"train/{k}": v for k, v in metrics.items()}, **evaluation}
+  json_path, md_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "results.md")
+  with open(json_path, "w") as f:
+    json.dump(summary, f, indent=2)
+  rows = [("final training loss", metrics.get("loss")), ("steps", step)] + list(evaluation.items())
+  with open(md_path, "w") as f:
+    f.write("| metric | value |\n| --- | --- |\n")
+    f.writelines(f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in rows)
+  return json_path, md_path

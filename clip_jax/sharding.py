@@ -1,25 +1,27 @@
-"""One mesh, logical axis rules, and the shardings derived from them.
+"""One mesh, logical axis rules, and the shardings derived from them; the one owner of placement.
 
 Models name their parameter axes logically ('embed', 'mlp', 'heads', 'vocab', 'conv_out', ...);
 a rules table, kept in the config, maps those names to the mesh axes ('data', 'fsdp', 'tensor').
-Everything else here turns (abstract tree, rules, mesh) into NamedShardings.
+Everything else here turns (abstract tree, rules, mesh) into NamedShardings, decides which mesh
+axes split a batch (`batch_axes`, asked by every trainer, evaluator and sampler) and places input
+batches on the mesh (`place_local_batch`, `place_global_batch`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-# The batch is split over every axis that is not tensor-parallel.
+# The batch is split over every axis that is not tensor-parallel (ask `batch_axes(mesh)`).
 BATCH_AXES = ("data", "fsdp")
 
 # Parameters: FSDP shards the embedding dimension, tensor parallelism the wide ones.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -51,25 +53,43 @@ def create_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Drops mesh axes that do not divide a dimension (a 16-channel conv on a 3-way axis stays whole)."""
-  fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> tuple[P, list[tuple[int, int, tuple[str, ...]]]]:
+  """Keeps a dimension whole where its mesh axes do not divide it (a 16-channel conv on a 3-way
+  axis). Returns (the spec, [(dim index, dim size, the axes not used)])."""
+  fitted, unsplit = [], []
+  for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
     names = tuple(a for a in names if mesh.shape[a] > 1)
     size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    if names and dim % size:
+      unsplit.append((i, dim, names))
     fitted.append(None if not names or dim % size else (names if len(names) > 1 else names[0]))
-  return P(*fitted)
+  return P(*fitted), unsplit
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
   """NamedShardings for a tree of (possibly logically boxed) abstract arrays; unboxed leaves
-  (scalars, batch statistics without names) are replicated."""
+  (scalars, batch statistics without names) are replicated. A dimension that its mesh axes do
+  not divide stays whole on every device, and is reported in one WARNING line (it costs memory)."""
   specs = nn.get_partition_spec(abstract_boxed)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   shapes = nn.meta.unbox(abstract_boxed)
-  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
-                      mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
+  unsplit: list[str] = []
+
+  def fit(path, spec, x):
+    fitted, dropped = _fit_spec(spec, x.shape, mesh)
+    unsplit.extend(f"{_path_name(path)}[dim {i}: {dim} over {'x'.join(names)}]" for i, dim, names in dropped)
+    return NamedSharding(mesh, fitted)
+  out = jax.tree_util.tree_map_with_path(fit, mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
+  if unsplit:
+    logging.warning("%d parameter axes do not divide over their mesh axes %s and stay whole (replicated) on "
+                    "every device: %s%s", len(unsplit), dict(mesh.shape), ", ".join(unsplit[:4]),
+                    f" and {len(unsplit) - 4} more" if len(unsplit) > 4 else "")
+  return out
+
+
+def _path_name(path) -> str:
+  return "/".join(_key_names(path))
 
 
 def _key_names(path) -> tuple[str, ...]:
@@ -96,14 +116,90 @@ def shard_like_params(tree: Any, params_abstract: Any, params_shardings: Any, me
   return jax.tree_util.tree_map_with_path(choose, tree)
 
 
-def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-  return NamedSharding(mesh, P(tuple(batch_axes)))
+# ----------------------------------------------------------------------------- batches
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes a batch's leading dimension is split over: the mesh's BATCH_AXES of size > 1
+  (the first of them when all have size 1); a mesh without any (a custom one) splits over all."""
+  present = tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+  if not present:
+    return tuple(mesh.axis_names)
+  return tuple(a for a in present if mesh.shape[a] > 1) or present[:1]
 
 
-def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
-  """Runs `init_fn(*args)` (which returns logically boxed leaves) directly into its shardings, so
-  nothing larger than a device's share is materialised anywhere. Returns (unboxed tree, shardings)."""
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = logical_shardings(abstract, mesh, rules)
-  tree = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-  return tree, shardings
+def batch_ways(mesh: Mesh) -> int:
+  """How many pieces a batch is split into: the product of the batch axes' sizes."""
+  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading dimension over `batch_axes(mesh)`, the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def check_batch_size(rows: int, mesh: Mesh, what: str = "a batch") -> None:
+  """Raises ValueError unless `rows` splits evenly over the mesh's batch axes."""
+  ways = batch_ways(mesh)
+  if rows % ways:
+    raise ValueError(f"{what} of {rows} does not split over the mesh's {ways}-way batch axes "
+                     f"{batch_axes(mesh)} (mesh {dict(mesh.shape)}); use a multiple of {ways} or another mesh.")
+
+
+def splits_evenly(rows: int, mesh: Mesh) -> bool:
+  """Whether `rows` split evenly over the mesh's batch axes."""
+  return rows % batch_ways(mesh) == 0
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Host values (numpy, or arrays on one device), identical on every process -> global arrays in
+  `shardings`; each process copies only the pieces its devices hold (works with several processes,
+  where device_put of a local array onto other processes' devices does not)."""
+  def put(x, sharding_):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def place_local_batch(local_batch: Any, mesh: Mesh, axes: Sequence[str] | None = None) -> Any:
+  """Per-process numpy rows -> global jax.Arrays split over the batch axes (or `axes`). Each
+  process passes its own rows (leading dim = global batch / process_count), e.g. from its own
+  input pipeline."""
+  sharding_ = batch_sharding(mesh) if axes is None else NamedSharding(mesh, P(tuple(axes)))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding_, np.asarray(x)), local_batch)
+
+
+def place_global_batch(global_batch: Any, mesh: Mesh, split: bool = True) -> Any:
+  """The whole batch, identical on every process (e.g. a pure function of the step) -> global
+  jax.Arrays split over the batch axes (split=False: replicated, for a batch too small to split;
+  see `splits_evenly`); each process copies only the rows its devices hold, so the result does not
+  depend on how many processes there are."""
+  sharding_ = batch_sharding(mesh) if split else NamedSharding(mesh, P())
+
+  def place(x):
+    x = np.asarray(x)
+    if split:
+      check_batch_size(x.shape[0], mesh)
+    return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
+  return jax.tree.map(place, global_batch)
+
+
+def to_host(x: Any) -> Any:
+  """A (tree of) jax.Array as numpy on every process, also when other processes hold parts of it
+  (then gathered: a collective every process must enter)."""
+  def get(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(jax.device_get(a))
+  return jax.tree.map(get, x)
+
+
+def split_microbatches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...] where micro-batch i takes rows i, i+k, i+2k, ...: every device keeps
+  its own rows (each holds a contiguous block of the batch), so no data moves."""
+  return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_microbatches(x: Any) -> Any:
+  """Inverse of `split_microbatches`: [k, B/k, ...] -> [B, ...] in the original row order (numpy
+  or jax; on the host it lays out k micro-batches so that `split_microbatches` finds them)."""
+  return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])

@@ -230,20 +230,14 @@ def make_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, image_size: 
 
 
 def default_batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes a batch is split over: those of clip_jax.sharding.BATCH_AXES in this mesh."""
-  from clip_jax.sharding import BATCH_AXES  # Imported lazily: it pulls in jax and flax.
-  axes = tuple(a for a in mesh.axis_names if a in BATCH_AXES)
-  return axes or tuple(mesh.axis_names)
+  """The mesh axes a batch is split over (`clip_jax.sharding.batch_axes` decides)."""
+  from clip_jax import sharding  # Imported lazily: it pulls in jax and flax.
+  return sharding.batch_axes(mesh)
 
 
 def to_global_batch(local_batch: Any, mesh, batch_axes: tuple[str, ...] | None = None) -> Any:
-  """Per-process numpy batch -> global jax.Arrays, leading axis sharded over `batch_axes`.
-
-  Each process passes its own rows (leading dim = global batch / process_count); the result's
-  leading dim is the global batch. Other axes of the mesh hold replicas.
-  """
-  import jax  # Imported lazily: worker processes never need it.
-  from jax.sharding import NamedSharding, PartitionSpec
-  axes = tuple(batch_axes) if batch_axes is not None else default_batch_axes(mesh)
-  sharding = NamedSharding(mesh, PartitionSpec(axes))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+  """Per-process numpy batch -> global jax.Arrays split over the mesh's batch axes
+  (`clip_jax.sharding.place_local_batch`; `batch_axes` overrides them): each process passes its own
+  rows (leading dim = global batch / process_count); the result's leading dim is the global batch."""
+  from clip_jax import sharding  # Imported lazily: worker processes never need it.
+  return sharding.place_local_batch(local_batch, mesh, batch_axes)

@@ -1,4 +1,9 @@
-"""Defaults every CLIP training config starts from; experiment files change a few lines."""
+"""Defaults every CLIP training config starts from; experiment files change a few lines.
+
+The fields shared with the DreamBooth trainer (seed, total_steps, global_batch,
+gradient_accumulation, dtype, param_dtype, remat, eval_every, log_every, checkpoint_every,
+keep_checkpoints, async_checkpoints, max_nonfinite_steps, progress_bar, compilation_cache, mesh,
+logical_axis_rules) mean the same in both; WORKSPACE.md lists them once."""
 import ml_collections
 
 from clip_jax.sharding import DEFAULT_RULES
@@ -7,16 +12,18 @@ from clip_jax.sharding import DEFAULT_RULES
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = ml_collections.ConfigDict(dict(name="ViT-B-32", dtype="bfloat16", param_dtype="float32",
-                                           remat=False, overrides={}))
+  c.model = ml_collections.ConfigDict(dict(name="ViT-B-32", overrides={}))
+  c.dtype = "bfloat16"        # compute dtype
+  c.param_dtype = "float32"
+  c.remat = False
   c.data = ml_collections.ConfigDict(dict(source="synthetic", split="train", data_dir=None, tokenizer="clip",
                                           num_workers=0, crop_scale=(0.9, 1.0)))
   c.loss = ml_collections.ConfigDict(dict(kind="softmax"))
   # One mesh over all devices of all processes; -1 fills. The batch is split over data x fsdp.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
-  c.global_batch = 256
-  c.microbatches = 1          # > 1: exact contrastive gradient accumulation
+  c.global_batch = 256        # image-text pairs per optimizer update, over all processes
+  c.gradient_accumulation = 1  # > 1: the batch in this many micro-batches (the contrastive gradient stays exact)
   c.total_steps = 1000
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4, end_learning_rate=0.0, warmup_steps=100,
@@ -28,9 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpoints = True
-  c.eval_every = 0
+  c.eval_every = 0            # the zero-shot evaluation hook (and the last step); 0: off
   c.peak_flops_per_device = 0.0  # 0: measured at start (a bf16 matmul)
   c.progress_bar = True
+  c.compilation_cache = "auto"  # JAX's persistent cache: 'auto' (~/.cache/clip_jax/jax), 'workdir', a path, '' off
   return c
 
 

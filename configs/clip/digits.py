@@ -10,7 +10,7 @@ from configs.clip.common import base_config, runlocal
 def get_config(arg: str | None = None):
   c = base_config()
   c.model.name = "ViT-Tiny"          # 32 px, patch 8, 2 layers of width 64; context 32 tokens
-  c.model.dtype = "float32"
+  c.dtype = "float32"
   c.data.source = "digits"
   c.global_batch = 128
   c.total_steps = 600

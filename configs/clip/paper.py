@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"configs/clip/paper.py: unknown model '{name}'; one of {sorted(PAPER_LEARNING_RATES)}.")
   c = base_config()
   c.model.name = f"{name}-quickgelu"
-  c.model.dtype = "bfloat16"
+  c.dtype = "bfloat16"
   c.data.source = "synthetic"        # set to your ArrayRecord shards or a TFDS name
   c.global_batch = 32768
   c.total_steps = 390_625

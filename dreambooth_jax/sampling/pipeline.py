@@ -28,8 +28,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clip_jax.models.text import TextTransformer
-from clip_jax.sharding import BATCH_AXES
-from clip_jax.cli import MissingPathError, UserError, did_you_mean
+from clip_jax import sharding
+from clip_jax.cli import MissingPathError
 from clip_jax.tokenizer import ClipTokenizer, TokenizerError, get_tokenizer
 from clip_jax.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, CheckpointError, has_weights, weight_variants
 from dreambooth_jax.models import convert
@@ -41,9 +41,6 @@ from dreambooth_jax.models.vae import AutoencoderKL
 Dtype = Any
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# User-facing sampler names -> the schedulers module's kinds (its own names work too).
-SAMPLERS = {"dpm++2m": "dpmsolver++", "ddim": "ddim", "euler_a": "euler_ancestral", "ddpm": "ddpm",
-            **{kind: kind for kind in schedulers.SAMPLERS}}
 # What model_index.json names for each component, for diffusers' loader.
 _LIBRARY_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                     "text_encoder": ("transformers", "CLIPTextModel"),
@@ -266,12 +263,8 @@ def save_pipeline(pipeline: StableDiffusion, directory: str, params: dict[str, A
 
 # ------------------------------------------------------------------------------------ placement
 def _batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
-  axes = tuple(a for a in mesh.axis_names if a in BATCH_AXES) or tuple(mesh.axis_names)
-  ways = int(np.prod([mesh.shape[a] for a in axes]))
-  if batch % ways:
-    raise ValueError(f"a batch of {batch} does not split over the mesh's {ways}-way batch axes "
-                     f"{axes}; use a multiple of {ways} images.")
-  return NamedSharding(mesh, P(axes))
+  sharding.check_batch_size(batch, mesh, "a batch")
+  return sharding.batch_sharding(mesh)
 
 
 def _place(params, arrays: Sequence[jax.Array], mesh: Mesh | None):
@@ -317,13 +310,6 @@ def encode_prompt(pipeline: StableDiffusion, params: dict[str, Any], prompts: st
 
 
 # ------------------------------------------------------------------------------------ sampling
-def sampler_kind(sampler: str) -> str:
-  kind = SAMPLERS.get(sampler)
-  if kind is None:
-    raise UserError(f"unknown sampler {sampler!r};{did_you_mean(sampler, SAMPLERS)} choose one of {', '.join(SAMPLERS)}.")
-  return kind
-
-
 @functools.partial(jax.jit, static_argnames=("unet", "vae", "text_encoder", "num_layers", "use_cfg",
                                              "scaling_factor", "output_type"))
 def _generate(params, cond_tokens, uncond_tokens, latents_init, rng, guidance_scale, plan, *,
@@ -358,8 +344,9 @@ def generate(pipeline: StableDiffusion, params: dict[str, Any], prompts: str | S
   """Images for `prompts`: uint8 [B, H, W, 3] (output_type='float': float32 in [0, 1]).
 
   negative_prompts: None (empty text, as diffusers), one string for all, or one per prompt.
-  guidance_scale > 1 turns on classifier-free guidance. sampler: 'dpm++2m', 'ddim', 'euler_a' or
-  'ddpm' (the scheduler config's betas, prediction type and spacing apply to all). rng: draws the
+  guidance_scale > 1 turns on classifier-free guidance. sampler: a name in `schedulers.SAMPLERS`
+  ('dpm++2m', 'ddim', 'euler_a', 'ddpm'; the scheduler config's betas, prediction type and spacing
+  apply to all); eta: DDIM's noise scale. rng: draws the
   initial latents and, for stochastic samplers, the per-step noise. latents: the initial
   unit-variance latents [B, H/8, W/8, 4] instead (NHWC). height/width default to the UNet's
   training size. mesh: splits the batch over the mesh's data axes (params replicated). One
@@ -380,7 +367,7 @@ def generate(pipeline: StableDiffusion, params: dict[str, Any], prompts: str | S
   if num_steps < 1:
     raise ValueError(f"num_steps={num_steps}: need at least one sampling step.")
 
-  kind = sampler_kind(sampler)
+  kind = schedulers.get_sampler(sampler).name
   schedule = schedulers.NoiseSchedule.from_config(pipeline.scheduler_config)
   plan = schedulers.make_sampler_plan(kind, schedule, num_steps, eta)
   factor = pipeline.vae_scale_factor
@@ -408,4 +395,4 @@ def generate(pipeline: StableDiffusion, params: dict[str, Any], prompts: str | S
                      text_encoder=pipeline.text_encoder, num_layers=num_layers,
                      use_cfg=guidance_scale > 1, scaling_factor=pipeline.vae_scaling_factor,
                      output_type=output_type)
-  return np.asarray(jax.device_get(images))
+  return sharding.to_host(images)  # with several processes: gathered (every process calls generate)

@@ -1,0 +1,279 @@
+"""The one training loop every trainer runs on (CLIP, DreamBooth, the embedded SD pretraining).
+
+A trainer contributes its setup (state, shardings), its update function and its hooks; the loop
+owns what must hold for all of them:
+- restore from the workdir into the target shardings (any device count or mesh shape), falling
+  back past a corrupt newest checkpoint to the newest one that restores (`checkpoint.restore_newest`);
+- the step loop, with one cadence rule (`every`: every N steps, and the last step);
+- non-finite steps: a step whose loss or gradient norm is not finite is skipped inside the compiled
+  step (parameters and optimizer state kept) and counted; `max_nonfinite_steps` in a row stop the
+  run, and no checkpoint is written while a streak lasts, so the newest checkpoint is a good one;
+- preemption: SIGTERM with one process; with several, jax.distributed's preemption sync point, so
+  that every process saves the same step (a checkpoint is collective);
+- metrics (metrics.jsonl + TensorBoard) and the progress bar on process 0, the loss plot at the end;
+- hooks (evaluation, validation samples) that every process enters at the same steps, since they
+  run jitted code on the mesh-wide state;
+- closing the checkpoint manager, writer and progress bar in `finally`;
+- JAX's persistent compilation cache, so a resumed run does not compile again.
+
+The state is a dict holding at least 'step' (int32 scalar); `init_counters()` adds the non-finite
+counters the loop keeps. An update function is `update(state, batch, *args) -> (state, metrics)`
+where metrics hold scalar 'loss' and 'grad_norm'.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clip_jax import checkpoint as ckpt
+from clip_jax.observe import MetricWriter, Progress, loss_curve_png
+
+
+# ----------------------------------------------------------------------------- cadence
+def every(step: int, period: int, total_steps: int) -> bool:
+  """True at multiples of `period` (0: never) and at the last step."""
+  return step == total_steps or (period > 0 and step % period == 0)
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+def init_counters() -> dict[str, jax.Array]:
+  """The entries the loop adds to a trainer's initial state."""
+  return {"step": jnp.zeros((), jnp.int32), "nonfinite_streak": jnp.zeros((), jnp.int32),
+          "nonfinite_total": jnp.zeros((), jnp.int32)}
+
+
+def skip_nonfinite(update: Callable) -> Callable:
+  """`update(state, batch, *args) -> (new_state, metrics)` made safe: where metrics' 'loss' or
+  'grad_norm' is not finite, every entry of the state but the step and the counters stays as it
+  was (so NaNs never reach parameters or optimizer moments). Adds metrics['skipped'] (0 or 1)."""
+  def step(state, batch, *args):
+    new_state, metrics = update(state, batch, *args)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    kept = {k: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state[k], state[k])
+            for k in new_state if k not in ("step", "nonfinite_streak", "nonfinite_total")}
+    kept.update(step=state["step"] + 1,
+                nonfinite_streak=jnp.where(finite, 0, state["nonfinite_streak"] + 1),
+                nonfinite_total=state["nonfinite_total"] + (~finite).astype(jnp.int32))
+    return kept, dict(metrics, skipped=(~finite).astype(jnp.int32))
+  return step
+
+
+# ----------------------------------------------------------------------------- processes
+def wait_for_all(name: str, timeout_s: float = 4 * 3600) -> None:
+  """Returns when every process has called it with the same `name` (no-op with one process).
+  Uses the coordination service's barrier, which may wait hours (class-image generation), not a
+  device collective (whose transport may time out sooner)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the barrier is not public API; a collective is the fallback
+  client = distributed.global_state.client
+  if client is not None and hasattr(client, "wait_at_barrier"):
+    wait_for_all.calls = getattr(wait_for_all, "calls", 0) + 1  # barrier ids must be unique per call
+    client.wait_at_barrier(f"clip_jax.loop:{name}:{wait_for_all.calls}", int(timeout_s * 1000))
+  else:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def sum_over_processes(value: int, name: str) -> int:
+  """The sum of an integer over all processes; every process must call it (a barrier too)."""
+  if jax.process_count() == 1:
+    return value
+  wait_for_all(name)
+  from jax.experimental import multihost_utils
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+# ----------------------------------------------------------------------------- compilation cache
+def enable_compilation_cache(setting: str, workdir: str) -> str | None:
+  """JAX's persistent compilation cache. setting: 'auto' (the user cache directory,
+  $XDG_CACHE_HOME or ~/.cache, under clip_jax/jax), 'workdir' (WORKDIR/jax_cache), a path, or ''
+  (off). Returns the directory used, or None."""
+  if not setting:
+    return None
+  if setting == "auto":
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(base, "clip_jax", "jax")
+  elif setting == "workdir":
+    directory = os.path.join(workdir, "jax_cache")
+  else:
+    directory = setting
+  if jax.config.jax_compilation_cache_dir != directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Cache every compile that takes a noticeable time (the default skips those under 1 s).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return directory
+
+
+# ----------------------------------------------------------------------------- hooks
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """fn(step, state) -> metrics to log (or None), run on every process at the steps `every` picks
+  (period 0: the last step only). fn may run jitted code on the sharded state: all processes call it."""
+  name: str
+  period: int
+  fn: Callable[[int, Any], dict[str, float] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The loop's settings, named as in every trainer's config (see WORKSPACE.md, 'One config vocabulary')."""
+  total_steps: int
+  log_every: int = 10
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  max_nonfinite_steps: int = 10
+  progress_bar: bool = True
+  compilation_cache: str = "auto"
+
+  @classmethod
+  def from_config(cls, cfg) -> "Options":
+    """The shared fields of a trainer's ConfigDict (absent ones keep their defaults)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: cfg[n] for n in names if n in cfg})
+
+
+@dataclasses.dataclass
+class Result:
+  step: int
+  state: Any
+  metrics: dict[str, float]            # the last logged training metrics
+  hook_metrics: dict[str, float]       # the last values the hooks returned
+  preempted: bool
+
+
+# ----------------------------------------------------------------------------- the loop
+def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callable, next_batch: Callable[[int], Any],
+        options: Options, args: Sequence[Any] = (), data_iterator: Any = None, hooks: Sequence[Hook] = (),
+        examples_per_step: int | None = None, log_extras: Callable[[], dict[str, float]] | None = None,
+        peak_flops_per_device: float | None = None, desc: str = "train",
+        plot_keys: Sequence[str] = ("loss",)) -> Result:
+  """Trains `state` (freshly initialised, in `state_shardings`) to `options.total_steps`, resuming
+  from WORKDIR/checkpoints when it holds a checkpoint.
+
+  update(state, batch, *args) -> (state, metrics): one step, not yet compiled; the loop wraps it
+    in `skip_nonfinite` and compiles it with the state's shardings, donating the state. `args`
+    (e.g. frozen parameters) are passed unchanged every step.
+  next_batch(step) -> the batch for step `step` (0-based), already placed on the mesh
+    (`sharding.place_local_batch` / `place_global_batch`).
+  data_iterator: a grain iterator (or one with get_state/set_state) checkpointed with the state.
+  examples_per_step: adds 'examples_per_sec' to the logged metrics; with peak_flops_per_device
+    also 'mfu' (model FLOPs utilisation from XLA's cost analysis of the step).
+  log_extras() -> more scalars for each log line (e.g. data-quality counts).
+  Raises FloatingPointError after `max_nonfinite_steps` non-finite steps in a row.
+  """
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  enable_compilation_cache(options.compilation_cache, workdir)
+  total = options.total_steps
+  manager = ckpt.make_manager(workdir, max_to_keep=options.keep_checkpoints, async_save=options.async_checkpoints,
+                              with_data=data_iterator is not None)
+  writer = progress = previous_handler = None
+  try:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+    restored = ckpt.restore_newest(manager, abstract, data_iterator)
+    if restored is not None:
+      state, restored_step = restored
+      if is_main:
+        print(f"Resuming from the checkpoint of step {restored_step} in {workdir}", flush=True)
+    step = int(jax.device_get(state["step"]))
+    replicated = NamedSharding(mesh, P())
+    step_fn = jax.jit(skip_nonfinite(update), in_shardings=(state_shardings,) + (None,) * (1 + len(args)),
+                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    writer = MetricWriter(workdir, enabled=is_main)
+    progress = Progress(total, step, enabled=is_main and options.progress_bar, desc=desc)
+    preempted = {"flag": False}
+    # One process: our own SIGTERM flag. Several: jax.distributed's preemption sync manager catches
+    # SIGTERM and picks one step at which every process saves; a Python handler would replace jax's.
+    multi_process = jax.process_count() > 1
+    if not multi_process and threading.current_thread() is threading.main_thread():
+      previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    last_metrics: dict[str, float] = {}
+    hook_metrics: dict[str, float] = {}
+    flops_per_step = None
+    window_start, window_steps = time.perf_counter(), 0
+    while step < total:
+      batch = next_batch(step)
+      if flops_per_step is None and peak_flops_per_device:
+        flops_per_step = _step_flops(step_fn, state, batch, *args) or 0.0
+      state, metrics = step_fn(state, batch, *args)
+      step += 1
+      window_steps += 1
+      progress.update(step)
+      checkpoint_now = every(step, options.checkpoint_every, total)
+      if every(step, options.log_every, total) or checkpoint_now:
+        streak = int(jax.device_get(state["nonfinite_streak"]))
+        if every(step, options.log_every, total):
+          last_metrics = _log_line(metrics, state, window_steps, time.perf_counter() - window_start,
+                                   examples_per_step, flops_per_step, peak_flops_per_device, log_extras)
+          writer.write(step, last_metrics)
+          progress.set_postfix(loss=last_metrics["loss"])
+          window_start, window_steps = time.perf_counter(), 0
+        if streak >= options.max_nonfinite_steps:
+          # No checkpoint is written during a streak: the newest one holds the last good state.
+          manager.wait_until_finished()
+          raise FloatingPointError(
+              f"{streak} training steps in a row had a non-finite loss or gradient (step {step}); stopping. "
+              f"The last good checkpoint is step {manager.latest_step()} in {workdir}. Lower the learning "
+              "rate or check the data.")
+      for hook in hooks:
+        if every(step, hook.period, total):
+          values = hook.fn(step, state)
+          if values:
+            hook_metrics.update(values)
+            writer.write(step, values)
+      if multi_process:
+        from jax.experimental import multihost_utils
+        preempted["flag"] = multihost_utils.reached_preemption_sync_point(step)
+      if checkpoint_now or preempted["flag"]:
+        if int(jax.device_get(state["nonfinite_streak"])) == 0:
+          ckpt.save(manager, step, state, data_iterator, force=True)
+      if preempted["flag"]:
+        logging.warning("SIGTERM: saved step %d; exiting so the job can be resumed.", step)
+        break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    if progress is not None:
+      progress.close()
+    if writer is not None:
+      writer.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+  if is_main and step >= total:
+    loss_curve_png(writer.jsonl_path, os.path.join(workdir, "plots", "loss.png"), keys=tuple(plot_keys))
+  return Result(step=step, state=state, metrics=last_metrics, hook_metrics=hook_metrics, preempted=preempted["flag"])
+
+
+def _log_line(metrics, state, window_steps, elapsed, examples_per_step, flops_per_step, peak_flops,
+              log_extras) -> dict[str, float]:
+  out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  out["nonfinite_total"] = float(jax.device_get(state["nonfinite_total"]))
+  if examples_per_step:
+    out["examples_per_sec"] = window_steps * examples_per_step / elapsed
+  if flops_per_step and peak_flops:
+    out["mfu"] = flops_per_step * window_steps / elapsed / (peak_flops * jax.device_count())
+  if log_extras is not None:
+    out.update(log_extras())
+  return out
+
+
+def _step_flops(step_fn, *inputs) -> float | None:
+  """FLOPs of one compiled step over all devices, from XLA's cost analysis."""
+  try:
+    cost = step_fn.lower(*inputs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) * jax.device_count() or None
+  except Exception:  # Cost analysis is best-effort; some backends do not provide it.
+    return None

@@ -1,0 +1,188 @@
+"""The shared training loop on a toy trainer (least squares): cadence, non-finite steps, resume
+across layouts, corrupt checkpoints. The CLIP and DreamBooth trainers' own tests cover the same
+guarantees through their entry points."""
+import json
+import logging as py_logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clip_jax import checkpoint as ckpt
+from clip_jax import loop, sharding
+from clip_jax.observe import read_metrics
+
+DIM, ROWS = 8, 16
+
+
+def test_every_is_periodic_and_includes_the_last_step():
+  assert [s for s in range(1, 11) if loop.every(s, 4, 10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if loop.every(s, 0, 10)] == [10]
+
+
+class CountingIterator:
+  """An input iterator with a checkpointable position (as grain's), yielding the position."""
+
+  def __init__(self):
+    self.position = 0
+
+  def __next__(self):
+    self.position += 1
+    return self.position
+
+  def get_state(self) -> bytes:
+    return json.dumps({"position": self.position}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.position = json.loads(state)["position"]
+
+  def start_prefetch(self):
+    pass
+
+
+def toy_run(workdir, mesh, total_steps, nan_steps=(), max_nonfinite_steps=10, checkpoint_every=2, **options):
+  """Least squares on batches that are a function of the step; returns (loop result, iterator)."""
+  replicated = NamedSharding(mesh, P())
+  tx = optax.adam(0.1)
+  w = jnp.zeros((DIM,), jnp.float32)
+  state = {**loop.init_counters(), "params": {"w": w}, "opt_state": tx.init({"w": w})}
+  state_shardings = jax.tree.map(lambda _: replicated, state)
+  state = jax.device_put(state, state_shardings)
+  data = CountingIterator()
+  true_w = np.arange(DIM, dtype=np.float32)
+
+  def next_batch(step):
+    assert next(data) == step + 1  # the iterator resumes where the checkpoint left it
+    rng = np.random.default_rng(step)
+    x = rng.normal(size=(ROWS, DIM)).astype(np.float32)
+    y = x @ true_w
+    if step in nan_steps:
+      x[0, 0] = np.nan
+    return sharding.place_global_batch({"x": x, "y": y}, mesh)
+
+  def update(state, batch):
+    def loss_fn(params):
+      return jnp.mean(jnp.square(batch["x"] @ params["w"] - batch["y"]))
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state), \
+        {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+  opts = loop.Options(total_steps=total_steps, log_every=1, checkpoint_every=checkpoint_every, async_checkpoints=False,
+                      max_nonfinite_steps=max_nonfinite_steps, progress_bar=False, compilation_cache="", **options)
+  result = loop.run(workdir=str(workdir), mesh=mesh, state=state, state_shardings=state_shardings, update=update,
+                    next_batch=next_batch, options=opts, data_iterator=data)
+  return result, data
+
+
+def _steps(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def _restored_w(workdir, step):
+  manager = ckpt.make_manager(str(workdir), async_save=False)
+  state, _ = ckpt.restore(manager, ckpt.single_device_abstract(manager, step), step=step)
+  manager.close()
+  return np.asarray(state["params"]["w"])
+
+
+def test_nonfinite_step_is_skipped_counted_and_never_checkpointed(tmp_path):
+  mesh = sharding.create_mesh({"data": 8})
+  clean, _ = toy_run(tmp_path / "clean", mesh, 6)
+  # A NaN in step 3 (0-based 2): skipped (parameters unchanged), counted, no checkpoint at step 4
+  # holds it; the run goes on and ends finite.
+  result, _ = toy_run(tmp_path / "nan", mesh, 6, nan_steps=(2,))
+  records = read_metrics(str(tmp_path / "nan" / "metrics.jsonl"))
+  assert [r["skipped"] for r in records] == [0, 0, 1, 0, 0, 0]
+  assert records[-1]["nonfinite_total"] == 1
+  assert not np.isfinite(records[2]["loss"])
+  for step in _steps(tmp_path / "nan"):
+    assert np.isfinite(_restored_w(tmp_path / "nan", step)).all()
+  # The skipped step left the parameters as they were after step 2.
+  np.testing.assert_array_equal(_restored_w(tmp_path / "nan", 2), _restored_w(tmp_path / "clean", 2))
+  assert np.isfinite(np.asarray(result.state["params"]["w"])).all()
+
+
+def test_nonfinite_streak_stops_with_the_last_good_checkpoint(tmp_path):
+  mesh = sharding.create_mesh({"data": 8})
+  with pytest.raises(FloatingPointError, match="3 training steps in a row.*last good checkpoint is step 2"):
+    toy_run(tmp_path, mesh, 10, nan_steps=(2, 3, 4, 5), max_nonfinite_steps=3)
+  assert _steps(tmp_path) == [2]
+
+
+def test_resume_on_another_mesh_and_device_count_equals_one_run(tmp_path):
+  """Written on 8 devices (data=8), resumed on 4 (fsdp=2 x tensor=2) and then 1: same result."""
+  straight, _ = toy_run(tmp_path / "straight", sharding.create_mesh({"data": 8}), 6)
+  toy_run(tmp_path / "moved", sharding.create_mesh({"data": 8}), 2)
+  toy_run(tmp_path / "moved", sharding.create_mesh({"fsdp": 2, "tensor": 2}, devices=jax.devices()[:4]), 4)
+  moved, data = toy_run(tmp_path / "moved", sharding.create_mesh({"data": 1}, devices=jax.devices()[:1]), 6)
+  assert data.position == 6
+  np.testing.assert_allclose(np.asarray(moved.state["params"]["w"]), np.asarray(straight.state["params"]["w"]),
+                             rtol=1e-6)
+
+
+def _corrupt(workdir, step, kind):
+  step_dir = os.path.join(workdir, "checkpoints", str(step))
+  if kind == "truncated_iterator_json":
+    path = os.path.join(step_dir, "data", "process_0-of-1.json")
+    with open(path) as f:
+      text = f.read()
+    with open(path, "w") as f:
+      f.write(text[:len(text) // 2])
+  elif kind == "missing_array_data":
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+      for name in files:
+        if "metadata" not in name and not name.startswith("_"):
+          os.remove(os.path.join(root, name))
+  else:
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated_iterator_json", "missing_array_data"])
+def test_corrupt_newest_checkpoint_falls_back_with_one_warning(tmp_path, kind, caplog):
+  mesh = sharding.create_mesh({"data": 8})
+  straight, _ = toy_run(tmp_path / "straight", mesh, 6)
+  toy_run(tmp_path / "run", mesh, 4)
+  _corrupt(tmp_path / "run", 4, kind)
+  with caplog.at_level(py_logging.WARNING):
+    result, data = toy_run(tmp_path / "run", mesh, 6)
+  warnings = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+  assert len(warnings) == 1 and "step 4" in warnings[0] and "resuming from step 2" in warnings[0], warnings
+  assert os.path.isdir(tmp_path / "run" / "checkpoints_corrupt" / "4")  # set aside, not deleted
+  assert _steps(tmp_path / "run")[-1] == 6 and data.position == 6
+  np.testing.assert_allclose(np.asarray(result.state["params"]["w"]), np.asarray(straight.state["params"]["w"]),
+                             rtol=1e-6)
+
+
+def test_no_restorable_checkpoint_is_one_clear_error(tmp_path):
+  mesh = sharding.create_mesh({"data": 8})
+  toy_run(tmp_path, mesh, 2)
+  _corrupt(tmp_path, 2, "missing_array_data")
+  with pytest.raises(Exception, match=r"no checkpoint in .* restores \(steps 2\)"):
+    toy_run(tmp_path, mesh, 4)
+
+
+def test_leftover_temporary_folders_are_removed(tmp_path):
+  mesh = sharding.create_mesh({"data": 8})
+  toy_run(tmp_path, mesh, 2)
+  leftover = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234567"
+  (leftover / "state").mkdir(parents=True)
+  (leftover / "state" / "partial").write_bytes(b"half a write")
+  result, _ = toy_run(tmp_path, mesh, 4)
+  assert result.step == 4 and not leftover.exists()
+  assert _steps(tmp_path) == [2, 4]
+
+
+def test_iterator_state_of_another_process_count_is_refused_clearly(tmp_path):
+  mesh = sharding.create_mesh({"data": 8})
+  toy_run(tmp_path, mesh, 2)
+  data_dir = tmp_path / "checkpoints" / "2" / "data"
+  os.rename(data_dir / "process_0-of-1.json", data_dir / "process_0-of-2.json")
+  (data_dir / "process_1-of-2.json").write_text('{"position": 2}')
+  with pytest.raises(Exception, match="input pipeline state of 2 processes; this run has 1"):
+    toy_run(tmp_path, mesh, 4)
