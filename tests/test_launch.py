@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from launch import local, results, sweep, tpu
+from launch import local, results, slurm, sweep, tpu
 from launch import run as launcher
 from launch.worker import PEER_LOST_EXIT_CODE, set_host_device_count, split_trainer_args
 
@@ -77,6 +77,14 @@ def test_slurm_dry_run_on_cpu_asks_for_tasks_not_gpus():
              for line in lines)
   assert f"export PYTHONPATH={REPO}" in [line.split(os.pathsep)[0] for line in lines]
   assert lines[-2].endswith("-m launch.worker --module=clip_jax.train --heartbeat-timeout=10 -- --workdir=w")
+
+
+def test_slurm_exit_status_of_a_finished_job():
+  assert slurm.exit_status("COMPLETED", "0:0") == 0
+  assert slurm.exit_status("FAILED", "1:0") == 1          # a task's own exit code
+  assert slurm.exit_status("CANCELLED", "0:15") == 128 + 15  # ended by SIGTERM
+  assert slurm.exit_status("TIMEOUT", None) == 1
+  assert set(slurm.FINAL_STATES) >= {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
 
 
 def test_tpu_dry_run_prints_setup_and_run_on_all_workers():

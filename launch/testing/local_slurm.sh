@@ -63,7 +63,11 @@ case "$action" in
       echo "local_slurm: a cluster is already running in $dir; stop it first" >&2
       exit 1
     fi
-    chmod 755 "$dir"   # munged wants its socket directory searchable by all and writable by its owner only
+    # munged wants every directory above its socket searchable by all (pytest's temporary folders are
+    # not), so the socket gets a folder of its own in /tmp.
+    socket_dir=$(mktemp -d /tmp/local_slurm_munge.XXXXXX)
+    chmod 755 "$socket_dir"
+    echo "$socket_dir" > "$dir/munge_socket_dir"
     mkdir -p "$dir/state" "$dir/spool"
     rm -f "$dir/munge.key"
     mungekey --create --keyfile="$dir/munge.key" --bits=1024
@@ -81,7 +85,7 @@ SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$dir/munge.socket
+AuthInfo=socket=$socket_dir/munge.socket
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -98,11 +102,14 @@ SelectTypeParameters=CR_CPU
 MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
+# jax.distributed's SLURM coordinator port is 61440 + job id % 4096: a random first id keeps two
+# clusters on one machine (two test sessions) off each other's ports.
+FirstJobId=$((1 + $(od -An -N2 -tu2 /dev/urandom)))
 KillWait=30
 $node State=UNKNOWN
 PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
-    munged --socket="$dir/munge.socket" --key-file="$dir/munge.key" --pid-file="$dir/munged.pid" \
+    munged --socket="$socket_dir/munge.socket" --key-file="$dir/munge.key" --pid-file="$dir/munged.pid" \
       --log-file="$dir/munged.log" --seed-file="$dir/munged.seed"
     wait_for_pidfile "$dir/munged.pid" munged "$dir/munged.log"
     export SLURM_CONF="$dir/slurm.conf"
@@ -127,6 +134,10 @@ CONF
     stop_pid "$dir/slurmd.pid"
     stop_pid "$dir/slurmctld.pid"
     stop_pid "$dir/munged.pid"
+    if [ -s "$dir/munge_socket_dir" ]; then
+      rm -rf "$(cat "$dir/munge_socket_dir")"
+      rm -f "$dir/munge_socket_dir"
+    fi
     ;;
   *)
     usage
