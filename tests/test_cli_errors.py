@@ -21,12 +21,14 @@ slow = pytest.mark.slow
 CASES = [
     # clip_jax.train: config typos and types are checked before absl parses them
     ("clip_jax.train", CLIP + ["--config.modle.name=ViT-Tiny"], ["config.modle.name", "did you mean config.model.name"]),
-    ("clip_jax.train", CLIP + ["--config.name=ViT-Tiny"], ["config.name", "did you mean config.model.name"]),
+    pytest.param("clip_jax.train", CLIP + ["--config.name=ViT-Tiny"], ["config.name", "did you mean config.model.name"],
+                 marks=slow),
     ("clip_jax.train", CLIP + ["--config.total_steps=abc"], ["config.total_steps", "takes an int", "'abc'"]),
-    ("clip_jax.train", CLIP + ["--config.progress_bar=maybe"], ["config.progress_bar", "takes a bool", "'maybe'"]),
+    pytest.param("clip_jax.train", CLIP + ["--config.progress_bar=maybe"], ["config.progress_bar", "takes a bool"],
+                 marks=slow),
     ("clip_jax.train", ["--config=configs/clip/digits.py"], ["--workdir"]),
     ("clip_jax.train", ["--config=configs/clip/nope.py", "--workdir={tmp}/w"], ["configs/clip/nope.py"]),
-    ("clip_jax.train", CLIP + ["--wrokdir=x"], ["wrokdir", "workdir"]),
+    pytest.param("clip_jax.train", CLIP + ["--wrokdir=x"], ["wrokdir", "workdir"], marks=slow),
     pytest.param("clip_jax.train", CLIP + ["--config.loss.kind=softmx"], ["'softmx'", "softmax"], marks=slow),
     pytest.param("clip_jax.train", CLIP + ["--config.model.name=ViT-Nope"], ["'ViT-Nope'", "ViT-Tiny"], marks=slow),
     pytest.param("clip_jax.train", CLIP + ["--config.data.source={tmp}/no_shards"], ["no_shards"], marks=slow),
@@ -40,27 +42,30 @@ CASES = [
                                                "--config.instance_dir={tmp}"], ["no_sd"], marks=slow),
     # clip_jax.evaluate
     ("clip_jax.evaluate", [], ["--checkpoint", "--workdir"]),
-    ("clip_jax.evaluate", ["--workdir", "{tmp}/no_run", "--tasks", "zeroshot:digits"], ["no_run"]),
+    pytest.param("clip_jax.evaluate", ["--workdir", "{tmp}/no_run", "--tasks", "zeroshot:digits"], ["no_run"],
+                 marks=slow),
     ("clip_jax.evaluate", ["--checkpoint", "x", "--tasks", "zeroshot:cifar11"], ["'cifar11'", "cifar10"]),
     # dreambooth_jax.sample
-    ("dreambooth_jax.sample", ["--prompt", "x"], ["--model", "--out"]),
+    pytest.param("dreambooth_jax.sample", ["--prompt", "x"], ["--model", "--out"], marks=slow),
     ("dreambooth_jax.sample", ["--model", "{tmp}/no_sd", "--prompt", "x", "--out", "{tmp}/o"], ["no_sd"]),
     ("dreambooth_jax.sample", ["--model", "x", "--prompt", "x", "--out", "x", "--sampler", "ddimm"], ["'ddimm'", "'ddim'"]),
     # launch
     ("launch.run", ["--mode", "nope", "--", "--config=x"], ["'nope'", "processes"]),
-    ("launch.run", ["--num-processes", "two"], ["--num-processes", "'two'"]),
+    pytest.param("launch.run", ["--num-processes", "two"], ["--num-processes", "'two'"], marks=slow),
     ("launch.sweep", ["{tmp}/no_sweep.py", "--root", "{tmp}/r"], ["no_sweep.py"]),
-    ("launch.sweep", ["configs/sweeps/digits_batch_size.py"], ["--root"]),
+    pytest.param("launch.sweep", ["configs/sweeps/digits_batch_size.py"], ["--root"], marks=slow),
     ("launch.results", ["{tmp}/no_runs"], ["no_runs"]),
     # data and DreamBooth tools
-    ("clip_jax.data.prepare", ["--output", "{tmp}/o"], ["--input"]),
+    pytest.param("clip_jax.data.prepare", ["--output", "{tmp}/o"], ["--input"], marks=slow),
     ("clip_jax.data.prepare", ["--input", "{tmp}/no_photos", "--output", "{tmp}/o"], ["no_photos"]),
-    ("dreambooth_jax.evaluate", ["--model", "x"], ["--instance-dir"]),
+    pytest.param("dreambooth_jax.evaluate", ["--model", "x"], ["--instance-dir"], marks=slow),
     ("dreambooth_jax.evaluate", ["--model", "{tmp}/no_sd", "--instance-dir", "{tmp}", "--class-noun", "dog",
                                  "--identifier", "sks", "--clip", "x", "--out", "{tmp}/o"], ["no_sd"]),
     ("dreambooth_jax.embedded.pretrain", ["--workdir", "{tmp}/w", "--vae_steps", "abc"], ["--vae_steps", "'abc'"]),
     ("dreambooth_jax.embedded.table3", ["--steps", "1"], ["--workdir"]),
     ("clip_jax.wise_ft", ["--zeroshot", "x"], ["--finetuned"]),
+    ("clip_jax.eval.prompt_ablation", ["configs/sweeps/digits_prompt_ensembling.py"], ["--workdir", "--out"]),
+    ("clip_jax.draw", ["--prompt", "a cat"], ["--checkpoint"]),
 ]
 
 
@@ -86,7 +91,7 @@ def test_user_mistake_is_one_line_with_exit_code_2(module, args, expected, tmp_p
   assert_one_line_error(run_cli(module, args, tmp_path), expected, tmp_path)
 
 
-@pytest.mark.parametrize("how", ["flag", "env"])
+@pytest.mark.parametrize("how", ["flag", pytest.param("env", marks=slow)])
 def test_debug_shows_the_traceback(how, tmp_path):
   args = ["--root", str(tmp_path / "r"), str(tmp_path / "no_sweep.py")]
   proc = run_cli("launch.sweep", ["--debug", *args] if how == "flag" else args, tmp_path,
