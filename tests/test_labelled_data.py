@@ -183,8 +183,12 @@ def test_cli_user_data_errors_are_one_line(args, message, capsys):
 def test_cli_act_on_a_directory_and_unknown_model_name(tiny_checkpoint, tmp_path, capsys):
   folder = tmp_path / "data"
   _png(folder / "a" / "0.png", np.random.default_rng(5))
-  assert cli.main(["--checkpoint", tiny_checkpoint, "--act", "gelu", "--tasks", f"zeroshot:d={folder}"]) == 1
+  assert cli.main(["--checkpoint", tiny_checkpoint, "--act", "gelu", "--tasks", f"zeroshot:d={folder}"]) == 2
   assert "--act applies to bare state-dict files" in capsys.readouterr().err
+  (tmp_path / "model.pt").write_bytes(b"")
+  assert cli.main(["--checkpoint", str(tmp_path / "model.pt"), "--model-name", "ViT-Q-99",
+                   "--tasks", f"zeroshot:d={folder}"]) == 2
+  assert "--model-name 'ViT-Q-99' is not a named architecture" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # five image/text passes: ~30-160 s on the shared 2-core box

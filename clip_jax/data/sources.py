@@ -92,7 +92,9 @@ class TfdsSource:
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-      raise UserError(f"TFDS has no dataset named {name!r};{did_you_mean(name, tfds.list_builders())} check the name against "
+      # Community datasets left out: listing them reads a GCS index (gcsfs/TensorFlow, and a network).
+      close = did_you_mean(name, tfds.list_builders(with_community_datasets=False))
+      raise UserError(f"TFDS has no dataset named {name!r};{close} check the name against "
                        "https://www.tensorflow.org/datasets/catalog, or pass a path to ArrayRecord shards.") from e
     features = builder.info.features
     self.image_key = image_key or _find_feature(features, tfds.features.Image)
