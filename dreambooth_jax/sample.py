@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreambooth_jax.sampling import pipeline as pipeline_lib
+from dreambooth_jax.sampling import schedulers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,9 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=30, metavar="N", help="sampling steps (model calls)")
   parser.add_argument("--guidance", type=float, default=7.5, metavar="G",
                       help="classifier-free guidance scale; 1 turns guidance off")
-  parser.add_argument("--sampler", default="dpm++2m", choices=["dpm++2m", "ddim", "euler_a", "ddpm"],
-                      help="dpm++2m: DPM-Solver++ 2M, good in 20-30 steps; ddim: deterministic; "
-                           "euler_a: Euler ancestral; ddpm: the slow original (~1000 steps)")
+  samplers = schedulers.SAMPLERS.values()
+  parser.add_argument("--sampler", default="dpm++2m", choices=[s.short_name for s in samplers],
+                      help="; ".join(f"{s.short_name}: {s.summary}" for s in samplers))
   parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
   parser.add_argument("--height", type=int, default=None,
                       help="image height in pixels, a multiple of 8 (default: the model's training size)")

@@ -23,12 +23,8 @@ RTOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 LATENT_SHAPE = (2, 4, 4, 3)  # [B, H, W, C]; the denoiser is layout-agnostic, so torch uses it too
 
-TORCH_SCHEDULERS = {
-    "ddim": diffusers.DDIMScheduler,
-    "ddpm": diffusers.DDPMScheduler,
-    "dpmsolver++": diffusers.DPMSolverMultistepScheduler,
-    "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
-}
+# Each sampler's record names the diffusers class it must equal.
+TORCH_SCHEDULERS = {kind: getattr(diffusers, sampler.diffusers_class) for kind, sampler in S.SAMPLERS.items()}
 
 
 def make_config(beta_schedule="scaled_linear", prediction_type="epsilon", spacing="leading", **extra):
@@ -71,7 +67,7 @@ def our_sigmas(kind, config, num_steps):
   if kind == "dpmsolver++":
     return S._dpm_timesteps_and_sigmas(schedule, num_steps)[1]
   plan = S.make_sampler_plan(kind, schedule, num_steps)
-  return np.concatenate([np.asarray(plan.coefs["sigma"]), [0.0]]).astype(np.float32)
+  return np.concatenate([np.asarray(plan.coefs["ve_sigma"]), [0.0]]).astype(np.float32)
 
 
 def torch_trajectory(kind, config, num_steps, latents, noise=None, eta=0.0, monkeypatch=None):
@@ -329,6 +325,162 @@ def test_full_ddpm_ancestral_chain(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# The zero-SNR end and other edges: finite everywhere, diffusers' values wherever diffusers' are finite
+# ------------------------------------------------------------------------------------------------
+RUNS = [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("euler_ancestral", 0.0), ("dpmsolver++", 0.0)]
+
+
+def grid_config(prediction_type, spacing, rescale, beta_schedule="scaled_linear"):
+  # steps_offset 1 with 'leading' would put timestep T at num_steps = T (refused, tested above).
+  return make_config(beta_schedule, prediction_type, spacing, rescale_betas_zero_snr=rescale,
+                     steps_offset=0 if spacing == "leading" else 1)
+
+
+def torch_one_steps(kind, config, latents, ours, noise=None, eta=0.0, monkeypatch=None):
+  """diffusers' step i taken from *our* latents before step i: [n, ...], what diffusers gives for each
+  step on the same input (NaN/inf where its arithmetic breaks, and only there)."""
+  sched = torch_scheduler(kind, config)
+  sched.set_timesteps(len(ours))
+  if kind in ("dpmsolver++", "euler_ancestral"):
+    sched.set_begin_index(0)
+  current = {}
+  if noise is not None and kind in ("ddpm", "euler_ancestral"):
+    module = scheduling_ddpm if kind == "ddpm" else scheduling_euler_ancestral_discrete
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: current["noise"].reshape(shape))
+  outputs = []
+  for i, t in enumerate(sched.timesteps):
+    x = torch.from_numpy(latents) * sched.init_noise_sigma if i == 0 else torch.from_numpy(np.array(ours[i - 1]))
+    out = denoise_torch(sched.scale_model_input(x, t), t)
+    kwargs = {}
+    if noise is not None:
+      current["noise"] = torch.from_numpy(noise[i])
+      if kind == "ddim":
+        kwargs = dict(eta=eta, variance_noise=current["noise"])
+    with np.errstate(all="ignore"):
+      outputs.append(sched.step(out, t, x, **kwargs).prev_sample.numpy().copy())
+  return np.stack(outputs)
+
+
+def assert_equal_where_finite(ours, theirs, rtol):
+  """Ours finite at every step; equal to diffusers' (relative to the step's scale) at every step where
+  diffusers' output is finite. Returns the number of steps where diffusers' is not."""
+  assert np.isfinite(ours).all(), "non-finite latents"
+  broken = 0
+  for step, (a, e) in enumerate(zip(ours, theirs)):
+    if not np.isfinite(e).all():
+      broken += 1
+      continue
+    err = np.abs(a - e).max() / np.abs(e).max()
+    assert err <= rtol, f"step {step}: relative error {err:.2e} > {rtol:.0e}"
+  return broken
+
+
+def test_ddim_eta1_zero_snr_v_trailing_is_finite_and_diffusers_elsewhere(monkeypatch):
+  """Issue 12.4: SD1 betas rescaled to zero terminal SNR, v-prediction, trailing, 10 DDIM steps at
+  eta = 1. At the first step (alpha_bar_t = 0) 1 - alpha_bar_prev - sigma^2 = 0 rounds below 0 and
+  diffusers' sqrt gives NaN, which then fills every later step."""
+  config = grid_config("v_prediction", "trailing", rescale=True)
+  latents, noise = random_inputs(10, seed=4)
+  expected = torch_trajectory("ddim", config, 10, latents, noise, eta=1.0, monkeypatch=monkeypatch)
+  assert np.isnan(expected).all()  # diffusers' own result: every output NaN
+  plan = S.make_sampler_plan("ddim", S.NoiseSchedule.from_config(config), 10, eta=1.0)
+  assert float(plan.coefs["alpha"][0]) == 0 and float(plan.coefs["direction"][0]) == 0  # exactly, not NaN
+  ours = jax_trajectory("ddim", config, 10, latents, noise, eta=1.0)
+  # Step 0 in closed form: x0 = -v (alpha = 0, sigma = 1), eps unused, the posterior's noise.
+  alpha_bar_prev = float(plan.coefs["sqrt_alpha_prev"][0]) ** 2
+  v = np.asarray(denoise_jax(jnp.asarray(latents), jnp.float32(plan.timesteps[0])))
+  np.testing.assert_allclose(ours[0], np.sqrt(alpha_bar_prev) * -v + np.sqrt(1 - alpha_bar_prev) * noise[0],
+                             rtol=1e-5, atol=1e-6)
+  theirs = torch_one_steps("ddim", config, latents, ours, noise, eta=1.0, monkeypatch=monkeypatch)
+  assert assert_equal_where_finite(ours, theirs, RTOL) == 1  # only step 0 breaks in diffusers
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
+def test_plan_coefficients_finite_for_every_step_count(beta_schedule):
+  """Host side: every coefficient of every sampler finite, for step counts 1..60 and up to T, every
+  spacing, with and without the zero-SNR rescale (DDIM at eta 0 and 1)."""
+  counts = list(range(1, 61)) + [64, 100, 128, 250, 333, 500, 999, 1000]
+  for (kind, eta), spacing, rescale in itertools.product(RUNS, ["leading", "trailing", "linspace"], [True, False]):
+    schedule = S.NoiseSchedule.from_config(grid_config("v_prediction", spacing, rescale, beta_schedule))
+    for n in counts:
+      plan = S.make_sampler_plan(kind, schedule, n, eta)
+      for name, value in plan.coefs.items():
+        assert np.isfinite(np.asarray(value)).all(), (kind, eta, spacing, rescale, n, name)
+      assert np.isfinite(float(plan.init_noise_sigma))
+
+
+def test_prediction_conversion_is_finite_at_the_ends():
+  x = jnp.asarray([0.5, -2.0])
+  out = jnp.asarray([1.5, 0.25])
+  for prediction_type in ("epsilon", "sample", "v_prediction"):
+    for alpha, sigma in ((0.0, 1.0), (1.0, 0.0), (0.6, 0.8)):
+      x0, eps = S.predict_x0_and_eps(prediction_type, x, out, jnp.float32(alpha), jnp.float32(sigma))
+      assert np.isfinite(np.asarray(x0)).all() and np.isfinite(np.asarray(eps)).all(), (prediction_type, alpha)
+  # Inside (0, 1) the definitions: x = alpha x0 + sigma eps, v = alpha eps - sigma x0.
+  x0, eps = S.predict_x0_and_eps("v_prediction", x, out, jnp.float32(0.6), jnp.float32(0.8))
+  np.testing.assert_allclose(0.6 * x0 + 0.8 * eps, x, rtol=1e-6)
+  np.testing.assert_allclose(0.6 * eps - 0.8 * x0, out, rtol=1e-6)
+  x0, eps = S.predict_x0_and_eps("epsilon", x, out, jnp.float32(0.0), jnp.float32(1.0))
+  np.testing.assert_allclose(x0, (x - out) / 2.0 ** -12)  # alpha_bar = 2^-24 stands in for 0
+
+
+def test_min_snr_weight_at_zero_terminal_snr():
+  schedule = S.NoiseSchedule.from_config(make_config(rescale_betas_zero_snr=True))
+  t = jnp.asarray([0, 500, 999])
+  assert float(S.snr(schedule, t)[-1]) == 0
+  for prediction_type in ("epsilon", "v_prediction", "sample"):
+    weights = np.asarray(S.min_snr_loss_weight(schedule.replace(prediction_type=prediction_type), t, 5.0))
+    assert np.isfinite(weights).all(), prediction_type
+  # epsilon: min(SNR, gamma) / SNR -> 1 as SNR -> 0; elsewhere the plain formula.
+  weights = np.asarray(S.min_snr_loss_weight(schedule, t, 5.0))
+  ratio = np.asarray(S.snr(schedule, t[:2]))
+  np.testing.assert_allclose(weights, np.append(np.minimum(ratio, 5.0) / ratio, 1.0), rtol=1e-6)
+
+
+def _grid_trajectories(kind, eta, prediction_type, num_steps, latents, noise, configs):
+  """Our trajectories for several configs of one shape, one compile (plans stacked and vmapped)."""
+  plans = [S.make_sampler_plan(kind, S.NoiseSchedule.from_config(c), num_steps, eta) for c in configs]
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *plans)
+  run = jax.vmap(lambda plan: S.run_sampler(plan, denoise_jax, jnp.asarray(latents), noise=noise,
+                                            return_trajectory=True)[1])
+  return np.asarray(jax.jit(run)(stacked))
+
+
+def _check_grid(num_steps, monkeypatch, compare):
+  configs = [grid_config(p, s, r) for p in ("epsilon", "v_prediction")
+             for s in ("leading", "trailing", "linspace") for r in (True, False)]
+  latents, noise = random_inputs(num_steps, seed=5)
+  broken = 0
+  for kind, eta in RUNS:
+    stochastic = kind in ("ddpm", "euler_ancestral") or eta > 0
+    step_noise = jnp.asarray(noise) if stochastic else None
+    for prediction_type in ("epsilon", "v_prediction"):
+      group = [c for c in configs if c["prediction_type"] == prediction_type]
+      trajectories = _grid_trajectories(kind, eta, prediction_type, num_steps, latents, step_noise, group)
+      for config, ours in zip(group, trajectories):
+        where = (kind, eta, num_steps, config["timestep_spacing"], config["rescale_betas_zero_snr"],
+                 prediction_type)
+        assert np.isfinite(ours).all(), where
+        if compare:
+          theirs = torch_one_steps(kind, config, latents, ours, noise if stochastic else None, eta, monkeypatch)
+          broken += assert_equal_where_finite(ours, theirs, trajectory_rtol(kind, config, num_steps))
+  return broken
+
+
+def test_grid_finite_and_equal_to_diffusers_where_it_is_finite(monkeypatch):
+  """Samplers x {epsilon, v} x spacings x {zero-SNR rescale, plain} at 10 steps: ours finite, diffusers'
+  one-step results equal wherever finite. diffusers breaks at the zero-SNR end: DDIM/DDPM with
+  epsilon divide by sqrt(alpha_bar) = 0, DDIM at eta = 1 takes the root of a rounded-negative number."""
+  assert _check_grid(10, monkeypatch, compare=True) > 0  # the grid reaches diffusers' failures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 7, 25, 50, 333, 1000])
+def test_grid_finite_at_other_step_counts(num_steps, monkeypatch):
+  _check_grid(num_steps, monkeypatch, compare=num_steps <= 50)
+
+
+# ------------------------------------------------------------------------------------------------
 # Guidance, jit, rng and errors
 # ------------------------------------------------------------------------------------------------
 def test_guided_denoise_fn_one_batched_call():
@@ -404,7 +556,7 @@ def test_bad_config_errors(config, match):
 def test_bad_sampling_arguments():
   schedule = S.NoiseSchedule.from_config(make_config())
   latents = jnp.zeros(LATENT_SHAPE)
-  with pytest.raises(ValueError, match="sampler 'plms' is unknown"):
+  with pytest.raises(ValueError, match="unknown sampler 'plms'"):
     S.sample("plms", schedule, denoise_jax, latents, 10)
   with pytest.raises(ValueError, match="num_steps=0"):
     S.sample("ddim", schedule, denoise_jax, latents, 0)

@@ -3,6 +3,7 @@
 One tiny diffusers StableDiffusionPipeline with random weights (UNet/VAE of two resolutions,
 a 3-layer 32-wide CLIPTextModel over CLIP's real BPE vocabulary) is the reference throughout.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -311,6 +312,29 @@ def test_generate_dpm_solver_on_a_mesh_equals_diffusers(torch_pipe, ours, initia
                                  guidance_scale=4.0, sampler="dpm++2m", output_type="float",
                                  latents=initial_latents.transpose(0, 2, 3, 1), mesh=mesh)
   np.testing.assert_allclose(images, reference, atol=1e-4, rtol=0)
+
+
+def test_generate_at_zero_terminal_snr_is_finite(torch_pipe, ours, initial_latents):
+  """Issue 12.4 through `generate`: SD1 betas rescaled to zero terminal SNR, v-prediction, trailing
+  spacing, DDIM at eta = 1, 10 steps. diffusers' own pipeline gives NaN images here (shown); ours
+  are finite (the scheduler-level equality where diffusers is finite: tests/test_schedulers.py)."""
+  _, pipe = torch_pipe
+  config = dict(ours.scheduler_config, rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                timestep_spacing="trailing")
+  reference = diffusers.StableDiffusionPipeline(
+      **{**pipe.components, "scheduler": diffusers.DDIMScheduler.from_config(config)})
+  reference.set_progress_bar_config(disable=True)
+  with torch.no_grad():
+    theirs = reference(prompt=PROMPTS, num_inference_steps=10, guidance_scale=1.0, eta=1.0,
+                       latents=torch.from_numpy(initial_latents), output_type="np",
+                       generator=torch.Generator().manual_seed(0)).images
+  assert np.isnan(theirs).all()
+  zero_snr = dataclasses.replace(ours, scheduler_config=config)
+  images = pipeline_lib.generate(zero_snr, ours.params, PROMPTS, num_steps=10, guidance_scale=1.0,
+                                 sampler="ddim", eta=1.0, output_type="float", rng=jax.random.key(0),
+                                 latents=initial_latents.transpose(0, 2, 3, 1))
+  assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+  assert float(np.std(images)) > 0.01
 
 
 def test_sample_cli_help_and_bad_input(torch_pipe, tmp_path, capsys):

@@ -6,15 +6,20 @@ so a v-prediction checkpoint trains on the v target and samples with the v conve
 
 Two halves:
   * training: `add_noise`, `training_target`, `snr`, `min_snr_loss_weight`, `offset_noise`;
-  * sampling: `sample(kind, schedule, denoise_fn, latents_init, num_steps, rng)` for
-    kind in `SAMPLERS` ('ddim', 'dpmsolver++', 'euler_ancestral', 'ddpm'), the loop a `lax.scan`.
+  * sampling: `sample(kind, schedule, denoise_fn, latents_init, num_steps, rng)` for a sampler in
+    `SAMPLERS` (DDIM, DDPM, Euler ancestral, DPM-Solver++ 2M), the loop a `lax.scan`.
 
+Each sampler is one `Sampler` record (names, diffusers class, config keys, defaults, its host-side
+coefficients and its step), with its formulas narrated against its paper beside its functions.
 Sampling is split into a host-side plan (`make_sampler_plan`: timesteps and per-step scalar
 coefficients, computed in numpy with the same float32/float64 casts as diffusers) and a pure,
-jittable loop (`run_sampler`) that takes the plan as a pytree. The arithmetic mirrors diffusers'
+jittable loop (`run_sampler`) that takes the plan as a pytree; the model output is converted by
+prediction type in one function, `predict_x0_and_eps`. The arithmetic mirrors diffusers'
 schedulers term by term, so trajectories agree with `diffusers` to float32 rounding (tested in
 tests/test_schedulers.py), quirks included: e.g. diffusers' DDIM always steps back by
-`num_train_timesteps // num_steps`, whatever the spacing.
+`num_train_timesteps // num_steps`, whatever the spacing. Where diffusers' arithmetic breaks at the
+zero-SNR end (square roots of differences rounding below 0, divisions by alpha_bar = 0, repeated
+DPM-Solver lambdas) ours stays finite and equal to it everywhere else (tested over a grid).
 
 Config keys that a scheduler class does not set fall back to that class's diffusers default
 (`timestep_spacing` is 'leading' for DDIM/DDPM but 'linspace' for DPM-Solver/Euler), so
@@ -23,9 +28,7 @@ Config keys that a scheduler class does not set fall back to that class's diffus
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any, Callable, Mapping
 
 import flax.struct
@@ -33,15 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SAMPLERS = ("ddim", "dpmsolver++", "euler_ancestral", "ddpm")
+from clip_jax.cli import UserError, did_you_mean
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
-
-# The spacing each diffusers scheduler class uses when the config names none.
-_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "dpmsolver++": "linspace",
-                    "euler_ancestral": "linspace"}
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -151,17 +151,6 @@ class NoiseSchedule:
         euler_at_final=bool(get("euler_at_final", False)), final_sigmas_type=final_sigmas_type,
         use_karras_sigmas=bool(get("use_karras_sigmas", False)))
 
-  @classmethod
-  def from_json(cls, path: str) -> "NoiseSchedule":
-    """Reads `scheduler_config.json`, or `<model dir>/scheduler/scheduler_config.json`."""
-    if os.path.isdir(path):
-      path = os.path.join(path, "scheduler", "scheduler_config.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no such scheduler config (expected a diffusers "
-                              "scheduler_config.json or a model directory holding scheduler/).")
-    with open(path) as f:
-      return cls.from_config(json.load(f))
-
   def replace(self, **changes) -> "NoiseSchedule":
     """A copy with some options changed, e.g. `schedule.replace(timestep_spacing='trailing')`."""
     if "prediction_type" in changes:
@@ -222,14 +211,6 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
   return (np.float32(1.0) - alphas).astype(np.float32)
 
 
-def _sigma_table(schedule: NoiseSchedule) -> np.ndarray:
-  """sqrt((1 - alpha_bar) / alpha_bar) per training timestep, float32, as the sigma samplers see it."""
-  alphas_cumprod = np.array(schedule.alphas_cumprod)
-  if schedule.rescale_betas_zero_snr:
-    alphas_cumprod[-1] = 2.0 ** -24  # diffusers' stand-in for alpha_bar = 0 (infinite sigma)
-  return np.sqrt((np.float32(1.0) - alphas_cumprod) / alphas_cumprod)
-
-
 # ------------------------------------------------------------------------------------------------
 # Training side
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +257,8 @@ def min_snr_loss_weight(schedule: NoiseSchedule, t: jax.Array, gamma: float = 5.
   ratio = snr(schedule, t)
   clipped = jnp.minimum(ratio, gamma)
   if schedule.prediction_type == "epsilon":
-    return clipped / ratio
+    # min(SNR, gamma) / SNR, written so that SNR = 0 (zero terminal SNR) gives its limit 1, not 0/0.
+    return jnp.where(ratio > gamma, gamma / ratio, 1.0)
   if schedule.prediction_type == "v_prediction":
     return clipped / (ratio + 1.0)
   return clipped
@@ -299,15 +281,9 @@ def offset_noise(rng: jax.Array, shape, strength: float = 0.1, channel_axis: int
 
 
 # ------------------------------------------------------------------------------------------------
-# Inference timesteps
+# Inference timesteps: the spacing rules the samplers share
 # ------------------------------------------------------------------------------------------------
-def _spacing(kind: str, schedule: NoiseSchedule) -> str:
-  return schedule.timestep_spacing or _DEFAULT_SPACING[kind]
-
-
-def _check_num_steps(kind: str, schedule: NoiseSchedule, num_steps) -> int:
-  if kind not in SAMPLERS:
-    raise ValueError(f"sampler {kind!r} is unknown: choose one of {', '.join(map(repr, SAMPLERS))}.")
+def _check_num_steps(schedule: NoiseSchedule, num_steps) -> int:
   if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= schedule.num_train_timesteps:
     raise ValueError(f"num_steps={num_steps!r}: must be an integer in [1, "
                      f"{schedule.num_train_timesteps}] (the number of training timesteps).")
@@ -315,7 +291,7 @@ def _check_num_steps(kind: str, schedule: NoiseSchedule, num_steps) -> int:
 
 
 def _discrete_timesteps(spacing: str, num_train: int, num_steps: int, steps_offset: int) -> np.ndarray:
-  """DDIM/DDPM/Euler spacing, integral values as floats (Euler's own 'linspace' is elsewhere)."""
+  """'linspace' / 'leading' / 'trailing' spacing (Lin et al. 2024, Table 2), integral values as floats."""
   if spacing == "linspace":
     return np.linspace(0, num_train - 1, num_steps).round()[::-1]
   if spacing == "leading":  # multiples of the stride counted up from 0, then shifted
@@ -323,32 +299,214 @@ def _discrete_timesteps(spacing: str, num_train: int, num_steps: int, steps_offs
   return np.round(np.arange(num_train, 0, -num_train / num_steps)) - 1  # trailing: down from T-1
 
 
-def inference_timesteps(kind: str, schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
-  """The timesteps the sampler evaluates the model at, in order (equal to diffusers' `timesteps`).
+def _integer_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str) -> np.ndarray:
+  return _discrete_timesteps(spacing, schedule.num_train_timesteps, num_steps,
+                             schedule.steps_offset).astype(np.int64)
 
-  int64 for every sampler except Euler ancestral, whose diffusers timesteps are float32.
+
+def _sigma_to_timestep(sigmas: np.ndarray, log_sigma_table: np.ndarray) -> np.ndarray:
+  """Fractional timestep whose sigma is `sigma`, interpolating linearly in log sigma."""
+  log_sigmas = np.log(np.maximum(sigmas, 1e-10))
+  # Index of the last table entry at or below each log sigma, kept one short of the end.
+  low = np.searchsorted(log_sigma_table, log_sigmas, side="right") - 1
+  low = np.clip(low, 0, len(log_sigma_table) - 2)
+  log_low, log_high = log_sigma_table[low], log_sigma_table[low + 1]
+  w = np.clip((log_low - log_sigmas) / (log_low - log_high), 0, 1)
+  return (1 - w) * low + w * (low + 1)
+
+
+def _sqrt0(x: np.ndarray) -> np.ndarray:
+  """sqrt of a difference that is >= 0 in exact arithmetic but can round a hair below 0 in float32
+  (at the zero-SNR end: 1 - alpha_bar_prev - sigma^2 with sigma^2 = 1 - alpha_bar_prev). diffusers
+  takes the plain root there and gets NaN; where the argument is >= 0 this is the same value."""
+  return np.sqrt(np.maximum(x, np.float32(0.0)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The model output, converted by prediction type: the one place every sampler goes through
+# ------------------------------------------------------------------------------------------------
+# Where alpha_bar_t = 0 (zero terminal SNR), an epsilon model says nothing about x0 and x0 =
+# (x - sigma * eps) / sqrt(alpha_bar) divides by zero (diffusers' DDIM and DDPM give inf/NaN). The
+# division then uses alpha_bar = 2^-24 instead, the value diffusers' Euler and DPM-Solver already put
+# at the end of their sigma tables, so the result is finite and unchanged wherever alpha_bar > 0.
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
+
+
+def _nonzero(scale: jax.Array) -> jax.Array:
+  return jnp.where(scale > 0, scale, np.float32(ZERO_SNR_ALPHA_BAR ** 0.5))
+
+
+def predict_x0_and_eps(prediction_type: str, x: jax.Array, out: jax.Array, alpha, sigma):
+  """(x0, eps): the clean sample and the noise that the model output `out` implies at x.
+
+  x = alpha * x0 + sigma * eps is the variance-preserving noisy sample (alpha = sqrt(alpha_bar_t),
+  sigma = sqrt(1 - alpha_bar_t), scalars or broadcastable); `out` is eps ('epsilon', Ho et al.
+  2020), x0 ('sample') or v = alpha * eps - sigma * x0 ('v_prediction', Salimans & Ho 2022, Sec. 4),
+  so x0 = alpha * x - sigma * v and eps = alpha * v + sigma * x. The term order is diffusers', so
+  the float32 results are its. Zero alpha (or sigma) in a division: see ZERO_SNR_ALPHA_BAR.
   """
-  num_steps = _check_num_steps(kind, schedule, num_steps)
-  spacing, num_train, offset = _spacing(kind, schedule), schedule.num_train_timesteps, schedule.steps_offset
-  if kind == "dpmsolver++":
-    timesteps = _dpm_timesteps_and_sigmas(schedule, num_steps)[0]
-  elif kind == "euler_ancestral":
-    if spacing == "linspace":  # float32 linspace here, as in diffusers
-      timesteps = np.linspace(0, num_train - 1, num_steps, dtype=np.float32)[::-1].copy()
-    else:
-      timesteps = _discrete_timesteps(spacing, num_train, num_steps, offset).astype(np.float32)
-  else:
-    timesteps = _discrete_timesteps(spacing, num_train, num_steps, offset).astype(np.int64)
-  if timesteps.max() >= num_train or timesteps.min() < 0:
-    raise ValueError(f"steps_offset={offset} with {num_steps} '{spacing}' steps puts a timestep outside "
-                     f"[0, {num_train}): lower steps_offset or num_steps.")
-  return timesteps
+  if prediction_type == "epsilon":
+    return (x - sigma * out) / _nonzero(alpha), out
+  if prediction_type == "sample":
+    return out, (x - alpha * out) / _nonzero(sigma)
+  return alpha * x - sigma * out, alpha * out + sigma * x
 
 
-def _dpm_timesteps_and_sigmas(schedule: NoiseSchedule, num_steps: int):
+def _vp_coefs(alpha_bar: np.ndarray) -> dict:
+  """What the loop needs to call the model and convert its output at alpha_bar_t [n]: the sample is
+  x itself (input_divisor 1) and x = alpha * x0 + sigma * eps."""
+  return dict(alpha=np.sqrt(alpha_bar), sigma=np.sqrt(np.float32(1.0) - alpha_bar),
+              input_divisor=np.ones_like(alpha_bar))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampler plans: timesteps and per-step scalar coefficients, computed on the host in float32
+# ------------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class SamplerPlan:
+  """Everything a sampler loop needs besides the model: a pytree of [num_steps] tables.
+
+  Every plan has the coefficients `alpha`, `sigma` (the model output's conversion, see
+  `predict_x0_and_eps`) and `input_divisor` (model input = x / input_divisor), plus its sampler's own.
+  Passing a plan through `jax.jit` as an argument means schedules of one shape share a compile.
+  """
+  timesteps: jax.Array  # [n] float32, what denoise_fn sees as t
+  coefs: dict  # name -> [n] float32
+  init_noise_sigma: jax.Array  # [] float32
+  kind: str = flax.struct.field(pytree_node=False)  # the Sampler's name
+  prediction_type: str = flax.struct.field(pytree_node=False)
+  clip_range: float | None = flax.struct.field(pytree_node=False)  # clamp x0 to +-this, or None
+  stochastic: bool = flax.struct.field(pytree_node=False)  # needs per-step noise
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.timesteps.shape[0])
+
+
+# Each sampler below: its formulas against its paper, then the host-side coefficients
+# (schedule, timesteps, spacing, eta) -> (coefs, init_noise_sigma) and the device-side step
+# (coefs of this step, x, x0, eps, history, noise) -> (x_prev, history). alpha_bar is written `ab`.
+
+# ------------------------------------------------------------------------------------------------
+# DDIM: Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", eq. 12 and 16
+# ------------------------------------------------------------------------------------------------
+#   x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - s^2) eps + s z,
+#   s^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)   (eta = 1: the DDPM posterior's)
+# As diffusers' DDIMScheduler: prev = t - T // n whatever the spacing (so 'trailing' with T % n != 0
+# ends at ab[0], not 1; kept for exact equality); after t = 0 the previous ab is 1 (set_alpha_to_one)
+# or ab[0]; x0 is clipped with clip_sample, eps stays the unclipped one.
+def _ddim_coefficients(schedule: NoiseSchedule, timesteps: np.ndarray, spacing: str, eta: float):
+  ac = schedule.alphas_cumprod
+  prev = timesteps - schedule.num_train_timesteps // len(timesteps)
+  final_alpha_bar = np.float32(1.0) if schedule.set_alpha_to_one else ac[0]
+  alpha_t = ac[timesteps]
+  alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final_alpha_bar)
+  beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
+  variance = np.maximum((beta_prev / beta_t) * (1 - alpha_t / alpha_prev), np.float32(0.0))
+  std = np.float32(eta) * np.sqrt(variance)
+  return dict(_vp_coefs(alpha_t), sqrt_alpha_prev=np.sqrt(alpha_prev),
+              direction=_sqrt0(1 - alpha_prev - std ** 2), noise_std=std), np.float32(1.0)
+
+
+def _ddim_step(c, x, x0, eps, history, noise):
+  x_prev = c["sqrt_alpha_prev"] * x0 + c["direction"] * eps
+  if noise is not None:  # eta > 0
+    x_prev = x_prev + c["noise_std"] * noise
+  return x_prev, history
+
+
+# ------------------------------------------------------------------------------------------------
+# DDPM: Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", eq. 6-7 (ancestral)
+# ------------------------------------------------------------------------------------------------
+#   x_prev = sqrt(ab_prev) b / (1 - ab_t) x0 + sqrt(a) (1 - ab_prev) / (1 - ab_t) x_t + s z,
+# the posterior q(x_prev | x_t, x0) of the (strided) step with a = ab_t / ab_prev, b = 1 - a;
+# s^2 = (1 - ab_prev) / (1 - ab_t) b ('fixed_small', floored at 1e-20; 'fixed_small_log' the same
+# through exp(log)) or b ('fixed_large'); no noise into t = 0. As diffusers' DDPMScheduler: prev is
+# the next timestep in the list (-1 after the last, ab = 1); x0 clipped with clip_sample.
+def _ddpm_coefficients(schedule: NoiseSchedule, timesteps: np.ndarray, spacing: str, eta: float):
+  ac = schedule.alphas_cumprod
+  prev = np.concatenate([timesteps[1:], [-1]])
+  alpha_t = ac[timesteps]
+  alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], np.float32(1.0))
+  beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
+  step_alpha = alpha_t / alpha_prev
+  step_beta = 1 - step_alpha
+  variance = np.maximum(beta_prev / beta_t * step_beta, np.float32(1e-20))
+  if schedule.variance_type == "fixed_small":
+    std = np.sqrt(variance)
+  elif schedule.variance_type == "fixed_small_log":
+    std = np.exp(np.float32(0.5) * np.log(variance))
+  else:  # fixed_large: the forward step's variance
+    std = _sqrt0(step_beta)
+  std = np.where(timesteps > 0, std, np.float32(0.0))
+  return dict(_vp_coefs(alpha_t), x0_coef=np.sqrt(alpha_prev) * step_beta / beta_t,
+              xt_coef=_sqrt0(step_alpha) * beta_prev / beta_t, noise_std=std), np.float32(1.0)
+
+
+def _ddpm_step(c, x, x0, eps, history, noise):
+  return c["x0_coef"] * x0 + c["xt_coef"] * x + c["noise_std"] * noise, history
+
+
+# ------------------------------------------------------------------------------------------------
+# Euler ancestral: Karras et al. 2022 ("Elucidating the Design Space...", Alg. 1's Euler step) with
+# k-diffusion's ancestral noise (Crowson), as diffusers' EulerAncestralDiscreteScheduler
+# ------------------------------------------------------------------------------------------------
+# In the variance-exploding form x = x0 + sigma eps, sigma = sqrt((1 - ab) / ab) (interpolated at
+# fractional timesteps; ab = 0 is ZERO_SNR_ALPHA_BAR there, as diffusers). The model sees
+# x / sqrt(sigma^2 + 1), the variance-preserving sample. The step to sigma_to splits into a
+# deterministic part down to sigma_down and fresh noise sigma_up, sigma_down^2 + sigma_up^2 = sigma_to^2:
+#   sigma_up = sqrt(sigma_to^2 (sigma^2 - sigma_to^2) / sigma^2), sigma_down = sqrt(sigma_to^2 - sigma_up^2),
+#   d = (x - x0) / sigma,   x_next = x + d (sigma_down - sigma) + sigma_up z.
+def _sigma_table(schedule: NoiseSchedule) -> np.ndarray:
+  """sqrt((1 - ab) / ab) per training timestep, float32, as the sigma samplers see it."""
+  alphas_cumprod = np.where(schedule.alphas_cumprod > 0, schedule.alphas_cumprod,
+                            np.float32(ZERO_SNR_ALPHA_BAR))  # zero-SNR's last ab (diffusers' stand-in)
+  return np.sqrt((np.float32(1.0) - alphas_cumprod) / alphas_cumprod)
+
+
+def _euler_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str) -> np.ndarray:
+  num_train = schedule.num_train_timesteps
+  if spacing == "linspace":  # float32 linspace here, as in diffusers
+    return np.linspace(0, num_train - 1, num_steps, dtype=np.float32)[::-1].copy()
+  return _discrete_timesteps(spacing, num_train, num_steps, schedule.steps_offset).astype(np.float32)
+
+
+def _euler_ancestral_coefficients(schedule: NoiseSchedule, timesteps: np.ndarray, spacing: str, eta: float):
+  sigmas = np.interp(timesteps, np.arange(schedule.num_train_timesteps), _sigma_table(schedule))
+  sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # [n + 1]
+  init_sigma = sigmas.max() if spacing in ("linspace", "trailing") else np.sqrt(sigmas.max() ** 2 + 1)
+  sigma, sigma_to = sigmas[:-1], sigmas[1:]
+  sigma_up = _sqrt0(sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2)
+  sigma_down = _sqrt0(sigma_to ** 2 - sigma_up ** 2)
+  input_divisor = np.sqrt(sigma ** 2 + 1)
+  # alpha = 1 / sqrt(sigma^2 + 1) and sigma / sqrt(sigma^2 + 1): the model input's VP coefficients.
+  coefs = dict(alpha=np.float32(1.0) / input_divisor, sigma=sigma / input_divisor,
+               input_divisor=input_divisor, ve_sigma=sigma, dt=sigma_down - sigma, noise_std=sigma_up)
+  return coefs, init_sigma
+
+
+def _euler_ancestral_step(c, x, x0, eps, history, noise):
+  derivative = (x - x0) / c["ve_sigma"]
+  return x + derivative * c["dt"] + noise * c["noise_std"], history
+
+
+# ------------------------------------------------------------------------------------------------
+# DPM-Solver++(2M): Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+# Probabilistic Models", Alg. 2 (multistep, second order), as diffusers' DPMSolverMultistepScheduler
+# ------------------------------------------------------------------------------------------------
+# With alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t (sigma the VE sigma above, or
+# Karras et al.'s rho = 7 ramp with use_karras_sigmas) and lambda = log(alpha_t / sigma_t):
+#   h = lambda_t - lambda_s,  D0 = x0_s,  D1 = (x0_s - x0_prev) / r,  r = (lambda_s - lambda_prev) / h,
+#   x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D0 - c1 D1,
+#   c1 = alpha_t (e^-h - 1) / 2 ('midpoint') or alpha_t ((e^-h - 1) / h + 1) ('heun').
+# The first step has no history and the last falls back to first order (lower_order_final,
+# euler_at_final, final sigma 0), as diffusers. A step whose r is 0 or h is 0 (repeated timesteps:
+# Karras sigmas on the cosine schedule, 'leading' with n near T) would divide by zero in D1; it is
+# taken first order instead (diffusers gives inf/NaN there).
+def _dpm_timesteps_and_sigmas(schedule: NoiseSchedule, num_steps: int, spacing: str | None = None):
   """DPM-Solver's timesteps (its own spacing rules) and its num_steps + 1 sigmas, float32."""
   num_train, offset = schedule.num_train_timesteps, schedule.steps_offset
-  spacing = _spacing("dpmsolver++", schedule)
+  spacing = spacing or schedule.timestep_spacing or SAMPLERS["dpmsolver++"].default_spacing
   # DPM-Solver spaces num_steps + 1 points and drops the last (t=0), except 'trailing'.
   if spacing == "linspace":
     timesteps = np.linspace(0, num_train - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
@@ -359,7 +517,7 @@ def _dpm_timesteps_and_sigmas(schedule: NoiseSchedule, num_steps: int):
     timesteps = np.arange(num_train, 0, -num_train / num_steps).round().astype(np.int64) - 1
   sigma_table = _sigma_table(schedule)  # [T] float32, increasing with t
   if schedule.use_karras_sigmas:
-    # Karras et al. 2022: sigma^(1/7) evenly spaced between sigma_max and sigma_min.
+    # Karras et al. 2022, eq. 5: sigma^(1/7) evenly spaced between sigma_max and sigma_min.
     rho = 7.0
     sigma_min, sigma_max = float(sigma_table[0]), float(sigma_table[-1])
     ramp = np.linspace(0, 1, num_steps)
@@ -378,104 +536,13 @@ def _dpm_timesteps_and_sigmas(schedule: NoiseSchedule, num_steps: int):
   return timesteps, np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
 
 
-def _sigma_to_timestep(sigmas: np.ndarray, log_sigma_table: np.ndarray) -> np.ndarray:
-  """Fractional timestep whose sigma is `sigma`, interpolating linearly in log sigma."""
-  log_sigmas = np.log(np.maximum(sigmas, 1e-10))
-  # Index of the last table entry at or below each log sigma, kept one short of the end.
-  low = np.searchsorted(log_sigma_table, log_sigmas, side="right") - 1
-  low = np.clip(low, 0, len(log_sigma_table) - 2)
-  log_low, log_high = log_sigma_table[low], log_sigma_table[low + 1]
-  w = np.clip((log_low - log_sigmas) / (log_low - log_high), 0, 1)
-  return (1 - w) * low + w * (low + 1)
-
-
-def init_noise_sigma(kind: str, schedule: NoiseSchedule, num_steps: int) -> float:
-  """Standard deviation of the starting latents: 1 for DDIM/DDPM/DPM, sigma_max-ish for Euler."""
-  return float(make_sampler_plan(kind, schedule, num_steps).init_noise_sigma)
-
-
-# ------------------------------------------------------------------------------------------------
-# Sampler plans: per-step scalar coefficients, computed on the host in float32
-# ------------------------------------------------------------------------------------------------
-@flax.struct.dataclass
-class SamplerPlan:
-  """Everything a sampler loop needs besides the model: a pytree of [num_steps] tables.
-
-  Passing a plan through `jax.jit` as an argument means schedules of one shape share a compile.
-  """
-  timesteps: jax.Array  # [n] float32, what denoise_fn sees as t
-  coefs: dict  # name -> [n] float32
-  init_noise_sigma: jax.Array  # [] float32
-  kind: str = flax.struct.field(pytree_node=False)
-  prediction_type: str = flax.struct.field(pytree_node=False)
-  clip_range: float | None = flax.struct.field(pytree_node=False)  # clamp x0 to +-this, or None
-  stochastic: bool = flax.struct.field(pytree_node=False)  # needs per-step noise
-
-  @property
-  def num_steps(self) -> int:
-    return int(self.timesteps.shape[0])
-
-
-def _ddim_coefs(schedule: NoiseSchedule, timesteps: np.ndarray, num_steps: int, eta: float) -> dict:
-  ac = schedule.alphas_cumprod
-  # diffusers' DDIM steps back by a fixed stride, whatever the spacing (so 'trailing' with
-  # T % num_steps != 0 ends at alphas_cumprod[0], not 1); kept for exact equality.
-  prev = timesteps - schedule.num_train_timesteps // num_steps
-  final_alpha_bar = np.float32(1.0) if schedule.set_alpha_to_one else ac[0]
-  alpha_t = ac[timesteps]
-  alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final_alpha_bar)
-  beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
-  variance = (beta_prev / beta_t) * (1 - alpha_t / alpha_prev)
-  std = np.float32(eta) * np.sqrt(variance)
-  return dict(sqrt_alpha=np.sqrt(alpha_t), sqrt_beta=np.sqrt(beta_t), sqrt_alpha_prev=np.sqrt(alpha_prev),
-              direction=np.sqrt(1 - alpha_prev - std ** 2), noise_std=std)
-
-
-def _ddpm_coefs(schedule: NoiseSchedule, timesteps: np.ndarray) -> dict:
-  ac = schedule.alphas_cumprod
-  prev = np.concatenate([timesteps[1:], [-1]])  # the next timestep in the list, -1 after the last
-  alpha_t = ac[timesteps]
-  alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], np.float32(1.0))
-  beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
-  step_alpha = alpha_t / alpha_prev  # alpha of the single (strided) step t -> prev
-  step_beta = 1 - step_alpha
-  variance = np.maximum(beta_prev / beta_t * step_beta, np.float32(1e-20))  # posterior variance
-  if schedule.variance_type == "fixed_small":
-    std = np.sqrt(variance)
-  elif schedule.variance_type == "fixed_small_log":
-    std = np.exp(np.float32(0.5) * np.log(variance))
-  else:  # fixed_large: the forward step's variance
-    std = np.sqrt(step_beta)
-  std = np.where(timesteps > 0, std, np.float32(0.0))  # no noise on the step into t=0
-  return dict(sqrt_alpha=np.sqrt(alpha_t), sqrt_beta=np.sqrt(beta_t),
-              x0_coef=np.sqrt(alpha_prev) * step_beta / beta_t,
-              xt_coef=np.sqrt(step_alpha) * beta_prev / beta_t, noise_std=std)
-
-
-def _euler_ancestral_coefs(schedule: NoiseSchedule, timesteps: np.ndarray):
-  sigma_table = _sigma_table(schedule)
-  sigmas = np.interp(timesteps, np.arange(schedule.num_train_timesteps), sigma_table)
-  sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # [n + 1]
-  if _spacing("euler_ancestral", schedule) in ("linspace", "trailing"):
-    init_sigma = sigmas.max()
-  else:
-    init_sigma = np.sqrt(sigmas.max() ** 2 + 1)
-  sigma, sigma_to = sigmas[:-1], sigmas[1:]
-  # The step to sigma_to splits into a deterministic part down to sigma_down and fresh noise
-  # of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_to^2 (k-diffusion's ancestral step).
-  sigma_up = np.sqrt(sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2)
-  sigma_down = np.sqrt(sigma_to ** 2 - sigma_up ** 2)
-  coefs = dict(sigma=sigma, input_divisor=np.sqrt(sigma ** 2 + 1), v_out=-sigma / np.sqrt(sigma ** 2 + 1),
-               v_divisor=sigma ** 2 + 1, dt=sigma_down - sigma, noise_std=sigma_up)
-  return coefs, init_sigma
-
-
-def _dpm_coefs(schedule: NoiseSchedule, sigmas: np.ndarray) -> dict:
+def _dpm_coefficients(schedule: NoiseSchedule, timesteps: np.ndarray, spacing: str, eta: float):
+  sigmas = _dpm_timesteps_and_sigmas(schedule, len(timesteps), spacing)[1]
   num_steps = len(sigmas) - 1
   with np.errstate(divide="ignore", invalid="ignore"):  # final sigma 0: lambda = +inf, on purpose
-    alpha = np.float32(1.0) / np.sqrt(sigmas ** 2 + 1)  # VP alpha_t and sigma_t from the VE sigma
+    alpha = np.float32(1.0) / np.sqrt(sigmas ** 2 + 1)
     sigma = sigmas * alpha
-    lam = np.log(alpha) - np.log(sigma)  # half log-SNR
+    lam = np.log(alpha) - np.log(sigma)
     alpha_s0, sigma_s0, lam_s0 = alpha[:-1], sigma[:-1], lam[:-1]
     alpha_t, sigma_t, lam_t = alpha[1:], sigma[1:], lam[1:]
     lam_s1 = np.concatenate([lam[:1], lam[:-2]])  # the previous step's lambda (unused at step 0)
@@ -491,104 +558,126 @@ def _dpm_coefs(schedule: NoiseSchedule, sigmas: np.ndarray) -> dict:
   first_order_final = last & (schedule.euler_at_final
                               or (schedule.lower_order_final and num_steps < 15)
                               or schedule.final_sigmas_type == "zero")
-  # 2M: the first step has no history, and the last one falls back to first order (diffusers).
-  second_order = (step >= 1) & ~first_order_final & (schedule.solver_order == 2)
+  second_order = ((step >= 1) & ~first_order_final & (schedule.solver_order == 2)
+                  & np.isfinite(inv_r0) & np.isfinite(d1_coef))
   zero = np.float32(0.0)
-  return dict(alpha_s0=alpha_s0, sigma_s0=sigma_s0, x_coef=sigma_t / sigma_s0, d0_coef=alpha_t * expm1,
-              d1_coef=np.where(second_order, d1_coef, zero), inv_r0=np.where(second_order, inv_r0, zero))
+  coefs = dict(alpha=alpha_s0, sigma=sigma_s0, input_divisor=np.ones_like(alpha_s0), x_coef=sigma_t / sigma_s0,
+               d0_coef=alpha_t * expm1, d1_coef=np.where(second_order, d1_coef, zero),
+               inv_r0=np.where(second_order, inv_r0, zero))
+  return coefs, np.float32(1.0)
+
+
+def _dpm_step(c, x, x0, eps, prev_x0, noise):
+  d1 = c["inv_r0"] * (x0 - prev_x0)
+  return c["x_coef"] * x - c["d0_coef"] * x0 - c["d1_coef"] * d1, x0
+
+
+# ------------------------------------------------------------------------------------------------
+# The samplers: one record each
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Everything about one sampler. Its formulas are narrated beside its functions above."""
+  name: str  # this module's name, e.g. 'dpmsolver++'
+  short_name: str  # the name `generate`, the CLI and configs use, e.g. 'dpm++2m'
+  diffusers_class: str  # the diffusers scheduler whose trajectories it equals (tests/test_schedulers.py)
+  summary: str  # one line for --help
+  default_spacing: str  # timestep_spacing when the config names none: that class's default
+  options: tuple[str, ...]  # scheduler-config keys (NoiseSchedule fields) only this sampler reads
+  timesteps: Callable[[NoiseSchedule, int, str], np.ndarray]  # (schedule, num_steps, spacing)
+  coefficients: Callable[..., tuple[dict, Any]]  # (schedule, timesteps, spacing, eta) -> (coefs, init sigma)
+  step: Callable  # (coefs, x, x0, eps, history, noise) -> (x_prev, history)
+  stochastic: bool = False  # draws fresh noise every step (DDIM: only with eta > 0)
+  takes_eta: bool = False
+  multistep: bool = False  # carries the previous step's x0 prediction
+
+  @property
+  def clips_x0(self) -> bool:
+    return "clip_sample" in self.options
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("dpmsolver++", "dpm++2m", "DPMSolverMultistepScheduler",
+            "DPM-Solver++ 2M, good in 20-30 steps", "linspace",
+            ("solver_order", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type",
+             "use_karras_sigmas"),
+            lambda schedule, n, spacing: _dpm_timesteps_and_sigmas(schedule, n, spacing)[0],
+            _dpm_coefficients, _dpm_step, multistep=True),
+    Sampler("ddim", "ddim", "DDIMScheduler", "deterministic (stochastic with eta > 0)", "leading",
+            ("set_alpha_to_one", "clip_sample", "clip_sample_range"),
+            _integer_timesteps, _ddim_coefficients, _ddim_step, takes_eta=True),
+    Sampler("euler_ancestral", "euler_a", "EulerAncestralDiscreteScheduler", "Euler ancestral", "linspace",
+            (), _euler_timesteps, _euler_ancestral_coefficients, _euler_ancestral_step, stochastic=True),
+    Sampler("ddpm", "ddpm", "DDPMScheduler", "the slow original (~1000 steps)", "leading",
+            ("variance_type", "clip_sample", "clip_sample_range"),
+            _integer_timesteps, _ddpm_coefficients, _ddpm_step, stochastic=True),
+)}
+
+
+def get_sampler(name: str) -> Sampler:
+  """The sampler called `name`: its short name (e.g. 'dpm++2m') or its name (e.g. 'dpmsolver++').
+
+  Raises clip_jax.cli.UserError (a ValueError) naming the choices for any other name.
+  """
+  for sampler in SAMPLERS.values():
+    if name in (sampler.short_name, sampler.name):
+      return sampler
+  names = [n for s in SAMPLERS.values() for n in (s.short_name, s.name)]
+  raise UserError(f"unknown sampler {name!r};{did_you_mean(name, names)} choose one of "
+                  f"{', '.join(repr(s.short_name) for s in SAMPLERS.values())}.")
+
+
+def _spacing(sampler: Sampler, schedule: NoiseSchedule) -> str:
+  return schedule.timestep_spacing or sampler.default_spacing
+
+
+def inference_timesteps(kind: str, schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
+  """The timesteps the sampler evaluates the model at, in order (equal to diffusers' `timesteps`).
+
+  int64 for every sampler except Euler ancestral, whose diffusers timesteps are float32.
+  """
+  sampler = get_sampler(kind)
+  num_steps = _check_num_steps(schedule, num_steps)
+  spacing = _spacing(sampler, schedule)
+  timesteps = sampler.timesteps(schedule, num_steps, spacing)
+  if timesteps.max() >= schedule.num_train_timesteps or timesteps.min() < 0:
+    raise ValueError(f"steps_offset={schedule.steps_offset} with {num_steps} '{spacing}' steps puts a "
+                     f"timestep outside [0, {schedule.num_train_timesteps}): lower steps_offset or num_steps.")
+  return timesteps
+
+
+def init_noise_sigma(kind: str, schedule: NoiseSchedule, num_steps: int) -> float:
+  """Standard deviation of the starting latents: 1 for DDIM/DDPM/DPM, sigma_max-ish for Euler."""
+  return float(make_sampler_plan(kind, schedule, num_steps).init_noise_sigma)
 
 
 def make_sampler_plan(kind: str, schedule: NoiseSchedule, num_steps: int, eta: float = 0.0) -> SamplerPlan:
   """Host-side: the timesteps and per-step coefficients of sampler `kind` for `num_steps` steps.
 
   eta: DDIM's noise scale (0 deterministic, 1 the DDPM posterior); other samplers reject eta != 0.
+  Every coefficient is finite for every schedule, spacing and step count (tested), also where
+  diffusers' are not (see `_sqrt0`, `ZERO_SNR_ALPHA_BAR`, the DPM-Solver notes).
   """
-  timesteps = inference_timesteps(kind, schedule, num_steps)
-  num_steps = int(num_steps)
+  sampler = get_sampler(kind)
+  timesteps = inference_timesteps(sampler.name, schedule, num_steps)
   eta = float(eta)
-  if eta != 0.0 and kind != "ddim":
+  if eta != 0.0 and not sampler.takes_eta:
     raise ValueError(f"eta={eta} only applies to the 'ddim' sampler, not {kind!r}.")
   if eta < 0:
     raise ValueError(f"eta={eta}: must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like).")
-  clip = schedule.clip_sample_range if schedule.clip_sample and kind in ("ddim", "ddpm") else None
-  init_sigma = np.float32(1.0)
-  if kind == "ddim":
-    coefs = _ddim_coefs(schedule, timesteps, num_steps, eta)
-  elif kind == "ddpm":
-    coefs = _ddpm_coefs(schedule, timesteps)
-  elif kind == "euler_ancestral":
-    coefs, init_sigma = _euler_ancestral_coefs(schedule, timesteps)
-  else:
-    timesteps, sigmas = _dpm_timesteps_and_sigmas(schedule, len(timesteps))
-    coefs = _dpm_coefs(schedule, sigmas)
+  coefs, init_sigma = sampler.coefficients(schedule, timesteps, _spacing(sampler, schedule), eta)
   for name, value in coefs.items():
     assert value.shape == timesteps.shape and value.dtype == np.float32, (name, value.shape, value.dtype)
+  clip = schedule.clip_sample_range if schedule.clip_sample and sampler.clips_x0 else None
   return SamplerPlan(
       timesteps=jnp.asarray(timesteps, jnp.float32), coefs={k: jnp.asarray(v) for k, v in coefs.items()},
-      init_noise_sigma=jnp.asarray(init_sigma, jnp.float32), kind=kind,
-      prediction_type=schedule.prediction_type, clip_range=clip,
-      stochastic=kind in ("ddpm", "euler_ancestral") or eta > 0)
+      init_noise_sigma=jnp.asarray(init_sigma, jnp.float32), kind=sampler.name,
+      prediction_type=schedule.prediction_type, clip_range=clip, stochastic=sampler.stochastic or eta > 0)
 
 
 # ------------------------------------------------------------------------------------------------
-# One step of each sampler: (coefs of this step, x_t, model output, history, noise) -> x_prev
+# The loop
 # ------------------------------------------------------------------------------------------------
-def _x0_and_eps(prediction_type: str, x, out, sqrt_alpha, sqrt_beta):
-  """Predicted clean sample and noise from the model output, in the DDPM (alpha_bar) parametrization."""
-  if prediction_type == "epsilon":
-    return (x - sqrt_beta * out) / sqrt_alpha, out
-  if prediction_type == "sample":
-    return out, (x - sqrt_alpha * out) / sqrt_beta
-  return sqrt_alpha * x - sqrt_beta * out, sqrt_alpha * out + sqrt_beta * x
-
-
-def _clip(plan: SamplerPlan, x0):
-  return x0 if plan.clip_range is None else jnp.clip(x0, -plan.clip_range, plan.clip_range)
-
-
-def _ddim_step(plan, c, x, out, history, noise):
-  x0, eps = _x0_and_eps(plan.prediction_type, x, out, c["sqrt_alpha"], c["sqrt_beta"])
-  x0 = _clip(plan, x0)  # eps stays the unclipped one, as in diffusers
-  x_prev = c["sqrt_alpha_prev"] * x0 + c["direction"] * eps
-  if noise is not None:
-    x_prev = x_prev + c["noise_std"] * noise
-  return x_prev, history
-
-
-def _ddpm_step(plan, c, x, out, history, noise):
-  x0, _ = _x0_and_eps(plan.prediction_type, x, out, c["sqrt_alpha"], c["sqrt_beta"])
-  x0 = _clip(plan, x0)
-  return c["x0_coef"] * x0 + c["xt_coef"] * x + c["noise_std"] * noise, history
-
-
-def _euler_ancestral_step(plan, c, x, out, history, noise):
-  sigma = c["sigma"]
-  if plan.prediction_type == "epsilon":
-    x0 = x - sigma * out
-  elif plan.prediction_type == "v_prediction":
-    x0 = out * c["v_out"] + x / c["v_divisor"]
-  else:
-    x0 = out
-  derivative = (x - x0) / sigma
-  return x + derivative * c["dt"] + noise * c["noise_std"], history
-
-
-def _dpm_step(plan, c, x, out, prev_x0, noise):
-  # DPM-Solver++ works on x0 predictions; D1 is their finite difference in lambda.
-  if plan.prediction_type == "epsilon":
-    x0 = (x - c["sigma_s0"] * out) / c["alpha_s0"]
-  elif plan.prediction_type == "v_prediction":
-    x0 = c["alpha_s0"] * x - c["sigma_s0"] * out
-  else:
-    x0 = out
-  d1 = c["inv_r0"] * (x0 - prev_x0)
-  return c["x_coef"] * x - c["d0_coef"] * x0 - c["d1_coef"] * d1, x0
-
-
-_STEPS = {"ddim": _ddim_step, "ddpm": _ddpm_step, "euler_ancestral": _euler_ancestral_step,
-          "dpmsolver++": _dpm_step}
-
-
 def run_sampler(plan: SamplerPlan, denoise_fn: DenoiseFn, latents_init: jax.Array,
                 rng: jax.Array | None = None, *, noise: jax.Array | None = None,
                 return_trajectory: bool = False):
@@ -608,10 +697,10 @@ def run_sampler(plan: SamplerPlan, denoise_fn: DenoiseFn, latents_init: jax.Arra
   if noise is not None and tuple(noise.shape) != (num_steps,) + tuple(latents_init.shape):
     raise ValueError(f"noise has shape {tuple(noise.shape)}; expected (num_steps, *latents.shape) = "
                      f"{(num_steps,) + tuple(latents_init.shape)}.")
+  sampler = SAMPLERS[plan.kind]
   model_dtype = latents_init.dtype
-  step_fn = _STEPS[plan.kind]
   x = latents_init.astype(jnp.float32) * plan.init_noise_sigma
-  history = jnp.zeros_like(x) if plan.kind == "dpmsolver++" else None
+  history = jnp.zeros_like(x) if sampler.multistep else None
 
   if not plan.stochastic:
     per_step_noise = None
@@ -625,9 +714,12 @@ def run_sampler(plan: SamplerPlan, denoise_fn: DenoiseFn, latents_init: jax.Arra
     t, c, step_noise = xs
     if step_noise is not None and step_noise.dtype != jnp.float32:  # a key: draw now
       step_noise = jax.random.normal(step_noise, x.shape, jnp.float32)
-    model_in = x / c["input_divisor"] if "input_divisor" in c else x
+    model_in = x / c["input_divisor"]
     out = denoise_fn(model_in.astype(model_dtype), t).astype(jnp.float32)
-    x, history = step_fn(plan, c, x, out, history, step_noise)
+    x0, eps = predict_x0_and_eps(plan.prediction_type, model_in, out, c["alpha"], c["sigma"])
+    if plan.clip_range is not None:  # eps stays the unclipped one, as in diffusers
+      x0 = jnp.clip(x0, -plan.clip_range, plan.clip_range)
+    x, history = sampler.step(c, x, x0, eps, history, step_noise)
     return (x, history), (x.astype(model_dtype) if return_trajectory else None)
 
   (x, _), trajectory = jax.lax.scan(body, (x, history), (plan.timesteps, plan.coefs, per_step_noise))
