@@ -89,7 +89,8 @@ def _load_config(spec: str):
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise UserError(f"--config={spec}: {path} defines no get_config(); is it a config file?")
-  return module.get_config(arg) if sep else module.get_config()
+  # A config file's ValueError is about its argument (e.g. paper.py:ViT-Nope): the user's mistake.
+  return as_user_errors(module.get_config, arg) if sep else as_user_errors(module.get_config)
 
 
 def _flatten_keys(config, prefix: str) -> list[str]:

@@ -28,6 +28,8 @@ CASES = [
                  marks=slow),
     ("clip_jax.train", ["--config=configs/clip/digits.py"], ["--workdir"]),
     ("clip_jax.train", ["--config=configs/clip/nope.py", "--workdir={tmp}/w"], ["configs/clip/nope.py"]),
+    pytest.param("clip_jax.train", ["--config=configs/clip/paper.py:ViT-Nope", "--workdir={tmp}/w"],
+                 ["'ViT-Nope'", "ViT-B-32"], marks=slow),
     pytest.param("clip_jax.train", CLIP + ["--wrokdir=x"], ["wrokdir", "workdir"], marks=slow),
     pytest.param("clip_jax.train", CLIP + ["--config.loss.kind=softmx"], ["'softmx'", "softmax"], marks=slow),
     pytest.param("clip_jax.train", CLIP + ["--config.model.name=ViT-Nope"], ["'ViT-Nope'", "ViT-Tiny"], marks=slow),
