@@ -3,14 +3,15 @@
 CLIPDraw (Frans et al. 2021, arXiv 2106.14843) renders its strokes with diffvg (Li et al. 2020);
 this is a plain-JAX stand-in with the same inputs and the same kind of gradient:
 
-  * a stroke is one cubic Bezier segment: 4 control points (x, y) in pixels (x to the right,
-    y down, pixel centres at i + 0.5), a width in pixels and an RGBA colour in [0, 1];
+  * a stroke is a path of K joined cubic Bezier segments (CLIPDraw's paths have 1-3): 3K + 1
+    control points (x, y) in pixels (x to the right, y down, pixel centres at i + 0.5), a width
+    in pixels and an RGBA colour in [0, 1];
   * its coverage of a pixel is a soft function of the distance d from the pixel centre to the
     curve: clip(width / 2 - d + 1/2, 0, 1), i.e. a one-pixel linear ramp across the stroke's edge
     (the exact box-filter area of a straight edge that is axis-aligned; within ~0.1 of it at any
     angle, see tests/test_clipdraw.py). The caps are round, as a thick polyline's distance gives;
-  * the curve is flattened into `num_samples - 1` chords and d is the exact distance to that
-    polyline (a straight stroke is exact; a quarter circle with 32 samples is off by < 1e-3 of
+  * each segment is flattened into `num_samples - 1` chords and d is the exact distance to that
+    polyline, the nearest over the path's segments (so a path's joints are not painted twice) (a straight stroke is exact; a quarter circle with 32 samples is off by < 1e-3 of
     its radius);
   * strokes are composited in order with the "over" operator onto an opaque background:
     canvas <- canvas * (1 - a) + rgb * a, a = alpha * coverage.
@@ -27,8 +28,8 @@ import jax.numpy as jnp
 
 
 class Strokes(NamedTuple):
-  """A drawing: S cubic Bezier strokes (batch dims in front are allowed for `render_batch`)."""
-  points: jax.Array  # float [S, 4, 2] control points (x, y) in pixels
+  """A drawing: S paths of K cubic Bezier segments (a batch dim in front for `render_batch`)."""
+  points: jax.Array  # float [S, 3K + 1, 2] control points (x, y) in pixels; segment i is 3i..3i+3
   width: jax.Array   # float [S] stroke width in pixels
   color: jax.Array   # float [S, 4] RGBA in [0, 1]
 
@@ -59,11 +60,18 @@ def pixel_centres(height: int, width: int) -> jax.Array:
   return jnp.stack([xs.ravel(), ys.ravel()], -1)
 
 
+def segments(points: jax.Array) -> jax.Array:
+  """A path's control points [3K + 1, 2] -> its K segments [K, 4, 2] (neighbours share an end)."""
+  num = (points.shape[0] - 1) // 3
+  return jnp.stack([points[3 * i:3 * i + 4] for i in range(num)])
+
+
 def coverage(points: jax.Array, width: jax.Array, height: int, canvas_width: int,
              num_samples: int = 32) -> jax.Array:
-  """Soft coverage [height, canvas_width] in [0, 1] of one stroke (points [4, 2], width scalar)."""
-  curve = bezier(points, jnp.linspace(0.0, 1.0, num_samples))
-  d = distance_to_polyline(pixel_centres(height, canvas_width), curve)
+  """Soft coverage [height, canvas_width] in [0, 1] of one path (points [3K + 1, 2], width scalar)."""
+  curves = bezier(segments(points), jnp.linspace(0.0, 1.0, num_samples))  # [K, T, 2]
+  pixels = pixel_centres(height, canvas_width)
+  d = jnp.min(jax.vmap(lambda curve: distance_to_polyline(pixels, curve))(curves), axis=0)
   return jnp.clip(0.5 * width - d + 0.5, 0.0, 1.0).reshape(height, canvas_width)
 
 
@@ -74,13 +82,16 @@ def render(strokes: Strokes, height: int, width: int, background: jax.Array | fl
   background: an RGB colour [3] or a scalar grey (1.0 = white paper, as CLIPDraw).
   Raises ValueError for strokes of the wrong shape.
   """
-  if strokes.points.ndim != 3 or strokes.points.shape[1:] != (4, 2):
-    raise ValueError(f"stroke points must be [S, 4, 2] (cubic Bezier control points), got {strokes.points.shape}.")
+  if strokes.points.ndim != 3 or strokes.points.shape[2] != 2 or (strokes.points.shape[1] - 1) % 3 or \
+      strokes.points.shape[1] < 4:
+    raise ValueError(f"stroke points must be [S, 3K + 1, 2] (K joined cubic Bezier segments), got "
+                     f"{tuple(strokes.points.shape)}.")
   num = strokes.points.shape[0]
   if strokes.width.shape != (num,) or strokes.color.shape != (num, 4):
     raise ValueError(f"{num} strokes need width [S] and RGBA color [S, 4], got {strokes.width.shape} "
                      f"and {strokes.color.shape}.")
-  canvas = jnp.broadcast_to(jnp.asarray(background, jnp.float32), (height, width, 3))
+  dtype = jnp.result_type(strokes.points, strokes.width, strokes.color)
+  canvas = jnp.broadcast_to(jnp.asarray(background, dtype), (height, width, 3))
 
   def paint(canvas, stroke):
     points, stroke_width, color = stroke

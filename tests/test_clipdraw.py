@@ -1,0 +1,153 @@
+"""CLIPDraw: the Bezier rasteriser against analytic coverage and finite differences; the loop; the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clip_jax
+from clip_jax import cli, draw, rasterize
+
+
+def _area_coverage(inside, height, width, sub=16):
+  """The exact pixel-area coverage of an analytic shape, integrated on a sub x sub grid per pixel."""
+  offsets = (np.arange(sub) + 0.5) / sub
+  ys = (np.arange(height)[:, None] + offsets).ravel()
+  xs = (np.arange(width)[:, None] + offsets).ravel()
+  yy, xx = np.meshgrid(ys, xs, indexing="ij")
+  return inside(xx, yy).astype(np.float64).reshape(height, sub, width, sub).mean((1, 3))
+
+
+def _check_coverage(coverage, reference):
+  # Stated tolerance: a one-pixel linear edge ramp differs from exact box-filter area by at most
+  # ~0.05 on these shapes (0 for an axis-aligned edge); the total painted area within 1.5%.
+  error = np.abs(coverage - reference)
+  touched = (reference > 0) | (coverage > 0)
+  assert error.max() < 0.06, error.max()
+  assert error[touched].mean() < 0.015, error[touched].mean()
+  np.testing.assert_allclose(coverage.sum(), reference.sum(), rtol=0.015)
+
+
+def test_straight_thick_segment_matches_analytic_capsule():
+  a, b, width = np.array([5.3, 7.1]), np.array([24.6, 20.2]), 4.0
+
+  def capsule(x, y):
+    p = np.stack([x, y], -1)
+    t = np.clip(((p - a) @ (b - a)) / ((b - a) @ (b - a)), 0.0, 1.0)
+    return np.linalg.norm(p - (a + t[..., None] * (b - a)), axis=-1) <= width / 2
+
+  points = jnp.asarray(np.stack([a, a + (b - a) / 3, a + 2 * (b - a) / 3, b]), jnp.float32)
+  _check_coverage(np.asarray(rasterize.coverage(points, width, 32, 32)), _area_coverage(capsule, 32, 32))
+
+
+def _circle_path(centre, radius):
+  """A circle as 4 joined cubic segments (the standard kappa = 4(sqrt 2 - 1)/3; radial error 3e-4 r)."""
+  kappa = 4 * (np.sqrt(2) - 1) / 3
+  points = [centre + radius * np.array([1.0, 0.0])]
+  for quarter in range(4):
+    angle = quarter * np.pi / 2
+    u, v = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+    points += [centre + radius * (u + kappa * v), centre + radius * (v + kappa * u), centre + radius * v]
+  return jnp.asarray(np.stack(points), jnp.float32)  # [13, 2]
+
+
+def test_circle_matches_analytic_ring_and_renders_as_its_coverage():
+  centre, radius, width = np.array([16.0, 15.0]), 10.0, 3.0
+
+  def ring(x, y):
+    return np.abs(np.hypot(x - centre[0], y - centre[1]) - radius) <= width / 2
+
+  path = _circle_path(centre, radius)
+  coverage = np.asarray(rasterize.coverage(path, width, 32, 32))
+  _check_coverage(coverage, _area_coverage(ring, 32, 32))
+  # Black ink at full alpha on white paper: the image is 1 - coverage in every channel.
+  image = rasterize.render(rasterize.Strokes(path[None], jnp.array([width]), jnp.array([[0.0, 0.0, 0.0, 1.0]])), 32, 32)
+  np.testing.assert_allclose(image, np.repeat(1.0 - coverage[..., None], 3, -1), atol=1e-5)
+
+
+def test_compositing_is_over_in_stroke_order():
+  a = rasterize.Strokes(jnp.array([[[2.0, 8.0], [6.0, 8.0], [10.0, 8.0], [14.0, 8.0]]] * 2),
+                        jnp.array([20.0, 20.0]), jnp.array([[1.0, 0.0, 0.0, 0.5], [0.0, 0.0, 1.0, 0.5]]))
+  pixel = rasterize.render(a, 16, 16, background=jnp.array([0.0, 1.0, 0.0]))[8, 8]
+  # green paper, then red at alpha 0.5, then blue at alpha 0.5
+  np.testing.assert_allclose(pixel, [0.25, 0.25, 0.5], atol=1e-6)
+
+
+def test_gradients_match_finite_differences():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    points = jnp.asarray(rng.uniform(3, 13, (3, 7, 2)))      # 3 strokes of 2 segments on 16 px
+    strokes = rasterize.Strokes(points, jnp.asarray([2.5, 3.0, 1.7]), jnp.asarray(rng.uniform(0.2, 0.9, (3, 4))))
+    weights = jnp.asarray(rng.normal(size=(16, 16, 3)))
+
+    @jax.jit
+    def loss(s):
+      return jnp.sum(weights * rasterize.render(s, 16, 16, background=0.8))
+
+    grads = jax.grad(loss)(strokes)
+    assert float(jnp.abs(grads.points).max()) > 0 and float(jnp.abs(grads.width).max()) > 0
+    eps = 1e-6
+    for field in ("points", "width", "color"):
+      value = getattr(strokes, field)
+      direction = jnp.asarray(rng.normal(size=value.shape))
+      bump = lambda sign: loss(strokes._replace(**{field: value + sign * eps * direction}))  # noqa: E731
+      fd = (bump(1) - bump(-1)) / (2 * eps)
+      # float64, eps 1e-6: agreement to 1e-6 relative unless a pixel's ramp kink is crossed.
+      np.testing.assert_allclose(float(jnp.vdot(getattr(grads, field), direction)), float(fd), rtol=1e-5, atol=1e-7)
+
+
+def test_bad_strokes_are_refused():
+  with pytest.raises(ValueError, match=r"\[S, 3K \+ 1, 2\]"):
+    rasterize.render(rasterize.Strokes(jnp.zeros((2, 5, 2)), jnp.ones(2), jnp.ones((2, 4))), 8, 8)
+
+
+def test_draw_loop_lowers_its_loss_and_keeps_the_clamps():
+  # A non-CLIP target keeps this fast: make the drawing dark in the middle square.
+  target = jnp.ones((32, 32, 3)).at[8:24, 8:24].set(0.0)
+
+  def loss_fn(images, rng):
+    return jnp.mean((images - target) ** 2, axis=(1, 2, 3))
+
+  settings = draw.DrawSettings(num_strokes=12, steps=30, canvas=32, frame_every=10, gray=True)
+  frames = []
+  strokes, images, history = draw.draw(loss_fn, 2, settings, jax.random.key(0), progress=False,
+                                       on_frame=lambda step, imgs: frames.append(step))
+  assert images.shape == (2, 32, 32, 3) and frames == [0, 10, 20, 30]
+  assert np.all(history["loss"][-1] < 0.7 * history["loss"][0])
+  assert float(strokes.width.min()) >= 1.0 and float(strokes.width.max()) <= 50 * 32 / 224 + 1e-6
+  assert float(strokes.color.min()) >= 0 and float(strokes.color.max()) <= 1
+  np.testing.assert_allclose(strokes.color[..., 0], strokes.color[..., 2])  # gray: one level per stroke
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  model = clip_jax.create_model("ViT-Tiny")
+  return clip_jax.export_hf(model, clip_jax.init_variables(model, jax.random.key(0)),
+                            str(tmp_path_factory.mktemp("tiny_hf")))
+
+
+@pytest.mark.slow
+def test_cli_draws_with_a_tiny_clip(tiny_checkpoint, tmp_path):
+  out = tmp_path / "out"
+  assert draw.main(["--checkpoint", tiny_checkpoint, "--prompt", "a red circle", "--negative", "a square",
+                    "--out", str(out), "--strokes", "4", "--steps", "4", "--canvas", "32", "--frame-every", "2"]) == 0
+  result = json.loads((out / "result.json").read_text())
+  assert np.isfinite(result["loss_last_step"]) and -1 <= result["cosine_to_prompt"] <= 1
+  assert sorted(os.listdir(out / "frames")) == ["frame_00000.png", "frame_00002.png", "frame_00004.png"]
+  assert (out / "drawing.gif").stat().st_size > 0 and (out / "drawing.png").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  with pytest.raises(cli.UserError, match="--prompt is empty"):
+    draw.main(["--checkpoint", str(tmp_path), "--prompt", "  ", "--out", str(tmp_path / "o")])
+  with pytest.raises(cli.MissingPathError, match="no such file or directory"):
+    draw.main(["--checkpoint", str(tmp_path / "missing.pt"), "--prompt", "a cat", "--out", str(tmp_path / "o")])
+  # Through the real entry point: one line on stderr, exit code 2.
+  run = subprocess.run([sys.executable, "-m", "clip_jax.draw", "--checkpoint", str(tmp_path / "missing.pt"),
+                        "--prompt", "a cat", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)), env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "missing.pt" in run.stderr
