@@ -4,6 +4,7 @@ The model is replaced by an analytic denoiser (the same arithmetic in torch and 
 stochastic samplers get the same per-step noise on both sides, so whole sampling trajectories
 must agree to float32 rounding.
 """
+import dataclasses
 import itertools
 
 import numpy as np
@@ -70,8 +71,13 @@ def our_sigmas(kind, config, num_steps):
   return np.concatenate([np.asarray(plan.coefs["ve_sigma"]), [0.0]]).astype(np.float32)
 
 
-def torch_trajectory(kind, config, num_steps, latents, noise=None, eta=0.0, monkeypatch=None):
-  """diffusers' sampling loop as the pipelines write it, recording the latents after each step."""
+def torch_trajectory(kind, config, num_steps, latents, noise=None, eta=0.0, monkeypatch=None, restart_from=None):
+  """diffusers' sampling loop as the pipelines write it, recording the latents after each step.
+
+  restart_from: our trajectory [n, ...]; each step i > 0 then starts from restart_from[i - 1], not
+  from diffusers' own previous output, so step i is diffusers' one step on our latents (NaN/inf where
+  diffusers' arithmetic breaks, and only at that step).
+  """
   sched = torch_scheduler(kind, config)
   sched.set_timesteps(num_steps)
   if kind in ("dpmsolver++", "euler_ancestral"):
@@ -87,13 +93,16 @@ def torch_trajectory(kind, config, num_steps, latents, noise=None, eta=0.0, monk
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: current["noise"].reshape(shape))
   trajectory = []
   for i, t in enumerate(sched.timesteps):
+    if restart_from is not None and i > 0:
+      x = torch.from_numpy(np.array(restart_from[i - 1]))
     out = denoise_torch(sched.scale_model_input(x, t), t)
     kwargs = {}
     if noise is not None:
       current["noise"] = torch.from_numpy(noise[i])
       if kind == "ddim":
         kwargs = dict(eta=eta, variance_noise=current["noise"])
-    x = sched.step(out, t, x, **kwargs).prev_sample
+    with np.errstate(all="ignore"):
+      x = sched.step(out, t, x, **kwargs).prev_sample
     trajectory.append(x.numpy().copy())
   return np.stack(trajectory)
 
@@ -336,31 +345,6 @@ def grid_config(prediction_type, spacing, rescale, beta_schedule="scaled_linear"
                      steps_offset=0 if spacing == "leading" else 1)
 
 
-def torch_one_steps(kind, config, latents, ours, noise=None, eta=0.0, monkeypatch=None):
-  """diffusers' step i taken from *our* latents before step i: [n, ...], what diffusers gives for each
-  step on the same input (NaN/inf where its arithmetic breaks, and only there)."""
-  sched = torch_scheduler(kind, config)
-  sched.set_timesteps(len(ours))
-  if kind in ("dpmsolver++", "euler_ancestral"):
-    sched.set_begin_index(0)
-  current = {}
-  if noise is not None and kind in ("ddpm", "euler_ancestral"):
-    module = scheduling_ddpm if kind == "ddpm" else scheduling_euler_ancestral_discrete
-    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: current["noise"].reshape(shape))
-  outputs = []
-  for i, t in enumerate(sched.timesteps):
-    x = torch.from_numpy(latents) * sched.init_noise_sigma if i == 0 else torch.from_numpy(np.array(ours[i - 1]))
-    out = denoise_torch(sched.scale_model_input(x, t), t)
-    kwargs = {}
-    if noise is not None:
-      current["noise"] = torch.from_numpy(noise[i])
-      if kind == "ddim":
-        kwargs = dict(eta=eta, variance_noise=current["noise"])
-    with np.errstate(all="ignore"):
-      outputs.append(sched.step(out, t, x, **kwargs).prev_sample.numpy().copy())
-  return np.stack(outputs)
-
-
 def assert_equal_where_finite(ours, theirs, rtol):
   """Ours finite at every step; equal to diffusers' (relative to the step's scale) at every step where
   diffusers' output is finite. Returns the number of steps where diffusers' is not."""
@@ -391,7 +375,7 @@ def test_ddim_eta1_zero_snr_v_trailing_is_finite_and_diffusers_elsewhere(monkeyp
   v = np.asarray(denoise_jax(jnp.asarray(latents), jnp.float32(plan.timesteps[0])))
   np.testing.assert_allclose(ours[0], np.sqrt(alpha_bar_prev) * -v + np.sqrt(1 - alpha_bar_prev) * noise[0],
                              rtol=1e-5, atol=1e-6)
-  theirs = torch_one_steps("ddim", config, latents, ours, noise, eta=1.0, monkeypatch=monkeypatch)
+  theirs = torch_trajectory("ddim", config, 10, latents, noise, 1.0, monkeypatch, restart_from=ours)
   assert assert_equal_where_finite(ours, theirs, RTOL) == 1  # only step 0 breaks in diffusers
 
 
@@ -462,7 +446,8 @@ def _check_grid(num_steps, monkeypatch, compare):
                  prediction_type)
         assert np.isfinite(ours).all(), where
         if compare:
-          theirs = torch_one_steps(kind, config, latents, ours, noise if stochastic else None, eta, monkeypatch)
+          theirs = torch_trajectory(kind, config, num_steps, latents, noise if stochastic else None, eta,
+                                    monkeypatch, restart_from=ours)
           broken += assert_equal_where_finite(ours, theirs, trajectory_rtol(kind, config, num_steps))
   return broken
 
@@ -525,6 +510,21 @@ def test_sample_jits_with_rng_and_keeps_dtype(kind):
   np.testing.assert_array_equal(np.asarray(first, np.float32), np.asarray(again, np.float32))
   if kind in ("ddpm", "euler_ancestral"):
     assert not np.array_equal(np.asarray(first, np.float32), np.asarray(other, np.float32))
+
+
+def test_sampler_records_agree_with_their_diffusers_classes():
+  """Each record's diffusers class, default spacing and own config keys are that class's."""
+  import inspect
+  for name, sampler in S.SAMPLERS.items():
+    assert S.get_sampler(sampler.short_name) is S.get_sampler(name) is sampler
+    cls = getattr(diffusers, sampler.diffusers_class)
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+    assert defaults["timestep_spacing"] == sampler.default_spacing, name
+    for key in sampler.options:
+      assert key in defaults and key in {f.name for f in dataclasses.fields(S.NoiseSchedule)}, (name, key)
+      assert getattr(S.NoiseSchedule.from_config({}), key) == defaults[key], (name, key)
+  with pytest.raises(ValueError, match="unknown sampler 'euler'; did you mean 'euler_a'"):
+    S.get_sampler("euler")
 
 
 def test_schedule_is_static_and_hashable():
