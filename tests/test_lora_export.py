@@ -19,6 +19,7 @@ pytest.importorskip("peft")  # diffusers' LoRA loader runs on PEFT
 from clip_jax.weights import save_safetensors  # noqa: E402
 from dreambooth_jax.sampling import pipeline as sd  # noqa: E402
 from dreambooth_jax.training import lora as lora_lib  # noqa: E402
+from test_dreambooth import instance_dir, tiny_config  # noqa: E402,F401 (a fixture and the config helper)
 
 torch.set_num_threads(1)
 ADAPTER = "pytorch_lora_weights.safetensors"
@@ -124,25 +125,12 @@ def test_text_encoder_adapter_names_come_from_the_conversion_table(tiny):
 
 
 @pytest.mark.slow
-def test_dreambooth_lora_with_text_encoder_adapter_loads_in_diffusers(tiny, tmp_path):
+def test_dreambooth_lora_with_text_encoder_adapter_loads_in_diffusers(tiny, instance_dir, tmp_path):
   """Issue 12.7: LoRA mode + train_text_encoder; the adapter alone reproduces the exported folder."""
-  from PIL import Image
-
-  from configs.dreambooth.default import get_config
   from dreambooth_jax import train as db
   _, base_dir = tiny
-  instance_dir = tmp_path / "instance"
-  instance_dir.mkdir()
-  for i in range(2):
-    pixels = np.full((32, 32, 3), 255, np.uint8)
-    pixels[6:26, 6 + i:26 + i] = (220, 30, 30)
-    Image.fromarray(pixels).save(instance_dir / f"{i}.png")
-  cfg = get_config("runlocal,lora")
-  cfg.pretrained_model, cfg.instance_dir, cfg.class_noun = base_dir, str(instance_dir), "square"
-  cfg.update_from_flattened_dict({"dtype": "float32", "progress_bar": False, "async_checkpoints": False,
-                                  "validation.every": 0, "with_prior_preservation": False,
-                                  "identifier": "sks", "checkpoint_every": 1000, "optimizer.total_steps": 3,
-                                  "optimizer.learning_rate": 5e-2, "train.train_text_encoder": True})
+  cfg = tiny_config(base_dir, instance_dir, "lora", with_prior_preservation=False, identifier="sks",
+                    **{"optimizer.learning_rate": 5e-2, "train.train_text_encoder": True})
   out = db.train_and_export(cfg, str(tmp_path / "run"))
   assert set(out["state"]["trainable"]) == {"unet_lora", "text_encoder_lora"}
   export_dir = out["export_dir"]

@@ -291,7 +291,7 @@ def _check_num_steps(schedule: NoiseSchedule, num_steps) -> int:
 
 
 def _discrete_timesteps(spacing: str, num_train: int, num_steps: int, steps_offset: int) -> np.ndarray:
-  """'linspace' / 'leading' / 'trailing' spacing (Lin et al. 2024, Table 2), integral values as floats."""
+  """'linspace' / 'leading' / 'trailing' spacing (the names of Lin et al. 2024), integral values as floats."""
   if spacing == "linspace":
     return np.linspace(0, num_train - 1, num_steps).round()[::-1]
   if spacing == "leading":  # multiples of the stride counted up from 0, then shifted
