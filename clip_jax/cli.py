@@ -189,7 +189,7 @@ def check_config_overrides(argv: Sequence[str], flag: str = "config") -> None:
         if near:
           hint = f"did you mean {' or '.join(f'{flag}.{k}' for k in near)}?"
         elif hasattr(holder, "keys"):
-          hint = f"{parent} has: {', '.join(sorted(holder.keys()))}."
+          hint = f"{parent} has: {', '.join(sorted(holder.keys())) or 'no keys'}."
         else:
           hint = f"{parent} is a value, not a group of keys."
         raise UserError(f"unknown config key {full} ({typed}); {hint}")
