@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import optax
 
+from clip_jax.cli import UserError
+
 # No weight decay on gains and biases (the CLIP paper, 2.5), the temperature and logit bias (open_clip's
 # choice; the paper is silent), or the embeddings (this project's choice; the paper decays them).
 _NO_DECAY = re.compile(r"(^|/)(bias|scale|logit_scale|logit_bias|class_embedding|positional_embedding|"
@@ -88,29 +90,33 @@ def _split_tower(path) -> tuple[str, str]:
   return tower, rest
 
 
-def lock_mask(params: Any, *, image: bool = False, image_unlocked_groups: int = 0, text: bool = False,
-              text_unlocked_layers: int = 0) -> Any:
+LOCK_KEYS = ("lock_image", "lock_image_unlocked_groups", "lock_text", "lock_text_unlocked_layers")
+
+
+def lock_mask(params: Any, *, lock_image: bool = False, lock_image_unlocked_groups: int = 0, lock_text: bool = False,
+              lock_text_unlocked_layers: int = 0) -> Any:
   """True where a parameter is locked (no optimizer state, no update), as open_clip's
-  `--lock-image --lock-image-unlocked-groups N` and `--lock-text --lock-text-unlocked-layers N`:
-  the last N groups of a locked tower stay trainable (groups: [embeddings], each block but the
-  last, [last block + final norm], [projection]). The temperature (and bias) is never locked.
-  LiT (Zhai et al. 2022) is `image=True`. Raises ValueError for N on an unlocked tower, N above the
-  tower's group count, or N > 0 on a ResNet image tower (open_clip does not split it either).
+  `--lock-image --lock-image-unlocked-groups N` and `--lock-text --lock-text-unlocked-layers N`
+  (the config keys are the same names): the last N groups of a locked tower stay trainable
+  (groups: [embeddings], each block but the last, [last block + final norm], [projection]). The
+  temperature (and bias) is never locked. LiT (Zhai et al. 2022) is `lock_image=True`. Raises
+  UserError (a ValueError) for N on an unlocked tower, N above the tower's group count, or N > 0
+  on a ResNet image tower (open_clip does not split it either).
   """
-  settings = {"visual": (image, image_unlocked_groups, "image", "image_unlocked_groups"),
-              "text": (text, text_unlocked_layers, "text", "text_unlocked_layers")}
+  settings = {"visual": (lock_image, lock_image_unlocked_groups, "lock_image", "lock_image_unlocked_groups"),
+              "text": (lock_text, lock_text_unlocked_layers, "lock_text", "lock_text_unlocked_layers")}
   limits = {}  # tower -> the first group that trains
   for tower, (locked, unlocked, name, option) in settings.items():
     if unlocked < 0 or (unlocked and not locked):
-      raise ValueError(f"lock.{option}={unlocked} needs lock.{name}=True and a count >= 0.")
+      raise UserError(f"{option}={unlocked} needs {name}=True and a count >= 0.")
     if not unlocked:
       continue
     if not _is_transformer_tower(params, tower):
-      raise ValueError(f"lock.{option}={unlocked}: a ResNet image tower is locked whole (as in open_clip); "
-                       f"use lock.{option}=0.")
+      raise UserError(f"{option}={unlocked}: a ResNet image tower is locked whole (as in open_clip); use {option}=0.")
     groups = tower_layers(params, tower) + 2
     if unlocked > groups:
-      raise ValueError(f"lock.{option}={unlocked}, but the {name} tower has only {groups} groups.")
+      raise UserError(f"{option}={unlocked}, but the {'image' if tower == 'visual' else 'text'} tower has only "
+                      f"{groups} groups.")
     limits[tower] = groups - unlocked
 
   def is_locked(path, _) -> bool:
@@ -125,13 +131,13 @@ def layer_decay_scales(params: Any, decay: float) -> Any:
   """Per-parameter learning-rate factors for layer-wise decay (BEiT, Bao et al. 2022; used for
   CLIP fine-tuning by FT-CLIP, Dong et al. 2022): in each tower with L blocks, layer id 0 (the
   embeddings), i + 1 (block i) or L + 1 (final norm, projection) trains at decay ** (L + 1 - id).
-  The temperature (and bias) keeps factor 1. Raises ValueError unless 0 < decay <= 1, or for a
+  The temperature (and bias) keeps factor 1. Raises UserError unless 0 < decay <= 1, or for a
   ResNet image tower (its stages are not layers of equal standing).
   """
   if not 0.0 < decay <= 1.0:
-    raise ValueError(f"optimizer.layer_decay must be in (0, 1], not {decay} (0 turns it off).")
+    raise UserError(f"optimizer.layer_decay must be in (0, 1], not {decay} (0 turns it off).")
   if "visual" in params and not _is_transformer_tower(params, "visual"):
-    raise ValueError("optimizer.layer_decay is for ViT image towers; this model's is a ResNet.")
+    raise UserError("optimizer.layer_decay is for ViT image towers; this model's is a ResNet.")
   layers = {tower: tower_layers(params, tower) for tower in _TOWER_PARTS if tower in params}
 
   def scale(path, _) -> float:
@@ -172,7 +178,7 @@ def make_optimizer(cfg, params: Any, frozen: Any | None = None) -> optax.Gradien
   """cfg: learning_rate, warmup_steps, total_steps, b1, b2, eps, weight_decay, grad_clip_norm,
   and optionally schedule, frozen_regex and layer_decay (0: off). Frozen parameters (the regex's
   matches, and True leaves of `frozen`, e.g. `lock_mask`'s) get a zero update and no optimizer
-  state; clipping runs over the trained ones only. Raises ValueError when nothing would train."""
+  state; clipping runs over the trained ones only. Raises UserError when nothing would train."""
   chain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity(),
                       adamw(cfg))
   frozen_regex = cfg.get("frozen_regex", None)
@@ -182,7 +188,7 @@ def make_optimizer(cfg, params: Any, frozen: Any | None = None) -> optax.Gradien
       trainable = jax.tree.map(lambda t, f: t and not f, trainable, frozen)
     labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
     if not any(label == "train" for label in jax.tree.leaves(labels)):
-      raise ValueError(f"frozen_regex '{frozen_regex}' and the locked towers freeze every parameter; nothing "
+      raise UserError(f"frozen_regex '{frozen_regex}' and the locked towers freeze every parameter; nothing "
                        "would train.")
     chain = optax.multi_transform({"train": chain, "freeze": optax.set_to_zero()}, labels)
   layer_decay = cfg.get("layer_decay", 0.0)

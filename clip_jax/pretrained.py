@@ -111,37 +111,34 @@ def _place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
 def _restore_workdir_params(path: str, keys: list[FlatKey], target: Mapping[FlatKey, Any]) -> dict[FlatKey, jax.Array]:
   """A workdir's newest checkpoint: only `keys` of its state, restored into their target shardings."""
   import orbax.checkpoint as ocp
-  from clip_jax.checkpoint import make_manager
-  manager = make_manager(path, with_data=False, async_save=False)
-  try:
-    step = manager.latest_step()
-    # The variables live under the same names in the saved state ('params', 'batch_stats').
-    item = traverse_util.unflatten_dict({k: target[k] for k in keys})
-    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
-                                                               dtype=t.dtype), item)
-    handler = ocp.PyTreeCheckpointHandler()
-    with ocp.Checkpointer(handler) as checkpointer:
-      restored = checkpointer.restore(os.path.join(str(manager.directory), str(step), "state"),
-                                      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                  partial_restore=True))
-  finally:
-    manager.close()
+  # The variables live under the same names in the saved state ('params', 'batch_stats').
+  item = traverse_util.unflatten_dict({k: target[k] for k in keys})
+  restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                                             dtype=t.dtype), item)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(_newest_state_dir(path), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
   return traverse_util.flatten_dict(restored)
 
 
-def _workdir_shapes(path: str) -> tuple[CLIPConfig, dict[FlatKey, tuple]] | None:
-  """(config, saved variable shapes) of a workdir's newest checkpoint; None when it has none."""
-  from clip_jax.checkpoint import MODEL_CONFIG_FILE, make_manager
+def _newest_state_dir(path: str) -> str:
+  """WORKDIR/checkpoints/<newest step>/state; CheckpointError when there is no step."""
+  directory = os.path.join(os.path.abspath(path), "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+  if not steps:
+    raise CheckpointError(f"init.checkpoint {path}: a workdir of this project without a checkpoint yet.")
+  return os.path.join(directory, str(steps[-1]), "state")
+
+
+def _workdir_shapes(path: str) -> tuple[CLIPConfig, dict[FlatKey, tuple]]:
+  """(config, saved variable shapes) of a workdir's newest checkpoint (CheckpointError: none)."""
+  from clip_jax.checkpoint import MODEL_CONFIG_FILE
   with open(os.path.join(path, MODEL_CONFIG_FILE)) as f:
     config = CLIPConfig.from_dict(json.load(f))
-  manager = make_manager(path, with_data=False, async_save=False)
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise CheckpointError(f"init.checkpoint {path}: a workdir of this project without a checkpoint yet.")
-    metadata = manager.item_metadata(step)["state"]
-  finally:
-    manager.close()
+  state_dir = _newest_state_dir(path)
+  import orbax.checkpoint as ocp
+  with ocp.PyTreeCheckpointer() as checkpointer:  # the state item alone (the iterator's is not ours)
+    metadata = checkpointer.metadata(state_dir).item_metadata.tree
   variables = {k: metadata[k] for k in ("params", "batch_stats") if k in metadata and metadata[k]}
   return config, {k: tuple(m.shape) for k, m in traverse_util.flatten_dict(variables).items()}
 
@@ -173,6 +170,32 @@ def load_init(path: str, target: Mapping[str, Any], model_config: CLIPConfig, *,
   _, host = _host_variables(path, model_config, model_name, act)
   keys = _check_shapes(path, {k: v.shape for k, v in host.items()}, flat_target, pattern)
   return traverse_util.unflatten_dict({k: _place(host[k], flat_target[k]) for k in keys})
+
+
+def workdir_has_checkpoint(workdir: str) -> bool:
+  """Whether the run's own workdir holds a checkpoint step (the loop will resume from it)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def init_from_config(init: Any, workdir: str, model_config: CLIPConfig):
+  """The trainer's `init` section -> a function (target variables) -> loaded variables, or None
+  (no init.checkpoint, or the workdir resumes: its own checkpoint wins). Every mistake is a
+  UserError (one line). A config that marks init.checkpoint required (None) must be given one."""
+  from clip_jax import cli
+  if init is None or init.get("checkpoint", "") == "":
+    return None
+  if workdir_has_checkpoint(workdir):
+    if jax.process_index() == 0:
+      print(f"{workdir} holds a checkpoint: resuming from it; init.checkpoint is not read.", flush=True)
+    return None
+  if init.checkpoint is None:
+    raise UserError("this config starts from a pretrained model: give --config.init.checkpoint=PATH.")
+
+  def load(target):
+    return cli.as_user_errors(load_init, init.checkpoint, target, model_config, model_name=init.get("model_name"),
+                              act=init.get("act"), dont_load=init.get("dont_load"))
+  return load
 
 
 def merge(fresh: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:

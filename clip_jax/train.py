@@ -28,7 +28,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import checkpoint as ckpt
-from clip_jax import loop, losses, optim, sharding
+from clip_jax import loop, losses, optim, pretrained, sharding
 from clip_jax.models.clip import CLIP, create_model
 from clip_jax.observe import write_results
 
@@ -57,9 +57,14 @@ def dummy_inputs(model: CLIP, batch: int = 1):
 
 
 # ----------------------------------------------------------------------------- state
-def create_train_state(model: CLIP, opt_cfg, mesh, rules, rng: jax.Array):
+def create_train_state(model: CLIP, opt_cfg, mesh, rules, rng: jax.Array, *, lock: dict | None = None,
+                       init_from: Callable[[Any], Any] | None = None):
   """Parameters and optimizer state created directly in their shardings.
 
+  lock: `optim.lock_mask`'s options (locked parameters get no optimizer state). init_from: a
+  function of the variables' ShapeDtypeStructs (with their shardings) returning pretrained
+  variables already placed so (`pretrained.init_from_config`); called before anything compiles,
+  its leaves replace the fresh ones, the optimizer state starts fresh.
   Returns (state, state_shardings, optimizer). The state is a dict: step, params, batch_stats
   (ResNets), opt_state, rng, and the loop's non-finite step counters.
   """
@@ -67,7 +72,11 @@ def create_train_state(model: CLIP, opt_cfg, mesh, rules, rng: jax.Array):
   abstract_vars = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model)), init_rng)
   var_shardings = sharding.logical_shardings(abstract_vars, mesh, rules)
   abstract_params = nn.meta.unbox(abstract_vars["params"])
-  tx = optim.make_optimizer(opt_cfg, abstract_params)
+  tx = optim.make_optimizer(opt_cfg, abstract_params, frozen=optim.lock_mask(abstract_params, **lock) if lock else None)
+  loaded = {}
+  if init_from is not None:
+    loaded = init_from(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    nn.meta.unbox(abstract_vars), var_shardings))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, P())
   state_shardings = {
@@ -79,15 +88,16 @@ def create_train_state(model: CLIP, opt_cfg, mesh, rules, rng: jax.Array):
   if "batch_stats" in abstract_vars:
     state_shardings["batch_stats"] = var_shardings["batch_stats"]
 
-  def init(init_rng, train_rng):
-    variables = nn.meta.unbox(model.init(init_rng, *dummy_inputs(model)))
+  def init(init_rng, train_rng, loaded):
+    # Loaded leaves pass through unchanged (bitwise); XLA drops their random initialisation.
+    variables = pretrained.merge(nn.meta.unbox(model.init(init_rng, *dummy_inputs(model))), loaded)
     state = {**loop.init_counters(), "params": variables["params"], "opt_state": tx.init(variables["params"]),
              "rng": train_rng}
     if "batch_stats" in variables:
       state["batch_stats"] = variables["batch_stats"]
     return state
 
-  state = jax.jit(init, out_shardings=state_shardings)(init_rng, train_rng)
+  state = jax.jit(init, out_shardings=state_shardings, donate_argnums=(2,))(init_rng, train_rng, loaded)
   return state, state_shardings, tx
 
 
@@ -163,20 +173,25 @@ def make_loss_and_grad(model: CLIP, *, loss_kind: str, mesh, microbatches: int =
 
 
 def make_train_step(model: CLIP, tx, *, loss_kind: str, mesh, microbatches: int,
-                    schedule: Callable[[jax.Array], jax.Array]):
+                    schedule: Callable[[jax.Array], jax.Array], frozen: Any | None = None):
   """update(state, batch) -> (state, metrics): one optimizer update on {'image', 'tokens'}. The
   stored logit_scale is clamped at ln 100 after the update. Non-finite steps are the loop's
-  (`loop.skip_nonfinite` wraps this)."""
+  (`loop.skip_nonfinite` wraps this). `frozen` (True leaves: locked parameters) stops their
+  gradients, so a locked tower's backward pass is not computed; a locked ResNet keeps its
+  BatchNorm statistics."""
   loss_and_grad = make_loss_and_grad(model, loss_kind=loss_kind, mesh=mesh, microbatches=microbatches)
+  image_locked = frozen is not None and all(jax.tree.leaves(frozen.get("visual", {})))
 
   def train_step(state, batch):
     params = state["params"]
-    loss, grads, new_stats = loss_and_grad(params, state.get("batch_stats"), batch["image"], batch["tokens"])
+    live = params if frozen is None else jax.tree.map(
+        lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    loss, grads, new_stats = loss_and_grad(live, state.get("batch_stats"), batch["image"], batch["tokens"])
     updates, new_opt_state = tx.update(grads, state["opt_state"], params)
     new_params = dict(optax.apply_updates(params, updates))
     new_params["logit_scale"] = jnp.minimum(new_params["logit_scale"], MAX_LOG_SCALE)
     new_state = dict(state, params=new_params, opt_state=new_opt_state)
-    if new_stats is not None:
+    if new_stats is not None and not image_locked:
       new_state["batch_stats"] = new_stats
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "logit_scale": losses.clamp_logit_scale(params["logit_scale"]),
@@ -269,7 +284,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
-  state, state_shardings, tx = create_train_state(model, cfg.optimizer, mesh, rules, jax.random.key(cfg.seed))
+  lock = {k: cfg[k] for k in optim.LOCK_KEYS if k in cfg}
+  lock = lock if lock.get("lock_image") or lock.get("lock_text") else None
+  # A pretrained start (init.checkpoint) is checked and placed before anything compiles.
+  init_from = pretrained.init_from_config(cfg.get("init"), workdir, model.config)
+  state, state_shardings, tx = create_train_state(model, cfg.optimizer, mesh, rules, jax.random.key(cfg.seed),
+                                                  lock=lock, init_from=init_from)
   # --- input: each process reads its own rows; they become one global batch over the batch axes
   data_iter = build_input(cfg, model)
 
@@ -279,7 +299,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     return sharding.place_local_batch({k: local[k] for k in ("image", "tokens")}, mesh)
   # --- the update step
   update = make_train_step(model, tx, loss_kind=cfg.loss.kind, mesh=mesh, microbatches=cfg.gradient_accumulation,
-                           schedule=optim.learning_rate_schedule(cfg.optimizer))
+                           schedule=optim.learning_rate_schedule(cfg.optimizer),
+                           frozen=optim.lock_mask(state["params"], **lock) if lock else None)
   # --- evaluators: every process runs them (sharded embedding passes) at the same steps
   hooks = []
   if evaluators and cfg.eval_every:

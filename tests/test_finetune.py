@@ -1,5 +1,6 @@
 """Starting from a pretrained CLIP: locked towers (== open_clip's lock groups), layer-wise
 learning-rate decay, and the trainer's `init` (bitwise loading, resume wins, clear errors)."""
+import os
 import re
 
 import jax
@@ -58,10 +59,10 @@ def test_lock_groups_equal_open_clip(tower):
       p.requires_grad = True
     if tower == "image":
       reference.lock_image_tower(unlocked_groups=unlocked)
-      mask = optim.lock_mask(variables["params"], image=True, image_unlocked_groups=unlocked)
+      mask = optim.lock_mask(variables["params"], lock_image=True, lock_image_unlocked_groups=unlocked)
     else:
       reference.lock_text_tower(unlocked_layers=unlocked)
-      mask = optim.lock_mask(variables["params"], text=True, text_unlocked_layers=unlocked)
+      mask = optim.lock_mask(variables["params"], lock_text=True, lock_text_unlocked_layers=unlocked)
     expected = _open_clip_trainable(reference)
     ours = {k: not v for k, v in _flat(mask).items()}
     assert ours == expected, f"{tower} unlocked={unlocked}"
@@ -69,13 +70,13 @@ def test_lock_groups_equal_open_clip(tower):
 
 def test_lock_errors_are_clear():
   vit, resnet = _tiny_params(), _tiny_params(resnet=True)
-  with pytest.raises(ValueError, match="lock.image_unlocked_groups=2 needs lock.image=True"):
-    optim.lock_mask(vit, image_unlocked_groups=2)
+  with pytest.raises(ValueError, match="lock_image_unlocked_groups=2 needs lock_image=True"):
+    optim.lock_mask(vit, lock_image_unlocked_groups=2)
   with pytest.raises(ValueError, match="only 4 groups"):
-    optim.lock_mask(vit, image=True, image_unlocked_groups=5)
+    optim.lock_mask(vit, lock_image=True, lock_image_unlocked_groups=5)
   with pytest.raises(ValueError, match="ResNet image tower is locked whole"):
-    optim.lock_mask(resnet, image=True, image_unlocked_groups=1)
-  assert all(v for k, v in _flat(optim.lock_mask(resnet, image=True)).items() if k.startswith("visual/"))
+    optim.lock_mask(resnet, lock_image=True, lock_image_unlocked_groups=1)
+  assert all(v for k, v in _flat(optim.lock_mask(resnet, lock_image=True)).items() if k.startswith("visual/"))
 
 
 def test_layer_decay_scales_follow_beit():
@@ -115,7 +116,7 @@ def _one_update(tx, params, grads):
 
 def test_locked_parameters_have_no_moments_and_no_update():
   params = _tiny_params()
-  frozen = optim.lock_mask(params, image=True)
+  frozen = optim.lock_mask(params, lock_image=True)
   tx = optim.make_optimizer(_opt_cfg(), params, frozen=frozen)
   updates, opt_state = _one_update(tx, params, _grads(params))
   trainable_size = sum(x.size for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen)) if not f)
@@ -138,7 +139,7 @@ def test_layer_decay_scales_each_update_exactly():
   u_decayed = _flat(_one_update(optim.make_optimizer(_opt_cfg(layer_decay=0.5), params), params, grads)[0])
   for key, u in u_decayed.items():
     np.testing.assert_array_equal(u, u_plain[key] * scales[key], err_msg=key)
-  locked = optim.make_optimizer(_opt_cfg(layer_decay=0.5), params, frozen=optim.lock_mask(params, text=True))
+  locked = optim.make_optimizer(_opt_cfg(layer_decay=0.5), params, frozen=optim.lock_mask(params, lock_text=True))
   u_locked = _flat(_one_update(locked, params, grads)[0])
   assert all(not np.any(u) for k, u in u_locked.items() if k.startswith("text/"))
   assert np.any(u_locked["visual/conv1"])
@@ -235,3 +236,106 @@ def test_load_init_resamples_a_new_image_size(init_sources):
     loaded = pretrained.load_init(init_sources[kind], _target(model), model.config)
     want = resize.resize_grid_embedding(init_sources["variables"]["params"]["visual"]["positional_embedding"], 6)
     np.testing.assert_array_equal(np.asarray(loaded["params"]["visual"]["positional_embedding"]), want)
+
+
+# ----------------------------------------------------------------------------- the trainer
+def _train(workdir, evaluators=None, **overrides):
+  """train_and_evaluate on a tiny synthetic config over a (data 2, fsdp 4) mesh; lr 0 by default."""
+  from clip_jax import train as trainer
+  from tests.test_train import tiny_config
+  cfg = tiny_config(**{"total_steps": 1, "optimizer.learning_rate": 0.0, "optimizer.warmup_steps": 0,
+                       "mesh.data": 2, "mesh.fsdp": 4, "checkpoint_every": 1, **overrides})
+  return trainer.train_and_evaluate(cfg, str(workdir), evaluators)
+
+
+def _host_params(out):
+  return traverse_util.flatten_dict(jax.device_get(out["state"]["params"]))
+
+
+@pytest.mark.slow  # three tiny training runs (compiling each)
+@pytest.mark.parametrize("kind", ["open_clip.pt", "hf", "workdir"])
+def test_lr0_step_keeps_the_loaded_checkpoint_bitwise(init_sources, tmp_path, kind):
+  out = _train(tmp_path / "run", **{"init.checkpoint": init_sources[kind]})
+  assert out["step"] == 1
+  params = _host_params(out)
+  for key, want in traverse_util.flatten_dict(init_sources["variables"]["params"]).items():
+    np.testing.assert_array_equal(params[key], want, err_msg=str(key))
+
+
+@pytest.mark.slow  # a training run plus two zero-shot evaluations
+def test_zeroshot_at_step0_equals_the_evaluation_cli(init_sources, tmp_path):
+  """With learning rate 0 the model after step 1 is the checkpoint (previous test), so the
+  trainer's zero-shot hook there reports step 0's accuracy; the evaluation CLI gives the same."""
+  import json
+  from clip_jax import evaluate
+  from clip_jax.eval.zeroshot import build_training_evaluators
+  from tests.test_train import tiny_config
+  cfg = tiny_config(**{"init.checkpoint": init_sources["open_clip.pt"]})
+  cfg.zeroshot_eval = ml_collections.ConfigDict(dict(enabled=True, source="digits", split="test", batch_size=64,
+                                                     limit=128))
+  out = _train(tmp_path / "run", build_training_evaluators(cfg),
+               **{"init.checkpoint": init_sources["open_clip.pt"], "eval_every": 1})
+  assert evaluate.main(["--checkpoint", init_sources["open_clip.pt"], "--model-name", "ViT-Tiny", "--tasks",
+                        "zeroshot:digits", "--limit", "128", "--batch-size", "64", "--out", str(tmp_path / "eval")]) == 0
+  cli = json.load(open(tmp_path / "eval" / "results.json"))["results"][0]["metrics"]
+  for metric in ("top1", "top5", "mean_per_class"):
+    assert out["eval"][f"zeroshot/digits/{metric}"] == cli[metric], metric
+
+
+@pytest.mark.slow  # two short training runs
+def test_lock_image_trains_only_the_text_tower_and_resume_wins(init_sources, tmp_path):
+  run = tmp_path / "lit"
+  out = _train(run, **{"init.checkpoint": init_sources["open_clip.pt"], "lock_image": True, "total_steps": 3,
+                       "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 1, "checkpoint_every": 3})
+  params, loaded = _host_params(out), traverse_util.flatten_dict(init_sources["variables"]["params"])
+  for key, want in loaded.items():
+    if key[0] == "visual":
+      np.testing.assert_array_equal(params[key], want, err_msg=str(key))
+  assert all(not np.array_equal(params[k], v) for k, v in loaded.items() if k[0] == "text")
+  trainable = sum(v.size for k, v in loaded.items() if k[0] != "visual")
+  moments = sum(x.size for x in jax.tree.leaves(out["state"]["opt_state"]) if jnp.issubdtype(x.dtype, jnp.floating))
+  assert moments == 2 * trainable  # Adam's mu and nu for the text tower and temperature only
+  # The workdir's own checkpoint wins over init (here a path that does not even exist).
+  again = _train(run, **{"init.checkpoint": "/nonexistent.pt", "lock_image": True, "total_steps": 4,
+                         "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 1, "checkpoint_every": 4})
+  assert again["step"] == 4
+  resumed = _host_params(again)
+  for key in loaded:
+    if key[0] == "visual":
+      np.testing.assert_array_equal(resumed[key], loaded[key], err_msg=str(key))
+
+
+def test_init_mistakes_are_one_line_before_anything_compiles(init_sources, tmp_path):
+  """A wrong path, another architecture, a stated GELU/QuickGELU mismatch: a UserError each (the
+  CLI prints it as one line), raised before the state's init function is compiled."""
+  from clip_jax.cli import UserError
+  compiled = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name"))
+  wide = tmp_path / "wide.pt"
+  torch.save(_tiny_open_clip_like_vit_tiny(vision_width=128).state_dict(), wide)
+  cases = [({"init.checkpoint": "/nonexistent.pt"}, "init.checkpoint /nonexistent.pt: no such file or directory"),
+           ({"init.checkpoint": str(wide)}, r"parameter visual/class_embedding has shape \(128,\)"),
+           ({"init.checkpoint": init_sources["open_clip.pt"], "init.act": "quick_gelu"},
+            r"activation is quick_gelu \(as init.act / init.model_name state\), but the configured model uses gelu")]
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for i, (overrides, message) in enumerate(cases):
+      with pytest.raises(UserError, match=message) as error:
+        _train(tmp_path / f"run{i}", **overrides)
+      assert "\n" not in str(error.value)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert "init" not in compiled, compiled
+
+
+def test_cli_reports_an_init_mistake_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "clip_jax.train", "--config=configs/clip/digits.py:runlocal",
+                         f"--workdir={tmp_path / 'run'}", "--config.init.checkpoint=/nonexistent.pt"],
+                        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == ["error: init.checkpoint /nonexistent.pt: no such file or directory."]

@@ -54,7 +54,7 @@ def _save_random_tiny(path, seed, **overrides):
   return str(path)
 
 
-@pytest.mark.slow  # five evaluations of a tiny model: ~40 s on the 2-core box
+@pytest.mark.slow  # four evaluations of a tiny model
 def test_cli_endpoints_equal_the_evaluation_cli(tmp_path, capsys):
   """alpha 0 and 1 give the evaluation CLI's numbers on each input; the table and plot are written;
   a pair of another architecture is one error line."""

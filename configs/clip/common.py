@@ -27,7 +27,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4, end_learning_rate=0.0, warmup_steps=100,
-      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0, frozen_regex=""))
+      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0, frozen_regex="",
+      layer_decay=0.0))          # layer_decay d in (0, 1]: block i of L trains at d ** (L - i) x the rate (BEiT)
+  # Start from a pretrained CLIP (clip_jax/pretrained.py): any file, Hugging Face directory or workdir
+  # that clip_jax.load_checkpoint reads. A checkpoint of the run's own workdir wins (it resumes).
+  # model_name / act: facts a bare state dict does not hold; dont_load: a regex of parameters that
+  # keep their fresh initialisation (e.g. '^text/').
+  c.init = ml_collections.ConfigDict(dict(checkpoint="", model_name="", act="", dont_load=""))
+  # Locked towers get no update and no optimizer state, as open_clip's flags of the same names; the
+  # last N groups / layers of a locked tower stay trainable. LiT: lock_image=True.
+  c.lock_image = False
+  c.lock_image_unlocked_groups = 0
+  c.lock_text = False
+  c.lock_text_unlocked_layers = 0
   # The schedule's length follows total_steps, also when --config.total_steps overrides it.
   c.optimizer.total_steps = c.get_ref("total_steps")
   c.max_nonfinite_steps = 10  # this many skipped (non-finite) steps in a row stop the run
