@@ -4,10 +4,15 @@ r"""Ablation sweeps: a sweep file lists config overrides; each becomes one run w
     python -m launch.sweep SWEEP.py --base-config=configs/clip/digits.py --root=DIR --dry-run
     python -m launch.sweep SWEEP.py --root=DIR --emit=slurm --nodes=1 --gpus-per-node=8 --partition=gpu
     python -m launch.sweep SWEEP.py --root=DIR --num-processes=2 --devices-per-process=4 -- --config.log_every=5
+    python -m launch.sweep SWEEP.py --base-config=configs/dreambooth/default.py --root=DIR \
+        -- --config.pretrained_model=SD_DIR --config.instance_dir=PHOTOS --config.class_noun=dog
 
 A sweep file is Python, like a config: `get_sweep()` returns a list of override dicts
 ({'global_batch': 64, 'seed': 1, 'optimizer.learning_rate': 1e-3}), built with `grid`, `zipped`,
 `product`, `seeds` and `fixed` below. It may set `BASE_CONFIG` (used when --base-config is not given).
+Both trainers share the config vocabulary (total_steps, global_batch, ...), so a sweep works the same
+for CLIP and DreamBooth; the trainer module follows the base config's folder (configs/clip/ ->
+clip_jax.train, configs/dreambooth/ -> dreambooth_jax.train) unless --module is given.
 
 Runs go one after another into ROOT/NAME, NAME made of the overrides that vary across the sweep
 ('global_batch=64_seed=1'). A run counts as finished when its workdir holds DONE or a checkpoint
@@ -164,6 +169,15 @@ def cli_value(value: Any) -> str:
   return str(value)
 
 
+TRAINERS = {"clip": "clip_jax.train", "dreambooth": "dreambooth_jax.train"}
+
+
+def trainer_module(base_config: str) -> str | None:
+  """The trainer of a base config by its folder: configs/<system>/... -> TRAINERS[system]."""
+  folder = os.path.basename(os.path.dirname(os.path.abspath(base_config.partition(":")[0])))
+  return TRAINERS.get(folder)
+
+
 def trainer_args(run: Run, base_config: str, extra: list[str]) -> list[str]:
   return [f"--config={base_config}", f"--workdir={run.workdir}",
           *[f"--config.{k}={cli_value(v)}" for k, v in run.overrides.items()], *extra]
@@ -242,6 +256,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
   if not args.dry_run:
     write_sweep_record(args.root, args.sweep, base, runs, extra)
   sweep_name = os.path.basename(os.path.normpath(args.root))
+  module = trainer_module(base)
+  if module and not any(a == "--module" or a.startswith("--module=") for a in launcher_args):
+    launcher_args = [f"--module={module}", *launcher_args]
   failed, interrupted = [], False
   for i, run in enumerate(runs):
     total = final_step(base, run.overrides, extra)

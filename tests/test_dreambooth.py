@@ -1,9 +1,7 @@
 """DreamBooth: the loss, the identifier, class-image caching, training, resume and export."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +19,9 @@ from dreambooth_jax.sampling import pipeline as sd
 from dreambooth_jax.sampling import schedulers
 from dreambooth_jax import train as db
 from dreambooth_jax.embedded.tiny import SD_SCHEDULER, make_tiny_pipeline
+from killresume import kill_then_resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _has_checkpoint(workdir) -> bool:
-  directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,8 @@ def tiny_config(model_dir, instance_dir, *args, **overrides):
   c.dtype = "float32"
   c.progress_bar = False
   c.async_checkpoints = False
-  c.validation.every = 0
+  c.eval_every = 0
+  c.compilation_cache = ""
   c.update_from_flattened_dict(overrides)  # dotted keys, e.g. {"loss.kind": "sigmoid"}
   return c
 
@@ -164,18 +159,19 @@ def test_training_lowers_instance_loss_and_touches_only_trained_params(tmp_path,
   steps = 30
   cfg = tiny_config(tiny_model_dir, instance_dir, *(("lora",) if mode == "lora" else ()),
                     with_prior_preservation=False, random_crop=False, flip=False, checkpoint_every=1000)
-  cfg.optimizer.total_steps = steps
+  cfg.total_steps = steps
   cfg.optimizer.learning_rate = 5e-3 if mode == "lora" else 1e-3
   cfg.train.lora_rank = 8
   pipe = sd.load_pipeline(tiny_model_dir)
   schedule = schedulers.NoiseSchedule.from_config(pipe.scheduler_config)
-  loss_fn = jax.jit(db.make_loss_fn(cfg, pipe, schedule, num_instance=4))
+  loss_fn = jax.jit(db.make_loss_fn(pipe, schedule, num_instance=4,
+                                    params_fn=lambda frozen, trained: db.model_params(cfg, frozen, trained)))
   images, _ = db_data.load_image_folder(instance_dir)
   pixels = jnp.asarray(db_data.sample_batch(images, 4, 32, 0, 0, 0, random_crop=False, flip=False))
   tokens = jnp.asarray(sd.tokenize(pipe, ["a sks square"] * 4))
 
   def held_out_loss(trainable):  # same noise and timesteps before and after training
-    return float(np.mean([loss_fn(trainable, pipe.params, pixels, tokens, jax.random.key(100 + i))[0]
+    return float(np.mean([loss_fn(trainable, pipe.params, pixels, tokens, jax.random.split(jax.random.key(100 + i), 4))[0]
                           for i in range(8)]))
 
   before = held_out_loss(db.init_trainable(cfg, pipe, jax.random.key(cfg.seed)))
@@ -202,7 +198,7 @@ def test_prior_preservation_run_writes_class_images_samples_and_a_diffusers_expo
   diffusers = pytest.importorskip("diffusers")
   torch = pytest.importorskip("torch")
   cfg = tiny_config(tiny_model_dir, instance_dir)
-  cfg.validation.every = 4
+  cfg.eval_every = 4
   out = db.train_and_export(cfg, str(tmp_path))
   assert db_data.count_class_images(str(tmp_path / "class_images")) == cfg.num_class_images
   assert os.path.exists(tmp_path / "samples" / "step_000004.png")
@@ -227,8 +223,8 @@ def test_clear_errors(tmp_path, tiny_model_dir, instance_dir):
 def _cmd(workdir, model_dir, instance_dir, steps):
   return [sys.executable, "-m", "dreambooth_jax.train", "--config=configs/dreambooth/default.py:runlocal,lora",
           f"--workdir={workdir}", f"--config.pretrained_model={model_dir}", f"--config.instance_dir={instance_dir}",
-          "--config.class_noun=square", "--config.dtype=float32", f"--config.optimizer.total_steps={steps}",
-          "--config.checkpoint_every=2", "--config.validation.every=0", "--config.progress_bar=False",
+          "--config.class_noun=square", "--config.dtype=float32", f"--config.total_steps={steps}",
+          "--config.checkpoint_every=2", "--config.eval_every=0", "--config.progress_bar=False",
           "--config.num_class_images=2", "--config.class_generation.batch_size=2"]
 
 
@@ -239,22 +235,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, 
   subprocess.run(_cmd(tmp_path / "straight", tiny_model_dir, instance_dir, steps), cwd=REPO, env=env, check=True,
                  capture_output=True)
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(workdir, tiny_model_dir, instance_dir, steps), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
-  kill_after = int(np.random.default_rng().integers(3, 7))
-  while time.time() < deadline and proc.poll() is None:
-    # After the first finalized checkpoint (an async save may still be in flight at that step).
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after and _has_checkpoint(workdir):
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.05)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  resumed = subprocess.run(_cmd(workdir, tiny_model_dir, instance_dir, steps), cwd=REPO, env=env,
-                           capture_output=True, text=True)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "Resuming from the checkpoint of step" in resumed.stdout
+  kill_then_resume(_cmd(workdir, tiny_model_dir, instance_dir, steps), str(workdir), cwd=REPO, env=env)
   a = sd.load_pipeline(str(tmp_path / "straight" / "export")).params["unet"]
   b = sd.load_pipeline(str(workdir / "export")).params["unet"]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -263,14 +244,14 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, 
 
 @pytest.mark.slow
 def test_text_encoder_training_accumulation_and_remat(tmp_path, tiny_model_dir, instance_dir):
-  """LoRA on the UNet and the text encoder (as diffusers' LoRA DreamBooth), 2 micro-steps per update, remat."""
+  """LoRA on the UNet and the text encoder (as diffusers' LoRA DreamBooth), 2 micro-batches per update, remat."""
   cfg = tiny_config(tiny_model_dir, instance_dir, "lora", with_prior_preservation=False, remat=True,
                     gradient_accumulation=2, checkpoint_every=1000, identifier="sks",
                     **{"train.train_text_encoder": True, "train.text_encoder_learning_rate": 1e-3})
-  cfg.optimizer.total_steps = 2  # updates; 4 micro-steps
+  cfg.total_steps, cfg.global_batch = 2, 2  # updates of 2 micro-batches of 1 instance image
   pipe = sd.load_pipeline(tiny_model_dir)
   out = db.train_and_export(cfg, str(tmp_path))
-  assert out["step"] == 4
+  assert out["step"] == 2
   trained = jax.device_get(out["state"]["trainable"])
   assert set(trained) == {"unet_lora", "text_encoder_lora"}
   text_params = jax.device_get(db.model_params(cfg, pipe.params, trained)["text_encoder"])
@@ -282,3 +263,83 @@ def test_text_encoder_training_accumulation_and_remat(tmp_path, tiny_model_dir, 
   exported = sd.load_pipeline(out["export_dir"])
   for a, b in zip(jax.tree.leaves(exported.params["text_encoder"]), jax.tree.leaves(text_params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- one loop, one vocabulary
+def test_class_images_beyond_the_number_asked_are_left_out_and_said(tmp_path, capsys):
+  """Issue 12.10: 7 class images on disk, num_class_images=4: the first 4 by name, and a line says so."""
+  for i in range(7):
+    Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(tmp_path / f"class_{i:05d}.png")
+  cfg = get_config("runlocal")
+  cfg.num_class_images = 4
+  images = db.load_class_images(cfg, str(tmp_path))
+  assert [int(np.asarray(im)[0, 0, 0]) for im in images] == [0, 20, 40, 60]
+  said = capsys.readouterr().out
+  assert "Using 4 of the class images" in said and "3 more are left out" in said
+  cfg.num_class_images = 9
+  assert len(db.load_class_images(cfg, str(tmp_path))) == 7
+  assert "Only 7 class images" in capsys.readouterr().out
+
+
+def test_training_batch_lays_out_micro_batches_for_the_devices():
+  """Each micro-batch that `split_microbatches` recovers is [its instance rows; its class rows]."""
+  from clip_jax.sharding import split_microbatches
+  instance = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (0, 10, 20, 30)]
+  classes = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (200, 210, 220, 230)]
+  kwargs = dict(global_batch=4, size=4, seed=0, step=3, random_crop=False, flip=False)
+  whole = db_data.training_batch(instance, classes, np.array([1, 1]), np.array([2, 2]), microbatches=1, **kwargs)
+  split = db_data.training_batch(instance, classes, np.array([1, 1]), np.array([2, 2]), microbatches=2, **kwargs)
+  micro = np.asarray(split_microbatches(split["pixels"], 2))      # [2, 4, 4, 4, 3]
+  tokens = np.asarray(split_microbatches(split["tokens"], 2))     # [2, 4, 2]
+  for j in range(2):
+    np.testing.assert_array_equal(micro[j, :2], whole["pixels"][2 * j:2 * j + 2])   # instance rows
+    np.testing.assert_array_equal(micro[j, 2:], whole["pixels"][4 + 2 * j:6 + 2 * j])  # class rows
+    assert tokens[j, :2].tolist() == [[1, 1]] * 2 and tokens[j, 2:].tolist() == [[2, 2]] * 2
+
+
+@pytest.mark.slow
+def test_microbatches_give_the_full_batch_loss_and_gradient(tiny_model_dir, instance_dir):
+  import optax
+  from clip_jax import loop, sharding
+  pipe = sd.load_pipeline(tiny_model_dir)
+  schedule = schedulers.NoiseSchedule.from_config(pipe.scheduler_config)
+  images, _ = db_data.load_image_folder(instance_dir)
+  tokens = sd.tokenize(pipe, ["a sks square", "a square"])
+  trainable = {"unet": pipe.params["unet"]}
+  tx = optax.sgd(1.0)
+  state = {**loop.init_counters(), "trainable": trainable, "opt_state": tx.init(trainable), "rng": jax.random.key(0)}
+  results = []
+  for k in (1, 2):
+    loss_fn = db.make_loss_fn(pipe, schedule, num_instance=4 // k, params_fn=lambda f, t: {**f, **t})
+    batch = db_data.training_batch(images, images, tokens[0], tokens[1], global_batch=4, microbatches=k, size=32,
+                                   seed=0, step=0)
+    mesh = sharding.create_mesh({"data": 8})
+    step = jax.jit(db.make_train_step(loss_fn, tx, k))
+    results.append(step(state, sharding.place_global_batch(batch, mesh), pipe.params))
+  (state_1, metrics_1), (state_2, metrics_2) = results
+  for key in ("loss", "instance_loss", "prior_loss", "grad_norm"):
+    np.testing.assert_allclose(metrics_2[key], metrics_1[key], rtol=2e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(state_2["trainable"]), jax.tree.leaves(state_1["trainable"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_nan_step_is_skipped_counted_and_never_checkpointed(tmp_path, tiny_model_dir, instance_dir, monkeypatch):
+  real = db_data.training_batch
+
+  def poisoned(*args, step, **kwargs):
+    batch = real(*args, step=step, **kwargs)
+    if step == 2:  # the third step's images are NaN
+      batch["pixels"][:] = np.nan
+    return batch
+  monkeypatch.setattr(db_data, "training_batch", poisoned)
+  cfg = tiny_config(tiny_model_dir, instance_dir, "lora", with_prior_preservation=False, identifier="sks",
+                    checkpoint_every=1, log_every=1)
+  out = db.train_and_export(cfg, str(tmp_path))
+  from clip_jax.observe import read_metrics
+  records = read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert [r["skipped"] for r in records] == [0, 0, 1, 0] and records[-1]["nonfinite_total"] == 1
+  # Step 3 was never saved (a streak was on); every checkpoint holds finite weights.
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert 3 not in steps and steps[-1] == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(out["state"]["trainable"])))

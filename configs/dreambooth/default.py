@@ -8,6 +8,11 @@ Arguments after the colon: `lora` (rank-4 LoRA instead of the full UNet), `runlo
 Paper defaults: prior-preservation weight 1, ~1000 steps at lr 5e-6 for the full UNet (LoRA: 1e-4,
 not from the paper). The paper generates about 1,000 class images from the frozen model ("but less
 can be used"); the default here is 200 (`num_class_images`), this project's cheaper choice.
+
+The fields shared with the CLIP trainer (seed, total_steps, global_batch, gradient_accumulation,
+dtype, remat, eval_every, log_every, checkpoint_every, keep_checkpoints, async_checkpoints,
+max_nonfinite_steps, progress_bar, compilation_cache, mesh, logical_axis_rules) mean the same in
+both; WORKSPACE.md lists them once.
 """
 import ml_collections
 
@@ -32,8 +37,9 @@ def get_config(arg: str | None = None):
   c.resolution = 0              # 0: the model's own (512 for SD 1.x)
   c.random_crop = True
   c.flip = True
-  c.batch_size = 1              # instance images per step (as many class images join them)
-  c.gradient_accumulation = 1
+  c.total_steps = 1000          # optimizer updates
+  c.global_batch = 1            # instance images per update, all processes (as many class images join them)
+  c.gradient_accumulation = 1   # > 1: each update's batch in this many micro-batches (same loss and gradient)
   c.offset_noise = 0.0
   c.min_snr_gamma = 0.0         # > 0: min-SNR weighting of both terms (e.g. 5)
   c.dtype = "bfloat16"          # compute dtype; parameters stay float32
@@ -42,26 +48,31 @@ def get_config(arg: str | None = None):
                                            lora_targets=r"attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$",
                                            train_text_encoder=False, text_encoder_learning_rate=5e-6))
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-6, schedule="constant", warmup_steps=0,
-                                               total_steps=1000, b1=0.9, b2=0.999, eps=1e-8,
+                                               b1=0.9, b2=0.999, eps=1e-8,
                                                weight_decay=1e-2, grad_clip_norm=1.0))
+  # The schedule's length follows total_steps, also when --config.total_steps overrides it.
+  c.optimizer.total_steps = c.get_ref("total_steps")
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
+  c.eval_every = 250            # validation sample grids (and the last step); 0: off
   c.validation = ml_collections.ConfigDict(dict(
-      every=250, steps=25, sampler="dpm++2m", guidance_scale=7.5, images_per_prompt=4,
+      steps=25, sampler="dpm++2m", guidance_scale=7.5, images_per_prompt=4,
       prompts=["{subject}", "{subject} in the snow", "{subject} on the beach", "a {class_noun}"]))
   c.log_every = 10
   c.checkpoint_every = 250
   c.keep_checkpoints = 2
   c.async_checkpoints = True
+  c.max_nonfinite_steps = 10    # this many skipped (non-finite) steps in a row stop the run
   c.progress_bar = True
+  c.compilation_cache = "auto"  # JAX's persistent cache: 'auto' (~/.cache/clip_jax/jax), 'workdir', a path, '' off
   if "lora" in args:
     c.train.mode = "lora"
     c.optimizer.learning_rate = 1e-4
   if "runlocal" in args:
-    c.optimizer.total_steps = 4
+    c.total_steps = 4
     c.num_class_images = 4
     c.class_generation.steps = 4
-    c.validation.every = 2
+    c.eval_every = 2
     c.validation.steps = 3
     c.validation.images_per_prompt = 1
     c.checkpoint_every = 2

@@ -23,12 +23,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                       batch_size=16))
   c.random_crop = False
   c.flip = False
-  c.batch_size = 4
+  c.global_batch = 4
   c.dtype = "float32"
   c.optimizer.learning_rate = 1e-4
-  c.optimizer.total_steps = 200
+  c.total_steps = 200
   c.optimizer.weight_decay = 0.0
-  c.validation.every = 0        # table3 samples the exported models itself
+  c.eval_every = 0              # table3 samples the exported models itself
   c.validation.guidance_scale = 3.0
   c.checkpoint_every = 1000     # only the last step (the run is short)
   c.async_checkpoints = False
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "noprior" in args:
     c.with_prior_preservation = False
   if "runlocal" in args:
-    c.optimizer.total_steps = 4
+    c.total_steps = 4
     c.num_class_images = 4
     c.class_generation.steps = 3
     c.class_generation.batch_size = 4

@@ -10,6 +10,8 @@ text-to-image with DreamBooth's own epsilon-prediction loss (`train.make_loss_fn
 "instance" row with its own caption). 10% of captions are dropped to "" so that classifier-free
 guidance works at sampling time. The result is a diffusers-format folder (`<workdir>/export`)
 that `python -m dreambooth_jax.train` fine-tunes, and a grid of samples (`<workdir>/samples.png`).
+Each stage runs on the shared training loop (`clip_jax.loop`) in its own folder (`<workdir>/vae`,
+`<workdir>/unet`: checkpoints, metrics, loss plot), so an interrupted pretraining resumes.
 
 Why the text encoder trains jointly: it starts from random weights here, and a random encoder
 gives "7", "seven" and "a handwritten seven." unrelated states; training it lets the captions'
@@ -30,9 +32,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from clip_jax import optim
+from clip_jax import loop, optim, sharding
 from clip_jax.data import digits as digits_lib
-from clip_jax.observe import MetricWriter, Progress, loss_curve_png, read_metrics
+from clip_jax.observe import read_metrics
 from dreambooth_jax.sampling import pipeline as sd
 from dreambooth_jax.sampling import schedulers
 from dreambooth_jax import train as db_train
@@ -54,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.unet = ml_collections.ConfigDict(dict(steps=1200, learning_rate=1e-3, text_learning_rate=3e-4,
                                           caption_dropout=0.1))
   c.sample = ml_collections.ConfigDict(dict(steps=20, guidance_scale=3.0, sampler="dpm++2m", per_prompt=2))
+  c.log_every = 25
+  c.checkpoint_every = 500
   return c
 
 
@@ -84,7 +88,7 @@ def vae_loss(vae: AutoencoderKL, params, pixels: jax.Array, rng: jax.Array, kl_w
   l1 = jnp.mean(jnp.abs(recon - pixels))
   l2 = jnp.mean(jnp.square(recon - pixels))
   kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-  return l1 + l2 + kl_weight * kl, {"vae/l1": l1, "vae/l2": l2, "vae/kl": kl}
+  return l1 + l2 + kl_weight * kl, {"l1": l1, "l2": l2, "kl": kl}
 
 
 def recolour(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -98,31 +102,42 @@ def recolour(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return ((paper * (1.0 - ink) + ink_colour * ink) * 2.0 - 1.0).astype(np.float32)
 
 
-def train_vae(cfg, vae: AutoencoderKL, params, images: np.ndarray, writer: MetricWriter, progress: bool):
+def run_stage(cfg, workdir: str, trainable: dict[str, Any], tx, update, next_batch, total_steps: int, progress: bool,
+              args=()) -> dict[str, Any]:
+  """One stage on the shared loop, everything replicated on a mesh over all devices (the model is
+  tiny); the batch is split over the devices when it divides evenly. Returns the trained params."""
+  mesh = sharding.create_mesh({"data": -1})
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {**loop.init_counters(), "params": trainable, "opt_state": tx.init(trainable)}
+  state_shardings = jax.tree.map(lambda _: replicated, state)
+  state = sharding.put_global(state, state_shardings)
+  split = sharding.splits_evenly(cfg.batch_size, mesh)
+  args = tuple(sharding.put_global(a, jax.tree.map(lambda _: replicated, a)) for a in args)
+  options = loop.Options(total_steps=total_steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                         keep_checkpoints=1, progress_bar=progress)
+  result = loop.run(workdir=workdir, mesh=mesh, state=state, state_shardings=state_shardings, update=update,
+                    next_batch=lambda step: sharding.place_global_batch(next_batch(step), mesh, split),
+                    options=options, args=args, examples_per_step=cfg.batch_size, desc=os.path.basename(workdir))
+  return jax.device_get(result.state["params"])
+
+
+def train_vae(cfg, vae: AutoencoderKL, params, images: np.ndarray, workdir: str, progress: bool):
   tx = optax.adam(optax.cosine_decay_schedule(cfg.vae.learning_rate, max(cfg.vae.steps, 1), 0.1))
-  opt_state = tx.init(params)
 
-  @jax.jit
-  def step_fn(params, opt_state, pixels, rng):
+  def update(state, batch):
     (loss, parts), grads = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)(
-        vae, params, pixels, rng, cfg.vae.kl_weight)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"vae/loss": loss, **parts}
+        vae, state["params"], batch["pixels"], jax.random.key(state["step"]), cfg.vae.kl_weight)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return (dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state),
+            {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts})
 
-  bar = Progress(cfg.vae.steps, enabled=progress, desc="vae")
-  for step in range(cfg.vae.steps):
+  def next_batch(step):
     pixels = images[batch_indices(len(images), cfg.batch_size, cfg.seed, step)]
     # Half of each batch recoloured, half as the UNet will see them.
     coloured = recolour(pixels, np.random.default_rng([cfg.seed, 2, step]))
-    pixels = jnp.asarray(np.where(np.arange(len(pixels))[:, None, None, None] % 2 == 1, coloured, pixels))
-    params, opt_state, metrics = step_fn(params, opt_state, pixels, jax.random.key(step))
-    bar.update(step + 1)
-    if (step + 1) % 25 == 0 or step + 1 == cfg.vae.steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      writer.write(step + 1, metrics)
-      bar.set_postfix(l1=metrics["vae/l1"])
-  bar.close()
-  return params
+    return {"pixels": np.where(np.arange(len(pixels))[:, None, None, None] % 2 == 1, coloured, pixels)}
+
+  return run_stage(cfg, os.path.join(workdir, "vae"), params, tx, update, next_batch, cfg.vae.steps, progress)
 
 
 def latent_scaling_factor(vae: AutoencoderKL, params, images: np.ndarray, seed: int) -> float:
@@ -134,13 +149,7 @@ def latent_scaling_factor(vae: AutoencoderKL, params, images: np.ndarray, seed: 
 
 
 # ----------------------------------------------------------------------------- stage 2: UNet + text
-def loss_config(cfg) -> ml_collections.ConfigDict:
-  """What `train.make_loss_fn` reads: plain epsilon MSE (no prior term, no min-SNR, no offset)."""
-  return ml_collections.ConfigDict(dict(min_snr_gamma=0.0, offset_noise=0.0, prior_loss_weight=0.0,
-                                        train=dict(mode="full")))
-
-
-def train_unet(cfg, pipe: sd.StableDiffusion, images: np.ndarray, labels: np.ndarray, writer: MetricWriter,
+def train_unet(cfg, pipe: sd.StableDiffusion, images: np.ndarray, labels: np.ndarray, workdir: str,
                progress: bool) -> dict[str, Any]:
   """Trains pipe.params['unet'] and ['text_encoder'] (VAE frozen); returns the new params."""
   captions = caption_table()
@@ -150,10 +159,12 @@ def train_unet(cfg, pipe: sd.StableDiffusion, images: np.ndarray, labels: np.nda
   all_tokens = sd.tokenize(pipe, flat + [""])
   empty_row = len(flat)
 
-  schedule = schedulers.NoiseSchedule.from_config(pipe.scheduler_config)
-  loss_fn = db_train.make_loss_fn(loss_config(cfg), pipe, schedule, num_instance=cfg.batch_size)
+  # DreamBooth's loss with every row an instance row with its own caption: plain epsilon MSE.
+  loss_fn = db_train.make_loss_fn(pipe, schedulers.NoiseSchedule.from_config(pipe.scheduler_config),
+                                  num_instance=cfg.batch_size, params_fn=lambda frozen, trained: {**frozen, **trained},
+                                  prior_weight=0.0)
   trainable = {"unet": pipe.params["unet"], "text_encoder": pipe.params["text_encoder"]}
-  frozen = dict(pipe.params)
+  frozen = {"vae": pipe.params["vae"]}
   total = max(cfg.unet.steps, 1)
   groups = {"unet": optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.unet.learning_rate, min(100, total // 10),
                                                                    total, cfg.unet.learning_rate * 0.05),
@@ -162,32 +173,25 @@ def train_unet(cfg, pipe: sd.StableDiffusion, images: np.ndarray, labels: np.nda
                                         weight_decay=1e-2, mask=optim.decay_mask)}
   labels_tree = {name: jax.tree.map(lambda _, n=name: n, sub) for name, sub in trainable.items()}
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(groups, labels_tree))
-  opt_state = tx.init(trainable)
 
-  @jax.jit
-  def step_fn(trainable, opt_state, frozen, pixels, tokens, rng):
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, pixels, tokens, rng)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, {"unet/loss": loss,
-                                                                "unet/grad_norm": optax.tree.norm(grads)}
+  def update(state, batch, frozen):
+    row_keys = jax.random.split(jax.random.key(cfg.seed * 100_003 + state["step"]), cfg.batch_size)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch["pixels"],
+                                                                 batch["tokens"], row_keys)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return (dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state),
+            {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
-  bar = Progress(cfg.unet.steps, enabled=progress, desc="unet")
-  ema_loss = None
-  for step in range(cfg.unet.steps):
+  def next_batch(step):
     rng = np.random.default_rng([cfg.seed, 1, step])
     picks = rng.integers(0, len(images), cfg.batch_size)
     rows = np.array([offsets[labels[i]] + rng.integers(0, len(captions[labels[i]])) for i in picks])
     rows = np.where(rng.random(cfg.batch_size) < cfg.unet.caption_dropout, empty_row, rows)
-    trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, jnp.asarray(images[picks]),
-                                            jnp.asarray(all_tokens[rows]), jax.random.key(cfg.seed * 100_003 + step))
-    bar.update(step + 1)
-    if (step + 1) % 25 == 0 or step + 1 == cfg.unet.steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      ema_loss = metrics["unet/loss"] if ema_loss is None else 0.7 * ema_loss + 0.3 * metrics["unet/loss"]
-      writer.write(cfg.vae.steps + step + 1, metrics)
-      bar.set_postfix(loss=ema_loss)
-  bar.close()
-  return dict(frozen, **jax.device_get(trainable))
+    return {"pixels": images[picks], "tokens": all_tokens[rows]}
+
+  trained = run_stage(cfg, os.path.join(workdir, "unet"), trainable, tx, update, next_batch, cfg.unet.steps,
+                      progress, args=(frozen,))
+  return dict(pipe.params, **trained)
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -200,19 +204,17 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
   images, labels = load_digits(cfg.image_size)
   pipe = make_tiny_pipeline(jax.random.key(cfg.seed), image_size=cfg.image_size)
   pipe.vae_scaling_factor = 1.0  # measured after stage 1
-  writer = MetricWriter(workdir)
   print(f"Pretraining a tiny Stable Diffusion on {len(images)} digits ({cfg.image_size} px) in {workdir}",
         flush=True)
 
-  vae_params = train_vae(cfg, pipe.vae, pipe.params["vae"], images, writer, progress)
+  vae_params = train_vae(cfg, pipe.vae, pipe.params["vae"], images, workdir, progress)
   scaling = latent_scaling_factor(pipe.vae, vae_params, images, cfg.seed)
   pipe.vae = pipe.vae.clone(config=dataclasses.replace(pipe.vae.config, scaling_factor=scaling))
   pipe.vae_scaling_factor = scaling
   pipe.params = dict(pipe.params, vae=vae_params)
   vae_seconds = time.time() - start
 
-  pipe.params = train_unet(cfg, pipe, images, labels, writer, progress)
-  writer.close()
+  pipe.params = train_unet(cfg, pipe, images, labels, workdir, progress)
   export_dir = sd.save_pipeline(pipe, os.path.join(workdir, "export"))
 
   samples = sd.generate(pipe, pipe.params, list(SAMPLE_PROMPTS), num_steps=cfg.sample.steps,
@@ -222,8 +224,8 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
   ordered = samples.reshape(len(SAMPLE_PROMPTS), cfg.sample.per_prompt, *samples.shape[1:]).transpose(1, 0, 2, 3, 4)
   grid = db_train.save_grid(ordered.reshape(-1, *samples.shape[1:]), os.path.join(workdir, "samples.png"),
                             columns=len(SAMPLE_PROMPTS))
-  loss_curve_png(writer.jsonl_path, os.path.join(workdir, "plots", "loss.png"), keys=("vae/loss", "unet/loss"))
-  final = {k: round(v, 5) for r in read_metrics(writer.jsonl_path) for k, v in r.items() if k != "step"}
+  final = {f"{stage}/{k}": round(v, 5) for stage in ("vae", "unet")
+           for r in read_metrics(os.path.join(workdir, stage, "metrics.jsonl")) for k, v in r.items() if k != "step"}
   summary = {"export_dir": export_dir, "samples": grid, "vae_scaling_factor": scaling,
              "vae_seconds": round(vae_seconds, 1), "seconds": round(time.time() - start, 1),
              "final_metrics": final, "sample_prompts": list(SAMPLE_PROMPTS)}

@@ -166,14 +166,14 @@ def run(workdir: str, pretrain_dir: str | None = None, pretrain_cfg=None, dreamb
     cfg.instance_dir = instance_dir
     cfg.progress_bar = progress
     if dreambooth_steps:
-      cfg.optimizer.total_steps = dreambooth_steps
+      cfg.total_steps = dreambooth_steps
     run_dir = os.path.join(workdir, "runs", arg or "prior")
     out = db_train.train_and_export(cfg, run_dir)
     # The exported folder, read back: what a user of the fine-tuned model gets. Its params go
     # through the base pipeline object so that sampling compiles once for all three models.
     params_by_variant[name] = sd.load_pipeline(out["export_dir"]).params
     meta.update(identifier=out["identifier"], instance_prompt=ident.instance_prompt(out["identifier"], cfg.class_noun),
-                class_prompt=ident.class_prompt(cfg.class_noun), dreambooth_steps=cfg.optimizer.total_steps,
+                class_prompt=ident.class_prompt(cfg.class_noun), dreambooth_steps=cfg.total_steps,
                 learning_rate=cfg.optimizer.learning_rate, num_class_images=cfg.num_class_images,
                 sampler=cfg.validation.sampler, sample_steps=cfg.validation.steps,
                 guidance_scale=cfg.validation.guidance_scale, images_per_prompt=images_per_prompt)

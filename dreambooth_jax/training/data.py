@@ -20,13 +20,21 @@ from clip_jax.data.records import BadRecord
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def load_image_folder(directory: str, what: str = "instance") -> tuple[list[Image.Image], dict[str, int]]:
-  """RGB images of a folder (sorted by name) and counts of the files skipped, per reason."""
+def load_image_folder(directory: str, what: str = "instance",
+                      limit: int | None = None) -> tuple[list[Image.Image], dict[str, int]]:
+  """RGB images of a folder (sorted by name) and counts of the files skipped, per reason.
+
+  limit: use at most this many readable images (the first by name); the image files left over are
+  counted under 'unused' (diffusers' DreamBooth also uses only `num_class_images`).
+  """
   if not os.path.isdir(directory):
     raise MissingPathError(f"{what} image folder {directory!r} does not exist.")
   images, skipped = [], {}
   for name in sorted(os.listdir(directory)):
     if not name.lower().endswith(IMAGE_EXTENSIONS):
+      continue
+    if limit is not None and len(images) >= limit:
+      skipped["unused"] = skipped.get("unused", 0) + 1
       continue
     with open(os.path.join(directory, name), "rb") as f:
       data = f.read()
@@ -69,6 +77,35 @@ def sample_batch(images: Sequence[Image.Image], batch_size: int, size: int, seed
   return np.stack([augment(images[i], size, rng, random_crop, flip) for i in picks])
 
 
+def training_batch(instance_images: Sequence[Image.Image], class_images: Sequence[Image.Image] | None,
+                   instance_tokens: np.ndarray, class_tokens: np.ndarray | None, *, global_batch: int,
+                   microbatches: int, size: int, seed: int, step: int, random_crop: bool = True,
+                   flip: bool = True) -> dict[str, np.ndarray]:
+  """The whole batch of step `step`, a pure function of the arguments (every process makes the
+  same one and places its own rows).
+
+  global_batch instance images (and as many class images when `class_images` is given) in
+  `microbatches` micro-batches, each [its instance rows; its class rows], laid out row-interleaved
+  so that `clip_jax.sharding.split_microbatches` recovers them on the devices. Returns {'pixels':
+  float32 [R, size, size, 3] in [-1, 1], 'tokens': int32 [R, L]} with R = global_batch (x2 with
+  class images); instance_tokens / class_tokens are one prompt's ids [L].
+  """
+  from clip_jax.sharding import merge_microbatches
+  per_micro = global_batch // microbatches
+  pixels = [sample_batch(instance_images, global_batch, size, seed, step, stream=0, random_crop=random_crop,
+                         flip=flip)]
+  tokens = [np.repeat(instance_tokens[None], global_batch, axis=0)]
+  if class_images is not None:
+    pixels.append(sample_batch(class_images, global_batch, size, seed, step, stream=1, random_crop=random_crop,
+                               flip=flip))
+    tokens.append(np.repeat(class_tokens[None], global_batch, axis=0))
+
+  def micro(parts):  # [k, rows per micro-batch, ...]
+    return np.stack([np.concatenate([p[j * per_micro:(j + 1) * per_micro] for p in parts])
+                     for j in range(microbatches)])
+  return {"pixels": merge_microbatches(micro(pixels)), "tokens": merge_microbatches(micro(tokens))}
+
+
 def count_class_images(directory: str) -> int:
   if not os.path.isdir(directory):
     return 0
@@ -82,19 +119,23 @@ def write_png_atomically(pixels: np.ndarray, path: str) -> None:
   os.replace(tmp, path)
 
 
-def top_up_class_images(directory: str, num_images: int, generate_fn, batch_size: int) -> int:
+def top_up_class_images(directory: str, num_images: int, generate_fn, batch_size: int,
+                        share: tuple[int, int] = (0, 1)) -> int:
   """Generates class-prior images `class_{i:05d}.png` until `num_images` exist; returns how many
   were made now.
 
   generate_fn(block) -> uint8 [batch_size, H, W, 3] makes images block*batch_size ... and must be
   deterministic in `block`; only blocks with missing images are generated, so a folder topped up
-  after an interruption equals one made in a single go.
+  after an interruption equals one made in a single go. share=(i, n): this caller makes only the
+  blocks b with b % n == i (n processes share the work; they wait for each other before reading).
   """
   os.makedirs(directory, exist_ok=True)
   existing = {n for n in os.listdir(directory) if n.startswith("class_") and n.endswith(".png")}
   missing = [i for i in range(num_images) if f"class_{i:05d}.png" not in existing]
   made = 0
   for block in sorted({i // batch_size for i in missing}):
+    if block % share[1] != share[0]:
+      continue
     pixels = generate_fn(block)
     for i in missing:
       if i // batch_size == block:
