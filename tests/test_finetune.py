@@ -339,3 +339,22 @@ def test_cli_reports_an_init_mistake_in_one_line(tmp_path):
                         capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip().splitlines() == ["error: init.checkpoint /nonexistent.pt: no such file or directory."]
+
+
+def test_paper_vit_l14_336_is_one_more_epoch_from_a_vit_l14(tmp_path):
+  """configs/clip/paper.py:ViT-L-14-336: one epoch (400M / 32,768 steps) at lr 2e-5 from a
+  ViT-L/14 checkpoint that the user must give; the 224 px grid (16 x 16) becomes 24 x 24."""
+  from clip_jax import pretrained, resize
+  from clip_jax.cli import UserError
+  from clip_jax.models.configs import MODEL_CONFIGS
+  from configs.clip import paper
+  cfg = paper.get_config("ViT-L-14-336")
+  assert cfg.model.name == "ViT-L-14-336-quickgelu"
+  assert cfg.optimizer.learning_rate == 2e-5
+  assert cfg.total_steps == cfg.optimizer.total_steps == 400_000_000 // 32768
+  assert cfg.init.model_name == "ViT-L-14-quickgelu"
+  with pytest.raises(UserError, match="give --config.init.checkpoint=PATH"):
+    pretrained.init_from_config(cfg.init, str(tmp_path), MODEL_CONFIGS[cfg.model.name])
+  small, large = MODEL_CONFIGS["ViT-L-14"].vision, MODEL_CONFIGS["ViT-L-14-336"].vision
+  assert (resize.grid_size(small, small.image_size), resize.grid_size(large, large.image_size)) == (16, 24)
+  assert paper.get_config("ViT-L-14").init.checkpoint == ""  # the others start from scratch
