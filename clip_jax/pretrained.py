@@ -115,19 +115,20 @@ def _restore_workdir_params(path: str, keys: list[FlatKey], target: Mapping[Flat
   item = traverse_util.unflatten_dict({k: target[k] for k in keys})
   restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
                                                              dtype=t.dtype), item)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(_newest_state_dir(path), args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+  # The handler alone: every process reads its own slices; nothing is written, so no barrier.
+  restored = ocp.PyTreeCheckpointHandler().restore(_newest_state_dir(path), args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
   return traverse_util.flatten_dict(restored)
 
 
-def _newest_state_dir(path: str) -> str:
-  """WORKDIR/checkpoints/<newest step>/state; CheckpointError when there is no step."""
+def _newest_state_dir(path: str):
+  """WORKDIR/checkpoints/<newest step>/state (an epath.Path); CheckpointError when there is no step."""
   directory = os.path.join(os.path.abspath(path), "checkpoints")
   steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
   if not steps:
     raise CheckpointError(f"init.checkpoint {path}: a workdir of this project without a checkpoint yet.")
-  return os.path.join(directory, str(steps[-1]), "state")
+  from etils import epath
+  return epath.Path(directory) / str(steps[-1]) / "state"
 
 
 def _workdir_shapes(path: str) -> tuple[CLIPConfig, dict[FlatKey, tuple]]:
@@ -135,10 +136,9 @@ def _workdir_shapes(path: str) -> tuple[CLIPConfig, dict[FlatKey, tuple]]:
   from clip_jax.checkpoint import MODEL_CONFIG_FILE
   with open(os.path.join(path, MODEL_CONFIG_FILE)) as f:
     config = CLIPConfig.from_dict(json.load(f))
-  state_dir = _newest_state_dir(path)
   import orbax.checkpoint as ocp
-  with ocp.PyTreeCheckpointer() as checkpointer:  # the state item alone (the iterator's is not ours)
-    metadata = checkpointer.metadata(state_dir).item_metadata.tree
+  # The state item alone (the iterator's is not ours), read by its handler.
+  metadata = ocp.PyTreeCheckpointHandler().metadata(_newest_state_dir(path)).tree
   variables = {k: metadata[k] for k in ("params", "batch_stats") if k in metadata and metadata[k]}
   return config, {k: tuple(m.shape) for k, m in traverse_util.flatten_dict(variables).items()}
 
