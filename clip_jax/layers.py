@@ -5,7 +5,9 @@ with f32 accumulation (`preferred_element_type=float32`), in the forward *and* t
 That is the form XLA:CPU runs with the CPU's bf16 dot instructions (AVX512-BF16 or AMX; ~4x a
 plain f32 matmul on these hosts) and the form TPUs and GPUs prefer anyway; flax's
 `Dense(dtype=bfloat16)` gives bf16 -> bf16 instead, and autodiff's transposed matmuls lose the fast
-path, hence the custom VJP. Attention gets the same treatment on CPU (`dot_product_attention`).
+path, hence the custom VJP. Attention gets the same treatment on CPU (`dot_product_attention`),
+and so do convolutions (`conv2d`: one matmul over the patches). On GPUs bf16 attention goes to
+cuDNN's fused kernel; convolutions keep XLA's own form off the CPU.
 """
 from __future__ import annotations
 
@@ -103,6 +105,114 @@ class Dense(nn.Module):
     return y.astype(self.dtype)
 
 
+# ----------------------------------------------------------------------------- convolution
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+
+def conv_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """x [B, H, W, C] -> patches [B, H', W', kh * kw * C], ordered (kh, kw, C) like an HWIO kernel's
+  `reshape(kh * kw * C, out)`, so that `patches @ kernel2d` is the convolution (cross-correlation,
+  as torch and XLA define it). `padding` is ((top, bottom), (left, right)) in pixels."""
+  kh, kw = kernel_size
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  b, h, w, c = xp.shape
+  h_out, w_out = (h - kh) // sh + 1, (w - kw) // sw + 1
+  if (kh, kw) == (1, 1):
+    return xp[:, :(h_out - 1) * sh + 1:sh, :(w_out - 1) * sw + 1:sw, :]
+  taps = [jax.lax.slice(xp, (0, i, j, 0), (b, i + (h_out - 1) * sh + 1, j + (w_out - 1) * sw + 1, c),
+                        (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(taps, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_im2col(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """2-D convolution as one matmul over the patches: x [B, H, W, C] (NHWC), kernel [kh, kw, C, N]
+  (HWIO) -> [B, H', W', N] in f32, both operands in x's dtype (cast them first).
+
+  Why: on XLA:CPU this runs as the bf16 x bf16 -> f32 dot (AMX / AVX512-BF16), where XLA's own bf16
+  convolution and its transposes for the backward pass run a slower generic kernel (measured in
+  `benchmarks/results/unet_step.md`: fwd+bwd of SD's 3x3 convs 1.2-3x less CPU time, f32 as well
+  as bf16). The residual is x, not the kh*kw times larger patches: the backward pass rebuilds them.
+  """
+  return _conv_im2col_fwd(x, kernel, strides, padding)[0]
+
+
+def _conv_im2col_fwd(x, kernel, strides, padding):
+  patches = conv_patches(x, kernel.shape[:2], strides, padding)
+  return _dot_last_first(patches, kernel.reshape(-1, kernel.shape[-1])), (x, kernel)
+
+
+def _conv_im2col_bwd(strides, padding, residuals, grad_out):
+  x, kernel = residuals
+  kernel2d = kernel.reshape(-1, kernel.shape[-1])                     # [kh*kw*C, N]
+  g = grad_out.astype(x.dtype)                                        # [B, H', W', N]
+  patches, unpatch = jax.vjp(lambda t: conv_patches(t, kernel.shape[:2], strides, padding), x)
+  grad_patches = jax.lax.dot_general(g, kernel2d, (((g.ndim - 1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32).astype(x.dtype)
+  grad_x, = unpatch(grad_patches)                                     # overlapping taps summed
+  grad_kernel = jax.lax.dot_general(rows_transposed(patches), g.reshape(-1, g.shape[-1]),
+                                    (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return grad_x.astype(x.dtype), grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int] = (1, 1),
+           padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)), dtype: Dtype = jnp.float32,
+           impl: str = "auto") -> jax.Array:
+  """NHWC x [B, H, W, C] * HWIO kernel [kh, kw, C, N] -> [B, H', W', N] computed in `dtype` with
+  f32 accumulation, returned in f32 (torch.nn.Conv2d's cross-correlation; explicit padding).
+
+  impl: 'im2col' is `conv_im2col` (the fast form on CPU, for every dtype); 'xla' is
+  `lax.conv_general_dilated` (GPUs and TPUs have fused convolution kernels); 'auto' picks 'im2col'
+  on the CPU backend and 'xla' elsewhere. Raises ValueError for an unknown impl.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"Unknown convolution impl '{impl}'; choose one of {CONV_IMPLS}.")
+  if impl == "auto":
+    impl = "im2col" if jax.default_backend() == "cpu" else "xla"
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  if impl == "im2col":
+    return conv_im2col(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
+  return jax.lax.conv_general_dilated(x, kernel, tuple(strides), tuple(tuple(p) for p in padding),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      preferred_element_type=jnp.float32)
+
+
+class Conv(nn.Module):
+  """A 2-D convolution layer (NHWC) with `conv2d`'s fast forms; parameters named and shaped as
+  `flax.linen.Conv`'s ('kernel' [kh, kw, in, out], 'bias' [out]), so checkpoints load either way.
+
+  `padding` is ((top, bottom), (left, right)); the output comes back in `dtype`.
+  """
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
+  use_bias: bool = True
+  kernel_axes: tuple[str | None, ...] = (None, None, "conv_in", "conv_out")
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  impl: str = "auto"
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    y = conv2d(x, kernel, strides=self.strides, padding=self.padding, dtype=self.dtype, impl=self.impl)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[-1:]),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(y.dtype)
+    return y.astype(self.dtype)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm computed in f32 whatever the compute dtype (as OpenAI's CLIP does)."""
   epsilon: float = 1e-5
@@ -153,7 +263,7 @@ def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
 
 
 # ----------------------------------------------------------------------------- attention
-ATTENTION_IMPLS = ("auto", "xla", "f32_accum")
+ATTENTION_IMPLS = ("auto", "xla", "f32_accum", "cudnn")
 
 
 def _heads_first(t: jax.Array) -> jax.Array:
@@ -229,19 +339,32 @@ def _attention_bwd(is_causal, residuals, grad_out):
 attention_f32_accum.defvjp(_attention_fwd, _attention_bwd)
 
 
+def choose_attention_impl(dtype: Dtype, head_dim: int, backend: str) -> str:
+  """What 'auto' means: 'f32_accum' for bf16/fp16 on CPU; 'cudnn' (jax's cuDNN fused attention) for
+  bf16/fp16 on GPU when the head size is one cuDNN's kernel takes (a multiple of 8, at most 128);
+  'xla' otherwise (fp32 anywhere, TPUs, and SD 1.x's 160-wide heads on GPU)."""
+  low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if low_precision and backend == "cpu":
+    return "f32_accum"
+  if low_precision and backend in ("gpu", "cuda") and head_dim % 8 == 0 and head_dim <= 128:
+    return "cudnn"
+  return "xla"
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False,
                           impl: str = "auto") -> jax.Array:
-  """q [B, T, H, D], k and v [B, S, H, D] -> [B, T, H, D].
+  """q [B, T, H, D], k and v [B, S, H, D] -> [B, T, H, D], scale 1/sqrt(D).
 
-  impl: 'xla' is `jax.nn.dot_product_attention` (the path for GPU and TPU, where it can reach
-  fused kernels); 'f32_accum' is `attention_f32_accum`; 'auto' picks 'f32_accum' on CPU for
-  bf16/fp16 inputs and 'xla' otherwise.
+  impl: 'xla' is `jax.nn.dot_product_attention` (XLA's own; TPUs); 'cudnn' the same with
+  `implementation='cudnn'` (NVIDIA GPUs, bf16/fp16 only); 'f32_accum' is `attention_f32_accum`;
+  'auto' asks `choose_attention_impl` (dtype, head size, backend). Raises ValueError for an unknown
+  impl.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"Unknown attention impl '{impl}'; choose one of {ATTENTION_IMPLS}.")
   if impl == "auto":
-    low_precision = jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    impl = "f32_accum" if low_precision and jax.default_backend() == "cpu" else "xla"
+    impl = choose_attention_impl(q.dtype, q.shape[-1], jax.default_backend())
   if impl == "f32_accum":
     return attention_f32_accum(q, k, v, is_causal)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
+                                      implementation="cudnn" if impl == "cudnn" else None)

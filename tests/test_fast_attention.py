@@ -8,6 +8,9 @@
 `rows_transposed` is an exact transpose; `matmul_f32_accum`'s gradients match f32 autodiff within
 bf16 rounding. A tiny bf16 causal tower with the fast attention is as close to fp32 (relative L2 of
 outputs and of all parameter gradients) as with the stock attention, within 1.5x or 1e-2.
+`conv2d`'s im2col form against `lax.conv_general_dilated` (strides, torch's and the VAE's
+asymmetric padding, 1x1): fp32 values and gradients within 1e-5 relative to the largest entry;
+bf16 within 2e-2 of the fp32 reference on the same rounded inputs, as XLA's own bf16 conv is.
 """
 import jax
 import jax.numpy as jnp
@@ -134,3 +137,63 @@ def test_bf16_clip_trains_with_the_fast_paths():
   grads = jax.jit(jax.grad(loss))(variables["params"])
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
   assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
+
+
+def test_auto_attention_choice_per_backend_dtype_and_head_size():
+  choose = layers.choose_attention_impl
+  assert choose(jnp.bfloat16, 64, "cpu") == "f32_accum"
+  assert choose(jnp.float32, 64, "cpu") == "xla"
+  assert choose(jnp.bfloat16, 64, "gpu") == "cudnn"
+  assert choose(jnp.float16, 128, "gpu") == "cudnn"
+  assert choose(jnp.bfloat16, 160, "gpu") == "xla"   # SD 1.x's widest heads: beyond cuDNN's kernel
+  assert choose(jnp.bfloat16, 40, "gpu") == "cudnn"
+  assert choose(jnp.bfloat16, 36, "gpu") == "xla"    # not a multiple of 8
+  assert choose(jnp.float32, 64, "gpu") == "xla"
+  assert choose(jnp.bfloat16, 64, "tpu") == "xla"
+
+
+CONV_CASES = [  # (x shape, kernel (kh, kw, in, out), strides, padding)
+    ((2, 7, 6, 5), (3, 3, 5, 4), (1, 1), ((1, 1), (1, 1))),
+    ((1, 8, 8, 3), (3, 3, 3, 6), (2, 2), ((1, 1), (1, 1))),   # the UNet's downsampler
+    ((1, 9, 8, 4), (3, 3, 4, 4), (2, 2), ((0, 1), (0, 1))),   # the VAE's (pads bottom/right only)
+    ((2, 5, 5, 6), (1, 1, 6, 3), (1, 1), ((0, 0), (0, 0))),
+]
+
+
+def _conv_value_and_grads(impl, x, kernel, strides, padding, grad_out, dtype):
+  out, vjp = jax.vjp(lambda a, b: layers.conv2d(a, b, strides=strides, padding=padding, dtype=dtype, impl=impl),
+                     x, kernel)
+  return [out, *vjp(grad_out)]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_im2col_conv_matches_xla_conv(case):
+  x_shape, k_shape, strides, padding = case
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], x_shape)
+  kernel = jax.random.normal(keys[1], k_shape) * 0.3
+  out_shape = jax.eval_shape(lambda: layers.conv2d(x, kernel, strides=strides, padding=padding, impl="xla")).shape
+  grad_out = jax.random.normal(keys[2], out_shape)
+  reference = _conv_value_and_grads("xla", x, kernel, strides, padding, grad_out, jnp.float32)
+  fast = jax.jit(_conv_value_and_grads, static_argnums=(0, 3, 4, 6))(
+      "im2col", x, kernel, strides, padding, grad_out, jnp.float32)
+  for name, a, b in zip(("out", "dx", "dkernel"), fast, reference):
+    assert a.shape == b.shape and a.dtype == b.dtype == jnp.float32, name
+    assert _max_diff(a, b) <= 1e-5 * float(jnp.max(jnp.abs(b))), name
+  # bf16: both forms against the fp32 reference on the same bf16-rounded inputs.
+  rounded = [t.astype(jnp.bfloat16).astype(jnp.float32) for t in (x, kernel, grad_out)]
+  reference = _conv_value_and_grads("xla", rounded[0], rounded[1], strides, padding, rounded[2], jnp.float32)
+  for impl in ("im2col", "xla"):
+    low = _conv_value_and_grads(impl, *rounded[:2], strides, padding, rounded[2], jnp.bfloat16)
+    for name, a, b in zip(("out", "dx", "dkernel"), low, reference):
+      assert _max_diff(a, b) <= 2e-2 * float(jnp.max(jnp.abs(b))), (impl, name)
+
+
+def test_conv_layer_has_flax_conv_parameters():
+  import flax.linen as nn
+  x = jnp.ones((1, 4, 4, 3))
+  ours = nn.unbox(layers.Conv(5, (3, 3)).init(jax.random.key(0), x)["params"])
+  theirs = nn.Conv(5, (3, 3)).init(jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, theirs)
+  with pytest.raises(ValueError, match="Unknown convolution impl"):
+    layers.conv2d(x, ours["kernel"], impl="winograd")

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax import layers
+
 Dtype = Any
 
 # ---------------------------------------------------------------------------------------
@@ -34,25 +36,24 @@ def _partitioned(init, names):
 
 
 def conv(features: int, kernel: int = 3, *, stride: int = 1, padding=None, dtype: Dtype,
-         param_dtype: Dtype, name: str | None = None) -> nn.Conv:
-  """Conv2d on NHWC; `padding` defaults to torch's `(kernel - 1) // 2` on every side."""
+         param_dtype: Dtype, name: str | None = None) -> layers.Conv:
+  """Conv2d on NHWC; `padding` defaults to torch's `(kernel - 1) // 2` on every side.
+
+  `clip_jax.layers.Conv`: flax.linen.Conv's parameters, computed as one bf16 x bf16 -> f32 (or f32)
+  matmul over the patches on CPU, XLA's convolution elsewhere."""
   if padding is None:
     padding = ((kernel - 1) // 2,) * 2
     padding = (padding, padding)
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=_partitioned(nn.initializers.lecun_normal(),
-                                          (None, None, "conv_in", "conv_out")),
-                 bias_init=_partitioned(nn.initializers.zeros_init(), ("conv_out",)),
-                 name=name)
+  return layers.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                     dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def dense(features: int, names: tuple[str, str], *, use_bias: bool = True, dtype: Dtype,
-          param_dtype: Dtype, name: str | None = None) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=_partitioned(nn.initializers.lecun_normal(), names),
-                  bias_init=_partitioned(nn.initializers.zeros_init(), names[-1:]),
-                  name=name)
+          param_dtype: Dtype, name: str | None = None) -> layers.Dense:
+  """`clip_jax.layers.Dense`: flax.linen.Dense's parameters, bf16 x bf16 -> f32 matmuls forward and
+  backward when `dtype` is bf16."""
+  return layers.Dense(features, use_bias=use_bias, kernel_axes=names, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
 
 
 def group_norm(groups: int, eps: float, *, dtype: Dtype, param_dtype: Dtype,
@@ -76,16 +77,17 @@ def layer_norm(eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str | None
 def attention_core(q, k, v, *, upcast: bool, implementation: str | None):
   """q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H] in q's dtype, scale 1/sqrt(H).
 
-  `upcast` runs the whole product in fp32 (diffusers' `upcast_attention`: SD 2.x overflows
-  fp16 logits otherwise). The XLA path already keeps logits and softmax in fp32.
+  `clip_jax.layers.dot_product_attention`: implementation None or 'auto' picks the fast form for
+  the backend and dtype (bf16: the f32-accumulating custom VJP on CPU, cuDNN on GPU); 'xla',
+  'cudnn' or 'f32_accum' force one. Logits and softmax are fp32 in every form. `upcast` runs the
+  whole product in fp32 (diffusers' `upcast_attention`: SD 2.x overflows fp16 logits otherwise).
   """
   out_dtype = q.dtype
+  impl = implementation or "auto"
   if upcast:
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    implementation = None if implementation == "cudnn" else implementation  # cudnn: no fp32
-  out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]),
-                                     implementation=implementation)
-  return out.astype(out_dtype)
+    impl = "xla" if impl in ("cudnn", "f32_accum") else impl  # both are low-precision forms
+  return layers.dot_product_attention(q, k, v, impl=impl).astype(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -520,7 +522,7 @@ class UNet2DConditionModel(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
-  attention_implementation: str | None = None  # None/'xla', or 'cudnn' on GPUs
+  attention_implementation: str | None = None  # None = 'auto'; see attention_core
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states):

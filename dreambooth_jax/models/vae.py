@@ -96,7 +96,7 @@ class SpatialSelfAttention(nn.Module):
     b, height, width, c = x.shape
     h = group_norm(self.groups, 1e-6, name="group_norm", **kw)(x).reshape(b, height * width, 1, c)
     q, k, v = (dense(c, ("embed", "heads"), name=n, **kw)(h) for n in ("to_q", "to_k", "to_v"))
-    # diffusers upcasts this softmax; attention_core's XLA path always does.
+    # diffusers upcasts this softmax; every form of attention_core keeps softmax in fp32.
     out = attention_core(q, k, v, upcast=False, implementation=None).reshape(b, height * width, c)
     out = dense(c, ("heads", "embed"), name="to_out_0", **kw)(out)
     return out.reshape(b, height, width, c) + x
