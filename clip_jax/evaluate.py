@@ -36,8 +36,11 @@ ViT-B-32-quickgelu: OpenAI's) sets both; --act overrides the activation. Without
 QuickGELU is assumed, with a warning. Hugging Face directories and training workdirs carry their own.
 
 Writes OUT/results.json, OUT/results.md (a Markdown table; what was wrong with the data is counted
-in both), OUT/predictions/zeroshot_DATASET.csv (index, key, label, prediction per image) and
-OUT/plots/. Evaluation runs sharded
+in both; the settings behind the numbers: checkpoint and step, architecture, tokenizer, each task's
+data and prompts, package versions), OUT/predictions/zeroshot_DATASET.csv (index, key, label,
+prediction per image) and OUT/plots/. Files are written whole; evaluating the same model with the same
+settings into the same OUT adds or replaces task rows and keeps the others, other settings move the
+old files aside to results.N.json / .md first. Evaluation runs sharded
 over every device of every process; start it on each host of a pod like training.
 """
 from __future__ import annotations
@@ -165,13 +168,18 @@ def infer_model_name(config) -> str | None:
   return None
 
 
-def _tokenizer(spec: str | None, checkpoint: str, context_length: int):
-  from clip_jax.tokenizer import get_tokenizer
+def _tokenizer_spec(spec: str | None, checkpoint: str) -> str:
+  """--tokenizer, else a Hugging Face directory's own tokenizer, else OpenAI's CLIP BPE ('clip')."""
   if spec is None and os.path.isdir(checkpoint) and (
       os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) or
       all(os.path.isfile(os.path.join(checkpoint, f)) for f in ("vocab.json", "merges.txt"))):
     spec = checkpoint  # a Hugging Face directory that carries its own tokenizer
-  return get_tokenizer(spec or "clip", context_length=context_length)
+  return spec or "clip"
+
+
+def _tokenizer(spec: str | None, checkpoint: str, context_length: int):
+  from clip_jax.tokenizer import get_tokenizer
+  return get_tokenizer(_tokenizer_spec(spec, checkpoint), context_length=context_length)
 
 
 # ----------------------------------------------------------------------------- the three tasks
@@ -190,15 +198,17 @@ def write_predictions(path: str, indices, labels, predictions, source, class_nam
   """CSV of one row per evaluated image: source index, key (where the source names its records
   cheaply), true label, predicted label and their class names."""
   import csv
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  import io
+
+  from clip_jax.observe import write_atomic
   key_of = getattr(source, "record_key", None)
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.writer(f)
-    writer.writerow(["index", "key", "label", "prediction", "label_name", "prediction_name"])
-    for index, label, prediction in zip(indices, labels, predictions):
-      writer.writerow([int(index), key_of(int(index)) if key_of else "", int(label), int(prediction),
-                       class_names[int(label)], class_names[int(prediction)]])
-  return path
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(["index", "key", "label", "prediction", "label_name", "prediction_name"])
+  for index, label, prediction in zip(indices, labels, predictions):
+    writer.writerow([int(index), key_of(int(index)) if key_of else "", int(label), int(prediction),
+                     class_names[int(label)], class_names[int(prediction)]])
+  return write_atomic(path, text.getvalue())
 
 
 def run_zeroshot(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -219,6 +229,7 @@ def run_zeroshot(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
   return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_")},
           "num_examples": int(metrics["num_examples"]), "num_skipped": int(metrics["num_skipped"]),
           "num_classes": len(evaluator.class_names), "num_templates": len(evaluator.templates),
+          "templates": list(evaluator.templates), "class_names": list(evaluator.class_names),
           "data": {"test": evaluator.data_report()}, "predictions": predictions, "plots": plots}
 
 
@@ -325,7 +336,6 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from clip_jax.eval.paper_results import paper_model
   from clip_jax.eval.report import attach_paper_numbers, markdown_table, write_report
   from clip_jax.sharding import create_mesh
 
@@ -355,15 +365,41 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
       from clip_jax.eval.report import data_problem_lines
       for line in data_problem_lines(result):
         print(f"  {line}", file=sys.stderr, flush=True)
-  meta = {"checkpoint": loaded[2] if loaded else path, "model_name": model_name, "paper_model": paper_model(model_name),
-          "act": model.config.act, "vision_heads": model.config.vision.heads, "text_heads": model.config.text.heads,
-          "devices": jax.device_count(), "processes": jax.process_count(), "batch_size": args.batch_size,
-          "limit": args.limit}
+  meta = evaluation_settings(args, model, model_name, loaded[2] if loaded else path,
+                             _tokenizer_spec(args.tokenizer, path), None if loaded else _checkpoint_step(path))
   if ctx["is_main"]:
     json_path, md_path = write_report(out_dir, results, meta)
     print(markdown_table(results, {**meta, "out_dir": out_dir}))
     print(f"Wrote {json_path}, {md_path} and plots in {os.path.join(out_dir, 'plots')}.")
   return {"meta": meta, "results": results, "out_dir": out_dir}
+
+
+def evaluation_settings(args: argparse.Namespace, model, model_name: str | None, checkpoint: str,
+                        tokenizer: str, checkpoint_step: int | None) -> dict[str, Any]:
+  """results.json's 'meta': what made the numbers (the checkpoint and its training step, architecture,
+  tokenizer, data options, the probe's split seed, package versions) and where they ran. Two
+  evaluations into one folder merge only if these agree (`observe.VOLATILE_SETTINGS` aside)."""
+  import jax
+
+  from clip_jax.eval.paper_results import paper_model
+  from clip_jax.observe import package_versions
+  return {"checkpoint": checkpoint, "checkpoint_step": checkpoint_step, "model_name": model_name,
+          "paper_model": paper_model(model_name), "act": model.config.act,
+          "vision_heads": model.config.vision.heads, "text_heads": model.config.text.heads,
+          "image_size": model.config.vision.image_size,
+          "tokenizer": tokenizer, "context_length": model.config.text.context_length,
+          "limit": args.limit, "data_dir": args.data_dir, "probe_features": args.probe_features,
+          "val_fraction": args.val_fraction, "probe_seed": 0,
+          "devices": jax.device_count(), "processes": jax.process_count(), "batch_size": args.batch_size,
+          "versions": package_versions()}
+
+
+def _checkpoint_step(path: str) -> int | None:
+  """The training step of a workdir's checkpoint that loading used: the newest step folder left
+  (a newest one that does not restore is moved aside while loading). None for files."""
+  folder = os.path.join(path, "checkpoints")
+  steps = [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
+  return max(steps) if steps else None
 
 
 def load_model(path: str, model_name: str | None, act: str | None):

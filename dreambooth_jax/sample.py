@@ -3,14 +3,19 @@
   python -m dreambooth_jax.sample --model runs/dog_dreambooth/pipeline \\
       --prompt "a photo of sks dog on the beach" --num-images 4 --out samples/
 
-Writes sample_000.png, sample_001.png, ... (the prompt, seed and sampler are stored in each PNG's
-text chunks) and grid.png with all of them. The first batch includes compilation; later batches
-of the same size reuse it.
+Writes one PNG per image, named by prompt index and seed: prompt00_seed0.png, prompt00_seed1.png,
+..., prompt01_seed0.png, ... (image k of each prompt has seed --seed + k), each with a JSON sidecar
+(prompt00_seed0.json: the prompt and every setting; also in the PNG's text chunks), and grid.png:
+one row per prompt with the prompt written above it, small images enlarged (nearest neighbour) to
+at least 256 px. An image's seed draws its initial latents, so with a deterministic sampler (ddim,
+dpm++2m) a (prompt, seed) gives the same image whatever else is sampled with it; stochastic
+samplers' per-step noise is drawn per batch (the sidecar names the batch). The first batch
+includes compilation; later batches of the same size reuse it.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
 import sys
 import time
@@ -69,24 +74,30 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-  """[N, H, W, 3] -> one [rows * H, cols * W, 3] image, about square, blank cells black."""
-  n, h, w, c = images.shape
-  cols = math.ceil(math.sqrt(n))
-  rows = math.ceil(n / cols)
-  grid = np.zeros((rows * h, cols * w, c), images.dtype)
-  for i, image in enumerate(images):
-    r, col = divmod(i, cols)
-    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-  return grid
+def sample_name(prompt_index: int, seed: int) -> str:
+  """The file stem of one image: 'prompt03_seed7'."""
+  return f"prompt{prompt_index:02d}_seed{seed}"
+
+
+def initial_latents(seeds, height: int, width: int, factor: int, channels: int) -> np.ndarray:
+  """[len(seeds), height / factor, width / factor, channels] unit normals, row i drawn from
+  jax.random.key(seeds[i]) alone, so an image's start does not depend on its batch."""
+  shape = (height // factor, width // factor, channels)
+  return np.stack([np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32)) for seed in seeds])
 
 
 def _save_png(image: np.ndarray, path: str, info: dict[str, str] | None = None) -> None:
+  import io
+
   from PIL import Image, PngImagePlugin
+
+  from clip_jax.observe import write_atomic
   meta = PngImagePlugin.PngInfo()
   for key, value in (info or {}).items():
     meta.add_text(key, value)
-  Image.fromarray(image).save(path, pnginfo=meta)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, "PNG", pnginfo=meta)
+  write_atomic(path, buffer.getvalue())
 
 
 def main(argv=None) -> int:
@@ -101,7 +112,8 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
-  jobs = [(prompt, k) for prompt in args.prompt for k in range(args.num_images)]
+  # (prompt index, prompt, seed): image k of every prompt has seed --seed + k.
+  jobs = [(i, prompt, args.seed + k) for i, prompt in enumerate(args.prompt) for k in range(args.num_images)]
   batch_size = args.batch_size or len(jobs)
   height, width = args.height or pipe.default_size, args.width or pipe.default_size
   factor = pipe.vae_scale_factor
@@ -121,26 +133,36 @@ def main(argv=None) -> int:
     return 2
   print(f"Sampling {len(jobs)} images of {width}x{height} with {args.sampler}, {args.steps} steps, "
         f"guidance {args.guidance}, seed {args.seed}", flush=True)
+  from clip_jax.observe import package_versions, save_image_grid, write_atomic
+  settings = {"model": args.model, "negative_prompt": args.negative_prompt or "", "sampler": args.sampler,
+              "steps": args.steps, "guidance": args.guidance, "height": height, "width": width,
+              "dtype": args.dtype, "text_encoder_layers": args.text_encoder_layers,
+              "batch_size": batch_size, "versions": package_versions()}
   root_key = jax.random.key(args.seed)
   images, start = [], time.perf_counter()
   for batch_index, first in enumerate(range(0, len(jobs), batch_size)):
-    prompts = [prompt for prompt, _ in jobs[first:first + batch_size]]
+    batch_jobs = jobs[first:first + batch_size]
     batch_start = time.perf_counter()
+    latents = initial_latents([seed for _, _, seed in batch_jobs], height, width, factor, pipe.latent_channels)
     batch = pipeline_lib.generate(
-        pipe, pipe.params, prompts, args.negative_prompt, num_steps=args.steps,
-        guidance_scale=args.guidance, rng=jax.random.fold_in(root_key, batch_index),
+        pipe, pipe.params, [prompt for _, prompt, _ in batch_jobs], args.negative_prompt, num_steps=args.steps,
+        guidance_scale=args.guidance, rng=jax.random.fold_in(root_key, batch_index), latents=latents,
         sampler=args.sampler, height=height, width=width, mesh=mesh)
-    for i, image in enumerate(batch):
-      index = first + i
-      _save_png(image, os.path.join(args.out, f"sample_{index:03d}.png"),
-                {"prompt": prompts[i], "negative_prompt": args.negative_prompt or "",
-                 "seed": str(args.seed), "batch": str(batch_index), "sampler": args.sampler,
-                 "steps": str(args.steps), "guidance": str(args.guidance), "model": args.model})
+    for (prompt_index, prompt, seed), image in zip(batch_jobs, batch):
+      record = {"prompt": prompt, "prompt_index": prompt_index, "seed": seed, **settings, "batch": batch_index}
+      stem = os.path.join(args.out, sample_name(prompt_index, seed))
+      _save_png(image, stem + ".png", {k: str(v) for k, v in record.items() if k != "versions"})
+      write_atomic(stem + ".json", json.dumps(record, indent=2) + "\n")
     images.extend(batch)
     print(f"[{len(images)}/{len(jobs)} images] batch {batch_index + 1} took "
           f"{time.perf_counter() - batch_start:.1f} s", flush=True)
-  _save_png(image_grid(np.stack(images)), os.path.join(args.out, "grid.png"))
-  print(f"Wrote {len(images)} images and grid.png to {args.out} in {time.perf_counter() - start:.1f} s")
+  rows = [np.stack(images[i * args.num_images:(i + 1) * args.num_images]) for i in range(len(args.prompt))]
+  labels = [f"{i}: {prompt}" for i, prompt in enumerate(args.prompt)]
+  save_image_grid(rows, os.path.join(args.out, "grid.png"), labels=labels,
+                  title=f"{os.path.basename(os.path.normpath(args.model))}: {args.sampler} {args.steps} steps, "
+                        f"guidance {args.guidance}, seeds {args.seed}..{args.seed + args.num_images - 1}")
+  print(f"Wrote {len(images)} images (PROMPT_seedS.png + .json) and grid.png (a row per prompt) to {args.out} "
+        f"in {time.perf_counter() - start:.1f} s")
   return 0
 
 

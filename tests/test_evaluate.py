@@ -380,6 +380,9 @@ def test_cli_runs_every_task_on_mock_data_and_writes_the_table(tiny_checkpoint, 
   assert tfds_retrieval["num_examples"] == 12 and tfds_retrieval["num_texts"] > 12
   assert file_retrieval["num_examples"] == 5 and file_retrieval["num_texts"] == 10
   assert report["meta"]["paper_model"] == "ViT-B/32" and report["meta"]["devices"] == 8
+  # The settings behind the numbers (issue 20.5): prompts per task, versions for the whole file.
+  assert zs["templates"] == list(classnames.DATASETS["cifar10"].templates) and len(zs["class_names"]) == 10
+  assert report["meta"]["tokenizer"] == "clip" and report["meta"]["versions"]["jax"] == jax.__version__
   table = (out / "results.md").read_text()
   assert "| zeroshot | cifar10 | test | top1 * |" in table and "| 91.3 | Table 11 |" in table
   assert "| retrieval | captions | test | image_to_text/R@1 |" in table

@@ -292,10 +292,12 @@ def test_sample_cli_writes_images_and_a_grid(torch_pipe, tmp_path, capsys):
                    "--num-images", "2", "--steps", str(STEPS), "--sampler", "ddim", "--guidance", "1",
                    "--seed", "3", "--out", str(out)])
   names = sorted(os.listdir(out))
-  assert names == ["grid.png", "sample_000.png", "sample_001.png"], names
+  assert names == ["grid.png", "prompt00_seed3.json", "prompt00_seed3.png", "prompt00_seed4.json",
+                   "prompt00_seed4.png"], names
   from PIL import Image
-  assert Image.open(out / "sample_000.png").size == (16, 16)
-  assert Image.open(out / "grid.png").size == (32, 16)
+  assert Image.open(out / "prompt00_seed3.png").size == (16, 16)
+  assert json.loads((out / "prompt00_seed4.json").read_text())["prompt"] == PROMPTS[0]
+  assert Image.open(out / "grid.png").width == 2 * (256 + 4) + 4  # a row of two, 16 px enlarged 16x
   assert "2/2 images" in capsys.readouterr().out
 
 
@@ -350,4 +352,3 @@ def test_sample_cli_help_and_bad_input(torch_pipe, tmp_path, capsys):
   assert "multiples of 2" in capsys.readouterr().err
   import dreambooth_jax
   assert dreambooth_jax.generate is pipeline_lib.generate  # the package exports the pipeline API
-  assert sample_cli.image_grid(np.ones((3, 2, 2, 3), np.uint8)).shape == (4, 4, 3)

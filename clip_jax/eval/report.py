@@ -1,8 +1,8 @@
 """What an evaluation run leaves behind: results.json, a Markdown table with the paper's number
-beside each of ours, and plots (zero-shot confusion matrices, the linear probe's C sweep)."""
+beside each of ours and the settings that made them, and plots (zero-shot confusion matrices, the
+linear probe's C sweep)."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -75,17 +75,51 @@ def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
   plots = [p for r in results for p in r.get("plots", [])]
   if plots:
     lines += ["", "Plots:"] + [f"- [{os.path.basename(p)}]({os.path.relpath(p, meta['out_dir'])})" for p in plots]
+  lines += ["", *settings_lines(results, meta)]
   return "\n".join(lines) + "\n"
 
 
+def settings_lines(results: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+  """The settings behind the numbers, as Markdown: the model's, then each task's data and prompts."""
+  step = f" (step {meta['checkpoint_step']})" if meta.get("checkpoint_step") is not None else ""
+  lines = ["Settings:", f"- checkpoint: `{meta.get('checkpoint')}`{step}; activation {meta.get('act')}, "
+           f"tokenizer {meta.get('tokenizer')}, image size {meta.get('image_size')}"]
+  if meta.get("limit"):
+    lines.append(f"- only the first {meta['limit']} examples of each split (--limit)")
+  for r in results:
+    what = f"- {r['task']}:{r['dataset']}: data `{r.get('source')}` split {r.get('split')}"
+    if r.get("templates") is not None:
+      what += f", {len(r['templates'])} prompt templates (first: {r['templates'][0]!r})"
+    if r["task"] == "linear_probe":
+      what += (f", {r.get('features')} features, C chosen on {meta.get('val_fraction')} of train "
+               f"(seed {meta.get('probe_seed')})")
+    lines.append(what)
+  versions = meta.get("versions") or {}
+  if versions:
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+  return lines
+
+
+def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+  """An earlier report of the same model and settings with this run's results: a task evaluated
+  again replaces its row (task, dataset, split), tasks only the earlier run had are kept."""
+  def key(result):
+    return result["task"], result["dataset"], result.get("split")
+  rows = {key(r): r for r in old.get("results", [])}
+  rows.update({key(r): r for r in new["results"]})
+  return {**old, **new, "results": list(rows.values())}
+
+
 def write_report(out_dir: str, results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, str]:
-  """-> (results.json path, results.md path)."""
-  os.makedirs(out_dir, exist_ok=True)
+  """OUT/results.json ({'meta': settings, 'results': [...]}) and OUT/results.md, written whole by
+  `observe.save_results`: results of the same model and settings already there are kept (see
+  `merge_reports`), a file made with other settings is moved aside to results.N.json first.
+  -> (results.json path, results.md path)."""
+  from clip_jax.observe import save_results
   json_path, md_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
-  with open(json_path, "w") as f:
-    json.dump({"meta": meta, "results": results}, f, indent=2, default=float)
-  with open(md_path, "w") as f:
-    f.write(markdown_table(results, {**meta, "out_dir": out_dir}))
+  save_results(json_path, {"meta": meta, "results": results},
+               lambda report: markdown_table(report["results"], {**report["meta"], "out_dir": out_dir}),
+               merge=merge_reports, settings_key="meta")
   return json_path, md_path
 
 
