@@ -12,6 +12,10 @@ Three kinds, all taking global, L2-normalised `[B, d]` embeddings sharded over `
   that each `[b, b]` block updates; the column statistics travel with their text chunk and come
   home after a full turn. Still exact, `[b, b]` logits per device.
 
+The rings are double-buffered (`ring_visits`): the next chunk is in flight while the current
+block computes, so on accelerators the ppermute hides under the matmuls (`tests/test_losses.py`
+checks the independence; `benchmarks/gpu_check.sh` the compiled start/done order on a GPU).
+
 The bound holds for the backward pass too: the rings' gradient is a second ring (custom_vjp) that
 recomputes each block from the saved inputs and final log-sum-exps, instead of autodiff keeping
 all N blocks (b x B again). `benchmarks/bench_loss_memory.py` shows the bound with the compiled
@@ -114,6 +118,24 @@ def _ring_shift(x, batch_axes, num_shards):
   return jax.lax.ppermute(x, batch_axes, perm)
 
 
+def ring_visits(visit, chunk, state, num_visits: int, shift):
+  """Runs `state = visit(chunk_k, state)` for chunk_k = shift^k(chunk), k = 1 .. num_visits, with
+  the chunk double-buffered: the shift that brings chunk_{k+1} is issued at the start of visit k,
+  before (and independent of) that visit's compute, so an accelerator's async collective
+  (collective-permute-start ... -done) runs under the block's matmuls instead of before them.
+  The last visit issues no prefetch, so no chunk travels further than N - 1 hops.
+  (What a block writes, e.g. a travelling gradient, is `visit`'s business: see `_ring_pair_sum`.)
+  """
+  if num_visits == 0:
+    return state
+  def body(carry, _):
+    current, state = carry
+    upcoming = shift(current)  # in flight while the block below computes
+    return (upcoming, visit(current, state)), None
+  (last, state), _ = jax.lax.scan(body, (shift(chunk), state), length=num_visits - 1)
+  return visit(last, state)
+
+
 def _ring_pair_sum(image, text, params, *, kind, batch_axes, num_shards):
   """Over every (local image, any text) pair, this device's sum of one pairwise term.
 
@@ -126,6 +148,10 @@ def _ring_pair_sum(image, text, params, *, kind, batch_axes, num_shards):
   gradient is a second ring (custom_vjp): autodiff of the first would keep every step's block,
   or, rematerialised with jax.checkpoint, still every step's text chunk ([B, d] in all). The
   backward ring recomputes each block and carries the text chunk's gradient along with it.
+
+  Overlap (`ring_visits`): the text chunk a block reads arrives one visit ahead. What travels
+  *after* a block updated it (the column log-sum-exps, the text chunk's gradient) is shifted at the
+  start of the next visit and only consumed after that visit's block: also off the critical path.
   """
   shift = functools.partial(_ring_shift, batch_axes=batch_axes, num_shards=num_shards)
   with_columns = kind == "softmax_ring"  # Column statistics travel with their text chunk.
@@ -139,26 +165,22 @@ def _ring_pair_sum(image, text, params, *, kind, batch_axes, num_shards):
     """Returns the sum and the final row and column log-sum-exps ([b] each, or None)."""
     logits = block_logits(image, text, params)[1]
     if not with_columns:
-      def visit(carry, _):
-        text_chunk, total = carry
-        text_chunk = shift(text_chunk)
-        block_total = jnp.sum(jax.nn.softplus(block_logits(image, text_chunk, params)[1]))
-        return (text_chunk, total + block_total), None
+      def visit(text_chunk, total):
+        return total + jnp.sum(jax.nn.softplus(block_logits(image, text_chunk, params)[1]))
 
       # -log sigmoid(label * logit) = softplus(-label * logit), labels only in the own block.
       own_total = jnp.sum(jax.nn.softplus(-_pair_labels(logits) * logits))
-      (_, total), _ = jax.lax.scan(visit, (text, own_total), length=num_shards - 1)
-      return total, None
+      return ring_visits(visit, text, own_total, num_shards - 1, shift), None
 
-    def visit(carry, _):
-      text_chunk, row_lse, column_lse = carry
-      text_chunk, column_lse = shift((text_chunk, column_lse))
+    def visit(text_chunk, state):
+      row_lse, column_lse = state
+      column_lse = shift(column_lse)  # the previous holder's statistics for this chunk
       logits = block_logits(image, text_chunk, params)[1]
-      return (text_chunk, jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1)),
-              jnp.logaddexp(column_lse, jax.nn.logsumexp(logits, axis=0))), None
+      return (jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1)),
+              jnp.logaddexp(column_lse, jax.nn.logsumexp(logits, axis=0)))
 
-    carry = (text, jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0))
-    (_, row_lse, column_lse), _ = jax.lax.scan(visit, carry, length=num_shards - 1)
+    state = (jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0))
+    row_lse, column_lse = ring_visits(visit, text, state, num_shards - 1, shift)
     column_lse = shift(column_lse)  # After N - 1 hops it sits one device short of home.
     return jnp.sum(row_lse) + jnp.sum(column_lse), (row_lse, column_lse)
 
@@ -180,18 +202,17 @@ def _ring_pair_sum(image, text, params, *, kind, batch_axes, num_shards):
       params_grad = (jnp.sum(logits_grad * similarity), jnp.sum(logits_grad))[:len(params)]
       return image_grad, text_grad, params_grad
 
-    def visit(carry, _):
-      travelling, image_grad, params_grad = carry
-      text_chunk, column_chunk, text_grad = shift(travelling)
+    def visit(chunk, state):
+      text_chunk, column_chunk = chunk  # read-only: prefetched a visit ahead
+      text_grad, image_grad, params_grad = state
+      text_grad = shift(text_grad)  # this chunk's gradient so far; needed only after the block
       block_image_grad, block_text_grad, block_params_grad = block_grads(text_chunk, column_chunk)
-      travelling = (text_chunk, column_chunk, text_grad + block_text_grad)
       params_grad = tuple(a + b for a, b in zip(params_grad, block_params_grad))
-      return (travelling, image_grad + block_image_grad, params_grad), None
+      return text_grad + block_text_grad, image_grad + block_image_grad, params_grad
 
     image_grad, text_grad, params_grad = block_grads(text, column_lse, own_block=True)
-    carry = ((text, column_lse, text_grad), image_grad, params_grad)
-    ((_, _, text_grad), image_grad, params_grad), _ = jax.lax.scan(
-        visit, carry, length=num_shards - 1)
+    text_grad, image_grad, params_grad = ring_visits(
+        visit, (text, column_lse), (text_grad, image_grad, params_grad), num_shards - 1, shift)
     text_grad = shift(text_grad)  # Like the column statistics: one more hop to come home.
     return image_grad.astype(image.dtype), text_grad.astype(text.dtype), params_grad
 

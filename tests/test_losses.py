@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from clip_jax import losses
@@ -185,3 +186,61 @@ def test_ring_kinds_keep_per_device_logits_at_b_by_b_forward_and_backward():
     assert temp[kind, "grad"] < row_block_bytes / 2, (kind, temp)
     assert temp[kind, "grad"] < temp["softmax", "grad"] / 8, (kind, temp)
     assert temp[kind, "grad"] < full_matrix_bytes / 16, (kind, temp)
+
+
+def _sub_jaxprs(params):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jex_core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jex_core.Jaxpr):
+        yield item
+
+
+def _scan_bodies(jaxpr):
+  """Every scan body inside `jaxpr`, however deeply nested (shard_map, custom_vjp, pjit)."""
+  for eqn in jaxpr.eqns:
+    for sub in _sub_jaxprs(eqn.params):
+      if eqn.primitive.name == "scan":
+        yield sub
+      yield from _scan_bodies(sub)
+
+
+def _depends(jaxpr, source_primitive):
+  """The variables of `jaxpr` computed (transitively) from an output of a `source_primitive` eqn."""
+  tainted = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == source_primitive or any(
+        not isinstance(v, jex_core.Literal) and v in tainted for v in eqn.invars):
+      tainted.update(eqn.outvars)
+  return tainted
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax_ring"])
+def test_ring_bodies_overlap_the_next_shift_with_the_block(kind):
+  # Double-buffered rings: inside every ring step (forward and backward) no matmul reads what that
+  # step's ppermute brings, and no ppermute sends what that step's matmuls compute. The two are
+  # independent, which is what lets an accelerator issue collective-permute-start before the
+  # block's dots and wait on -done after them (CPU collectives are synchronous, so the HLO here has
+  # no start/done pair to look at; benchmarks/gpu_check.sh checks that order on a GPU).
+  mesh = _mesh((4, 1, 1))
+  image_emb, text_emb = _embeddings(16, 8)
+  scale, bias = _scale_and_bias(kind)
+  loss = lambda *args: losses.contrastive_loss(*args, kind=kind, mesh=mesh, batch_axes=("data", "fsdp"))
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(image_emb, text_emb, scale, bias).jaxpr
+  bodies = [b for b in _scan_bodies(jaxpr) if any(e.primitive.name == "ppermute" for e in b.eqns)]
+  assert len(bodies) == 2, len(bodies)  # the forward ring and the backward ring
+  for body in bodies:
+    dots = [e for e in body.eqns if e.primitive.name == "dot_general"]
+    permutes = [e for e in body.eqns if e.primitive.name == "ppermute"]
+    assert dots and permutes
+    from_permute, from_dot = _depends(body, "ppermute"), _depends(body, "dot_general")
+    assert not any(v in from_permute for e in dots for v in e.invars if not isinstance(v, jex_core.Literal))
+    assert not any(v in from_dot for e in permutes for v in e.invars if not isinstance(v, jex_core.Literal))
+
+
+def test_ring_visits_visits_each_shifted_chunk_once_in_order():
+  shift = lambda x: x + 1  # a stand-in for the ring's ppermute: chunk_k = chunk + k
+  seen = losses.ring_visits(lambda chunk, state: state * 10 + chunk, jnp.int32(0), jnp.int32(0), 3, shift)
+  assert int(seen) == 123
+  assert int(losses.ring_visits(lambda chunk, state: state + chunk, jnp.int32(5), jnp.int32(7), 0, shift)) == 7
