@@ -288,6 +288,9 @@ def run(main: Callable[[], int | None]) -> NoReturn:
   sys.exit(code)
 
 
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def run_absl(main: Callable[[list[str]], int | None], config_flag: str | None = "config") -> NoReturn:
   """absl.app.run(main) with config overrides checked first and flag errors as one line (exit 2)."""
   from absl import app, flags
@@ -300,6 +303,10 @@ def run_absl(main: Callable[[list[str]], int | None], config_flag: str | None = 
       return flags.FLAGS(args)
     except flags.Error as e:
       raise UserError(str(e)) from e
+    except SystemExit as e:  # absl's --help prints the flags and exits 1; asking for help is no failure
+      if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in args[1:]):
+        sys.exit(0)
+      raise
 
   with _reporting():
     app.run(main, argv=argv, flags_parser=parse)
