@@ -7,13 +7,15 @@ r"""The DreamBooth paper's evaluation of one fine-tuned subject, beside the pape
 Generates `--images-per-prompt` images for each of the paper's 25 prompts (recontextualisation,
 accessorisation for live subjects / more contexts for objects, property change), and images of
 "a [class noun]" for PRES; computes DINO, CLIP-I, CLIP-T (the paper's Table 1), PRES and DIV
-(Table 3) with `dreambooth_jax.eval.metrics`, and writes results.json, results.md and an image grid.
+(Table 3) with `dreambooth_jax.eval.metrics`, and writes results.json and results.md (with the settings
+that made them: model, subject, networks, prompts, sampler, steps, guidance, seed, versions; written
+whole, and a rerun with other settings first moves the old files aside to results.N.*) and
+samples.png (a row per prompt, the prompt above it).
 Metrics whose network is not given are left out (no weights are downloaded).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from dreambooth_jax.training import data as db_data
   from dreambooth_jax.sampling import pipeline as sd
   from dreambooth_jax.eval.metrics import SubjectMetrics
-  from dreambooth_jax.train import save_grid
+  from clip_jax.observe import save_image_grid, save_results
   try:
     pipe = sd.load_pipeline(args.model)
     real, _ = db_data.load_image_folder(args.instance_dir, "instance")
@@ -136,21 +138,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   real = [np.asarray(to_rgb(image)[0]) for image in real]
+  prompts = evaluation_prompts(args.identifier, args.class_noun, args.live)[:args.num_prompts]
   results, generated, _ = evaluate_subject(
       pipe, pipe.params, metrics, real, identifier=args.identifier, class_noun=args.class_noun, live=args.live,
       images_per_prompt=args.images_per_prompt, class_images=args.class_images if args.dino else 0,
       steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed, num_prompts=args.num_prompts)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"model": args.model, **results}, f, indent=2)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(markdown_table(results, f"ours: {os.path.basename(os.path.normpath(args.model))}"))
-  grid = save_grid(generated[: 4 * args.images_per_prompt], os.path.join(args.out, "samples.png"),
-                   columns=args.images_per_prompt)
-  with open(os.path.join(args.out, "results.md")) as f:
-    print(f.read())
+  settings = evaluation_settings(args, prompts)
+  label = f"ours: {os.path.basename(os.path.normpath(args.model))}"
+  written = save_results(os.path.join(args.out, "results.json"), {"model": args.model, **results, "settings": settings},
+                         lambda data: markdown_table(data, label) + settings_markdown(data["settings"]))
+  shown = min(4, len(prompts))
+  grid = save_image_grid(generated[: shown * args.images_per_prompt], os.path.join(args.out, "samples.png"),
+                         columns=args.images_per_prompt, labels=prompts[:shown],
+                         title=f"{label}: the first {shown} of {len(prompts)} prompts, seed {args.seed}")
+  print(markdown_table(written, label) + settings_markdown(settings))
   print(f"Wrote {os.path.join(args.out, 'results.json')}, results.md and {grid}")
   return 0
+
+
+def evaluation_settings(args: argparse.Namespace, prompts: Sequence[str]) -> dict:
+  """What made the numbers: the model, subject, metric networks, prompts, sampler, steps, guidance,
+  seed and package versions (results.json's 'settings'; a rerun with other settings moves the old
+  results aside instead of mixing them)."""
+  from clip_jax.observe import package_versions
+  keys = ("model", "instance_dir", "class_noun", "identifier", "live", "clip", "dino", "lpips_backbone",
+          "images_per_prompt", "class_images", "num_prompts", "steps", "guidance", "sampler", "seed")
+  return {**{k: getattr(args, k) for k in keys}, "class_images": args.class_images if args.dino else 0,
+          "prompts": list(prompts), "class_prompt": f"a {args.class_noun}", "versions": package_versions()}
+
+
+def settings_markdown(settings: dict) -> str:
+  networks = ", ".join(f"{k} `{settings[k]}`" for k in ("clip", "dino", "lpips_backbone") if settings.get(k))
+  return (f"\nSettings: model `{settings['model']}`, subject `{settings['instance_dir']}` "
+          f"('{settings['identifier']} {settings['class_noun']}'), {len(settings['prompts'])} prompts x "
+          f"{settings['images_per_prompt']} images, {settings['class_images']} class images for PRES; "
+          f"{settings['sampler']} {settings['steps']} steps, guidance {settings['guidance']}, seed {settings['seed']}; "
+          f"networks: {networks}.\n"
+          + "Versions: " + ", ".join(f"{k} {v}" for k, v in settings.get("versions", {}).items()) + "\n")
 
 
 if __name__ == "__main__":

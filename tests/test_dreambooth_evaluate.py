@@ -66,3 +66,7 @@ def test_cli_end_to_end_on_tiny_models(tmp_path):
     assert -1.0 <= results[key] <= 1.0, key
   assert "| DreamBooth (Imagen) |" in (out / "results.md").read_text()
   assert (out / "samples.png").exists()
+  settings = results["settings"]  # what made the numbers (issue 20.5)
+  assert settings["steps"] == 2 and settings["sampler"] == "ddim" and settings["clip"] == clip_dir
+  assert len(settings["prompts"]) == 2 and settings["versions"]["jax"] == jax.__version__
+  assert "Settings: model" in (out / "results.md").read_text()
