@@ -15,16 +15,27 @@ import numpy as np
 
 class MetricWriter:
   """Appends `{"step": s, **metrics}` lines to `metrics.jsonl` and scalars to TensorBoard event
-  files under `tb/` (written with tensorboard's own protos: no TensorFlow needed)."""
+  files under `tb/` (written with tensorboard's own protos: no TensorFlow needed).
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  resume_step: the step the run (re)starts from. Records of later steps, left by an attempt whose
+  checkpoint never came, are dropped first (`drop_metrics_after`), and the new event file starts
+  with TensorBoard's restart marker (SessionLog START at resume_step + 1: a TensorBoard already
+  showing the old events purges them), so every curve is one line."""
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._events = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      dropped = drop_metrics_after(workdir, resume_step) if resume_step is not None else 0
+      from tensorboard.compat.proto import event_pb2
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
       self._events = EventFileWriter(os.path.join(workdir, "tb"))
+      if resume_step is not None and (resume_step > 0 or dropped):
+        self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(resume_step) + 1,
+                                               session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        self._events.flush()
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled or not metrics:
@@ -41,6 +52,53 @@ class MetricWriter:
     if self._events is not None:
       self._events.close()
       self._events = None
+
+
+def drop_metrics_after(workdir: str, step: int) -> int:
+  """Removes the metric records of steps after `step` from WORKDIR/metrics.jsonl and from every
+  TensorBoard event file in WORKDIR/tb (a line or record cut short by a kill goes too); a file
+  that changes is rewritten whole (`write_atomic`), the others are left as they are. Returns the
+  number of records dropped. For a resume from the checkpoint of `step`: what came after it was
+  computed by an attempt that is being redone."""
+  dropped = 0
+  jsonl_path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(jsonl_path):
+    with open(jsonl_path) as f:
+      lines = f.read().splitlines(keepends=True)
+    kept = [line for line in lines if _metric_step(line) is not None and _metric_step(line) <= step]
+    if len(kept) != len(lines) or (kept and not kept[-1].endswith("\n")):
+      dropped += len(lines) - len(kept)
+      write_atomic(jsonl_path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
+  tb_dir = os.path.join(workdir, "tb")
+  for name in sorted(os.listdir(tb_dir)) if os.path.isdir(tb_dir) else []:
+    if ".tfevents." in name:
+      dropped += _drop_events_after(os.path.join(tb_dir, name), step)
+  return dropped
+
+
+def _metric_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None  # blank, or cut short by a kill
+
+
+def _drop_events_after(path: str, step: int) -> int:
+  import io
+
+  from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+  from tensorboard.compat.proto import event_pb2
+  from tensorboard.summary.writer.record_writer import RecordWriter
+  records = list(RawEventFileLoader(path).Load())  # stops at a record cut short
+  kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+  buffer = io.BytesIO()
+  writer = RecordWriter(buffer)
+  for record in kept:
+    writer.write(record)
+  if buffer.getvalue() == open(path, "rb").read():
+    return 0
+  write_atomic(path, buffer.getvalue())
+  return len(records) - len(kept)
 
 
 def read_metrics(jsonl_path: str) -> list[dict]:
