@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from clip_jax import sharding
 from clip_jax.cli import MissingPathError, UserError
 from clip_jax.models.configs import MODEL_CONFIGS, CLIPConfig
 from clip_jax.weights import CheckpointError
@@ -101,13 +102,6 @@ def _check_shapes(source: str, found: Mapping[FlatKey, tuple], target: Mapping[F
   return wanted
 
 
-def _place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
-  """A global array in `target`'s sharding from a host array every process holds; each device
-  gets only its slice."""
-  host = np.asarray(host, dtype=target.dtype)
-  return jax.make_array_from_callback(target.shape, target.sharding, lambda index: host[index])
-
-
 def _restore_workdir_params(path: str, keys: list[FlatKey], target: Mapping[FlatKey, Any]) -> dict[FlatKey, jax.Array]:
   """A workdir's newest checkpoint: only `keys` of its state, restored into their target shardings."""
   import orbax.checkpoint as ocp
@@ -169,7 +163,10 @@ def load_init(path: str, target: Mapping[str, Any], model_config: CLIPConfig, *,
       return traverse_util.unflatten_dict(_restore_workdir_params(path, keys, flat_target))
   _, host = _host_variables(path, model_config, model_name, act)
   keys = _check_shapes(path, {k: v.shape for k, v in host.items()}, flat_target, pattern)
-  return traverse_util.unflatten_dict({k: _place(host[k], flat_target[k]) for k in keys})
+  # Each device receives only its slices of the host arrays (every process holds them all).
+  placed = sharding.put_global({k: np.asarray(host[k], flat_target[k].dtype) for k in keys},
+                               {k: flat_target[k].sharding for k in keys})
+  return traverse_util.unflatten_dict(placed)
 
 
 def workdir_has_checkpoint(workdir: str) -> bool:

@@ -358,3 +358,15 @@ def test_paper_vit_l14_336_is_one_more_epoch_from_a_vit_l14(tmp_path):
   small, large = MODEL_CONFIGS["ViT-L-14"].vision, MODEL_CONFIGS["ViT-L-14-336"].vision
   assert (resize.grid_size(small, small.image_size), resize.grid_size(large, large.image_size)) == (16, 24)
   assert paper.get_config("ViT-L-14").init.checkpoint == ""  # the others start from scratch
+
+
+def test_demo_configs():
+  """configs/clip/digits_finetune.py: 48 px fine-tuning and LiT, both from the digits workdir."""
+  from configs.clip import digits_finetune
+  res48, lit = digits_finetune.get_config("res48"), digits_finetune.get_config("lit")
+  assert res48.model.overrides.vision.image_size == 48 and not res48.lock_image
+  assert lit.lock_image and lit.init.dont_load == "^text/"
+  assert res48.init.checkpoint == lit.init.checkpoint == "workdirs/digits"
+  assert digits_finetune.get_config("lit,runlocal").total_steps == 4
+  with pytest.raises(ValueError, match="unknown variant"):
+    digits_finetune.get_config("lit48")
