@@ -23,6 +23,9 @@ process to report a given message prints it (a counter in jax's coordination ser
 launcher's output holds it once, from a process that raised it. The others exit with the same code
 silently.
 
+Every runner also starts the process under the allocator setting XLA:CPU needs (`use_fast_malloc`:
+re-executes once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; opt out with CLIP_JAX_MALLOC=system).
+
 Imports only the standard library at module level: error paths run before any heavy import.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ import difflib
 import hashlib
 import importlib.util
 import os
+import platform
 import sys
 import traceback
 from typing import Callable, Iterable, NoReturn, Sequence
@@ -200,6 +204,78 @@ def check_config_overrides(argv: Sequence[str], flag: str = "config") -> None:
       raise UserError(problem)
 
 
+# ----------------------------------------------------------------------------- allocator
+MALLOC_ENV = "CLIP_JAX_MALLOC"          # 'system': leave glibc's malloc as the environment has it
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
+_REEXEC_MARK = "CLIP_JAX_MALLOC_REEXEC"  # set in the re-executed process: never a second time
+
+
+def malloc_environment(environ: dict[str, str], libc: tuple[str, str],
+                       thp_enabled: str | None) -> dict[str, str] | None:
+  """The environment this process should run under for fast XLA:CPU steps, or None when nothing is
+  to change.
+
+  Why: XLA:CPU frees its large temporaries after every step and allocates them again on the next;
+  glibc's malloc serves such sizes with fresh mmaps, so each step faults in every page again (about
+  700k 4 KiB faults per ViT-B-32 bf16 step at batch 32), and the faulting runs on one thread while
+  the other cores wait. With glibc.malloc.hugetlb=1 (glibc >= 2.35) malloc madvises its memory for
+  transparent huge pages: 2 MiB pages, about 2k faults per step, 1.25x the steps per second at low
+  load (`benchmarks/results/train_step.md`). mallopt cannot set this from inside the process, and
+  mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD at its maximum) left the fault count unchanged (measured
+  in the same file), so the process re-executes itself with the tunable instead.
+
+  environ: the current environment; libc: `platform.libc_ver()`; thp_enabled: the text of
+  /sys/kernel/mm/transparent_hugepage/enabled (None when absent). Returns None when the user opted
+  out (CLIP_JAX_MALLOC=system), set the tunable themselves (any value wins), the C library is not
+  glibc >= 2.35, the kernel has huge pages off ('[never]'), JAX_PLATFORMS names no 'cpu', or this
+  process is already the re-executed one.
+  """
+  if environ.get(MALLOC_ENV, "").lower() in ("system", "off", "0", "false") or environ.get(_REEXEC_MARK):
+    return None
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if HUGETLB_TUNABLE + "=" in tunables:
+    return None
+  name, version = libc
+  try:
+    if name != "glibc" or tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
+      return None
+  except ValueError:
+    return None
+  if thp_enabled is None or "[never]" in thp_enabled:
+    return None
+  platforms = environ.get("JAX_PLATFORMS", "")
+  if platforms and "cpu" not in platforms.split(","):
+    return None
+  new = dict(environ)
+  new["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, HUGETLB_TUNABLE + "=1"]))
+  new[_REEXEC_MARK] = "1"
+  return new
+
+
+def _read(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read()
+  except OSError:
+    return None
+
+
+def use_fast_malloc() -> None:
+  """Re-executes this process (same interpreter, same command line) once under
+  `malloc_environment`, when that asks for a change; returns otherwise. Call it first thing in an
+  entry point's `__main__` (before jax is imported, so nothing is imported twice); the runners below
+  call it too. Processes started from here inherit the setting (launchers' workers, sweeps).
+  Opt out: CLIP_JAX_MALLOC=system, or a GLIBC_TUNABLES of your own with glibc.malloc.hugetlb=0.
+  """
+  env = malloc_environment(dict(os.environ), platform.libc_ver(),
+                           _read("/sys/kernel/mm/transparent_hugepage/enabled"))
+  if env is None or not getattr(sys, "orig_argv", None):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 # ----------------------------------------------------------------------------- runners
 
 def _one_line(text: str) -> str:
@@ -277,6 +353,8 @@ def _reporting():
 def run(main: Callable[[], int | None]) -> NoReturn:
   """Runs an argparse `main()` (reading sys.argv) as a command: argparse's usage errors and
   UserError become one line on stderr with exit code 2; main's return value is the exit code."""
+  if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
+    use_fast_malloc()
   sys.argv = _strip_debug(list(sys.argv))
   original = argparse.ArgumentParser.error
   argparse.ArgumentParser.error = _raise_usage_error  # one line instead of usage + message
@@ -293,6 +371,8 @@ HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--hel
 
 def run_absl(main: Callable[[list[str]], int | None], config_flag: str | None = "config") -> NoReturn:
   """absl.app.run(main) with config overrides checked first and flag errors as one line (exit 2)."""
+  if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
+    use_fast_malloc()
   from absl import app, flags
   argv = _strip_debug(list(sys.argv))
 

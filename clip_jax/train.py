@@ -11,6 +11,10 @@ uninterrupted one would (bitwise on CPU).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before jax is imported: the allocator setting (clip_jax.cli.use_fast_malloc)
+  from clip_jax import cli as _cli
+  _cli.use_fast_malloc()
+
 import functools
 import json
 import math
