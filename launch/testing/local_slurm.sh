@@ -131,6 +131,15 @@ CONF
     exit 1
     ;;
   stop)
+    # Jobs first: their step daemons (slurmstepd) would outlive slurmd.
+    if [ -s "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
+      export SLURM_CONF="$dir/slurm.conf"
+      scancel --user="$(id -un)" 2>/dev/null || true
+      for _ in $(seq 600); do
+        [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
+        sleep 0.1
+      done
+    fi
     stop_pid "$dir/slurmd.pid"
     stop_pid "$dir/slurmctld.pid"
     stop_pid "$dir/munged.pid"
