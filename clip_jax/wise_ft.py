@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Any, Sequence
@@ -162,16 +161,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       metrics[f"{result['task']}:{result['dataset']} {metric}"] = float(result["metrics"][metric])
     rows.append({"alpha": alpha, "metrics": metrics})
     reports.append(report["results"])
+  from clip_jax.observe import package_versions, save_results
   meta = {"zeroshot": args.zeroshot, "finetuned": args.finetuned, "note": note, "tasks": args.tasks,
-          "limit": args.limit}
+          "alphas": alphas, "limit": args.limit, "versions": package_versions()}
   if is_main:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-      json.dump({"meta": meta, "rows": rows, "results": reports}, f, indent=2, default=float)
+    # Written whole; an earlier table of other settings is moved aside (results.N.json), never mixed in.
+    save_results(os.path.join(args.out, "results.json"), {"meta": meta, "rows": rows, "results": reports},
+                 lambda data: markdown_table(data["rows"], data["meta"]), merge=lambda old, new: new,
+                 settings_key="meta")
     wise_ft_png(rows, os.path.join(args.out, "plots", "wise_ft.png"))
     table = markdown_table(rows, meta)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-      f.write(table)
     print(table, flush=True)
   return {"meta": meta, "rows": rows}
 

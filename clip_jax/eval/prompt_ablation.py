@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 from typing import Sequence
@@ -170,13 +169,14 @@ def run(sweep: str, workdirs: Sequence[str], out_dir: str, *, batch_size: int = 
     per_model.append(evaluate_prompt_sets(model, variables, images.features, images.labels, info.class_names,
                                           prompt_sets, tokenizer, batch_size=batch_size, mesh=mesh))
   rows = summarize(per_model, prompt_sets, reference)
+  from clip_jax.observe import package_versions, save_results
   meta = {"sweep": sweep, "dataset": info.name, "split": info.test_split, "reference": reference,
           "workdirs": list(workdirs), "num_models": len(workdirs), "num_images": num_images,
-          "bootstrap_samples": BOOTSTRAP_SAMPLES}
+          "bootstrap_samples": BOOTSTRAP_SAMPLES, "limit": limit, "versions": package_versions()}
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "prompt_ablation.json"), "w") as f:
-      json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    # Written whole; an earlier ablation of other settings is moved aside (prompt_ablation.N.*), never mixed in.
+    save_results(os.path.join(out_dir, "prompt_ablation.json"), {"meta": meta, "rows": rows},
+                 lambda data: markdown(data["rows"], data["meta"]), merge=lambda old, new: new, settings_key="meta")
     with open(os.path.join(out_dir, "prompt_ablation.csv"), "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["prompt_set", "num_templates", "top1", "top1_sd", "mean_per_class", "delta_top1",
@@ -187,8 +187,6 @@ def run(sweep: str, workdirs: Sequence[str], out_dir: str, *, batch_size: int = 
                          f"{r['delta_top1']:.4f}", f"{r['delta_ci95'][0]:.4f}", f"{r['delta_ci95'][1]:.4f}",
                          f"{r['changed_predictions']:.4f}"])
     table = markdown(rows, meta)
-    with open(os.path.join(out_dir, "prompt_ablation.md"), "w") as f:
-      f.write(table)
     plot(rows, reference, os.path.join(out_dir, "prompt_ablation.png"),
          f"zero-shot {info.name}: prompt ensembling vs single templates")
     print(table)
