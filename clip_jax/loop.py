@@ -8,9 +8,14 @@ owns what must hold for all of them:
 - non-finite steps: a step whose loss or gradient norm is not finite is skipped inside the compiled
   step (parameters and optimizer state kept) and counted; `max_nonfinite_steps` in a row stop the
   run, and no checkpoint is written while a streak lasts, so the newest checkpoint is a good one;
-- preemption: SIGTERM with one process; with several, jax.distributed's preemption sync point, so
-  that every process saves the same step (a checkpoint is collective);
+- preemption: SIGTERM, and Ctrl-C (SIGINT; a second one ends the process at once), with one process;
+  with several, jax.distributed's preemption sync point, so that every process saves the same step
+  (a checkpoint is collective); trainers then exit with EXIT_PREEMPTED (75), a finished run with 0;
+- runs that stay what they were (`check_workdir`, called by every trainer first): a finished workdir
+  (DONE) is left as it is; the config a run started with is kept (config.json), and a resume that
+  changes keys that change the maths is refused by name unless allowed (then recorded);
 - metrics (metrics.jsonl + TensorBoard) and the progress bar on process 0, the loss plot at the end;
+  on resume, metrics of steps after the restored checkpoint are dropped, so every curve is one line;
 - hooks (evaluation, validation samples) that every process enters at the same steps, since they
   run jitted code on the mesh-wide state;
 - closing the checkpoint manager, writer and progress bar in `finally`;
@@ -32,7 +37,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import checkpoint as ckpt
@@ -153,12 +157,169 @@ class Result:
   preempted: bool
 
 
+# ----------------------------------------------------------------------------- runs: finished, interrupted, remembered
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: saved and stopped early (SIGTERM, Ctrl-C); the same command resumes
+DONE_FILE = "DONE"                        # JSON {"step", "finished", "outputs"}: the trainer wrote its results
+CONFIG_FILE = "config.json"               # the config the run was started with (changes: CONFIG_CHANGES_FILE)
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+# Config keys (and groups) that change how a run is carried out, not what it computes: a resume may
+# change them freely. Every other key (batch, model, loss, data, seed, optimizer and steps schedule,
+# dtype, ...) changes the maths, and a resume that changes one is refused unless allowed.
+OPERATIONAL_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "max_nonfinite_steps",
+                    "eval_every", "progress_bar", "compilation_cache", "peak_flops_per_device", "measure_peak_flops",
+                    "mesh", "logical_axis_rules", "gradient_accumulation", "remat", "zeroshot_eval", "validation",
+                    "data.num_workers")
+
+
+def define_flags() -> None:
+  """The absl flags every trainer's command has: --allow-config-change and --rerun-eval (also with '_')."""
+  from absl import flags
+  flags.DEFINE_bool("allow_config_change", False, "resume even though config keys that change the result differ "
+                    f"from the workdir's {CONFIG_FILE}; the change is recorded in {CONFIG_CHANGES_FILE}")
+  flags.DEFINE_bool("rerun_eval", False, "on a finished workdir: evaluate its final checkpoint again (results are "
+                    "merged into results.json); without it a finished run is left as it is")
+  flags.DEFINE_alias("allow-config-change", "allow_config_change")
+  flags.DEFINE_alias("rerun-eval", "rerun_eval")
+
+
+def flatten_config(config: Any) -> dict[str, Any]:
+  """A ConfigDict (or nested dict) as {dotted key: value}, values as JSON writes them."""
+  import json
+  tree = json.loads(config.to_json_best_effort() if hasattr(config, "to_json_best_effort")
+                    else json.dumps(config, default=str))
+  flat: dict[str, Any] = {}
+
+  def walk(prefix: str, node: Any) -> None:
+    if isinstance(node, dict) and node:
+      for key, value in node.items():
+        walk(f"{prefix}.{key}" if prefix else key, value)
+    else:
+      flat[prefix] = node
+  walk("", tree)
+  return flat
+
+
+def is_operational(key: str) -> bool:
+  return any(key == k or key.startswith(k + ".") for k in OPERATIONAL_KEYS)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (old value, new value)} for every key whose value differs (absent: None)."""
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of WORKDIR/checkpoints' step folders, ascending (finalized or not)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def finished(workdir: str) -> dict[str, Any] | None:
+  """The DONE record of a run whose trainer wrote its results ({'step': N, ...}), or None."""
+  import json
+  path = os.path.join(workdir, DONE_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    record = json.loads(open(path).read() or "{}")
+  except ValueError:
+    record = {}
+  return record if isinstance(record, dict) else {"step": record}  # a sweep's DONE holds the step alone
+
+
+def mark_finished(workdir: str, step: int, outputs: Sequence[str] = ()) -> None:
+  """Writes WORKDIR/DONE on process 0 once a trainer has written its results: starting the same
+  command again then says the run is finished and changes nothing (`check_workdir`)."""
+  import json
+
+  from clip_jax.observe import write_atomic
+  if jax.process_index() == 0:
+    write_atomic(os.path.join(workdir, DONE_FILE), json.dumps(
+        {"step": int(step), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs": list(outputs)}) + "\n")
+
+
+def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_change: bool = False,
+                  rerun_eval: bool = False, log: Callable[[str], None] = print) -> bool:
+  """What every trainer calls before it builds anything. Returns True when the run in `workdir` is
+  finished (DONE at `total_steps` or later) and there is nothing to do: it says so in one line and
+  leaves every file as it is (`rerun_eval` returns False instead: the trainer restores the final
+  checkpoint, runs its evaluation and merges the results).
+
+  The workdir keeps the config it was started with (CONFIG_FILE, written here on the first start).
+  A workdir that holds a checkpoint and was made with other values of keys that change the maths
+  (all but OPERATIONAL_KEYS) raises clip_jax.cli.UserError naming them, unless
+  `allow_config_change`, which appends the change to CONFIG_CHANGES_FILE and updates CONFIG_FILE.
+  Changes of operational keys are recorded the same way without asking. Every process calls it
+  (the same answer everywhere); process 0 writes."""
+  import json
+
+  from clip_jax.cli import UserError
+  from clip_jax.observe import write_atomic
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  new = flatten_config(config)
+  old = None
+  if os.path.exists(config_path):
+    try:
+      old = flatten_config(json.load(open(config_path)))
+    except ValueError:
+      old = None  # a config.json cut short before this rule existed: written again below
+  changes = config_changes(old, new) if old is not None and saved_steps(workdir) else {}
+  maths = {k: v for k, v in changes.items() if not is_operational(k)}
+  if maths and not allow_config_change:
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(maths.items())[:8])
+    more = f" and {len(maths) - 8} more" if len(maths) > 8 else ""
+    raise UserError(f"{workdir} was trained with other settings ({shown}{more}); these change the result. Resume with "
+                    f"the settings in {config_path}, use another --workdir, or pass --allow-config-change to "
+                    f"continue with the new ones (recorded in {CONFIG_CHANGES_FILE}).")
+  done = finished(workdir)
+  if done is not None and int(done.get("step", 0)) >= total_steps and not maths:
+    if not rerun_eval:
+      if jax.process_index() == 0:
+        outputs = ", ".join(done.get("outputs") or []) or workdir
+        log(f"{workdir} is finished (step {done.get('step')}); nothing was changed. Results: {outputs}. "
+            "--rerun-eval evaluates its final checkpoint again.")
+      return True
+    return False  # re-evaluating: the record of how the run was made stays as it is
+  if done is not None and jax.process_index() == 0:
+    os.remove(os.path.join(workdir, DONE_FILE))  # more to train: the trainer marks it finished again
+  if jax.process_index() == 0 and (old is None or changes):
+    if changes:
+      record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from_step": saved_steps(workdir)[-1],
+                "allowed": bool(maths), "changes": {k: list(v) for k, v in changes.items()}}
+      with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+      if maths:
+        log(f"Config changed on resume ({', '.join(maths)}), allowed by --allow-config-change; recorded in "
+            f"{os.path.join(workdir, CONFIG_CHANGES_FILE)}.")
+    os.makedirs(workdir, exist_ok=True)
+    write_atomic(config_path, config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+                 else json.dumps(config, indent=2, default=str))
+  return False
+
+
+def _interrupt_handler(preempted: dict, multi_process: bool) -> Callable:
+  """SIGINT (Ctrl-C) as a preemption: the first saves at the end of the step and stops (with several
+  processes through jax's preemption notice, SIGTERM to this process, so all save the same step);
+  the handler then gives SIGINT back to the system, so a second Ctrl-C ends the process at once."""
+  def handler(signum, frame):
+    del signum, frame
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if jax.process_index() == 0:
+      print("\nInterrupted: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once).",
+            flush=True)
+    if multi_process:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      preempted["flag"] = True
+  return handler
+
+
 # ----------------------------------------------------------------------------- the loop
 def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callable, next_batch: Callable[[int], Any],
         options: Options, args: Sequence[Any] = (), data_iterator: Any = None, hooks: Sequence[Hook] = (),
         examples_per_step: int | None = None, log_extras: Callable[[], dict[str, float]] | None = None,
         peak_flops_per_device: float | None = None, desc: str = "train",
-        plot_keys: Sequence[str] = ("loss",)) -> Result:
+        plot_keys: Sequence[str] = ("loss",), rerun_hooks: bool = False) -> Result:
   """Trains `state` (freshly initialised, in `state_shardings`) to `options.total_steps`, resuming
   from WORKDIR/checkpoints when it holds a checkpoint.
 
@@ -171,6 +332,12 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
   examples_per_step: adds 'examples_per_sec' to the logged metrics; with peak_flops_per_device
     also 'mfu' (model FLOPs utilisation from XLA's cost analysis of the step).
   log_extras() -> more scalars for each log line (e.g. data-quality counts).
+  A workdir already at `total_steps` is left as it is (no metrics, event files or plots written);
+  rerun_hooks: then the hooks run once more on the final state (their values only returned).
+  SIGTERM and SIGINT (Ctrl-C) stop the run after the current step with a checkpoint
+  (Result.preempted; trainers exit with EXIT_PREEMPTED); a second Ctrl-C ends the process at once.
+  Metrics of steps after the restored checkpoint (a killed attempt's) are dropped from
+  metrics.jsonl and TensorBoard (`observe.MetricWriter(resume_step=)`).
   Raises FloatingPointError after `max_nonfinite_steps` non-finite steps in a row.
   """
   is_main = jax.process_index() == 0
@@ -179,7 +346,7 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
   total = options.total_steps
   manager = ckpt.make_manager(workdir, max_to_keep=options.keep_checkpoints, async_save=options.async_checkpoints,
                               with_data=data_iterator is not None)
-  writer = progress = previous_handler = None
+  writer = progress = previous_handler = previous_interrupt = None
   try:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
     restored = ckpt.restore_newest(manager, abstract, data_iterator)
@@ -191,14 +358,17 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
     replicated = NamedSharding(mesh, P())
     step_fn = jax.jit(skip_nonfinite(update), in_shardings=(state_shardings,) + (None,) * (1 + len(args)),
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    writer = MetricWriter(workdir, enabled=is_main)
-    progress = Progress(total, step, enabled=is_main and options.progress_bar, desc=desc)
+    already_done = step >= total
+    writer = MetricWriter(workdir, enabled=is_main and not already_done, resume_step=step)
+    progress = Progress(total, step, enabled=is_main and options.progress_bar and not already_done, desc=desc)
     preempted = {"flag": False}
     # One process: our own SIGTERM flag. Several: jax.distributed's preemption sync manager catches
     # SIGTERM and picks one step at which every process saves; a Python handler would replace jax's.
     multi_process = jax.process_count() > 1
-    if not multi_process and threading.current_thread() is threading.main_thread():
-      previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    if threading.current_thread() is threading.main_thread():
+      previous_interrupt = signal.signal(signal.SIGINT, _interrupt_handler(preempted, multi_process))
+      if not multi_process:
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
     last_metrics: dict[str, float] = {}
     hook_metrics: dict[str, float] = {}
     flops_per_step = None
@@ -240,8 +410,13 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
         if int(jax.device_get(state["nonfinite_streak"])) == 0:
           ckpt.save(manager, step, state, data_iterator, force=True)
       if preempted["flag"]:
-        logging.warning("SIGTERM: saved step %d; exiting so the job can be resumed.", step)
+        if is_main:
+          print(f"Stopped at step {step} of {total} (SIGTERM or Ctrl-C); the checkpoint is saved in {workdir}. "
+                f"The same command resumes it (exit code {EXIT_PREEMPTED}).", flush=True)
         break
+    if already_done and rerun_hooks:
+      for hook in hooks:  # the final state evaluated again; the run's own records stay as they are
+        hook_metrics.update(hook.fn(step, state) or {})
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -251,7 +426,9 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
       writer.close()
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
-  if is_main and step >= total:
+    if previous_interrupt is not None:
+      signal.signal(signal.SIGINT, previous_interrupt)
+  if is_main and step >= total and not already_done:
     loss_curve_png(writer.jsonl_path, os.path.join(workdir, "plots", "loss.png"), keys=tuple(plot_keys))
   return Result(step=step, state=state, metrics=last_metrics, hook_metrics=hook_metrics, preempted=preempted["flag"])
 

@@ -53,3 +53,140 @@ def test_a_resume_with_nothing_to_drop_leaves_the_files_alone(tmp_path):
   assert observe.drop_metrics_after(workdir, 1) == 0
   after = {p: open(p, "rb").read() for p in before}
   assert before == after
+
+
+# ----------------------------------------------------------------------------- runs remember how they were made
+def _config(**overrides):
+  import ml_collections
+  c = ml_collections.ConfigDict(dict(seed=0, global_batch=128, total_steps=600, log_every=10,
+                                     model=dict(name="ViT-Tiny"), mesh=dict(data=-1, fsdp=1)))
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def _fake_checkpoint(workdir, step):
+  os.makedirs(os.path.join(workdir, "checkpoints", str(step)), exist_ok=True)
+
+
+def test_a_resume_that_changes_the_maths_is_refused_with_the_keys_named(tmp_path):
+  import pytest
+  from clip_jax import loop
+  from clip_jax.cli import UserError
+  workdir = str(tmp_path)
+  said = []
+  assert loop.check_workdir(workdir, _config(), total_steps=600, log=said.append) is False
+  started = (tmp_path / "config.json").read_text()
+  _fake_checkpoint(workdir, 300)
+  with pytest.raises(UserError, match=r"global_batch: 128 -> 64.*--allow-config-change") as error:
+    loop.check_workdir(workdir, _config(global_batch=64), total_steps=600, log=said.append)
+  assert "\n" not in str(error.value) and "model.name" not in str(error.value)
+  assert (tmp_path / "config.json").read_text() == started  # refused: the record stays as it was
+  # How the run is carried out may change without asking (and is recorded).
+  assert loop.check_workdir(workdir, _config(log_every=1, **{"mesh.fsdp": 8}), total_steps=600, log=said.append) is False
+  # With the flag it goes on, and the change is recorded.
+  assert loop.check_workdir(workdir, _config(global_batch=64), total_steps=600, allow_config_change=True,
+                            log=said.append) is False
+  changes = [json.loads(line) for line in open(tmp_path / "config_changes.jsonl")]
+  assert changes[0]["changes"] == {"log_every": [10, 1], "mesh.fsdp": [1, 8]} and not changes[0]["allowed"]
+  assert changes[1]["changes"]["global_batch"] == [128, 64] and changes[1]["allowed"]
+  assert changes[1]["resumed_from_step"] == 300
+  assert json.load(open(tmp_path / "config.json"))["global_batch"] == 64
+  assert any("global_batch" in line and "recorded" in line for line in said)
+
+
+def test_a_finished_run_is_left_alone(tmp_path):
+  from clip_jax import loop
+  workdir = str(tmp_path)
+  loop.check_workdir(workdir, _config(), total_steps=600)
+  _fake_checkpoint(workdir, 600)
+  loop.mark_finished(workdir, 600, ["results.md"])
+  said = []
+  before = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "*")) if os.path.isfile(p)}
+  assert loop.check_workdir(workdir, _config(log_every=1), total_steps=600, log=said.append) is True
+  assert len(said) == 1 and "is finished (step 600)" in said[0] and "--rerun-eval" in said[0]
+  assert {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "*")) if os.path.isfile(p)} == before
+  assert loop.check_workdir(workdir, _config(), total_steps=600, rerun_eval=True, log=said.append) is False
+  # More steps (allowed): not finished any more, and DONE goes until the trainer writes it again.
+  assert loop.check_workdir(workdir, _config(total_steps=900), total_steps=900, allow_config_change=True) is False
+  assert loop.finished(workdir) is None
+
+
+def test_operational_keys_are_named_by_group():
+  from clip_jax import loop
+  assert loop.is_operational("mesh.fsdp") and loop.is_operational("validation.prompts")
+  assert not loop.is_operational("global_batch") and not loop.is_operational("meshes")
+  assert loop.flatten_config(_config())["model.name"] == "ViT-Tiny"
+
+
+# ----------------------------------------------------------------------------- the loop: Ctrl-C, finished runs
+def _toy(workdir, total_steps, interrupt_at=None, rerun_hooks=False):
+  """Least squares through loop.run; `interrupt_at`: a hook sends this process SIGINT (Ctrl-C) there."""
+  import signal
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from clip_jax import loop, sharding
+  mesh = sharding.create_mesh({"data": -1})
+  replicated = NamedSharding(mesh, P())
+  tx = optax.adam(0.1)
+  w = jnp.zeros((4,), jnp.float32)
+  state = {**loop.init_counters(), "params": {"w": w}, "opt_state": tx.init({"w": w})}
+  shardings = jax.tree.map(lambda _: replicated, state)
+
+  def next_batch(step):
+    x = np.random.default_rng(step).normal(size=(8, 4)).astype(np.float32)
+    return sharding.place_global_batch({"x": x, "y": x @ np.arange(4, dtype=np.float32)}, mesh)
+
+  def update(state, batch):
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean(jnp.square(batch["x"] @ p["w"] - batch["y"])))(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state), \
+        {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+  hooks = [loop.Hook("probe", 1, lambda step, state: {"probe/w0": float(state["params"]["w"][0])})]
+  if interrupt_at is not None:
+    hooks.append(loop.Hook("ctrl-c", interrupt_at, lambda step, state: os.kill(os.getpid(), signal.SIGINT)
+                           if step == interrupt_at else None))
+  options = loop.Options(total_steps=total_steps, log_every=1, checkpoint_every=4, async_checkpoints=False,
+                         progress_bar=False, compilation_cache="")
+  return loop.run(workdir=str(workdir), mesh=mesh, state=jax.device_put(state, shardings), state_shardings=shardings,
+                  update=update, next_batch=next_batch, options=options, hooks=hooks, rerun_hooks=rerun_hooks)
+
+
+def _files(workdir) -> dict[str, bytes]:
+  return {os.path.relpath(p, workdir): open(p, "rb").read()
+          for p in glob.glob(os.path.join(str(workdir), "**", "*"), recursive=True) if os.path.isfile(p)}
+
+
+def test_ctrl_c_saves_at_that_step_and_resumes_to_the_same_result(tmp_path, capsys):
+  import random
+  import signal
+
+  import numpy as np
+  straight = _toy(tmp_path / "straight", 10)
+  at = random.Random().randint(1, 9)  # any step, not only a checkpoint step
+  interrupted = _toy(tmp_path / "interrupted", 10, interrupt_at=at)
+  assert interrupted.preempted and interrupted.step == at
+  assert f"Stopped at step {at} of 10" in capsys.readouterr().out
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+  from clip_jax import loop
+  assert loop.saved_steps(str(tmp_path / "interrupted"))[-1] == at
+  resumed = _toy(tmp_path / "interrupted", 10)
+  assert resumed.step == 10 and not resumed.preempted
+  np.testing.assert_array_equal(np.asarray(resumed.state["params"]["w"]), np.asarray(straight.state["params"]["w"]))
+  steps = [r["step"] for r in observe.read_metrics(str(tmp_path / "interrupted" / "metrics.jsonl")) if "loss" in r]
+  assert steps == list(range(1, 11))
+
+
+def test_the_loop_leaves_a_finished_workdir_as_it_is(tmp_path):
+  _toy(tmp_path, 4)
+  before = _files(tmp_path)
+  again = _toy(tmp_path, 4)
+  assert again.step == 4 and again.hook_metrics == {}
+  assert _files(tmp_path) == before  # no new event file, no rewritten metrics or plot
+  rerun = _toy(tmp_path, 4, rerun_hooks=True)
+  assert "probe/w0" in rerun.hook_metrics and _files(tmp_path) == before
