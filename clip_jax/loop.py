@@ -105,6 +105,10 @@ def enable_compilation_cache(setting: str, workdir: str) -> str | None:
   (off). Returns the directory used, or None."""
   if not setting:
     return None
+  if setting == "auto" and jax.process_count() > 1:
+    # Seen on CPU: one process loaded the step from the cache and entered its first collective while
+    # another, missing the cache, still compiled for minutes; the collective timed out (SIGABRT).
+    return None
   if setting == "auto":
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     directory = os.path.join(base, "clip_jax", "jax")
@@ -372,12 +376,17 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
     last_metrics: dict[str, float] = {}
     hook_metrics: dict[str, float] = {}
     flops_per_step = None
+    compiled = None
     window_start, window_steps = time.perf_counter(), 0
     while step < total:
       batch = next_batch(step)
-      if flops_per_step is None and peak_flops_per_device:
-        flops_per_step = _step_flops(step_fn, state, batch, *args) or 0.0
-      state, metrics = step_fn(state, batch, *args)
+      if compiled is None:
+        # Compiled ahead of the first step, then every process waits for the others: no process
+        # enters the step's collectives while another is still compiling (their times can differ a lot).
+        compiled = step_fn.lower(state, batch, *args).compile()
+        flops_per_step = _step_flops(compiled) if peak_flops_per_device else None
+        wait_for_all("first step compiled")
+      state, metrics = compiled(state, batch, *args)
       step += 1
       window_steps += 1
       progress.update(step)
@@ -446,10 +455,10 @@ def _log_line(metrics, state, window_steps, elapsed, examples_per_step, flops_pe
   return out
 
 
-def _step_flops(step_fn, *inputs) -> float | None:
+def _step_flops(compiled) -> float | None:
   """FLOPs of one compiled step over all devices, from XLA's cost analysis."""
   try:
-    cost = step_fn.lower(*inputs).compile().cost_analysis()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)) * jax.device_count() or None
   except Exception:  # Cost analysis is best-effort; some backends do not provide it.

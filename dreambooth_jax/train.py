@@ -150,21 +150,27 @@ def make_loss_fn(pipe: sd.StableDiffusion, schedule: schedulers.NoiseSchedule, *
   return loss_fn
 
 
-def make_train_step(loss_fn, tx, microbatches: int = 1):
+def make_train_step(loss_fn, tx, microbatches: int, num_instance: int):
   """update(state, batch, frozen) -> (state, metrics) for the loop: the mean loss and gradient of
   `microbatches` micro-batches (rows laid out by `data.training_batch`; each is a whole instance +
-  prior batch, so the mean over micro-batches equals the full batch's loss), then one update."""
+  prior batch of `num_instance` instance rows, so the mean over micro-batches equals the full
+  batch's loss), then one update. Row r of the whole batch (instance rows, then class rows) draws
+  its noise from key r whatever the micro-batching."""
   def grad_fn(trainable, frozen, pixels, tokens, row_keys):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, pixels, tokens, row_keys)
     return loss, parts, grads
 
   def update(state, batch, frozen):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    inputs = (batch["pixels"], batch["tokens"], jax.random.split(rng, batch["pixels"].shape[0]))
+    rows = batch["pixels"].shape[0]
+    groups = rows // (microbatches * num_instance)  # 1, or 2 with class rows
+    # Keys in the whole batch's row order, regrouped as the micro-batches hold those rows. [k, R/k]
+    keys = jax.random.split(rng, rows).reshape(groups, microbatches, num_instance).swapaxes(0, 1)
+    keys = keys.reshape(microbatches, groups * num_instance)
     if microbatches == 1:
-      loss, parts, grads = grad_fn(state["trainable"], frozen, *inputs)
+      loss, parts, grads = grad_fn(state["trainable"], frozen, batch["pixels"], batch["tokens"], keys[0])
     else:
-      micro = tuple(sharding.split_microbatches(x, microbatches) for x in inputs)  # [k, R/k, ...]
+      micro = (*(sharding.split_microbatches(batch[k], microbatches) for k in ("pixels", "tokens")), keys)
 
       def accumulate(carry, xs):
         out = grad_fn(state["trainable"], frozen, *xs)
@@ -321,7 +327,7 @@ def train_and_export(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                          num_instance=cfg.global_batch // k, params_fn=functools.partial(model_params, cfg),
                          prior_weight=cfg.prior_loss_weight, min_snr_gamma=cfg.min_snr_gamma,
                          offset_noise=cfg.offset_noise)
-  update = make_train_step(loss_fn, tx, k)
+  update = make_train_step(loss_fn, tx, k, cfg.global_batch // k)
 
   # --- batches: a function of the step, the same on every process; each places its own rows
   instance_tokens = sd.tokenize(pipe, [ident.instance_prompt(identifier, cfg.class_noun)])[0]

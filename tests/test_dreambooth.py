@@ -314,7 +314,7 @@ def test_microbatches_give_the_full_batch_loss_and_gradient(tiny_model_dir, inst
     batch = db_data.training_batch(images, images, tokens[0], tokens[1], global_batch=4, microbatches=k, size=32,
                                    seed=0, step=0)
     mesh = sharding.create_mesh({"data": 8})
-    step = jax.jit(db.make_train_step(loss_fn, tx, k))
+    step = jax.jit(db.make_train_step(loss_fn, tx, k, 4 // k))
     results.append(step(state, sharding.place_global_batch(batch, mesh), pipe.params))
   (state_1, metrics_1), (state_2, metrics_2) = results
   for key in ("loss", "instance_loss", "prior_loss", "grad_norm"):
