@@ -55,6 +55,7 @@ class DrawSettings:
   init_width: float = 1.0                    # pixels
   negative_weight: float = 0.3
   background: float = 1.0                    # white paper
+  curve_samples: int = 32                    # points per segment for the rasteriser's polyline
   gray: bool = False                         # our option: colours tied to one grey level (ink drawings)
   frame_every: int = 10                      # a frame of the GIF every N steps
 
@@ -100,7 +101,7 @@ def project(strokes: Strokes, s: DrawSettings) -> Strokes:
 
 def render(strokes: Strokes, s: DrawSettings) -> jax.Array:
   """[n, canvas, canvas, 3] in [0, 1]."""
-  return render_batch(strokes, s.canvas, s.canvas, s.background)
+  return render_batch(strokes, s.canvas, s.canvas, s.background, s.curve_samples)
 
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (images [n, h, w, 3], rng) -> losses [n]

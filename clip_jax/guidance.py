@@ -150,7 +150,8 @@ def guidance_loss(model: CLIP, variables, images: jax.Array, target_emb: jax.Arr
   target_emb: L2-normalised [d] (one target for all) or [n, d] (one per image): text embeddings
     (`encode_prompts`) or image embeddings (`image_embeddings`).
   rng: the augmentations' key; required when augment.num > 0.
-  negative_emb: optional normalised [m, d]; each adds negative_weight * cos (CLIPDraw's negatives).
+  negative_emb: optional normalised [m, d] (for all images) or [n, m, d] (per image); each adds
+    negative_weight * cos (CLIPDraw's negative prompts).
   constrain: applied to the model's input batch ([n * K, s, s, 3]), e.g. a sharding constraint.
   Raises ValueError for images that are not [n, h, w, 3] floats or embeddings of the wrong shape.
   """
@@ -158,8 +159,10 @@ def guidance_loss(model: CLIP, variables, images: jax.Array, target_emb: jax.Arr
   n, dim = images.shape[0], model.config.embed_dim
   if target_emb.shape not in ((dim,), (n, dim)):
     raise ValueError(f"target embeddings must be [{dim}] or [{n}, {dim}] for {n} images, got {target_emb.shape}.")
-  if negative_emb is not None and (negative_emb.ndim != 2 or negative_emb.shape[1] != dim):
-    raise ValueError(f"negative embeddings must be [m, {dim}], got {negative_emb.shape}.")
+  if negative_emb is not None and not (
+      (negative_emb.ndim == 2 and negative_emb.shape[1] == dim) or
+      (negative_emb.ndim == 3 and negative_emb.shape[0] == n and negative_emb.shape[2] == dim)):
+    raise ValueError(f"negative embeddings must be [m, {dim}] or [{n}, m, {dim}], got {negative_emb.shape}.")
   size = model.config.vision.image_size
   views = 1
   x = resize(images, size)
@@ -172,7 +175,8 @@ def guidance_loss(model: CLIP, variables, images: jax.Array, target_emb: jax.Arr
   target = jnp.broadcast_to(target_emb, (n, dim))
   loss = -jnp.einsum("nkd,nd->nk", emb, target)
   if negative_emb is not None:
-    loss = loss + negative_weight * jnp.einsum("nkd,md->nk", emb, negative_emb)
+    negatives = jnp.broadcast_to(negative_emb, (n,) + negative_emb.shape[-2:])
+    loss = loss + negative_weight * jnp.einsum("nkd,nmd->nk", emb, negatives)
   return jnp.mean(loss, axis=1)
 
 

@@ -44,14 +44,17 @@ def bezier(points: jax.Array, t: jax.Array) -> jax.Array:
 
 def distance_to_polyline(pixels: jax.Array, vertices: jax.Array) -> jax.Array:
   """Euclidean distance from each pixel to a polyline. pixels [P, 2], vertices [T, 2] -> [P]."""
-  a, b = vertices[:-1], vertices[1:]                       # [T-1, 2] chord ends
-  ab = b - a
-  ap = pixels[:, None, :] - a[None]                        # [P, T-1, 2]
+  # x and y kept apart and pixels last: a minor dimension of 2 (or of a few chords) vectorises
+  # poorly on CPU.
+  px, py = pixels[None, :, 0], pixels[None, :, 1]            # [1, P]
+  ax, ay = vertices[:-1, 0, None], vertices[:-1, 1, None]    # [T-1, 1] chord starts
+  abx, aby = vertices[1:, 0, None] - ax, vertices[1:, 1, None] - ay
+  apx, apy = px - ax, py - ay                                # [T-1, P]
   # Clamped projection onto each chord; the epsilon keeps a zero-length chord finite.
-  t = jnp.clip(jnp.sum(ap * ab, -1) / (jnp.sum(ab * ab, -1) + 1e-12), 0.0, 1.0)
-  diff = ap - t[..., None] * ab
+  t = jnp.clip((apx * abx + apy * aby) / (abx * abx + aby * aby + 1e-12), 0.0, 1.0)
+  dx, dy = apx - t * abx, apy - t * aby
   # sqrt(x + eps) instead of norm: its gradient stays finite on the curve itself.
-  return jnp.sqrt(jnp.min(jnp.sum(diff * diff, -1), axis=1) + 1e-12)
+  return jnp.sqrt(jnp.min(dx * dx + dy * dy, axis=0) + 1e-12)
 
 
 def pixel_centres(height: int, width: int) -> jax.Array:
@@ -92,13 +95,15 @@ def render(strokes: Strokes, height: int, width: int, background: jax.Array | fl
                      f"and {strokes.color.shape}.")
   dtype = jnp.result_type(strokes.points, strokes.width, strokes.color)
   canvas = jnp.broadcast_to(jnp.asarray(background, dtype), (height, width, 3))
+  # Coverage of every stroke at once (the costly part, parallel), then the "over" composite in order.
+  cover = jax.vmap(lambda p, w: coverage(p, w, height, width, num_samples))(strokes.points, strokes.width)
+  alphas = strokes.color[:, 3, None, None, None] * cover[..., None]  # [S, h, w, 1]
 
   def paint(canvas, stroke):
-    points, stroke_width, color = stroke
-    alpha = color[3] * coverage(points, stroke_width, height, width, num_samples)[..., None]
-    return canvas * (1.0 - alpha) + color[:3] * alpha, None
+    alpha, rgb = stroke
+    return canvas * (1.0 - alpha) + rgb * alpha, None
 
-  canvas, _ = jax.lax.scan(paint, canvas, (strokes.points, strokes.width, strokes.color))
+  canvas, _ = jax.lax.scan(paint, canvas, (alphas, strokes.color[:, :3]))
   return canvas
 
 

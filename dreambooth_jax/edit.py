@@ -1,0 +1,223 @@
+r"""Text-driven image editing with StyleCLIP's three methods, the Stable Diffusion VAE as the generator.
+
+    python -m dreambooth_jax.edit --model SD_DIR --clip CLIP_CKPT --image IN.png \
+        --neutral "a handwritten 3." --target "a handwritten 8." --method optimize|mapper|global --out DIR
+
+The image is encoded by SD's VAE (posterior mean, times the latent scaling factor so coordinates
+have unit variance) and edited in that latent; the generator is the VAE decoder, the objective the
+CLIP model given by --clip (anything `clip_jax.load_checkpoint` reads). The methods are
+`clip_jax.styleclip`'s (Patashnik et al. 2021): `optimize` edits this one image; `mapper` trains a
+mapper for the target text on latents of images SD samples from the neutral text (or --train-images)
+and applies it; `global` computes a direction from the neutral and target texts over those latents
+and moves the image along it. Writes DIR/edited.png, DIR/strip.png (source | VAE reconstruction |
+edit) and DIR/result.json (CLIP's 1 - cos to the target and to the neutral text before and after,
+the latent's L2 move, the pixel RMSE to the source).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax import guidance, styleclip
+from clip_jax.cli import MissingPathError, UserError, as_user_errors
+
+METHODS = ("optimize", "mapper", "global")
+
+
+# ----------------------------------------------------------------------------- the generator
+def vae_generator(vae, params, scale: float) -> tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], jax.Array]]:
+  """From SD's AutoencoderKL, its params and its latent scaling factor: (generator: scaled latents [n, h/f, w/f, c] -> images [n, h, w, 3] in [0, 1];
+  encoder: images in [0, 1] -> scaled latents, the posterior mean). Scaled latents have about unit
+  variance (SD's scaling_factor), so one L2 weight means the same thing for any VAE."""
+
+  def generator(latents):
+    images = vae.apply({"params": params}, latents / scale, method="decode")
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+  def encoder(images):
+    mean, _ = vae.apply({"params": params}, images * 2.0 - 1.0, method="encode")
+    return mean * scale
+  return generator, encoder
+
+
+def load_image(path: str, multiple: int) -> np.ndarray:
+  """An image file -> float32 [1, h, w, 3] in [0, 1]; sides must be multiples of the VAE's downscale."""
+  from PIL import Image
+  if not os.path.isfile(path):
+    raise MissingPathError(f"--image {path}: no such file.")
+  try:
+    image = Image.open(path).convert("RGB")
+  except OSError as e:
+    raise UserError(f"--image {path}: not an image PIL can read ({e}).") from e
+  width, height = image.size
+  if width % multiple or height % multiple:
+    raise UserError(f"--image {path} is {width}x{height}; this model's VAE needs sides that are multiples of "
+                    f"{multiple}: resize or crop it first.")
+  return (np.asarray(image, np.float32) / 255.0)[None]
+
+
+def strip(*rows: np.ndarray) -> np.ndarray:
+  """Images [h, w, 3] in [0, 1] side by side, uint8, 2 px white gaps."""
+  h = rows[0].shape[0]
+  gap = np.ones((h, 2, 3), np.float32)
+  parts = [p for image in rows for p in (np.asarray(image, np.float32), gap)][:-1]
+  return np.round(np.clip(np.concatenate(parts, axis=1), 0, 1) * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- one edit
+@dataclasses.dataclass(frozen=True)
+class EditSettings:
+  optimize: styleclip.OptimizeSettings = styleclip.OptimizeSettings()
+  mapper: styleclip.MapperSettings = styleclip.MapperSettings()
+  alpha: float = 3.0          # global direction strength (in units of the latent's spread)
+  beta: float = 0.1           # global direction threshold on |relevance|
+  augment: guidance.Augmentations = guidance.NO_AUGMENTATION  # the paper's CLIP loss sees the image as is
+
+
+def make_clip_loss(model, variables, target_emb, augment: guidance.Augmentations, mesh=None) -> styleclip.ClipLoss:
+  fn = guidance.make_guidance_fn(model, mesh, augment=augment)
+  return lambda images, key: fn(variables, images, target_emb, key)
+
+
+def clip_distances(model, variables, images, *texts) -> list[np.ndarray]:
+  """1 - cos(image, text) per image [n], for each text embedding [d]."""
+  emb = guidance.image_embeddings(model, variables, images)
+  return [np.asarray(1.0 - emb @ t) for t in texts]
+
+
+def run_edit(method: str, generator, clip_loss: styleclip.ClipLoss, image_embed, w_source: jax.Array,
+             neutral_emb: jax.Array, target_emb: jax.Array, settings: EditSettings, rng: jax.Array,
+             train_latents: jax.Array | None = None, embedder=None):
+  """The edited latents [n, ...] of `w_source` by `method`, and what the method reports."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+  if method == "optimize":
+    w, history = styleclip.optimize_latents(generator, clip_loss, w_source, rng, settings.optimize, embedder)
+    return w, {"history_first_last": styleclip.summary(history)}
+  if train_latents is None:
+    raise ValueError(f"method {method!r} needs training / sample latents.")
+  if method == "mapper":
+    mapper, params, history = styleclip.train_mapper(generator, clip_loss, train_latents, rng, settings.mapper, embedder)
+    return styleclip.apply_mapper(mapper, params, w_source), {"history_first_last": styleclip.summary(history)}
+  delta_i, sigma = styleclip.coordinate_directions(generator, image_embed, train_latents)
+  direction = styleclip.global_direction(delta_i, sigma, styleclip.text_direction(neutral_emb, target_emb),
+                                         settings.beta)
+  return styleclip.apply_direction(w_source, direction, settings.alpha), {
+      "coordinates_kept": int(jnp.sum(direction != 0)), "coordinates": int(direction.size)}
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+  d = EditSettings()
+  p = argparse.ArgumentParser(prog="python -m dreambooth_jax.edit", description=__doc__.split("\n\n")[0],
+                              epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder (its VAE is the generator)")
+  p.add_argument("--clip", required=True, help="the CLIP objective: OpenAI/open_clip file, HF directory or workdir")
+  p.add_argument("--image", required=True, help="the image to edit (sides: multiples of the VAE's downscale)")
+  p.add_argument("--neutral", required=True, help="text describing the image as it is")
+  p.add_argument("--target", required=True, help="text describing the edit's goal")
+  p.add_argument("--method", required=True, choices=METHODS)
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--train-images", help="folder of images for mapper/global (default: SD samples of --neutral)")
+  p.add_argument("--num-train", type=int, default=32, help="how many SD samples when --train-images is not given")
+  p.add_argument("--steps", type=int, help=f"optimisation / mapper steps (default {d.optimize.steps} / {d.mapper.steps})")
+  p.add_argument("--l2-weight", type=float, help=f"lambda_L2 (default {d.optimize.l2_weight} / {d.mapper.l2_weight})")
+  p.add_argument("--lr", type=float, help="learning rate (default 0.1 / 1e-3)")
+  p.add_argument("--alpha", type=float, default=d.alpha, help="global direction strength")
+  p.add_argument("--beta", type=float, default=d.beta, help="global direction threshold")
+  p.add_argument("--augmentations", type=int, default=0, help="random CLIP views per step (0: the paper's plain loss)")
+  p.add_argument("--seed", type=int, default=0)
+  return p
+
+
+def settings_from_args(args) -> EditSettings:
+  d = EditSettings()
+  opt = dataclasses.replace(d.optimize, **{k: v for k, v in dict(
+      steps=args.steps, l2_weight=args.l2_weight, learning_rate=args.lr).items() if v is not None})
+  mapper = dataclasses.replace(d.mapper, **{k: v for k, v in dict(
+      steps=args.steps, l2_weight=args.l2_weight, learning_rate=args.lr).items() if v is not None})
+  return EditSettings(opt, mapper, args.alpha, args.beta, guidance.Augmentations(num=args.augmentations)
+                      if args.augmentations else guidance.NO_AUGMENTATION)
+
+
+def _read_folder(folder: str, multiple: int) -> np.ndarray:
+  if not os.path.isdir(folder):
+    raise MissingPathError(f"--train-images {folder}: no such directory.")
+  names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+  if not names:
+    raise UserError(f"--train-images {folder}: holds no .png/.jpg images.")
+  return np.concatenate([load_image(os.path.join(folder, n), multiple) for n in names])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  for name in ("neutral", "target"):
+    if not getattr(args, name).strip():
+      raise UserError(f"--{name} is empty; give a text, e.g. --{name} 'a handwritten 3.'.")
+  if args.steps is not None and args.steps < 1:
+    raise UserError(f"--steps must be at least 1, got {args.steps}.")
+  for path, flag in ((args.model, "--model"), (args.clip, "--clip")):
+    if not os.path.exists(path):
+      raise MissingPathError(f"{flag} {path}: no such file or directory.")
+  from dreambooth_jax.sampling import pipeline as sd
+  pipe = as_user_errors(sd.load_pipeline, args.model)
+  image = load_image(args.image, pipe.vae_scale_factor)
+  model, variables, tokenizer = as_user_errors(guidance.load_guide, args.clip)
+  neutral_emb, target_emb = as_user_errors(guidance.encode_prompts, model, variables, tokenizer,
+                                           [args.neutral, args.target])
+  settings = settings_from_args(args)
+  generator, encoder = vae_generator(pipe.vae, pipe.params["vae"], pipe.vae_scaling_factor)
+  encode = jax.jit(encoder)
+  rng = jax.random.key(args.seed)
+
+  train_latents = None
+  if args.method != "optimize":
+    if args.train_images:
+      train_images = _read_folder(args.train_images, pipe.vae_scale_factor)
+    else:
+      print(f"Sampling {args.num_train} images of {args.neutral!r} from the SD model for the {args.method} ...", flush=True)
+      train_images = sd.generate(pipe, pipe.params, [args.neutral] * args.num_train, rng=jax.random.fold_in(rng, 1),
+                                 num_steps=20, guidance_scale=3.0, output_type="float",
+                                 height=image.shape[1], width=image.shape[2])
+    train_latents = encode(jnp.asarray(train_images))
+
+  start = time.time()
+  w_source = encode(jnp.asarray(image))
+  clip_loss = make_clip_loss(model, variables, target_emb, settings.augment)
+  image_embed = lambda images: guidance.image_embeddings(model, variables, images)  # noqa: E731
+  w_edit, info = as_user_errors(run_edit, args.method, generator, clip_loss, image_embed, w_source, neutral_emb,
+                                target_emb, settings, jax.random.fold_in(rng, 2), train_latents)
+  decode = jax.jit(generator)
+  recon, edited = np.asarray(decode(w_source)), np.asarray(decode(w_edit))
+  before = clip_distances(model, variables, jnp.asarray(recon), target_emb, neutral_emb)
+  after = clip_distances(model, variables, jnp.asarray(edited), target_emb, neutral_emb)
+  result = {"method": args.method, "image": args.image, "neutral": args.neutral, "target": args.target,
+            "clip_to_target": {"before": float(before[0][0]), "after": float(after[0][0])},
+            "clip_to_neutral": {"before": float(before[1][0]), "after": float(after[1][0])},
+            "latent_l2": float(jnp.sqrt(jnp.sum(jnp.square(w_edit - w_source)))),
+            "pixel_rmse_to_source": float(np.sqrt(np.mean(np.square(edited - image)))),
+            "seconds": round(time.time() - start, 1), **info,
+            "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
+  from PIL import Image
+  os.makedirs(args.out, exist_ok=True)
+  Image.fromarray(strip(edited[0])).save(os.path.join(args.out, "edited.png"))
+  Image.fromarray(strip(image[0], recon[0], edited[0])).save(os.path.join(args.out, "strip.png"))
+  with open(os.path.join(args.out, "result.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"{args.method}: CLIP 1-cos to {args.target!r} {result['clip_to_target']['before']:.3f} -> "
+        f"{result['clip_to_target']['after']:.3f}; latent moved {result['latent_l2']:.2f}; wrote "
+        f"{args.out}/edited.png, strip.png, result.json", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  from clip_jax import cli
+  cli.run(main)

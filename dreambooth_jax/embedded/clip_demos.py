@@ -1,0 +1,227 @@
+r"""CLIP as an objective on the embedded digits, judged by something that is not CLIP.
+
+    python -m dreambooth_jax.embedded.clip_demos --clip workdirs/digits --sd runs/tiny_sd/export --out runs/clip_demos
+
+(a) CLIPDraw (`clip_jax.draw`): "a handwritten {digit}." (a caption the digits CLIP was trained on)
+    for all ten digits and 3 seeds, grey ink strokes on a 32 px canvas.
+(b) StyleCLIP (`clip_jax.styleclip` through `dreambooth_jax.edit`): held-out scans of a three,
+    encoded by the tiny SD's VAE, edited toward "a handwritten 8." by latent optimisation, by a
+    mapper trained on the training split's threes, and by a global direction from "a handwritten 3."
+    to "a handwritten 8." computed over those same training threes (so mapper and direction are
+    applied to images they never saw).
+
+The judge is a scikit-learn SVM trained on the training split's pixels (8x8 ink maps, the scans'
+own resolution; a drawing is averaged down to 8x8 the same way), never the CLIP that optimised. An
+edit succeeds when the judge reads the target digit AND the edit is closer (pixel L2, 32 px) to its
+source than a random held-out image of the target class is. Writes OUT/table.md, OUT/results.json,
+OUT/drawings.png (rows: digits 0-9, columns: seeds) and OUT/edits.png (rows: source, then each method).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax import draw as draw_lib
+from clip_jax import guidance, styleclip
+from clip_jax.data import digits as digits_lib
+from dreambooth_jax import edit as edit_lib
+
+IMAGE_SIZE = 32
+
+
+# ----------------------------------------------------------------------------- the judge
+def ink_features(images: np.ndarray) -> np.ndarray:
+  """RGB [n, 32, 32, 3] in [0, 1] -> [n, 64]: ink (1 - grey) averaged over 4x4 blocks (8x8, the scans')."""
+  images = np.asarray(images, np.float32)
+  n, h, w, _ = images.shape
+  ink = 1.0 - images.mean(-1)
+  return ink.reshape(n, 8, h // 8, 8, w // 8).mean((2, 4)).reshape(n, 64)
+
+
+def digit_images(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The embedded digits as float [n, 32, 32, 3] in [0, 1] and labels [n]."""
+  source = digits_lib.DigitsSource(split, image_size=IMAGE_SIZE)
+  images = np.stack([source[i]["image"] for i in range(len(source))]).astype(np.float32) / 255.0
+  return images, np.asarray(source.labels)
+
+
+def train_judge(train_images, train_labels, test_images, test_labels):
+  """An RBF SVM on ink features; returns (classifier, held-out accuracy)."""
+  from sklearn.svm import SVC
+  judge = SVC(C=10.0, gamma="scale").fit(ink_features(train_images), train_labels)
+  return judge, float(np.mean(judge.predict(ink_features(test_images)) == test_labels))
+
+
+# ----------------------------------------------------------------------------- (a) drawings
+def prompt(digit: int) -> str:
+  return f"a handwritten {digit}."  # CAPTION_TEMPLATES' wording with the numeral, as trained
+
+
+def run_drawings(model, variables, tokenizer, settings: draw_lib.DrawSettings, seeds: int, mesh,
+                 negatives: bool = True):
+  """All ten digits x `seeds` as one batch of drawings; returns images [seeds, 10, 32, 32, 3], losses.
+  negatives: the other nine digits' prompts are each drawing's negative prompts (CLIPDraw's option)."""
+  prompts = guidance.encode_prompts(model, variables, tokenizer, [prompt(d) for d in range(10)], mesh)
+  targets = jnp.tile(prompts, (seeds, 1))  # row s * 10 + d: seed s, digit d
+  others = jnp.stack([jnp.delete(prompts, d, axis=0) for d in range(10)])  # [10, 9, dim]
+  negative_emb = jnp.tile(others, (seeds, 1, 1)) if negatives else None
+  fn = guidance.make_guidance_fn(model, mesh, augment=settings.augment, negative_weight=settings.negative_weight)
+  loss_fn = lambda images, key: fn(variables, images, targets, key, negative_emb)  # noqa: E731
+  _, images, history = draw_lib.draw(loss_fn, 10 * seeds, settings, jax.random.key(0))
+  return images.reshape(seeds, 10, *images.shape[1:]), history
+
+
+# ----------------------------------------------------------------------------- (b) edits
+def run_edits(model, variables, tokenizer, pipe, settings: edit_lib.EditSettings, source_digit: int,
+              target_digit: int, train_images, train_labels, test_sources, mesh):
+  """Every method on the held-out sources; returns {method: edited images [n, 32, 32, 3]} and info."""
+  generator, encoder = edit_lib.vae_generator(pipe.vae, pipe.params["vae"], pipe.vae_scaling_factor)
+  encode = jax.jit(encoder)
+  neutral_emb, target_emb = guidance.encode_prompts(model, variables, tokenizer,
+                                                    [prompt(source_digit), prompt(target_digit)], mesh)
+  clip_loss = edit_lib.make_clip_loss(model, variables, target_emb, settings.augment, mesh)
+  image_embed = lambda images: guidance.image_embeddings(model, variables, images)  # noqa: E731
+  w_source = encode(jnp.asarray(test_sources))
+  train_latents = encode(jnp.asarray(train_images[train_labels == source_digit]))
+  decode = jax.jit(generator)
+  out, info = {"reconstruction": np.asarray(decode(w_source))}, {}
+  for index, method in enumerate(edit_lib.METHODS):
+    start = time.time()
+    w, details = edit_lib.run_edit(method, generator, clip_loss, image_embed, w_source, neutral_emb, target_emb,
+                                   settings, jax.random.key(index), train_latents)
+    out[method] = np.asarray(decode(w))
+    info[method] = {**details, "seconds": round(time.time() - start, 1),
+                    "latent_l2_mean": float(jnp.mean(jnp.sqrt(jnp.sum(jnp.square(w - w_source), axis=(1, 2, 3)))))}
+    print(f"{method}: {info[method]['seconds']} s", flush=True)
+  return out, info
+
+
+def edit_scores(judge, edited, sources, target_pool, target_digit, rng):
+  """(fraction read as the target, fraction closer to the source than a random target-class image,
+  fraction both). Distances: pixel L2 at 32 px."""
+  hit = judge.predict(ink_features(edited)) == target_digit
+  random_targets = target_pool[rng.integers(0, len(target_pool), len(sources))]
+  d_edit = np.sqrt(np.sum(np.square(edited - sources), axis=(1, 2, 3)))
+  d_random = np.sqrt(np.sum(np.square(random_targets - sources), axis=(1, 2, 3)))
+  closer = d_edit < d_random
+  return {"read_as_target": float(hit.mean()), "closer_than_random_target": float(closer.mean()),
+          "both": float((hit & closer).mean()), "mean_distance_edit": float(d_edit.mean()),
+          "mean_distance_random_target": float(d_random.mean())}
+
+
+# ----------------------------------------------------------------------------- the whole demo
+def grid(rows: list[np.ndarray], upscale: int = 3) -> np.ndarray:
+  """Rows of images [k, h, w, 3] in [0, 1] -> uint8 grid with 1 px grey lines, upscaled."""
+  rows = [np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=0.6) for im in row], 1) for row in rows]
+  image = np.concatenate(rows, 0)
+  image = np.repeat(np.repeat(image, upscale, 0), upscale, 1)
+  return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def main(argv=None) -> int:
+  from PIL import Image
+
+  from clip_jax.cli import MissingPathError
+  from clip_jax.eval.embed import place_on_mesh
+  from clip_jax.sharding import create_mesh
+  from dreambooth_jax.sampling import pipeline as sd
+
+  p = argparse.ArgumentParser(prog="python -m dreambooth_jax.embedded.clip_demos", description=__doc__.split("\n\n")[0],
+                              epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--clip", default="workdirs/digits", help="the digits CLIP (README: python -m clip_jax.train "
+                 "--config=configs/clip/digits.py --workdir=workdirs/digits)")
+  p.add_argument("--sd", default="runs/tiny_sd/export", help="the tiny SD (python -m dreambooth_jax.embedded.pretrain)")
+  p.add_argument("--out", default="runs/clip_demos")
+  p.add_argument("--draw-steps", type=int, default=300)
+  p.add_argument("--strokes", type=int, default=8)
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--edit-steps", type=int, default=300, help="latent optimisation steps")
+  p.add_argument("--mapper-steps", type=int, default=1000)
+  p.add_argument("--l2-weight", type=float, default=0.008)
+  p.add_argument("--alpha", type=float, default=3.0)
+  p.add_argument("--beta", type=float, default=0.1)
+  p.add_argument("--source-digit", type=int, default=3)
+  p.add_argument("--target-digit", type=int, default=8)
+  p.add_argument("--max-sources", type=int, default=0, help="edit only the first N held-out sources (0: all)")
+  p.add_argument("--skip", choices=("draw", "edit"), action="append", default=[])
+  args = p.parse_args(argv)
+  for path, flag in ((args.clip, "--clip"), (args.sd, "--sd")):
+    if not os.path.exists(path):
+      raise MissingPathError(f"{flag} {path}: no such file or directory; see --help for the command that makes it.")
+
+  start = time.time()
+  os.makedirs(args.out, exist_ok=True)
+  mesh = create_mesh({"data": -1})
+  model, variables, tokenizer = guidance.load_guide(args.clip)
+  variables = place_on_mesh(variables, mesh)
+  train_images, train_labels = digit_images("train")
+  test_images, test_labels = digit_images("test")
+  judge, judge_accuracy = train_judge(train_images, train_labels, test_images, test_labels)
+  print(f"judge (SVM on 8x8 ink): held-out accuracy {judge_accuracy:.3f}", flush=True)
+  results = {"judge_heldout_accuracy": judge_accuracy, "clip": args.clip, "sd": args.sd, "args": vars(args)}
+  lines = [f"Judge: RBF SVM on 8x8 ink maps of the training split, held-out accuracy {100 * judge_accuracy:.1f}%.", ""]
+
+  if "draw" not in args.skip:
+    settings = draw_lib.DrawSettings(num_strokes=args.strokes, steps=args.draw_steps, canvas=IMAGE_SIZE, gray=True,
+                                     frame_every=max(1, args.draw_steps // 20))
+    t0 = time.time()
+    drawings, history = run_drawings(model, variables, tokenizer, settings, args.seeds, mesh)
+    predicted = judge.predict(ink_features(drawings.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3))).reshape(args.seeds, 10)
+    correct = predicted == np.arange(10)[None]
+    results["drawings"] = {"accuracy": float(correct.mean()), "per_digit": correct.mean(0).tolist(),
+                           "predicted": predicted.tolist(), "seconds": round(time.time() - t0, 1),
+                           "clip_loss_first_last": [float(history["loss"][0].mean()), float(history["loss"][-1].mean())],
+                           "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
+    Image.fromarray(grid([drawings[:, d] for d in range(10)])).save(os.path.join(args.out, "drawings.png"))
+    lines += [f"(a) CLIPDraw, {args.strokes} grey strokes x 2 segments, {args.draw_steps} steps, 4 views: "
+              f"**{100 * correct.mean():.0f}%** of {correct.size} drawings read as the prompt's digit (chance 10%)", "",
+              "| digit | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|",
+              "| judged correct (of 3 seeds) | " + " | ".join(str(int(c)) for c in correct.sum(0)) + " |", ""]
+    print(lines[-5], flush=True)
+
+  if "edit" not in args.skip:
+    pipe = sd.load_pipeline(args.sd)
+    sources = test_images[test_labels == args.source_digit]
+    if args.max_sources:
+      sources = sources[:args.max_sources]
+    target_pool = test_images[test_labels == args.target_digit]
+    opt = dataclasses.replace(styleclip.OptimizeSettings(), steps=args.edit_steps, l2_weight=args.l2_weight)
+    mapper = dataclasses.replace(styleclip.MapperSettings(), steps=args.mapper_steps)
+    settings = edit_lib.EditSettings(opt, mapper, args.alpha, args.beta)
+    edited, info = run_edits(model, variables, tokenizer, pipe, settings, args.source_digit, args.target_digit,
+                             train_images, train_labels, sources, mesh)
+    results["edits"] = {"num_sources": len(sources), "methods": {}}
+    lines += [f"(b) StyleCLIP edits of {len(sources)} held-out {args.source_digit}s toward {prompt(args.target_digit)!r} "
+              f"(tiny SD VAE latents):", "",
+              "| method | read as target | closer to source than a random target | both | mean L2 edit / random |",
+              "|---|---|---|---|---|"]
+    for method in ("reconstruction",) + edit_lib.METHODS:
+      scores = edit_scores(judge, edited[method], sources, target_pool, args.target_digit, np.random.default_rng(0))
+      results["edits"]["methods"][method] = {**scores, **info.get(method, {})}
+      lines.append(f"| {method} | {100 * scores['read_as_target']:.0f}% | {100 * scores['closer_than_random_target']:.0f}% "
+                   f"| **{100 * scores['both']:.0f}%** | {scores['mean_distance_edit']:.2f} / "
+                   f"{scores['mean_distance_random_target']:.2f} |")
+    shown = slice(0, min(12, len(sources)))
+    Image.fromarray(grid([sources[shown]] + [edited[m][shown] for m in edit_lib.METHODS])).save(
+        os.path.join(args.out, "edits.png"))
+    print("\n".join(lines[-6:]), flush=True)
+
+  results["seconds"] = round(time.time() - start, 1)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print(f"Wrote {args.out}/table.md, results.json, drawings.png, edits.png ({results['seconds']} s)", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  from clip_jax import cli
+  cli.run(main)
