@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from clip_jax import checkpoint as ckpt
 from clip_jax import loop, losses, optim, pretrained, sharding
 from clip_jax.models.clip import CLIP, create_model
-from clip_jax.observe import write_results
+from clip_jax.observe import write_atomic, write_results
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # The stored temperature is clamped after each update (open_clip does): exp(logit_scale) <= 100.
@@ -272,8 +272,10 @@ def validate_config(cfg) -> None:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
-                       evaluators: list[Callable] | None = None) -> dict[str, Any]:
-  """Trains (or resumes) to `cfg.total_steps`; returns the final metrics and evaluation results."""
+                       evaluators: list[Callable] | None = None, rerun_eval: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) to `cfg.total_steps`; returns the final metrics and evaluation results.
+  rerun_eval: a workdir already at total_steps is evaluated again (nothing else runs or is written).
+  The CLI first calls `loop.check_workdir` (finished runs, the config record)."""
   validate_config(cfg)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -286,8 +288,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   model = build_model(cfg)
   ckpt.write_model_config(workdir, model.config)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    if not os.path.exists(os.path.join(workdir, loop.CONFIG_FILE)):  # the CLI's check_workdir wrote it already
+      write_atomic(os.path.join(workdir, loop.CONFIG_FILE), cfg.to_json_best_effort(indent=2))
   lock = {k: cfg[k] for k in optim.LOCK_KEYS if k in cfg}
   lock = lock if lock.get("lock_image") or lock.get("lock_text") else None
   # A pretrained start (init.checkpoint) is checked and placed before anything compiles.
@@ -316,7 +318,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   result = loop.run(workdir=workdir, mesh=mesh, state=state, state_shardings=state_shardings, update=update,
                     next_batch=next_batch, options=loop.Options.from_config(cfg), data_iterator=data_iter,
                     hooks=hooks, examples_per_step=cfg.global_batch, peak_flops_per_device=peak_flops,
-                    log_extras=lambda: data_quality_metrics(data_iter))
+                    log_extras=lambda: data_quality_metrics(data_iter), rerun_hooks=rerun_eval)
   return {"step": result.step, "metrics": result.metrics, "eval": result.hook_metrics, "preempted": result.preempted,
           "state": result.state, "model": model, "mesh": mesh}
 
@@ -362,19 +364,29 @@ def main(argv):
   cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   from clip_jax import cli
   cli.as_user_errors(validate_config, cfg)  # config mistakes: one line, before any compilation
+  rerun_eval = flags.FLAGS.rerun_eval
+  if loop.check_workdir(workdir, cfg, total_steps=cfg.total_steps, allow_config_change=flags.FLAGS.allow_config_change,
+                        rerun_eval=rerun_eval):
+    return 0  # finished: said so, nothing touched
   evaluators = []
   if cfg.get("zeroshot_eval", None) and cfg.zeroshot_eval.get("enabled", False):
     from clip_jax.eval.zeroshot import build_training_evaluators
     evaluators = build_training_evaluators(cfg, workdir if jax.process_index() == 0 else None)
-  out = train_and_evaluate(cfg, workdir, evaluators)
-  if jax.process_index() == 0 and not out["preempted"]:
-    json_path, md_path = write_results(workdir, out["step"], out["metrics"], out["eval"])
+  out = train_and_evaluate(cfg, workdir, evaluators, rerun_eval=rerun_eval)
+  if out["preempted"]:
+    return loop.EXIT_PREEMPTED  # saved; the same command resumes
+  settings = {k: v for k, v in loop.flatten_config(cfg).items() if not loop.is_operational(k)}
+  json_path, md_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "results.md")
+  if jax.process_index() == 0:
+    write_results(workdir, out["step"], out["metrics"], out["eval"], settings)
     with open(md_path) as f:
       print(f.read())
     plots = sorted(os.listdir(os.path.join(workdir, "plots"))) if os.path.isdir(os.path.join(workdir, "plots")) else []
     print(f"Results: {json_path}, {md_path}\nPlots: {', '.join(os.path.join(workdir, 'plots', p) for p in plots)}\n"
           f"Checkpoints: {os.path.join(workdir, 'checkpoints')} (python -m clip_jax.evaluate --workdir {workdir} "
           "--tasks zeroshot:digits,linear_probe:digits for the full evaluation)")
+  loop.mark_finished(workdir, out["step"], [json_path, md_path])
+  return 0
 
 
 if __name__ == "__main__":
@@ -384,5 +396,6 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go; resumes if it holds a checkpoint.")
   flags.mark_flags_as_required(["config", "workdir"])
+  loop.define_flags()  # --allow-config-change, --rerun-eval
   from clip_jax import cli
   cli.run_absl(main)  # user mistakes: one line, exit code 2
