@@ -113,12 +113,17 @@ def die_with_parent(signum: int = signal.SIGKILL):
   return arm
 
 
+PREEMPTED = 75  # clip_jax.loop.EXIT_PREEMPTED: the trainer saved a checkpoint and stopped early
+
+
 def describe_exit(code: int) -> str:
   if code < 0:
     try:
       return f"exit code {code} (killed by {signal.Signals(-code).name})"
     except ValueError:
       return f"exit code {code} (killed by signal {-code})"
+  if code == PREEMPTED:
+    return f"exit code {code} (preempted: saved a checkpoint and stopped; the same command resumes)"
   return f"exit code {code}"
 
 
@@ -137,8 +142,10 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
   procs: list[subprocess.Popen] = []
   pumps = []
   for i, child in enumerate(children):
+    # Own sessions: a Ctrl-C at the terminal reaches the children once, forwarded by `forward` below,
+    # not twice (directly and forwarded: a second SIGINT ends a trainer at once, without saving).
     proc = subprocess.Popen(child.argv, env={**os.environ, **child.env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=several,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
                             preexec_fn=die_with_parent())
     procs.append(proc)
     print(f"launch: started {child.label} (pid {proc.pid})", file=out, flush=True)
@@ -193,6 +200,9 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
   if first_failure is None:
     return 0
   index, code = first_failure
+  if all(c == PREEMPTED for c in codes):
+    print(f"launch: the run stopped early with a checkpoint ({describe_exit(code)}).", file=out, flush=True)
+    return PREEMPTED
   others = ", ".join(f"{children[i].label}: {describe_exit(c)}" for i, c in enumerate(codes) if i != index)
   print(f"launch: the run failed: {children[index].label} (pid {procs[index].pid}) exited first with "
         f"{describe_exit(code)}" + (f"; then {others}" if others else "") + ".", file=out, flush=True)

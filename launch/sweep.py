@@ -19,6 +19,12 @@ Runs go one after another into ROOT/NAME, NAME made of the overrides that vary a
 of the final step; finished runs are skipped, so re-running an interrupted sweep resumes the
 interrupted run from its checkpoint and goes on. Unknown options (and everything after `--`) go to
 launch.run / the trainer. `python -m launch.results ROOT` makes the table and plot.
+
+The sweep stops at the first run that was interrupted (SIGTERM, Ctrl-C: the run saved and exited
+with 75; the sweep then exits 75 too) or that crashed (exit 1; --keep-going goes on to the next runs
+after a crash). ROOT/sweep.json records how the runs were made; re-running the sweep with overrides
+that change the maths (per run, or the trainer arguments after `--`) is refused with the keys named
+unless --allow-config-change, which records the change there and passes the flag to the trainers.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import shlex
 import sys
 from typing import Any, Iterable
 
+from launch import local as launcher_local
 from launch.local import REPO_ROOT
 from launch.worker import split_trainer_args
 
@@ -196,8 +203,20 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
+def done_step(workdir: str) -> int | None:
+  """The step WORKDIR/DONE names (the trainers' JSON record, or a bare step), or None."""
+  path = os.path.join(workdir, DONE_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    record = json.loads(open(path).read() or "0")
+  except ValueError:
+    return 0
+  return int(record.get("step", 0) if isinstance(record, dict) else record)
+
+
 def is_finished(workdir: str, total_steps: int) -> bool:
-  if os.path.exists(os.path.join(workdir, DONE_FILE)):
+  if (done_step(workdir) or 0) >= total_steps:  # a DONE of fewer steps: the run was made longer since
     return True
   steps = checkpoint_steps(workdir)
   return bool(steps) and steps[-1] >= total_steps
@@ -222,12 +241,46 @@ def expand(sweep_path: str, root: str, base_config: str | None = None) -> tuple[
   return runs, base
 
 
-def write_sweep_record(root: str, sweep_path: str, base_config: str, runs: list[Run], extra: list[str]) -> None:
+def write_sweep_record(root: str, sweep_path: str, base_config: str, runs: list[Run], extra: list[str],
+                       changes: dict[str, list] | None = None) -> None:
+  """ROOT/sweep.json, written whole; `changes` (allowed ones) are appended to its 'changes' list."""
+  from clip_jax.observe import write_atomic
   os.makedirs(root, exist_ok=True)
+  path = os.path.join(root, SWEEP_FILE)
+  history = json.load(open(path)).get("changes", []) if os.path.exists(path) else []
+  if changes:
+    import time
+    history.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes})
   record = {"sweep": sweep_path, "base_config": base_config, "trainer_args": extra,
-            "runs": [{"name": r.name, "overrides": r.overrides, "workdir": r.workdir} for r in runs]}
-  with open(os.path.join(root, SWEEP_FILE), "w") as f:
-    json.dump(record, f, indent=2, default=str)
+            "runs": [{"name": r.name, "overrides": r.overrides, "workdir": r.workdir} for r in runs],
+            **({"changes": history} if history else {})}
+  write_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def sweep_changes(root: str, base_config: str, runs: list[Run], extra: list[str]) -> dict[str, list]:
+  """How this invocation differs from ROOT/sweep.json in what changes the maths: {what: [before,
+  after]} for the base config, each `--config.KEY` after `--`, and each run's overrides (runs of
+  the same name). Keys that change only how runs are carried out (`clip_jax.loop.is_operational`)
+  do not count. Empty without a sweep.json."""
+  path = os.path.join(root, SWEEP_FILE)
+  if not os.path.exists(path):
+    return {}
+  from clip_jax.loop import is_operational
+  old = json.load(open(path))
+  changes: dict[str, list] = {}
+  if old.get("base_config") != base_config:
+    changes["base_config"] = [old.get("base_config"), base_config]
+
+  def compare(prefix: str, before: dict, after: dict) -> None:
+    for key in sorted(set(before) | set(after)):
+      if not is_operational(key) and str(before.get(key, "(not given)")) != str(after.get(key, "(not given)")):
+        changes[f"{prefix}{key}"] = [before.get(key, "(not given)"), after.get(key, "(not given)")]
+  compare("--config.", _config_flags(old.get("trainer_args", [])), _config_flags(extra))
+  previous = {r["name"]: r["overrides"] for r in old.get("runs", [])}
+  for run in runs:
+    if run.name in previous:
+      compare(f"{run.name}: ", previous[run.name], run.overrides)
+  return changes
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -242,7 +295,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dry-run", action="store_true", help="list the runs and what would run; start nothing")
   p.add_argument("--emit", choices=("local", "slurm"), default="local",
                  help="local: run here one after another (default); slurm: one sbatch job per unfinished run")
-  p.add_argument("--stop-on-failure", action="store_true", help="stop at the first failed run")
+  p.add_argument("--keep-going", action="store_true",
+                 help="go on to the next runs after a run that crashed (an interrupted run always stops the sweep)")
+  p.add_argument("--allow-config-change", action="store_true",
+                 help="re-run even though overrides that change the result differ from ROOT/sweep.json (recorded "
+                      "there; the trainers get the same flag)")
   return p
 
 
@@ -253,13 +310,44 @@ def main(argv: list[str] | None = None, out=None) -> int:
   args, launcher_args = parser().parse_known_args(own)
   args.root = os.path.abspath(args.root)  # cluster jobs start in the repository, not here
   runs, base = expand(args.sweep, args.root, args.base_config)
+  changes = sweep_changes(args.root, base, runs, extra)
+  if changes and not args.allow_config_change:
+    from clip_jax.cli import UserError
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:8])
+    raise UserError(f"{args.root} was swept with other settings ({shown}{' ...' if len(changes) > 8 else ''}); "
+                    f"give the same overrides as {os.path.join(args.root, SWEEP_FILE)}, another --root, or "
+                    "--allow-config-change to go on with these (recorded in sweep.json).")
+  run_extra = [*extra, "--allow_config_change"] if changes else extra
   if not args.dry_run:
-    write_sweep_record(args.root, args.sweep, base, runs, extra)
+    write_sweep_record(args.root, args.sweep, base, runs, extra, changes)
   sweep_name = os.path.basename(os.path.normpath(args.root))
   module = trainer_module(base)
   if module and not any(a == "--module" or a.startswith("--module=") for a in launcher_args):
     launcher_args = [f"--module={module}", *launcher_args]
   failed, interrupted = [], False
+  try:
+    _run_all(args, runs, base, extra, run_extra, launcher, launcher_args, sweep_name, failed, out)
+  except _Interrupted:
+    interrupted = True
+  except KeyboardInterrupt:  # Ctrl-C between runs (during a run the launcher forwards it to the trainer)
+    interrupted = True
+    print("sweep: interrupted; the sweep stops here. Run the same command again to resume.", file=out, flush=True)
+  if failed:
+    print(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)}. Re-running the sweep retries them.",
+          file=out, flush=True)
+    return 1
+  if interrupted:
+    return launcher_local.PREEMPTED
+  if not args.dry_run and args.emit == "local":
+    print(f"sweep: all {len(runs)} runs finished. Table: python -m launch.results {args.root}", file=out, flush=True)
+  return 0
+
+
+class _Interrupted(Exception):
+  """A run stopped early with a checkpoint (exit 75): the sweep stops."""
+
+
+def _run_all(args, runs, base, extra, run_extra, launcher, launcher_args, sweep_name, failed, out) -> None:
   for i, run in enumerate(runs):
     total = final_step(base, run.overrides, extra)
     state = status(run.workdir, total)
@@ -270,7 +358,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
     if args.emit == "slurm":
       run_launcher_args += ["--mode=slurm", f"--job-name={sweep_name}-{run.name}",
                             f"--script={os.path.join(args.root, 'slurm', run.name + '.sbatch')}"]
-    command = [*run_launcher_args, *(["--dry-run"] if args.dry_run else []), "--", *trainer_args(run, base, extra)]
+    command = [*run_launcher_args, *(["--dry-run"] if args.dry_run else []), "--", *trainer_args(run, base, run_extra)]
     if args.dry_run and args.emit == "local":
       print("  python -m launch.run " + shlex.join(command), file=out, flush=True)
       continue
@@ -280,27 +368,19 @@ def main(argv: list[str] | None = None, out=None) -> int:
         failed.append(run.name)
       continue
     if code == 0 and is_finished(run.workdir, total):
-      with open(os.path.join(run.workdir, DONE_FILE), "w") as f:
-        f.write(f"{total}\n")
+      if (done_step(run.workdir) or 0) < total:  # the trainers write their own
+        with open(os.path.join(run.workdir, DONE_FILE), "w") as f:
+          f.write(f"{total}\n")
       continue
-    if code == 0:  # stopped early without an error: preempted (SIGTERM) after a checkpoint
-      interrupted = True
+    if code in (0, launcher_local.PREEMPTED):  # stopped early (SIGTERM, Ctrl-C) after a checkpoint
       print(f"sweep: {run.name} stopped at {status(run.workdir, total)}; the sweep stops here. Run the "
             "same command again to resume it.", file=out, flush=True)
-      break
+      raise _Interrupted
     failed.append(run.name)
-    print(f"sweep: {run.name} failed (exit code {code}); its log is above.", file=out, flush=True)
-    if args.stop_on_failure:
+    print(f"sweep: {run.name} failed (exit code {code}); its log is above." +
+          ("" if args.keep_going else " The sweep stops here (--keep-going goes on)."), file=out, flush=True)
+    if not args.keep_going:
       break
-  if failed:
-    print(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)}. Re-running the sweep retries them.",
-          file=out, flush=True)
-    return 1
-  if interrupted:
-    return 75
-  if not args.dry_run and args.emit == "local":
-    print(f"sweep: all {len(runs)} runs finished. Table: python -m launch.results {args.root}", file=out, flush=True)
-  return 0
 
 
 if __name__ == "__main__":

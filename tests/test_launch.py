@@ -246,9 +246,12 @@ def test_interrupted_sweep_resumes_and_tabulates(tmp_path, monkeypatch):
   out = io.StringIO()
   assert sweep.main(argv, out=out) == 1
   text = out.getvalue()
-  assert "global_batch=16_seed=1 failed (exit code 137)" in text
+  assert "global_batch=16_seed=1 failed (exit code 137)" in text and "The sweep stops here" in text
   assert "exit code -9 (killed by SIGKILL)" in text
   names = ["global_batch=16_seed=0", "global_batch=16_seed=1", "global_batch=32_seed=0", "global_batch=32_seed=1"]
+  assert [os.path.exists(root / n / "DONE") for n in names] == [True, False, False, False]  # stopped there
+  out = io.StringIO()
+  assert sweep.main([*argv, "--keep-going"], out=out) == 1  # told to go on: the runs after the crash run
   assert [os.path.exists(root / n / "DONE") for n in names] == [True, False, True, True]
 
   monkeypatch.delenv("FAKE_CRASH_RUN")

@@ -2,6 +2,9 @@
 import glob
 import json
 import os
+import sys
+
+import pytest
 
 from clip_jax import observe
 
@@ -69,7 +72,6 @@ def _fake_checkpoint(workdir, step):
 
 
 def test_a_resume_that_changes_the_maths_is_refused_with_the_keys_named(tmp_path):
-  import pytest
   from clip_jax import loop
   from clip_jax.cli import UserError
   workdir = str(tmp_path)
@@ -190,3 +192,164 @@ def test_the_loop_leaves_a_finished_workdir_as_it_is(tmp_path):
   assert _files(tmp_path) == before  # no new event file, no rewritten metrics or plot
   rerun = _toy(tmp_path, 4, rerun_hooks=True)
   assert "probe/w0" in rerun.hook_metrics and _files(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- through the trainers' commands
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices=4):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=REPO)
+
+
+def _clip_cmd(workdir, steps, *extra):
+  return [sys.executable, "-m", "clip_jax.train", "--config=configs/clip/digits.py", f"--workdir={workdir}",
+          f"--config.total_steps={steps}", "--config.global_batch=32", "--config.checkpoint_every=3",
+          "--config.log_every=1", "--config.progress_bar=False",
+          "--config.peak_flops_per_device=1e12", *extra]
+
+
+def _run(command, env=None):
+  import subprocess
+  return subprocess.run(command, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_clip_rerun_finished_changed_and_allowed(tmp_path):
+  """Issue 20.1 and 20.3 through `python -m clip_jax.train`: a finished workdir is left as it is; a
+  changed batch size is refused by name; allowed, the run goes on and the change is recorded."""
+  workdir = tmp_path / "run"
+  first = _run(_clip_cmd(workdir, 3, "--config.eval_every=3", "--config.zeroshot_eval.batch_size=128"))
+  assert first.returncode == 0, first.stderr[-3000:]
+  results = json.load(open(workdir / "results.json"))
+  assert "train/loss" in results and any(k.startswith("zeroshot/") for k in results) and results["step"] == 3
+  before = _files(workdir)
+  again = _run(_clip_cmd(workdir, 3, "--config.eval_every=3", "--config.zeroshot_eval.batch_size=128"))
+  assert again.returncode == 0 and f"{workdir} is finished (step 3)" in again.stdout, again.stderr[-3000:]
+  assert "Resuming" not in again.stdout
+  assert _files(workdir) == before  # every file, byte for byte
+  # --rerun-eval: the evaluation again, its numbers merged into results.json; the training record stays.
+  rerun = _run(_clip_cmd(workdir, 3, "--config.eval_every=3", "--config.zeroshot_eval.batch_size=128", "--rerun-eval"))
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  after = json.load(open(workdir / "results.json"))
+  assert after["train/loss"] == results["train/loss"]
+  assert {k: v for k, v in after.items() if k.startswith("zeroshot/")} == \
+      pytest.approx({k: v for k, v in results.items() if k.startswith("zeroshot/")})
+  assert (workdir / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
+  # Another batch size: refused, by name, in one line; nothing written.
+  changed = _run(_clip_cmd(workdir, 5, "--config.global_batch=16"))
+  assert changed.returncode == 2 and "global_batch: 32 -> 16" in changed.stderr, changed.stderr[-2000:]
+  assert len(changed.stderr.strip().splitlines()) == 1 and "--allow-config-change" in changed.stderr
+  assert not (workdir / "config_changes.jsonl").exists()
+  allowed = _run(_clip_cmd(workdir, 5, "--config.global_batch=16", "--allow-config-change"))
+  assert allowed.returncode == 0, allowed.stderr[-3000:]
+  assert "Resuming from the checkpoint of step 3" in allowed.stdout
+  change = json.loads((workdir / "config_changes.jsonl").read_text().splitlines()[-1])
+  assert change["changes"]["global_batch"] == [32, 16] and change["changes"]["total_steps"] == [3, 5]
+  assert json.load(open(workdir / "config.json"))["global_batch"] == 16
+  assert json.load(open(workdir / "results.json"))["step"] == 5
+  assert json.load(open(workdir / "results.1.json"))["step"] == 3  # the other settings' results, kept aside
+
+
+@pytest.mark.slow
+def test_clip_ctrl_c_and_sigkill_resume_to_the_same_result_with_each_step_once(tmp_path):
+  """Issue 20.2 and 20.4: SIGINT at a random step saves and exits 75, the resumed run equals an
+  uninterrupted one; after SIGKILL and resume, metrics.jsonl and TensorBoard hold each step once."""
+  import signal
+
+  import jax
+  import numpy as np
+  from flax import traverse_util
+
+  import clip_jax
+  from killresume import kill_then_resume
+  steps = 10
+  assert _run(_clip_cmd(tmp_path / "straight", steps, "--config.zeroshot_eval.enabled=False")).returncode == 0
+
+  def params(workdir):
+    return traverse_util.flatten_dict(jax.device_get(clip_jax.load_checkpoint(str(workdir))[1]["params"]))
+  straight = params(tmp_path / "straight")
+  for name, sig in (("interrupted", signal.SIGINT), ("killed", signal.SIGKILL)):
+    workdir = tmp_path / name
+    kill_then_resume(_clip_cmd(workdir, steps, "--config.zeroshot_eval.enabled=False"), str(workdir), cwd=REPO,
+                     env=_env(), kill_between=(2, 9), sig=sig)
+    resumed = params(workdir)
+    for key in straight:
+      np.testing.assert_array_equal(resumed[key], straight[key], err_msg=f"{name} {key}")
+    assert jsonl_steps(str(workdir)) == list(range(1, steps + 1)), name
+    shown, stored = tensorboard_steps(str(workdir))
+    assert shown == stored == list(range(1, steps + 1)), name
+
+
+# ----------------------------------------------------------------------------- sweeps
+def test_a_sweep_rerun_with_other_overrides_is_refused_unless_allowed(tmp_path, monkeypatch):
+  import io
+
+  from clip_jax.cli import UserError
+  from launch import sweep
+  from test_launch import FAKE_TRAINER, _write_sweep_file
+  (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  sweep_file = _write_sweep_file(tmp_path / "bs.py", """
+      from launch.sweep import grid
+      BASE_CONFIG = "configs/clip/digits.py"
+      def get_sweep():
+        return grid(global_batch=[16, 32])
+      """)
+  root = tmp_path / "root"
+  argv = [sweep_file, f"--root={root}", "--module=fake_trainer"]
+  assert sweep.main([*argv, "--", "--config.total_steps=3"], out=io.StringIO()) == 0
+  record = (root / "sweep.json").read_bytes()
+  # The issue's case: the same sweep without the overrides it was run with.
+  with pytest.raises(UserError, match=r"--config\.total_steps: '3' -> '\(not given\)'.*--allow-config-change"):
+    sweep.main(argv, out=io.StringIO())
+  assert (root / "sweep.json").read_bytes() == record
+  # How runs are carried out may change; the runs are done.
+  out = io.StringIO()
+  assert sweep.main([*argv, "--", "--config.total_steps=3", "--config.log_every=5"], out=out) == 0
+  assert out.getvalue().count(": done") == 2
+  record = (root / "sweep.json").read_bytes()
+  # Allowed: the trainers get the flag too, the change is recorded and the runs go on to the new length.
+  out = io.StringIO()
+  assert sweep.main([*argv, "--allow-config-change", "--dry-run", "--", "--config.total_steps=5"], out=out) == 0
+  assert out.getvalue().count("--allow_config_change") == 2 and (root / "sweep.json").read_bytes() == record
+  out = io.StringIO()
+  assert sweep.main([*argv, "--allow-config-change", "--", "--config.total_steps=5"], out=out) == 0
+  saved = json.load(open(root / "sweep.json"))
+  assert saved["changes"][-1]["changes"] == {"--config.total_steps": ["3", "5"]}
+  assert out.getvalue().count("resume from step 3") == 2
+
+
+@pytest.mark.slow
+def test_a_sweep_interrupted_by_ctrl_c_stops(tmp_path):
+  """Issue 20.2: Ctrl-C (SIGINT to the sweep) reaches the running trainer once; it saves and exits
+  75, and the sweep stops there with 75 instead of starting the next run."""
+  import signal
+  import subprocess
+  import time
+
+  from test_launch import _write_sweep_file
+  sweep_file = _write_sweep_file(tmp_path / "bs.py", """
+      from launch.sweep import grid
+      def get_sweep():
+        return grid(global_batch=[8, 16])
+      """)
+  root = tmp_path / "root"
+  command = [sys.executable, "-m", "launch.sweep", sweep_file, "--base-config=configs/clip/digits.py", f"--root={root}",
+             "--", "--config.total_steps=200", "--config.checkpoint_every=50", "--config.log_every=1",
+             "--config.eval_every=0", "--config.zeroshot_eval.enabled=False", "--config.progress_bar=False",
+             "--config.peak_flops_per_device=1e12", "--config.async_checkpoints=False"]
+  proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = root / "global_batch=8" / "metrics.jsonl"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None and not (metrics.exists() and
+                                                                 len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGINT)
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 75, output[-3000:]
+  assert "Stopped at step" in output and "the sweep stops here" in output
+  assert not (root / "global_batch=16").exists()  # the next run never started
+  from clip_jax import loop
+  saved = loop.saved_steps(str(root / "global_batch=8"))
+  assert saved and 3 <= saved[-1] < 200
