@@ -37,7 +37,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import loop, optim, sharding
-from clip_jax.observe import write_results
+from clip_jax.observe import save_image_grid, write_results
 from dreambooth_jax.training import data as db_data
 from dreambooth_jax.training import identifier as ident
 from dreambooth_jax.training import lora as lora_lib
@@ -245,18 +245,7 @@ def load_class_images(cfg, directory: str) -> list:
   return images
 
 
-def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> str:
-  from PIL import Image
-  n, h, w, _ = images.shape
-  columns = columns or min(n, 4)
-  rows = -(-n // columns)
-  grid = np.full((rows * h, columns * w, 3), 255, np.uint8)
-  for i, image in enumerate(images):
-    r, c = divmod(i, columns)
-    grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid).save(path)
-  return path
+save_grid = save_image_grid  # (images, path, columns, labels, title): the project's one labelled grid
 
 
 def validation_prompts(cfg, identifier: str) -> list[str]:
@@ -278,9 +267,19 @@ def validate_config(cfg) -> None:
                      "micro-batches (gradient_accumulation).")
 
 
-def train_and_export(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Fine-tunes (or resumes) to `cfg.total_steps`, then exports a diffusers folder to WORKDIR/export."""
+def train_and_export(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
+                     rerun_eval: bool = False) -> dict[str, Any]:
+  """Fine-tunes (or resumes) to `cfg.total_steps`, then exports a diffusers folder to WORKDIR/export.
+  A finished workdir (`loop.check_workdir`) is left as it is: the result names its step, identifier
+  and export, with 'finished' True; rerun_eval: its validation grids and export are made again.
+  A resume whose config changes the maths raises clip_jax.cli.UserError unless allow_config_change."""
   validate_config(cfg)
+  if loop.check_workdir(workdir, cfg, total_steps=cfg.total_steps, allow_config_change=allow_config_change,
+                        rerun_eval=rerun_eval):
+    with open(os.path.join(workdir, "identifier.json")) as f:
+      identifier = json.load(f)["identifier"]
+    return {"step": loop.finished(workdir)["step"], "metrics": {}, "identifier": identifier,
+            "export_dir": os.path.join(workdir, "export"), "preempted": False, "finished": True}
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   # --- the frozen pipeline, the identifier, the two image sets
@@ -353,15 +352,18 @@ def train_and_export(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   result = loop.run(workdir=workdir, mesh=mesh, state=state, state_shardings=state_shardings, update=update,
                     next_batch=next_batch, options=loop.Options.from_config(cfg), args=(frozen,), hooks=hooks,
                     examples_per_step=cfg.global_batch, desc="dreambooth",
-                    plot_keys=("loss", "instance_loss", "prior_loss") if use_prior else ("loss",))
+                    plot_keys=("loss", "instance_loss", "prior_loss") if use_prior else ("loss",),
+                    rerun_hooks=rerun_eval)
   export_dir = None
   if result.step >= cfg.total_steps:
     export_dir = export(cfg, pipe, frozen, result.state, os.path.join(workdir, "export"))
     if is_main:
-      write_results(workdir, result.step, result.metrics, {})
+      settings = {k: v for k, v in loop.flatten_config(cfg).items() if not loop.is_operational(k)}
+      write_results(workdir, result.step, result.metrics, {}, {**settings, "identifier": identifier})
       print(f"Exported the fine-tuned pipeline (diffusers format) to {export_dir}", flush=True)
+    loop.mark_finished(workdir, result.step, [os.path.join(workdir, "results.md"), export_dir])
   return {"step": result.step, "metrics": result.metrics, "identifier": identifier, "export_dir": export_dir,
-          "state": result.state, "pipeline": pipe, "frozen": frozen, "preempted": result.preempted}
+          "state": result.state, "pipeline": pipe, "frozen": frozen, "preempted": result.preempted, "finished": False}
 
 
 def sample_validation(cfg, pipe, frozen, state, identifier, size, path) -> None:
@@ -373,7 +375,10 @@ def sample_validation(cfg, pipe, frozen, state, identifier, size, path) -> None:
                        sampler=cfg.validation.sampler, height=size, width=size,
                        num_images_per_prompt=cfg.validation.images_per_prompt)
   if jax.process_index() == 0:
-    save_grid(images, path, columns=cfg.validation.images_per_prompt)
+    step = int(jax.device_get(state["step"]))
+    save_image_grid(images, path, columns=cfg.validation.images_per_prompt, labels=validation_prompts(cfg, identifier),
+                    title=f"step {step} of {cfg.total_steps}: {cfg.validation.sampler} {cfg.validation.steps} steps, "
+                          f"guidance {cfg.validation.guidance_scale}, seed {cfg.seed + 3}")
 
 
 def export(cfg, pipe, frozen, state, directory: str) -> str:
@@ -400,10 +405,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from clip_jax import cli
   cli.as_user_errors(validate_config, flags.FLAGS.config)  # config mistakes: one line
-  out = train_and_export(flags.FLAGS.config, flags.FLAGS.workdir)
+  out = train_and_export(flags.FLAGS.config, flags.FLAGS.workdir, allow_config_change=flags.FLAGS.allow_config_change,
+                         rerun_eval=flags.FLAGS.rerun_eval)
+  if out["finished"]:
+    return 0  # check_workdir said so; nothing was touched
+  if out["preempted"]:
+    return loop.EXIT_PREEMPTED  # saved; the same command resumes
   if jax.process_index() == 0:
     print(json.dumps({"step": out["step"], "identifier": out["identifier"], "metrics": out["metrics"],
                       "export_dir": out["export_dir"]}, indent=2))
+  return 0
 
 
 if __name__ == "__main__":
@@ -413,5 +424,6 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, class images, samples, metrics and the export go here.")
   flags.mark_flags_as_required(["config", "workdir"])
+  loop.define_flags()  # --allow-config-change, --rerun-eval
   from clip_jax import cli
   cli.run_absl(main)  # user mistakes: one line, exit code 2

@@ -353,3 +353,36 @@ def test_a_sweep_interrupted_by_ctrl_c_stops(tmp_path):
   from clip_jax import loop
   saved = loop.saved_steps(str(root / "global_batch=8"))
   assert saved and 3 <= saved[-1] < 200
+
+
+@pytest.mark.slow
+def test_dreambooth_rerun_of_a_finished_workdir_changes_no_file(tmp_path):
+  """Issue 20.1 through `python -m dreambooth_jax.train`; the validation grid is labelled (20.6)."""
+  import numpy as np
+  from PIL import Image
+
+  import jax
+  from dreambooth_jax.embedded.tiny import make_tiny_pipeline
+  from dreambooth_jax.sampling import pipeline as sd
+  model_dir = sd.save_pipeline(make_tiny_pipeline(jax.random.key(0)), str(tmp_path / "model"))
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for i in range(2):
+    pixels = np.full((32, 32, 3), 255, np.uint8)
+    pixels[8:24, 8 + i:24 + i] = (220, 30, 30)
+    Image.fromarray(pixels).save(photos / f"{i}.png")
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "dreambooth_jax.train", "--config=configs/dreambooth/default.py:runlocal,lora",
+             f"--workdir={workdir}", f"--config.pretrained_model={model_dir}", f"--config.instance_dir={photos}",
+             "--config.class_noun=square", "--config.dtype=float32", "--config.total_steps=2",
+             "--config.with_prior_preservation=False", "--config.eval_every=2", "--config.validation.steps=2",
+             "--config.validation.images_per_prompt=1", "--config.progress_bar=False"]
+  first = _run(command, env=_env(1))
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert (workdir / "DONE").exists() and (workdir / "export" / "model_index.json").exists()
+  grid = Image.open(workdir / "samples" / "step_000002.png")
+  assert grid.width >= 256  # 32 px samples enlarged, a labelled row per validation prompt
+  before = _files(workdir)
+  again = _run(command, env=_env(1))
+  assert again.returncode == 0 and f"{workdir} is finished (step 2)" in again.stdout, again.stderr[-3000:]
+  assert _files(workdir) == before

@@ -143,7 +143,10 @@ def test_preempted_job_resumes_to_the_uninterrupted_parameters(slurm_env, uninte
   state = _wait_for_job(slurm_env, job_id)
   with open(log) as f:
     text = f.read()
-  assert state == "COMPLETED", text[-3000:]   # every task saved and exited 0
+  shown = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_env, capture_output=True, text=True).stdout
+  # Every task saved and exited 75 (preempted: clip_jax.loop.EXIT_PREEMPTED), so SLURM reports the job
+  # as failed with that code, which tells it apart from a finished job.
+  assert state == "FAILED" and "ExitCode=75:0" in shown, shown + text[-3000:]
   saved = _checkpoint_steps(workdir)[-1]
   assert CHECKPOINT_EVERY <= saved < STEPS, f"the job was not stopped early (last checkpoint {saved})"
   # Both tasks stopped at the same step (jax's preemption sync point) and saved their part there.
