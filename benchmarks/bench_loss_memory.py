@@ -28,7 +28,9 @@ def _parse_args():
   parser.add_argument("--batches", default="1024,2048,4096,8192,16384,32768,65536",
                       help="comma-separated global batch sizes (multiples of --devices)")
   parser.add_argument("--dim", type=int, default=512, help="embedding width d")
-  parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices, N")
+  parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices, N (gpu: at most the GPUs)")
+  parser.add_argument("--platform", choices=("cpu", "gpu"), default="cpu",
+                      help="cpu: N simulated devices; gpu: the machine's GPUs (XLA:GPU's buffer assignment)")
   parser.add_argument("--out", default="benchmarks/results/loss_memory.md")
   parser.add_argument("--plot", default="benchmarks/results/loss_memory.png")
   return parser.parse_args()
@@ -36,8 +38,9 @@ def _parse_args():
 
 ARGS = _parse_args()
 # Before jax is imported: the device count is fixed when the CPU backend starts.
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ARGS.devices}"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if ARGS.platform == "cpu":
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ARGS.devices}"
+os.environ.setdefault("JAX_PLATFORMS", "cpu" if ARGS.platform == "cpu" else "cuda")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -72,7 +75,7 @@ def write_table(results, batches, dim, devices, path, command, seconds):
       "",
       f"Command: `{command}`",
       "",
-      f"jax {jax.__version__}, {devices} simulated CPU devices (XLA CPU), d = {dim}, fp32, "
+      f"jax {jax.__version__}, {devices} {'simulated CPU devices (XLA CPU)' if ARGS.platform == 'cpu' else 'GPUs (XLA GPU)'}, d = {dim}, fp32, "
       "batch split over one mesh axis (b = B / N). Compiled only, never run "
       f"({seconds:.0f} s for all programs). Numbers are XLA's buffer assignment for one "
       "device's program, `compile().memory_analysis().temp_size_in_bytes`: memory the loss "
@@ -147,10 +150,12 @@ def write_plot(results, batches, dim, devices, path):
 
 
 def main():
+  if ARGS.platform == "gpu":
+    ARGS.devices = min(ARGS.devices, len(jax.devices()))
   batches = [int(batch) for batch in ARGS.batches.split(",")]
   if any(batch % ARGS.devices for batch in batches):
     raise SystemExit(f"Every batch size must be a multiple of --devices={ARGS.devices}.")
-  mesh = jax.make_mesh((ARGS.devices,), ("data",), axis_types=(AxisType.Auto,))
+  mesh = jax.make_mesh((ARGS.devices,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:ARGS.devices])
   start = time.perf_counter()
   results = {}
   for batch in batches:

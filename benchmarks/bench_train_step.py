@@ -1,14 +1,21 @@
 """CLIP training-step throughput and MFU: this project (JAX) against open_clip (PyTorch), same CPU.
 
   python benchmarks/bench_train_step.py [--model ViT-B-32] [--batch 32] [--steps 6] [--warmup 2]
-      [--runs jax_bf16,jax_fp32,torch_fp32,torch_bf16] [--hugetlb both|on|off]
-      [--out benchmarks/results/train_step.md]
+      [--runs jax_bf16,jax_fp32,torch_fp32,torch_bf16] [--malloc default|system|both]
+      [--device cpu|gpu] [--out benchmarks/results/train_step.md]
 
 One full training step each: forward through both towers, the contrastive loss, backward, gradient
 clipping and AdamW (CLIP paper settings), at the same batch and image size. Every (run, allocator)
-pair is a child process of this script, so the runs do not share thread pools or heaps and
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for malloc) applies from process
-start; the pairs run one after the other, never at the same time.
+pair is a child process of this script, so the runs do not share thread pools or heaps; the pairs
+run one after the other, never at the same time. `--malloc default` starts each child in the
+environment the project's entry points give themselves (`clip_jax.cli.malloc_environment`:
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 on glibc), `system` with malloc as the shell has it (the
+opt-out, CLIP_JAX_MALLOC=system), `both` runs the two. Minor page faults per step are reported
+beside the times: they, and CPU seconds, do not depend on the machine's load.
+
+Compile: ours is compiled with the project's persistent compilation cache on (`clip_jax.loop.
+enable_compilation_cache`, a fresh directory), then, after `jax.clear_caches()`, compiled again as
+a resumed run would (`compile cached`); `first step` is the first call's wall time.
 
   jax_bf16    the project's train step (`clip_jax.train.make_train_step`), jitted on a 1-device mesh
               with donated state: bf16 compute, fp32 parameters and optimizer state
@@ -38,7 +45,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ("jax_bf16", "jax_fp32", "torch_fp32", "torch_bf16")
-HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 def _parse_args(argv=None):
@@ -48,19 +54,24 @@ def _parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=6, help="timed steps per run (the median is reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
   parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
-  parser.add_argument("--hugetlb", choices=("both", "on", "off"), default="both",
-                      help=f"run with GLIBC_TUNABLES={HUGETLB}, without, or both")
-  parser.add_argument("--hugetlb_runs", default="jax_bf16,torch_bf16",
-                      help="with --hugetlb both: the runs repeated with huge pages ('' = all of --runs)")
+  parser.add_argument("--malloc", choices=("both", "default", "system"), default="default",
+                      help="the entry points' allocator setting (default), malloc as the shell has it "
+                           "(system), or both")
+  parser.add_argument("--system_runs", default="jax_bf16,torch_bf16",
+                      help="with --malloc both: the runs repeated with system malloc ('' = all of --runs)")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="rounds of all runs, alternating (ours, the peer, ours, ...); medians over all")
+  parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                      help="where both frameworks run (gpu: jax's CUDA backend and torch.cuda)")
   parser.add_argument("--out", default="benchmarks/results/train_step.md",
                       help="markdown table to write ('' to only print)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  unknown = (set(args.runs.split(",")) | set(filter(None, args.hugetlb_runs.split(",")))) - set(RUNS)
+  unknown = (set(args.runs.split(",")) | set(filter(None, args.system_runs.split(",")))) - set(RUNS)
   if unknown:
     parser.error(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
-  if args.batch < 2 or args.steps < 1:
-    parser.error("--batch must be at least 2 and --steps at least 1")
+  if args.batch < 2 or args.steps < 1 or args.warmup < 1:
+    parser.error("--batch must be at least 2, --steps and --warmup at least 1")
   return args
 
 
@@ -75,18 +86,28 @@ def _synthetic_batch(model_name: str, batch: int):
   return next(SyntheticData(batch, cfg.vision.image_size, cfg.text.context_length, seed=0))
 
 
-def _time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
-  """Wall-clock and process CPU seconds of each timed step. CPU time is the steadier number on a
-  shared machine (waiting for a core does not count), though spinning thread pools inflate it."""
-  for _ in range(warmup):
+def _minor_faults() -> int:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _time_steps(step, warmup: int, steps: int) -> dict:
+  """Wall-clock and process CPU seconds of each timed step, the first (untimed) step's wall time
+  and the minor page faults per timed step. CPU time and page faults are the steadier numbers on a
+  shared machine (waiting for a core counts in neither), though spinning thread pools inflate CPU time."""
+  start = time.perf_counter()
+  step()
+  first_s = time.perf_counter() - start
+  for _ in range(warmup - 1):
     step()
-  times, cpu_times = [], []
+  times, cpu_times, faults = [], [], []
   for _ in range(steps):
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start, faults_start = time.perf_counter(), time.process_time(), _minor_faults()
     step()
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
-  return times, cpu_times
+    faults.append(_minor_faults() - faults_start)
+  return {"times": times, "cpu_times": cpu_times, "first_step_s": first_s, "faults": faults}
 
 
 def _jax_child(args, dtype_name: str) -> dict:
@@ -117,9 +138,19 @@ def _jax_child(args, dtype_name: str) -> dict:
                     out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
   local = _synthetic_batch(args.model, args.batch)
   batch = {k: jax.device_put(np.asarray(v), data_sharding) for k, v in local.items()}
+  import tempfile
+  cache_dir = tempfile.mkdtemp(prefix="bench_jax_cache_")
+  loop.enable_compilation_cache(cache_dir, workdir="")  # what every trainer does ('auto': a user dir)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
+  # A resumed run: a new process traces and lowers again, then finds the executable on disk.
+  jax.clear_caches()
+  start = time.perf_counter()
+  compiled = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                     donate_argnums=(0,)).lower(state, batch).compile()
+  cached_compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   holder = {"state": state}
@@ -129,9 +160,10 @@ def _jax_child(args, dtype_name: str) -> dict:
     jax.block_until_ready(metrics)
     holder["loss"] = float(metrics["loss"])
 
-  times, cpu_times = _time_steps(step, args.warmup, args.steps)
+  timing = _time_steps(step, args.warmup, args.steps)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"]["params"]))
-  return {"times": times, "cpu_times": cpu_times, "xla_flops": float(cost.get("flops", 0.0)), "compile_s": compile_s,
+  return {**timing, "xla_flops": float(cost.get("flops", 0.0)), "compile_s": compile_s,
+          "cached_compile_s": cached_compile_s, "cache_entries": len(os.listdir(cache_dir)),
           "loss": holder["loss"], "params": params,
           "peak_bf16": _best_peak(measure_peak_flops, jnp.bfloat16),
           "peak_fp32": _best_peak(measure_peak_flops, jnp.float32),
@@ -152,7 +184,8 @@ def _torch_child(args, dtype_name: str) -> dict:
   from open_clip.loss import ClipLoss
 
   torch.manual_seed(0)
-  model = open_clip.create_model(args.model, output_dict=True)  # random init; open_clip's default ViT act is GELU
+  device = "cuda" if args.device == "gpu" else "cpu"
+  model = open_clip.create_model(args.model, output_dict=True).to(device)  # random init; GELU as open_clip's default
   model.train()
   decay = [p for p in model.parameters() if p.ndim >= 2]
   no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -160,9 +193,9 @@ def _torch_child(args, dtype_name: str) -> dict:
                           lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
   loss_fn = ClipLoss()
   local = _synthetic_batch(args.model, args.batch)
-  images = torch.from_numpy(local["image"]).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-  tokens = torch.from_numpy(local["tokens"]).long()
-  autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype_name == "bfloat16"
+  images = torch.from_numpy(local["image"]).permute(0, 3, 1, 2).contiguous().to(device)  # NHWC -> NCHW
+  tokens = torch.from_numpy(local["tokens"]).long().to(device)
+  autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype_name == "bfloat16"
               else contextlib.nullcontext())
   holder = {}
 
@@ -176,10 +209,10 @@ def _torch_child(args, dtype_name: str) -> dict:
     opt.step()
     with torch.no_grad():
       model.logit_scale.clamp_(0, 4.6052)
-    holder["loss"] = float(loss)
+    holder["loss"] = float(loss)  # also waits for the device
 
-  times, cpu_times = _time_steps(step, args.warmup, args.steps)
-  return {"times": times, "cpu_times": cpu_times, "loss": holder["loss"],
+  timing = _time_steps(step, args.warmup, args.steps)
+  return {**timing, "loss": holder["loss"],
           "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
           "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__}}
 
@@ -213,18 +246,29 @@ def analytic_flops(model_name: str, batch: int) -> float:
   return float(flops)
 
 
-def run_child(args, run: str, hugetlb: bool) -> dict:
-  env = dict(os.environ)
+def child_env(malloc: str, device: str, environ=None) -> dict:
+  """The child's environment: the entry points' allocator setting ('default') or the shell's malloc
+  ('system', with any hugetlb tunable of the shell's removed so the two rows differ)."""
+  sys.path.insert(0, ROOT)
+  from clip_jax import cli
+  env = dict(os.environ if environ is None else environ)
   env.pop("GLIBC_TUNABLES", None)
-  if hugetlb:
-    env["GLIBC_TUNABLES"] = HUGETLB
-  env.setdefault("JAX_PLATFORMS", "cpu")
+  env["CLIP_JAX_MALLOC"] = "system"
+  if malloc == "default":
+    env.pop("CLIP_JAX_MALLOC")
+    env = cli.malloc_environment(env, platform.libc_ver(), cli._read("/sys/kernel/mm/transparent_hugepage/enabled")) or env
+  env.setdefault("JAX_PLATFORMS", "cuda" if device == "gpu" else "cpu")
+  return env
+
+
+def run_child(args, run: str, malloc: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", run, "--model", args.model,
-         "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+         "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+         "--device", args.device]
+  proc = subprocess.run(cmd, env=child_env(malloc, args.device), capture_output=True, text=True, cwd=ROOT)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
   if proc.returncode or not lines:
-    raise RuntimeError(f"{run} (hugetlb={hugetlb}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"{run} (malloc {malloc}) failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
   return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -238,24 +282,38 @@ def main(argv=None) -> None:
     _child_main(args)
     return
   runs = args.runs.split(",")
-  hugetlb_runs = [r for r in runs if r in args.hugetlb_runs.split(",")] if args.hugetlb_runs else runs
-  plan = {"off": [(r, False) for r in runs], "on": [(r, True) for r in runs],
-          "both": [(r, False) for r in runs] + [(r, True) for r in hugetlb_runs]}[args.hugetlb]
+  system_runs = [r for r in runs if r in args.system_runs.split(",")] if args.system_runs else runs
+  plan = {"default": [(r, "default") for r in runs], "system": [(r, "system") for r in runs],
+          "both": [(r, "default") for r in runs] + [(r, "system") for r in system_runs]}[args.malloc]
   results = []
-  for run, hugetlb in plan:
-    load = _load()
-    result = run_child(args, run, hugetlb)
-    result.update(run=run, hugetlb=hugetlb, load_before=load, load_after=_load())
-    median = statistics.median(result["times"])
-    print(f"{run:11s} hugetlb={int(hugetlb)}  {args.batch / median:6.2f} img/s  (median step {median:.2f} s, "
-          f"CPU {statistics.median(result['cpu_times']):.2f} s, "
-          f"steps {', '.join(f'{t:.2f}' for t in result['times'])}; load {load})", flush=True)
-    results.append(result)
+  for repeat in range(args.repeats):  # ABAB...: a load change hits every run alike
+    for run, malloc in plan:
+      load = _load()
+      result = run_child(args, run, malloc)
+      result.update(run=run, malloc=malloc, repeat=repeat, load_before=load, load_after=_load())
+      median = statistics.median(result["times"])
+      print(f"{run:11s} malloc={malloc:7s} {args.batch / median:6.2f} img/s  (median step {median:.2f} s, "
+            f"CPU {statistics.median(result['cpu_times']):.2f} s, faults {statistics.median(result['faults']):.0f}, "
+            f"steps {', '.join(f'{t:.2f}' for t in result['times'])}; load {load})", flush=True)
+      results.append(result)
   report = build_report(args, results)
   print(report)
   if args.out:
     with open(args.out, "w") as f:
       f.write(report)
+
+
+def _rows(results) -> list[list[dict]]:
+  """Results grouped by (run, malloc) in plan order, repeats together."""
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for r in results:
+    groups.setdefault((r["run"], r["malloc"]), []).append(r)
+  return list(groups.values())
+
+
+def _step_s(group: list[dict]) -> float:
+  """The median step over every timed step of every repeat."""
+  return statistics.median([t for r in group for t in r["times"]])
 
 
 def build_report(args, results) -> str:
@@ -266,36 +324,47 @@ def build_report(args, results) -> str:
   peak = statistics.median([r["peak_bf16"] for r in jax_results]) if jax_results else float("nan")
   peak32 = statistics.median([r["peak_fp32"] for r in jax_results]) if jax_results else float("nan")
   analytic = analytic_flops(args.model, args.batch)
-  reference = next((r for r in results if r["run"] == "torch_bf16" and r["hugetlb"]), None) or \
-      next((r for r in results if r["run"] == "torch_bf16"), None)
-  ref_rate = args.batch / statistics.median(reference["times"]) if reference else None
+  groups = _rows(results)
+  refs = {dtype: next((g for g in groups if g[0]["run"] == f"torch_{dtype}" and g[0]["malloc"] == "default"), None)
+          or next((g for g in groups if g[0]["run"] == f"torch_{dtype}"), None) for dtype in ("bf16", "fp32")}
   command = "python benchmarks/bench_train_step.py " + argv_string(args)
+  loads = [float(r["load_before"].split(",")[0]) for r in results]
   lines = [
-      f"# CLIP training step on CPU: {args.model}, batch {args.batch}, this project vs open_clip",
+      f"# CLIP training step on {args.device.upper()}: {args.model}, batch {args.batch}, this project vs open_clip",
       "",
       f"Command: `{command.strip()}`",
       "",
       f"Machine: {_cpu_name()}, {os.cpu_count()} cores; "
       + ", ".join(f"{k} {v}" for k, v in {k: v for r in results for k, v in r["versions"].items()}.items())
-      + ".",
+      + f". 1-minute load before the runs: {min(loads):.2f} to {max(loads):.2f}"
+      + (" (busy machine: wall times and their ratios are not reliable; page faults and CPU s are)"
+         if max(loads) > 3 else "") + ".",
       f"Model FLOPs per step: {flops / 1e9:,.0f} GFLOP ({flops_source}); analytic 6 x params x tokens "
       f"+ attention: {analytic / 1e9:,.0f} GFLOP.",
       f"Peak (measured, 2048^3 matmul, best of 5): bf16 x bf16 -> f32 {peak / 1e9:,.0f} GFLOP/s; "
       f"f32 {peak32 / 1e9:,.0f} GFLOP/s. MFU is against the bf16 peak for every row.",
-      f"Timed: median of {args.steps} steps after {args.warmup} warmup steps, each run a separate process.",
+      f"Timed: median of {args.steps} steps after {args.warmup} warmup steps (the first is 'first step'), "
+      f"each run a separate process; {args.repeats} round(s) of all runs, alternating.",
       "",
-      "| run | GLIBC hugetlb | images/s | median step (s) | MFU | vs open_clip bf16"
-      + (" (hugetlb)" if reference and reference["hugetlb"] else "") + " | CPU s / step | loss | load 1-min before |",
-      "|---|:-:|---:|---:|---:|---:|---:|---:|---:|",
+      "| run | malloc | images/s | per round | median step (s) | MFU | vs open_clip, same dtype | CPU s / step "
+      "| page faults / step | compile / cached (s) | first step (s) | loss | load 1-min |",
+      "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
   ]
-  for r in results:
-    median = statistics.median(r["times"])
+  for group in groups:
+    r0 = group[0]
+    median = _step_s(group)
     rate = args.batch / median
-    mfu = flops / median / peak
-    ratio = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
-    lines.append(f"| {r['run']} | {'on' if r['hugetlb'] else 'off'} | {rate:.2f} | {median:.2f} | {mfu:.1%} | "
-                 f"{ratio} | {statistics.median(r['cpu_times']):.2f} | {r['loss']:.4f} | "
-                 f"{r['load_before'].split(',')[0]} |")
+    ref = refs["bf16" if r0["run"].endswith("bf16") else "fp32"]
+    ratio = f"{_step_s(ref) / median:.2f}x" if ref else "-"
+    per_round = ", ".join(f"{args.batch / statistics.median(r['times']):.2f}" for r in group)
+    compile_s = (f"{statistics.median([r['compile_s'] for r in group]):.1f} / "
+                 f"{statistics.median([r['cached_compile_s'] for r in group]):.1f}") if "compile_s" in r0 else "-"
+    lines.append(
+        f"| {r0['run']} | {r0['malloc']} | {rate:.2f} | {per_round} | {median:.2f} | {flops / median / peak:.1%} "
+        f"| {ratio} | {statistics.median([c for r in group for c in r['cpu_times']]):.2f} "
+        f"| {statistics.median([f for r in group for f in r['faults']]):,.0f} | {compile_s} "
+        f"| {statistics.median([r['first_step_s'] for r in group]):.1f} | {r0['loss']:.4f} "
+        f"| {', '.join(r['load_before'].split(',')[0] for r in group)} |")
   lines.append("")
   return "\n".join(lines) + "\n"
 
@@ -315,7 +384,7 @@ def _cpu_name() -> str:
 def argv_string(args) -> str:
   parts = []
   defaults = _parse_args([])
-  for key in ("model", "batch", "steps", "warmup", "runs", "hugetlb", "hugetlb_runs"):
+  for key in ("model", "batch", "steps", "warmup", "runs", "malloc", "system_runs", "device", "repeats"):
     if getattr(args, key) != getattr(defaults, key):
       parts.append(f"--{key} {getattr(args, key)}")
   return " ".join(parts)

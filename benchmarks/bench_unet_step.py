@@ -1,21 +1,26 @@
 """One UNet training step of Stable Diffusion 1.5 at 32x32 latents: ours (JAX) against diffusers (PyTorch).
 
   python benchmarks/bench_unet_step.py [--steps 5] [--warmup 2] [--size 32] [--batch 1]
-      [--threads 2] [--variants jax_fp32,jax_bf16,torch_fp32,torch_bf16]
-      [--out benchmarks/results/unet_step.md] [--append]
+      [--threads 2] [--variants jax_fp32,jax_bf16,jax_bf16_remat,torch_fp32,torch_bf16]
+      [--repeats 1] [--device cpu|gpu] [--unet sd15|tiny] [--out benchmarks/results/unet_step.md] [--append]
 
 A step is forward + backward of the MSE between the UNet's output and a target (random noise),
 with respect to every UNet parameter; no optimizer update, so only the model is compared.
 Weights are random (diffusers' and flax's default inits: speed and memory do not depend on them).
 
-  jax_fp32    our Flax UNet, jitted value_and_grad, fp32 params and compute
-  jax_bf16    the same with bf16 compute (fp32 params; matmuls accumulate in fp32)
-  torch_fp32  diffusers UNet2DConditionModel, fp32, eager
-  torch_bf16  the same under torch.autocast('cpu', dtype=torch.bfloat16)
+  jax_fp32        our Flax UNet, jitted value_and_grad, fp32 params and compute
+  jax_bf16        the same with bf16 compute (fp32 params; matmuls, attention and convolutions in
+                  the bf16 x bf16 -> f32 forms of clip_jax.layers, forward and backward)
+  jax_bf16_remat  the same with each down/mid/up block rematerialised in the backward pass
+  torch_fp32      diffusers UNet2DConditionModel, fp32, eager
+  torch_bf16      the same under torch.autocast(device, dtype=torch.bfloat16)
 
 Each variant runs in its own subprocess, one after another, so that one's memory does not count
-in another's. Time: median over --steps timed steps after --warmup steps (ours: the first call
-compiles; compile time is reported apart). Memory: the process's peak resident set size while the
+in another's; --repeats N runs all variants N times in turn (ours, diffusers, ours, ...), so a
+change of the machine's load hits both alike. Every process runs under the allocator setting the
+project's entry points use (`clip_jax.cli.malloc_environment`). Time: median over --steps timed
+steps after --warmup steps (ours: compile time is reported apart, cold and as a resumed run finds
+it in the persistent compilation cache, after `jax.clear_caches()`). Memory: the process's peak resident set size while the
 timed steps run (sampled every 5 ms from /proc/self/statm, after malloc_trim; it holds weights,
 gradients, activations and the runtime), and for ours also XLA's buffer assignment of the compiled
 step (arguments + outputs + temporaries). --append adds a run's table to the file, e.g. to rerun
@@ -35,7 +40,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("jax_fp32", "jax_bf16", "torch_fp32", "torch_bf16")
+VARIANTS = ("jax_fp32", "jax_bf16", "jax_bf16_remat", "torch_fp32", "torch_bf16")
 GIB = 2 ** 30
 # The SD 1.5 UNet (runwayml/stable-diffusion-v1-5, unet/config.json), written out: no download.
 SD15_UNET = dict(
@@ -44,6 +49,10 @@ SD15_UNET = dict(
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, act_fn="silu", flip_sin_to_cos=True,
     freq_shift=0)
+# The same architecture at toy width (a dry run of the script in seconds, e.g. benchmarks/gpu_check.sh).
+TINY_UNET = dict(SD15_UNET, block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+UNETS = {"sd15": SD15_UNET, "tiny": TINY_UNET}
 
 
 def _parse_args(argv=None):
@@ -55,7 +64,11 @@ def _parse_args(argv=None):
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="torch.set_num_threads; XLA:CPU uses one thread per core, so keep the "
                            "core count for a fair comparison")
-  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--variants", default="jax_fp32,jax_bf16,torch_fp32,torch_bf16")
+  parser.add_argument("--repeats", type=int, default=1, help="rounds of all variants, in turn")
+  parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+  parser.add_argument("--unet", choices=sorted(UNETS), default="sd15",
+                      help="sd15: SD 1.5's UNet; tiny: the same blocks at width 32-64 (dry runs)")
   parser.add_argument("--out", default="benchmarks/results/unet_step.md")
   parser.add_argument("--append", action="store_true",
                       help="add this run's table to --out instead of replacing the file")
@@ -120,38 +133,49 @@ def _timed(step, steps: int, warmup: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ workers
-def run_jax(dtype_name: str, args) -> dict:
+def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
   sys.path.insert(0, ROOT)
+  import tempfile
+
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from clip_jax import loop
   from dreambooth_jax.models import unet as unet_lib
 
-  config = unet_lib.UNetConfig.from_diffusers(SD15_UNET)
+  unet = UNETS[args.unet]
+  config = unet_lib.UNetConfig.from_diffusers(unet)
   dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
-  model = unet_lib.UNet2DConditionModel(config, dtype=dtype)
+  model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat)
   params = jax.jit(lambda key: model.init(key, *unet_lib.init_inputs(config))["params"])(jax.random.key(0))
   params = jax.block_until_ready(params)
   rng = np.random.RandomState(0)
   latents = jnp.asarray(rng.randn(args.batch, args.size, args.size, 4), jnp.float32)
   target = jnp.asarray(rng.randn(args.batch, args.size, args.size, 4), jnp.float32)
-  context = jnp.asarray(rng.randn(args.batch, 77, 768), jnp.float32)
+  context = jnp.asarray(rng.randn(args.batch, 77, unet["cross_attention_dim"]), jnp.float32)
   timesteps = jnp.asarray(rng.randint(0, 1000, args.batch), jnp.int32)
 
   def loss_fn(p):
     out = model.apply({"params": p}, latents, timesteps, context)
     return jnp.mean(jnp.square(out - target))
 
-  step_fn = jax.jit(jax.value_and_grad(loss_fn))
+  loop.enable_compilation_cache(tempfile.mkdtemp(prefix="bench_jax_cache_"), workdir="")
   start = time.perf_counter()
-  compiled = step_fn.lower(params).compile()
+  compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params).compile()
   compile_s = time.perf_counter() - start
+  jax.clear_caches()  # a resumed run: traced and lowered again, the executable read from the cache
+  start = time.perf_counter()
+  compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params).compile()
+  cached_compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                - mem.alias_size_in_bytes)
   result = _timed(lambda: jax.block_until_ready(compiled(params)), args.steps, args.warmup)
-  result.update(compile_s=compile_s, xla_bytes=xla_bytes, xla_temp_bytes=mem.temp_size_in_bytes,
-                version=f"jax {jax.__version__}")
+  result.update(compile_s=compile_s, cached_compile_s=cached_compile_s, xla_bytes=xla_bytes,
+                xla_temp_bytes=mem.temp_size_in_bytes, version=f"jax {jax.__version__}")
+  if args.device == "gpu":
+    stats = jax.devices()[0].memory_stats() or {}
+    result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
   return result
 
 
@@ -162,23 +186,30 @@ def run_torch(dtype_name: str, args) -> dict:
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  model = diffusers.UNet2DConditionModel(**SD15_UNET).train()
+  unet = UNETS[args.unet]
+  device = "cuda" if args.device == "gpu" else "cpu"
+  model = diffusers.UNet2DConditionModel(**unet).to(device).train()
   rng = np.random.RandomState(0)
-  latents = torch.from_numpy(rng.randn(args.batch, 4, args.size, args.size).astype(np.float32))
-  target = torch.from_numpy(rng.randn(args.batch, 4, args.size, args.size).astype(np.float32))
-  context = torch.from_numpy(rng.randn(args.batch, 77, 768).astype(np.float32))
-  timesteps = torch.from_numpy(rng.randint(0, 1000, args.batch))
+  as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+  latents = as_tensor(rng.randn(args.batch, 4, args.size, args.size).astype(np.float32))
+  target = as_tensor(rng.randn(args.batch, 4, args.size, args.size).astype(np.float32))
+  context = as_tensor(rng.randn(args.batch, 77, unet["cross_attention_dim"]).astype(np.float32))
+  timesteps = as_tensor(rng.randint(0, 1000, args.batch))
 
   def step():
     model.zero_grad(set_to_none=True)  # as an optimizer loop does: last step's grads are freed
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "bf16"):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype_name == "bf16"):
       out = model(latents, timesteps, context).sample
     loss = torch.mean(torch.square(out.float() - target))
     loss.backward()
     return loss.item()
 
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
   result = _timed(step, args.steps, args.warmup)
   result.update(compile_s=0.0, version=f"torch {torch.__version__}, diffusers {diffusers.__version__}")
+  if device == "cuda":
+    result["device_peak_bytes"] = torch.cuda.max_memory_allocated()
   return result
 
 
@@ -186,8 +217,10 @@ def run_torch(dtype_name: str, args) -> dict:
 def _run_variant(name: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--size", str(args.size), "--batch", str(args.batch),
-         "--threads", str(args.threads)]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+         "--threads", str(args.threads), "--device", args.device, "--unet", args.unet]
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  from bench_train_step import child_env  # the entry points' allocator setting, the device's platform
+  env = child_env("default", args.device)
   start = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if proc.returncode < 0:  # SIGKILL is what the kernel's out-of-memory killer sends
@@ -204,48 +237,67 @@ def _load() -> str:
   return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-def _write_markdown(args, results: dict, loads: tuple[str, str], path: str) -> None:
-  ref = results.get("torch_fp32", {})
-  lines = [] if args.append else ["# UNet training step: SD 1.5 UNet, ours (JAX/Flax) vs diffusers "
-                                   "(PyTorch), CPU", ""]
+def _median(rounds: list[dict], key: str) -> float:
+  return statistics.median([r[key] for r in rounds])
+
+
+def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str], path: str) -> None:
+  ok = {n: [r for r in rounds if "error" not in r] for n, rounds in results.items()}
+  torch_names = [n for n in ("torch_fp32", "torch_bf16") if ok.get(n)]
+  best = min(torch_names, key=lambda n: _median(ok[n], "step_s")) if torch_names else None
+  where = "GPU" if args.device == "gpu" else "CPU"
+  command = (f"python benchmarks/bench_unet_step.py --steps {args.steps} --warmup {args.warmup} --size {args.size} "
+             f"--batch {args.batch} --threads {args.threads} --variants {args.variants} --repeats {args.repeats}"
+             f"{' --device gpu' if args.device == 'gpu' else ''}{' --unet tiny' if args.unet == 'tiny' else ''}"
+             f"{' --append' if args.append else ''}")
+  one_minute = [float(x.split(" / ")[0]) for x in loads]
+  lines = [] if args.append else [f"# UNet training step: SD 1.5 UNet, ours (JAX/Flax) vs diffusers (PyTorch), {where}", ""]
   lines += [
       f"## Run of {time.strftime('%Y-%m-%d %H:%M')}",
       "",
-      f"Command: `python benchmarks/bench_unet_step.py --steps {args.steps} --warmup {args.warmup} "
-      f"--size {args.size} --batch {args.batch} --threads {args.threads} --variants {args.variants}"
-      f"{' --append' if args.append else ''}`",
+      f"Command: `{command}`",
       "",
       f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
       f"(shared with other jobs), {args.threads} threads per framework. Load average (1/5/15 min) "
-      f"before: {loads[0]}; after: {loads[1]}.",
-      f"Step: forward + backward of an MSE loss w.r.t. all 859.5M UNet parameters, latents "
+      f"before: {loads[0]}; after: {loads[1]}."
+      + (" **Busy machine: the step times and their ratios must be re-measured at low load.**"
+         if max(one_minute) > 3 and args.device == "cpu" else ""),
+      f"Step: forward + backward of an MSE loss w.r.t. all UNet parameters ({args.unet}), latents "
       f"{args.batch}x{args.size}x{args.size}x4 ({args.size * 8} px images), text context "
-      f"{args.batch}x77x768, random weights, no optimizer update. Median of {args.steps} steps after "
-      f"{args.warmup} warm-up steps; each variant in its own process, one after another.",
+      f"{args.batch}x77, random weights, no optimizer update. Median of {args.steps} steps after "
+      f"{args.warmup} warm-up steps; each variant in its own process; {args.repeats} round(s) of all "
+      "variants in turn (a row's step is the median of its rounds' medians; 'rounds' lists them).",
       "Peak RSS: the process's largest resident set while the timed steps ran (weights, gradients, "
       "activations, runtime), after returning freed heap pages to the OS (malloc_trim); 'RSS before "
       "steps' is where it started. XLA: the compiled step's buffer assignment (arguments + outputs + "
-      "temporaries).",
+      "temporaries). Compile: cold / from the persistent cache as a resumed run (after jax.clear_caches()).",
       "",
-      "| variant | step (s) | vs torch fp32 | peak RSS (GiB) | vs torch fp32 | RSS before steps (GiB) "
-      "| XLA buffers (GiB) | first step / compile (s) |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|",
+      f"| variant | step (s) | rounds (s) | vs diffusers' best ({best or '-'}) | peak RSS (GiB) | vs {best or '-'} "
+      "| RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) | compile / cached (s) | first step (s) |",
+      "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
-  for name, r in results.items():
-    if "error" in r:
-      lines.append(f"| {name} | failed: {r['error']} | | | | | | |")
+  for name, rounds in results.items():
+    if not ok[name]:
+      lines.append(f"| {name} | failed: {rounds[-1]['error']} | | | | | | | | | |")
       continue
-    speed = f"{ref['step_s'] / r['step_s']:.2f}x faster" if "step_s" in ref else ""
-    memory = f"{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x" if "peak_rss_bytes" in ref else ""
-    xla = f"{r['xla_bytes'] / GIB:.2f}" if "xla_bytes" in r else "-"
-    first = f"{r['first_step_s']:.1f}" + (f" / {r['compile_s']:.1f}" if r.get("compile_s") else "")
-    lines.append(f"| {name} | {r['step_s']:.2f} | {speed} | {r['peak_rss_bytes'] / GIB:.2f} | {memory} "
-                 f"| {r['rss_before_bytes'] / GIB:.2f} | {xla} | {first} |")
-  versions = sorted({r["version"] for r in results.values() if "version" in r})
+    good = ok[name]
+    step = _median(good, "step_s")
+    peak = _median(good, "peak_rss_bytes")
+    speed = f"{_median(ok[best], 'step_s') / step:.2f}x" if best else "-"
+    memory = f"{peak / _median(ok[best], 'peak_rss_bytes'):.2f}x" if best else "-"
+    xla = f"{_median(good, 'xla_bytes') / GIB:.2f}" if "xla_bytes" in good[0] else "-"
+    device_peak = (f"{_median(good, 'device_peak_bytes') / GIB:.2f}" if good[0].get("device_peak_bytes") else "-")
+    compile_s = (f"{_median(good, 'compile_s'):.1f} / {_median(good, 'cached_compile_s'):.1f}"
+                 if good[0].get("cached_compile_s") is not None else "-")
+    rounds_s = ", ".join(f"{r['step_s']:.2f}" for r in good)
+    lines.append(f"| {name} | {step:.2f} | {rounds_s} | {speed} "
+                 f"| {peak / GIB:.2f} | {memory} | {_median(good, 'rss_before_bytes') / GIB:.2f} | {xla} "
+                 f"| {device_peak} | {compile_s} | {_median(good, 'first_step_s'):.1f} |")
+  versions = sorted({r["version"] for rounds in ok.values() for r in rounds})
   lines += ["", "Versions: " + "; ".join(versions) + ".",
             "", "Per-step times (s): " + "; ".join(
-                f"{n}: {', '.join(f'{t:.2f}' for t in r['times_s'])}" for n, r in results.items()
-                if "times_s" in r) + "."]
+                f"{n}: {', '.join(f'{t:.2f}' for r in rounds for t in r['times_s'])}" for n, rounds in ok.items()
+                if rounds) + "."]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "a" if args.append else "w") as f:
     f.write(("\n" if args.append else "") + "\n".join(lines) + "\n")
@@ -254,8 +306,11 @@ def _write_markdown(args, results: dict, loads: tuple[str, str], path: str) -> N
 def main(argv=None) -> int:
   args = _parse_args(argv)
   if args.worker:
-    framework, dtype_name = args.worker.split("_")
-    result = (run_jax if framework == "jax" else run_torch)(dtype_name, args)
+    framework, dtype_name = args.worker.split("_")[:2]
+    if framework == "jax":
+      result = run_jax(dtype_name, args, remat=args.worker.endswith("_remat"))
+    else:
+      result = run_torch(dtype_name, args)
     print(json.dumps(result))
     return 0
   names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -263,14 +318,15 @@ def main(argv=None) -> int:
   if unknown:
     raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}.")
   load_before = _load()
-  results = {}
-  for name in names:
-    print(f"running {name} ... (load {_load()})", flush=True)
-    results[name] = _run_variant(name, args)
-    r = results[name]
-    print(f"  {name}: " + (f"failed: {r['error']}" if "error" in r else
-                           f"{r['step_s']:.2f} s/step, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB"),
-          flush=True)
+  results: dict[str, list[dict]] = {name: [] for name in names}
+  for repeat in range(args.repeats):
+    for name in names:
+      print(f"running {name} (round {repeat + 1}/{args.repeats}) ... (load {_load()})", flush=True)
+      r = _run_variant(name, args)
+      results[name].append(r)
+      print(f"  {name}: " + (f"failed: {r['error']}" if "error" in r else
+                             f"{r['step_s']:.2f} s/step, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB"),
+            flush=True)
   _write_markdown(args, results, (load_before, _load()), args.out)
   print(f"wrote {args.out}")
   return 0
