@@ -151,8 +151,12 @@ def _toy(workdir, total_steps, interrupt_at=None, rerun_hooks=False):
 
   hooks = [loop.Hook("probe", 1, lambda step, state: {"probe/w0": float(state["params"]["w"][0])})]
   if interrupt_at is not None:
-    hooks.append(loop.Hook("ctrl-c", interrupt_at, lambda step, state: os.kill(os.getpid(), signal.SIGINT)
-                           if step == interrupt_at else None))
+    def ctrl_c(step, state):
+      if step == interrupt_at:
+        os.kill(os.getpid(), signal.SIGINT)
+        # Handled at once: a second Ctrl-C now would get the system's default (end the process).
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    hooks.append(loop.Hook("ctrl-c", interrupt_at, ctrl_c))
   options = loop.Options(total_steps=total_steps, log_every=1, checkpoint_every=4, async_checkpoints=False,
                          progress_bar=False, compilation_cache="")
   return loop.run(workdir=str(workdir), mesh=mesh, state=jax.device_put(state, shardings), state_shardings=shardings,
