@@ -161,17 +161,20 @@ def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
 
   loop.enable_compilation_cache(tempfile.mkdtemp(prefix="bench_jax_cache_"), workdir="")
   start = time.perf_counter()
-  compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params).compile()
-  compile_s = time.perf_counter() - start
+  lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(params)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
   jax.clear_caches()  # a resumed run: traced and lowered again, the executable read from the cache
+  lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(params)
   start = time.perf_counter()
-  compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params).compile()
+  compiled = lowered.compile()
   cached_compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                - mem.alias_size_in_bytes)
   result = _timed(lambda: jax.block_until_ready(compiled(params)), args.steps, args.warmup)
-  result.update(compile_s=compile_s, cached_compile_s=cached_compile_s, xla_bytes=xla_bytes,
+  result.update(compile_s=compile_s, cached_compile_s=cached_compile_s, lower_s=lower_s, xla_bytes=xla_bytes,
                 xla_temp_bytes=mem.temp_size_in_bytes, version=f"jax {jax.__version__}")
   if args.device == "gpu":
     stats = jax.devices()[0].memory_stats() or {}
@@ -270,10 +273,11 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
       "Peak RSS: the process's largest resident set while the timed steps ran (weights, gradients, "
       "activations, runtime), after returning freed heap pages to the OS (malloc_trim); 'RSS before "
       "steps' is where it started. XLA: the compiled step's buffer assignment (arguments + outputs + "
-      "temporaries). Compile: cold / from the persistent cache as a resumed run (after jax.clear_caches()).",
+      "temporaries). Compile: trace+lower, then compile cold, then compile again as a resumed run "
+      "(after jax.clear_caches(): the executable from the persistent cache).",
       "",
       f"| variant | step (s) | rounds (s) | vs diffusers' best ({best or '-'}) | peak RSS (GiB) | vs {best or '-'} "
-      "| RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) | compile / cached (s) | first step (s) |",
+      "| RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) | trace+lower / compile / cached compile (s) | first step (s) |",
       "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for name, rounds in results.items():
@@ -287,8 +291,8 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
     memory = f"{peak / _median(ok[best], 'peak_rss_bytes'):.2f}x" if best else "-"
     xla = f"{_median(good, 'xla_bytes') / GIB:.2f}" if "xla_bytes" in good[0] else "-"
     device_peak = (f"{_median(good, 'device_peak_bytes') / GIB:.2f}" if good[0].get("device_peak_bytes") else "-")
-    compile_s = (f"{_median(good, 'compile_s'):.1f} / {_median(good, 'cached_compile_s'):.1f}"
-                 if good[0].get("cached_compile_s") is not None else "-")
+    compile_s = (" / ".join(f"{_median(good, k):.1f}" for k in ("lower_s", "compile_s", "cached_compile_s"))
+                 if good[0].get("lower_s") is not None else "-")
     rounds_s = ", ".join(f"{r['step_s']:.2f}" for r in good)
     lines.append(f"| {name} | {step:.2f} | {rounds_s} | {speed} "
                  f"| {peak / GIB:.2f} | {memory} | {_median(good, 'rss_before_bytes') / GIB:.2f} | {xla} "

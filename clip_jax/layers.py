@@ -134,8 +134,9 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
 
   Why: on XLA:CPU this runs as the bf16 x bf16 -> f32 dot (AMX / AVX512-BF16), where XLA's own bf16
   convolution and its transposes for the backward pass run a slower generic kernel (measured in
-  `benchmarks/results/unet_step.md`: fwd+bwd of SD's 3x3 convs 1.2-3x less CPU time, f32 as well
-  as bf16). The residual is x, not the kh*kw times larger patches: the backward pass rebuilds them.
+  `benchmarks/results/unet_step.md`, `benchmarks/bench_conv.py`: fwd+bwd of SD's 3x3 convs in
+  1.1-3.1x less CPU time in bf16, 1.0-2.9x in f32; the cost is a longer compile). The residual is
+  x, not the kh*kw times larger patches: the backward pass rebuilds them.
   """
   return _conv_im2col_fwd(x, kernel, strides, padding)[0]
 
