@@ -1,5 +1,6 @@
 """The embedded DreamBooth default end to end, at smoke-test size: pretrain the tiny SD on the digits
 for a couple of steps, then the Table 3 experiment (both fine-tunes, generation, metrics, files)."""
+import glob
 import json
 import os
 
@@ -38,6 +39,13 @@ def test_pretrain_then_table3_smoke(tmp_path):
   base = pretrain.pretrain(cfg, str(tmp_path / "base"), progress=False)
   assert os.path.isfile(os.path.join(base["export_dir"], "model_index.json"))
   assert os.path.isfile(base["samples"]) and base["vae_scaling_factor"] > 0
+  from PIL import Image
+  assert Image.open(base["samples"]).height > 10 * 256  # a labelled row per prompt, 32 px enlarged 8x
+  files = lambda: {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "base" / "**" / "*"), recursive=True)  # noqa: E731
+                   if os.path.isfile(p)}
+  before = files()
+  assert pretrain.pretrain(cfg, str(tmp_path / "base"), progress=False) == base  # finished: left as it is
+  assert files() == before
 
   result = table3.run(str(tmp_path / "t3"), pretrain_dir=str(tmp_path / "base"), images_per_prompt=2,
                       config_args="runlocal", progress=False)

@@ -34,7 +34,7 @@ import optax
 
 from clip_jax import loop, optim, sharding
 from clip_jax.data import digits as digits_lib
-from clip_jax.observe import read_metrics
+from clip_jax.observe import read_metrics, write_atomic
 from dreambooth_jax.sampling import pipeline as sd
 from dreambooth_jax.sampling import schedulers
 from dreambooth_jax import train as db_train
@@ -118,6 +118,8 @@ def run_stage(cfg, workdir: str, trainable: dict[str, Any], tx, update, next_bat
   result = loop.run(workdir=workdir, mesh=mesh, state=state, state_shardings=state_shardings, update=update,
                     next_batch=lambda step: sharding.place_global_batch(next_batch(step), mesh, split),
                     options=options, args=args, examples_per_step=cfg.batch_size, desc=os.path.basename(workdir))
+  if result.preempted:  # saved (SIGTERM, Ctrl-C): the command exits 75 and the same command resumes
+    raise SystemExit(loop.EXIT_PREEMPTED)
   return jax.device_get(result.state["params"])
 
 
@@ -199,6 +201,11 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
   """Trains the base model into `<workdir>/export`; returns paths and the final losses."""
   if cfg.image_size % 4:
     raise ValueError(f"image_size must be a multiple of 4 (the tiny VAE's downscale), got {cfg.image_size}.")
+  summary_path = os.path.join(workdir, "pretrain.json")
+  total_steps = cfg.vae.steps + cfg.unet.steps
+  if loop.check_workdir(workdir, cfg, total_steps=total_steps) and os.path.exists(summary_path):
+    with open(summary_path) as f:  # finished: said so; every file stays as it is
+      return json.load(f)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   images, labels = load_digits(cfg.image_size)
@@ -220,17 +227,18 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
   samples = sd.generate(pipe, pipe.params, list(SAMPLE_PROMPTS), num_steps=cfg.sample.steps,
                         guidance_scale=cfg.sample.guidance_scale, sampler=cfg.sample.sampler,
                         rng=jax.random.key(cfg.seed + 7), num_images_per_prompt=cfg.sample.per_prompt)
-  # One row per prompt pair: columns = prompts, so the grid reads "zero ... nine" left to right.
-  ordered = samples.reshape(len(SAMPLE_PROMPTS), cfg.sample.per_prompt, *samples.shape[1:]).transpose(1, 0, 2, 3, 4)
-  grid = db_train.save_grid(ordered.reshape(-1, *samples.shape[1:]), os.path.join(workdir, "samples.png"),
-                            columns=len(SAMPLE_PROMPTS))
+  # A row per prompt (images in prompt order), the prompt written above it.
+  grid = db_train.save_grid(samples, os.path.join(workdir, "samples.png"), columns=cfg.sample.per_prompt,
+                            labels=list(SAMPLE_PROMPTS),
+                            title=f"tiny SD after {cfg.unet.steps} UNet steps: {cfg.sample.sampler} {cfg.sample.steps} "
+                                  f"steps, guidance {cfg.sample.guidance_scale}, seed {cfg.seed + 7}")
   final = {f"{stage}/{k}": round(v, 5) for stage in ("vae", "unet")
            for r in read_metrics(os.path.join(workdir, stage, "metrics.jsonl")) for k, v in r.items() if k != "step"}
   summary = {"export_dir": export_dir, "samples": grid, "vae_scaling_factor": scaling,
              "vae_seconds": round(vae_seconds, 1), "seconds": round(time.time() - start, 1),
              "final_metrics": final, "sample_prompts": list(SAMPLE_PROMPTS)}
-  with open(os.path.join(workdir, "pretrain.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+  loop.mark_finished(workdir, total_steps, [summary_path, export_dir, grid])
   return summary
 
 

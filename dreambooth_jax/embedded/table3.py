@@ -189,9 +189,12 @@ def run(workdir: str, pretrain_dir: str | None = None, pretrain_cfg=None, dreamb
     rows[name] = score(embed, real_emb, generated["instance_prompt"], generated["class_prompt"])
     slug = ("base", "noprior", "prior")[index]
     for which, images in generated.items():
-      grids[f"{slug}_{which}"] = db_train.save_grid(images, os.path.join(workdir, "grids", f"{slug}_{which}.png"),
-                                                    columns=8)
-  grids["subject"] = db_train.save_grid(real, os.path.join(workdir, "grids", "subject.png"), columns=4)
+      grids[f"{slug}_{which}"] = db_train.save_grid(
+          images, os.path.join(workdir, "grids", f"{slug}_{which}.png"), columns=8,
+          title=f"{name}: '{meta[which]}' ({meta['sampler']} {meta['sample_steps']} steps, guidance "
+                f"{meta['guidance_scale']}, seed {1234 + (which == 'class_prompt')})")
+  grids["subject"] = db_train.save_grid(real, os.path.join(workdir, "grids", "subject.png"), columns=4,
+                                       title=f"the subject: {len(real)} real images")
   real_stats = {"self_similarity": float(db_metrics.mean_pairwise_cosine(real_emb, real_emb)),
                 "red_ink": red_ink_fraction(real)}
 
