@@ -4,6 +4,7 @@ r"""The embedded default: a small CLIP trained from scratch on captioned handwri
     python -m clip_jax.train --config=configs/clip/digits.py --workdir=/tmp/digits
     python -m clip_jax.train --config=configs/clip/digits.py:runlocal --workdir=/tmp/digits_smoke
 """
+from configs.args import config_words
 from configs.clip.common import base_config, runlocal
 
 
@@ -22,6 +23,6 @@ def get_config(arg: str | None = None):
   c.checkpoint_every = 200
   c.eval_every = 100
   c.zeroshot_eval = dict(enabled=True, source="digits", split="test", batch_size=128)
-  if arg == "runlocal":
+  if "runlocal" in config_words(arg, ("runlocal",), "configs/clip/digits.py"):
     runlocal(c)
   return c

@@ -11,6 +11,7 @@ et al. 2022), the pretrained image tower locked and a text tower trained from sc
 WiSE-FT and writes one table.
 """
 from configs.clip import digits
+from configs.args import config_words
 from configs.clip.common import runlocal
 
 VARIANTS = ("res48", "lit")
@@ -35,6 +36,6 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_steps = 30
   c.checkpoint_every = c.total_steps
   c.eval_every = 50
-  if "runlocal" in args[1:]:
+  if "runlocal" in config_words(",".join(args[1:]), ("runlocal",), "configs/clip/digits_finetune.py"):
     runlocal(c)
   return c

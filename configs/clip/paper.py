@@ -26,6 +26,7 @@ PAPER_LEARNING_RATES were written without the PDF at hand; check them against it
 from ml_collections import config_dict
 
 from clip_jax.optim import paper_adam_defaults
+from configs.args import config_words
 from configs.clip.common import base_config, runlocal
 
 PAIRS_PER_EPOCH = 400_000_000  # the paper's WIT dataset
@@ -58,6 +59,6 @@ def get_config(arg: str | None = None):
     c.init.checkpoint = config_dict.placeholder(str)  # required: the trainer says so if missing
     c.init.model_name = "ViT-L-14-quickgelu"          # what a bare state dict (OpenAI's .pt) holds
     c.total_steps = PAIRS_PER_EPOCH // c.global_batch
-  if "runlocal" in args[1:]:
+  if "runlocal" in config_words(",".join(args[1:]), ("runlocal",), "configs/clip/paper.py"):
     runlocal(c)
   return c

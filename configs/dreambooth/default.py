@@ -17,10 +17,11 @@ both; WORKSPACE.md lists them once.
 import ml_collections
 
 from clip_jax.sharding import DEFAULT_RULES
+from configs.args import config_words
 
 
 def get_config(arg: str | None = None):
-  args = (arg or "").split(",")
+  args = config_words(arg, ("lora", "runlocal"), "configs/dreambooth/default.py")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.pretrained_model = ""       # a diffusers-format folder (model_index.json, unet/, vae/, ...)

@@ -11,11 +11,12 @@ images per step, no flips or crops (a mirrored seven is not a seven; the images 
 """
 import ml_collections
 
+from configs.args import config_words
 from configs.dreambooth import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = (arg or "").split(",")
+  args = config_words(arg, ("noprior", "runlocal"), "configs/dreambooth/digits.py")
   c = default.get_config()
   c.class_noun = "seven"        # prompts "a [V] seven" and "a seven", as the base model was captioned
   c.num_class_images = 32
