@@ -260,6 +260,8 @@ def build_input(cfg, model: CLIP):
 
 # ----------------------------------------------------------------------------- main
 def validate_config(cfg) -> None:
+  if cfg.total_steps < 1:
+    raise ValueError(f"total_steps must be at least 1, not {cfg.total_steps}.")
   if cfg.global_batch % jax.process_count():
     raise ValueError(f"global_batch {cfg.global_batch} does not divide over {jax.process_count()} processes.")
   if cfg.global_batch % cfg.gradient_accumulation:

@@ -260,6 +260,8 @@ def validate_config(cfg) -> None:
     raise ValueError("config.pretrained_model is empty: give a diffusers-format Stable Diffusion folder.")
   if not cfg.class_noun:
     raise ValueError("config.class_noun is empty: name the subject's class, e.g. --config.class_noun=dog.")
+  if cfg.total_steps < 1:
+    raise ValueError(f"total_steps must be at least 1, not {cfg.total_steps}.")
   if cfg.dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not '{cfg.dtype}'.")
   if cfg.global_batch < 1 or cfg.global_batch % cfg.gradient_accumulation:

@@ -31,6 +31,7 @@ CASES = [
     pytest.param("clip_jax.train", ["--config=configs/clip/paper.py:ViT-Nope", "--workdir={tmp}/w"],
                  ["'ViT-Nope'", "ViT-B-32"], marks=slow),
     ("clip_jax.train", ["--config=configs/clip/digits.py:runlocl", "--workdir={tmp}/w"], ["'runlocl'", "runlocal"]),
+    pytest.param("clip_jax.train", CLIP + ["--config.total_steps=0"], ["total_steps", "at least 1"], marks=slow),
     pytest.param("dreambooth_jax.train", ["--config=configs/dreambooth/default.py:lorra", "--workdir={tmp}/w"],
                  ["'lorra'", "lora"], marks=slow),
     pytest.param("clip_jax.train", CLIP + ["--wrokdir=x"], ["wrokdir", "workdir"], marks=slow),
