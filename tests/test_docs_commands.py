@@ -107,8 +107,9 @@ def test_every_documented_config_loads_with_its_overrides(monkeypatch):
 
 
 def test_documented_files_exist():
+  """Files the docs name as inputs (benchmarks/results/ holds outputs, some written only on a GPU)."""
   paths = set(re.findall(r"(?<![\w/.])((?:configs|launch|benchmarks|tests|clip_jax|dreambooth_jax)/[\w/*.-]+\.(?:py|sh|md|csv))",
-                         doc_text()))
+                         doc_text())) - set(re.findall(r"benchmarks/results/[\w.-]+", doc_text()))
   missing = [p for p in sorted(paths) if not glob.glob(os.path.join(ROOT, p))]
   assert not missing and len(paths) > 10
 
