@@ -178,11 +178,12 @@ def test_workdir_of_8_devices_opens_on_1_and_resumes_on_4(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "Resuming from the checkpoint of step 3" in resumed.stdout
   subprocess.run(_train_cmd(straight, 6, fsdp), cwd=REPO, env=_env_devices(8), check=True, capture_output=True)
-  # Another device count sums in another order (rounding); Adam turns tiny gradient differences
-  # into differences of up to the learning rate (1e-3) per step, never more.
+  # Another device count sums in another order (rounding). Adam's step is about lr * sign(gradient), so
+  # where a gradient element is near zero the rounding can flip its sign: up to 2 x lr (1e-3) apart per
+  # step on 4 devices (steps 4-6), never more (seen: 3.2e-3 on one element of 4096).
   a, b = _final_params(straight), _final_params(workdir)
   for key in a:
-    np.testing.assert_allclose(b[key], a[key], atol=3e-3, err_msg=str(key))
+    np.testing.assert_allclose(b[key], a[key], atol=2 * 1e-3 * 3, err_msg=str(key))
   from clip_jax.observe import read_metrics
   losses = [{r["step"]: r["loss"] for r in read_metrics(str(w / "metrics.jsonl"))} for w in (straight, workdir)]
   for step in range(1, 7):
