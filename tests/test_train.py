@@ -159,7 +159,10 @@ def test_workdir_of_8_devices_opens_on_1_and_resumes_on_4(tmp_path):
   """Issue 12.5: a workdir written on 8 devices loads in a 1-device process (load_checkpoint and
   the evaluation CLI) and resumes on 4 devices; resumed == uninterrupted to float rounding."""
   workdir, straight = tmp_path / "w", tmp_path / "straight"
-  fsdp = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]  # parameters sharded over every device
+  fsdp = ["--config.mesh.data=1", "--config.mesh.fsdp=-1",  # parameters sharded over every device
+          # A constant learning rate after warmup, so a run made for 3 steps and one made for 6 share
+          # their first 3 steps (the default warmup is longer than the run, and clamped to it).
+          "--config.optimizer.warmup_steps=2", "--config.optimizer.end_learning_rate=0.001"]
   subprocess.run(_train_cmd(workdir, 3, fsdp), cwd=REPO, env=_env_devices(8), check=True, capture_output=True)
   script = ("import sys, numpy as np, jax, clip_jax; assert jax.device_count() == 1; "
             "m, v = clip_jax.load_checkpoint(sys.argv[1]); "
