@@ -30,33 +30,9 @@ import numpy as np
 
 from clip_jax import draw as draw_lib
 from clip_jax import guidance, styleclip
-from clip_jax.data import digits as digits_lib
 from dreambooth_jax import edit as edit_lib
-
-IMAGE_SIZE = 32
-
-
-# ----------------------------------------------------------------------------- the judge
-def ink_features(images: np.ndarray) -> np.ndarray:
-  """RGB [n, 32, 32, 3] in [0, 1] -> [n, 64]: ink (1 - grey) averaged over 4x4 blocks (8x8, the scans')."""
-  images = np.asarray(images, np.float32)
-  n, h, w, _ = images.shape
-  ink = 1.0 - images.mean(-1)
-  return ink.reshape(n, 8, h // 8, 8, w // 8).mean((2, 4)).reshape(n, 64)
-
-
-def digit_images(split: str) -> tuple[np.ndarray, np.ndarray]:
-  """The embedded digits as float [n, 32, 32, 3] in [0, 1] and labels [n]."""
-  source = digits_lib.DigitsSource(split, image_size=IMAGE_SIZE)
-  images = np.stack([source[i]["image"] for i in range(len(source))]).astype(np.float32) / 255.0
-  return images, np.asarray(source.labels)
-
-
-def train_judge(train_images, train_labels, test_images, test_labels):
-  """An RBF SVM on ink features; returns (classifier, held-out accuracy)."""
-  from sklearn.svm import SVC
-  judge = SVC(C=10.0, gamma="scale").fit(ink_features(train_images), train_labels)
-  return judge, float(np.mean(judge.predict(ink_features(test_images)) == test_labels))
+# The judge (an SVM on 8x8 ink maps) is shared with the embedded Table 3's prompt accuracy.
+from dreambooth_jax.eval.digit_classifier import IMAGE_SIZE, digit_images, ink_features, train_judge
 
 
 # ----------------------------------------------------------------------------- (a) drawings
