@@ -45,6 +45,7 @@ DEBUG_ENV = "CLIP_JAX_DEBUG"
 DEBUG_FLAG = "--debug"
 USER_ERROR_EXIT_CODE = 2
 BUG_EXIT_CODE = 1
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shells' convention: Ctrl-C before a trainer's loop could save
 
 
 class UserError(ValueError):
@@ -336,12 +337,19 @@ def _raise_usage_error(parser: argparse.ArgumentParser, message: str) -> NoRetur
 
 @contextlib.contextmanager
 def _reporting():
-  """User errors -> one line and exit 2 (after their traceback when debugging); bugs -> their traceback
-  once per run, exit 1."""
+  """User errors -> one line and exit 2 (after their traceback when debugging); Ctrl-C outside a
+  training loop -> one line and exit 130; bugs -> their traceback once per run, exit 1."""
   try:
     yield
   except UserError as e:
     report_user_error(str(e), e)
+  except KeyboardInterrupt as e:  # Ctrl-C outside a training loop (which saves and exits 75 itself)
+    if debug_enabled():
+      sys.stderr.write("".join(traceback.format_exception(e)))
+    if _first_to_report("interrupted"):
+      print("interrupted (Ctrl-C): what was written so far is kept whole; the same command resumes or starts "
+            "again.", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_EXIT_CODE)
   except SystemExit as e:
     if isinstance(e.code, str):  # SystemExit("message"): a message for the user
       report_user_error(e.code, e)

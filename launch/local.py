@@ -114,6 +114,7 @@ def die_with_parent(signum: int = signal.SIGKILL):
 
 
 PREEMPTED = 75  # clip_jax.loop.EXIT_PREEMPTED: the trainer saved a checkpoint and stopped early
+INTERRUPTED = 130  # clip_jax.cli.INTERRUPTED_EXIT_CODE: Ctrl-C before the trainer's loop (or 128 + SIGINT)
 
 
 def describe_exit(code: int) -> str:
@@ -124,6 +125,8 @@ def describe_exit(code: int) -> str:
       return f"exit code {code} (killed by signal {-code})"
   if code == PREEMPTED:
     return f"exit code {code} (preempted: saved a checkpoint and stopped; the same command resumes)"
+  if code == INTERRUPTED:
+    return f"exit code {code} (interrupted by Ctrl-C before it could save; the same command starts again)"
   return f"exit code {code}"
 
 

@@ -372,7 +372,7 @@ def _run_all(args, runs, base, extra, run_extra, launcher, launcher_args, sweep_
         with open(os.path.join(run.workdir, DONE_FILE), "w") as f:
           f.write(f"{total}\n")
       continue
-    if code in (0, launcher_local.PREEMPTED):  # stopped early (SIGTERM, Ctrl-C) after a checkpoint
+    if code in (0, launcher_local.PREEMPTED, launcher_local.INTERRUPTED):  # stopped early (SIGTERM, Ctrl-C)
       print(f"sweep: {run.name} stopped at {status(run.workdir, total)}; the sweep stops here. Run the "
             "same command again to resume it.", file=out, flush=True)
       raise _Interrupted

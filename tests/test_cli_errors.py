@@ -118,6 +118,24 @@ def test_a_bug_keeps_its_traceback(tmp_path):
   assert proc.returncode == 1 and "Traceback" in proc.stderr and proc.stderr.strip().endswith("KeyError: 'missing'")
 
 
+@pytest.mark.parametrize("runner", ["run", "run_absl"])
+def test_ctrl_c_outside_a_training_loop_is_one_line_with_exit_code_130(runner, tmp_path):
+  # Ctrl-C while a command sets up (before a trainer's loop takes SIGINT over): no traceback.
+  (tmp_path / "slow_setup.py").write_text(textwrap.dedent(f"""
+      import os, signal, time
+      from clip_jax import cli
+      def main(*_):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+      if __name__ == "__main__":
+        cli.{runner}(main{", config_flag=None" if runner == "run_absl" else ""})
+  """))
+  proc = run_cli("slow_setup", [], tmp_path, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])})
+  assert proc.returncode == 130, proc.stderr
+  assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("interrupted (Ctrl-C)"), proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 @slow
 def test_error_in_a_multi_process_run_reaches_the_launcher_once(tmp_path):
   # Both processes raise the same error; the launcher's output holds it once (the first to report).
