@@ -218,6 +218,16 @@ def saved_steps(workdir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
 
 
+def stage_steps(workdir: str) -> list[int]:
+  """saved_steps of WORKDIR, or with none there, of its stage subfolders (a trainer whose stages each
+  run the loop in WORKDIR/<stage>, like the embedded SD pretraining's vae/ and unet/), all together."""
+  steps = saved_steps(workdir)
+  if steps or not os.path.isdir(workdir):
+    return steps
+  return sorted(s for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d))
+                for s in saved_steps(os.path.join(workdir, d)))
+
+
 def finished(workdir: str) -> dict[str, Any] | None:
   """The DONE record of a run whose trainer wrote its results ({'step': N, ...}), or None."""
   import json
@@ -250,7 +260,7 @@ def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_c
   checkpoint, runs its evaluation and merges the results).
 
   The workdir keeps the config it was started with (CONFIG_FILE, written here on the first start).
-  A workdir that holds a checkpoint and was made with other values of keys that change the maths
+  A workdir that holds a checkpoint (its own, or a stage's: `stage_steps`) and was made with other values of keys that change the maths
   (all but OPERATIONAL_KEYS) raises clip_jax.cli.UserError naming them, unless
   `allow_config_change`, which appends the change to CONFIG_CHANGES_FILE and updates CONFIG_FILE.
   Changes of operational keys are recorded the same way without asking. Every process calls it
@@ -267,7 +277,8 @@ def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_c
       old = flatten_config(json.load(open(config_path)))
     except ValueError:
       old = None  # a config.json cut short before this rule existed: written again below
-  changes = config_changes(old, new) if old is not None and saved_steps(workdir) else {}
+  saved = stage_steps(workdir)
+  changes = config_changes(old, new) if old is not None and saved else {}
   maths = {k: v for k, v in changes.items() if not is_operational(k)}
   if maths and not allow_config_change:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(maths.items())[:8])
@@ -286,9 +297,11 @@ def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_c
     return False  # re-evaluating: the record of how the run was made stays as it is
   if done is not None and jax.process_index() == 0:
     os.remove(os.path.join(workdir, DONE_FILE))  # more to train: the trainer marks it finished again
-  if jax.process_index() == 0 and (old is None or changes):
+  # Written on a fresh start (also over the record of an attempt that saved nothing: it starts over
+  # with these settings) and after a recorded change.
+  if jax.process_index() == 0 and (old is None or changes or (not saved and old != new)):
     if changes:
-      record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from_step": saved_steps(workdir)[-1],
+      record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from_step": saved[-1],
                 "allowed": bool(maths), "changes": {k: list(v) for k, v in changes.items()}}
       with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
         f.write(json.dumps(record, default=str) + "\n")

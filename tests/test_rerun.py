@@ -96,6 +96,20 @@ def test_a_resume_that_changes_the_maths_is_refused_with_the_keys_named(tmp_path
   assert any("global_batch" in line and "recorded" in line for line in said)
 
 
+def test_a_staged_trainer_is_refused_too(tmp_path):
+  # The embedded SD pretraining checkpoints in WORKDIR/vae/ and WORKDIR/unet/, not WORKDIR/checkpoints.
+  from clip_jax import loop
+  from clip_jax.cli import UserError
+  workdir = str(tmp_path)
+  assert loop.check_workdir(workdir, _config(), total_steps=600) is False
+  assert loop.check_workdir(workdir, _config(global_batch=64), total_steps=600) is False  # nothing saved yet
+  assert json.load(open(tmp_path / "config.json"))["global_batch"] == 64  # the record of what runs now
+  _fake_checkpoint(os.path.join(workdir, "vae"), 40)
+  with pytest.raises(UserError, match=r"global_batch: 64 -> 32"):
+    loop.check_workdir(workdir, _config(global_batch=32), total_steps=600)
+  assert loop.stage_steps(workdir) == [40]
+
+
 def test_a_finished_run_is_left_alone(tmp_path):
   from clip_jax import loop
   workdir = str(tmp_path)
