@@ -38,19 +38,108 @@ def test_digit_classifier_reads_heldout_scans_and_checks_shapes():
     digit_classifier.ink_features(np.ones((2, 30, 30, 3)))
 
 
+def _table3_inputs(seeds=3):
+  """Per-seed rows with every column: value = seed + column index (so mean = index + 1, sd = 1)."""
+  return [{name: {key: float(seed + i) for i, (key, _) in enumerate(table3.COLUMNS)} for name, _ in table3.VARIANTS}
+          for seed in range(seeds)]
+
+
+def test_table3_summary_and_table_have_every_column_with_spread():
+  summary = table3.summarise(_table3_inputs())
+  assert list(summary) == [name for name, _ in table3.VARIANTS]
+  for row in summary.values():
+    assert list(row) == [key for key, _ in table3.COLUMNS]
+    for i, (key, _) in enumerate(table3.COLUMNS):
+      assert row[key]["values"] == [i, i + 1, i + 2]
+      np.testing.assert_allclose([row[key]["mean"], row[key]["sd"]], [i + 1, 1.0])
+  meta = dict(seeds=[0, 1, 2], identifiers=["sqm", "olg", "vx"], class_prompt="a seven", images_per_prompt=16,
+              sampler="dpm++2m", sample_steps=25, guidance_scale=3.0, dreambooth_steps=200, learning_rate=1e-4,
+              num_class_images=32, clip="workdirs/digits", base_prompt_accuracy=0.93)
+  table = table3.markdown_table(summary, {"vae_i": 0.8, "clip_i": 0.9}, meta, table3.paper_table3())
+  header = table.splitlines()[0]
+  assert all(h in header for _, h in table3.COLUMNS)
+  for name, _ in table3.VARIANTS:
+    row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+    assert row.count(" ± ") == len(table3.COLUMNS) and "2.000 ± 1.000" in row  # column 1 (VAE-I)
+  # The paper's Table 3 beside ours, from the paper-numbers CSV.
+  assert "| paper: Imagen with prior preservation | 0.684 | 0.815 | 0.308 | 0.493 | 0.391 |" in table
+  assert "| ours: prior preservation |" in table and "93.0%" in table
+
+
+def test_table3_summary_of_one_seed_and_missing_metrics():
+  rows = _table3_inputs(2)
+  del rows[1]["base"]["clip_i"]
+  summary = table3.summarise(rows)
+  assert "clip_i" not in summary["base"] and "clip_i" in summary["prior preservation"]
+  assert table3.summarise(rows[:1])["base"]["vae_i"]["sd"] == 0.0
+  with pytest.raises(ValueError, match="at least one seed"):
+    table3.summarise([])
+
+
+@pytest.mark.slow  # ~60 s: compiles the tiny VAE and a CLIP
+def test_table3_score_computes_every_column():
+  """On a random tiny SD's VAE and a random ViT-Tiny CLIP: every column, each within its range; the
+  CLIP columns are left out without a CLIP."""
+  import types
+
+  import clip_jax
+  import flax.linen as nn
+  import jax
+  from dreambooth_jax.embedded.tiny import tiny_configs
+  from dreambooth_jax.eval import metrics as db_metrics
+  from dreambooth_jax.models.vae import AutoencoderKL, init_inputs
+  vae_config = tiny_configs()[1]
+  vae_module = AutoencoderKL(vae_config)
+  pipe = types.SimpleNamespace(vae=vae_module, params={  # the VAE is all VaeEmbedder uses
+      "vae": nn.meta.unbox(jax.jit(vae_module.init)(jax.random.key(0), *init_inputs(vae_config))["params"])})
+  real = table3.subject_images(32)
+  grey = np.round((pretrain.load_digits(32)[0][:6] + 1) * 127.5).astype(np.uint8)
+  vae = table3.VaeEmbedder(pipe, grey)
+  model = clip_jax.create_model("ViT-Tiny")
+  clip = db_metrics.SubjectMetrics(clip=(model, clip_jax.init_variables(model, jax.random.key(1))),
+                                   tokenizer=clip_jax.get_tokenizer(), batch_size=4)
+  subject_gen, class_gen = real[[0, 1, 2]], grey[:3]
+  row = table3.score(vae, clip, real, subject_gen, class_gen, "a seven")
+  assert set(row) == {key for key, _ in table3.COLUMNS} | {"class_div_vae"}
+  assert all(np.isfinite(v) for v in row.values())
+  assert row["red_ink_subject_prompt"] == 1.0 and row["red_ink_class_prompt"] == 0.0
+  assert row["seven_subject_prompt"] == 1.0  # the real red sevens, read by the pixel SVM
+  for key in ("clip_i", "vae_i", "clip_t", "pres_clip", "pres_vae"):
+    assert -1.0 <= row[key] <= 1.0
+  assert 0.0 <= row["div_clip"] <= 2.0 and row["div_vae"] > 0.0
+  np.testing.assert_allclose(row["div_vae"], table3.cosine_diversity(vae(subject_gen)), rtol=1e-6)
+  without_clip = table3.score(vae, None, real, subject_gen, class_gen, "a seven")
+  assert not {k for k in without_clip if "clip" in k} and without_clip["vae_i"] == row["vae_i"]
+
+
 def test_pretrain_cli_rejects_bad_steps(tmp_path):
   with pytest.raises(SystemExit):
     pretrain.main(["--workdir", str(tmp_path), "--vae_steps", "0"])
 
 
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+  """A random ViT-Tiny CLIP (the digits CLIP's shapes) as an HF folder."""
+  import clip_jax
+  import jax
+  model = clip_jax.create_model("ViT-Tiny")
+  return clip_jax.export_hf(model, clip_jax.init_variables(model, jax.random.key(0)),
+                            str(tmp_path_factory.mktemp("tiny_clip")))
+
+
 @pytest.mark.slow
-def test_pretrain_then_table3_smoke(tmp_path):
+def test_pretrain_then_table3_smoke(tmp_path, tiny_clip):
   cfg = pretrain.get_config()
   cfg.vae.steps, cfg.unet.steps, cfg.batch_size = 2, 2, 4
-  cfg.sample.steps, cfg.sample.per_prompt = 2, 1
+  cfg.sample.steps, cfg.sample.per_prompt = 2, 2
+  cfg.text_init = tiny_clip  # the text encoder takes the CLIP text tower's shape and weights
   base = pretrain.pretrain(cfg, str(tmp_path / "base"), progress=False)
   assert os.path.isfile(os.path.join(base["export_dir"], "model_index.json"))
   assert os.path.isfile(base["samples"]) and base["vae_scaling_factor"] > 0
+  assert 0.0 <= base["prompt_accuracy"]["overall"] <= 1.0 and len(base["prompt_accuracy"]["per_digit"]) == 10
+  assert base["train_cpu_seconds"] > 0 and base["prompt_accuracy_settings"]["per_prompt"] == 2
+  with open(os.path.join(base["export_dir"], "text_encoder", "config.json")) as f:
+    assert json.load(f)["hidden_size"] == 64
   from PIL import Image
   assert Image.open(base["samples"]).height > 10 * 256  # a labelled row per prompt, 32 px enlarged 8x
   files = lambda: {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "base" / "**" / "*"), recursive=True)  # noqa: E731
@@ -60,15 +149,19 @@ def test_pretrain_then_table3_smoke(tmp_path):
   assert files() == before
 
   result = table3.run(str(tmp_path / "t3"), pretrain_dir=str(tmp_path / "base"), images_per_prompt=2,
-                      config_args="runlocal", progress=False)
-  assert set(result["rows"]) == {"base", "no prior preservation", "prior preservation"}
-  for row in result["rows"].values():
-    assert all(np.isfinite(v) for v in row.values())
-    assert -1.0 <= row["subject_fidelity"] <= 1.0 and -1.0 <= row["pres"] <= 1.0
+                      config_args="runlocal", progress=False, seeds=(0, 1), clip=tiny_clip)
+  assert set(result["summary"]) == {"base", "no prior preservation", "prior preservation"}
+  assert len(result["per_seed"]) == 2 and len(result["meta"]["identifiers"]) == 2
+  for row in result["summary"].values():
+    assert set(row) == {key for key, _ in table3.COLUMNS} | {"class_div_vae"}
+    for stat in row.values():
+      assert len(stat["values"]) == 2 and np.isfinite(stat["mean"]) and stat["sd"] >= 0.0
+    assert -1.0 <= row["clip_i"]["mean"] <= 1.0 and -1.0 <= row["pres_clip"]["mean"] <= 1.0
   with open(result["paths"]["json"]) as f:
     assert json.load(f)["meta"]["class_prompt"] == "a seven"
   table = open(result["paths"]["markdown"]).read()
-  assert "| prior preservation |" in table and "PRES" in table
+  assert "| prior preservation |" in table and "PRES (CLIP)" in table and " ± " in table
+  assert "| paper: Imagen without prior preservation |" in table
   for path in result["grids"].values():
     assert os.path.isfile(path)
-  assert len(os.listdir(tmp_path / "t3" / "runs" / "prior" / "class_images")) == 4
+  assert len(os.listdir(tmp_path / "t3" / "runs" / "seed1" / "prior" / "class_images")) == 4

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import time
 from typing import Any
 
@@ -39,6 +40,7 @@ from dreambooth_jax.sampling import pipeline as sd
 from dreambooth_jax.sampling import schedulers
 from dreambooth_jax import train as db_train
 from dreambooth_jax.embedded.tiny import make_tiny_pipeline
+from dreambooth_jax.eval import digit_classifier
 from dreambooth_jax.models.vae import AutoencoderKL, sample_posterior
 
 # The class prompt of DreamBooth is "a {name}"; the digits' own templates never say it that plainly,
@@ -55,7 +57,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.vae = ml_collections.ConfigDict(dict(steps=250, learning_rate=1e-3, kl_weight=1e-4))
   c.unet = ml_collections.ConfigDict(dict(steps=1200, learning_rate=1e-3, text_learning_rate=3e-4,
                                           caption_dropout=0.1))
-  c.sample = ml_collections.ConfigDict(dict(steps=20, guidance_scale=3.0, sampler="dpm++2m", per_prompt=2))
+  # A CLIP checkpoint or clip_jax workdir whose text tower (minus its projection) initialises the
+  # text encoder, which then takes that tower's shape; '' = a random 32-wide encoder.
+  c.text_init = ""
+  # The samples after training: per_prompt images of each "a {digit}" prompt, judged by the
+  # independent digit classifier (prompt accuracy, in pretrain.json); the sheet shows sheet_columns
+  # of them. Sampler, steps and guidance are Table 3's (configs/dreambooth/digits.py).
+  c.sample = ml_collections.ConfigDict(dict(steps=25, guidance_scale=3.0, sampler="dpm++2m", per_prompt=16,
+                                            sheet_columns=4))
   c.log_every = 25
   c.checkpoint_every = 500
   return c
@@ -196,6 +205,44 @@ def train_unet(cfg, pipe: sd.StableDiffusion, images: np.ndarray, labels: np.nda
   return dict(pipe.params, **trained)
 
 
+# ----------------------------------------------------------------------------- the text encoder's init
+def clip_text_tower(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(tiny_configs keyword arguments, text-encoder params) from a CLIP's text tower.
+
+  path: what `clip_jax.convert.load_checkpoint` reads (a clip_jax workdir such as the README's
+  `workdirs/digits`, a checkpoint file or HF folder). The tower's params are the text encoder's
+  (`TextTransformer` with output_dim=None) less `text_projection`, which SD's encoder lacks: SD
+  conditions on every token's last hidden state after the final LayerNorm, not on the projection.
+  ValueError for a tower whose MLP is not 4x wide (the tiny config's ratio).
+  """
+  from clip_jax.convert import load_checkpoint
+  model, variables = load_checkpoint(path)
+  text = model.config.text
+  if text.mlp_ratio != 4.0:
+    raise ValueError(f"text_init {path}: the text tower's MLP ratio is {text.mlp_ratio}; the tiny SD's encoder uses 4.")
+  params = {k: v for k, v in variables["params"]["text"].items() if k != "text_projection"}
+  kwargs = dict(text_width=text.width, context_length=text.context_length, text_layers=text.layers,
+                text_heads=text.heads, text_act=model.config.act)
+  return kwargs, jax.device_get(params)
+
+
+def cpu_seconds() -> float:
+  """User + system CPU time of this process so far (all threads): the pretraining budget's measure
+  that does not depend on what else the machine runs."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def sample_and_judge(pipe: sd.StableDiffusion, params, sample_cfg, seed: int) -> tuple[np.ndarray, dict]:
+  """Images uint8 [10 * per_prompt, s, s, 3] for "a zero" ... "a nine" (prompt-major) and their prompt
+  accuracy by the independent digit classifier (`digit_classifier.accuracy_by_digit`)."""
+  images = sd.generate(pipe, params, list(SAMPLE_PROMPTS), num_steps=sample_cfg.steps,
+                       guidance_scale=sample_cfg.guidance_scale, sampler=sample_cfg.sampler,
+                       rng=jax.random.key(seed), num_images_per_prompt=sample_cfg.per_prompt)
+  digits = np.repeat(np.arange(len(SAMPLE_PROMPTS)), sample_cfg.per_prompt)
+  return images, digit_classifier.accuracy_by_digit(images, digits)
+
+
 # ----------------------------------------------------------------------------- the whole run
 def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
   """Trains the base model into `<workdir>/export`; returns paths and the final losses."""
@@ -207,9 +254,12 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
     with open(summary_path) as f:  # finished: said so; every file stays as it is
       return json.load(f)
   os.makedirs(workdir, exist_ok=True)
-  start = time.time()
+  start, cpu_start, load_start = time.time(), cpu_seconds(), os.getloadavg()[0]
   images, labels = load_digits(cfg.image_size)
-  pipe = make_tiny_pipeline(jax.random.key(cfg.seed), image_size=cfg.image_size)
+  text_kwargs, text_params = clip_text_tower(cfg.text_init) if cfg.text_init else ({}, None)
+  pipe = make_tiny_pipeline(jax.random.key(cfg.seed), image_size=cfg.image_size, **text_kwargs)
+  if text_params is not None:
+    pipe.params = dict(pipe.params, text_encoder=text_params)
   pipe.vae_scaling_factor = 1.0  # measured after stage 1
   print(f"Pretraining a tiny Stable Diffusion on {len(images)} digits ({cfg.image_size} px) in {workdir}",
         flush=True)
@@ -219,27 +269,39 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
   pipe.vae = pipe.vae.clone(config=dataclasses.replace(pipe.vae.config, scaling_factor=scaling))
   pipe.vae_scaling_factor = scaling
   pipe.params = dict(pipe.params, vae=vae_params)
-  vae_seconds = time.time() - start
+  vae_seconds, vae_cpu = time.time() - start, cpu_seconds() - cpu_start
 
   pipe.params = train_unet(cfg, pipe, images, labels, workdir, progress)
   export_dir = sd.save_pipeline(pipe, os.path.join(workdir, "export"))
+  train_seconds, train_cpu = time.time() - start, cpu_seconds() - cpu_start
 
-  samples = sd.generate(pipe, pipe.params, list(SAMPLE_PROMPTS), num_steps=cfg.sample.steps,
-                        guidance_scale=cfg.sample.guidance_scale, sampler=cfg.sample.sampler,
-                        rng=jax.random.key(cfg.seed + 7), num_images_per_prompt=cfg.sample.per_prompt)
-  # A row per prompt (images in prompt order), the prompt written above it.
-  grid = db_train.save_grid(samples, os.path.join(workdir, "samples.png"), columns=cfg.sample.per_prompt,
-                            labels=list(SAMPLE_PROMPTS),
+  samples, accuracy = sample_and_judge(pipe, pipe.params, cfg.sample, cfg.seed + 7)
+  print(f"Prompt accuracy (digit classifier, {cfg.sample.per_prompt} images per prompt): "
+        f"{100 * accuracy['overall']:.1f}%", flush=True)
+  # A row per prompt (its first sheet_columns images), the prompt written above it.
+  columns = min(cfg.sample.sheet_columns, cfg.sample.per_prompt)
+  sheet = samples.reshape(len(SAMPLE_PROMPTS), cfg.sample.per_prompt, *samples.shape[1:])[:, :columns]
+  grid = db_train.save_grid(sheet.reshape(-1, *samples.shape[1:]), os.path.join(workdir, "samples.png"),
+                            columns=columns, labels=list(SAMPLE_PROMPTS),
                             title=f"tiny SD after {cfg.unet.steps} UNet steps: {cfg.sample.sampler} {cfg.sample.steps} "
-                                  f"steps, guidance {cfg.sample.guidance_scale}, seed {cfg.seed + 7}")
+                                  f"steps, guidance {cfg.sample.guidance_scale}, seed {cfg.seed + 7}; prompt "
+                                  f"accuracy {100 * accuracy['overall']:.0f}%")
   final = {f"{stage}/{k}": round(v, 5) for stage in ("vae", "unet")
            for r in read_metrics(os.path.join(workdir, stage, "metrics.jsonl")) for k, v in r.items() if k != "step"}
+  # Seconds of wall time and of CPU time (this process, all threads): on a shared machine the CPU
+  # time, not the wall time, says what the run costs; the load average says how shared it was.
   summary = {"export_dir": export_dir, "samples": grid, "vae_scaling_factor": scaling,
-             "vae_seconds": round(vae_seconds, 1), "seconds": round(time.time() - start, 1),
-             "final_metrics": final, "sample_prompts": list(SAMPLE_PROMPTS)}
-  write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+             "vae_seconds": round(vae_seconds, 1), "train_seconds": round(train_seconds, 1),
+             "seconds": round(time.time() - start, 1), "vae_cpu_seconds": round(vae_cpu, 1),
+             "train_cpu_seconds": round(train_cpu, 1), "cpu_count": os.cpu_count(),
+             "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+             "final_metrics": final, "sample_prompts": list(SAMPLE_PROMPTS),
+             "prompt_accuracy": accuracy, "prompt_accuracy_settings": cfg.sample.to_dict(),
+             "text_init": cfg.text_init}
+  text = json.dumps(summary, indent=2) + "\n"
+  write_atomic(summary_path, text)
   loop.mark_finished(workdir, total_steps, [summary_path, export_dir, grid])
-  return summary
+  return json.loads(text)  # as a finished workdir returns it (JSON keys are strings)
 
 
 def is_pretrained(workdir: str) -> bool:
@@ -258,11 +320,27 @@ def main(argv=None):
   parser.add_argument("--unet_steps", type=int, default=defaults.unet.steps)
   parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
   parser.add_argument("--seed", type=int, default=defaults.seed)
+  parser.add_argument("--text_init", default=defaults.text_init,
+                      help="a CLIP (e.g. the README's workdirs/digits) whose text tower initialises the text encoder; "
+                           "'' for a random one")
+  parser.add_argument("--unet_learning_rate", type=float, default=defaults.unet.learning_rate)
+  parser.add_argument("--text_learning_rate", type=float, default=defaults.unet.text_learning_rate)
+  parser.add_argument("--caption_dropout", type=float, default=defaults.unet.caption_dropout,
+                      help="share of captions replaced by '' (classifier-free guidance's unconditional rows)")
   args = parser.parse_args(argv)
   if min(args.vae_steps, args.unet_steps) < 1 or args.batch_size < 1:
     parser.error("--vae_steps, --unet_steps and --batch_size must be at least 1.")
+  if not 0.0 <= args.caption_dropout < 1.0:
+    parser.error("--caption_dropout must be in [0, 1).")
+  if args.text_init and not os.path.exists(args.text_init):
+    from clip_jax.cli import MissingPathError
+    raise MissingPathError(f"--text_init {args.text_init}: no such file or directory (the digits CLIP: "
+                           "python -m clip_jax.train --config=configs/clip/digits.py --workdir=workdirs/digits).")
   cfg = get_config()
   cfg.vae.steps, cfg.unet.steps, cfg.batch_size, cfg.seed = args.vae_steps, args.unet_steps, args.batch_size, args.seed
+  cfg.text_init = args.text_init
+  cfg.unet.learning_rate, cfg.unet.text_learning_rate = args.unet_learning_rate, args.text_learning_rate
+  cfg.unet.caption_dropout = args.caption_dropout
   summary = pretrain(cfg, args.workdir)
   print(json.dumps(summary, indent=2))
   print(f"Base model: {summary['export_dir']}\nSamples ('a zero' ... 'a nine'): {summary['samples']}", flush=True)

@@ -20,8 +20,11 @@ SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "be
                 "timestep_spacing": "leading"}
 
 
-def tiny_configs(image_size: int = 32, text_width: int = 32, context_length: int = 16):
-  """UNet, VAE (downscale 4) and text-encoder configs small enough for a CPU test."""
+def tiny_configs(image_size: int = 32, text_width: int = 32, context_length: int = 16, text_layers: int = 2,
+                 text_heads: int = 2, text_act: str = "quick_gelu"):
+  """UNet, VAE (downscale 4) and text-encoder configs small enough for a CPU test. The text fields
+  can match a small CLIP's text tower (e.g. the digits CLIP's: width 64, context 32, exact GELU), so
+  that tower's weights can initialise the encoder (`dreambooth_jax.embedded.pretrain`, text_init)."""
   unet = UNetConfig.from_diffusers({
       "sample_size": image_size // 4, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64],
       "layers_per_block": 1, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -32,8 +35,8 @@ def tiny_configs(image_size: int = 32, text_width: int = 32, context_length: int
       "up_block_types": ["UpDecoderBlock2D"] * 3, "layers_per_block": 1, "latent_channels": 4,
       "norm_num_groups": 8, "sample_size": image_size, "force_upcast": False})
   text = {"vocab_size": 49408, "hidden_size": text_width, "intermediate_size": 4 * text_width,
-          "num_attention_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": context_length,
-          "hidden_act": "quick_gelu", "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+          "num_attention_heads": text_heads, "num_hidden_layers": text_layers,
+          "max_position_embeddings": context_length, "hidden_act": text_act, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
   return unet, vae, text
 
 

@@ -53,3 +53,24 @@ def classify(images: np.ndarray, judge=None) -> np.ndarray:
   """Digit labels int [n] of RGB images [n, h, w, 3] in [0, 1] (h, w multiples of 8); judge: default_judge()'s."""
   judge = judge if judge is not None else default_judge()[0]
   return np.asarray(judge.predict(ink_features(images)), np.int64)
+
+
+def accuracy_by_digit(images: np.ndarray, digits: np.ndarray, judge=None) -> dict:
+  """How often the judge reads the digit each image was asked for.
+
+  images: RGB [n, h, w, 3], uint8 (0..255) or float in [0, 1]; digits: int [n], the digit each
+  image's prompt named. Returns {'overall': fraction right over all n images, 'per_digit':
+  {digit: fraction right} for the digits present, 'read_as': {digit: counts [10] of the judge's
+  answers}}. ValueError when the lengths differ or n is 0.
+  """
+  images, digits = np.asarray(images), np.asarray(digits, np.int64)
+  if len(images) != len(digits) or not len(images):
+    raise ValueError(f"accuracy_by_digit needs one digit per image and at least one image; got {len(images)} images "
+                     f"and {len(digits)} digits")
+  pixels = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
+  predicted = classify(pixels, judge)
+  hits = predicted == digits
+  present = sorted(set(digits.tolist()))
+  return {"overall": float(hits.mean()),
+          "per_digit": {d: float(hits[digits == d].mean()) for d in present},
+          "read_as": {d: np.bincount(predicted[digits == d], minlength=10).tolist() for d in present}}

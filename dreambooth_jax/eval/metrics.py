@@ -121,6 +121,15 @@ def diversity(distance_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], image
   return float(np.mean(means))
 
 
+def embedding_diversity(embeddings) -> float:
+  """DIV with a cosine distance on embeddings [n, d] (n >= 2) in place of LPIPS: the mean of
+  1 - cos over all n(n-1)/2 pairs of images from one prompt. For networks that LPIPS has no
+  weights for (the embedded 32 px models); same pairing as `diversity`."""
+  unit = np.asarray(l2_normalize(_embeddings(embeddings, "embeddings")), np.float64)
+  distance = lambda i, j: 1.0 - np.sum(unit[i] * unit[j], axis=1)  # noqa: E731
+  return diversity(distance, list(unit))
+
+
 # ----------------------------------------------------------------------------- on images
 def _as_image_list(images: Images, name: str) -> list[ImageLike]:
   if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
