@@ -142,7 +142,7 @@ def write_plot(results, batches, dim, devices, path):
   axes.set_yscale("log")
   axes.set_xlabel("global batch B")
   axes.set_ylabel("temp memory per device (MiB)")
-  axes.set_title(f"Contrastive loss + gradient, d={dim}, {devices} devices (compiled, XLA CPU)")
+  axes.set_title(f"Contrastive loss + gradient, d={dim}, {devices} devices (compiled, XLA {ARGS.platform.upper()})")
   axes.grid(True, which="both", alpha=0.3)
   axes.legend()
   figure.tight_layout()

@@ -2,7 +2,7 @@
 
   python benchmarks/bench_train_step.py [--model ViT-B-32] [--batch 32] [--steps 6] [--warmup 2]
       [--runs jax_bf16,jax_fp32,torch_fp32,torch_bf16] [--malloc default|system|both]
-      [--device cpu|gpu] [--out benchmarks/results/train_step.md]
+      [--device cpu|gpu] [--attention auto|xla|cudnn] [--out benchmarks/results/train_step.md]
 
 One full training step each: forward through both towers, the contrastive loss, backward, gradient
 clipping and AdamW (CLIP paper settings), at the same batch and image size. Every (run, allocator)
@@ -27,11 +27,16 @@ cache); `first step` is the first call's wall time.
               `--precision amp_bf16`
 
 images/s is the median over `--steps` timed steps after `--warmup` untimed ones. Model FLOPs per
-step are XLA's cost analysis of the compiled fp32 step (`compile().cost_analysis()['flops']`, all
-matmuls and elementwise ops, forward + backward + update); the analytic 6 x matmul-params x tokens
-count (+ attention scores) is printed beside it as a check. MFU = FLOPs per step x steps/s over the
-measured bf16 x bf16 -> f32 matmul peak (`clip_jax.train.measure_peak_flops`), the same numerator
-for every run, so the MFU ratio is the throughput ratio.
+step, on CPU, are XLA's cost analysis of the compiled fp32 step (`compile().cost_analysis()['flops']`,
+all matmuls and elementwise ops, forward + backward + update); the analytic 6 x matmul-params x tokens
+count (+ attention scores) is printed beside it as a check. On GPU the analytic count is the
+numerator: XLA:GPU's cost analysis does not see inside library calls (cuDNN's fused attention).
+MFU = FLOPs per step x steps/s over the measured bf16 x bf16 -> f32 matmul peak (CPU:
+`clip_jax.train.measure_peak_flops`, 2048^3; GPU: an 8192^3 product of random bf16 matrices, large
+enough that launch and sync overheads vanish), the same numerator for every run, so the MFU ratio is
+the throughput ratio. `--attention` forces the attention form of our runs (default: what 'auto'
+picks, `clip_jax.layers.choose_attention_impl`); the compiled step's count of cuDNN fused-attention
+calls is reported.
 """
 from __future__ import annotations
 
@@ -64,6 +69,8 @@ def _parse_args(argv=None):
                       help="rounds of all runs, alternating (ours, the peer, ours, ...); medians over all")
   parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                       help="where both frameworks run (gpu: jax's CUDA backend and torch.cuda)")
+  parser.add_argument("--attention", choices=("auto", "xla", "cudnn", "f32_accum"), default="auto",
+                      help="our runs' attention form (auto: clip_jax.layers.choose_attention_impl)")
   parser.add_argument("--out", default="benchmarks/results/train_step.md",
                       help="markdown table to write ('' to only print)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -118,9 +125,11 @@ def _jax_child(args, dtype_name: str) -> dict:
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from clip_jax import loop, optim, sharding
+  from clip_jax import layers, loop, optim, sharding
   from clip_jax.train import (build_model, create_train_state, make_train_step, measure_peak_flops)
   from configs.clip.common import base_config
+
+  force_attention(layers, args.attention)
 
   cfg = base_config()
   cfg.model.name, cfg.dtype = args.model, dtype_name
@@ -157,6 +166,7 @@ def _jax_child(args, dtype_name: str) -> dict:
   cached_compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cudnn_calls = compiled.as_text().count('custom_call_target="__cudnn$fmha')
   holder = {"state": state}
 
   def step():
@@ -166,18 +176,48 @@ def _jax_child(args, dtype_name: str) -> dict:
 
   timing = _time_steps(step, args.warmup, args.steps)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"]["params"]))
+  peak = _best_peak if args.device == "cpu" else _gpu_peak
   return {**timing, "xla_flops": float(cost.get("flops", 0.0)), "compile_s": compile_s,
           "cached_compile_s": cached_compile_s, "lower_s": lower_s, "cache_entries": len(os.listdir(cache_dir)),
-          "loss": holder["loss"], "params": params,
-          "peak_bf16": _best_peak(measure_peak_flops, jnp.bfloat16),
-          "peak_fp32": _best_peak(measure_peak_flops, jnp.float32),
+          "loss": holder["loss"], "params": params, "cudnn_attention_calls": cudnn_calls,
+          "attention": args.attention,
+          "peak_bf16": peak(measure_peak_flops, jnp.bfloat16),
+          "peak_fp32": peak(measure_peak_flops, jnp.float32),
+          "device_kind": jax.devices()[0].device_kind,
           "versions": {"jax": jax.__version__}}
+
+
+def force_attention(layers, impl: str) -> None:
+  """Makes every 'auto' attention of the models `impl` (no-op for 'auto'): the models ask
+  `layers.choose_attention_impl` at trace time, so replacing it reaches every layer."""
+  if impl != "auto":
+    layers.choose_attention_impl = lambda dtype, head_dim, backend: impl
 
 
 def _best_peak(measure_peak_flops, dtype, trials: int = 5) -> float:
   """The project's peak measurement, best of `trials` uncached calls: on a shared machine a single
   call reads the other tenants' load, not the hardware."""
   return max(measure_peak_flops.__wrapped__(dtype) for _ in range(trials))
+
+
+def _gpu_peak(measure_peak_flops, dtype, size: int = 8192, repeats: int = 10, trials: int = 3) -> float:
+  """FLOP/s of a size^3 product of random matrices in `dtype` with f32 results, best of `trials`
+  timings of `repeats` back-to-back products. The project's 2048^3 product of ones is too small for
+  a GPU (launch and sync overheads dominate) and constant data can run faster than real data."""
+  del measure_peak_flops
+  import jax
+  import jax.numpy as jnp
+  keys = jax.random.split(jax.random.key(1), 2)
+  a, b = (jax.random.normal(k, (size, size), jnp.float32).astype(dtype) for k in keys)
+  f = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+  f(a, b).block_until_ready()
+  best = 0.0
+  for _ in range(trials):
+    start = time.perf_counter()
+    outs = [f(a, b) for _ in range(repeats)]
+    jax.block_until_ready(outs)
+    best = max(best, 2 * size ** 3 * repeats / (time.perf_counter() - start))
+  return best
 
 
 def _torch_child(args, dtype_name: str) -> dict:
@@ -268,7 +308,7 @@ def child_env(malloc: str, device: str, environ=None) -> dict:
 def run_child(args, run: str, malloc: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", run, "--model", args.model,
          "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-         "--device", args.device]
+         "--device", args.device, "--attention", args.attention]
   proc = subprocess.run(cmd, env=child_env(malloc, args.device), capture_output=True, text=True, cwd=ROOT)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
   if proc.returncode or not lines:
@@ -323,11 +363,12 @@ def _step_s(group: list[dict]) -> float:
 def build_report(args, results) -> str:
   jax_results = [r for r in results if r["run"].startswith("jax")]
   fp32 = next((r for r in jax_results if r["run"] == "jax_fp32"), None)
-  flops = (fp32 or jax_results[0])["xla_flops"] if jax_results else float("nan")
+  xla_flops = (fp32 or jax_results[0])["xla_flops"] if jax_results else float("nan")
   flops_source = "XLA cost analysis of the fp32 step" if fp32 else "XLA cost analysis of the bf16 step"
   peak = statistics.median([r["peak_bf16"] for r in jax_results]) if jax_results else float("nan")
   peak32 = statistics.median([r["peak_fp32"] for r in jax_results]) if jax_results else float("nan")
   analytic = analytic_flops(args.model, args.batch)
+  flops = xla_flops if args.device == "cpu" else analytic
   groups = _rows(results)
   refs = {dtype: next((g for g in groups if g[0]["run"] == f"torch_{dtype}" and g[0]["malloc"] == "default"), None)
           or next((g for g in groups if g[0]["run"] == f"torch_{dtype}"), None) for dtype in ("bf16", "fp32")}
@@ -343,10 +384,20 @@ def build_report(args, results) -> str:
       + f". 1-minute load before the runs: {min(loads):.2f} to {max(loads):.2f}"
       + (" (busy machine: wall times and their ratios are not reliable; page faults and CPU s are)"
          if max(loads) > 3 else "") + ".",
-      f"Model FLOPs per step: {flops / 1e9:,.0f} GFLOP ({flops_source}); analytic 6 x params x tokens "
-      f"+ attention: {analytic / 1e9:,.0f} GFLOP.",
-      f"Peak (measured, 2048^3 matmul, best of 5): bf16 x bf16 -> f32 {peak / 1e9:,.0f} GFLOP/s; "
-      f"f32 {peak32 / 1e9:,.0f} GFLOP/s. MFU is against the bf16 peak for every row.",
+      (f"Model FLOPs per step: {flops / 1e9:,.0f} GFLOP ({flops_source}); analytic 6 x params x tokens "
+       f"+ attention: {analytic / 1e9:,.0f} GFLOP." if args.device == "cpu" else
+       f"Model FLOPs per step (the MFU numerator): {flops / 1e9:,.0f} GFLOP, analytic: 6 x matmul params x "
+       f"tokens + 12 x layers x tokens^2 x width (attention scores and values, forward + backward), both "
+       f"towers, + patch embedding and projections; XLA's cost analysis of the compiled step says "
+       f"{xla_flops / 1e9:,.0f} GFLOP (it does not count inside cuDNN's attention calls)."),
+      (f"Peak (measured, 2048^3 matmul, best of 5): bf16 x bf16 -> f32 {peak / 1e9:,.0f} GFLOP/s; "
+       f"f32 {peak32 / 1e9:,.0f} GFLOP/s. MFU is against the bf16 peak for every row." if args.device == "cpu" else
+       f"Device: {jax_results[0]['device_kind'] if jax_results else '?'}. Peak (measured, 8192^3 product of random "
+       f"matrices, best of 3 x 10): bf16 x bf16 -> f32 {peak / 1e12:,.0f} TFLOP/s; f32 (XLA's default precision) "
+       f"{peak32 / 1e12:,.0f} TFLOP/s. MFU is against the measured bf16 peak for every row."),
+      "Our runs' attention: " + ", ".join(sorted({f"{r['attention']} ({r['cudnn_attention_calls']} cuDNN fused-"
+                                                  "attention calls in the compiled step)" for r in jax_results}))
+      + ".",
       f"Timed: median of {args.steps} steps after {args.warmup} warmup steps (the first is 'first step'), "
       f"each run a separate process; {args.repeats} round(s) of all runs, alternating.",
       "",
@@ -388,7 +439,8 @@ def _cpu_name() -> str:
 def argv_string(args) -> str:
   parts = []
   defaults = _parse_args([])
-  for key in ("model", "batch", "steps", "warmup", "runs", "malloc", "system_runs", "device", "repeats"):
+  for key in ("model", "batch", "steps", "warmup", "runs", "malloc", "system_runs", "device", "attention",
+              "repeats"):
     if getattr(args, key) != getattr(defaults, key):
       parts.append(f"--{key} {getattr(args, key)}")
   return " ".join(parts)

@@ -2,7 +2,8 @@
 
   python benchmarks/bench_unet_step.py [--steps 5] [--warmup 2] [--size 32] [--batch 1]
       [--threads 2] [--variants jax_fp32,jax_bf16,jax_bf16_remat,torch_fp32,torch_bf16]
-      [--repeats 1] [--device cpu|gpu] [--unet sd15|tiny] [--out benchmarks/results/unet_step.md] [--append]
+      [--repeats 1] [--device cpu|gpu] [--unet sd15|tiny] [--attention auto|xla|cudnn]
+      [--out benchmarks/results/unet_step.md] [--append]
 
 A step is forward + backward of the MSE between the UNet's output and a target (random noise),
 with respect to every UNet parameter; no optimizer update, so only the model is compared.
@@ -24,7 +25,11 @@ it in the persistent compilation cache, after `jax.clear_caches()`). Memory: the
 timed steps run (sampled every 5 ms from /proc/self/statm, after malloc_trim; it holds weights,
 gradients, activations and the runtime), and for ours also XLA's buffer assignment of the compiled
 step (arguments + outputs + temporaries). --append adds a run's table to the file, e.g. to rerun
-one variant that a busy machine killed, beside its own torch_fp32 reference.
+one variant that a busy machine killed, beside its own torch_fp32 reference. On GPU the memory
+compared is the device's: ours XLA's buffer assignment and the allocator's peak (which also holds
+what autotuning borrowed while compiling), diffusers' `torch.cuda.max_memory_allocated` over the
+steps. `--attention` forces our attention form (default 'auto'); the compiled step's count of cuDNN
+fused-attention calls is reported.
 """
 from __future__ import annotations
 
@@ -69,6 +74,8 @@ def _parse_args(argv=None):
   parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   parser.add_argument("--unet", choices=sorted(UNETS), default="sd15",
                       help="sd15: SD 1.5's UNet; tiny: the same blocks at width 32-64 (dry runs)")
+  parser.add_argument("--attention", choices=("auto", "xla", "cudnn", "f32_accum"), default="auto",
+                      help="our attention form (auto: clip_jax.layers.choose_attention_impl)")
   parser.add_argument("--out", default="benchmarks/results/unet_step.md")
   parser.add_argument("--append", action="store_true",
                       help="add this run's table to --out instead of replacing the file")
@@ -140,8 +147,12 @@ def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from clip_jax import loop
+  from clip_jax import layers, loop
   from dreambooth_jax.models import unet as unet_lib
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  from bench_train_step import force_attention
+
+  force_attention(layers, args.attention)
 
   unet = UNETS[args.unet]
   config = unet_lib.UNetConfig.from_diffusers(unet)
@@ -175,7 +186,8 @@ def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
                - mem.alias_size_in_bytes)
   result = _timed(lambda: jax.block_until_ready(compiled(params)), args.steps, args.warmup)
   result.update(compile_s=compile_s, cached_compile_s=cached_compile_s, lower_s=lower_s, xla_bytes=xla_bytes,
-                xla_temp_bytes=mem.temp_size_in_bytes, version=f"jax {jax.__version__}")
+                xla_temp_bytes=mem.temp_size_in_bytes, version=f"jax {jax.__version__}",
+                cudnn_attention_calls=compiled.as_text().count('custom_call_target="__cudnn$fmha'))
   if args.device == "gpu":
     stats = jax.devices()[0].memory_stats() or {}
     result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
@@ -220,7 +232,7 @@ def run_torch(dtype_name: str, args) -> dict:
 def _run_variant(name: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--size", str(args.size), "--batch", str(args.batch),
-         "--threads", str(args.threads), "--device", args.device, "--unet", args.unet]
+         "--threads", str(args.threads), "--device", args.device, "--unet", args.unet, "--attention", args.attention]
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   from bench_train_step import child_env  # the entry points' allocator setting, the device's platform
   env = child_env("default", args.device)
@@ -252,6 +264,7 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
   command = (f"python benchmarks/bench_unet_step.py --steps {args.steps} --warmup {args.warmup} --size {args.size} "
              f"--batch {args.batch} --threads {args.threads} --variants {args.variants} --repeats {args.repeats}"
              f"{' --device gpu' if args.device == 'gpu' else ''}{' --unet tiny' if args.unet == 'tiny' else ''}"
+             f"{f' --attention {args.attention}' if args.attention != 'auto' else ''}"
              f"{' --append' if args.append else ''}")
   one_minute = [float(x.split(" / ")[0]) for x in loads]
   lines = [] if args.append else [f"# UNet training step: SD 1.5 UNet, ours (JAX/Flax) vs diffusers (PyTorch), {where}", ""]
@@ -289,18 +302,25 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
     peak = _median(good, "peak_rss_bytes")
     speed = f"{_median(ok[best], 'step_s') / step:.2f}x" if best else "-"
     memory = f"{peak / _median(ok[best], 'peak_rss_bytes'):.2f}x" if best else "-"
+    if args.device == "gpu" and best and good[0].get("device_peak_bytes"):  # the device's memory is what counts
+      memory = f"{_median(good, 'device_peak_bytes') / _median(ok[best], 'device_peak_bytes'):.2f}x (device)"
     xla = f"{_median(good, 'xla_bytes') / GIB:.2f}" if "xla_bytes" in good[0] else "-"
     device_peak = (f"{_median(good, 'device_peak_bytes') / GIB:.2f}" if good[0].get("device_peak_bytes") else "-")
     compile_s = (" / ".join(f"{_median(good, k):.1f}" for k in ("lower_s", "compile_s", "cached_compile_s"))
                  if good[0].get("lower_s") is not None else "-")
     rounds_s = ", ".join(f"{r['step_s']:.2f}" for r in good)
-    lines.append(f"| {name} | {step:.2f} | {rounds_s} | {speed} "
+    if args.device == "gpu":  # steps of a tenth of a second: milliseconds matter
+      rounds_s = ", ".join(f"{r['step_s']:.4f}" for r in good)
+    lines.append(f"| {name} | {step:.{4 if args.device == 'gpu' else 2}f} | {rounds_s} | {speed} "
                  f"| {peak / GIB:.2f} | {memory} | {_median(good, 'rss_before_bytes') / GIB:.2f} | {xla} "
                  f"| {device_peak} | {compile_s} | {_median(good, 'first_step_s'):.1f} |")
   versions = sorted({r["version"] for rounds in ok.values() for r in rounds})
-  lines += ["", "Versions: " + "; ".join(versions) + ".",
+  cudnn = sorted({r["cudnn_attention_calls"] for rounds in ok.values() for r in rounds if "cudnn_attention_calls" in r})
+  lines += ["", "Versions: " + "; ".join(versions) + f". Our attention: {args.attention}"
+            + (f" ({', '.join(map(str, cudnn))} cuDNN fused-attention calls in the compiled step)." if cudnn else "."),
             "", "Per-step times (s): " + "; ".join(
-                f"{n}: {', '.join(f'{t:.2f}' for r in rounds for t in r['times_s'])}" for n, rounds in ok.items()
+                f"{n}: {', '.join(f'{t:.{4 if args.device == 'gpu' else 2}f}' for r in rounds for t in r['times_s'])}"
+                for n, rounds in ok.items()
                 if rounds) + "."]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "a" if args.append else "w") as f:
