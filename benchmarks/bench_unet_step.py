@@ -76,6 +76,8 @@ def _parse_args(argv=None):
                       help="sd15: SD 1.5's UNet; tiny: the same blocks at width 32-64 (dry runs)")
   parser.add_argument("--attention", choices=("auto", "xla", "cudnn", "f32_accum"), default="auto",
                       help="our attention form (auto: clip_jax.layers.choose_attention_impl)")
+  parser.add_argument("--skip-cached-compile", action="store_true",
+                      help="do not trace, lower and compile a second time for the cached-compile column")
   parser.add_argument("--out", default="benchmarks/results/unet_step.md")
   parser.add_argument("--append", action="store_true",
                       help="add this run's table to --out instead of replacing the file")
@@ -158,7 +160,15 @@ def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
   config = unet_lib.UNetConfig.from_diffusers(unet)
   dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
   model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat)
-  params = jax.jit(lambda key: model.init(key, *unet_lib.init_inputs(config))["params"])(jax.random.key(0))
+  if args.device == "gpu":
+    # Random N(0, 0.02) weights of the init's shapes, drawn on the host: compiling the init (a whole
+    # forward pass, every conv autotuned) cost about two minutes of a GPU lease; speed and memory
+    # do not depend on the values.
+    shapes = jax.eval_shape(lambda key: model.init(key, *unet_lib.init_inputs(config))["params"], jax.random.key(0))
+    host = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(0.02 * host.standard_normal(s.shape, np.float32), s.dtype), shapes)
+  else:
+    params = jax.jit(lambda key: model.init(key, *unet_lib.init_inputs(config))["params"])(jax.random.key(0))
   params = jax.block_until_ready(params)
   rng = np.random.RandomState(0)
   latents = jnp.asarray(rng.randn(args.batch, args.size, args.size, 4), jnp.float32)
@@ -176,11 +186,13 @@ def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
-  jax.clear_caches()  # a resumed run: traced and lowered again, the executable read from the cache
-  lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(params)
-  start = time.perf_counter()
-  compiled = lowered.compile()
-  cached_compile_s = time.perf_counter() - start
+  cached_compile_s = float("nan")
+  if not args.skip_cached_compile:
+    jax.clear_caches()  # a resumed run: traced and lowered again, the executable read from the cache
+    lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(params)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    cached_compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                - mem.alias_size_in_bytes)
@@ -233,6 +245,8 @@ def _run_variant(name: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--size", str(args.size), "--batch", str(args.batch),
          "--threads", str(args.threads), "--device", args.device, "--unet", args.unet, "--attention", args.attention]
+  if args.skip_cached_compile:
+    cmd.append("--skip-cached-compile")
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   from bench_train_step import child_env  # the entry points' allocator setting, the device's platform
   env = child_env("default", args.device)
@@ -293,6 +307,7 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
       "| RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) | trace+lower / compile / cached compile (s) | first step (s) |",
       "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
+  digits = 4 if args.device == "gpu" else 2  # GPU steps of a tenth of a second: milliseconds matter
   for name, rounds in results.items():
     if not ok[name]:
       lines.append(f"| {name} | failed: {rounds[-1]['error']} | | | | | | | | | |")
@@ -311,7 +326,7 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
     rounds_s = ", ".join(f"{r['step_s']:.2f}" for r in good)
     if args.device == "gpu":  # steps of a tenth of a second: milliseconds matter
       rounds_s = ", ".join(f"{r['step_s']:.4f}" for r in good)
-    lines.append(f"| {name} | {step:.{4 if args.device == 'gpu' else 2}f} | {rounds_s} | {speed} "
+    lines.append(f"| {name} | {step:.{digits}f} | {rounds_s} | {speed} "
                  f"| {peak / GIB:.2f} | {memory} | {_median(good, 'rss_before_bytes') / GIB:.2f} | {xla} "
                  f"| {device_peak} | {compile_s} | {_median(good, 'first_step_s'):.1f} |")
   versions = sorted({r["version"] for rounds in ok.values() for r in rounds})
@@ -319,7 +334,7 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
   lines += ["", "Versions: " + "; ".join(versions) + f". Our attention: {args.attention}"
             + (f" ({', '.join(map(str, cudnn))} cuDNN fused-attention calls in the compiled step)." if cudnn else "."),
             "", "Per-step times (s): " + "; ".join(
-                f"{n}: {', '.join(f'{t:.{4 if args.device == 'gpu' else 2}f}' for r in rounds for t in r['times_s'])}"
+                f"{n}: {', '.join(f'{t:.{digits}f}' for r in rounds for t in r['times_s'])}"
                 for n, rounds in ok.items()
                 if rounds) + "."]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

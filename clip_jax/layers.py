@@ -367,5 +367,28 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal
     impl = choose_attention_impl(q.dtype, q.shape[-1], jax.default_backend())
   if impl == "f32_accum":
     return attention_f32_accum(q, k, v, is_causal)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
-                                      implementation="cudnn" if impl == "cudnn" else None)
+  if impl == "cudnn":
+    return attention_even_lengths(q, k, v, is_causal, implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+def attention_even_lengths(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
+                           implementation: str | None = "cudnn") -> jax.Array:
+  """`jax.nn.dot_product_attention` with odd query/key lengths padded by one row: q [B, T, H, D],
+  k and v [B, S, H, D] -> [B, T, H, D]. The padded key is masked out through
+  `key_value_seq_lengths`, the padded query row is dropped, so values and gradients equal the
+  unpadded attention's. Why: jax (0.10.2 to 0.11.2 at least) refuses to differentiate cuDNN's fused
+  attention when T or S is odd ("Unsupported sequence length Q 197, KV 197": its training check
+  takes the empty placeholder bias for a real one), which is every CLIP ViT (197, 50 tokens) and text
+  tower (77), and SD's cross-attention (77); seen on an H200, cuDNN 9.19.
+  """
+  t_len, s_len = q.shape[1], k.shape[1]
+  if t_len % 2 == 0 and s_len % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=implementation)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+  batch = q.shape[0]
+  out = jax.nn.dot_product_attention(
+      pad(q, t_len % 2), pad(k, s_len % 2), pad(v, s_len % 2), is_causal=is_causal,
+      query_seq_lengths=jnp.full((batch,), t_len, jnp.int32),
+      key_value_seq_lengths=jnp.full((batch,), s_len, jnp.int32), implementation=implementation)
+  return out[:, :t_len]
