@@ -42,19 +42,36 @@ def bezier(points: jax.Array, t: jax.Array) -> jax.Array:
   return u ** 3 * p0 + 3 * u ** 2 * t * p1 + 3 * u * t ** 2 * p2 + t ** 3 * p3
 
 
-def distance_to_polyline(pixels: jax.Array, vertices: jax.Array) -> jax.Array:
-  """Euclidean distance from each pixel to a polyline. pixels [P, 2], vertices [T, 2] -> [P]."""
-  # x and y kept apart and pixels last: a minor dimension of 2 (or of a few chords) vectorises
-  # poorly on CPU.
-  px, py = pixels[None, :, 0], pixels[None, :, 1]            # [1, P]
-  ax, ay = vertices[:-1, 0, None], vertices[:-1, 1, None]    # [T-1, 1] chord starts
-  abx, aby = vertices[1:, 0, None] - ax, vertices[1:, 1, None] - ay
-  apx, apy = px - ax, py - ay                                # [T-1, P]
-  # Clamped projection onto each chord; the epsilon keeps a zero-length chord finite.
+def _squared_distance_to_chord(px, py, ax, ay, bx, by):
+  """Squared distance from points (px, py) to chords (a, b), broadcasting; x and y kept apart (a
+  minor dimension of 2 vectorises poorly on CPU)."""
+  abx, aby, apx, apy = bx - ax, by - ay, px - ax, py - ay
+  # Clamped projection onto the chord; the epsilon keeps a zero-length chord finite.
   t = jnp.clip((apx * abx + apy * aby) / (abx * abx + aby * aby + 1e-12), 0.0, 1.0)
   dx, dy = apx - t * abx, apy - t * aby
+  return dx * dx + dy * dy
+
+
+def distance_to_chords(pixels: jax.Array, starts: jax.Array, ends: jax.Array) -> jax.Array:
+  """Euclidean distance from each pixel to the nearest chord. pixels [P, 2], starts / ends [C, 2]
+  (chord i runs from starts[i] to ends[i]) -> [P].
+
+  The nearest chord is picked over all C x P pairs without gradient; the distance is then computed,
+  differentiably, to that chord alone. Value and gradient are those of the min over all chords (the
+  min's gradient is its argmin's; at an exact tie either chord's), but the backward pass touches P
+  pairs instead of C x P: it was ~3/4 of a CLIPDraw step on CPU."""
+  frozen = jax.lax.stop_gradient
+  sx, sy, ex, ey = (frozen(v)[:, None] for v in (starts[:, 0], starts[:, 1], ends[:, 0], ends[:, 1]))
+  nearest = jnp.argmin(_squared_distance_to_chord(pixels[None, :, 0], pixels[None, :, 1], sx, sy, ex, ey), axis=0)
+  a, b = starts[nearest], ends[nearest]  # [P, 2]
+  d2 = _squared_distance_to_chord(pixels[:, 0], pixels[:, 1], a[:, 0], a[:, 1], b[:, 0], b[:, 1])
   # sqrt(x + eps) instead of norm: its gradient stays finite on the curve itself.
-  return jnp.sqrt(jnp.min(dx * dx + dy * dy, axis=0) + 1e-12)
+  return jnp.sqrt(d2 + 1e-12)
+
+
+def distance_to_polyline(pixels: jax.Array, vertices: jax.Array) -> jax.Array:
+  """Euclidean distance from each pixel to a polyline. pixels [P, 2], vertices [T, 2] -> [P]."""
+  return distance_to_chords(pixels, vertices[:-1], vertices[1:])
 
 
 def pixel_centres(height: int, width: int) -> jax.Array:
@@ -73,8 +90,9 @@ def coverage(points: jax.Array, width: jax.Array, height: int, canvas_width: int
              num_samples: int = 32) -> jax.Array:
   """Soft coverage [height, canvas_width] in [0, 1] of one path (points [3K + 1, 2], width scalar)."""
   curves = bezier(segments(points), jnp.linspace(0.0, 1.0, num_samples))  # [K, T, 2]
-  pixels = pixel_centres(height, canvas_width)
-  d = jnp.min(jax.vmap(lambda curve: distance_to_polyline(pixels, curve))(curves), axis=0)
+  # The path's chords, all segments together: the nearest over all of them (joints painted once).
+  d = distance_to_chords(pixel_centres(height, canvas_width), curves[:, :-1].reshape(-1, 2),
+                         curves[:, 1:].reshape(-1, 2))
   return jnp.clip(0.5 * width - d + 0.5, 0.0, 1.0).reshape(height, canvas_width)
 
 
