@@ -152,7 +152,7 @@ def test_auto_attention_choice_per_backend_dtype_and_head_size():
   assert choose(jnp.bfloat16, 64, "tpu") == "xla"
 
 
-@pytest.mark.parametrize("t_len,s_len,causal", [(7, 7, False), (7, 7, True), (4, 5, False), (5, 4, False), (6, 6, True)])
+@pytest.mark.parametrize("t_len,s_len,causal", [(7, 7, True), (4, 5, False), (5, 4, False)])
 def test_attention_even_lengths_equals_unpadded(t_len, s_len, causal):
   # The padding form cuDNN gets for odd lengths, run through XLA here: values and gradients equal
   # the plain attention's (fp32, only summation order differs), so padded rows leak nowhere.
@@ -160,11 +160,15 @@ def test_attention_even_lengths_equals_unpadded(t_len, s_len, causal):
   q = jax.random.normal(keys[0], (2, t_len, 3, 8))
   k, v = (jax.random.normal(key, (2, s_len, 3, 8)) for key in keys[1:3])
   g = jax.random.normal(keys[3], (2, t_len, 3, 8))
-  def run(fn):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out,) + vjp(g)
-  got = run(lambda q, k, v: layers.attention_even_lengths(q, k, v, causal, implementation=None))
-  want = run(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal))
+
+  @jax.jit
+  def both(q, k, v, g):
+    def run(fn):
+      out, vjp = jax.vjp(fn, q, k, v)
+      return (out,) + vjp(g)
+    return (run(lambda q, k, v: layers.attention_even_lengths(q, k, v, causal, implementation=None)),
+            run(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)))
+  got, want = both(q, k, v, g)
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
