@@ -71,6 +71,19 @@ def normalize(images: jax.Array, mean: Sequence[float] = OPENAI_MEAN, std: Seque
   return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
 
 
+def through_resolution(images: jax.Array, size: int) -> jax.Array:
+  """[n, h, w, c] -> [n, h, w, c]: box-averaged to size x size, then bicubic back up (Keys a = -0.5,
+  PIL's BICUBIC for float images to 1e-6), differentiable. How a CLIP trained on low-resolution
+  scans upscaled bicubically (the embedded digits: 8x8 -> 32 px) saw its images: guiding through it
+  keeps an optimised image within the detail that CLIP was trained on, instead of letting it answer
+  to sharp edges it never saw. Raises ValueError unless size divides h and w."""
+  n, h, w, c = images.shape
+  if size < 1 or h % size or w % size:
+    raise ValueError(f"through_resolution: {size} px must divide the image's {h}x{w} px.")
+  small = images.reshape(n, size, h // size, size, w // size, c).mean((2, 4))
+  return jax.image.resize(small, images.shape, "cubic")
+
+
 # ----------------------------------------------------------------------------- augmentations
 def homography(src: jax.Array, dst: jax.Array) -> jax.Array:
   """The 3x3 projective map taking 4 points src [4, 2] to dst [4, 2] (h33 = 1)."""

@@ -33,14 +33,18 @@ METHODS = ("optimize", "mapper", "global")
 
 
 # ----------------------------------------------------------------------------- the generator
-def vae_generator(vae, params, scale: float) -> tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], jax.Array]]:
+def vae_generator(vae, params, scale: float, gray: bool = False
+                  ) -> tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], jax.Array]]:
   """From SD's AutoencoderKL, its params and its latent scaling factor: (generator: scaled latents [n, h/f, w/f, c] -> images [n, h, w, 3] in [0, 1];
   encoder: images in [0, 1] -> scaled latents, the posterior mean). Scaled latents have about unit
-  variance (SD's scaling_factor), so one L2 weight means the same thing for any VAE."""
+  variance (SD's scaling_factor), so one L2 weight means the same thing for any VAE.
+  gray: the generator's RGB replaced by its mean (grey-level domains such as the digits: a CLIP
+  trained on grey images never saw colour, so a tint is a direction it answers to blindly)."""
 
   def generator(latents):
     images = vae.apply({"params": params}, latents / scale, method="decode")
-    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+    images = jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+    return jnp.broadcast_to(jnp.mean(images, -1, keepdims=True), images.shape) if gray else images
 
   def encoder(images):
     mean, _ = vae.apply({"params": params}, images * 2.0 - 1.0, method="encode")
@@ -82,9 +86,14 @@ class EditSettings:
   augment: guidance.Augmentations = guidance.NO_AUGMENTATION  # the paper's CLIP loss sees the image as is
 
 
-def make_clip_loss(model, variables, target_emb, augment: guidance.Augmentations, mesh=None) -> styleclip.ClipLoss:
-  fn = guidance.make_guidance_fn(model, mesh, augment=augment)
-  return lambda images, key: fn(variables, images, target_emb, key)
+def make_clip_loss(model, variables, target_emb, augment: guidance.Augmentations, mesh=None, *,
+                   negative_emb=None, negative_weight: float = 0.3, scan_size: int = 0) -> styleclip.ClipLoss:
+  """(images [n, h, w, 3], rng) -> -cos to target_emb [d] over `augment`'s views (+ negative_weight x cos
+  to each of negative_emb [m, d]); scan_size > 0: the CLIP sees the images through that resolution
+  (`guidance.through_resolution`, for a CLIP trained on upscaled low-resolution scans)."""
+  fn = guidance.make_guidance_fn(model, mesh, augment=augment, negative_weight=negative_weight)
+  view = (lambda x: guidance.through_resolution(x, scan_size)) if scan_size else (lambda x: x)  # noqa: E731
+  return lambda images, key: fn(variables, view(images), target_emb, key, negative_emb)
 
 
 def clip_distances(model, variables, images, *texts) -> list[np.ndarray]:

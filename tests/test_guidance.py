@@ -45,6 +45,19 @@ def test_views_fill_white_outside_and_stay_in_range():
   assert all(float(v.max()) > 0.99 for v in views)
 
 
+def test_through_resolution_is_box_average_then_pils_bicubic():
+  from PIL import Image
+  images = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  got = np.asarray(jax.jit(guidance.through_resolution, static_argnums=1)(jnp.asarray(images), 8))
+  small = images.reshape(2, 8, 4, 8, 4, 3).mean((2, 4))
+  # PIL's BICUBIC on float ('F') images, channel by channel: the resize the digits' scans had.
+  reference = np.stack([np.stack([np.asarray(Image.fromarray(small[i, ..., c], "F").resize((32, 32), Image.BICUBIC))
+                                  for c in range(3)], -1) for i in range(2)])
+  np.testing.assert_allclose(got, reference, atol=1e-5)
+  with pytest.raises(ValueError, match="must divide"):
+    guidance.through_resolution(jnp.zeros((1, 30, 30, 3)), 8)
+
+
 @pytest.mark.parametrize("augment", [guidance.NO_AUGMENTATION, guidance.Augmentations(num=2)], ids=["plain", "augmented"])
 def test_gradient_wrt_image_matches_finite_differences(tiny, augment):
   model, variables = tiny

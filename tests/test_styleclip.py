@@ -29,7 +29,7 @@ def setup():
   neutral_emb, target_emb = guidance.encode_prompts(model, variables, tokenizer, ["a photo of a dog", "a red car"])
   smooth = jax.image.resize(jax.random.uniform(jax.random.key(2), (10, 8, 8, 3)), (10, 32, 32, 3), "linear")
   latents = jax.jit(encoder)(smooth)
-  return dict(generator=jax.jit(generator), model=model, variables=variables, neutral=neutral_emb,
+  return dict(generator=jax.jit(generator), vae=vae, vae_params=vae_params, model=model, variables=variables, neutral=neutral_emb,
               target=target_emb, train=latents[:8], unseen=latents[8:])
 
 
@@ -59,6 +59,20 @@ def test_latent_optimization_reduces_clip_loss_and_l2_holds_the_latent(setup):
     assert history["clip"].shape == (40, 2) and np.all(np.asarray(history["l2"][0]) == 0)
   # The L2 term holds the latent near the source: the weighted run moves it less.
   assert np.all(_latent_l2(runs[0.05], s["unseen"]) < 0.8 * _latent_l2(runs[0.0], s["unseen"]))
+
+
+def test_gray_generator_and_the_clip_loss_options(setup):
+  s = setup
+  gray, _ = edit.vae_generator(s["vae"], s["vae_params"], s["vae"].config.scaling_factor, gray=True)
+  colour = np.asarray(s["generator"](s["unseen"]))
+  np.testing.assert_allclose(gray(s["unseen"]), np.repeat(colour.mean(-1, keepdims=True), 3, -1), atol=1e-6)
+  # scan_size and a negative prompt: -cos(E(through 8 px), target) + 0.3 cos(E(through 8 px), negative).
+  loss = edit.make_clip_loss(s["model"], s["variables"], s["target"], guidance.NO_AUGMENTATION, scan_size=8,
+                             negative_emb=s["neutral"][None])
+  emb = np.asarray(guidance.image_embeddings(s["model"], s["variables"],
+                                             guidance.through_resolution(jnp.asarray(colour), 8)))
+  expected = -emb @ np.asarray(s["target"]) + 0.3 * emb @ np.asarray(s["neutral"])
+  np.testing.assert_allclose(loss(jnp.asarray(colour), None), expected, atol=1e-5)
 
 
 def test_identity_term_keeps_the_embedder_close(setup):
