@@ -5,18 +5,26 @@ trained from scratch on the captioned handwritten digits that ship with scikit-l
 
 Two stages, as Stable Diffusion was built: (1) the VAE learns to reconstruct the 32 px digits
 (L1 + L2 + a small KL), then its latent scale is measured so that scaled latents have unit
-variance (SD's `scaling_factor`); (2) with the VAE frozen, the UNet and the text encoder learn
-text-to-image with DreamBooth's own epsilon-prediction loss (`train.make_loss_fn`, every row an
+variance (SD's `scaling_factor`); (2) with the VAE and the text encoder frozen (as SD's were; the
+encoder also trains with `unet.text_learning_rate` > 0), the UNet learns text-to-image with DreamBooth's own epsilon-prediction loss (`train.make_loss_fn`, every row an
 "instance" row with its own caption). 10% of captions are dropped to "" so that classifier-free
 guidance works at sampling time. The result is a diffusers-format folder (`<workdir>/export`)
 that `python -m dreambooth_jax.train` fine-tunes, and a grid of samples (`<workdir>/samples.png`).
+Then 16 images of each "a {digit}" prompt (Table 3's sampler, steps and guidance) are read by an
+independent digit classifier (`dreambooth_jax.eval.digit_classifier`, an SVM on pixels): the
+share it reads as the named digit, the prompt accuracy, is in `<workdir>/pretrain.json` with the
+wall and CPU seconds of each stage and the load average around them.
 Each stage runs on the shared training loop (`clip_jax.loop`) in its own folder (`<workdir>/vae`,
 `<workdir>/unet`: checkpoints, metrics, loss plot), so an interrupted pretraining resumes.
 
-Why the text encoder trains jointly: it starts from random weights here, and a random encoder
-gives "7", "seven" and "a handwritten seven." unrelated states; training it lets the captions'
-phrasings agree. Tokens never seen in the captions (DreamBooth's rare identifier) keep their
-random embeddings, as a rare token of a real checkpoint carries little meaning.
+Why the text encoder is the digits CLIP's text tower, frozen (issue 16): trained jointly from
+random weights (or from that tower), the encoder collapsed to nearly one state for every prompt
+(after 1,200 steps the "a zero" and "a seven" states differed by 0.18 at most, at norm 8) and the
+UNet ignored the text: 13% of "a {digit}" images showed the named digit, chance being 10%. The
+frozen tower keeps the digits apart (cosine 0.03-0.5 between digits' end-of-text states) and the
+same 1,200 UNet steps reach 99% (benchmarks/results/embedded_sd_prompts.md). Tokens never seen in
+the captions (DreamBooth's rare identifier) keep the tower's embeddings, as a rare token of a real
+checkpoint carries little meaning.
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ from dreambooth_jax.models.vae import AutoencoderKL, sample_posterior
 # so it joins them here (otherwise "a seven" would be off the captions' distribution).
 EXTRA_TEMPLATES = ("a {name}",)
 SAMPLE_PROMPTS = tuple(f"a {name}" for name in digits_lib.CLASS_NAMES)
+DIGITS_CLIP = "workdirs/digits"  # the README's first command trains the digits CLIP there
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -54,12 +63,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.image_size = 32
   c.batch_size = 32
+  c.digits = tuple(range(10))  # the digits trained on and sampled (a few: the prompt-accuracy test's short run)
   c.vae = ml_collections.ConfigDict(dict(steps=250, learning_rate=1e-3, kl_weight=1e-4))
-  c.unet = ml_collections.ConfigDict(dict(steps=1200, learning_rate=1e-3, text_learning_rate=3e-4,
+  # text_learning_rate 0: the text encoder stays as initialised. Trained jointly (3e-4), it collapsed
+  # to nearly one state for every prompt and the UNet ignored the text (13% prompt accuracy, issue 16).
+  c.unet = ml_collections.ConfigDict(dict(steps=1200, learning_rate=1e-3, text_learning_rate=0.0,
                                           caption_dropout=0.1))
   # A CLIP checkpoint or clip_jax workdir whose text tower (minus its projection) initialises the
-  # text encoder, which then takes that tower's shape; '' = a random 32-wide encoder.
-  c.text_init = ""
+  # text encoder, which then takes that tower's shape; '' = a random 32-wide encoder. The default,
+  # the README's digits CLIP, is trained first when absent (~80 s).
+  c.text_init = DIGITS_CLIP
   # The samples after training: per_prompt images of each "a {digit}" prompt, judged by the
   # independent digit classifier (prompt accuracy, in pretrain.json); the sheet shows sheet_columns
   # of them. Sampler, steps and guidance are Table 3's (configs/dreambooth/digits.py).
@@ -174,14 +187,17 @@ def train_unet(cfg, pipe: sd.StableDiffusion, images: np.ndarray, labels: np.nda
   loss_fn = db_train.make_loss_fn(pipe, schedulers.NoiseSchedule.from_config(pipe.scheduler_config),
                                   num_instance=cfg.batch_size, params_fn=lambda frozen, trained: {**frozen, **trained},
                                   prior_weight=0.0)
-  trainable = {"unet": pipe.params["unet"], "text_encoder": pipe.params["text_encoder"]}
-  frozen = {"vae": pipe.params["vae"]}
+  # text_learning_rate 0 freezes the text encoder (no gradient is computed for it).
+  train_text = cfg.unet.text_learning_rate > 0
+  trainable = {"unet": pipe.params["unet"], **({"text_encoder": pipe.params["text_encoder"]} if train_text else {})}
+  frozen = {"vae": pipe.params["vae"], **({} if train_text else {"text_encoder": pipe.params["text_encoder"]})}
   total = max(cfg.unet.steps, 1)
   groups = {"unet": optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.unet.learning_rate, min(100, total // 10),
                                                                    total, cfg.unet.learning_rate * 0.05),
-                                weight_decay=1e-2, mask=optim.decay_mask),
-            "text_encoder": optax.adamw(optax.cosine_decay_schedule(cfg.unet.text_learning_rate, total, 0.05),
-                                        weight_decay=1e-2, mask=optim.decay_mask)}
+                                weight_decay=1e-2, mask=optim.decay_mask)}
+  if train_text:
+    groups["text_encoder"] = optax.adamw(optax.cosine_decay_schedule(cfg.unet.text_learning_rate, total, 0.05),
+                                         weight_decay=1e-2, mask=optim.decay_mask)
   labels_tree = {name: jax.tree.map(lambda _, n=name: n, sub) for name, sub in trainable.items()}
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(groups, labels_tree))
 
@@ -226,6 +242,19 @@ def clip_text_tower(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   return kwargs, jax.device_get(params)
 
 
+def ensure_digits_clip(path: str = DIGITS_CLIP) -> str:
+  """`path`, after training the digits CLIP there with the README's first command (~80 s on 2 cores;
+  `python -m clip_jax.train --config=configs/clip/digits.py`) when nothing is there yet."""
+  if not os.path.exists(path):
+    import subprocess
+    import sys
+    print(f"No digits CLIP at {path}: training it (python -m clip_jax.train --config=configs/clip/digits.py)",
+          flush=True)
+    subprocess.run([sys.executable, "-m", "clip_jax.train", "--config=configs/clip/digits.py", f"--workdir={path}"],
+                   check=True)
+  return path
+
+
 def cpu_seconds() -> float:
   """User + system CPU time of this process so far (all threads): the pretraining budget's measure
   that does not depend on what else the machine runs."""
@@ -233,14 +262,14 @@ def cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def sample_and_judge(pipe: sd.StableDiffusion, params, sample_cfg, seed: int) -> tuple[np.ndarray, dict]:
-  """Images uint8 [10 * per_prompt, s, s, 3] for "a zero" ... "a nine" (prompt-major) and their prompt
-  accuracy by the independent digit classifier (`digit_classifier.accuracy_by_digit`)."""
-  images = sd.generate(pipe, params, list(SAMPLE_PROMPTS), num_steps=sample_cfg.steps,
+def sample_and_judge(pipe: sd.StableDiffusion, params, sample_cfg, seed: int,
+                     digits=tuple(range(10))) -> tuple[np.ndarray, dict]:
+  """Images uint8 [len(digits) * per_prompt, s, s, 3] for "a {digit}" (SAMPLE_PROMPTS; prompt-major)
+  and their prompt accuracy by the independent digit classifier (`digit_classifier.accuracy_by_digit`)."""
+  images = sd.generate(pipe, params, [SAMPLE_PROMPTS[d] for d in digits], num_steps=sample_cfg.steps,
                        guidance_scale=sample_cfg.guidance_scale, sampler=sample_cfg.sampler,
                        rng=jax.random.key(seed), num_images_per_prompt=sample_cfg.per_prompt)
-  digits = np.repeat(np.arange(len(SAMPLE_PROMPTS)), sample_cfg.per_prompt)
-  return images, digit_classifier.accuracy_by_digit(images, digits)
+  return images, digit_classifier.accuracy_by_digit(images, np.repeat(np.asarray(digits), sample_cfg.per_prompt))
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -256,6 +285,14 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
   os.makedirs(workdir, exist_ok=True)
   start, cpu_start, load_start = time.time(), cpu_seconds(), os.getloadavg()[0]
   images, labels = load_digits(cfg.image_size)
+  digits = tuple(int(d) for d in cfg.digits)
+  if not digits or not set(digits) <= set(range(len(SAMPLE_PROMPTS))):
+    raise ValueError(f"digits must be some of 0..9, got {cfg.digits}.")
+  keep = np.isin(labels, digits)
+  images, labels = images[keep], labels[keep]
+  prompts = [SAMPLE_PROMPTS[d] for d in digits]
+  if cfg.text_init == DIGITS_CLIP:
+    ensure_digits_clip(cfg.text_init)
   text_kwargs, text_params = clip_text_tower(cfg.text_init) if cfg.text_init else ({}, None)
   pipe = make_tiny_pipeline(jax.random.key(cfg.seed), image_size=cfg.image_size, **text_kwargs)
   if text_params is not None:
@@ -275,14 +312,14 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
   export_dir = sd.save_pipeline(pipe, os.path.join(workdir, "export"))
   train_seconds, train_cpu = time.time() - start, cpu_seconds() - cpu_start
 
-  samples, accuracy = sample_and_judge(pipe, pipe.params, cfg.sample, cfg.seed + 7)
+  samples, accuracy = sample_and_judge(pipe, pipe.params, cfg.sample, cfg.seed + 7, digits)
   print(f"Prompt accuracy (digit classifier, {cfg.sample.per_prompt} images per prompt): "
         f"{100 * accuracy['overall']:.1f}%", flush=True)
   # A row per prompt (its first sheet_columns images), the prompt written above it.
   columns = min(cfg.sample.sheet_columns, cfg.sample.per_prompt)
-  sheet = samples.reshape(len(SAMPLE_PROMPTS), cfg.sample.per_prompt, *samples.shape[1:])[:, :columns]
+  sheet = samples.reshape(len(digits), cfg.sample.per_prompt, *samples.shape[1:])[:, :columns]
   grid = db_train.save_grid(sheet.reshape(-1, *samples.shape[1:]), os.path.join(workdir, "samples.png"),
-                            columns=columns, labels=list(SAMPLE_PROMPTS),
+                            columns=columns, labels=prompts,
                             title=f"tiny SD after {cfg.unet.steps} UNet steps: {cfg.sample.sampler} {cfg.sample.steps} "
                                   f"steps, guidance {cfg.sample.guidance_scale}, seed {cfg.seed + 7}; prompt "
                                   f"accuracy {100 * accuracy['overall']:.0f}%")
@@ -295,7 +332,7 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
              "seconds": round(time.time() - start, 1), "vae_cpu_seconds": round(vae_cpu, 1),
              "train_cpu_seconds": round(train_cpu, 1), "cpu_count": os.cpu_count(),
              "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
-             "final_metrics": final, "sample_prompts": list(SAMPLE_PROMPTS),
+             "final_metrics": final, "sample_prompts": prompts,
              "prompt_accuracy": accuracy, "prompt_accuracy_settings": cfg.sample.to_dict(),
              "text_init": cfg.text_init}
   text = json.dumps(summary, indent=2) + "\n"
@@ -332,7 +369,7 @@ def main(argv=None):
     parser.error("--vae_steps, --unet_steps and --batch_size must be at least 1.")
   if not 0.0 <= args.caption_dropout < 1.0:
     parser.error("--caption_dropout must be in [0, 1).")
-  if args.text_init and not os.path.exists(args.text_init):
+  if args.text_init and args.text_init != DIGITS_CLIP and not os.path.exists(args.text_init):
     from clip_jax.cli import MissingPathError
     raise MissingPathError(f"--text_init {args.text_init}: no such file or directory (the digits CLIP: "
                            "python -m clip_jax.train --config=configs/clip/digits.py --workdir=workdirs/digits).")

@@ -52,7 +52,7 @@ SUBJECT_INK = np.array([205.0, 25.0, 25.0])  # red: no training image has colour
 SUBJECT_SHIFTS = ((0, 0), (2, 0), (0, 2), (-2, -1))  # (dx, dy) pixels at 32 px: the subject's "poses"
 VARIANTS = (("base", None), ("no prior preservation", "noprior"), ("prior preservation", ""))
 SEEDS = (0, 1, 2)
-DIGITS_CLIP = "workdirs/digits"  # the README's first command
+DIGITS_CLIP = pretrain_lib.DIGITS_CLIP
 # (key, column header): the table's columns, in order.
 COLUMNS = (("clip_i", "CLIP-I ↑"), ("vae_i", "VAE-I ↑"), ("clip_t", "CLIP-T ↑"),
            ("pres_clip", "PRES (CLIP) ↓"), ("pres_vae", "PRES (VAE) ↓"),
@@ -223,17 +223,6 @@ def markdown_table(summary: dict[str, dict[str, dict]], real: dict[str, float], 
   return "\n".join(lines) + "\n"
 
 
-def ensure_digits_clip(path: str) -> str:
-  """The digits CLIP at `path`; trained there by the README's first command (~80 s) when absent."""
-  if not os.path.exists(path):
-    import subprocess
-    import sys
-    print(f"No digits CLIP at {path}: training it (python -m clip_jax.train --config=configs/clip/digits.py)", flush=True)
-    subprocess.run([sys.executable, "-m", "clip_jax.train", "--config=configs/clip/digits.py", f"--workdir={path}"],
-                   check=True)
-  return path
-
-
 def run(workdir: str, pretrain_dir: str | None = None, pretrain_cfg=None, dreambooth_steps: int | None = None,
         images_per_prompt: int = 16, config_args: str = "", progress: bool = True, seeds=SEEDS,
         clip: str | None = DIGITS_CLIP) -> dict[str, Any]:
@@ -260,7 +249,7 @@ def run(workdir: str, pretrain_dir: str | None = None, pretrain_cfg=None, dreamb
   grey_digits, _ = pretrain_lib.load_digits(base.default_size)
   vae = VaeEmbedder(base, np.round((grey_digits[:256] + 1.0) * 127.5).astype(np.uint8))
   if clip is not None and clip == DIGITS_CLIP:
-    ensure_digits_clip(clip)
+    pretrain_lib.ensure_digits_clip(clip)
   clip_metrics = db_metrics.SubjectMetrics.from_files(clip=clip) if clip is not None else None
 
   per_seed, grids, meta = [], {}, {"seeds": list(seeds), "identifiers": [], "clip": clip,
