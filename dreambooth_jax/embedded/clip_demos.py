@@ -224,7 +224,7 @@ def main(argv=None) -> int:
               f"**{100 * correct.mean():.0f}%** of {correct.size} drawings read as the prompt's digit (chance 10%)", "",
               "| digit | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|",
               f"| judged correct (of {args.seeds} seeds) | " + " | ".join(str(int(c)) for c in correct.sum(0)) + " |", ""]
-    print(lines[-5], flush=True)
+    print("\n".join(lines[-6:]), flush=True)
 
   if "edit" not in args.skip:
     pipe = sd.load_pipeline(args.sd)
