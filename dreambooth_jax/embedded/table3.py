@@ -6,8 +6,8 @@ r"""A small-scale reproduction of DreamBooth's Table 3 (prior preservation on / 
    handwritten digits (trained into <workdir>/base first when --pretrain_dir holds none).
 2. The subject: 4 images of one particular held-out seven drawn in red ink, shifted by a few pixels.
    The base model never saw coloured ink, so "a seven" never gives it.
-3. DreamBooth (`train.train_and_export`, configs/dreambooth/digits.py) with and without the
-   prior-preservation loss, from the same identifier and seed.
+3. DreamBooth (`train.train_and_export`, configs/dreambooth/digits.py:text: UNet and text encoder)
+   with and without the prior-preservation loss, from the same identifier and seed.
 4. For the base model and both fine-tuned ones, with each of 3 seeds (DreamBooth's seed, its
    identifier and the sampling noise), 16 images for "a [V] seven" and 16 for "a seven", and the
    paper's metrics (Ruiz et al. 2023, Sec. 4.1 and 4.3) with the embedders that exist here:
@@ -224,7 +224,7 @@ def markdown_table(summary: dict[str, dict[str, dict]], real: dict[str, float], 
 
 
 def run(workdir: str, pretrain_dir: str | None = None, pretrain_cfg=None, dreambooth_steps: int | None = None,
-        images_per_prompt: int = 16, config_args: str = "", progress: bool = True, seeds=SEEDS,
+        images_per_prompt: int = 16, config_args: str = "text", progress: bool = True, seeds=SEEDS,
         clip: str | None = DIGITS_CLIP) -> dict[str, Any]:
   """The whole experiment; returns the per-seed rows, their summary and the paths written.
   clip: the CLIP for CLIP-I / CLIP-T / PRES / DIV (trained at DIGITS_CLIP if that is absent); None:
@@ -330,8 +330,11 @@ def main(argv=None):
   parser.add_argument("--images_per_prompt", type=int, default=16)
   parser.add_argument("--pretrain_vae_steps", type=int, default=None)
   parser.add_argument("--pretrain_unet_steps", type=int, default=None)
-  parser.add_argument("--config_args", default="",
-                      help="extra arguments for configs/dreambooth/digits.py, e.g. runlocal")
+  # 'text': the text encoder trains with the UNet. With the base model's frozen digits-CLIP encoder,
+  # "a [V] seven" and "a seven" start nearly equal, and without it prior preservation did not protect
+  # the class (WORKSPACE.md, embedded DreamBooth).
+  parser.add_argument("--config_args", default="text",
+                      help="arguments for configs/dreambooth/digits.py (default 'text'), e.g. text,runlocal; '' for none")
   parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="DreamBooth seeds, comma-separated")
   parser.add_argument("--clip", default=DIGITS_CLIP,
                       help=f"the CLIP for CLIP-I/CLIP-T/PRES/DIV (default {DIGITS_CLIP}, trained there if absent); "
