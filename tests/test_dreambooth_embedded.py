@@ -117,6 +117,18 @@ def test_pretrain_cli_rejects_bad_steps(tmp_path):
     pretrain.main(["--workdir", str(tmp_path), "--vae_steps", "0"])
 
 
+def test_pretrain_resume_with_other_settings_is_refused(tmp_path):
+  # Issue 20.3 for the staged trainer: its checkpoints live in WORKDIR/vae and WORKDIR/unet.
+  from clip_jax import loop
+  from clip_jax.cli import UserError
+  cfg = pretrain.get_config()
+  assert loop.check_workdir(str(tmp_path), cfg, total_steps=cfg.vae.steps + cfg.unet.steps) is False
+  os.makedirs(tmp_path / "vae" / "checkpoints" / "10")
+  cfg.batch_size = cfg.batch_size * 2
+  with pytest.raises(UserError, match=r"batch_size: \d+ -> \d+.*--allow-config-change"):
+    pretrain.pretrain(cfg, str(tmp_path), progress=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
   """A random ViT-Tiny CLIP (the digits CLIP's shapes) as an HF folder."""

@@ -273,13 +273,18 @@ def sample_and_judge(pipe: sd.StableDiffusion, params, sample_cfg, seed: int,
 
 
 # ----------------------------------------------------------------------------- the whole run
-def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
-  """Trains the base model into `<workdir>/export`; returns paths and the final losses."""
+def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+             allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains the base model into `<workdir>/export`; returns paths and the final losses.
+
+  Resuming a workdir whose vae/ or unet/ stage holds a checkpoint with settings that change the
+  maths raises clip_jax.cli.UserError naming them, unless `allow_config_change` (then recorded)."""
   if cfg.image_size % 4:
     raise ValueError(f"image_size must be a multiple of 4 (the tiny VAE's downscale), got {cfg.image_size}.")
   summary_path = os.path.join(workdir, "pretrain.json")
   total_steps = cfg.vae.steps + cfg.unet.steps
-  if loop.check_workdir(workdir, cfg, total_steps=total_steps) and os.path.exists(summary_path):
+  if loop.check_workdir(workdir, cfg, total_steps=total_steps, allow_config_change=allow_config_change) \
+      and os.path.exists(summary_path):
     with open(summary_path) as f:  # finished: said so; every file stays as it is
       return json.load(f)
   os.makedirs(workdir, exist_ok=True)
@@ -364,6 +369,8 @@ def main(argv=None):
   parser.add_argument("--text_learning_rate", type=float, default=defaults.unet.text_learning_rate)
   parser.add_argument("--caption_dropout", type=float, default=defaults.unet.caption_dropout,
                       help="share of captions replaced by '' (classifier-free guidance's unconditional rows)")
+  parser.add_argument("--allow-config-change", action="store_true",
+                      help="resume a workdir trained with other settings (the change is recorded in config_changes.jsonl)")
   args = parser.parse_args(argv)
   if min(args.vae_steps, args.unet_steps) < 1 or args.batch_size < 1:
     parser.error("--vae_steps, --unet_steps and --batch_size must be at least 1.")
@@ -378,7 +385,7 @@ def main(argv=None):
   cfg.text_init = args.text_init
   cfg.unet.learning_rate, cfg.unet.text_learning_rate = args.unet_learning_rate, args.text_learning_rate
   cfg.unet.caption_dropout = args.caption_dropout
-  summary = pretrain(cfg, args.workdir)
+  summary = pretrain(cfg, args.workdir, allow_config_change=args.allow_config_change)
   print(json.dumps(summary, indent=2))
   print(f"Base model: {summary['export_dir']}\nSamples ('a zero' ... 'a nine'): {summary['samples']}", flush=True)
 
