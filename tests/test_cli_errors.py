@@ -125,6 +125,8 @@ def test_ctrl_c_outside_a_training_loop_is_one_line_with_exit_code_130(runner, t
       import os, signal, time
       from clip_jax import cli
       def main(*_):
+        # As at a terminal: a shell's background job (CI's runner, nohup) starts with SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(30)
       if __name__ == "__main__":
