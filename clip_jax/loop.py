@@ -287,6 +287,10 @@ def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_c
                     f"the settings in {config_path}, use another --workdir, or pass --allow-config-change to "
                     f"continue with the new ones (recorded in {CONFIG_CHANGES_FILE}).")
   done = finished(workdir)
+  if done is not None and int(done.get("step", 0)) >= total_steps and maths:
+    # Allowed, but nothing would train under the new settings: results would claim them falsely.
+    raise UserError(f"{workdir} is finished (step {done.get('step')}); no step would run with the changed settings "
+                    f"({', '.join(maths)}). Use another --workdir, or raise total_steps to train on with them.")
   if done is not None and int(done.get("step", 0)) >= total_steps and not maths:
     if not rerun_eval:
       if jax.process_index() == 0:
@@ -432,6 +436,7 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
         if int(jax.device_get(state["nonfinite_streak"])) == 0:
           ckpt.save(manager, step, state, data_iterator, force=True)
       if preempted["flag"]:
+        manager.wait_until_finished()  # saved before it is said to be
         if is_main:
           print(f"Stopped at step {step} of {total} (SIGTERM or Ctrl-C); the checkpoint is saved in {workdir}. "
                 f"The same command resumes it (exit code {EXIT_PREEMPTED}).", flush=True)

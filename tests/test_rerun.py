@@ -122,6 +122,11 @@ def test_a_finished_run_is_left_alone(tmp_path):
   assert len(said) == 1 and "is finished (step 600)" in said[0] and "--rerun-eval" in said[0]
   assert {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "*")) if os.path.isfile(p)} == before
   assert loop.check_workdir(workdir, _config(), total_steps=600, rerun_eval=True, log=said.append) is False
+  # Other settings allowed on a finished run: no step would run under them, so its results must not claim them.
+  from clip_jax.cli import UserError
+  with pytest.raises(UserError, match=r"is finished \(step 600\); no step would run .*global_batch"):
+    loop.check_workdir(workdir, _config(global_batch=64), total_steps=600, allow_config_change=True)
+  assert {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "*")) if os.path.isfile(p)} == before
   # More steps (allowed): not finished any more, and DONE goes until the trainer writes it again.
   assert loop.check_workdir(workdir, _config(total_steps=900), total_steps=900, allow_config_change=True) is False
   assert loop.finished(workdir) is None
