@@ -260,8 +260,8 @@ def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_c
   checkpoint, runs its evaluation and merges the results).
 
   The workdir keeps the config it was started with (CONFIG_FILE, written here on the first start).
-  A workdir that holds a checkpoint (its own, or a stage's: `stage_steps`) and was made with other values of keys that change the maths
-  (all but OPERATIONAL_KEYS) raises clip_jax.cli.UserError naming them, unless
+  A workdir that holds a checkpoint (its own, or a stage's: `stage_steps`) and was made with other
+  values of keys that change the maths (all but OPERATIONAL_KEYS) raises clip_jax.cli.UserError naming them, unless
   `allow_config_change`, which appends the change to CONFIG_CHANGES_FILE and updates CONFIG_FILE.
   Changes of operational keys are recorded the same way without asking. Every process calls it
   (the same answer everywhere); process 0 writes."""
@@ -287,11 +287,12 @@ def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_c
                     f"the settings in {config_path}, use another --workdir, or pass --allow-config-change to "
                     f"continue with the new ones (recorded in {CONFIG_CHANGES_FILE}).")
   done = finished(workdir)
-  if done is not None and int(done.get("step", 0)) >= total_steps and maths:
+  complete = done is not None and int(done.get("step", 0)) >= total_steps
+  if complete and maths:
     # Allowed, but nothing would train under the new settings: results would claim them falsely.
     raise UserError(f"{workdir} is finished (step {done.get('step')}); no step would run with the changed settings "
                     f"({', '.join(maths)}). Use another --workdir, or raise total_steps to train on with them.")
-  if done is not None and int(done.get("step", 0)) >= total_steps and not maths:
+  if complete:
     if not rerun_eval:
       if jax.process_index() == 0:
         outputs = ", ".join(done.get("outputs") or []) or workdir
