@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dreambooth_jax.embedded import pretrain, table3
+from dreambooth_jax.eval.metrics import embedding_diversity
 
 
 def test_subject_is_red_and_shifted():
@@ -23,7 +24,7 @@ def test_cosine_diversity_matches_pairs():
   emb = np.random.default_rng(0).normal(size=(5, 7))
   unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
   expected = np.mean([1 - unit[i] @ unit[j] for i in range(5) for j in range(i + 1, 5)])
-  np.testing.assert_allclose(table3.cosine_diversity(emb), expected, rtol=1e-6)
+  np.testing.assert_allclose(embedding_diversity(emb), expected, rtol=1e-6)
 
 
 def test_digit_classifier_reads_heldout_scans_and_checks_shapes():
@@ -107,7 +108,7 @@ def test_table3_score_computes_every_column():
   for key in ("clip_i", "vae_i", "clip_t", "pres_clip", "pres_vae"):
     assert -1.0 <= row[key] <= 1.0
   assert 0.0 <= row["div_clip"] <= 2.0 and row["div_vae"] > 0.0
-  np.testing.assert_allclose(row["div_vae"], table3.cosine_diversity(vae(subject_gen)), rtol=1e-6)
+  np.testing.assert_allclose(row["div_vae"], embedding_diversity(vae(subject_gen)), rtol=1e-6)
   without_clip = table3.score(vae, None, real, subject_gen, class_gen, "a seven")
   assert not {k for k in without_clip if "clip" in k} and without_clip["vae_i"] == row["vae_i"]
 

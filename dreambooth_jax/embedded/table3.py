@@ -116,11 +116,6 @@ def red_ink_fraction(images: np.ndarray) -> float:
   return float(np.sum(ink & red) / max(int(np.sum(ink)), 1))
 
 
-def cosine_diversity(embeddings: np.ndarray) -> float:
-  """DIV-style: mean cosine distance over all pairs of images from one prompt."""
-  return db_metrics.embedding_diversity(embeddings)
-
-
 def read_as_fraction(images: np.ndarray, digit: int) -> float:
   """Share of uint8 images [n, s, s, 3] the independent digit classifier reads as `digit`."""
   return digit_classifier.accuracy_by_digit(images, np.full(len(images), digit))["overall"]
