@@ -17,7 +17,11 @@ from a uniform point, width 1 px and a uniform random RGBA colour, negative prom
 Our choices: every path has the same number of joined cubic segments (2 by default; the code draws
 1-3 at random per path, 2 on average); the point rate and the width limit scale with
 canvas / 224, so a 32 px canvas moves and widens strokes by the same fraction of the canvas; the
-rasteriser is `clip_jax.rasterize` (distance-based coverage) instead of diffvg.
+rasteriser is `clip_jax.rasterize` (distance-based coverage) instead of diffvg. Two options, off by
+default (the paper's behaviour): `--view-resolution N` shows the CLIP the drawing through N px (box
+average down, bicubic back up: `guidance.through_resolution`), for a CLIP trained on low-resolution
+images, e.g. the embedded digits CLIP with `--canvas 32 --view-resolution 8`; `--restarts R` starts
+R drawings and keeps the one with the lowest CLIP loss.
 """
 from __future__ import annotations
 
@@ -57,12 +61,16 @@ class DrawSettings:
   background: float = 1.0                    # white paper
   curve_samples: int = 32                    # points per segment for the rasteriser's polyline
   gray: bool = False                         # our option: colours tied to one grey level (ink drawings)
+  view_resolution: int = 0                   # our option: the CLIP sees the drawing through N px (0: off)
+  restarts: int = 1                          # our option: drawings started per result, the lowest loss kept
   frame_every: int = 10                      # a frame of the GIF every N steps
 
   def __post_init__(self):
-    for name in ("num_strokes", "segments", "steps", "canvas", "frame_every"):
+    for name in ("num_strokes", "segments", "steps", "canvas", "frame_every", "restarts"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+    if self.view_resolution < 0 or (self.view_resolution and self.canvas % self.view_resolution):
+      raise ValueError(f"view_resolution {self.view_resolution} px must divide the {self.canvas} px canvas (0: off).")
 
   @property
   def scale(self) -> float:
@@ -104,24 +112,53 @@ def render(strokes: Strokes, s: DrawSettings) -> jax.Array:
   return render_batch(strokes, s.canvas, s.canvas, s.background, s.curve_samples)
 
 
+def as_seen(images: jax.Array, s: DrawSettings) -> jax.Array:
+  """What the loss is shown: the images [n, canvas, canvas, 3] as they are, or through
+  s.view_resolution px (`guidance.through_resolution`: box average down, bicubic back up) for a CLIP
+  trained on low-resolution images upscaled, which never saw sharp stroke edges."""
+  from clip_jax.guidance import through_resolution
+  return through_resolution(images, s.view_resolution) if s.view_resolution else images
+
+
+def best_restarts(final_losses: jax.Array, restarts: int) -> jax.Array:
+  """final_losses [restarts * n] (row r * n + i: restart r of drawing i) -> the row kept for each
+  drawing [n]: the restart with the lowest loss."""
+  n = final_losses.shape[0] // restarts
+  return jnp.argmin(final_losses.reshape(restarts, n), axis=0) * n + jnp.arange(n)
+
+
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (images [n, h, w, 3], rng) -> losses [n]
 
 
 def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Array, *,
          progress: bool = True, on_frame: Callable[[int, np.ndarray], None] | None = None):
   """Optimises `num_drawings` drawings at once against `loss_fn` (e.g. a bound
-  `guidance.make_guidance_fn`; row i of the images is drawing i, so each may have its own target).
-  The drawings are independent: the summed loss gives each its own gradient and Adam is per
-  element. Returns (strokes, images [n, canvas, canvas, 3] as numpy, history {'step', 'loss'
-  [steps, n]}). `on_frame(step, images)` is called every settings.frame_every steps and at the end."""
+  `guidance.make_guidance_fn`; row i of the images is drawing i, so each may have its own target),
+  shown the drawings through `as_seen`. The drawings are independent: the summed loss gives each
+  its own gradient and Adam is per element.
+
+  With settings.restarts = R > 1, R drawings are started for each result (R calls of loss_fn on
+  num_drawings rows per step, restart r with the step key folded with r) and the one whose loss,
+  averaged over the last tenth of the steps (the views are random, one step's loss is noisy), is
+  lowest is kept (`best_restarts`): several random starts of a non-convex problem, chosen by the
+  objective itself. Returns (strokes, images [n, canvas, canvas, 3] as numpy, history {'step',
+  'loss' [steps, n] of the kept drawings, 'restart_loss' [R, n] (the averaged losses compared),
+  'kept' [n] (the restart kept)}). `on_frame(step, images)` is called every settings.frame_every
+  steps and at the end with all R * n drawings (row r * n + i: restart r of drawing i)."""
   from clip_jax.observe import Progress
+  restarts = settings.restarts
   init_rng, loop_rng = jax.random.split(rng)
-  strokes = init_strokes(init_rng, num_drawings, settings)
+  strokes = init_strokes(init_rng, restarts * num_drawings, settings)
   tx = make_optimizer(settings)
   opt_state = tx.init(strokes)
 
   def total_loss(strokes, key):
-    losses = loss_fn(render(strokes, settings), key)
+    seen = as_seen(render(strokes, settings), settings)
+    if restarts == 1:
+      losses = loss_fn(seen, key)
+    else:
+      losses = jnp.concatenate([loss_fn(seen[r * num_drawings:(r + 1) * num_drawings], jax.random.fold_in(key, r))
+                                for r in range(restarts)])
     return jnp.sum(losses), losses
 
   @jax.jit
@@ -145,8 +182,14 @@ def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Ar
   images = np.asarray(draw_images(strokes))
   if on_frame is not None:
     on_frame(settings.steps, images)
-  history = {"step": list(range(1, settings.steps + 1)), "loss": np.asarray(jnp.stack(losses_seen))}
-  return strokes, images, history
+  losses = jnp.stack(losses_seen)  # [steps, R * n]
+  final = jnp.mean(losses[-max(1, settings.steps // 10):], axis=0)
+  rows = best_restarts(final, restarts)
+  kept = jax.tree_util.tree_map(lambda x: x[rows], strokes)
+  history = {"step": list(range(1, settings.steps + 1)), "loss": np.asarray(losses[:, rows]),
+             "restart_loss": np.asarray(final.reshape(restarts, num_drawings)),
+             "kept": np.asarray(rows // num_drawings)}
+  return kept, images[np.asarray(rows)], history
 
 
 # ----------------------------------------------------------------------------- files
@@ -178,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--canvas", type=int, default=d.canvas, help="canvas side in pixels")
   p.add_argument("--augmentations", type=int, default=d.augment.num, help="random views per step")
   p.add_argument("--gray", action="store_true", help="grey-level strokes only (ink drawings)")
+  p.add_argument("--view-resolution", type=int, default=d.view_resolution, metavar="N",
+                 help="the CLIP sees the drawing box-averaged to N x N px and bicubically upscaled back "
+                 "(guidance.through_resolution), for a CLIP trained on low-resolution images such as the "
+                 "embedded digits' 8x8 scans (--view-resolution 8); N must divide --canvas; 0 (default): "
+                 "the drawing as it is, the paper's behaviour")
+  p.add_argument("--restarts", type=int, default=d.restarts, metavar="R",
+                 help="start R drawings and keep the one with the lowest CLIP loss (default 1: the paper's single run)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--frame-every", type=int, default=d.frame_every, help="GIF frame every N steps")
   p.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint directory's own, else 'clip')")
@@ -189,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   settings = cli.as_user_errors(DrawSettings, num_strokes=args.strokes, segments=args.segments, steps=args.steps, canvas=args.canvas,
                                 augment=Augmentations(num=args.augmentations), gray=args.gray,
+                                view_resolution=args.view_resolution, restarts=args.restarts,
                                 frame_every=args.frame_every)
   if not args.prompt.strip():
     raise cli.UserError("--prompt is empty; give the text to draw, e.g. --prompt 'a drawing of a cat'.")
@@ -206,26 +257,30 @@ def main(argv: Sequence[str] | None = None) -> int:
   loss_fn = lambda images, key: fn(variables, images, target, key, negatives)  # noqa: E731
 
   os.makedirs(os.path.join(args.out, "frames"), exist_ok=True)
-  frames = []
+  frames = []  # (step, [restarts, canvas, canvas, 3] uint8): the kept restart's frames are written at the end
 
   def on_frame(step, images):
-    frame = to_uint8(images[0])
-    frames.append(frame)
-    from PIL import Image
-    Image.fromarray(frame).save(os.path.join(args.out, "frames", f"frame_{step:05d}.png"))
+    frames.append((step, to_uint8(images)))
 
   print(f"Drawing {args.prompt!r} with {settings.num_strokes} strokes, {settings.steps} steps, "
-        f"{settings.canvas} px, {settings.augment.num} views/step", flush=True)
+        f"{settings.canvas} px, {settings.augment.num} views/step"
+        + (f", through {settings.view_resolution} px" if settings.view_resolution else "")
+        + (f", best of {settings.restarts} restarts" if settings.restarts > 1 else ""), flush=True)
   start = time.time()
   strokes, images, history = draw(loss_fn, 1, settings, jax.random.key(args.seed), on_frame=on_frame)
   from PIL import Image
+  kept = int(history["kept"][0])
+  for step, frame in frames:
+    Image.fromarray(frame[kept]).save(os.path.join(args.out, "frames", f"frame_{step:05d}.png"))
   Image.fromarray(to_uint8(images[0])).save(os.path.join(args.out, "drawing.png"))
-  save_gif(frames, os.path.join(args.out, "drawing.gif"), upscale=max(1, 224 // settings.canvas))
+  save_gif([frame[kept] for _, frame in frames], os.path.join(args.out, "drawing.gif"),
+           upscale=max(1, 224 // settings.canvas))
   np.savez(os.path.join(args.out, "strokes.npz"), **{k: np.asarray(v[0]) for k, v in strokes._asdict().items()})
   plain = guidance.make_guidance_fn(model, mesh, augment=guidance.NO_AUGMENTATION)
   result = {"prompt": args.prompt, "negative": args.negative, "checkpoint": args.checkpoint, "seed": args.seed,
             "loss_first_step": float(history["loss"][0, 0]), "loss_last_step": float(history["loss"][-1, 0]),
-            "cosine_to_prompt": -float(plain(variables, jnp.asarray(images), target, None)[0]),
+            "cosine_to_prompt": -float(plain(variables, as_seen(jnp.asarray(images), settings), target, None)[0]),
+            "restart_losses": history["restart_loss"][:, 0].tolist(), "restart_kept": kept,
             "seconds": round(time.time() - start, 1),
             "settings": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                          for k, v in dataclasses.asdict(settings).items()}}

@@ -123,6 +123,48 @@ def test_draw_loop_lowers_its_loss_and_keeps_the_clamps():
   np.testing.assert_allclose(strokes.color[..., 0], strokes.color[..., 2])  # gray: one level per stroke
 
 
+def _square_loss(images, rng):  # a non-CLIP target keeps these fast: dark in the middle square
+  target = jnp.ones((32, 32, 3)).at[8:24, 8:24].set(0.0)
+  return jnp.mean((images - target) ** 2, axis=(1, 2, 3))
+
+
+def test_view_resolution_is_what_the_loss_sees():
+  from clip_jax.guidance import through_resolution
+  settings = draw.DrawSettings(num_strokes=3, steps=1, canvas=32, view_resolution=8)
+  _, _, history = draw.draw(_square_loss, 2, settings, jax.random.key(0), progress=False)
+  # The first step's loss is of the starting strokes, which draw() makes from the key's first half.
+  rendered = draw.render(draw.init_strokes(jax.random.split(jax.random.key(0))[0], 2, settings), settings)
+  np.testing.assert_allclose(history["loss"][0], _square_loss(through_resolution(rendered, 8), None), rtol=1e-5)
+  assert np.all(np.abs(history["loss"][0] - np.asarray(_square_loss(rendered, None))) > 1e-4)
+  with pytest.raises(ValueError, match="view_resolution 5 px must divide the 32 px canvas"):
+    draw.DrawSettings(canvas=32, view_resolution=5)
+
+
+def test_restarts_keep_the_lowest_loss():
+  # Rows r * n + i for n = 2 drawings: drawing 0's losses are 3, 2, 4, drawing 1's 1, 5, 0.
+  np.testing.assert_array_equal(draw.best_restarts(jnp.array([3.0, 1.0, 2.0, 5.0, 4.0, 0.0]), 3), [2, 5])
+  settings = draw.DrawSettings(num_strokes=3, steps=4, canvas=32, restarts=3, frame_every=4)
+  final = []
+  _, images, history = draw.draw(_square_loss, 2, settings, jax.random.key(1), progress=False,
+                                 on_frame=lambda step, imgs: final.append(imgs) if step == 4 else None)
+  assert final[0].shape == (6, 32, 32, 3) and history["restart_loss"].shape == (3, 2)
+  np.testing.assert_array_equal(history["kept"], np.argmin(history["restart_loss"], axis=0))
+  np.testing.assert_array_equal(images, final[0][history["kept"] * 2 + np.arange(2)])
+  np.testing.assert_allclose(history["restart_loss"].min(0), history["loss"][-1:].mean(0), rtol=1e-6)
+
+
+def test_cli_flags_for_view_resolution_and_restarts(tmp_path):
+  args = draw.build_parser().parse_args(["--checkpoint", "c", "--prompt", "p", "--out", "o"])
+  assert (args.view_resolution, args.restarts) == (0, 1)  # off: the paper's behaviour
+  args = draw.build_parser().parse_args(["--checkpoint", "c", "--prompt", "p", "--out", "o", "--view-resolution", "8",
+                                         "--restarts", "3"])
+  assert (args.view_resolution, args.restarts) == (8, 3)
+  assert "--view-resolution N" in draw.build_parser().format_help()
+  with pytest.raises(cli.UserError, match="view_resolution 5 px must divide the 32 px canvas"):
+    draw.main(["--checkpoint", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--canvas", "32",
+               "--view-resolution", "5"])
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
   model = clip_jax.create_model("ViT-Tiny")
@@ -134,8 +176,10 @@ def tiny_checkpoint(tmp_path_factory):
 def test_cli_draws_with_a_tiny_clip(tiny_checkpoint, tmp_path):
   out = tmp_path / "out"
   assert draw.main(["--checkpoint", tiny_checkpoint, "--prompt", "a red circle", "--negative", "a square",
-                    "--out", str(out), "--strokes", "4", "--steps", "4", "--canvas", "32", "--frame-every", "2"]) == 0
+                    "--out", str(out), "--strokes", "4", "--steps", "4", "--canvas", "32", "--frame-every", "2",
+                    "--view-resolution", "8", "--restarts", "2"]) == 0
   result = json.loads((out / "result.json").read_text())
+  assert result["settings"]["view_resolution"] == 8 and result["restart_kept"] == int(np.argmin(result["restart_losses"]))
   assert np.isfinite(result["loss_last_step"]) and -1 <= result["cosine_to_prompt"] <= 1
   assert sorted(os.listdir(out / "frames")) == ["frame_00000.png", "frame_00002.png", "frame_00004.png"]
   assert (out / "drawing.gif").stat().st_size > 0 and (out / "drawing.png").exists()

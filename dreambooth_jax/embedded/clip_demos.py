@@ -69,17 +69,17 @@ def view_accuracy(model, variables, prompt_emb, images, labels, augment: guidanc
 
 
 def run_drawings(model, variables, tokenizer, settings: draw_lib.DrawSettings, seeds: int, mesh,
-                 negatives: bool = True, scan_size: int = 0, seed: int = 0):
-  """All ten digits x `seeds` as one batch of drawings; returns images [seeds, 10, 32, 32, 3], losses.
+                 negatives: bool = True, seed: int = 0):
+  """All ten digits x `seeds` as one batch of drawings; returns images [seeds, 10, 32, 32, 3] and the
+  draw history (`draw_lib.draw`; with settings.restarts > 1 each drawing is the lowest-loss restart).
   negatives: the other nine digits' prompts are each drawing's negative prompts (CLIPDraw's option).
-  scan_size: the CLIP sees the drawings through that resolution (`scan_view`)."""
+  The CLIP sees the drawings through settings.view_resolution px (`draw_lib.as_seen`)."""
   prompts = guidance.encode_prompts(model, variables, tokenizer, [prompt(d) for d in range(10)], mesh)
   targets = jnp.tile(prompts, (seeds, 1))  # row s * 10 + d: seed s, digit d
   others = jnp.stack([jnp.delete(prompts, d, axis=0) for d in range(10)])  # [10, 9, dim]
   negative_emb = jnp.tile(others, (seeds, 1, 1)) if negatives else None
   fn = guidance.make_guidance_fn(model, mesh, augment=settings.augment, negative_weight=settings.negative_weight)
-  view = scan_view(scan_size)
-  loss_fn = lambda images, key: fn(variables, view(images), targets, key, negative_emb)  # noqa: E731
+  loss_fn = lambda images, key: fn(variables, images, targets, key, negative_emb)  # noqa: E731
   _, images, history = draw_lib.draw(loss_fn, 10 * seeds, settings, jax.random.key(seed))
   return images.reshape(seeds, 10, *images.shape[1:]), history
 
@@ -154,6 +154,8 @@ def main(argv=None) -> int:
   p.add_argument("--draw-steps", type=int, default=300)
   p.add_argument("--strokes", type=int, default=6)
   p.add_argument("--seeds", type=int, default=3, help="drawings per digit")
+  p.add_argument("--restarts", type=int, default=1, help="drawings started per result; the one with the lowest "
+                 "CLIP loss (mean of its last 10%% of steps) is kept, never chosen by the judge")
   p.add_argument("--draw-seed", type=int, default=0, help="the key the drawings' starts and views come from")
   p.add_argument("--views", type=int, default=4, help="CLIP views per drawing and step (CLIPDraw's 4)")
   p.add_argument("--scan-size", type=int, default=8, help="the CLIP sees every image box-averaged to N x N px "
@@ -172,7 +174,8 @@ def main(argv=None) -> int:
   p.add_argument("--source-digit", type=int, default=3)
   p.add_argument("--target-digit", type=int, default=8)
   p.add_argument("--max-sources", type=int, default=0, help="edit only the first N held-out sources (0: all)")
-  p.add_argument("--skip", choices=("draw", "edit"), action="append", default=[])
+  p.add_argument("--skip", choices=("draw", "edit"), action="append", default=[],
+                 help="leave out a part (e.g. --skip edit: the drawings alone)")
   args = p.parse_args(argv)
   for path, flag in ((args.clip, "--clip"), (args.sd, "--sd")):
     if not os.path.exists(path):
@@ -207,20 +210,23 @@ def main(argv=None) -> int:
     # (random walk 0.3 canvas) and moved faster (3x the scaled point rate) than CLIPDraw's 224 px defaults.
     settings = draw_lib.DrawSettings(num_strokes=args.strokes, segments=2, steps=args.draw_steps, canvas=IMAGE_SIZE,
                                      gray=True, max_width=28.0, init_width=3.0, init_radius=0.3, points_lr=3.0,
-                                     curve_samples=12, frame_every=max(1, args.draw_steps // 20), augment=views)
+                                     curve_samples=12, frame_every=max(1, args.draw_steps // 20), augment=views,
+                                     view_resolution=args.scan_size, restarts=args.restarts)
     t0 = time.time()
-    drawings, history = run_drawings(model, variables, tokenizer, settings, args.seeds, mesh, scan_size=args.scan_size,
-                                     seed=args.draw_seed)
+    drawings, history = run_drawings(model, variables, tokenizer, settings, args.seeds, mesh, seed=args.draw_seed)
     predicted = judge.predict(ink_features(drawings.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3))).reshape(args.seeds, 10)
     correct = predicted == np.arange(10)[None]
     results["drawings"] = {"accuracy": float(correct.mean()), "per_digit": correct.mean(0).tolist(),
                            "predicted": predicted.tolist(), "seconds": round(time.time() - t0, 1),
                            "clip_loss_first_last": [float(history["loss"][0].mean()), float(history["loss"][-1].mean())],
+                           "restart_loss": history["restart_loss"].reshape(-1, args.seeds, 10).tolist(),
+                           "restart_kept": history["kept"].reshape(args.seeds, 10).tolist(),
                            "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
     Image.fromarray(grid([drawings[:, d] for d in range(10)])).save(os.path.join(args.out, "drawings.png"))
     lines += [f"(a) CLIPDraw, {args.strokes} grey strokes x 2 segments, {args.draw_steps} steps, {args.views} views "
               f"(perspective {args.distortion}, crop 0.7-0.9) through {args.scan_size} px, the other nine digits as "
-              f"negative prompts: "
+              f"negative prompts" + (f", the lowest CLIP loss of {args.restarts} restarts" if args.restarts > 1 else "") +
+              f", key {args.draw_seed}: "
               f"**{100 * correct.mean():.0f}%** of {correct.size} drawings read as the prompt's digit (chance 10%)", "",
               "| digit | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|",
               f"| judged correct (of {args.seeds} seeds) | " + " | ".join(str(int(c)) for c in correct.sum(0)) + " |", ""]
