@@ -6,7 +6,10 @@
         3e-2 abs (inputs ~N(0, 1); a bf16 ulp near 1 is 7.8e-3); gradients within 6e-2 abs, the
         same bound the stock bf16 path meets against that reference.
 `rows_transposed` is an exact transpose; `matmul_f32_accum`'s gradients match f32 autodiff within
-bf16 rounding. A tiny bf16 causal tower with the fast attention is as close to fp32 (relative L2 of
+bf16 rounding, and an f32 weight's gradient is the f32 product (1e-5). `exact_gelu` equals torch's
+GELU (values within 2e-6, gradients 1e-6 absolute on [-8, 8] in f32, as jax.nn.gelu; bf16 within
+one bf16 ulp, or 1e-6 absolute in the far negative tail, where torch keeps values ~1e-7 and the
+erf form gives 0). A tiny bf16 causal tower with the fast attention is as close to fp32 (relative L2 of
 outputs and of all parameter gradients) as with the stock attention, within 1.5x or 1e-2.
 `conv2d`'s im2col form against `lax.conv_general_dilated` (strides, torch's and the VAE's
 asymmetric padding, 1x1): fp32 values and gradients within 1e-5 relative to the largest entry;
@@ -103,6 +106,42 @@ def test_matmul_gradients_match_f32_autodiff():
   for a, b in zip(fast, reference):
     assert a.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2e-2, atol=3e-2)
+
+
+def test_f32_weight_gets_its_gradient_in_f32_from_the_accumulator():
+  # An f32 parameter is cast inside: its gradient is the f32 product x^T g (g rounded to bf16, as
+  # the bf16 backward pass sees it), not that product rounded to bf16.
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (4, 6, 32)).astype(jnp.bfloat16)
+  w = jax.random.normal(keys[1], (32, 8)) * 0.25
+  g = jax.random.normal(keys[2], (4, 6, 8))
+  grad_x, grad_w = jax.vjp(layers.matmul_f32_accum, x, w)[1](g)
+  assert grad_x.dtype == jnp.bfloat16 and grad_w.dtype == jnp.float32
+  g16 = np.asarray(g.astype(jnp.bfloat16), np.float32).reshape(-1, 8)
+  expected = np.asarray(x, np.float32).reshape(-1, 32).T @ g16
+  np.testing.assert_allclose(np.asarray(grad_w), expected, rtol=1e-5, atol=1e-5)
+  assert not np.array_equal(np.asarray(grad_w), np.asarray(grad_w.astype(jnp.bfloat16), np.float32))
+  # The forward is the bf16 product of the rounded weight, as before.
+  np.testing.assert_array_equal(np.asarray(layers.matmul_f32_accum(x, w)),
+                                np.asarray(layers.matmul_f32_accum(x, w.astype(jnp.bfloat16))))
+
+
+def test_exact_gelu_is_torchs_erf_form():
+  torch = pytest.importorskip("torch")
+  x = np.linspace(-8, 8, 4001, dtype=np.float32)
+  expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(layers.exact_gelu(jnp.asarray(x))), expected, rtol=0, atol=2e-6)
+  grad = jax.vmap(jax.grad(layers.exact_gelu))(jnp.asarray(x))
+  tx = torch.from_numpy(x).requires_grad_()
+  torch.nn.functional.gelu(tx).sum().backward()
+  np.testing.assert_allclose(np.asarray(grad), tx.grad.numpy(), rtol=0, atol=1e-6)
+  # bf16 in, bf16 out: the f32 value rounded once (so within one bf16 ulp of torch's, rounded).
+  x16 = jnp.asarray(x).astype(jnp.bfloat16)
+  out16 = layers.exact_gelu(x16)
+  assert out16.dtype == jnp.bfloat16
+  reference = torch.nn.functional.gelu(torch.from_numpy(np.asarray(x16, np.float32))).numpy()
+  np.testing.assert_allclose(np.asarray(out16, np.float32),
+                             np.asarray(jnp.asarray(reference).astype(jnp.bfloat16), np.float32), rtol=2 ** -7, atol=1e-6)
 
 
 def test_bf16_tower_with_either_attention_matches_fp32_and_keeps_its_parameters():

@@ -335,7 +335,7 @@ class GEGLU(nn.Module):
     h = dense(2 * self.features, ("embed", "mlp"), name="proj", dtype=self.dtype,
               param_dtype=self.param_dtype)(x)
     value, gate = jnp.split(h, 2, axis=-1)
-    return value * nn.gelu(gate, approximate=False)  # torch's F.gelu is the exact erf form
+    return value * layers.exact_gelu(gate)  # torch's F.gelu is the exact erf form
 
 
 class FeedForward(nn.Module):
