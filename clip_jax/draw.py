@@ -56,6 +56,7 @@ class DrawSettings:
   min_width: float = 1.0                     # pixels
   max_width: float = 50.0                    # pixels at a 224 px canvas (scaled with the canvas)
   init_radius: float = 0.1                   # random-walk step of the initial control points (canvas fraction)
+  init_spread: float = 1.0                   # our option: first points uniform in the central fraction (1: all)
   init_width: float = 1.0                    # pixels
   negative_weight: float = 0.3
   background: float = 1.0                    # white paper
@@ -79,10 +80,11 @@ class DrawSettings:
 
 def init_strokes(rng: jax.Array, num_drawings: int, s: DrawSettings) -> Strokes:
   """CLIPDraw's random start for `num_drawings` drawings: points [n, S, 3K + 1, 2] in pixels (a
-  uniform first point, then a random walk), width [n, S], RGBA colour [n, S, 4]."""
+  uniform first point (in the central s.init_spread of each side), then a random walk), width [n, S],
+  RGBA colour [n, S, 4]."""
   start_rng, walk_rng, color_rng = jax.random.split(rng, 3)
   shape = (num_drawings, s.num_strokes)
-  start = jax.random.uniform(start_rng, shape + (1, 2))
+  start = 0.5 + s.init_spread * (jax.random.uniform(start_rng, shape + (1, 2)) - 0.5)
   steps = s.init_radius * (jax.random.uniform(walk_rng, shape + (3 * s.segments, 2)) - 0.5)
   points = jnp.concatenate([start, start + jnp.cumsum(steps, axis=-2)], axis=-2) * s.canvas
   color = jax.random.uniform(color_rng, shape + (4,))

@@ -140,6 +140,12 @@ def test_view_resolution_is_what_the_loss_sees():
     draw.DrawSettings(canvas=32, view_resolution=5)
 
 
+def test_init_spread_keeps_the_first_points_central():
+  settings = draw.DrawSettings(num_strokes=50, canvas=32, init_spread=0.5)
+  first = np.asarray(draw.init_strokes(jax.random.key(0), 2, settings).points[:, :, 0])
+  assert first.min() >= 8 and first.max() <= 24 and first.max() - first.min() > 12  # the central half of 32 px
+
+
 def test_restarts_keep_the_lowest_loss():
   # Rows r * n + i for n = 2 drawings: drawing 0's losses are 3, 2, 4, drawing 1's 1, 5, 0.
   np.testing.assert_array_equal(draw.best_restarts(jnp.array([3.0, 1.0, 2.0, 5.0, 4.0, 0.0]), 3), [2, 5])

@@ -161,6 +161,12 @@ def main(argv=None) -> int:
   p.add_argument("--scan-size", type=int, default=8, help="the CLIP sees every image box-averaged to N x N px "
                  "and bicubically upscaled back, as its 8x8 training scans were (0: as it is)")
   p.add_argument("--distortion", type=float, default=0.1, help="the views' perspective distortion (CLIPDraw: 0.5)")
+  p.add_argument("--crop-scale", type=float, nargs=2, default=(0.7, 0.9), metavar=("LOW", "HIGH"),
+                 help="the views' crop area fraction (CLIPDraw: 0.7 0.9)")
+  p.add_argument("--color-lr", type=float, default=0.01, help="Adam rate of the strokes' grey level and opacity "
+                 "(CLIPDraw: 0.01)")
+  p.add_argument("--init-spread", type=float, default=1.0, help="the strokes start in the central fraction of "
+                 "the canvas (CLIPDraw: 1, anywhere)")
   p.add_argument("--edit-steps", type=int, default=300, help="latent optimisation steps")
   p.add_argument("--mapper-steps", type=int, default=500)
   p.add_argument("--l2-weight", type=float, default=0.004, help="lambda_L2 of the latent optimisation")
@@ -194,10 +200,10 @@ def main(argv=None) -> int:
   lines = [f"Judge: RBF SVM on 8x8 ink maps of the training split, held-out accuracy {100 * judge_accuracy:.1f}%.", ""]
   # What the guidance loss can see: the CLIP's own accuracy on held-out scans through the views.
   prompt_emb = guidance.encode_prompts(model, variables, tokenizer, [prompt(d) for d in range(10)], mesh)
-  views = guidance.Augmentations(num=args.views, distortion=args.distortion)
+  views = guidance.Augmentations(num=args.views, distortion=args.distortion, crop_scale=tuple(args.crop_scale))
   checks = {"as they are": (guidance.NO_AUGMENTATION, 0), f"through {args.scan_size} px": (guidance.NO_AUGMENTATION, args.scan_size),
             "CLIPDraw's views (perspective 0.5, crop 0.7-0.9)": (guidance.Augmentations(num=8), 0),
-            f"the demo's views (perspective {args.distortion}, crop 0.7-0.9, through {args.scan_size} px)":
+            f"the demo's views (perspective {args.distortion}, crop {args.crop_scale[0]}-{args.crop_scale[1]}, through {args.scan_size} px)":
             (dataclasses.replace(views, num=8), args.scan_size)}
   results["clip_view_accuracy"] = {name: view_accuracy(model, variables, prompt_emb, test_images, test_labels, aug, size,
                                                        jax.random.key(0)) for name, (aug, size) in checks.items()}
@@ -211,7 +217,8 @@ def main(argv=None) -> int:
     settings = draw_lib.DrawSettings(num_strokes=args.strokes, segments=2, steps=args.draw_steps, canvas=IMAGE_SIZE,
                                      gray=True, max_width=28.0, init_width=3.0, init_radius=0.3, points_lr=3.0,
                                      curve_samples=12, frame_every=max(1, args.draw_steps // 20), augment=views,
-                                     view_resolution=args.scan_size, restarts=args.restarts)
+                                     view_resolution=args.scan_size, restarts=args.restarts,
+                                     init_spread=args.init_spread, color_lr=args.color_lr)
     t0 = time.time()
     drawings, history = run_drawings(model, variables, tokenizer, settings, args.seeds, mesh, seed=args.draw_seed)
     predicted = judge.predict(ink_features(drawings.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3))).reshape(args.seeds, 10)
@@ -224,7 +231,7 @@ def main(argv=None) -> int:
                            "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
     Image.fromarray(grid([drawings[:, d] for d in range(10)])).save(os.path.join(args.out, "drawings.png"))
     lines += [f"(a) CLIPDraw, {args.strokes} grey strokes x 2 segments, {args.draw_steps} steps, {args.views} views "
-              f"(perspective {args.distortion}, crop 0.7-0.9) through {args.scan_size} px, the other nine digits as "
+              f"(perspective {args.distortion}, crop {args.crop_scale[0]}-{args.crop_scale[1]}) through {args.scan_size} px, the other nine digits as "
               f"negative prompts" + (f", the lowest CLIP loss of {args.restarts} restarts" if args.restarts > 1 else "") +
               f", key {args.draw_seed}: "
               f"**{100 * correct.mean():.0f}%** of {correct.size} drawings read as the prompt's digit (chance 10%)", "",
