@@ -18,17 +18,15 @@ from dreambooth_jax.training import lora as lora_lib
 from dreambooth_jax.sampling import pipeline as sd
 from dreambooth_jax.sampling import schedulers
 from dreambooth_jax import train as db
-from dreambooth_jax.embedded.tiny import SD_SCHEDULER, make_tiny_pipeline
+from dreambooth_jax.embedded.tiny import SD_SCHEDULER
 from killresume import kill_then_resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp("tiny_sd"))
-  sd.save_pipeline(make_tiny_pipeline(jax.random.key(0)), directory)
-  return directory
+def tiny_model_dir(tiny_sd_dir):
+  return tiny_sd_dir  # conftest.py: made once per session
 
 
 @pytest.fixture(scope="module")
@@ -154,45 +152,6 @@ def test_lora_merge_starts_at_base_and_exports_peft_names(tiny_model_dir):
 
 # ----------------------------------------------------------------------------- training
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_training_lowers_instance_loss_and_touches_only_trained_params(tmp_path, tiny_model_dir, instance_dir, mode):
-  steps = 30
-  cfg = tiny_config(tiny_model_dir, instance_dir, *(("lora",) if mode == "lora" else ()),
-                    with_prior_preservation=False, random_crop=False, flip=False, checkpoint_every=1000)
-  cfg.total_steps = steps
-  cfg.optimizer.learning_rate = 5e-3 if mode == "lora" else 1e-3
-  cfg.train.lora_rank = 8
-  pipe = sd.load_pipeline(tiny_model_dir)
-  schedule = schedulers.NoiseSchedule.from_config(pipe.scheduler_config)
-  loss_fn = jax.jit(db.make_loss_fn(pipe, schedule, num_instance=4,
-                                    params_fn=lambda frozen, trained: db.model_params(cfg, frozen, trained)))
-  images, _ = db_data.load_image_folder(instance_dir)
-  pixels = jnp.asarray(db_data.sample_batch(images, 4, 32, 0, 0, 0, random_crop=False, flip=False))
-  tokens = jnp.asarray(sd.tokenize(pipe, ["a sks square"] * 4))
-
-  def held_out_loss(trainable):  # same noise and timesteps before and after training
-    return float(np.mean([loss_fn(trainable, pipe.params, pixels, tokens, jax.random.split(jax.random.key(100 + i), 4))[0]
-                          for i in range(8)]))
-
-  before = held_out_loss(db.init_trainable(cfg, pipe, jax.random.key(cfg.seed)))
-  cfg.identifier = "sks"
-  out = db.train_and_export(cfg, str(tmp_path))
-  trained = jax.device_get(out["state"]["trainable"])
-  after = held_out_loss(trained)
-  assert after < 0.9 * before, (before, after)
-  # Only the trained parameters moved.
-  assert set(trained) == ({"unet_lora"} if mode == "lora" else {"unet"})
-  for name in ("vae", "text_encoder") + (("unet",) if mode == "lora" else ()):
-    for a, b in zip(jax.tree.leaves(jax.device_get(out["frozen"][name])), jax.tree.leaves(pipe.params[name])):
-      np.testing.assert_array_equal(a, b)
-  assert os.path.exists(tmp_path / "plots" / "loss.png")
-  exported = sd.load_pipeline(out["export_dir"])
-  expected = db.model_params(cfg, pipe.params, trained)["unet"]
-  for a, b in zip(jax.tree.leaves(exported.params["unet"]), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
-
-
-@pytest.mark.slow
 def test_prior_preservation_run_writes_class_images_samples_and_a_diffusers_export(tmp_path, tiny_model_dir,
                                                                                     instance_dir):
   diffusers = pytest.importorskip("diffusers")
@@ -208,16 +167,6 @@ def test_prior_preservation_run_writes_class_images_samples_and_a_diffusers_expo
   image = pipe("a square", num_inference_steps=2, height=32, width=32, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
   assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
-
-
-@pytest.mark.slow
-def test_clear_errors(tmp_path, tiny_model_dir, instance_dir):
-  with pytest.raises(ValueError, match="class_noun is empty"):
-    db.train_and_export(tiny_config(tiny_model_dir, instance_dir, class_noun=""), str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="does not exist"):
-    db.train_and_export(tiny_config(tiny_model_dir, "/nonexistent/photos"), str(tmp_path))
-  with pytest.raises(ValueError, match="train.mode"):
-    db.train_and_export(tiny_config(tiny_model_dir, instance_dir, **{"train.mode": "dora"}), str(tmp_path))
 
 
 def _cmd(workdir, model_dir, instance_dir, steps):
@@ -240,29 +189,6 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, 
   b = sd.load_pipeline(str(workdir / "export")).params["unet"]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-
-
-@pytest.mark.slow
-def test_text_encoder_training_accumulation_and_remat(tmp_path, tiny_model_dir, instance_dir):
-  """LoRA on the UNet and the text encoder (as diffusers' LoRA DreamBooth), 2 micro-batches per update, remat."""
-  cfg = tiny_config(tiny_model_dir, instance_dir, "lora", with_prior_preservation=False, remat=True,
-                    gradient_accumulation=2, checkpoint_every=1000, identifier="sks",
-                    **{"train.train_text_encoder": True, "train.text_encoder_learning_rate": 1e-3})
-  cfg.total_steps, cfg.global_batch = 2, 2  # updates of 2 micro-batches of 1 instance image
-  pipe = sd.load_pipeline(tiny_model_dir)
-  out = db.train_and_export(cfg, str(tmp_path))
-  assert out["step"] == 2
-  trained = jax.device_get(out["state"]["trainable"])
-  assert set(trained) == {"unet_lora", "text_encoder_lora"}
-  text_params = jax.device_get(db.model_params(cfg, pipe.params, trained)["text_encoder"])
-  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(text_params),
-                                                     jax.tree.leaves(pipe.params["text_encoder"]))]
-  assert any(moved)
-  for a, b in zip(jax.tree.leaves(jax.device_get(out["frozen"]["unet"])), jax.tree.leaves(pipe.params["unet"])):
-    np.testing.assert_array_equal(a, b)
-  exported = sd.load_pipeline(out["export_dir"])
-  for a, b in zip(jax.tree.leaves(exported.params["text_encoder"]), jax.tree.leaves(text_params)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- one loop, one vocabulary
@@ -321,25 +247,3 @@ def test_microbatches_give_the_full_batch_loss_and_gradient(tiny_model_dir, inst
     np.testing.assert_allclose(metrics_2[key], metrics_1[key], rtol=2e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(state_2["trainable"]), jax.tree.leaves(state_1["trainable"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_nan_step_is_skipped_counted_and_never_checkpointed(tmp_path, tiny_model_dir, instance_dir, monkeypatch):
-  real = db_data.training_batch
-
-  def poisoned(*args, step, **kwargs):
-    batch = real(*args, step=step, **kwargs)
-    if step == 2:  # the third step's images are NaN
-      batch["pixels"][:] = np.nan
-    return batch
-  monkeypatch.setattr(db_data, "training_batch", poisoned)
-  cfg = tiny_config(tiny_model_dir, instance_dir, "lora", with_prior_preservation=False, identifier="sks",
-                    checkpoint_every=1, log_every=1)
-  out = db.train_and_export(cfg, str(tmp_path))
-  from clip_jax.observe import read_metrics
-  records = read_metrics(str(tmp_path / "metrics.jsonl"))
-  assert [r["skipped"] for r in records] == [0, 0, 1, 0] and records[-1]["nonfinite_total"] == 1
-  # Step 3 was never saved (a streak was on); every checkpoint holds finite weights.
-  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-  assert 3 not in steps and steps[-1] == 4
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(out["state"]["trainable"])))

@@ -130,31 +130,41 @@ def test_pretrain_resume_with_other_settings_is_refused(tmp_path):
     pretrain.pretrain(cfg, str(tmp_path), progress=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-  """A random ViT-Tiny CLIP (the digits CLIP's shapes) as an HF folder."""
-  import clip_jax
-  import jax
-  model = clip_jax.create_model("ViT-Tiny")
-  return clip_jax.export_hf(model, clip_jax.init_variables(model, jax.random.key(0)),
-                            str(tmp_path_factory.mktemp("tiny_clip")))
-
-
 @pytest.mark.slow
-def test_pretrain_then_table3_smoke(tmp_path, tiny_clip):
+def test_short_pretraining_follows_prompts_then_table3_smoke(tmp_path):
+  """The base model follows its prompts (issue 16), in short: a digits CLIP of 200 steps gives the
+  frozen text encoder (through its HF export), then VAE 60 and UNet 300 steps on four digits; 8 images
+  of each "a {digit}" are read by the independent pixel judge. The full pretraining (1,200 UNet steps,
+  all ten digits, the README's CLIP) reaches 99.4%: benchmarks/results/embedded_sd_prompts.md.
+  That base then serves the Table 3 experiment at smoke size (both fine-tunes, generation, metrics,
+  files): one pretraining for both, the slowest part of each."""
+  import subprocess
+  import sys
+
+  import clip_jax
+  clip_dir = str(tmp_path / "clip")
+  subprocess.run([sys.executable, "-m", "clip_jax.train", "--config=configs/clip/digits.py", f"--workdir={clip_dir}",
+                  "--config.total_steps=200", "--config.eval_every=0", "--config.checkpoint_every=200"], check=True,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  clip_hf = clip_jax.export_hf(*clip_jax.load_checkpoint(clip_dir), str(tmp_path / "clip_hf"))
   cfg = pretrain.get_config()
-  cfg.vae.steps, cfg.unet.steps, cfg.batch_size = 2, 2, 4
-  cfg.sample.steps, cfg.sample.per_prompt = 2, 2
-  cfg.text_init = tiny_clip  # the text encoder takes the CLIP text tower's shape and weights
+  cfg.digits = (0, 1, 4, 7)
+  cfg.vae.steps, cfg.unet.steps = 60, 300
+  cfg.text_init = clip_hf  # the text encoder takes the CLIP text tower's shape and weights
+  cfg.sample.per_prompt = 8
   base = pretrain.pretrain(cfg, str(tmp_path / "base"), progress=False)
+  accuracy = base["prompt_accuracy"]
+  print("prompt accuracy", accuracy)
+  assert set(accuracy["per_digit"]) == {"0", "1", "4", "7"}
+  assert accuracy["overall"] >= 0.6, accuracy  # chance: 0.1 (the judge knows ten digits)
+
   assert os.path.isfile(os.path.join(base["export_dir"], "model_index.json"))
   assert os.path.isfile(base["samples"]) and base["vae_scaling_factor"] > 0
-  assert 0.0 <= base["prompt_accuracy"]["overall"] <= 1.0 and len(base["prompt_accuracy"]["per_digit"]) == 10
-  assert base["train_cpu_seconds"] > 0 and base["prompt_accuracy_settings"]["per_prompt"] == 2
+  assert base["train_cpu_seconds"] > 0 and base["prompt_accuracy_settings"]["per_prompt"] == 8
   with open(os.path.join(base["export_dir"], "text_encoder", "config.json")) as f:
     assert json.load(f)["hidden_size"] == 64
   from PIL import Image
-  assert Image.open(base["samples"]).height > 10 * 256  # a labelled row per prompt, 32 px enlarged 8x
+  assert Image.open(base["samples"]).height > 4 * 256  # a labelled row per prompt, 32 px enlarged 8x
   files = lambda: {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "base" / "**" / "*"), recursive=True)  # noqa: E731
                    if os.path.isfile(p)}
   before = files()
@@ -162,9 +172,10 @@ def test_pretrain_then_table3_smoke(tmp_path, tiny_clip):
   assert files() == before
 
   result = table3.run(str(tmp_path / "t3"), pretrain_dir=str(tmp_path / "base"), images_per_prompt=2,
-                      config_args="runlocal", progress=False, seeds=(0, 1), clip=tiny_clip)
+                      config_args="runlocal", progress=False, seeds=(0, 1), clip=clip_dir)
   assert set(result["summary"]) == {"base", "no prior preservation", "prior preservation"}
   assert len(result["per_seed"]) == 2 and len(result["meta"]["identifiers"]) == 2
+  assert result["meta"]["base_prompt_accuracy"] == accuracy["overall"]
   for row in result["summary"].values():
     assert set(row) == {key for key, _ in table3.COLUMNS} | {"class_div_vae"}
     for stat in row.values():
@@ -178,27 +189,3 @@ def test_pretrain_then_table3_smoke(tmp_path, tiny_clip):
   for path in result["grids"].values():
     assert os.path.isfile(path)
   assert len(os.listdir(tmp_path / "t3" / "runs" / "seed1" / "prior" / "class_images")) == 4
-
-
-@pytest.mark.slow
-def test_short_pretraining_follows_prompts_on_a_few_digits(tmp_path):
-  """The base model follows its prompts (issue 16), in short: a digits CLIP of 200 steps gives the
-  frozen text encoder, then VAE 60 and UNet 300 steps on four digits; 8 images of each "a {digit}"
-  are read by the independent pixel judge. The full pretraining (1,200 UNet steps, all ten digits,
-  the README's CLIP) reaches 99.4%: benchmarks/results/embedded_sd_prompts.md."""
-  import subprocess
-  import sys
-  clip_dir = str(tmp_path / "clip")
-  subprocess.run([sys.executable, "-m", "clip_jax.train", "--config=configs/clip/digits.py", f"--workdir={clip_dir}",
-                  "--config.total_steps=200", "--config.eval_every=0", "--config.checkpoint_every=200"], check=True,
-                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  cfg = pretrain.get_config()
-  cfg.digits = (0, 1, 4, 7)
-  cfg.vae.steps, cfg.unet.steps = 60, 300
-  cfg.text_init = clip_dir
-  cfg.sample.per_prompt = 8
-  base = pretrain.pretrain(cfg, str(tmp_path / "base"), progress=False)
-  accuracy = base["prompt_accuracy"]
-  print("prompt accuracy", accuracy)
-  assert set(accuracy["per_digit"]) == {"0", "1", "4", "7"}
-  assert accuracy["overall"] >= 0.6, accuracy  # chance: 0.1 (the judge knows ten digits)

@@ -11,8 +11,6 @@ import clip_jax
 from clip_jax.weights import save_safetensors
 from dreambooth_jax.eval import dino as dino_lib
 from dreambooth_jax import evaluate as db_eval
-from dreambooth_jax.sampling import pipeline as sd
-from dreambooth_jax.embedded.tiny import make_tiny_pipeline
 
 
 def test_the_papers_25_prompts():
@@ -40,9 +38,8 @@ def test_cli_needs_a_metric_network(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_on_tiny_models(tmp_path):
-  model_dir = str(tmp_path / "model")
-  sd.save_pipeline(make_tiny_pipeline(jax.random.key(0)), model_dir)
+def test_cli_end_to_end_on_tiny_models(tmp_path, tiny_sd_dir):
+  model_dir = tiny_sd_dir
   clip_model = clip_jax.create_model("ViT-Tiny")
   clip_dir = clip_jax.export_hf(clip_model, clip_jax.init_variables(clip_model, jax.random.key(1)),
                                 str(tmp_path / "clip"))

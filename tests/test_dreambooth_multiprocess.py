@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 from clip_jax.observe import read_metrics
-from dreambooth_jax.embedded.tiny import make_tiny_pipeline
 from dreambooth_jax.sampling import pipeline as sd
 from killresume import kill_then_resume
 
@@ -26,10 +25,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, tiny_sd_dir):
   root = tmp_path_factory.mktemp("db_mp")
-  model_dir = str(root / "model")
-  sd.save_pipeline(make_tiny_pipeline(jax.random.key(0)), model_dir)
+  model_dir = tiny_sd_dir
   instance_dir = root / "instance"
   instance_dir.mkdir()
   for i in range(4):

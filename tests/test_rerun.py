@@ -380,15 +380,12 @@ def test_a_sweep_interrupted_by_ctrl_c_stops(tmp_path):
 
 
 @pytest.mark.slow
-def test_dreambooth_rerun_of_a_finished_workdir_changes_no_file(tmp_path):
+def test_dreambooth_rerun_of_a_finished_workdir_changes_no_file(tmp_path, tiny_sd_dir):
   """Issue 20.1 through `python -m dreambooth_jax.train`; the validation grid is labelled (20.6)."""
   import numpy as np
   from PIL import Image
 
-  import jax
-  from dreambooth_jax.embedded.tiny import make_tiny_pipeline
-  from dreambooth_jax.sampling import pipeline as sd
-  model_dir = sd.save_pipeline(make_tiny_pipeline(jax.random.key(0)), str(tmp_path / "model"))
+  model_dir = tiny_sd_dir
   photos = tmp_path / "photos"
   photos.mkdir()
   for i in range(2):

@@ -158,10 +158,8 @@ def test_grid_labels_wrap_to_the_grid_width():
 
 # ----------------------------------------------------------------------------- the sample CLI
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-  from dreambooth_jax.embedded.tiny import make_tiny_pipeline
-  from dreambooth_jax.sampling import pipeline as sd
-  return sd.save_pipeline(make_tiny_pipeline(jax.random.key(0)), str(tmp_path_factory.mktemp("tiny_sd")))
+def tiny_sd(tiny_sd_dir):
+  return tiny_sd_dir  # conftest.py: made once per session
 
 
 @pytest.mark.slow  # ~30-200 s on the shared 2-core box
