@@ -6,7 +6,8 @@
         3e-2 abs (inputs ~N(0, 1); a bf16 ulp near 1 is 7.8e-3); gradients within 6e-2 abs, the
         same bound the stock bf16 path meets against that reference.
 `rows_transposed` is an exact transpose; `matmul_f32_accum`'s gradients match f32 autodiff within
-bf16 rounding, and an f32 weight's gradient is the f32 product (1e-5). `exact_gelu` equals torch's
+bf16 rounding, and an f32 weight's gradient is the f32 product (1e-5); `dense_f32_accum` equals matmul + bias + cast
+(forward bitwise, gradients 1e-6). `exact_gelu` equals torch's
 GELU (values within 2e-6, gradients 1e-6 absolute on [-8, 8] in f32, as jax.nn.gelu; bf16 within
 one bf16 ulp, or 1e-6 absolute in the far negative tail, where torch keeps values ~1e-7 and the
 erf form gives 0). A tiny bf16 causal tower with the fast attention is as close to fp32 (relative L2 of
@@ -74,7 +75,7 @@ def test_bf16_is_within_tolerance_of_fp32_reference(shape):
     assert _max_diff(stock, b) <= bound, name  # the bound is one the stock bf16 path also meets
 
 
-def test_auto_picks_the_fast_path_for_bf16_on_cpu_only():
+def test_auto_picks_the_fast_path_on_cpu():
   assert jax.default_backend() == "cpu"
   q, k, v, _ = _qkv(2, 5, 5, 2, 8, jnp.bfloat16)
   auto = layers.dot_product_attention(q, k, v, is_causal=True)
@@ -82,6 +83,8 @@ def test_auto_picks_the_fast_path_for_bf16_on_cpu_only():
                                 np.asarray(layers.attention_f32_accum(q, k, v, True), np.float32))
   q32, k32, v32 = (t.astype(jnp.float32) for t in (q, k, v))
   np.testing.assert_array_equal(layers.dot_product_attention(q32, k32, v32),
+                                layers.attention_f32_accum(q32, k32, v32))
+  np.testing.assert_array_equal(layers.dot_product_attention(q32, k32, v32, impl="xla"),
                                 jax.nn.dot_product_attention(q32, k32, v32))
   with pytest.raises(ValueError, match="Unknown attention impl"):
     layers.dot_product_attention(q, k, v, impl="flash")
@@ -124,6 +127,30 @@ def test_f32_weight_gets_its_gradient_in_f32_from_the_accumulator():
   # The forward is the bf16 product of the rounded weight, as before.
   np.testing.assert_array_equal(np.asarray(layers.matmul_f32_accum(x, w)),
                                 np.asarray(layers.matmul_f32_accum(x, w.astype(jnp.bfloat16))))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense_f32_accum_is_matmul_plus_bias_rounded_once(use_bias):
+  # The fused form computes what matmul + bias add + cast did, forward and backward (values and
+  # gradients equal up to summation order), with the bias gradient in the parameter's dtype.
+  keys = jax.random.split(jax.random.key(4), 4)
+  x = jax.random.normal(keys[0], (3, 5, 16)).astype(jnp.bfloat16)
+  w = jax.random.normal(keys[1], (16, 8)) * 0.25
+  b = jax.random.normal(keys[2], (8,)) if use_bias else None
+  g = jax.random.normal(keys[3], (3, 5, 8)).astype(jnp.bfloat16)
+
+  def unfused(x, w, b):
+    y = layers.matmul(x, w, jnp.bfloat16)
+    return (y if b is None else y + b).astype(jnp.bfloat16)
+
+  fused_out, fused_vjp = jax.vjp(layers.dense_f32_accum, x, w, b)
+  plain_out, plain_vjp = jax.vjp(unfused, x, w, b)
+  assert fused_out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(fused_out, np.float32), np.asarray(plain_out, np.float32))
+  for fused, plain in zip(jax.tree.leaves(fused_vjp(g)), jax.tree.leaves(plain_vjp(g))):
+    assert fused.dtype == plain.dtype
+    np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(plain, np.float32), rtol=1e-6, atol=1e-6)
+  assert len(jax.tree.leaves(fused_vjp(g))) == (3 if use_bias else 2)
 
 
 def test_exact_gelu_is_torchs_erf_form():
@@ -181,7 +208,7 @@ def test_bf16_clip_trains_with_the_fast_paths():
 def test_auto_attention_choice_per_backend_dtype_and_head_size():
   choose = layers.choose_attention_impl
   assert choose(jnp.bfloat16, 64, "cpu") == "f32_accum"
-  assert choose(jnp.float32, 64, "cpu") == "xla"
+  assert choose(jnp.float32, 64, "cpu") == "f32_accum"
   assert choose(jnp.bfloat16, 64, "gpu") == "cudnn"
   assert choose(jnp.float16, 128, "gpu") == "cudnn"
   assert choose(jnp.bfloat16, 160, "gpu") == "xla"   # SD 1.x's widest heads: beyond cuDNN's kernel
@@ -247,6 +274,34 @@ def test_im2col_conv_matches_xla_conv(case):
     low = _conv_value_and_grads(impl, *rounded[:2], strides, padding, rounded[2], jnp.bfloat16)
     for name, a, b in zip(("out", "dx", "dkernel"), low, reference):
       assert _max_diff(a, b) <= 2e-2 * float(jnp.max(jnp.abs(b))), (impl, name)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv_im2col_bias_is_conv_plus_bias_rounded_once(use_bias):
+  # What the bf16 Conv layer runs on CPU: equal to conv2d + bias add + cast, forward and backward.
+  x_shape, k_shape, strides, padding = CONV_CASES[2]
+  keys = jax.random.split(jax.random.key(5), 4)
+  x = jax.random.normal(keys[0], x_shape).astype(jnp.bfloat16)
+  kernel = jax.random.normal(keys[1], k_shape) * 0.3
+  bias = jax.random.normal(keys[2], k_shape[-1:]) if use_bias else None
+
+  def unfused(x, kernel, bias):
+    y = layers.conv2d(x, kernel, strides=strides, padding=padding, dtype=jnp.bfloat16, impl="im2col")
+    return (y if bias is None else y + bias).astype(jnp.bfloat16)
+
+  fused_out, fused_vjp = jax.vjp(lambda a, b, c: layers.conv_im2col_bias(a, b, c, strides, padding), x, kernel, bias)
+  plain_out, plain_vjp = jax.vjp(unfused, x, kernel, bias)
+  np.testing.assert_array_equal(np.asarray(fused_out, np.float32), np.asarray(plain_out, np.float32))
+  g = jax.random.normal(keys[3], fused_out.shape).astype(jnp.bfloat16)
+  for fused, plain in zip(jax.tree.leaves(fused_vjp(g)), jax.tree.leaves(plain_vjp(g))):
+    assert fused.dtype == plain.dtype
+    np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(plain, np.float32), rtol=1e-6, atol=1e-6)
+  # The layer takes that path for bf16 on CPU and gives the same values.
+  layer = layers.Conv(k_shape[-1], k_shape[:2], strides=strides, padding=padding, use_bias=use_bias,
+                      dtype=jnp.bfloat16, impl="im2col")
+  params = {"kernel": kernel, **({"bias": bias} if use_bias else {})}
+  np.testing.assert_array_equal(np.asarray(layer.apply({"params": params}, x), np.float32),
+                                np.asarray(fused_out, np.float32))
 
 
 def test_conv_layer_has_flax_conv_parameters():
