@@ -99,20 +99,25 @@ def dense_f32_accum(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Arra
   return _dense_fwd(x, w, b)[0]
 
 
+def _add_bias_rounded(y: jax.Array, b: jax.Array | None, dtype: Dtype) -> jax.Array:
+  """f32 y [..., n] + b [n] (None: no bias) in f32, rounded once to `dtype`."""
+  return (y if b is None else y + b.astype(jnp.float32)).astype(dtype)
+
+
+def _bias_grad(grad_out: jax.Array, b: jax.Array | None) -> jax.Array | None:
+  """The bias gradient: grad_out [..., n] summed over its leading axes in f32, in b's dtype."""
+  if b is None:
+    return None
+  return jnp.sum(grad_out.astype(jnp.float32), axis=tuple(range(grad_out.ndim - 1))).astype(b.dtype)
+
+
 def _dense_fwd(x, w, b):
-  y = _dot_last_first(x, w.astype(x.dtype))
-  if b is not None:
-    y = y + b.astype(jnp.float32)
-  return y.astype(x.dtype), (x, w, b)
+  return _add_bias_rounded(_dot_last_first(x, w.astype(x.dtype)), b, x.dtype), (x, w, b)
 
 
 def _dense_bwd(residuals, grad_out):
   x, w, b = residuals
-  grad_x, grad_w = _matmul_bwd((x, w), grad_out)
-  if b is None:
-    return grad_x, grad_w, None
-  grad_b = jnp.sum(grad_out.astype(jnp.float32), axis=tuple(range(grad_out.ndim - 1)))
-  return grad_x, grad_w, grad_b.astype(b.dtype)
+  return (*_matmul_bwd((x, w), grad_out), _bias_grad(grad_out, b))
 
 
 dense_f32_accum.defvjp(_dense_fwd, _dense_bwd)
@@ -225,19 +230,13 @@ def conv_im2col_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, st
 
 
 def _conv_bias_fwd(x, kernel, bias, strides, padding):
-  y, (_, _) = _conv_im2col_fwd(x, kernel, strides, padding)
-  if bias is not None:
-    y = y + bias.astype(jnp.float32)
-  return y.astype(x.dtype), (x, kernel, bias)
+  y, _ = _conv_im2col_fwd(x, kernel, strides, padding)
+  return _add_bias_rounded(y, bias, x.dtype), (x, kernel, bias)
 
 
 def _conv_bias_bwd(strides, padding, residuals, grad_out):
   x, kernel, bias = residuals
-  grad_x, grad_kernel = _conv_im2col_bwd(strides, padding, (x, kernel), grad_out)
-  if bias is None:
-    return grad_x, grad_kernel, None
-  grad_b = jnp.sum(grad_out.astype(jnp.float32), axis=tuple(range(grad_out.ndim - 1)))
-  return grad_x, grad_kernel, grad_b.astype(bias.dtype)
+  return (*_conv_im2col_bwd(strides, padding, (x, kernel), grad_out), _bias_grad(grad_out, bias))
 
 
 conv_im2col_bias.defvjp(_conv_bias_fwd, _conv_bias_bwd)
