@@ -134,6 +134,7 @@ def test_instance_batches_are_a_function_of_the_step(instance_dir):
 
 
 # ----------------------------------------------------------------------------- LoRA
+@pytest.mark.slow  # builds the tiny SD folder (~45 s) at low load: kept out of the fast subset (< 5 min)
 def test_lora_merge_starts_at_base_and_exports_peft_names(tiny_model_dir):
   pipe = sd.load_pipeline(tiny_model_dir)
   lora = lora_lib.init_lora(jax.random.key(1), pipe.params["unet"], rank=2)

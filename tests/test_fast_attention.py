@@ -171,6 +171,7 @@ def test_exact_gelu_is_torchs_erf_form():
                              np.asarray(jnp.asarray(reference).astype(jnp.bfloat16), np.float32), rtol=2 ** -7, atol=1e-6)
 
 
+@pytest.mark.slow  # ~18 s at low load: kept out of the fast subset (< 5 min)
 def test_bf16_tower_with_either_attention_matches_fp32_and_keeps_its_parameters():
   x = jax.random.normal(jax.random.key(2), (2, 9, 64))
   towers = {name: Transformer(2, 4, is_causal=True, attention_impl=impl, dtype=dtype)

@@ -194,6 +194,7 @@ def test_export_of_model_trained_here_loads_in_transformers(tmp_path):
                                                    method="encode_text"), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # ~13 s at low load: kept out of the fast subset (< 5 min)
 def test_named_config_shapes_are_recovered_from_weights():
   """Head widths are invisible in weights; ViT-H-14's 80-wide heads come from the named config."""
   for name in ("ViT-H-14", "RN50x4", "ViT-L-14-336"):

@@ -99,6 +99,7 @@ def test_sd1_unet_matches_diffusers(pipeline_dir, inputs, sd1_apply):
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # ~10 s at low load: kept out of the fast subset (< 5 min)
 def test_sd2_unet_matches_diffusers_with_remat_odd_size_and_scalar_timestep(pipeline_dir, inputs):
   root, models = pipeline_dir
   config, params = convert.load_component(root, "unet_v2")  # read from the .bin file

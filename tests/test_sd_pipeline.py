@@ -206,6 +206,7 @@ def test_generate_ddim_equals_diffusers_given_the_same_latents(torch_pipe, ours,
   np.testing.assert_allclose(images, reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # ~10 s at low load: kept out of the fast subset (< 5 min)
 def test_generate_without_guidance_uint8_and_rng(torch_pipe, ours, initial_latents):
   _, pipe = torch_pipe
   reference = _diffusers_images(pipe, initial_latents, guidance_scale=1.0)  # no CFG branch
@@ -301,6 +302,7 @@ def test_sample_cli_writes_images_and_a_grid(torch_pipe, tmp_path, capsys):
   assert "2/2 images" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # ~13 s at low load: kept out of the fast subset (< 5 min)
 def test_generate_dpm_solver_on_a_mesh_equals_diffusers(torch_pipe, ours, initial_latents):
   root, pipe = torch_pipe
   # From the saved config, as `from_pretrained` would: an in-memory config's default-valued keys
@@ -316,6 +318,7 @@ def test_generate_dpm_solver_on_a_mesh_equals_diffusers(torch_pipe, ours, initia
   np.testing.assert_allclose(images, reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # ~12 s at low load: kept out of the fast subset (< 5 min)
 def test_generate_at_zero_terminal_snr_is_finite(torch_pipe, ours, initial_latents):
   """Issue 12.4 through `generate`: SD1 betas rescaled to zero terminal SNR, v-prediction, trailing
   spacing, DDIM at eta = 1, 10 steps. diffusers' own pipeline gives NaN images here (shown); ours

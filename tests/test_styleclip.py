@@ -46,6 +46,7 @@ def _latent_l2(a, b):
   return np.sqrt(np.sum(np.square(np.asarray(a - b)), axis=(1, 2, 3)))
 
 
+@pytest.mark.slow  # ~27 s with its setup at low load: kept out of the fast subset (< 5 min)
 def test_latent_optimization_reduces_clip_loss_and_l2_holds_the_latent(setup):
   s = setup
   before = _distance(s, s["unseen"])
@@ -61,6 +62,7 @@ def test_latent_optimization_reduces_clip_loss_and_l2_holds_the_latent(setup):
   assert np.all(_latent_l2(runs[0.05], s["unseen"]) < 0.8 * _latent_l2(runs[0.0], s["unseen"]))
 
 
+@pytest.mark.slow  # ~10 s at low load: kept out of the fast subset (< 5 min)
 def test_gray_generator_and_the_clip_loss_options(setup):
   s = setup
   gray, _ = edit.vae_generator(s["vae"], s["vae_params"], s["vae"].config.scaling_factor, gray=True)
@@ -75,6 +77,7 @@ def test_gray_generator_and_the_clip_loss_options(setup):
   np.testing.assert_allclose(loss(jnp.asarray(colour), None), expected, atol=1e-5)
 
 
+@pytest.mark.slow  # ~9 s at low load: kept out of the fast subset (< 5 min)
 def test_identity_term_keeps_the_embedder_close(setup):
   s = setup
   settings = styleclip.OptimizeSettings(steps=40, l2_weight=0.0, id_weight=5.0)

@@ -66,6 +66,7 @@ def test_accumulated_gradient_equals_full_batch(loss_kind):
     np.testing.assert_allclose(flat_4[key], flat_1[key], rtol=1e-5, atol=1e-5 * largest, err_msg=str(key))
 
 
+@pytest.mark.slow  # ~24 s at low load: kept out of the fast subset (< 5 min)
 def test_parameters_are_sharded_and_train():
   """fsdp x tensor = 4 x 2: every large kernel lives on the devices in pieces."""
   cfg = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
@@ -99,6 +100,7 @@ def test_parameters_are_sharded_and_train():
   assert not np.allclose(np.asarray(after), before)
 
 
+@pytest.mark.slow  # ~21 s at low load: kept out of the fast subset (< 5 min)
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
   cfg = tiny_config(total_steps=8, checkpoint_every=2, max_nonfinite_steps=3, log_every=1)
   cfg.optimizer.total_steps = 8
