@@ -64,6 +64,7 @@ class DrawSettings:
   gray: bool = False                         # our option: colours tied to one grey level (ink drawings)
   view_resolution: int = 0                   # our option: the CLIP sees the drawing through N px (0: off)
   restarts: int = 1                          # our option: drawings started per result, the lowest loss kept
+  view_jitter: bool = False                  # our option: the view_resolution grid at a random offset per step
   frame_every: int = 10                      # a frame of the GIF every N steps
 
   def __post_init__(self):
@@ -72,6 +73,8 @@ class DrawSettings:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
     if self.view_resolution < 0 or (self.view_resolution and self.canvas % self.view_resolution):
       raise ValueError(f"view_resolution {self.view_resolution} px must divide the {self.canvas} px canvas (0: off).")
+    if self.view_jitter and not self.view_resolution:
+      raise ValueError("view_jitter moves the view_resolution grid; set view_resolution too.")
 
   @property
   def scale(self) -> float:
@@ -114,12 +117,40 @@ def render(strokes: Strokes, s: DrawSettings) -> jax.Array:
   return render_batch(strokes, s.canvas, s.canvas, s.background, s.curve_samples)
 
 
-def as_seen(images: jax.Array, s: DrawSettings) -> jax.Array:
+def shift(image: jax.Array, dy: jax.Array, dx: jax.Array, fill: float) -> jax.Array:
+  """[h, w, c] -> [h, w, c]: the content moved down dy and right dx whole pixels (|dy|, |dx| <= h, w;
+  may be traced), `fill` where nothing moved in."""
+  h, w, c = image.shape
+  padded = jnp.pad(image, ((h, h), (w, w), (0, 0)), constant_values=fill)
+  return jax.lax.dynamic_slice(padded, (h - dy, w - dx, 0), (h, w, c))
+
+
+def through_offset_grid(images: jax.Array, size: int, rng: jax.Array, fill: float) -> jax.Array:
+  """`guidance.through_resolution` with the box-average grid at a random whole-pixel offset per
+  image (uniform over the cell's phases, -cell/2 .. cell/2 - 1 per axis): each image is moved by the
+  offset, seen through `size` px, and moved back, so a drawing cannot place its ink to suit one
+  fixed grid. [n, h, w, c] -> [n, h, w, c]; size must divide h and w."""
+  cell = images.shape[1] // size
+  offsets = jax.random.randint(rng, (images.shape[0], 2), -(cell // 2), cell - cell // 2)
+  moved = jax.vmap(lambda im, o: shift(im, o[0], o[1], fill))(images, offsets)
+  from clip_jax.guidance import through_resolution
+  seen = through_resolution(moved, size)
+  return jax.vmap(lambda im, o: shift(im, -o[0], -o[1], fill))(seen, offsets)
+
+
+def as_seen(images: jax.Array, s: DrawSettings, rng: jax.Array | None = None) -> jax.Array:
   """What the loss is shown: the images [n, canvas, canvas, 3] as they are, or through
   s.view_resolution px (`guidance.through_resolution`: box average down, bicubic back up) for a CLIP
-  trained on low-resolution images upscaled, which never saw sharp stroke edges."""
+  trained on low-resolution images upscaled, which never saw sharp stroke edges; with
+  s.view_jitter the grid is at a random offset per image (`through_offset_grid`, needs rng)."""
   from clip_jax.guidance import through_resolution
-  return through_resolution(images, s.view_resolution) if s.view_resolution else images
+  if not s.view_resolution:
+    return images
+  if s.view_jitter:
+    if rng is None:
+      raise ValueError("view_jitter needs an rng key.")
+    return through_offset_grid(images, s.view_resolution, rng, s.background)
+  return through_resolution(images, s.view_resolution)
 
 
 def best_restarts(final_losses: jax.Array, restarts: int) -> jax.Array:
@@ -155,7 +186,10 @@ def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Ar
   opt_state = tx.init(strokes)
 
   def total_loss(strokes, key):
-    seen = as_seen(render(strokes, settings), settings)
+    if settings.view_jitter:  # its own key; the views' keys stay those of the unjittered loop
+      seen = as_seen(render(strokes, settings), settings, jax.random.fold_in(key, restarts))
+    else:
+      seen = as_seen(render(strokes, settings), settings)
     if restarts == 1:
       losses = loss_fn(seen, key)
     else:
@@ -281,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   plain = guidance.make_guidance_fn(model, mesh, augment=guidance.NO_AUGMENTATION)
   result = {"prompt": args.prompt, "negative": args.negative, "checkpoint": args.checkpoint, "seed": args.seed,
             "loss_first_step": float(history["loss"][0, 0]), "loss_last_step": float(history["loss"][-1, 0]),
-            "cosine_to_prompt": -float(plain(variables, as_seen(jnp.asarray(images), settings), target, None)[0]),
+            "cosine_to_prompt": -float(plain(variables, as_seen(jnp.asarray(images), settings, jax.random.key(0)), target,
+                                             None)[0]),
             "restart_losses": history["restart_loss"][:, 0].tolist(), "restart_kept": kept,
             "seconds": round(time.time() - start, 1),
             "settings": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)

@@ -9,7 +9,13 @@ fill, as torchvision's RandomPerspective(distortion_scale=0.5, fill=1) and Rando
 
     -cos(view, target) + negative_weight * sum_j cos(view, negative_j)
 
-(CLIPDraw's objective; its code weights each negative prompt by 0.3). Every step of it is a pure
+(CLIPDraw's objective; its code weights each negative prompt by 0.3), or, with `classifier_scale`
+set, CLIP's zero-shot classifier's cross-entropy over the target and the negatives (Radford et al.
+2021, 3.1.2: logits = logit scale * cosine, softmax over the classes' prompts),
+
+    -log softmax(scale * [cos(view, target), cos(view, negative_1), ...])[0],
+
+which maximises the target's margin over every negative instead of a fixed mix. Every step of it is a pure
 function of (variables, images, embeddings, rng), so gradients w.r.t. the images are exact for a
 given rng, and `make_guidance_fn` compiles it with the augmented batch split over the mesh's batch
 axes (`clip_jax.sharding.batch_sharding`).
@@ -155,8 +161,8 @@ def image_embeddings(model: CLIP, variables, images: jax.Array, *, mean=OPENAI_M
 
 def guidance_loss(model: CLIP, variables, images: jax.Array, target_emb: jax.Array, rng: jax.Array | None = None,
                   *, augment: Augmentations = Augmentations(), negative_emb: jax.Array | None = None,
-                  negative_weight: float = 0.3, mean=OPENAI_MEAN, std=OPENAI_STD,
-                  constrain: Callable[[jax.Array], jax.Array] = lambda x: x) -> jax.Array:
+                  negative_weight: float = 0.3, classifier_scale: float | None = None, mean=OPENAI_MEAN,
+                  std=OPENAI_STD, constrain: Callable[[jax.Array], jax.Array] = lambda x: x) -> jax.Array:
   """Per-image CLIP guidance loss [n] (lower = closer to the target).
 
   images: [n, h, w, 3] in [0, 1], any h, w (resized to the model's size, antialiased).
@@ -165,6 +171,9 @@ def guidance_loss(model: CLIP, variables, images: jax.Array, target_emb: jax.Arr
   rng: the augmentations' key; required when augment.num > 0.
   negative_emb: optional normalised [m, d] (for all images) or [n, m, d] (per image); each adds
     negative_weight * cos (CLIPDraw's negative prompts).
+  classifier_scale: when given (e.g. the model's `logit_scale`), the loss is instead the zero-shot
+    classifier's cross-entropy of the target against the negatives (in nats, >= 0; negative_weight
+    unused); needs negative_emb.
   constrain: applied to the model's input batch ([n * K, s, s, 3]), e.g. a sharding constraint.
   Raises ValueError for images that are not [n, h, w, 3] floats or embeddings of the wrong shape.
   """
@@ -176,6 +185,8 @@ def guidance_loss(model: CLIP, variables, images: jax.Array, target_emb: jax.Arr
       (negative_emb.ndim == 2 and negative_emb.shape[1] == dim) or
       (negative_emb.ndim == 3 and negative_emb.shape[0] == n and negative_emb.shape[2] == dim)):
     raise ValueError(f"negative embeddings must be [m, {dim}] or [{n}, m, {dim}], got {negative_emb.shape}.")
+  if classifier_scale is not None and negative_emb is None:
+    raise ValueError("the classifier objective needs negative embeddings (the other classes' prompts).")
   size = model.config.vision.image_size
   views = 1
   x = resize(images, size)
@@ -186,11 +197,22 @@ def guidance_loss(model: CLIP, variables, images: jax.Array, target_emb: jax.Arr
   x = constrain(normalize(x, mean, std))
   emb = l2_normalize(model.apply(variables, x, method="encode_image")).reshape(n, views, dim)
   target = jnp.broadcast_to(target_emb, (n, dim))
-  loss = -jnp.einsum("nkd,nd->nk", emb, target)
-  if negative_emb is not None:
-    negatives = jnp.broadcast_to(negative_emb, (n,) + negative_emb.shape[-2:])
+  cos_target = jnp.einsum("nkd,nd->nk", emb, target)
+  negatives = None if negative_emb is None else jnp.broadcast_to(negative_emb, (n,) + negative_emb.shape[-2:])
+  if classifier_scale is not None:
+    logits = classifier_scale * jnp.concatenate([cos_target[..., None], jnp.einsum("nkd,nmd->nkm", emb, negatives)], -1)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0], axis=1)
+  loss = -cos_target
+  if negatives is not None:
     loss = loss + negative_weight * jnp.einsum("nkd,nmd->nk", emb, negatives)
   return jnp.mean(loss, axis=1)
+
+
+def logit_scale(variables) -> float:
+  """The model's learned logit scale (the multiplier, exp of the stored log, clipped at 100 as in
+  training: `losses.clamp_logit_scale`), for `classifier_scale`."""
+  from clip_jax.losses import clamp_logit_scale
+  return float(clamp_logit_scale(jnp.asarray(variables["params"]["logit_scale"])))
 
 
 def batch_constraint(mesh: Mesh | None) -> Callable[[jax.Array], jax.Array]:
@@ -209,7 +231,8 @@ def batch_constraint(mesh: Mesh | None) -> Callable[[jax.Array], jax.Array]:
 
 
 def make_guidance_fn(model: CLIP, mesh: Mesh | None = None, *, augment: Augmentations = Augmentations(),
-                     negative_weight: float = 0.3, mean=OPENAI_MEAN, std=OPENAI_STD):
+                     negative_weight: float = 0.3, classifier_scale: float | None = None, mean=OPENAI_MEAN,
+                     std=OPENAI_STD):
   """`fn(variables, images, target_emb, rng, negative_emb=None) -> losses [n]`, jit-compiled, with the
   augmented batch split over `mesh`'s batch axes (variables replicated: `eval.embed.place_on_mesh`).
   Differentiate it w.r.t. images (argnums=1) for guidance."""
@@ -217,7 +240,8 @@ def make_guidance_fn(model: CLIP, mesh: Mesh | None = None, *, augment: Augmenta
 
   def fn(variables, images, target_emb, rng, negative_emb=None):
     return guidance_loss(model, variables, images, target_emb, rng, augment=augment, negative_emb=negative_emb,
-                         negative_weight=negative_weight, mean=mean, std=std, constrain=constrain)
+                         negative_weight=negative_weight, classifier_scale=classifier_scale, mean=mean, std=std,
+                         constrain=constrain)
   return jax.jit(fn)
 
 

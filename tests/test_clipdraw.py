@@ -140,6 +140,40 @@ def test_view_resolution_is_what_the_loss_sees():
     draw.DrawSettings(canvas=32, view_resolution=5)
 
 
+def test_offset_grid_is_the_grid_of_a_moved_image():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(3, 32, 32, 3)).astype(np.float32)
+  # shift: numpy's reference, the content moved down 2 and left 3 with white coming in.
+  expected = np.ones_like(images[0])
+  expected[2:, :29] = images[0, :30, 3:]
+  np.testing.assert_array_equal(draw.shift(jnp.asarray(images[0]), 2, -3, 1.0), expected)
+  # The jittered view = the naive one: move by the offset, box average + bicubic, move back.
+  from clip_jax.guidance import through_resolution
+  key = jax.random.key(4)
+  got = np.asarray(jax.jit(draw.through_offset_grid, static_argnums=(1, 3))(jnp.asarray(images), 8, key, 1.0))
+  offsets = np.asarray(jax.random.randint(key, (3, 2), -2, 2))
+  assert offsets.min() >= -2 and offsets.max() <= 1  # the 4 phases of a 4 px cell, centred
+
+  def naive_move(image, dy, dx):  # content moved by (dy, dx), white elsewhere
+    out = np.ones_like(image)
+    out[max(dy, 0):32 + min(dy, 0), max(dx, 0):32 + min(dx, 0)] = image[max(-dy, 0):32 - max(dy, 0),
+                                                                         max(-dx, 0):32 - max(dx, 0)]
+    return out
+  for i, (dy, dx) in enumerate(offsets):
+    seen = np.asarray(through_resolution(jnp.asarray(naive_move(images[i], dy, dx))[None], 8))[0]
+    np.testing.assert_allclose(got[i], naive_move(seen, -dy, -dx), atol=1e-6)
+  # Over many keys every phase occurs, and the loss sees a different image than the fixed grid.
+  many = np.asarray(jax.random.randint(jax.random.key(0), (200, 2), -2, 2))
+  assert set(many.ravel()) == {-2, -1, 0, 1}
+  settings = draw.DrawSettings(num_strokes=3, steps=1, canvas=32, view_resolution=8, view_jitter=True)
+  assert not np.allclose(draw.as_seen(jnp.asarray(images), settings, jax.random.key(1)),
+                         through_resolution(jnp.asarray(images), 8))
+  with pytest.raises(ValueError, match="view_jitter needs an rng key"):
+    draw.as_seen(jnp.asarray(images), settings)
+  with pytest.raises(ValueError, match="view_jitter moves the view_resolution grid"):
+    draw.DrawSettings(canvas=32, view_jitter=True)
+
+
 def test_init_spread_keeps_the_first_points_central():
   settings = draw.DrawSettings(num_strokes=50, canvas=32, init_spread=0.5)
   first = np.asarray(draw.init_strokes(jax.random.key(0), 2, settings).points[:, :, 0])

@@ -75,6 +75,37 @@ def test_gradient_wrt_image_matches_finite_differences(tiny, augment):
     np.testing.assert_allclose(float(jnp.vdot(grad, direction)), float(fd), rtol=1e-2, atol=2e-4)
 
 
+def test_classifier_objective_is_zero_shot_cross_entropy(tiny):
+  model, variables = tiny
+  images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  target, negatives = _target(64), jnp.stack([_target(64, k) for k in (7, 8, 9)])
+  scale = 14.0
+  got = guidance.guidance_loss(model, variables, images, target, augment=guidance.NO_AUGMENTATION,
+                               negative_emb=negatives, classifier_scale=scale)
+  # Naive reference in float64: softmax over [target, negatives] of scale * cosine, -log p(target).
+  emb = np.asarray(guidance.image_embeddings(model, variables, images), np.float64)
+  logits = scale * emb @ np.concatenate([np.asarray(target)[None], np.asarray(negatives)]).T.astype(np.float64)
+  expected = np.log(np.exp(logits).sum(1)) - logits[:, 0]
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="classifier objective needs negative embeddings"):
+    guidance.guidance_loss(model, variables, images, target, augment=guidance.NO_AUGMENTATION, classifier_scale=scale)
+  # Gradient w.r.t. the image vs central differences, with seeded views (as the cosine loss's test).
+  loss = jax.jit(lambda x: jnp.sum(guidance.guidance_loss(model, variables, x, target, jax.random.key(3),
+                                                          augment=guidance.Augmentations(num=2), negative_emb=negatives,
+                                                          classifier_scale=scale)))
+  grad = jax.grad(loss)(images[:1])
+  for seed in (5, 6):
+    direction = jax.random.normal(jax.random.key(seed), images[:1].shape)
+    eps = 3e-3
+    fd = (loss(images[:1] + eps * direction) - loss(images[:1] - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(float(jnp.vdot(grad, direction)), float(fd), rtol=1e-2, atol=2e-4)
+
+
+def test_logit_scale_is_the_clipped_multiplier():
+  assert guidance.logit_scale({"params": {"logit_scale": jnp.log(14.0)}}) == pytest.approx(14.0, rel=1e-6)
+  assert guidance.logit_scale({"params": {"logit_scale": jnp.asarray(10.0)}}) == 100.0  # clipped as in training
+
+
 def test_augmentations_are_seeded(tiny):
   model, variables = tiny
   images = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))

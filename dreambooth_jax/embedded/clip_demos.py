@@ -68,17 +68,36 @@ def view_accuracy(model, variables, prompt_emb, images, labels, augment: guidanc
   return float(np.mean(np.asarray(jnp.argmax(emb @ prompt_emb.T, axis=1)) == labels))
 
 
+def ensemble_prompts(model, variables, tokenizer, mesh) -> jax.Array:
+  """The ten digits' text embeddings [10, d] as the CLIP paper's prompt ensemble (3.1.4: the mean of
+  each class's normalised embeddings, renormalised; `zeroshot.ensemble_classifier`) over the 8
+  caption templates the digits CLIP was trained with (`data.digits.captions_for`)."""
+  from clip_jax.data.digits import captions_for
+  from clip_jax.eval.zeroshot import ensemble_classifier
+  texts = [caption for d in range(10) for caption in captions_for(d)]  # class-major
+  embeddings = np.asarray(guidance.encode_prompts(model, variables, tokenizer, texts, mesh))
+  return jnp.asarray(ensemble_classifier(embeddings, 10))
+
+
 def run_drawings(model, variables, tokenizer, settings: draw_lib.DrawSettings, seeds: int, mesh,
-                 negatives: bool = True, seed: int = 0):
+                 negatives: bool = True, seed: int = 0, *, ensemble: bool = False, classifier: bool = False):
   """All ten digits x `seeds` as one batch of drawings; returns images [seeds, 10, 32, 32, 3] and the
   draw history (`draw_lib.draw`; with settings.restarts > 1 each drawing is the lowest-loss restart).
   negatives: the other nine digits' prompts are each drawing's negative prompts (CLIPDraw's option).
+  ensemble: each digit's prompt is the ensemble of its training captions (`ensemble_prompts`), not
+  "a handwritten {d}." alone. classifier: the loss is the CLIP's zero-shot classifier's
+  cross-entropy over the ten digits at its own logit scale (`guidance.guidance_loss`'s
+  classifier_scale; needs negatives) instead of -cos + 0.3 x the negatives' cosines.
   The CLIP sees the drawings through settings.view_resolution px (`draw_lib.as_seen`)."""
-  prompts = guidance.encode_prompts(model, variables, tokenizer, [prompt(d) for d in range(10)], mesh)
+  if classifier and not negatives:
+    raise ValueError("the classifier objective needs the other digits as negatives.")
+  prompts = (ensemble_prompts(model, variables, tokenizer, mesh) if ensemble else
+             guidance.encode_prompts(model, variables, tokenizer, [prompt(d) for d in range(10)], mesh))
   targets = jnp.tile(prompts, (seeds, 1))  # row s * 10 + d: seed s, digit d
   others = jnp.stack([jnp.delete(prompts, d, axis=0) for d in range(10)])  # [10, 9, dim]
   negative_emb = jnp.tile(others, (seeds, 1, 1)) if negatives else None
-  fn = guidance.make_guidance_fn(model, mesh, augment=settings.augment, negative_weight=settings.negative_weight)
+  fn = guidance.make_guidance_fn(model, mesh, augment=settings.augment, negative_weight=settings.negative_weight,
+                                 classifier_scale=guidance.logit_scale(variables) if classifier else None)
   loss_fn = lambda images, key: fn(variables, images, targets, key, negative_emb)  # noqa: E731
   _, images, history = draw_lib.draw(loss_fn, 10 * seeds, settings, jax.random.key(seed))
   return images.reshape(seeds, 10, *images.shape[1:]), history
@@ -167,6 +186,13 @@ def main(argv=None) -> int:
                  "(CLIPDraw: 0.01)")
   p.add_argument("--init-spread", type=float, default=1.0, help="the strokes start in the central fraction of "
                  "the canvas (CLIPDraw: 1, anywhere)")
+  p.add_argument("--objective", choices=("cosine", "classifier"), default="cosine", help="the drawings' loss: "
+                 "-cos to the prompt + 0.3 x cos to the other digits (CLIPDraw), or the CLIP's zero-shot "
+                 "classifier's cross-entropy over the ten digits at its logit scale")
+  p.add_argument("--prompt-ensemble", action="store_true", help="each digit's drawing prompt (and negative) is "
+                 "the ensemble of its 8 training captions (CLIP paper 3.1.4), not 'a handwritten {d}.'")
+  p.add_argument("--view-jitter", action="store_true", help="the drawings' --scan-size grid at a random "
+                 "whole-pixel offset per drawing and step (the ink cannot suit one fixed grid)")
   p.add_argument("--edit-steps", type=int, default=300, help="latent optimisation steps")
   p.add_argument("--mapper-steps", type=int, default=500)
   p.add_argument("--l2-weight", type=float, default=0.004, help="lambda_L2 of the latent optimisation")
@@ -218,9 +244,11 @@ def main(argv=None) -> int:
                                      gray=True, max_width=28.0, init_width=3.0, init_radius=0.3, points_lr=3.0,
                                      curve_samples=12, frame_every=max(1, args.draw_steps // 20), augment=views,
                                      view_resolution=args.scan_size, restarts=args.restarts,
-                                     init_spread=args.init_spread, color_lr=args.color_lr)
+                                     init_spread=args.init_spread, color_lr=args.color_lr,
+                                     view_jitter=args.view_jitter)
     t0 = time.time()
-    drawings, history = run_drawings(model, variables, tokenizer, settings, args.seeds, mesh, seed=args.draw_seed)
+    drawings, history = run_drawings(model, variables, tokenizer, settings, args.seeds, mesh, seed=args.draw_seed,
+                                     ensemble=args.prompt_ensemble, classifier=args.objective == "classifier")
     predicted = judge.predict(ink_features(drawings.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3))).reshape(args.seeds, 10)
     correct = predicted == np.arange(10)[None]
     results["drawings"] = {"accuracy": float(correct.mean()), "per_digit": correct.mean(0).tolist(),
@@ -232,7 +260,9 @@ def main(argv=None) -> int:
     Image.fromarray(grid([drawings[:, d] for d in range(10)])).save(os.path.join(args.out, "drawings.png"))
     lines += [f"(a) CLIPDraw, {args.strokes} grey strokes x 2 segments, {args.draw_steps} steps, {args.views} views "
               f"(perspective {args.distortion}, crop {args.crop_scale[0]}-{args.crop_scale[1]}) through {args.scan_size} px, the other nine digits as "
-              f"negative prompts" + (f", the lowest CLIP loss of {args.restarts} restarts" if args.restarts > 1 else "") +
+              f"negative prompts" + (", the zero-shot classifier's cross-entropy" if args.objective == "classifier" else "")
+              + (", prompt ensembles of the 8 training captions" if args.prompt_ensemble else "")
+              + (", grid offset jittered" if args.view_jitter else "") + (f", the lowest CLIP loss of {args.restarts} restarts" if args.restarts > 1 else "") +
               f", key {args.draw_seed}: "
               f"**{100 * correct.mean():.0f}%** of {correct.size} drawings read as the prompt's digit (chance 10%)", "",
               "| digit | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|",
