@@ -53,8 +53,13 @@ def rows_transposed(x: jax.Array, tile: int = 64) -> jax.Array:
 
 @jax.custom_vjp
 def matmul_f32_accum(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., k] in a low-precision dtype @ w [k, n] -> [..., n] in f32, accumulated in f32, with
+  """x [..., k] (bf16/fp16, or f32) @ w [k, n] -> [..., n] in f32, accumulated in f32, with
   gradients in the same form.
+
+  f32 takes this path too: autodiff's transposed products (g @ w^T with w read column-wise, x^T @ g
+  folded into the dot) each cost XLA:CPU a transposing copy around its row-major-only dot library,
+  and in f32 those copies were 39% of the ViT-B-32 step's op time (`benchmarks/profile_step.py`);
+  the backward below needs one copy per weight gradient (x^T) and a weight-sized one for g @ w^T.
 
   w may be in any float dtype (typically the f32 parameter): it is cast to x's dtype inside, and
   its gradient comes back in w's own dtype straight from the f32 accumulator. Casting outside
@@ -87,7 +92,7 @@ matmul_f32_accum.defvjp(_matmul_fwd, _matmul_bwd)
 
 @jax.custom_vjp
 def dense_f32_accum(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
-  """x [..., k] in a low-precision dtype @ w [k, n] + b [n] (or None) -> [..., n] in x's dtype: the
+  """x [..., k] (bf16/fp16, or f32) @ w [k, n] + b [n] (or None) -> [..., n] in x's dtype: the
   product accumulated in f32, the bias added in f32, the sum rounded once (what `matmul` followed
   by a bias add and a cast computes). w and b may be the f32 parameters (cast inside; their
   gradients come back in their own dtypes from f32 sums, as in `matmul_f32_accum`).
@@ -124,10 +129,8 @@ dense_f32_accum.defvjp(_dense_fwd, _dense_bwd)
 
 
 def matmul(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
-  """x [..., k] @ w [k, n] computed in `dtype`; f32 accumulation for low-precision dtypes, and then
-  w's gradient in w's own dtype (see `matmul_f32_accum`)."""
-  if jnp.dtype(dtype) == jnp.float32:
-    return _dot_last_first(x.astype(jnp.float32), w.astype(jnp.float32))
+  """x [..., k] @ w [k, n] computed in `dtype` -> [..., n] in f32 (f32 accumulation), w's gradient in
+  w's own dtype (see `matmul_f32_accum`)."""
   return matmul_f32_accum(x.astype(dtype), w)
 
 
@@ -152,12 +155,7 @@ class Dense(nn.Module):
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[-1:]),
                         (self.features,), self.param_dtype)
-    if jnp.dtype(self.dtype) != jnp.float32:
-      return dense_f32_accum(x.astype(self.dtype), kernel, bias)
-    y = matmul(x, kernel, self.dtype)
-    if bias is not None:
-      y = y + bias.astype(y.dtype)
-    return y.astype(self.dtype)
+    return dense_f32_accum(x.astype(self.dtype), kernel, bias)
 
 
 # ----------------------------------------------------------------------------- convolution
