@@ -133,15 +133,19 @@ def _timed(step, steps: int, warmup: int) -> dict:
   for _ in range(warmup - 1):
     step()
   _trim_heap()
-  times = []
+  times, first_timed_peak = [], None
   with PeakRSS() as rss:
     rss_before = rss.current()
     for _ in range(steps):
       start = time.perf_counter()
       step()
       times.append(time.perf_counter() - start)
+      # After one step the peak is what the step holds at once; later steps add what the heap kept
+      # of the earlier ones' freed buffers (glibc does not hand it back between steps).
+      first_timed_peak = first_timed_peak or max(rss.peak, rss.current())
   return {"first_step_s": first_s, "step_s": statistics.median(times), "times_s": times,
-          "peak_rss_bytes": rss.peak, "rss_before_bytes": rss_before}
+          "peak_rss_bytes": rss.peak, "first_timed_step_peak_rss_bytes": first_timed_peak,
+          "rss_before_bytes": rss_before}
 
 
 # ------------------------------------------------------------------------------ workers
@@ -304,19 +308,20 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
       f"{args.warmup} warm-up steps; each variant in its own process; {args.repeats} round(s) of all "
       "variants in turn (a row's step is the median of its rounds' medians; 'rounds' lists them).",
       "Peak RSS: the process's largest resident set while the timed steps ran (weights, gradients, "
-      "activations, runtime), after returning freed heap pages to the OS (malloc_trim); 'RSS before "
-      "steps' is where it started. XLA: the compiled step's buffer assignment (arguments + outputs + "
+      "activations, runtime), after returning freed heap pages to the OS (malloc_trim); 'one step' is "
+      "that peak over the first timed step only (what one step holds at once: later steps add freed "
+      "memory the C heap kept); 'RSS before steps' is where it started. XLA: the compiled step's buffer assignment (arguments + outputs + "
       "temporaries). Compile: trace+lower, then compile cold, then compile again as a resumed run "
       "(after jax.clear_caches(): the executable from the persistent cache).",
       "",
       f"| variant | step (s) | rounds (s) | vs diffusers' best ({best or '-'}) | peak RSS (GiB) | vs {best or '-'} "
-      "| RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) | trace+lower / compile / cached compile (s) | first step (s) |",
-      "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "| peak RSS, one step (GiB) | RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) | trace+lower / compile / cached compile (s) | first step (s) |",
+      "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   digits = 4 if args.device == "gpu" else 2  # GPU steps of a tenth of a second: milliseconds matter
   for name, rounds in results.items():
     if not ok[name]:
-      lines.append(f"| {name} | failed: {rounds[-1]['error']} | | | | | | | | | |")
+      lines.append(f"| {name} | failed: {rounds[-1]['error']} | | | | | | | | | | |")
       continue
     good = ok[name]
     step = _median(good, "step_s")
@@ -329,11 +334,13 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
     device_peak = (f"{_median(good, 'device_peak_bytes') / GIB:.2f}" if good[0].get("device_peak_bytes") else "-")
     compile_s = (" / ".join(f"{_median(good, k):.1f}" for k in ("lower_s", "compile_s", "cached_compile_s"))
                  if good[0].get("lower_s") is not None else "-")
+    one_step = (f"{_median(good, 'first_timed_step_peak_rss_bytes') / GIB:.2f}"
+                if good[0].get("first_timed_step_peak_rss_bytes") else "-")
     rounds_s = ", ".join(f"{r['step_s']:.2f}" for r in good)
     if args.device == "gpu":  # steps of a tenth of a second: milliseconds matter
       rounds_s = ", ".join(f"{r['step_s']:.4f}" for r in good)
     lines.append(f"| {name} | {step:.{digits}f} | {rounds_s} | {speed} "
-                 f"| {peak / GIB:.2f} | {memory} | {_median(good, 'rss_before_bytes') / GIB:.2f} | {xla} "
+                 f"| {peak / GIB:.2f} | {memory} | {one_step} | {_median(good, 'rss_before_bytes') / GIB:.2f} | {xla} "
                  f"| {device_peak} | {compile_s} | {_median(good, 'first_step_s'):.1f} |")
   versions = sorted({r["version"] for rounds in ok.values() for r in rounds})
   cudnn = sorted({r["cudnn_attention_calls"] for rounds in ok.values() for r in rounds if "cudnn_attention_calls" in r})
