@@ -7,7 +7,8 @@
         same bound the stock bf16 path meets against that reference.
 `rows_transposed` is an exact transpose; `matmul_f32_accum`'s gradients match f32 autodiff within
 bf16 rounding, and an f32 weight's gradient is the f32 product (1e-5); `dense_f32_accum` equals matmul + bias + cast
-(forward bitwise, gradients 1e-6). `exact_gelu` equals torch's
+(forward bitwise, gradients 1e-6); the fp32 `Dense` (the same custom VJP) equals flax's nn.Dense (values 1e-5
+absolute, gradients 1e-5 of the largest). `exact_gelu` equals torch's
 GELU (values within 2e-6, gradients 1e-6 absolute on [-8, 8] in f32, as jax.nn.gelu; bf16 within
 one bf16 ulp, or 1e-6 absolute in the far negative tail, where torch keeps values ~1e-7 and the
 erf form gives 0). A tiny bf16 causal tower with the fast attention is as close to fp32 (relative L2 of
@@ -16,6 +17,7 @@ outputs and of all parameter gradients) as with the stock attention, within 1.5x
 asymmetric padding, 1x1): fp32 values and gradients within 1e-5 relative to the largest entry;
 bf16 within 2e-2 of the fp32 reference on the same rounded inputs, as XLA's own bf16 conv is.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,6 +153,29 @@ def test_dense_f32_accum_is_matmul_plus_bias_rounded_once(use_bias):
     assert fused.dtype == plain.dtype
     np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(plain, np.float32), rtol=1e-6, atol=1e-6)
   assert len(jax.tree.leaves(fused_vjp(g))) == (3 if use_bias else 2)
+
+
+def test_fp32_dense_equals_flax_dense_values_and_gradients():
+  # fp32 takes the same custom VJP (only the dots' layout differs from autodiff's): the layer's
+  # output and its gradients w.r.t. input, kernel and bias equal flax's nn.Dense on the same
+  # parameters, up to f32 summation order (atol 1e-5 of values of size ~1).
+  keys = jax.random.split(jax.random.key(6), 3)
+  x = jax.random.normal(keys[0], (3, 5, 24))
+  g = jax.random.normal(keys[1], (3, 5, 16))
+  ours, theirs = layers.Dense(16), nn.Dense(16)
+  params = ours.init(keys[2], x)
+  plain = nn.meta.unbox(params)
+
+  def vjp(module, variables):
+    out, back = jax.vjp(lambda v, a: module.apply(v, a), variables, x)
+    return out, back(g)
+
+  (out, grads), (ref_out, ref_grads) = jax.jit(lambda p: vjp(ours, p))(params), vjp(theirs, plain)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=0, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(nn.meta.unbox(grads)), jax.tree.leaves(ref_grads)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(np.max(np.abs(b))))
 
 
 def test_exact_gelu_is_torchs_erf_form():
