@@ -128,6 +128,7 @@ def _square_loss(images, rng):  # a non-CLIP target keeps these fast: dark in th
   return jnp.mean((images - target) ** 2, axis=(1, 2, 3))
 
 
+@pytest.mark.slow  # ~12 s at low load: kept out of the fast subset (< 5 min)
 def test_view_resolution_is_what_the_loss_sees():
   from clip_jax.guidance import through_resolution
   settings = draw.DrawSettings(num_strokes=3, steps=1, canvas=32, view_resolution=8)
@@ -200,9 +201,13 @@ def test_cli_flags_for_view_resolution_and_restarts(tmp_path):
                                          "--restarts", "3"])
   assert (args.view_resolution, args.restarts) == (8, 3)
   assert "--view-resolution N" in draw.build_parser().format_help()
+  assert not args.view_jitter and draw.build_parser().parse_args(
+      ["--checkpoint", "c", "--prompt", "p", "--out", "o", "--view-jitter"]).view_jitter
   with pytest.raises(cli.UserError, match="view_resolution 5 px must divide the 32 px canvas"):
     draw.main(["--checkpoint", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--canvas", "32",
                "--view-resolution", "5"])
+  with pytest.raises(cli.UserError, match="view_jitter moves the view_resolution grid"):
+    draw.main(["--checkpoint", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--view-jitter"])
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +222,9 @@ def test_cli_draws_with_a_tiny_clip(tiny_checkpoint, tmp_path):
   out = tmp_path / "out"
   assert draw.main(["--checkpoint", tiny_checkpoint, "--prompt", "a red circle", "--negative", "a square",
                     "--out", str(out), "--strokes", "4", "--steps", "4", "--canvas", "32", "--frame-every", "2",
-                    "--view-resolution", "8", "--restarts", "2"]) == 0
+                    "--view-resolution", "8", "--view-jitter", "--restarts", "2"]) == 0
   result = json.loads((out / "result.json").read_text())
+  assert result["settings"]["view_jitter"] is True
   assert result["settings"]["view_resolution"] == 8 and result["restart_kept"] == int(np.argmin(result["restart_losses"]))
   assert np.isfinite(result["loss_last_step"]) and -1 <= result["cosine_to_prompt"] <= 1
   assert sorted(os.listdir(out / "frames")) == ["frame_00000.png", "frame_00002.png", "frame_00004.png"]
