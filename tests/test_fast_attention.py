@@ -17,6 +17,8 @@ outputs and of all parameter gradients) as with the stock attention, within 1.5x
 asymmetric padding, 1x1): fp32 values and gradients within 1e-5 relative to the largest entry;
 bf16 within 2e-2 of the fp32 reference on the same rounded inputs, as XLA's own bf16 conv is.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -273,6 +275,7 @@ CONV_CASES = [  # (x shape, kernel (kh, kw, in, out), strides, padding)
 ]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 6))  # one compile per form, not one per op (~2x faster)
 def _conv_value_and_grads(impl, x, kernel, strides, padding, grad_out, dtype):
   out, vjp = jax.vjp(lambda a, b: layers.conv2d(a, b, strides=strides, padding=padding, dtype=dtype, impl=impl),
                      x, kernel)
@@ -288,8 +291,7 @@ def test_im2col_conv_matches_xla_conv(case):
   out_shape = jax.eval_shape(lambda: layers.conv2d(x, kernel, strides=strides, padding=padding, impl="xla")).shape
   grad_out = jax.random.normal(keys[2], out_shape)
   reference = _conv_value_and_grads("xla", x, kernel, strides, padding, grad_out, jnp.float32)
-  fast = jax.jit(_conv_value_and_grads, static_argnums=(0, 3, 4, 6))(
-      "im2col", x, kernel, strides, padding, grad_out, jnp.float32)
+  fast = _conv_value_and_grads("im2col", x, kernel, strides, padding, grad_out, jnp.float32)
   for name, a, b in zip(("out", "dx", "dkernel"), fast, reference):
     assert a.shape == b.shape and a.dtype == b.dtype == jnp.float32, name
     assert _max_diff(a, b) <= 1e-5 * float(jnp.max(jnp.abs(b))), name

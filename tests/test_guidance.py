@@ -75,6 +75,7 @@ def test_gradient_wrt_image_matches_finite_differences(tiny, augment):
     np.testing.assert_allclose(float(jnp.vdot(grad, direction)), float(fd), rtol=1e-2, atol=2e-4)
 
 
+@pytest.mark.slow  # ~12 s at low load: kept out of the fast subset (< 5 min)
 def test_classifier_objective_is_zero_shot_cross_entropy(tiny):
   model, variables = tiny
   images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
@@ -114,6 +115,7 @@ def test_augmentations_are_seeded(tiny):
   assert float(a[0]) == float(b[0]) and float(a[0]) != float(c[0])
 
 
+@pytest.mark.slow  # ~12 s at low load: kept out of the fast subset (< 5 min)
 def test_sharded_over_8_devices_equals_one_device(tiny):
   model, variables = tiny
   assert jax.device_count() == 8

@@ -285,6 +285,7 @@ def test_clear_errors(torch_pipe, ours, tmp_path):
     pipeline_lib.encode_prompt(ours, ours.params, PROMPTS, mesh=mesh)
 
 
+@pytest.mark.slow  # ~13 s at low load: kept out of the fast subset (< 5 min)
 def test_sample_cli_writes_images_and_a_grid(torch_pipe, tmp_path, capsys):
   root, _ = torch_pipe
   out = tmp_path / "samples"

@@ -199,6 +199,7 @@ def test_workdir_of_8_devices_opens_on_1_and_resumes_on_4(tmp_path):
     assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-3), step
 
 
+@pytest.mark.slow  # ~11 s at low load: kept out of the fast subset (< 5 min)
 def test_stored_logit_scale_never_exceeds_ln_100():
   """Issue 12.9: an update that drives logit_scale up is clamped where it is stored (open_clip's
   rule), so what is saved and exported is at most 100."""
