@@ -181,6 +181,7 @@ def test_init_spread_keeps_the_first_points_central():
   assert first.min() >= 8 and first.max() <= 24 and first.max() - first.min() > 12  # the central half of 32 px
 
 
+@pytest.mark.slow  # ~7 s at low load: kept out of the fast subset (< 5 min)
 def test_restarts_keep_the_lowest_loss():
   # Rows r * n + i for n = 2 drawings: drawing 0's losses are 3, 2, 4, drawing 1's 1, 5, 0.
   np.testing.assert_array_equal(draw.best_restarts(jnp.array([3.0, 1.0, 2.0, 5.0, 4.0, 0.0]), 3), [2, 5])

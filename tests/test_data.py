@@ -506,6 +506,7 @@ def test_pipeline_on_written_shards_with_bad_records(tmp_path):
 
 
 @needs_tokenizer
+@pytest.mark.slow  # ~8 s at low load: kept out of the fast subset (< 5 min)
 def test_pipeline_digits_with_worker_processes_matches_in_process():
   source = digits.DigitsSource("train")
   kwargs = dict(tokenizer=tokenize, batch_size=8, image_size=32, seed=0)

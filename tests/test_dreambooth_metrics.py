@@ -199,7 +199,7 @@ def reference_lpips():
   return {net: lpips.LPIPS(net=net, pnet_rand=True, verbose=False).eval() for net in ("alex", "vgg")}
 
 
-@pytest.mark.parametrize("net,size", [("alex", 64), ("vgg", 32)])
+@pytest.mark.parametrize("net,size", [("alex", 64), pytest.param("vgg", 32, marks=pytest.mark.slow)])  # vgg ~7 s
 def test_lpips_equals_package(reference_lpips, net, size):
   reference = reference_lpips[net]
   model, variables = lpips_lib.lpips_from_state_dict(_numpy_state(reference), net)
@@ -313,6 +313,7 @@ def _uint8_images(n, height, width, seed):
   return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow  # ~10 s at low load: kept out of the fast subset (< 5 min)
 def test_subject_metrics_evaluate_equals_direct_computation(subject_metrics, reference_lpips):
   generated = _uint8_images(6, 48, 48, 0)
   real = [Image.fromarray(image) for image in _uint8_images(3, 60, 40, 1)]

@@ -219,6 +219,7 @@ def test_bf16_tower_with_either_attention_matches_fp32_and_keeps_its_parameters(
     assert fast <= max(1.5 * stock, 1e-2), (i, fast, stock)
 
 
+@pytest.mark.slow  # ~9 s at low load: kept out of the fast subset (< 5 min)
 def test_bf16_clip_trains_with_the_fast_paths():
   model = clip_jax.create_model("ViT-Tiny", dtype=jnp.bfloat16)
   variables = clip_jax.init_variables(model, jax.random.key(0), batch_size=2)

@@ -57,6 +57,7 @@ def test_resized_open_clip_vit_gives_equal_embeddings(tmp_path):
   np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # ~12 s at low load: kept out of the fast subset (< 5 min)
 def test_resized_resnet_attention_pool_gives_equal_embeddings(tmp_path):
   """open_clip does not resize a ModifiedResNet's attention pool; the reference here resizes it
   with the same PyTorch call resize_pos_embed makes, then compares the whole image tower."""
