@@ -17,11 +17,14 @@ from a uniform point, width 1 px and a uniform random RGBA colour, negative prom
 Our choices: every path has the same number of joined cubic segments (2 by default; the code draws
 1-3 at random per path, 2 on average); the point rate and the width limit scale with
 canvas / 224, so a 32 px canvas moves and widens strokes by the same fraction of the canvas; the
-rasteriser is `clip_jax.rasterize` (distance-based coverage) instead of diffvg. Two options, off by
+rasteriser is `clip_jax.rasterize` (distance-based coverage) instead of diffvg. Three options, off by
 default (the paper's behaviour): `--view-resolution N` shows the CLIP the drawing through N px (box
 average down, bicubic back up: `guidance.through_resolution`), for a CLIP trained on low-resolution
-images, e.g. the embedded digits CLIP with `--canvas 32 --view-resolution 8`; `--restarts R` starts
-R drawings and keeps the one with the lowest CLIP loss.
+images, e.g. the embedded digits CLIP with `--canvas 32 --view-resolution 8`; `--view-jitter` moves that
+N px grid by a random offset each step; `--restarts R` starts R drawings and keeps the one with the
+lowest CLIP loss. The embedded digits demo (`dreambooth_jax.embedded.clip_demos`) also sets what this
+command keeps at the paper's values (6 grey strokes of 2 segments, 300 steps, views with perspective 0.1
+and crops 0.7-0.9, the other digits as negative prompts): its numbers come from those settings.
 """
 from __future__ import annotations
 
@@ -251,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompt", required=True, help="the text to draw")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--negative", action="append", default=[], help="a prompt to draw away from (repeatable)")
-  p.add_argument("--strokes", type=int, default=d.num_strokes)
-  p.add_argument("--segments", type=int, default=d.segments, help="cubic segments per stroke")
-  p.add_argument("--steps", type=int, default=d.steps)
+  p.add_argument("--strokes", type=int, default=d.num_strokes, help="strokes per drawing (default %(default)s)")
+  p.add_argument("--segments", type=int, default=d.segments, help="cubic segments per stroke (default %(default)s)")
+  p.add_argument("--steps", type=int, default=d.steps, help="optimisation steps (default %(default)s)")
   p.add_argument("--canvas", type=int, default=d.canvas, help="canvas side in pixels")
   p.add_argument("--augmentations", type=int, default=d.augment.num, help="random views per step")
   p.add_argument("--gray", action="store_true", help="grey-level strokes only (ink drawings)")
@@ -264,11 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "the drawing as it is, the paper's behaviour")
   p.add_argument("--view-jitter", action="store_true",
                  help="with --view-resolution: box-average on a grid moved by a random whole-pixel offset per "
-                 "step (through_offset_grid), so the drawing cannot fit one fixed grid (on the embedded digits: "
-                 "64%% vs 54%% of 180 drawings read right; WORKSPACE, issue 18)")
+                 "step (through_offset_grid), so the drawing cannot fit one fixed grid (embedded digits demo, "
+                 "draw keys 0/3/4, 60 drawings each: 64%% vs 54%% read as the prompt's digit; WORKSPACE, issue 18)")
   p.add_argument("--restarts", type=int, default=d.restarts, metavar="R",
                  help="start R drawings and keep the one with the lowest CLIP loss (default 1: the paper's single run)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="random key of the strokes' start and the views (default 0)")
   p.add_argument("--frame-every", type=int, default=d.frame_every, help="GIF frame every N steps")
   p.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint directory's own, else 'clip')")
   return p
@@ -277,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   from clip_jax import cli, guidance
   args = build_parser().parse_args(argv)
+  if args.view_jitter and not args.view_resolution:
+    raise cli.UserError("--view-jitter moves the --view-resolution grid: give --view-resolution N too (e.g. 8 "
+                        "for the embedded digits CLIP).")
   settings = cli.as_user_errors(DrawSettings, num_strokes=args.strokes, segments=args.segments, steps=args.steps, canvas=args.canvas,
                                 augment=Augmentations(num=args.augmentations), gray=args.gray,
                                 view_resolution=args.view_resolution, view_jitter=args.view_jitter,

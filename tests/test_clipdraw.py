@@ -207,7 +207,7 @@ def test_cli_flags_for_view_resolution_and_restarts(tmp_path):
   with pytest.raises(cli.UserError, match="view_resolution 5 px must divide the 32 px canvas"):
     draw.main(["--checkpoint", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--canvas", "32",
                "--view-resolution", "5"])
-  with pytest.raises(cli.UserError, match="view_jitter moves the view_resolution grid"):
+  with pytest.raises(cli.UserError, match="--view-jitter moves the --view-resolution grid"):
     draw.main(["--checkpoint", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--view-jitter"])
 
 
