@@ -22,7 +22,7 @@ from typing import Any, Sequence
 TASKS = "zeroshot:digits"
 
 
-def _train(config: str, workdir: str, *overrides: str) -> float:
+def train_child(config: str, workdir: str, *overrides: str) -> float:
   """`python -m clip_jax.train` in a child process (it resumes a workdir); returns seconds."""
   start = time.time()
   subprocess.run([sys.executable, "-m", "clip_jax.train", f"--config={config}", f"--workdir={workdir}", *overrides],
@@ -44,9 +44,9 @@ def run(pretrained: str, root: str, alphas: str) -> list[dict[str, Any]]:
   rows = []
   if not workdir_has_checkpoint(pretrained):
     print(f"{pretrained} holds no checkpoint: training it first (the README's digits run).", flush=True)
-    _train("configs/clip/digits.py", pretrained)
+    train_child("configs/clip/digits.py", pretrained)
   runs = {"res48": os.path.join(root, "res48"), "lit": os.path.join(root, "lit")}
-  seconds = {name: _train(f"configs/clip/digits_finetune.py:{name}", workdir, f"--config.init.checkpoint={pretrained}")
+  seconds = {name: train_child(f"configs/clip/digits_finetune.py:{name}", workdir, f"--config.init.checkpoint={pretrained}")
              for name, workdir in runs.items()}
   steps = {name: json.load(open(os.path.join(workdir, "results.json")))["step"] for name, workdir in runs.items()}
 

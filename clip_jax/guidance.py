@@ -245,6 +245,30 @@ def make_guidance_fn(model: CLIP, mesh: Mesh | None = None, *, augment: Augmenta
   return jax.jit(fn)
 
 
+def ensemble_loss(loss_fns: Sequence[Callable[[jax.Array, jax.Array], jax.Array]]
+                  ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Several CLIPs as one objective: `(images [n, h, w, 3], rng) -> losses [n]`, the mean of each
+  `loss_fn(images, rng_i)` (each a bound guidance loss of one model, e.g. `make_guidance_fn`'s fn with
+  that model's variables and its own text embeddings of the prompts).
+
+  Member 0 gets `rng` itself and member i > 0 `jax.random.fold_in(rng, i)`: independent views per
+  model, and a one-member ensemble is exactly its member. Why: an image optimised against one CLIP
+  finds features only that CLIP answers to; each independently trained model answers to different
+  ones, so the mean rewards what they share (the reason CLIP-guided generators often guide with
+  several CLIPs; measured on the digits, WORKSPACE issue 18). Raises ValueError for no members.
+  """
+  loss_fns = list(loss_fns)
+  if not loss_fns:
+    raise ValueError("an ensemble needs at least one loss function (one CLIP).")
+
+  def fn(images, rng):
+    total = loss_fns[0](images, rng)
+    for i, member in enumerate(loss_fns[1:], start=1):
+      total = total + member(images, jax.random.fold_in(rng, i))
+    return total / len(loss_fns)
+  return fn
+
+
 # ----------------------------------------------------------------------------- loading and text
 def encode_prompts(model: CLIP, variables, tokenizer, prompts: str | Sequence[str], mesh: Mesh | None = None) -> jax.Array:
   """Prompts -> L2-normalised text embeddings [m, d]. Raises ValueError for an empty prompt."""

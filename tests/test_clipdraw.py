@@ -218,6 +218,27 @@ def tiny_checkpoint(tmp_path_factory):
                             str(tmp_path_factory.mktemp("tiny_hf")))
 
 
+@pytest.fixture(scope="module")
+def other_tiny_checkpoint(tmp_path_factory):
+  model = clip_jax.create_model("ViT-Tiny")
+  return clip_jax.export_hf(model, clip_jax.init_variables(model, jax.random.key(1)),
+                            str(tmp_path_factory.mktemp("tiny_hf_1")))
+
+
+@pytest.mark.slow
+def test_cli_draws_with_an_ensemble_of_two_clips(tiny_checkpoint, other_tiny_checkpoint, tmp_path):
+  out = tmp_path / "out"
+  assert draw.main(["--checkpoint", tiny_checkpoint, other_tiny_checkpoint, "--prompt", "a red circle",
+                    "--out", str(out), "--strokes", "3", "--steps", "2", "--canvas", "32", "--frame-every", "2"]) == 0
+  result = json.loads((out / "result.json").read_text())
+  assert result["checkpoints"] == [tiny_checkpoint, other_tiny_checkpoint]
+  cosines = result["cosine_to_prompt_per_checkpoint"]
+  assert len(cosines) == 2 and cosines[0] != cosines[1]  # each CLIP with its own text embedding
+  assert result["cosine_to_prompt"] == pytest.approx(np.mean(cosines))
+  with pytest.raises(cli.MissingPathError, match="missing.pt"):  # every checkpoint is checked before loading
+    draw.main(["--checkpoint", tiny_checkpoint, str(tmp_path / "missing.pt"), "--prompt", "a cat", "--out", str(out)])
+
+
 @pytest.mark.slow
 def test_cli_draws_with_a_tiny_clip(tiny_checkpoint, tmp_path):
   out = tmp_path / "out"
@@ -228,6 +249,8 @@ def test_cli_draws_with_a_tiny_clip(tiny_checkpoint, tmp_path):
   assert result["settings"]["view_jitter"] is True
   assert result["settings"]["view_resolution"] == 8 and result["restart_kept"] == int(np.argmin(result["restart_losses"]))
   assert np.isfinite(result["loss_last_step"]) and -1 <= result["cosine_to_prompt"] <= 1
+  assert result["checkpoints"] == [tiny_checkpoint] and result["cosine_to_prompt_per_checkpoint"] == [
+      result["cosine_to_prompt"]]
   assert sorted(os.listdir(out / "frames")) == ["frame_00000.png", "frame_00002.png", "frame_00004.png"]
   assert (out / "drawing.gif").stat().st_size > 0 and (out / "drawing.png").exists()
 
@@ -242,3 +265,19 @@ def test_cli_errors_are_one_line(tmp_path):
                         "--prompt", "a cat", "--out", str(tmp_path / "o")], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)), env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "missing.pt" in run.stderr
+
+
+def test_digits_demo_trains_only_the_unfinished_seeds_of_its_ensemble(tmp_path, monkeypatch):
+  from clip_jax import finetune_demo, loop
+  from dreambooth_jax.embedded import clip_demos
+  calls = []
+  monkeypatch.setattr(finetune_demo, "train_child", lambda config, workdir, *overrides: calls.append(
+      (config, workdir, overrides)) or 0.0)
+  clip = str(tmp_path / "digits")
+  os.makedirs(clip + "_seed1")
+  loop.mark_finished(clip + "_seed1", 600)
+  assert clip_demos.seed_workdirs(clip + "/", 3) == [clip + "/", clip + "_seed1", clip + "_seed2"]
+  assert calls == [("configs/clip/digits.py", clip + "_seed2", ("--config.seed=2",))]
+  assert clip_demos.seed_workdirs(clip, 1) == [clip] and len(calls) == 1  # --clip-seeds 1: --clip alone
+  with pytest.raises(cli.UserError, match="--clip-seeds must be at least 1"):
+    clip_demos.main(["--clip-seeds", "0"])

@@ -115,6 +115,25 @@ def test_augmentations_are_seeded(tiny):
   assert float(a[0]) == float(b[0]) and float(a[0]) != float(c[0])
 
 
+def test_ensemble_is_the_mean_of_its_members_with_their_own_views(tiny):
+  model, variables = tiny
+  other = clip_jax.init_variables(model, jax.random.key(5))  # a second, independently initialised CLIP
+  images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  fn = guidance.make_guidance_fn(model, augment=guidance.Augmentations(num=2))
+  first = lambda x, key: fn(variables, x, _target(64), key)  # noqa: E731
+  second = lambda x, key: fn(other, x, _target(64, key=3), key)  # noqa: E731
+  key = jax.random.key(7)
+  # One member is that member exactly (same key, same views): a one-CLIP run is unchanged.
+  np.testing.assert_array_equal(guidance.ensemble_loss([first])(images, key), first(images, key))
+  want = (first(images, key) + second(images, jax.random.fold_in(key, 1))) / 2
+  np.testing.assert_allclose(guidance.ensemble_loss([first, second])(images, key), want, rtol=1e-6)
+  # Member 1 sees other views than member 0: the same CLIP twice is not the same loss as once.
+  twice = guidance.ensemble_loss([first, first])(images, key)
+  assert not np.allclose(twice, first(images, key))
+  with pytest.raises(ValueError, match="at least one"):
+    guidance.ensemble_loss([])
+
+
 @pytest.mark.slow  # ~12 s at low load: kept out of the fast subset (< 5 min)
 def test_sharded_over_8_devices_equals_one_device(tiny):
   model, variables = tiny

@@ -3,7 +3,11 @@ r"""CLIP as an objective on the embedded digits, judged by something that is not
     python -m dreambooth_jax.embedded.clip_demos --clip workdirs/digits --sd runs/tiny_sd/export --out runs/clip_demos
 
 (a) CLIPDraw (`clip_jax.draw`): "a handwritten {digit}." (a caption the digits CLIP was trained on)
-    for all ten digits and 3 seeds, grey ink strokes on a 32 px canvas.
+    for all ten digits and 3 seeds, grey ink strokes on a 32 px canvas, guided by an ensemble of
+    three CLIPs: --clip and two more seeds of the README's recipe (`--clip-seeds`, trained if absent).
+    One CLIP alone (`--clip-seeds 1`) is fooled: its optimum is a superstimulus of that one model,
+    which the judge reads as the prompt's digit only ~60% of the time; the drawings must satisfy
+    three independently trained models at once, which share little besides the digit.
 (b) StyleCLIP (`clip_jax.styleclip` through `dreambooth_jax.edit`): held-out scans of a three,
     encoded by the tiny SD's VAE, edited toward "a handwritten 8." by latent optimisation, by a
     mapper trained on the training split's threes, and by a global direction from "a handwritten 3."
@@ -79,10 +83,26 @@ def ensemble_prompts(model, variables, tokenizer, mesh) -> jax.Array:
   return jnp.asarray(ensemble_classifier(embeddings, 10))
 
 
-def run_drawings(model, variables, tokenizer, settings: draw_lib.DrawSettings, seeds: int, mesh,
+def digit_loss(model, variables, tokenizer, settings: draw_lib.DrawSettings, seeds: int, mesh,
+               negatives: bool = True, *, ensemble: bool = False, classifier: bool = False) -> draw_lib.LossFn:
+  """One CLIP's loss for all ten digits x `seeds` drawings (row s * 10 + d: seed s, digit d), with
+  this CLIP's own embeddings of the prompts; see `run_drawings` for the options."""
+  prompts = (ensemble_prompts(model, variables, tokenizer, mesh) if ensemble else
+             guidance.encode_prompts(model, variables, tokenizer, [prompt(d) for d in range(10)], mesh))
+  targets = jnp.tile(prompts, (seeds, 1))  # row s * 10 + d: seed s, digit d
+  others = jnp.stack([jnp.delete(prompts, d, axis=0) for d in range(10)])  # [10, 9, dim]
+  negative_emb = jnp.tile(others, (seeds, 1, 1)) if negatives else None
+  fn = guidance.make_guidance_fn(model, mesh, augment=settings.augment, negative_weight=settings.negative_weight,
+                                 classifier_scale=guidance.logit_scale(variables) if classifier else None)
+  return draw_lib.bound_loss(fn, variables, targets, negative_emb)
+
+
+def run_drawings(guides, settings: draw_lib.DrawSettings, seeds: int, mesh,
                  negatives: bool = True, seed: int = 0, *, ensemble: bool = False, classifier: bool = False):
   """All ten digits x `seeds` as one batch of drawings; returns images [seeds, 10, 32, 32, 3] and the
   draw history (`draw_lib.draw`; with settings.restarts > 1 each drawing is the lowest-loss restart).
+  guides: [(model, variables, tokenizer)], one CLIP or several; several guide as an ensemble, the mean
+  of their losses (`guidance.ensemble_loss`), each with its own prompt embeddings and views.
   negatives: the other nine digits' prompts are each drawing's negative prompts (CLIPDraw's option).
   ensemble: each digit's prompt is the ensemble of its training captions (`ensemble_prompts`), not
   "a handwritten {d}." alone. classifier: the loss is the CLIP's zero-shot classifier's
@@ -91,14 +111,9 @@ def run_drawings(model, variables, tokenizer, settings: draw_lib.DrawSettings, s
   The CLIP sees the drawings through settings.view_resolution px (`draw_lib.as_seen`)."""
   if classifier and not negatives:
     raise ValueError("the classifier objective needs the other digits as negatives.")
-  prompts = (ensemble_prompts(model, variables, tokenizer, mesh) if ensemble else
-             guidance.encode_prompts(model, variables, tokenizer, [prompt(d) for d in range(10)], mesh))
-  targets = jnp.tile(prompts, (seeds, 1))  # row s * 10 + d: seed s, digit d
-  others = jnp.stack([jnp.delete(prompts, d, axis=0) for d in range(10)])  # [10, 9, dim]
-  negative_emb = jnp.tile(others, (seeds, 1, 1)) if negatives else None
-  fn = guidance.make_guidance_fn(model, mesh, augment=settings.augment, negative_weight=settings.negative_weight,
-                                 classifier_scale=guidance.logit_scale(variables) if classifier else None)
-  loss_fn = lambda images, key: fn(variables, images, targets, key, negative_emb)  # noqa: E731
+  loss_fn = guidance.ensemble_loss([digit_loss(model, variables, tokenizer, settings, seeds, mesh, negatives,
+                                               ensemble=ensemble, classifier=classifier)
+                                    for model, variables, tokenizer in guides])
   _, images, history = draw_lib.draw(loss_fn, 10 * seeds, settings, jax.random.key(seed))
   return images.reshape(seeds, 10, *images.shape[1:]), history
 
@@ -156,10 +171,25 @@ def grid(rows: list[np.ndarray], upscale: int = 3) -> np.ndarray:
   return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
+def seed_workdirs(clip: str, seeds: int, train: bool = True) -> list[str]:
+  """[clip, {clip}_seed1, ..., {clip}_seed{seeds-1}]: the drawings' CLIPs. With `train`, each seed
+  workdir whose run has not finished (no DONE record) is trained (or resumed) first with the README's
+  digits recipe at --config.seed=i (`clip_jax.finetune_demo.train_child`, a child process)."""
+  from clip_jax.finetune_demo import train_child
+  from clip_jax.loop import finished
+  paths = [clip] + [f"{clip.rstrip('/')}_seed{i}" for i in range(1, seeds)]
+  for i, path in enumerate(paths[1:], start=1):
+    if train and finished(path) is None:
+      print(f"{path}: training another seed of the README's digits CLIP (--config.seed={i}) for the drawings' "
+            "ensemble", flush=True)
+      train_child("configs/clip/digits.py", path, f"--config.seed={i}")
+  return paths
+
+
 def main(argv=None) -> int:
   from PIL import Image
 
-  from clip_jax.cli import MissingPathError
+  from clip_jax.cli import MissingPathError, UserError
   from clip_jax.eval.embed import place_on_mesh
   from clip_jax.sharding import create_mesh
   from dreambooth_jax.sampling import pipeline as sd
@@ -168,6 +198,11 @@ def main(argv=None) -> int:
                               epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--clip", default="workdirs/digits", help="the digits CLIP (README: python -m clip_jax.train "
                  "--config=configs/clip/digits.py --workdir=workdirs/digits)")
+  p.add_argument("--clip-seeds", type=int, default=3, metavar="N",
+                 help="the drawings are guided by N CLIPs, the mean of their losses (an ensemble): --clip and, "
+                 "for i = 1 .. N-1, the README's digits recipe with --config.seed=i in {--clip}_seed{i}, trained "
+                 "first if not finished (~80 s each here); 1: --clip alone. The view checks and the edits use "
+                 "--clip alone")
   p.add_argument("--sd", default="runs/tiny_sd/export", help="the tiny SD (python -m dreambooth_jax.embedded.pretrain)")
   p.add_argument("--out", default="runs/clip_demos")
   p.add_argument("--draw-steps", type=int, default=300)
@@ -209,6 +244,8 @@ def main(argv=None) -> int:
   p.add_argument("--skip", choices=("draw", "edit"), action="append", default=[],
                  help="leave out a part (e.g. --skip edit: the drawings alone)")
   args = p.parse_args(argv)
+  if args.clip_seeds < 1:
+    raise UserError(f"--clip-seeds must be at least 1 (--clip alone), got {args.clip_seeds}.")
   for path, flag in ((args.clip, "--clip"), (args.sd, "--sd")):
     if not os.path.exists(path):
       raise MissingPathError(f"{flag} {path}: no such file or directory; see --help for the command that makes it.")
@@ -216,13 +253,18 @@ def main(argv=None) -> int:
   start = time.time()
   os.makedirs(args.out, exist_ok=True)
   mesh = create_mesh({"data": -1})
-  model, variables, tokenizer = guidance.load_guide(args.clip)
-  variables = place_on_mesh(variables, mesh)
+  clip_paths = seed_workdirs(args.clip, args.clip_seeds if "draw" not in args.skip else 1)
+  guides = []  # (model, variables, tokenizer) per CLIP; guides[0] is --clip
+  for path in clip_paths:
+    guides.append(guidance.load_guide(path))
+  guides = [(m, place_on_mesh(v, mesh), t) for m, v, t in guides]
+  model, variables, tokenizer = guides[0]
   train_images, train_labels = digit_images("train")
   test_images, test_labels = digit_images("test")
   judge, judge_accuracy = train_judge(train_images, train_labels, test_images, test_labels)
   print(f"judge (SVM on 8x8 ink): held-out accuracy {judge_accuracy:.3f}", flush=True)
-  results = {"judge_heldout_accuracy": judge_accuracy, "clip": args.clip, "sd": args.sd, "args": vars(args)}
+  results = {"judge_heldout_accuracy": judge_accuracy, "clip": args.clip, "drawing_clips": clip_paths, "sd": args.sd,
+             "args": vars(args)}
   lines = [f"Judge: RBF SVM on 8x8 ink maps of the training split, held-out accuracy {100 * judge_accuracy:.1f}%.", ""]
   # What the guidance loss can see: the CLIP's own accuracy on held-out scans through the views.
   prompt_emb = guidance.encode_prompts(model, variables, tokenizer, [prompt(d) for d in range(10)], mesh)
@@ -247,7 +289,7 @@ def main(argv=None) -> int:
                                      init_spread=args.init_spread, color_lr=args.color_lr,
                                      view_jitter=args.view_jitter)
     t0 = time.time()
-    drawings, history = run_drawings(model, variables, tokenizer, settings, args.seeds, mesh, seed=args.draw_seed,
+    drawings, history = run_drawings(guides, settings, args.seeds, mesh, seed=args.draw_seed,
                                      ensemble=args.prompt_ensemble, classifier=args.objective == "classifier")
     predicted = judge.predict(ink_features(drawings.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3))).reshape(args.seeds, 10)
     correct = predicted == np.arange(10)[None]
@@ -262,7 +304,8 @@ def main(argv=None) -> int:
               f"(perspective {args.distortion}, crop {args.crop_scale[0]}-{args.crop_scale[1]}) through {args.scan_size} px, the other nine digits as "
               f"negative prompts" + (", the zero-shot classifier's cross-entropy" if args.objective == "classifier" else "")
               + (", prompt ensembles of the 8 training captions" if args.prompt_ensemble else "")
-              + (", grid offset jittered" if args.view_jitter else "") + (f", the lowest CLIP loss of {args.restarts} restarts" if args.restarts > 1 else "") +
+              + (", grid offset jittered" if args.view_jitter else "")
+              + (f", guided by {len(guides)} CLIPs (the mean loss of {', '.join(clip_paths)})" if len(guides) > 1 else "") + (f", the lowest CLIP loss of {args.restarts} restarts" if args.restarts > 1 else "") +
               f", key {args.draw_seed}: "
               f"**{100 * correct.mean():.0f}%** of {correct.size} drawings read as the prompt's digit (chance 10%)", "",
               "| digit | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|",
