@@ -23,9 +23,11 @@ default (the paper's behaviour): `--view-resolution N` shows the CLIP the drawin
 average down, bicubic back up: `guidance.through_resolution`), for a CLIP trained on low-resolution
 images, e.g. the embedded digits CLIP with `--canvas 32 --view-resolution 8`; `--view-jitter` moves that
 N px grid by a random offset each step; `--restarts R` starts R drawings and keeps the one with the
-lowest CLIP loss. The embedded digits demo (`dreambooth_jax.embedded.clip_demos`) also sets what this
-command keeps at the paper's values (6 grey strokes of 2 segments, 300 steps, views with perspective 0.1
-and crops 0.7-0.9, the other digits as negative prompts): its numbers come from those settings.
+lowest CLIP loss. The embedded digits demo (`dreambooth_jax.embedded.clip_demos`) is closest to
+`--checkpoint workdirs/digits workdirs/digits_seed1 workdirs/digits_seed2 --canvas 32 --gray
+--view-resolution 8 --strokes 6 --steps 300 --distortion 0.1` with the other nine digits as `--negative`
+prompts; it also widens and speeds up the strokes for a 32 px canvas (its own settings, not flags here),
+so its numbers come from it, not from this command.
 """
 from __future__ import annotations
 
@@ -266,8 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--strokes", type=int, default=d.num_strokes, help="strokes per drawing (default %(default)s)")
   p.add_argument("--segments", type=int, default=d.segments, help="cubic segments per stroke (default %(default)s)")
   p.add_argument("--steps", type=int, default=d.steps, help="optimisation steps (default %(default)s)")
-  p.add_argument("--canvas", type=int, default=d.canvas, help="canvas side in pixels")
-  p.add_argument("--augmentations", type=int, default=d.augment.num, help="random views per step")
+  p.add_argument("--canvas", type=int, default=d.canvas, help="canvas side in pixels (default %(default)s)")
+  p.add_argument("--augmentations", type=int, default=d.augment.num, help="random views per step (default %(default)s)")
+  p.add_argument("--distortion", type=float, default=d.augment.distortion,
+                 help="the views' perspective distortion (default %(default)s, the paper's; the embedded digits "
+                 "demo uses 0.1, which its CLIP can read)")
+  p.add_argument("--crop-scale", type=float, nargs=2, default=d.augment.crop_scale, metavar=("LOW", "HIGH"),
+                 help="the views' random resized crop, area fraction (default %(default)s, the paper's)")
   p.add_argument("--gray", action="store_true", help="grey-level strokes only (ink drawings)")
   p.add_argument("--view-resolution", type=int, default=d.view_resolution, metavar="N",
                  help="the CLIP sees the drawing box-averaged to N x N px and bicubically upscaled back "
@@ -281,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--restarts", type=int, default=d.restarts, metavar="R",
                  help="start R drawings and keep the one with the lowest CLIP loss (default 1: the paper's single run)")
   p.add_argument("--seed", type=int, default=0, help="random key of the strokes' start and the views (default 0)")
-  p.add_argument("--frame-every", type=int, default=d.frame_every, help="GIF frame every N steps")
+  p.add_argument("--frame-every", type=int, default=d.frame_every, help="GIF frame every N steps (default %(default)s)")
   p.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint directory's own, else 'clip')")
   return p
 
@@ -293,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise cli.UserError("--view-jitter moves the --view-resolution grid: give --view-resolution N too (e.g. 8 "
                         "for the embedded digits CLIP).")
   settings = cli.as_user_errors(DrawSettings, num_strokes=args.strokes, segments=args.segments, steps=args.steps, canvas=args.canvas,
-                                augment=Augmentations(num=args.augmentations), gray=args.gray,
+                                augment=cli.as_user_errors(Augmentations, num=args.augmentations,
+                                                           distortion=args.distortion,
+                                                           crop_scale=tuple(args.crop_scale)), gray=args.gray,
                                 view_resolution=args.view_resolution, view_jitter=args.view_jitter,
                                 restarts=args.restarts,
                                 frame_every=args.frame_every)

@@ -209,6 +209,10 @@ def test_cli_flags_for_view_resolution_and_restarts(tmp_path):
                "--view-resolution", "5"])
   with pytest.raises(cli.UserError, match="--view-jitter moves the --view-resolution grid"):
     draw.main(["--checkpoint", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--view-jitter"])
+  assert (args.distortion, tuple(args.crop_scale)) == (0.5, (0.7, 0.9))  # the paper's views
+  with pytest.raises(cli.UserError, match="crop_scale must satisfy"):
+    draw.main(["--checkpoint", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--crop-scale", "0.9",
+               "0.5"])
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +285,37 @@ def test_digits_demo_trains_only_the_unfinished_seeds_of_its_ensemble(tmp_path, 
   assert clip_demos.seed_workdirs(clip, 1) == [clip] and len(calls) == 1  # --clip-seeds 1: --clip alone
   with pytest.raises(cli.UserError, match="--clip-seeds must be at least 1"):
     clip_demos.main(["--clip-seeds", "0"])
+
+
+_CHILD_THAT_SAVES_ON_CTRL_C = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def on_int(signum, frame):
+  time.sleep(1.0)  # a trainer writing its checkpoint
+  (out / "saved").write_text("ok")
+  sys.exit(75)
+signal.signal(signal.SIGINT, on_int)
+(out / "ready").write_text("ok")
+time.sleep(60)
+"""
+
+
+def test_a_demos_child_trainer_finishes_its_ctrl_c_save(tmp_path):
+  # The digits demo trains its seed CLIPs in child processes (finetune_demo.run_child): on Ctrl-C the
+  # child must be let finish saving; subprocess.run killed it 0.25 s in and lost its last steps.
+  import signal
+  import time
+  child = tmp_path / "child.py"
+  child.write_text(_CHILD_THAT_SAVES_ON_CTRL_C)
+  parent = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from clip_jax.finetune_demo import run_child; run_child([sys.executable, sys.argv[1], sys.argv[2]])")
+  proc = subprocess.Popen([sys.executable, "-c", parent, str(child), str(tmp_path)], start_new_session=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while not (tmp_path / "ready").exists():
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+    time.sleep(0.05)
+  os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+  _, stderr = proc.communicate(timeout=60)
+  assert (tmp_path / "saved").exists()
+  assert proc.returncode != 0 and "KeyboardInterrupt" in stderr

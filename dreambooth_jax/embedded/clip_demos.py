@@ -171,15 +171,17 @@ def grid(rows: list[np.ndarray], upscale: int = 3) -> np.ndarray:
   return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def seed_workdirs(clip: str, seeds: int, train: bool = True) -> list[str]:
-  """[clip, {clip}_seed1, ..., {clip}_seed{seeds-1}]: the drawings' CLIPs. With `train`, each seed
-  workdir whose run has not finished (no DONE record) is trained (or resumed) first with the README's
+def seed_workdirs(clip: str, seeds: int) -> list[str]:
+  """[clip, {clip}_seed1, ..., {clip}_seed{seeds-1}]: the drawings' CLIPs. Each seed workdir whose
+  run has not finished (no DONE record) is trained (or resumed) first with the README's
   digits recipe at --config.seed=i (`clip_jax.finetune_demo.train_child`, a child process)."""
   from clip_jax.finetune_demo import train_child
   from clip_jax.loop import finished
   paths = [clip] + [f"{clip.rstrip('/')}_seed{i}" for i in range(1, seeds)]
   for i, path in enumerate(paths[1:], start=1):
-    if train and finished(path) is None:
+    if finished(path) is not None:
+      print(f"{path}: a finished seed CLIP (--config.seed={i}) for the drawings' ensemble, used as it is", flush=True)
+    else:
       print(f"{path}: training another seed of the README's digits CLIP (--config.seed={i}) for the drawings' "
             "ensemble", flush=True)
       train_child("configs/clip/digits.py", path, f"--config.seed={i}")
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
             (dataclasses.replace(views, num=8), args.scan_size)}
   results["clip_view_accuracy"] = {name: view_accuracy(model, variables, prompt_emb, test_images, test_labels, aug, size,
                                                        jax.random.key(0)) for name, (aug, size) in checks.items()}
-  lines += ["The optimising CLIP's own zero-shot accuracy on the held-out scans, seen as the optimised images are:", "",
+  lines += [f"The CLIP {args.clip}'s own zero-shot accuracy on the held-out scans, seen as the optimised images are:", "",
             "| scans seen | CLIP top-1 |", "|---|---|"]
   lines += [f"| {name} | {100 * acc:.1f}% |" for name, acc in results["clip_view_accuracy"].items()] + [""]
 
@@ -305,7 +307,8 @@ def main(argv=None) -> int:
               f"negative prompts" + (", the zero-shot classifier's cross-entropy" if args.objective == "classifier" else "")
               + (", prompt ensembles of the 8 training captions" if args.prompt_ensemble else "")
               + (", grid offset jittered" if args.view_jitter else "")
-              + (f", guided by {len(guides)} CLIPs (the mean loss of {', '.join(clip_paths)})" if len(guides) > 1 else "") + (f", the lowest CLIP loss of {args.restarts} restarts" if args.restarts > 1 else "") +
+              + (f", guided by {len(guides)} CLIPs (the mean loss of {', '.join(clip_paths)})" if len(guides) > 1
+                 else f", guided by {clip_paths[0]} alone") + (f", the lowest CLIP loss of {args.restarts} restarts" if args.restarts > 1 else "") +
               f", key {args.draw_seed}: "
               f"**{100 * correct.mean():.0f}%** of {correct.size} drawings read as the prompt's digit (chance 10%)", "",
               "| digit | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|",
@@ -348,7 +351,9 @@ def main(argv=None) -> int:
     json.dump(results, f, indent=2)
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  print(f"Wrote {args.out}/table.md, results.json, drawings.png, edits.png ({results['seconds']} s)", flush=True)
+  written = ["table.md", "results.json"] + (["drawings.png"] if "draw" not in args.skip else []) + (
+      ["edits.png"] if "edit" not in args.skip else [])
+  print(f"Wrote {args.out}/{', '.join(written)} ({results['seconds']} s)", flush=True)
   return 0
 
 
