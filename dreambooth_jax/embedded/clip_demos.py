@@ -171,6 +171,10 @@ def grid(rows: list[np.ndarray], upscale: int = 3) -> np.ndarray:
   return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The module docstring as written, and every option's default in --help."""
+
+
 def seed_workdirs(clip: str, seeds: int) -> list[str]:
   """[clip, {clip}_seed1, ..., {clip}_seed{seeds-1}]: the drawings' CLIPs. Each seed workdir whose
   run has not finished (no DONE record) is trained (or resumed) first with the README's
@@ -197,7 +201,7 @@ def main(argv=None) -> int:
   from dreambooth_jax.sampling import pipeline as sd
 
   p = argparse.ArgumentParser(prog="python -m dreambooth_jax.embedded.clip_demos", description=__doc__.split("\n\n")[0],
-                              epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
   p.add_argument("--clip", default="workdirs/digits", help="the digits CLIP (README: python -m clip_jax.train "
                  "--config=configs/clip/digits.py --workdir=workdirs/digits)")
   p.add_argument("--clip-seeds", type=int, default=3, metavar="N",
@@ -206,9 +210,9 @@ def main(argv=None) -> int:
                  "first if not finished (~80 s each here); 1: --clip alone. The view checks and the edits use "
                  "--clip alone")
   p.add_argument("--sd", default="runs/tiny_sd/export", help="the tiny SD (python -m dreambooth_jax.embedded.pretrain)")
-  p.add_argument("--out", default="runs/clip_demos")
-  p.add_argument("--draw-steps", type=int, default=300)
-  p.add_argument("--strokes", type=int, default=6)
+  p.add_argument("--out", default="runs/clip_demos", help="directory for table.md, results.json and the pictures")
+  p.add_argument("--draw-steps", type=int, default=300, help="optimisation steps per drawing")
+  p.add_argument("--strokes", type=int, default=6, help="grey strokes per drawing (2 cubic segments each)")
   p.add_argument("--seeds", type=int, default=3, help="drawings per digit")
   p.add_argument("--restarts", type=int, default=1, help="drawings started per result; the one with the lowest "
                  "CLIP loss (mean of its last 10%% of steps) is kept, never chosen by the judge")
@@ -231,17 +235,18 @@ def main(argv=None) -> int:
   p.add_argument("--view-jitter", action="store_true", help="the drawings' --scan-size grid at a random "
                  "whole-pixel offset per drawing and step (the ink cannot suit one fixed grid)")
   p.add_argument("--edit-steps", type=int, default=300, help="latent optimisation steps")
-  p.add_argument("--mapper-steps", type=int, default=500)
+  p.add_argument("--mapper-steps", type=int, default=500, help="training steps of the latent mapper")
   p.add_argument("--l2-weight", type=float, default=0.004, help="lambda_L2 of the latent optimisation")
   p.add_argument("--mapper-l2-weight", type=float, default=0.8, help="lambda_L2 of the mapper (paper: 0.8)")
-  p.add_argument("--color-edits", action="store_true", help="keep the VAE's colours (default: grey, the digits')")
+  p.add_argument("--color-edits", action="store_true", help="keep the VAE's colours (off: grey, the digits')")
   p.add_argument("--source-negative", action=argparse.BooleanOptionalAction, default=True,
                  help="the source digit's prompt as a negative prompt of optimize / mapper")
   p.add_argument("--alpha", type=float, default=3.0, help="global direction strength")
   p.add_argument("--edit-augmentations", type=int, default=4, help="CLIP views per step for optimize / mapper")
-  p.add_argument("--beta", type=float, default=0.1)
-  p.add_argument("--source-digit", type=int, default=3)
-  p.add_argument("--target-digit", type=int, default=8)
+  p.add_argument("--beta", type=float, default=0.1, help="global direction: the disentanglement threshold "
+                 "(StyleCLIP's beta)")
+  p.add_argument("--source-digit", type=int, default=3, help="the edits' held-out source class")
+  p.add_argument("--target-digit", type=int, default=8, help="the edits' target class")
   p.add_argument("--max-sources", type=int, default=0, help="edit only the first N held-out sources (0: all)")
   p.add_argument("--skip", choices=("draw", "edit"), action="append", default=[],
                  help="leave out a part (e.g. --skip edit: the drawings alone)")
