@@ -105,6 +105,7 @@ def test_bad_strokes_are_refused():
     rasterize.render(rasterize.Strokes(jnp.zeros((2, 5, 2)), jnp.ones(2), jnp.ones((2, 4))), 8, 8)
 
 
+@pytest.mark.slow  # ~9 s at load ~1.7: out of the fast subset (< 5 min)
 def test_draw_loop_lowers_its_loss_and_keeps_the_clamps():
   # A non-CLIP target keeps this fast: make the drawing dark in the middle square.
   target = jnp.ones((32, 32, 3)).at[8:24, 8:24].set(0.0)

@@ -195,6 +195,7 @@ def test_encode_prompt_equals_diffusers(torch_pipe, ours):
   np.testing.assert_allclose(sharded, embeddings, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # ~15 s at load ~1.7: out of the fast subset (< 5 min); the schedulers' own parity tests stay in it
 def test_generate_ddim_equals_diffusers_given_the_same_latents(torch_pipe, ours, initial_latents):
   _, pipe = torch_pipe
   reference = _diffusers_images(pipe, initial_latents, guidance_scale=4.0)  # [2, 16, 16, 3] in [0, 1]
