@@ -189,3 +189,15 @@ def test_short_pretraining_follows_prompts_then_table3_smoke(tmp_path):
   for path in result["grids"].values():
     assert os.path.isfile(path)
   assert len(os.listdir(tmp_path / "t3" / "runs" / "seed1" / "prior" / "class_images")) == 4
+
+
+def test_ensure_digits_clip_trains_through_the_ctrl_c_safe_child_only_when_absent(tmp_path, monkeypatch):
+  from clip_jax import finetune_demo
+  calls = []
+  monkeypatch.setattr(finetune_demo, "train_child", lambda config, workdir, *overrides: calls.append((config, workdir)))
+  absent = str(tmp_path / "digits")
+  assert pretrain.ensure_digits_clip(absent) == absent
+  assert calls == [("configs/clip/digits.py", absent)]
+  os.makedirs(absent)
+  pretrain.ensure_digits_clip(absent)
+  assert len(calls) == 1  # something is there: used as it is

@@ -261,10 +261,8 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   mesh = create_mesh({"data": -1})
   clip_paths = seed_workdirs(args.clip, args.clip_seeds if "draw" not in args.skip else 1)
-  guides = []  # (model, variables, tokenizer) per CLIP; guides[0] is --clip
-  for path in clip_paths:
-    guides.append(guidance.load_guide(path))
-  guides = [(m, place_on_mesh(v, mesh), t) for m, v, t in guides]
+  # (model, variables, tokenizer) per CLIP; guides[0] is --clip
+  guides = [(m, place_on_mesh(v, mesh), t) for m, v, t in map(guidance.load_guide, clip_paths)]
   model, variables, tokenizer = guides[0]
   train_images, train_labels = digit_images("train")
   test_images, test_labels = digit_images("test")

@@ -246,12 +246,10 @@ def ensure_digits_clip(path: str = DIGITS_CLIP) -> str:
   """`path`, after training the digits CLIP there with the README's first command (~80 s on 2 cores;
   `python -m clip_jax.train --config=configs/clip/digits.py`) when nothing is there yet."""
   if not os.path.exists(path):
-    import subprocess
-    import sys
+    from clip_jax.finetune_demo import train_child  # lets the child finish its Ctrl-C save
     print(f"No digits CLIP at {path}: training it (python -m clip_jax.train --config=configs/clip/digits.py)",
           flush=True)
-    subprocess.run([sys.executable, "-m", "clip_jax.train", "--config=configs/clip/digits.py", f"--workdir={path}"],
-                   check=True)
+    train_child("configs/clip/digits.py", path)
   return path
 
 
