@@ -181,6 +181,7 @@ def test_retrieval_metrics_equal_numpy():
 
 
 # ----------------------------------------------------------------------------- sharded passes
+@pytest.mark.slow  # 7-9 s; the sharded text pass below stays in the fast subset
 def test_sharded_zeroshot_counts_every_example_once(tiny, mesh, tmp_path):
   model, variables = tiny
   tokenizer = get_tokenizer("clip", context_length=model.config.text.context_length)

@@ -58,7 +58,10 @@ def test_through_resolution_is_box_average_then_pils_bicubic():
     guidance.through_resolution(jnp.zeros((1, 30, 30, 3)), 8)
 
 
-@pytest.mark.parametrize("augment", [guidance.NO_AUGMENTATION, guidance.Augmentations(num=2)], ids=["plain", "augmented"])
+# The augmented case is slow (7-8 s): the fast subset keeps the plain case and the views' own tests above.
+@pytest.mark.parametrize("augment", [guidance.NO_AUGMENTATION,
+                                     pytest.param(guidance.Augmentations(num=2), marks=pytest.mark.slow)],
+                         ids=["plain", "augmented"])
 def test_gradient_wrt_image_matches_finite_differences(tiny, augment):
   model, variables = tiny
   images = jax.random.uniform(jax.random.key(1), (1, 20, 24, 3))  # not the model's 32 px: resized inside
