@@ -5,7 +5,8 @@ r"""The embedded fine-tuning demonstration (no downloads): starting from the tra
 (a) fine-tunes it at 48 px (its 4 x 4 positional grid resampled to 6 x 6), (b) trains a text tower
 from scratch against its locked image tower (LiT), (c) mixes the original and (a) in weight space
 (WiSE-FT), and evaluates everything on the held-out digits with the evaluation CLI's zero-shot task.
-A missing `--pretrained` workdir is trained first with the README's command. Each run resumes if
+A missing or unfinished `--pretrained` workdir is trained (or resumed) first with the README's command
+(`clip_jax.child_runs.ensure_trained`); an exported checkpoint is used as it is. Each run resumes if
 interrupted. Writes ROOT/results.md and ROOT/results.json (one row per model), ROOT/wise_ft/ (the
 WiSE-FT table and plot) and each run's own workdir.
 """
@@ -14,40 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from typing import Any, Sequence
 
 TASKS = "zeroshot:digits"
-
-
-def run_child(command: Sequence[str]) -> None:
-  """Runs `command` and waits for it; raises subprocess.CalledProcessError when it fails.
-
-  On Ctrl-C the child (same process group) gets the SIGINT too and a trainer then saves a checkpoint
-  before it exits: wait for that, then stop with KeyboardInterrupt. (`subprocess.run` would kill the
-  child 0.25 s after the Ctrl-C, losing the steps since its last checkpoint.) A second Ctrl-C
-  while waiting stops the wait."""
-  process = subprocess.Popen(list(command))
-  try:
-    code = process.wait()
-  except KeyboardInterrupt:
-    try:
-      process.wait()
-    except KeyboardInterrupt:
-      process.kill()
-      raise
-    raise
-  if code:
-    raise subprocess.CalledProcessError(code, list(command))
-
-
-def train_child(config: str, workdir: str, *overrides: str) -> float:
-  """`python -m clip_jax.train` in a child process (it resumes a workdir); returns seconds."""
-  start = time.time()
-  run_child([sys.executable, "-m", "clip_jax.train", f"--config={config}", f"--workdir={workdir}", *overrides])
-  return time.time() - start
 
 
 def _evaluate(loaded: tuple, label: str, out_dir: str, path_for_tokenizer: str) -> dict[str, float]:
@@ -60,11 +30,9 @@ def _evaluate(loaded: tuple, label: str, out_dir: str, path_for_tokenizer: str) 
 def run(pretrained: str, root: str, alphas: str) -> list[dict[str, Any]]:
   from clip_jax import wise_ft
   from clip_jax.convert import load_checkpoint
-  from clip_jax.pretrained import workdir_has_checkpoint
+  from clip_jax.child_runs import ensure_trained, train_child
   rows = []
-  if not workdir_has_checkpoint(pretrained):
-    print(f"{pretrained} holds no checkpoint: training it first (the README's digits run).", flush=True)
-    train_child("configs/clip/digits.py", pretrained)
+  ensure_trained(pretrained, "configs/clip/digits.py", log=lambda line: print(line, flush=True))
   runs = {"res48": os.path.join(root, "res48"), "lit": os.path.join(root, "lit")}
   seconds = {name: train_child(f"configs/clip/digits_finetune.py:{name}", workdir, f"--config.init.checkpoint={pretrained}")
              for name, workdir in runs.items()}

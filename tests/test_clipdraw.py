@@ -273,10 +273,10 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_digits_demo_trains_only_the_unfinished_seeds_of_its_ensemble(tmp_path, monkeypatch):
-  from clip_jax import finetune_demo, loop
+  from clip_jax import child_runs, loop
   from dreambooth_jax.embedded import clip_demos
   calls = []
-  monkeypatch.setattr(finetune_demo, "train_child", lambda config, workdir, *overrides: calls.append(
+  monkeypatch.setattr(child_runs, "train_child", lambda config, workdir, *overrides: calls.append(
       (config, workdir, overrides)) or 0.0)
   clip = str(tmp_path / "digits")
   os.makedirs(clip + "_seed1")
@@ -302,14 +302,14 @@ time.sleep(60)
 
 
 def test_a_demos_child_trainer_finishes_its_ctrl_c_save(tmp_path):
-  # The digits demo trains its seed CLIPs in child processes (finetune_demo.run_child): on Ctrl-C the
+  # The digits demo trains its seed CLIPs in child processes (child_runs.run_child): on Ctrl-C the
   # child must be let finish saving; subprocess.run killed it 0.25 s in and lost its last steps.
   import signal
   import time
   child = tmp_path / "child.py"
   child.write_text(_CHILD_THAT_SAVES_ON_CTRL_C)
   parent = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "from clip_jax.finetune_demo import run_child; run_child([sys.executable, sys.argv[1], sys.argv[2]])")
+            "from clip_jax.child_runs import run_child; run_child([sys.executable, sys.argv[1], sys.argv[2]])")
   proc = subprocess.Popen([sys.executable, "-c", parent, str(child), str(tmp_path)], start_new_session=True,
                           cwd=os.path.dirname(os.path.dirname(__file__)), stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 60

@@ -191,13 +191,15 @@ def test_short_pretraining_follows_prompts_then_table3_smoke(tmp_path):
   assert len(os.listdir(tmp_path / "t3" / "runs" / "seed1" / "prior" / "class_images")) == 4
 
 
-def test_ensure_digits_clip_trains_through_the_ctrl_c_safe_child_only_when_absent(tmp_path, monkeypatch):
-  from clip_jax import finetune_demo
+def test_ensure_digits_clip_trains_through_the_ctrl_c_safe_child_unless_finished(tmp_path, monkeypatch):
+  # The rule itself (finished, absent, interrupted, exported) is tested in tests/test_child_runs.py.
+  from clip_jax import child_runs, loop
   calls = []
-  monkeypatch.setattr(finetune_demo, "train_child", lambda config, workdir, *overrides: calls.append((config, workdir)))
+  monkeypatch.setattr(child_runs, "train_child", lambda config, workdir, *overrides: calls.append((config, workdir)))
   absent = str(tmp_path / "digits")
   assert pretrain.ensure_digits_clip(absent) == absent
   assert calls == [("configs/clip/digits.py", absent)]
   os.makedirs(absent)
+  loop.mark_finished(absent, 600)
   pretrain.ensure_digits_clip(absent)
-  assert len(calls) == 1  # something is there: used as it is
+  assert len(calls) == 1  # finished: used as it is

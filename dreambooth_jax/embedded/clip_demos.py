@@ -178,17 +178,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def seed_workdirs(clip: str, seeds: int) -> list[str]:
   """[clip, {clip}_seed1, ..., {clip}_seed{seeds-1}]: the drawings' CLIPs. Each seed workdir whose
   run has not finished (no DONE record) is trained (or resumed) first with the README's
-  digits recipe at --config.seed=i (`clip_jax.finetune_demo.train_child`, a child process)."""
-  from clip_jax.finetune_demo import train_child
-  from clip_jax.loop import finished
+  digits recipe at --config.seed=i (`clip_jax.child_runs.ensure_trained`: a child process)."""
+  from clip_jax.child_runs import ensure_trained
   paths = [clip] + [f"{clip.rstrip('/')}_seed{i}" for i in range(1, seeds)]
   for i, path in enumerate(paths[1:], start=1):
-    if finished(path) is not None:
-      print(f"{path}: a finished seed CLIP (--config.seed={i}) for the drawings' ensemble, used as it is", flush=True)
-    else:
-      print(f"{path}: training another seed of the README's digits CLIP (--config.seed={i}) for the drawings' "
-            "ensemble", flush=True)
-      train_child("configs/clip/digits.py", path, f"--config.seed={i}")
+    ensure_trained(path, "configs/clip/digits.py", f"--config.seed={i}",
+                   log=lambda line: print(f"{line} [seed CLIP {i} of the drawings' ensemble]", flush=True))
   return paths
 
 

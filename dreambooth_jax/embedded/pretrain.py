@@ -244,12 +244,10 @@ def clip_text_tower(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def ensure_digits_clip(path: str = DIGITS_CLIP) -> str:
   """`path`, after training the digits CLIP there with the README's first command (~80 s on 2 cores;
-  `python -m clip_jax.train --config=configs/clip/digits.py`) when nothing is there yet."""
-  if not os.path.exists(path):
-    from clip_jax.finetune_demo import train_child  # lets the child finish its Ctrl-C save
-    print(f"No digits CLIP at {path}: training it (python -m clip_jax.train --config=configs/clip/digits.py)",
-          flush=True)
-    train_child("configs/clip/digits.py", path)
+  `python -m clip_jax.train --config=configs/clip/digits.py`) when nothing is there yet, or resuming
+  it when its run is unfinished (`clip_jax.child_runs.ensure_trained`)."""
+  from clip_jax.child_runs import ensure_trained
+  ensure_trained(path, "configs/clip/digits.py", log=lambda line: print(line, flush=True))
   return path
 
 

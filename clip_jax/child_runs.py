@@ -1,0 +1,97 @@
+"""Trainers run as child processes by the demos (`clip_jax.finetune_demo`, the embedded DreamBooth
+pretraining and Table 3, `dreambooth_jax.embedded.clip_demos`), and the one rule for whether the CLIP
+a demo needs is trained yet (`ensure_trained`)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+from clip_jax.cli import UserError
+
+RESULTS_FILE = "results.json"  # what clip_jax.train writes when its run ends (before DONE existed, the only record)
+
+
+class ChildFailed(UserError):
+  """A child command exited with an error; its own message is already on stderr."""
+
+
+def run_child(command: Sequence[str]) -> None:
+  """Runs `command` and waits for it; raises ChildFailed (a one-line UserError naming the command and
+  its exit status: the child has printed its own message above) when it fails.
+
+  On Ctrl-C the child (same process group) gets the SIGINT too and a trainer then saves a checkpoint
+  before it exits: wait for that, then stop with KeyboardInterrupt. (`subprocess.run` would kill the
+  child 0.25 s after the Ctrl-C, losing the steps since its last checkpoint.) A second Ctrl-C
+  while waiting stops the wait."""
+  process = subprocess.Popen(list(command))
+  try:
+    code = process.wait()
+  except KeyboardInterrupt:
+    try:
+      process.wait()
+    except KeyboardInterrupt:
+      process.kill()
+      raise
+    raise
+  if code:
+    shown = " ".join(["python" if i == 0 and part == sys.executable else part for i, part in enumerate(command)])
+    raise ChildFailed(f"`{shown}` exited with status {code} (its own message is above)")
+
+
+def train_child(config: str, workdir: str, *overrides: str) -> float:
+  """`python -m clip_jax.train` in a child process (it resumes a workdir); returns seconds."""
+  start = time.time()
+  run_child([sys.executable, "-m", "clip_jax.train", f"--config={config}", f"--workdir={workdir}", *overrides])
+  return time.time() - start
+
+
+def is_trainer_workdir(path: str) -> bool:
+  """Whether `path` is a folder a trainer of this project started: it holds `checkpoints/`,
+  `metrics.jsonl`, or the trainer's config record (a config.json with `total_steps`; Hugging Face
+  folders also hold a config.json, without that key)."""
+  from clip_jax import loop
+  if not os.path.isdir(path):
+    return False
+  if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.exists(os.path.join(path, "metrics.jsonl")):
+    return True
+  try:
+    with open(os.path.join(path, loop.CONFIG_FILE)) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(record, dict) and "total_steps" in record
+
+
+def ensure_trained(path: str, config: str, *overrides: str, log: Callable[[str], None] = print) -> bool:
+  """Makes `path` a usable CLIP for a demo; returns True when it ran the trainer (a child process).
+  Raises ChildFailed (one line) when the trainer fails, e.g. on an unfinished workdir started with
+  other settings (the trainer names them).
+
+  - a finished run (its DONE record, or, from before DONE records, the trainer's results.json):
+    used as it is;
+  - nothing at `path`: trained with `config` (and `overrides`, e.g. '--config.seed=1');
+  - a trainer workdir without DONE (interrupted, or finished before DONE records existed): the
+    same command resumes it from its last checkpoint to the end (a run already at its last step
+    only writes its results and DONE), so a Ctrl-C'd run is never used half-trained;
+  - anything else (an exported or converted checkpoint: a file, an open_clip or Hugging Face
+    folder): used as it is, never trained into.
+  """
+  from clip_jax import loop
+  if loop.finished(path) is not None or (is_trainer_workdir(path) and os.path.isfile(os.path.join(path, RESULTS_FILE))):
+    log(f"{path}: a finished run, used as it is")
+    return False
+  if not os.path.exists(path):
+    log(f"{path}: nothing there yet, training it (python -m clip_jax.train --config={config} {' '.join(overrides)})"
+        .rstrip())
+  elif is_trainer_workdir(path):
+    log(f"{path}: an unfinished run (no DONE record), resuming it to the end (--config={config} "
+        f"{' '.join(overrides)})".replace(" )", ")"))
+  else:
+    log(f"{path}: a checkpoint, not a trainer workdir: used as it is")
+    return False
+  train_child(config, path, *overrides)
+  return True
