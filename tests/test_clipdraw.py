@@ -288,6 +288,14 @@ def test_digits_demo_trains_only_the_unfinished_seeds_of_its_ensemble(tmp_path, 
     clip_demos.main(["--clip-seeds", "0"])
 
 
+def test_drawing_captions_name_the_digit_and_what_the_judge_read():
+  from dreambooth_jax.embedded import clip_demos
+  predicted = np.tile(np.arange(10), (3, 1))
+  predicted[1, 3], predicted[2, 3] = 5, 8  # two of digit 3's three drawings misread
+  labels = clip_demos.drawing_labels(predicted)
+  assert len(labels) == 10 and labels[0] == "0: judge read 0, 0, 0 (3/3)" and labels[3] == "3: judge read 3, 5, 8 (1/3)"
+
+
 _CHILD_THAT_SAVES_ON_CTRL_C = """
 import pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])

@@ -27,7 +27,8 @@ The judge is a scikit-learn SVM trained on the training split's pixels (8x8 ink 
 own resolution; a drawing is averaged down to 8x8 the same way), never the CLIP that optimised. An
 edit succeeds when the judge reads the target digit AND the edit is closer (pixel L2, 32 px) to its
 source than a random held-out image of the target class is. Writes OUT/table.md, OUT/results.json,
-OUT/drawings.png (rows: digits 0-9, columns: seeds) and OUT/edits.png (rows: source, then each method).
+OUT/drawings.png (rows: digits 0-9, each captioned with its prompt and what the judge read; columns:
+seeds) and OUT/edits.png (rows: the sources, then each method, captioned with its scores).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import numpy as np
 
 from clip_jax import draw as draw_lib
 from clip_jax import guidance, styleclip
+from clip_jax.observe import save_image_grid
 from dreambooth_jax import edit as edit_lib
 # The judge (an SVM on 8x8 ink maps) is shared with the embedded Table 3's prompt accuracy.
 from dreambooth_jax.eval.digit_classifier import IMAGE_SIZE, digit_images, ink_features, train_judge
@@ -163,12 +165,14 @@ def edit_scores(judge, edited, sources, target_pool, target_digit, rng):
 
 
 # ----------------------------------------------------------------------------- the whole demo
-def grid(rows: list[np.ndarray], upscale: int = 3) -> np.ndarray:
-  """Rows of images [k, h, w, 3] in [0, 1] -> uint8 grid with 1 px grey lines, upscaled."""
-  rows = [np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=0.6) for im in row], 1) for row in rows]
-  image = np.concatenate(rows, 0)
-  image = np.repeat(np.repeat(image, upscale, 0), upscale, 1)
-  return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+def drawing_labels(predicted: np.ndarray) -> list[str]:
+  """One caption per digit's row of drawings: the prompted digit and what the judge read in each seed's
+  drawing, e.g. '3: judge read 3, 5 (1/2)'. predicted: [seeds, 10] the judge's digit per drawing."""
+  return [f"{d}: judge read {', '.join(str(int(p)) for p in predicted[:, d])} "
+          f"({int((predicted[:, d] == d).sum())}/{len(predicted)})" for d in range(predicted.shape[1])]
+
+
+GRID_CELL_PX = 96  # the 32-px digits enlarged 3x, pixels kept sharp
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -188,8 +192,6 @@ def seed_workdirs(clip: str, seeds: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-  from PIL import Image
-
   from clip_jax.cli import MissingPathError, UserError
   from clip_jax.eval.embed import place_on_mesh
   from clip_jax.sharding import create_mesh
@@ -299,7 +301,10 @@ def main(argv=None) -> int:
                            "restart_loss": history["restart_loss"].reshape(-1, args.seeds, 10).tolist(),
                            "restart_kept": history["kept"].reshape(args.seeds, 10).tolist(),
                            "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
-    Image.fromarray(grid([drawings[:, d] for d in range(10)])).save(os.path.join(args.out, "drawings.png"))
+    save_image_grid([drawings[:, d] for d in range(10)], os.path.join(args.out, "drawings.png"),
+                    labels=drawing_labels(predicted), min_cell=GRID_CELL_PX,
+                    title=f"CLIPDraw of 'a handwritten {{digit}}.', key {args.draw_seed}, {len(guides)} CLIP(s): "
+                          f"{100 * correct.mean():.0f}% read right (columns: seeds)")
     lines += [f"(a) CLIPDraw, {args.strokes} grey strokes x 2 segments, {args.draw_steps} steps, {args.views} views "
               f"(perspective {args.distortion}, crop {args.crop_scale[0]}-{args.crop_scale[1]}) through {args.scan_size} px, the other nine digits as "
               f"negative prompts" + (", the zero-shot classifier's cross-entropy" if args.objective == "classifier" else "")
@@ -340,8 +345,13 @@ def main(argv=None) -> int:
                    f"| **{100 * scores['both']:.0f}%** | {scores['mean_distance_edit']:.2f} / "
                    f"{scores['mean_distance_random_target']:.2f} |")
     shown = slice(0, min(12, len(sources)))
-    Image.fromarray(grid([sources[shown]] + [edited[m][shown] for m in edit_lib.METHODS])).save(
-        os.path.join(args.out, "edits.png"))
+    scored = results["edits"]["methods"]
+    save_image_grid([sources[shown]] + [edited[m][shown] for m in edit_lib.METHODS], os.path.join(args.out, "edits.png"),
+                    labels=[f"held-out {args.source_digit}s (the sources)"] + [
+                        f"{m}: {100 * scored[m]['read_as_target']:.0f}% read as {args.target_digit}, "
+                        f"{100 * scored[m]['both']:.0f}% also closer to their source than a random {args.target_digit}"
+                        for m in edit_lib.METHODS], min_cell=GRID_CELL_PX,
+                    title=f"StyleCLIP edits toward {prompt(args.target_digit)!r} (columns: the first {shown.stop} sources)")
     print("\n".join(lines[-6:]), flush=True)
 
   results["seconds"] = round(time.time() - start, 1)
