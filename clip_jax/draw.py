@@ -6,7 +6,17 @@ so that a CLIP model matches it to a text.
 CKPT is anything `clip_jax.load_checkpoint` reads (OpenAI / open_clip files, a Hugging Face
 directory, a training workdir). Several checkpoints guide as an ensemble: the loss is their mean
 (`guidance.ensemble_loss`), each model with its own text embeddings and views. Writes DIR/drawing.png, DIR/drawing.gif and DIR/frames/ (the drawing
-appearing), DIR/strokes.npz and DIR/result.json (losses, settings, time).
+appearing), DIR/strokes.npz and DIR/result.json:
+
+  loss_first_step, loss_last_step  the optimised loss (with random views, so noisy) at the first and last step
+  restart_losses, restart_kept     each restart's loss averaged over the last tenth of the steps, and the
+                                   index of the one kept (the lowest); one entry without --restarts
+  cosine_to_prompt                 cosine(drawing, prompt) of the final drawing seen without augmentation
+                                   (through --view-resolution if set): the number to compare across runs;
+                                   with several checkpoints their mean, each in cosine_to_prompt_per_checkpoint
+  settings                         every DrawSettings field as used; points_lr and max_width are in pixels of
+                                   a 224 px canvas (the run multiplies them by canvas / 224)
+  seconds                          wall time of the optimisation
 
 Settings (`DrawSettings`). From the authors' released code (kvfrans/clipdraw, its notebook and
 predict.py), which the paper's experiments ran: 256 paths, 1000 iterations, a 224 px canvas, 4
