@@ -315,13 +315,14 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
       "(after jax.clear_caches(): the executable from the persistent cache).",
       "",
       f"| variant | step (s) | rounds (s) | vs diffusers' best ({best or '-'}) | peak RSS (GiB) | vs {best or '-'} "
-      "| peak RSS, one step (GiB) | RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) | trace+lower / compile / cached compile (s) | first step (s) |",
-      "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      f"| peak RSS, one step (GiB) | one step vs {best or '-'} | RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) "
+      "| trace+lower / compile / cached compile (s) | first step (s) |",
+      "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   digits = 4 if args.device == "gpu" else 2  # GPU steps of a tenth of a second: milliseconds matter
   for name, rounds in results.items():
     if not ok[name]:
-      lines.append(f"| {name} | failed: {rounds[-1]['error']} | | | | | | | | | | |")
+      lines.append(f"| {name} | failed: {rounds[-1]['error']} | | | | | | | | | | | |")
       continue
     good = ok[name]
     step = _median(good, "step_s")
@@ -334,13 +335,16 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
     device_peak = (f"{_median(good, 'device_peak_bytes') / GIB:.2f}" if good[0].get("device_peak_bytes") else "-")
     compile_s = (" / ".join(f"{_median(good, k):.1f}" for k in ("lower_s", "compile_s", "cached_compile_s"))
                  if good[0].get("lower_s") is not None else "-")
-    one_step = (f"{_median(good, 'first_timed_step_peak_rss_bytes') / GIB:.2f}"
-                if good[0].get("first_timed_step_peak_rss_bytes") else "-")
+    one_step_bytes = lambda rows: _median(rows, "first_timed_step_peak_rss_bytes")  # noqa: E731
+    has_one_step = lambda rows: bool(rows and rows[0].get("first_timed_step_peak_rss_bytes"))  # noqa: E731
+    one_step = f"{one_step_bytes(good) / GIB:.2f}" if has_one_step(good) else "-"
+    one_step_ratio = (f"{one_step_bytes(good) / one_step_bytes(ok[best]):.2f}x"
+                      if best and has_one_step(good) and has_one_step(ok[best]) else "-")
     rounds_s = ", ".join(f"{r['step_s']:.2f}" for r in good)
     if args.device == "gpu":  # steps of a tenth of a second: milliseconds matter
       rounds_s = ", ".join(f"{r['step_s']:.4f}" for r in good)
     lines.append(f"| {name} | {step:.{digits}f} | {rounds_s} | {speed} "
-                 f"| {peak / GIB:.2f} | {memory} | {one_step} | {_median(good, 'rss_before_bytes') / GIB:.2f} | {xla} "
+                 f"| {peak / GIB:.2f} | {memory} | {one_step} | {one_step_ratio} | {_median(good, 'rss_before_bytes') / GIB:.2f} | {xla} "
                  f"| {device_peak} | {compile_s} | {_median(good, 'first_step_s'):.1f} |")
   versions = sorted({r["version"] for rounds in ok.values() for r in rounds})
   cudnn = sorted({r["cudnn_attention_calls"] for rounds in ok.values() for r in rounds if "cudnn_attention_calls" in r})
