@@ -66,6 +66,26 @@ def is_trainer_workdir(path: str) -> bool:
   return isinstance(record, dict) and "total_steps" in record
 
 
+def is_finished(path: str) -> bool:
+  """A run whose trainer wrote its results: its DONE record, or (from before DONE records) the
+  results.json a trainer workdir gets at the end."""
+  from clip_jax import loop
+  return loop.finished(path) is not None or (is_trainer_workdir(path) and os.path.isfile(os.path.join(path, RESULTS_FILE)))
+
+
+def unfinished_warning(path: str, flag: str) -> str | None:
+  """For a CLIP a demo takes as given (`flag` PATH, not trained by the demo): one warning line when
+  PATH is a trainer workdir whose run has not finished (it loads at its last checkpoint, partly
+  trained), else None."""
+  from clip_jax import loop
+  if not is_trainer_workdir(path) or is_finished(path):
+    return None
+  steps = loop.saved_steps(path)
+  at = f"its last checkpoint, step {steps[-1]}" if steps else "no checkpoint yet"
+  return (f"warning: {flag} {path} is an unfinished training run (no DONE record; {at}): used as it is, partly "
+          "trained; rerun its training command with the same --workdir to finish it first")
+
+
 def ensure_trained(path: str, config: str, *overrides: str, log: Callable[[str], None] = print) -> bool:
   """Makes `path` a usable CLIP for a demo; returns True when it ran the trainer (a child process).
   Raises ChildFailed (one line) when the trainer fails, e.g. on an unfinished workdir started with
@@ -80,8 +100,7 @@ def ensure_trained(path: str, config: str, *overrides: str, log: Callable[[str],
   - anything else (an exported or converted checkpoint: a file, an open_clip or Hugging Face
     folder): used as it is, never trained into.
   """
-  from clip_jax import loop
-  if loop.finished(path) is not None or (is_trainer_workdir(path) and os.path.isfile(os.path.join(path, RESULTS_FILE))):
+  if is_finished(path):
     log(f"{path}: a finished run, used as it is")
     return False
   if not os.path.exists(path):

@@ -82,3 +82,19 @@ def test_an_exported_checkpoint_is_used_as_it_is_never_trained_into(tmp_path, ca
   assert _ensure(path, lines) is False and calls == []
   assert "not a trainer workdir" in lines[-1]
   assert (sorted(os.listdir(path)) if path.is_dir() else path.read_bytes()) == before  # nothing written there
+
+
+def test_a_clip_taken_as_given_warns_only_when_it_is_an_unfinished_run(tmp_path):
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "checkpoints" / "150")
+  os.makedirs(workdir / "checkpoints" / "300")
+  warning = child_runs.unfinished_warning(str(workdir), "--clip")
+  assert warning.startswith(f"warning: --clip {workdir} is an unfinished training run") and "step 300" in warning
+  assert "\n" not in warning
+  loop.mark_finished(str(workdir), 600)
+  assert child_runs.unfinished_warning(str(workdir), "--clip") is None
+  exported = tmp_path / "hf"
+  os.makedirs(exported)
+  (exported / "config.json").write_text(json.dumps({"model_type": "clip"}))
+  assert child_runs.unfinished_warning(str(exported), "--clip") is None
+  assert child_runs.unfinished_warning(str(tmp_path / "missing"), "--clip") is None
