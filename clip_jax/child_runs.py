@@ -103,12 +103,11 @@ def ensure_trained(path: str, config: str, *overrides: str, log: Callable[[str],
   if is_finished(path):
     log(f"{path}: a finished run, used as it is")
     return False
+  command = " ".join(["python -m clip_jax.train", f"--config={config}", f"--workdir={path}", *overrides])
   if not os.path.exists(path):
-    log(f"{path}: nothing there yet, training it (python -m clip_jax.train --config={config} {' '.join(overrides)})"
-        .rstrip())
+    log(f"{path}: nothing there yet, training it ({command})")
   elif is_trainer_workdir(path):
-    log(f"{path}: an unfinished run (no DONE record), resuming it to the end (--config={config} "
-        f"{' '.join(overrides)})".replace(" )", ")"))
+    log(f"{path}: an unfinished run (no DONE record), resuming it to the end ({command})")
   else:
     log(f"{path}: a checkpoint, not a trainer workdir: used as it is")
     return False

@@ -7,7 +7,8 @@ from scratch against its locked image tower (LiT), (c) mixes the original and (a
 (WiSE-FT), and evaluates everything on the held-out digits with the evaluation CLI's zero-shot task.
 A missing or unfinished `--pretrained` workdir is trained (or resumed) first with the README's command
 (`clip_jax.child_runs.ensure_trained`); an exported checkpoint is used as it is. Each run resumes if
-interrupted. Writes ROOT/results.md and ROOT/results.json (one row per model), ROOT/wise_ft/ (the
+interrupted. (b)'s image tower is the pretrained one, locked: its zero-shot predictions can equal the
+pretrained row's exactly, when its new text tower ranks the ten class prompts the same way. Writes ROOT/results.md and ROOT/results.json (one row per model), ROOT/wise_ft/ (the
 WiSE-FT table and plot) and each run's own workdir.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def run(pretrained: str, root: str, alphas: str) -> list[dict[str, Any]]:
     return {"model": name, "image_px": px, "trained": trained, "top1": metrics["top1"],
             "mean_per_class": metrics["mean_per_class"], **extra}
   original = load_checkpoint(pretrained)
-  rows.append(row("pretrained (digits.py, 600 steps from scratch)", 32, "-",
+  rows.append(row(f"pretrained ({pretrained})", 32, "-",
                   _evaluate(original, pretrained, os.path.join(root, "eval", "pretrained"), pretrained)))
   rows.append(row("pretrained, grid resampled to 48 px, no training", 48, "-",
                   _evaluate(load_checkpoint(pretrained, image_size=48), f"{pretrained} at 48 px",
@@ -83,10 +84,11 @@ def write_table(rows: list[dict[str, Any]], root: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m clip_jax.finetune_demo", description=__doc__.split("\n\n")[0],
-                                   epilog=__doc__.split("\n\n", 1)[1],
+  parser = argparse.ArgumentParser(prog="python -m clip_jax.finetune_demo", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--pretrained", default="workdirs/digits", help="the digits workdir to start from")
+  parser.add_argument("--pretrained", default="workdirs/digits",
+                      help="the digits CLIP to start from: its training workdir (trained or resumed first when absent "
+                           "or unfinished) or an exported checkpoint (used as it is)")
   parser.add_argument("--root", default="runs/finetune", help="where the runs and the table go")
   parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="WiSE-FT mixing weights")
   args = parser.parse_args(argv)

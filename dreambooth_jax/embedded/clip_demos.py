@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -192,6 +193,7 @@ def seed_workdirs(clip: str, seeds: int) -> list[str]:
 
 
 def main(argv=None) -> int:
+  from clip_jax.child_runs import unfinished_warning
   from clip_jax.cli import MissingPathError, UserError
   from clip_jax.eval.embed import place_on_mesh
   from clip_jax.sharding import create_mesh
@@ -253,6 +255,9 @@ def main(argv=None) -> int:
   for path, flag in ((args.clip, "--clip"), (args.sd, "--sd")):
     if not os.path.exists(path):
       raise MissingPathError(f"{flag} {path}: no such file or directory; see --help for the command that makes it.")
+  clip_warning = unfinished_warning(args.clip, "--clip")  # --clip is used as given, never trained here
+  if clip_warning:
+    print(clip_warning, file=sys.stderr, flush=True)
 
   start = time.time()
   os.makedirs(args.out, exist_ok=True)
@@ -265,9 +270,10 @@ def main(argv=None) -> int:
   test_images, test_labels = digit_images("test")
   judge, judge_accuracy = train_judge(train_images, train_labels, test_images, test_labels)
   print(f"judge (SVM on 8x8 ink): held-out accuracy {judge_accuracy:.3f}", flush=True)
-  results = {"judge_heldout_accuracy": judge_accuracy, "clip": args.clip, "drawing_clips": clip_paths, "sd": args.sd,
-             "args": vars(args)}
-  lines = [f"Judge: RBF SVM on 8x8 ink maps of the training split, held-out accuracy {100 * judge_accuracy:.1f}%.", ""]
+  results = {"judge_heldout_accuracy": judge_accuracy, "clip": args.clip, "clip_warning": clip_warning,
+             "drawing_clips": clip_paths, "sd": args.sd, "args": vars(args)}
+  lines = ([f"**{clip_warning}**", ""] if clip_warning else []) + [
+      f"Judge: RBF SVM on 8x8 ink maps of the training split, held-out accuracy {100 * judge_accuracy:.1f}%.", ""]
   # What the guidance loss can see: the CLIP's own accuracy on held-out scans through the views.
   prompt_emb = guidance.encode_prompts(model, variables, tokenizer, [prompt(d) for d in range(10)], mesh)
   views = guidance.Augmentations(num=args.views, distortion=args.distortion, crop_scale=tuple(args.crop_scale))
@@ -303,8 +309,9 @@ def main(argv=None) -> int:
                            "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
     save_image_grid([drawings[:, d] for d in range(10)], os.path.join(args.out, "drawings.png"),
                     labels=drawing_labels(predicted), min_cell=GRID_CELL_PX,
-                    title=f"CLIPDraw of 'a handwritten {{digit}}.', key {args.draw_seed}, {len(guides)} CLIP(s): "
+                    title=f"CLIPDraw of 'a handwritten N.' (rows: N), --draw-seed {args.draw_seed}, {len(guides)} CLIP(s): "
                           f"{100 * correct.mean():.0f}% read right (columns: seeds)")
+    section = len(lines)  # this part's lines, printed whole below
     lines += [f"(a) CLIPDraw, {args.strokes} grey strokes x 2 segments, {args.draw_steps} steps, {args.views} views "
               f"(perspective {args.distortion}, crop {args.crop_scale[0]}-{args.crop_scale[1]}) through {args.scan_size} px, the other nine digits as "
               f"negative prompts" + (", the zero-shot classifier's cross-entropy" if args.objective == "classifier" else "")
@@ -312,11 +319,11 @@ def main(argv=None) -> int:
               + (", grid offset jittered" if args.view_jitter else "")
               + (f", guided by {len(guides)} CLIPs (the mean loss of {', '.join(clip_paths)})" if len(guides) > 1
                  else f", guided by {clip_paths[0]} alone") + (f", the lowest CLIP loss of {args.restarts} restarts" if args.restarts > 1 else "") +
-              f", key {args.draw_seed}: "
+              f", --draw-seed {args.draw_seed}: "
               f"**{100 * correct.mean():.0f}%** of {correct.size} drawings read as the prompt's digit (chance 10%)", "",
               "| digit | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|",
               f"| judged correct (of {args.seeds} seeds) | " + " | ".join(str(int(c)) for c in correct.sum(0)) + " |", ""]
-    print("\n".join(lines[-6:]), flush=True)
+    print("\n".join(lines[section:]), flush=True)
 
   if "edit" not in args.skip:
     pipe = sd.load_pipeline(args.sd)
@@ -333,6 +340,7 @@ def main(argv=None) -> int:
                              train_images, train_labels, sources, mesh, scan_size=args.scan_size,
                              gray=not args.color_edits, source_negative=args.source_negative)
     results["edits"] = {"num_sources": len(sources), "methods": {}}
+    section = len(lines)
     lines += [f"(b) StyleCLIP edits of {len(sources)} held-out {args.source_digit}s toward {prompt(args.target_digit)!r} "
               f"(tiny SD VAE latents; {'colour' if args.color_edits else 'grey'} output, {args.edit_augmentations} "
               f"views through {args.scan_size} px):", "",
@@ -352,7 +360,7 @@ def main(argv=None) -> int:
                         f"{100 * scored[m]['both']:.0f}% also closer to their source than a random {args.target_digit}"
                         for m in edit_lib.METHODS], min_cell=GRID_CELL_PX,
                     title=f"StyleCLIP edits toward {prompt(args.target_digit)!r} (columns: the first {shown.stop} sources)")
-    print("\n".join(lines[-6:]), flush=True)
+    print("\n".join(lines[section:]), flush=True)
 
   results["seconds"] = round(time.time() - start, 1)
   with open(os.path.join(args.out, "results.json"), "w") as f:
