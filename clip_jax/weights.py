@@ -491,6 +491,17 @@ def save_safetensors(state: Mapping[str, np.ndarray], path: str, metadata: dict 
   # np.ascontiguousarray would turn 0-d tensors (logit_scale) into shape [1].
   save_file({k: np.asarray(v, order="C") for k, v in state.items()}, path,
             metadata=metadata or {"format": "pt"})
+  # safetensors creates the file 0600; give it the permissions any other file written here gets (umask).
+  os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+  """The process's umask, read without changing it (os.umask sets it, racing other threads' writes)."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+  except (OSError, StopIteration, ValueError):
+    return 0o022
 
 
 # Layout conversions between PyTorch and Flax parameters.

@@ -1,0 +1,93 @@
+r"""Export a CLIP checkpoint for other libraries.
+
+    python -m clip_jax.export --checkpoint workdirs/digits --out exports/digits_hf
+    python -m clip_jax.export --checkpoint workdirs/digits --format openai --out exports/digits.safetensors
+
+--checkpoint is anything `clip_jax.load_checkpoint` reads: a training workdir of this project (its
+latest checkpoint), an OpenAI / open_clip file, a Hugging Face or open_clip hub folder.
+--format hf (default) writes a folder transformers' CLIPModel.from_pretrained and this project load:
+config.json, model.safetensors and the tokenizer's files (vocab.json, merges.txt, ...; --tokenizer
+as in clip_jax.evaluate: a Hugging Face folder's own tokenizer, else OpenAI's CLIP BPE).
+--format openai writes one OpenAI-layout state dict (.safetensors) that open_clip's
+`create_model(NAME, pretrained=FILE)` loads (NAME: the architecture, e.g. ViT-B-32); the layout does
+not carry the architecture, so the activation and text pooling must be given there again. ResNet
+image towers can only be exported this way (transformers has no ModifiedResNet).
+
+Nothing is written unless the whole export succeeds: the folder or file appears complete or not at
+all. An existing --out is refused (one line) unless --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from typing import Sequence
+
+FORMATS = ("hf", "openai")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m clip_jax.export", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True, help="what to export (a workdir, a file or a folder)")
+  parser.add_argument("--out", required=True, help="the folder (hf) or .safetensors file (openai) to write")
+  parser.add_argument("--format", choices=FORMATS, default="hf", help="hf: a transformers CLIPModel folder; "
+                      "openai: an OpenAI-layout state dict for open_clip (default: %(default)s)")
+  parser.add_argument("--model-name", default=None, help="a bare state dict's architecture (as clip_jax.evaluate)")
+  parser.add_argument("--act", default=None, help="a bare state dict's activation (gelu / quick_gelu)")
+  parser.add_argument("--tokenizer", default=None, help="the tokenizer written beside an hf export "
+                      "(default: the checkpoint folder's own, else OpenAI's CLIP BPE)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  return parser
+
+
+def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None = None, act: str | None = None,
+           tokenizer: str | None = None, overwrite: bool = False) -> str:
+  """Writes `checkpoint` to `out` in `fmt` ('hf' or 'openai'); returns `out`. Raises
+  clip_jax.cli.UserError (one line) for an existing `out` without `overwrite`, a wrong suffix or a
+  ResNet CLIP asked for 'hf'; FileNotFoundError / CheckpointError from loading."""
+  from clip_jax.cli import UserError
+  from clip_jax.convert import export_hf, export_openai_state_dict, load_checkpoint
+  from clip_jax.evaluate import _tokenizer
+  from clip_jax.weights import save_safetensors
+  if fmt not in FORMATS:
+    raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+  if fmt == "openai" and not out.endswith(".safetensors"):
+    raise UserError(f"--out {out}: an openai export is one file; name it NAME.safetensors.")
+  if os.path.lexists(out) and not overwrite:
+    raise UserError(f"--out {out} exists; choose another path or pass --overwrite.")
+  module, variables = load_checkpoint(checkpoint, model_name=model_name, act=act)
+  if fmt == "hf" and module.config.vision.is_resnet:
+    raise UserError(f"{checkpoint} has a ResNet image tower, which transformers' CLIPModel cannot hold: "
+                    "export it with --format openai.")
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".export_", dir=parent)  # same filesystem: the final rename is atomic
+  try:
+    if fmt == "hf":
+      written = export_hf(module, variables, os.path.join(staging, "out"),
+                          tokenizer=_tokenizer(tokenizer, checkpoint, module.config.text.context_length))
+    else:
+      written = os.path.join(staging, "out.safetensors")
+      save_safetensors(export_openai_state_dict(module, variables), written)
+    if os.path.lexists(out):  # --overwrite
+      shutil.rmtree(out) if os.path.isdir(out) and not os.path.islink(out) else os.remove(out)
+    os.replace(written, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  out = export(args.checkpoint, args.out, args.format, model_name=args.model_name, act=args.act,
+               tokenizer=args.tokenizer, overwrite=args.overwrite)
+  listing = ", ".join(sorted(os.listdir(out))) if os.path.isdir(out) else os.path.basename(out)
+  print(f"Exported {args.checkpoint} ({args.format}) to {out}: {listing}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  from clip_jax import cli
+  cli.run(main)

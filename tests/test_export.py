@@ -1,0 +1,84 @@
+"""python -m clip_jax.export: a checkpoint -> a Hugging Face folder (with its tokenizer) or an OpenAI-layout
+file, read back to the same weights; existing outputs, wrong suffixes and ResNets for 'hf' get one line;
+a failed export leaves nothing at --out."""
+import os
+import stat
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import clip_jax
+from clip_jax import cli, export
+from clip_jax.convert import export_hf, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """A random ViT-Tiny as a Hugging Face folder without tokenizer files (what export_hf writes by default)."""
+  model = clip_jax.create_model("ViT-Tiny")
+  variables = clip_jax.init_variables(model, jax.random.key(0))
+  return export_hf(model, variables, str(tmp_path_factory.mktemp("src") / "hf"))
+
+
+def _same_weights(a, b):
+  flat_a, flat_b = (traverse_util.flatten_dict(v) for v in (a, b))
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:
+    np.testing.assert_array_equal(np.asarray(flat_b[key]), np.asarray(flat_a[key]), err_msg=str(key))
+
+
+def test_hf_export_has_the_weights_config_and_tokenizer(source, tmp_path, capsys):
+  out = str(tmp_path / "out")
+  assert export.main(["--checkpoint", source, "--out", out]) == 0
+  assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= set(os.listdir(out))
+  assert "Exported" in capsys.readouterr().out
+  _same_weights(load_checkpoint(source)[1], load_checkpoint(out)[1])
+  umask = os.umask(0o022)
+  os.umask(umask)
+  mode = stat.S_IMODE(os.stat(os.path.join(out, "model.safetensors")).st_mode)
+  assert mode == 0o666 & ~umask  # safetensors alone makes it 0600
+  transformers = pytest.importorskip("transformers")
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(out)
+  assert tokenizer("a photo of a cat").input_ids[0] == 49406  # OpenAI's start token
+
+
+def test_openai_export_reads_back_as_the_same_model(source, tmp_path):
+  out = str(tmp_path / "digits.safetensors")
+  export.main(["--checkpoint", source, "--format", "openai", "--out", out])
+  model, variables = load_checkpoint(out, model_name="ViT-Tiny")
+  _same_weights(load_checkpoint(source)[1], variables)
+
+
+def test_mistakes_are_one_line_and_nothing_half_written(source, tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  out.mkdir()
+  with pytest.raises(cli.UserError, match="exists; choose another path or pass --overwrite"):
+    export.export(source, str(out))
+  export.export(source, str(out), overwrite=True)
+  assert "model.safetensors" in os.listdir(out)
+  with pytest.raises(cli.UserError, match="name it NAME.safetensors"):
+    export.export(source, str(tmp_path / "model.pt"), "openai")
+
+  def fails_midway(module, variables, out_dir, tokenizer=None):
+    os.makedirs(out_dir)
+    open(os.path.join(out_dir, "config.json"), "w").close()
+    raise OSError("disk full")
+  monkeypatch.setattr("clip_jax.convert.export_hf", fails_midway)
+  with pytest.raises(OSError, match="disk full"):
+    export.export(source, str(tmp_path / "cut"))
+  assert not os.path.exists(tmp_path / "cut") and os.listdir(tmp_path) == ["out"]  # no staging folder left
+
+
+@pytest.mark.slow  # ~11 s: a ResNet's init and load
+def test_a_resnet_is_refused_for_hf_in_one_line(tmp_path):
+  model = clip_jax.create_model("RN-Tiny")
+  variables = clip_jax.init_variables(model, jax.random.key(0))
+  from clip_jax.convert import export_openai_state_dict
+  from clip_jax.weights import save_safetensors
+  path = str(tmp_path / "rn.safetensors")
+  save_safetensors(export_openai_state_dict(model, variables), path)
+  with pytest.raises(cli.UserError, match="ResNet image tower.*--format openai"):
+    export.export(path, str(tmp_path / "hf"), model_name="RN-Tiny")
+  assert not os.path.exists(tmp_path / "hf")
