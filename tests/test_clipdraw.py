@@ -284,6 +284,9 @@ def test_digits_demo_trains_only_the_unfinished_seeds_of_its_ensemble(tmp_path, 
   assert clip_demos.seed_workdirs(clip + "/", 3) == [clip + "/", clip + "_seed1", clip + "_seed2"]
   assert calls == [("configs/clip/digits.py", clip + "_seed2", ("--config.seed=2",))]
   assert clip_demos.seed_workdirs(clip, 1) == [clip] and len(calls) == 1  # --clip-seeds 1: --clip alone
+  exported = tmp_path / "digits.safetensors"  # a file: its seeds' workdirs drop the suffix
+  exported.write_bytes(b"")
+  assert clip_demos.seed_workdirs(str(exported), 2) == [str(exported), str(tmp_path / "digits_seed1")]
   with pytest.raises(cli.UserError, match="--clip-seeds must be at least 1"):
     clip_demos.main(["--clip-seeds", "0"])
 

@@ -181,11 +181,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def seed_workdirs(clip: str, seeds: int) -> list[str]:
-  """[clip, {clip}_seed1, ..., {clip}_seed{seeds-1}]: the drawings' CLIPs. Each seed workdir whose
+  """[clip, {clip}_seed1, ..., {clip}_seed{seeds-1}] (a file's suffix dropped: digits.safetensors ->
+  digits_seed1): the drawings' CLIPs, the seeds beside --clip so that every demo run shares them. Each seed workdir whose
   run has not finished (no DONE record) is trained (or resumed) first with the README's
   digits recipe at --config.seed=i (`clip_jax.child_runs.ensure_trained`: a child process)."""
   from clip_jax.child_runs import ensure_trained
-  paths = [clip] + [f"{clip.rstrip('/')}_seed{i}" for i in range(1, seeds)]
+  stem = clip.rstrip("/")
+  if os.path.isfile(stem):  # an exported file, e.g. digits.safetensors: its seeds are digits_seed1, ... beside it
+    stem = os.path.splitext(stem)[0]
+  paths = [clip] + [f"{stem}_seed{i}" for i in range(1, seeds)]
   for i, path in enumerate(paths[1:], start=1):
     ensure_trained(path, "configs/clip/digits.py", f"--config.seed={i}",
                    log=lambda line: print(f"{line} [seed CLIP {i} of the drawings' ensemble]", flush=True))
