@@ -94,9 +94,8 @@ def ensure_trained(path: str, config: str, *overrides: str, log: Callable[[str],
   - a finished run (its DONE record, or, from before DONE records, the trainer's results.json):
     used as it is;
   - nothing at `path`: trained with `config` (and `overrides`, e.g. '--config.seed=1');
-  - a trainer workdir without DONE (interrupted, or finished before DONE records existed): the
-    same command resumes it from its last checkpoint to the end (a run already at its last step
-    only writes its results and DONE), so a Ctrl-C'd run is never used half-trained;
+  - a trainer workdir without DONE or results (interrupted): the same command resumes it from its
+    last checkpoint to the end, so a Ctrl-C'd run is never used half-trained;
   - anything else (an exported or converted checkpoint: a file, an open_clip or Hugging Face
     folder): used as it is, never trained into.
   """
