@@ -70,7 +70,9 @@ def is_finished(path: str) -> bool:
   """A run whose trainer wrote its results: its DONE record, or (from before DONE records) the
   results.json a trainer workdir gets at the end."""
   from clip_jax import loop
-  return loop.finished(path) is not None or (is_trainer_workdir(path) and os.path.isfile(os.path.join(path, RESULTS_FILE)))
+  if loop.finished(path) is not None:
+    return True
+  return is_trainer_workdir(path) and os.path.isfile(os.path.join(path, RESULTS_FILE))
 
 
 def unfinished_warning(path: str, flag: str) -> str | None:

@@ -182,9 +182,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def seed_workdirs(clip: str, seeds: int) -> list[str]:
   """[clip, {clip}_seed1, ..., {clip}_seed{seeds-1}] (a file's suffix dropped: digits.safetensors ->
-  digits_seed1): the drawings' CLIPs, the seeds beside --clip so that every demo run shares them. Each seed workdir whose
-  run has not finished (no DONE record) is trained (or resumed) first with the README's
-  digits recipe at --config.seed=i (`clip_jax.child_runs.ensure_trained`: a child process)."""
+  digits_seed1): the drawings' CLIPs, the seeds beside --clip so that every demo run shares them.
+  Each seed workdir whose run has not finished (no DONE record) is trained (or resumed) first with
+  the README's digits recipe at --config.seed=i (`clip_jax.child_runs.ensure_trained`: a child process)."""
   from clip_jax.child_runs import ensure_trained
   stem = clip.rstrip("/")
   if os.path.isfile(stem):  # an exported file, e.g. digits.safetensors: its seeds are digits_seed1, ... beside it
@@ -313,8 +313,8 @@ def main(argv=None) -> int:
                            "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
     save_image_grid([drawings[:, d] for d in range(10)], os.path.join(args.out, "drawings.png"),
                     labels=drawing_labels(predicted), min_cell=GRID_CELL_PX,
-                    title=f"CLIPDraw of 'a handwritten N.' (rows: N), --draw-seed {args.draw_seed}, {len(guides)} CLIP(s): "
-                          f"{100 * correct.mean():.0f}% read right (columns: seeds)")
+                    title=f"CLIPDraw of 'a handwritten N.' (rows: N), --draw-seed {args.draw_seed}, "
+                          f"{len(guides)} CLIP(s): {100 * correct.mean():.0f}% read right (columns: seeds)")
     section = len(lines)  # this part's lines, printed whole below
     lines += [f"(a) CLIPDraw, {args.strokes} grey strokes x 2 segments, {args.draw_steps} steps, {args.views} views "
               f"(perspective {args.distortion}, crop {args.crop_scale[0]}-{args.crop_scale[1]}) through {args.scan_size} px, the other nine digits as "
