@@ -299,6 +299,17 @@ def test_drawing_captions_name_the_digit_and_what_the_judge_read():
   assert len(labels) == 10 and labels[0] == "0: judge read 0, 0, 0 (3/3)" and labels[3] == "3: judge read 3, 5, 8 (1/3)"
 
 
+def test_the_judges_view_is_its_ink_map_as_an_image():
+  from dreambooth_jax.embedded import clip_demos
+  from dreambooth_jax.eval.digit_classifier import ink_features
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  view = clip_demos.judge_view(images)
+  assert view.shape == images.shape
+  np.testing.assert_allclose(ink_features(view), ink_features(images), atol=1e-6)  # the judge reads both alike
+  assert np.all(view[:, :4, :4] == view[:, :1, :1])  # one grey level per 4x4 block
+
+
 _CHILD_THAT_SAVES_ON_CTRL_C = """
 import pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])

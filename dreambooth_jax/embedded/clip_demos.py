@@ -28,7 +28,7 @@ own resolution; a drawing is averaged down to 8x8 the same way), never the CLIP 
 edit succeeds when the judge reads the target digit AND the edit is closer (pixel L2, 32 px) to its
 source than a random held-out image of the target class is. Writes OUT/table.md, OUT/results.json,
 OUT/drawings.png (rows: digits 0-9, each captioned with its prompt and what the judge read; columns:
-seeds) and OUT/edits.png (rows: the sources, then each method, captioned with its scores).
+the seeds' drawings, then the 8x8 ink maps the judge reads) and OUT/edits.png (rows: the sources, then each method, captioned with its scores).
 """
 from __future__ import annotations
 
@@ -176,6 +176,15 @@ def drawing_labels(predicted: np.ndarray) -> list[str]:
 GRID_CELL_PX = 96  # the 32-px digits enlarged 3x, pixels kept sharp
 
 
+def judge_view(images: np.ndarray) -> np.ndarray:
+  """What the judge reads of each image: its 8x8 ink map (`ink_features`) shown as an image of the
+  same size, each block one grey level. images: [n, h, w, 3] in [0, 1] -> [n, h, w, 3] in [0, 1]."""
+  n, h, w, _ = images.shape
+  ink = ink_features(images).reshape(n, 8, 8)
+  blocks = np.repeat(np.repeat(1.0 - ink, h // 8, axis=1), w // 8, axis=2)
+  return np.repeat(blocks[..., None], 3, axis=-1)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
   """The module docstring as written, and every option's default in --help."""
 
@@ -311,10 +320,11 @@ def main(argv=None) -> int:
                            "restart_loss": history["restart_loss"].reshape(-1, args.seeds, 10).tolist(),
                            "restart_kept": history["kept"].reshape(args.seeds, 10).tolist(),
                            "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
-    save_image_grid([drawings[:, d] for d in range(10)], os.path.join(args.out, "drawings.png"),
-                    labels=drawing_labels(predicted), min_cell=GRID_CELL_PX,
+    save_image_grid([np.concatenate([drawings[:, d], judge_view(drawings[:, d])]) for d in range(10)],
+                    os.path.join(args.out, "drawings.png"), labels=drawing_labels(predicted), min_cell=GRID_CELL_PX,
                     title=f"CLIPDraw of 'a handwritten N.' (rows: N), --draw-seed {args.draw_seed}, "
-                          f"{len(guides)} CLIP(s): {100 * correct.mean():.0f}% read right (columns: seeds)")
+                          f"{len(guides)} CLIP(s): {100 * correct.mean():.0f}% read right (columns: the seeds' "
+                          "drawings, then the 8x8 ink maps the judge reads)")
     section = len(lines)  # this part's lines, printed whole below
     lines += [f"(a) CLIPDraw, {args.strokes} grey strokes x 2 segments, {args.draw_steps} steps, {args.views} views "
               f"(perspective {args.distortion}, crop {args.crop_scale[0]}-{args.crop_scale[1]}) through {args.scan_size} px, the other nine digits as "
