@@ -88,7 +88,11 @@ def unfinished_warning(path: str, flag: str) -> str | None:
           "trained; rerun its training command with the same --workdir to finish it first")
 
 
-def ensure_trained(path: str, config: str, *overrides: str, log: Callable[[str], None] = print) -> bool:
+def _print_now(line: str) -> None:
+  print(line, flush=True)  # before the child's own output, which goes straight to the terminal
+
+
+def ensure_trained(path: str, config: str, *overrides: str, log: Callable[[str], None] = _print_now) -> bool:
   """Makes `path` a usable CLIP for a demo; returns True when it ran the trainer (a child process).
   Raises ChildFailed (one line) when the trainer fails, e.g. on an unfinished workdir started with
   other settings (the trainer names them).

@@ -33,7 +33,7 @@ def run(pretrained: str, root: str, alphas: str) -> list[dict[str, Any]]:
   from clip_jax.convert import load_checkpoint
   from clip_jax.child_runs import ensure_trained, train_child
   rows = []
-  ensure_trained(pretrained, "configs/clip/digits.py", log=lambda line: print(line, flush=True))
+  ensure_trained(pretrained, "configs/clip/digits.py")
   runs = {"res48": os.path.join(root, "res48"), "lit": os.path.join(root, "lit")}
   seconds = {name: train_child(f"configs/clip/digits_finetune.py:{name}", workdir, f"--config.init.checkpoint={pretrained}")
              for name, workdir in runs.items()}

@@ -247,7 +247,7 @@ def ensure_digits_clip(path: str = DIGITS_CLIP) -> str:
   `python -m clip_jax.train --config=configs/clip/digits.py`) when nothing is there yet, or resuming
   it when its run is unfinished (`clip_jax.child_runs.ensure_trained`)."""
   from clip_jax.child_runs import ensure_trained
-  ensure_trained(path, "configs/clip/digits.py", log=lambda line: print(line, flush=True))
+  ensure_trained(path, "configs/clip/digits.py")
   return path
 
 
