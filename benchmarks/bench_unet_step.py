@@ -28,9 +28,9 @@ timed steps run (sampled every 5 ms from /proc/self/statm, after malloc_trim; it
 gradients, activations and the runtime), and for ours also XLA's buffer assignment of the compiled
 step (arguments + outputs + temporaries). --append adds a run's table to the file, e.g. to rerun
 one variant that a busy machine killed, beside its own torch_fp32 reference. On GPU the memory
-compared is the device's: ours XLA's buffer assignment and the allocator's peak (which also holds
-what autotuning borrowed while compiling), diffusers' `torch.cuda.max_memory_allocated` over the
-steps. `--attention` forces our attention form (default 'auto'); the compiled step's count of cuDNN
+ratio is the device's: ours XLA's buffer assignment (the allocator's peak is shown too, but it also
+holds what autotuning borrowed while compiling, and jax cannot reset it), diffusers'
+`torch.cuda.max_memory_allocated` over the steps; the one-step RSS ratio is then the host's. `--attention` forces our attention form (default 'auto'); the compiled step's count of cuDNN
 fused-attention calls is reported.
 """
 from __future__ import annotations
@@ -329,8 +329,11 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
     peak = _median(good, "peak_rss_bytes")
     speed = f"{_median(ok[best], 'step_s') / step:.2f}x" if best else "-"
     memory = f"{peak / _median(ok[best], 'peak_rss_bytes'):.2f}x" if best else "-"
-    if args.device == "gpu" and best and good[0].get("device_peak_bytes"):  # the device's memory is what counts
-      memory = f"{_median(good, 'device_peak_bytes') / _median(ok[best], 'device_peak_bytes'):.2f}x (device)"
+    if args.device == "gpu" and best and ok[best][0].get("device_peak_bytes"):
+      # The device's memory is what counts. Ours: XLA's buffer assignment of the step, since the allocator's
+      # peak also holds what autotuning borrowed while compiling; a torch row: its max_memory_allocated.
+      device_bytes = lambda rows: _median(rows, "xla_bytes" if "xla_bytes" in rows[0] else "device_peak_bytes")  # noqa: E731
+      memory = f"{device_bytes(good) / device_bytes(ok[best]):.2f}x (device)"
     xla = f"{_median(good, 'xla_bytes') / GIB:.2f}" if "xla_bytes" in good[0] else "-"
     device_peak = (f"{_median(good, 'device_peak_bytes') / GIB:.2f}" if good[0].get("device_peak_bytes") else "-")
     compile_s = (" / ".join(f"{_median(good, k):.1f}" for k in ("lower_s", "compile_s", "cached_compile_s"))
@@ -340,6 +343,8 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
     one_step = f"{one_step_bytes(good) / GIB:.2f}" if has_one_step(good) else "-"
     one_step_ratio = (f"{one_step_bytes(good) / one_step_bytes(ok[best]):.2f}x"
                       if best and has_one_step(good) and has_one_step(ok[best]) else "-")
+    if args.device == "gpu" and one_step_ratio != "-":
+      one_step_ratio += " (host)"  # the host's resident set, not the device's memory
     rounds_s = ", ".join(f"{r['step_s']:.2f}" for r in good)
     if args.device == "gpu":  # steps of a tenth of a second: milliseconds matter
       rounds_s = ", ".join(f"{r['step_s']:.4f}" for r in good)

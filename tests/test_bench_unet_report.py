@@ -29,3 +29,21 @@ def test_table_rows_fill_every_column_and_compare_one_step_memory(tmp_path):
   assert cells["variant"] == "jax_bf16" and cells["one step vs torch_bf16"] == "0.97x"  # 7.8 / 8.0
   assert cells["vs torch_bf16"] == "1.21x" and cells["vs diffusers' best (torch_bf16)"] == "0.91x"
   assert "failed: out of memory" in body[2]
+
+
+def test_gpu_memory_ratio_compares_xla_buffers_with_torch_max_allocated(tmp_path):
+  """On GPU our allocator peak holds what autotuning borrowed while compiling (55.5 GiB against XLA's
+  13.5 GiB for the SD UNet step on an H200), so the device ratio must use the step's buffer assignment."""
+  args = bench_unet_step._parse_args(["--variants", "jax_bf16,torch_bf16", "--device", "gpu"])
+  ours = dict(_round(0.1006, 6.02, 6.02), xla_bytes=13.52 * GIB, device_peak_bytes=55.54 * GIB, lower_s=4.5,
+              compile_s=56.6, cached_compile_s=1.5)
+  theirs = dict(_round(0.1186, 1.91, 1.91), device_peak_bytes=14.32 * GIB)
+  path = tmp_path / "unet.md"
+  bench_unet_step._write_markdown(args, {"jax_bf16": [ours], "torch_bf16": [theirs]},
+                                  ("0.00 / 0.00 / 0.00", "4.51 / 2.61 / 1.08"), str(path))
+  rows = [line for line in path.read_text().splitlines() if line.startswith("|")]
+  header, _, *body = rows
+  cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in body[0].split("|")]))
+  assert cells["vs torch_bf16"] == "0.94x (device)"  # 13.52 / 14.32, not 55.54 / 14.32
+  assert cells["one step vs torch_bf16"] == "3.15x (host)"
+  assert cells["vs diffusers' best (torch_bf16)"] == "1.18x"
