@@ -84,6 +84,11 @@ def _parse_args(argv=None):
   parser.add_argument("--out", default="benchmarks/results/unet_step.md")
   parser.add_argument("--append", action="store_true",
                       help="add this run's table to --out instead of replacing the file")
+  parser.add_argument("--profile", default="",
+                      help="after the timed steps, trace two more steps of each variant into this folder "
+                           "(ours: jax.profiler's xplane trace as VARIANT.xplane.pb; diffusers: torch.profiler's "
+                           "op table as VARIANT_ops.txt and its trace as VARIANT.trace.json.gz); summarise ours "
+                           "with benchmarks/profile_summary.py")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -210,7 +215,26 @@ def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
   if args.device == "gpu":
     stats = jax.devices()[0].memory_stats() or {}
     result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
+  if args.profile:
+    _profile_jax(lambda: jax.block_until_ready(compiled(params)), args.profile, args.worker)
   return result
+
+
+def _profile_jax(step, folder: str, name: str) -> None:
+  """Two steps under jax.profiler; the trace's xplane file is copied to FOLDER/NAME.xplane.pb (one
+  file, not jax's nested plugins/profile/<run>/ folders)."""
+  import glob
+  import shutil
+  import tempfile
+
+  import jax
+  trace_dir = tempfile.mkdtemp(prefix="unet_trace_")
+  with jax.profiler.trace(trace_dir):
+    for _ in range(2):
+      step()
+  os.makedirs(folder, exist_ok=True)
+  shutil.copy(sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1],
+              os.path.join(folder, f"{name}.xplane.pb"))
 
 
 def run_torch(dtype_name: str, args) -> dict:
@@ -244,7 +268,41 @@ def run_torch(dtype_name: str, args) -> dict:
   result.update(compile_s=0.0, version=f"torch {torch.__version__}, diffusers {diffusers.__version__}")
   if device == "cuda":
     result["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+  if args.profile:
+    _profile_torch(step, device, args.profile, args.worker)
   return result
+
+
+def _profile_torch(step, device: str, folder: str, name: str) -> None:
+  """Two steps under torch.profiler: FOLDER/NAME_ops.txt (ops by self device time, else self CPU time)
+  and FOLDER/NAME.trace.json.gz (the chrome trace)."""
+  import gzip
+  import shutil
+  import tempfile
+
+  import torch
+  from torch.profiler import ProfilerActivity, profile
+  activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+  with profile(activities=activities) as prof:
+    for _ in range(2):
+      step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+  os.makedirs(folder, exist_ok=True)
+  averages = prof.key_averages()
+  table = None
+  for key in (("self_device_time_total", "self_cuda_time_total") if device == "cuda" else ()) + ("self_cpu_time_total",):
+    try:
+      table = averages.table(sort_by=key, row_limit=80, max_name_column_width=90)
+      break
+    except (AttributeError, KeyError, ValueError):
+      continue
+  with open(os.path.join(folder, f"{name}_ops.txt"), "w") as f:
+    f.write(table or str(averages))
+  raw = os.path.join(tempfile.mkdtemp(prefix="unet_torch_trace_"), "trace.json")
+  prof.export_chrome_trace(raw)
+  with open(raw, "rb") as src, gzip.open(os.path.join(folder, f"{name}.trace.json.gz"), "wb") as dst:
+    shutil.copyfileobj(src, dst)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -254,6 +312,8 @@ def _run_variant(name: str, args) -> dict:
          "--threads", str(args.threads), "--device", args.device, "--unet", args.unet, "--attention", args.attention]
   if args.skip_cached_compile:
     cmd.append("--skip-cached-compile")
+  if args.profile:
+    cmd += ["--profile", os.path.abspath(args.profile)]
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   from bench_train_step import child_env  # the entry points' allocator setting, the device's platform
   env = child_env("default", args.device)

@@ -259,15 +259,30 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int] = (1, 1)
   impl: 'im2col' is `conv_im2col` (the fast form on CPU, for every dtype); 'xla' is
   `lax.conv_general_dilated` (GPUs and TPUs have fused convolution kernels); 'auto' picks 'im2col'
   on the CPU backend and 'xla' elsewhere. Raises ValueError for an unknown impl.
+
+  On GPU a 16-bit 'xla' conv returns its own dtype before the cast to f32: cuDNN accumulates in f32
+  inside, but asked for an f32 result from bf16 operands XLA:GPU converts the operands and runs the
+  whole conv (forward and both gradients) as f32/TF32, which made the SD 1.5 UNet's convs 39 of
+  its ~100 ms bf16 step on an H200 (benchmarks/results/gpu.md). The output is then rounded once to
+  `dtype`, as torch's autocast convs are.
   """
   impl = resolve_conv_impl(impl)
   x = x.astype(dtype)
   if impl == "im2col":  # the kernel is cast inside (its gradient then stays in its own dtype)
     return conv_im2col(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
   kernel = kernel.astype(dtype)
-  return jax.lax.conv_general_dilated(x, kernel, tuple(strides), tuple(tuple(p) for p in padding),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      preferred_element_type=jnp.float32)
+  out_dtype = conv_output_dtype(dtype, jax.default_backend())
+  y = jax.lax.conv_general_dilated(x, kernel, tuple(strides), tuple(tuple(p) for p in padding),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=out_dtype)
+  return y.astype(jnp.float32)
+
+
+def conv_output_dtype(dtype: Dtype, backend: str) -> jnp.dtype:
+  """The result dtype `conv2d` asks `lax.conv_general_dilated` for: f32 (f32 accumulation kept in the
+  output) except for a 16-bit conv on GPU, which returns its own dtype (see `conv2d`)."""
+  if backend in ("gpu", "cuda", "rocm") and jnp.dtype(dtype).itemsize == 2:
+    return jnp.dtype(dtype)
+  return jnp.dtype(jnp.float32)
 
 
 class Conv(nn.Module):
