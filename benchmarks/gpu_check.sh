@@ -4,7 +4,8 @@
 #      benchmarks' shapes: errors vs an f32 reference and fwd+bwd time (benchmarks/attention_check.py)
 #   1. CLIP ViT-B-16 train step, images/s and MFU: ours (bf16, cuDNN attention) vs open_clip (amp bf16)
 #   2. SD 1.5 UNet fwd+bwd (64x64 latents = 512 px, batch 8): ours bf16 vs diffusers bf16 autocast,
-#      step time and device peak memory
+#      step time and device peak memory, then two traced steps of each: our kernels by category
+#      (benchmarks/profile_summary.py) and diffusers' device time
 #   3. contrastive loss memory per device at large global batch (XLA:GPU's buffer assignment)
 #   4. with 2+ GPUs: the ring loss's collective-permute-start/-done around the block matmuls
 # and writes gpu.md (the sections' tables, each section's status, the versions, nvidia-smi's GPU).
@@ -143,6 +144,10 @@ write_report() {
     if [ -s "$SECTIONS/attention.md" ]; then cat "$SECTIONS/attention.md"; else echo "(no table: ${STATUS[attention]:-not run})"; fi; echo
     echo "## 1. CLIP train step"; echo; body "$SECTIONS/train.md" train; echo
     echo "## 2. SD UNet train step"; echo; body "$SECTIONS/unet.md" unet; echo
+    if [ -s "$SECTIONS/unet_profile.md" ]; then
+      echo "### Our UNet step's device time (\`benchmarks/profile_summary.py\`, 2 traced steps)"; echo
+      cat "$SECTIONS/unet_profile.md"; echo
+    fi
     echo "## 3. Contrastive loss memory"; echo; body "$SECTIONS/loss.md" loss; echo
     echo "## 4. Ring loss: ppermute overlap (${STATUS[ring]:-not run})"
     echo; echo '```'; grep -v '^== ' "$SECTIONS/ring.txt" 2>/dev/null; echo '```'
@@ -159,7 +164,15 @@ fi
 section train "$LIMIT_TRAIN" "$PY" benchmarks/bench_train_step.py $TRAIN_ARGS --device $DEVICE \
   --attention $ATTENTION --out "$SECTIONS/train.md"
 section unet "$LIMIT_UNET" "$PY" benchmarks/bench_unet_step.py $UNET_ARGS --device $DEVICE \
-  --attention $ATTENTION --out "$SECTIONS/unet.md"
+  --attention $ATTENTION --out "$SECTIONS/unet.md" --profile "$WORK/profile"
+# Where each UNet step's device time went (a traced step of ours by kernel category; diffusers' device
+# time from torch.profiler): the trace that showed our bf16 convs running as f32/TF32 kernels.
+if [ $DRY = 0 ] && [ -s "$WORK/profile/jax_bf16.xplane.pb" ]; then
+  { "$PY" benchmarks/profile_summary.py "$WORK/profile/jax_bf16.xplane.pb" --top 12
+    grep -h "Self CUDA time total" "$WORK"/profile/torch_bf16_ops.txt 2>/dev/null \
+      | sed 's/^/diffusers (torch.profiler, 2 steps): /'; } > "$SECTIONS/unet_profile.md" 2>&1
+  write_report
+fi
 section loss "$LIMIT_LOSS" env $LOSS_ENV "$PY" benchmarks/bench_loss_memory.py $LOSS_ARGS --platform $DEVICE \
   --out "$SECTIONS/loss.md" --plot "$WORK/loss.png"
 if [ $DRY = 0 ] && [ "${N_GPUS:-0}" -lt 2 ]; then
