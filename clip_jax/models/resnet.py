@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.layers import logical, normal
+from clip_jax.layers import Conv, logical, normal
 from clip_jax.models.transformer import MultiHeadAttention
 
 Dtype = Any
@@ -30,9 +30,9 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     pad = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
-                kernel_init=logical(nn.initializers.kaiming_normal(), _CONV_AXES),
-                dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+    x = Conv(self.features, (self.kernel, self.kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
+             kernel_axes=_CONV_AXES, kernel_init=nn.initializers.kaiming_normal(),
+             dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
     scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         scale_init=logical(scale_init, ("conv_out",)),
@@ -102,13 +102,12 @@ class ModifiedResNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = images.astype(self.dtype)
     # Stem: three 3x3 convs (the first strided) instead of one 7x7, then a 2x2 average pool.
-    x = nn.Conv(self.width // 2, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=logical(nn.initializers.kaiming_normal(), _CONV_AXES), name="stem_conv1", **kw)(x)
+    x = Conv(self.width // 2, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+             kernel_axes=_CONV_AXES, kernel_init=nn.initializers.kaiming_normal(), name="stem_conv1", **kw)(x)
     x = nn.relu(self._stem_bn("stem_bn1", x, train))
     for i, features in ((2, self.width // 2), (3, self.width)):
-      x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                  kernel_init=logical(nn.initializers.kaiming_normal(), _CONV_AXES), name=f"stem_conv{i}",
-                  **kw)(x)
+      x = Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_axes=_CONV_AXES,
+               kernel_init=nn.initializers.kaiming_normal(), name=f"stem_conv{i}", **kw)(x)
       x = nn.relu(self._stem_bn(f"stem_bn{i}", x, train))
     x = avg_pool(x, 2)
     block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
