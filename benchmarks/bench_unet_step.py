@@ -30,8 +30,10 @@ step (arguments + outputs + temporaries). --append adds a run's table to the fil
 one variant that a busy machine killed, beside its own torch_fp32 reference. On GPU the memory
 ratio is the device's: ours XLA's buffer assignment (the allocator's peak is shown too, but it also
 holds what autotuning borrowed while compiling, and jax cannot reset it), diffusers'
-`torch.cuda.max_memory_allocated` over the steps; the one-step RSS ratio is then the host's. `--attention` forces our attention form (default 'auto'); the compiled step's count of cuDNN
-fused-attention calls is reported.
+`torch.cuda.max_memory_allocated` over the steps; the one-step RSS ratio is then the host's.
+`--attention` forces our attention form (default 'auto'); the compiled step's count of cuDNN
+fused-attention calls is reported. `--profile DIR` traces two more steps of each variant
+(`benchmarks/profile_summary.py` sums a GPU trace's kernels).
 """
 from __future__ import annotations
 
@@ -291,7 +293,8 @@ def _profile_torch(step, device: str, folder: str, name: str) -> None:
   os.makedirs(folder, exist_ok=True)
   averages = prof.key_averages()
   table = None
-  for key in (("self_device_time_total", "self_cuda_time_total") if device == "cuda" else ()) + ("self_cpu_time_total",):
+  device_keys = ("self_device_time_total", "self_cuda_time_total") if device == "cuda" else ()  # newer, older torch
+  for key in device_keys + ("self_cpu_time_total",):
     try:
       table = averages.table(sort_by=key, row_limit=80, max_name_column_width=90)
       break
@@ -392,7 +395,8 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
     if args.device == "gpu" and best and ok[best][0].get("device_peak_bytes"):
       # The device's memory is what counts. Ours: XLA's buffer assignment of the step, since the allocator's
       # peak also holds what autotuning borrowed while compiling; a torch row: its max_memory_allocated.
-      device_bytes = lambda rows: _median(rows, "xla_bytes" if "xla_bytes" in rows[0] else "device_peak_bytes")  # noqa: E731
+      def device_bytes(rows):
+        return _median(rows, "xla_bytes" if "xla_bytes" in rows[0] else "device_peak_bytes")
       memory = f"{device_bytes(good) / device_bytes(ok[best]):.2f}x (device)"
     xla = f"{_median(good, 'xla_bytes') / GIB:.2f}" if "xla_bytes" in good[0] else "-"
     device_peak = (f"{_median(good, 'device_peak_bytes') / GIB:.2f}" if good[0].get("device_peak_bytes") else "-")
