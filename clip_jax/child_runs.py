@@ -19,6 +19,13 @@ class ChildFailed(UserError):
   """A child command exited with an error; its own message is already on stderr."""
 
 
+class ChildSaved(KeyboardInterrupt):
+  """Ctrl-C stopped a child trainer, which saved its checkpoint and exited with `loop.EXIT_PREEMPTED`
+  (75): the command that ran it exits with that code too (`clip_jax.cli`), so a script that resubmits
+  on 75 treats a demo like a trainer. `exit_code` is 75."""
+  exit_code = 75
+
+
 def run_child(command: Sequence[str]) -> None:
   """Runs `command` and waits for it; raises ChildFailed (a one-line UserError naming the command and
   its exit status: the child has printed its own message above) when it fails.
@@ -26,16 +33,20 @@ def run_child(command: Sequence[str]) -> None:
   On Ctrl-C the child (same process group) gets the SIGINT too and a trainer then saves a checkpoint
   before it exits: wait for that, then stop with KeyboardInterrupt. (`subprocess.run` would kill the
   child 0.25 s after the Ctrl-C, losing the steps since its last checkpoint.) A second Ctrl-C
-  while waiting stops the wait."""
+  while waiting stops the wait. When the child then exits with 75 (a trainer that saved: resumable),
+  the KeyboardInterrupt raised is a ChildSaved, which commands exit with as 75."""
+  from clip_jax import loop
   process = subprocess.Popen(list(command))
   try:
     code = process.wait()
   except KeyboardInterrupt:
     try:
-      process.wait()
+      code = process.wait()
     except KeyboardInterrupt:
       process.kill()
       raise
+    if code == loop.EXIT_PREEMPTED:
+      raise ChildSaved() from None
     raise
   if code:
     shown = " ".join(["python" if i == 0 and part == sys.executable else part for i, part in enumerate(command)])

@@ -346,10 +346,13 @@ def _reporting():
   except KeyboardInterrupt as e:  # Ctrl-C outside a training loop (which saves and exits 75 itself)
     if debug_enabled():
       sys.stderr.write("".join(traceback.format_exception(e)))
+    # A child trainer that saved (child_runs.ChildSaved) makes this command resumable too: its code, 75.
+    code = getattr(e, "exit_code", INTERRUPTED_EXIT_CODE)
     if _first_to_report("interrupted"):
-      print("interrupted (Ctrl-C): what was written so far is kept whole; the same command resumes or starts "
-            "again.", file=sys.stderr, flush=True)
-    sys.exit(INTERRUPTED_EXIT_CODE)
+      saved = " (its child trainer saved a checkpoint)" if code != INTERRUPTED_EXIT_CODE else ""
+      print(f"interrupted (Ctrl-C){saved}: what was written so far is kept whole; the same command resumes or "
+            "starts again.", file=sys.stderr, flush=True)
+    sys.exit(code)
   except SystemExit as e:
     if isinstance(e.code, str):  # SystemExit("message"): a message for the user
       report_user_error(e.code, e)
