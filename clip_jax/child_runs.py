@@ -99,6 +99,14 @@ def unfinished_warning(path: str, flag: str) -> str | None:
           "trained; rerun its training command with the same --workdir to finish it first")
 
 
+def warn_if_unfinished(path: str, flag: str) -> str | None:
+  """Prints `unfinished_warning(path, flag)` to stderr when there is one; returns it (or None)."""
+  warning = unfinished_warning(path, flag)
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
+  return warning
+
+
 def _print_now(line: str) -> None:
   print(line, flush=True)  # before the child's own output, which goes straight to the terminal
 

@@ -84,11 +84,12 @@ def test_an_exported_checkpoint_is_used_as_it_is_never_trained_into(tmp_path, ca
   assert (sorted(os.listdir(path)) if path.is_dir() else path.read_bytes()) == before  # nothing written there
 
 
-def test_a_clip_taken_as_given_warns_only_when_it_is_an_unfinished_run(tmp_path):
+def test_a_clip_taken_as_given_warns_only_when_it_is_an_unfinished_run(tmp_path, capsys):
   workdir = tmp_path / "run"
   os.makedirs(workdir / "checkpoints" / "150")
   os.makedirs(workdir / "checkpoints" / "300")
-  warning = child_runs.unfinished_warning(str(workdir), "--clip")
+  warning = child_runs.warn_if_unfinished(str(workdir), "--clip")  # what the demos call: printed, returned
+  assert capsys.readouterr().err == warning + "\n"
   assert warning.startswith(f"warning: --clip {workdir} is an unfinished training run") and "step 300" in warning
   assert "\n" not in warning
   loop.mark_finished(str(workdir), 600)

@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
@@ -206,7 +205,7 @@ def seed_workdirs(clip: str, seeds: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-  from clip_jax.child_runs import unfinished_warning
+  from clip_jax.child_runs import warn_if_unfinished
   from clip_jax.cli import MissingPathError, UserError
   from clip_jax.eval.embed import place_on_mesh
   from clip_jax.sharding import create_mesh
@@ -268,9 +267,7 @@ def main(argv=None) -> int:
   for path, flag in ((args.clip, "--clip"), (args.sd, "--sd")):
     if not os.path.exists(path):
       raise MissingPathError(f"{flag} {path}: no such file or directory; see --help for the command that makes it.")
-  clip_warning = unfinished_warning(args.clip, "--clip")  # --clip is used as given, never trained here
-  if clip_warning:
-    print(clip_warning, file=sys.stderr, flush=True)
+  clip_warning = warn_if_unfinished(args.clip, "--clip")  # --clip is used as given, never trained here
 
   start = time.time()
   os.makedirs(args.out, exist_ok=True)

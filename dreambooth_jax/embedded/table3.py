@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -247,10 +246,8 @@ def run(workdir: str, pretrain_dir: str | None = None, pretrain_cfg=None, dreamb
   if clip is not None and clip == DIGITS_CLIP:
     pretrain_lib.ensure_digits_clip(clip)
   elif clip is not None:
-    from clip_jax.child_runs import unfinished_warning
-    warning = unfinished_warning(clip, "--clip")  # a CLIP given by the user is used as it is, never trained here
-    if warning:
-      print(warning, file=sys.stderr, flush=True)
+    from clip_jax.child_runs import warn_if_unfinished
+    warn_if_unfinished(clip, "--clip")  # a CLIP given by the user is used as it is, never trained here
   clip_metrics = db_metrics.SubjectMetrics.from_files(clip=clip) if clip is not None else None
 
   per_seed, grids, meta = [], {}, {"seeds": list(seeds), "identifiers": [], "clip": clip,
