@@ -279,7 +279,7 @@ def main(argv=None) -> int:
   train_images, train_labels = digit_images("train")
   test_images, test_labels = digit_images("test")
   judge, judge_accuracy = train_judge(train_images, train_labels, test_images, test_labels)
-  print(f"judge (SVM on 8x8 ink): held-out accuracy {judge_accuracy:.3f}", flush=True)
+  print(f"judge (SVM on 8x8 ink): held-out accuracy {100 * judge_accuracy:.1f}%", flush=True)
   results = {"judge_heldout_accuracy": judge_accuracy, "clip": args.clip, "clip_warning": clip_warning,
              "drawing_clips": clip_paths, "sd": args.sd, "args": vars(args)}
   lines = ([f"**{clip_warning}**", ""] if clip_warning else []) + [
