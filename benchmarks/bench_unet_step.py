@@ -3,7 +3,7 @@
   python benchmarks/bench_unet_step.py [--steps 5] [--warmup 2] [--size 32] [--batch 1]
       [--threads 2] [--variants jax_fp32,jax_bf16,jax_bf16_remat,torch_fp32,torch_bf16]
       [--repeats 1] [--device cpu|gpu] [--unet sd15|tiny] [--attention auto|xla|cudnn]
-      [--out benchmarks/results/unet_step.md] [--append]
+      [--skip-cached-compile] [--profile DIR] [--out benchmarks/results/unet_step.md] [--append]
 
 A step is forward + backward of the MSE between the UNet's output and a target (random noise),
 with respect to every UNet parameter; no optimizer update, so only the model is compared.
@@ -13,7 +13,8 @@ on them.
 
   jax_fp32        our Flax UNet, jitted value_and_grad, fp32 params and compute
   jax_bf16        the same with bf16 compute (fp32 params; matmuls, attention and convolutions in
-                  the bf16 x bf16 -> f32 forms of clip_jax.layers, forward and backward)
+                  the bf16 x bf16 -> f32 forms of clip_jax.layers, forward and backward; on GPU a
+                  conv returns bf16, cuDNN accumulating in f32: clip_jax.layers.conv_output_dtype)
   jax_bf16_remat  the same with each down/mid/up block rematerialised in the backward pass
   torch_fp32      diffusers UNet2DConditionModel, fp32, eager
   torch_bf16      the same under torch.autocast(device, dtype=torch.bfloat16)
@@ -90,7 +91,7 @@ def _parse_args(argv=None):
                       help="after the timed steps, trace two more steps of each variant into this folder "
                            "(ours: jax.profiler's xplane trace as VARIANT.xplane.pb; diffusers: torch.profiler's "
                            "op table as VARIANT_ops.txt and its trace as VARIANT.trace.json.gz); summarise ours "
-                           "with benchmarks/profile_summary.py")
+                           "with benchmarks/profile_summary.py. With --repeats N the last round's trace is kept")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 

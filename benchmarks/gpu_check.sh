@@ -24,6 +24,7 @@
 #   GPU_CHECK_LIMITS="A T U L R"  seconds for the attention, train, UNet, loss and ring sections
 #                         (default "100 200 200 50 40": 610 s with the probes at most; on an H200 on
 #                         2026-11-30 they took about 90, 156, 86 + 45, 15 and 0 s: one GPU, ring skipped;
+#                         the UNet section with its two traced steps per variant, ~120-145 s;
 #                         --dry-run: "200 400 900 200 100")
 set -uo pipefail   # no -e: a failed section is recorded and the next one runs
 cd "$(dirname "$0")/.."
@@ -163,14 +164,16 @@ if [ $attn_rc != 0 ] && [ $attn_rc != 124 ] && [ $attn_rc != 137 ]; then  # a ti
 fi
 section train "$LIMIT_TRAIN" "$PY" benchmarks/bench_train_step.py $TRAIN_ARGS --device $DEVICE \
   --attention $ATTENTION --out "$SECTIONS/train.md"
+# On the GPU the UNet section also traces two steps of each variant into $SECTIONS/profile (kept
+# with GPU_CHECK_OUT): the kind of trace that showed our bf16 convs running as f32/TF32 kernels.
+PROFILE_ARGS=""
+[ $DRY = 0 ] && PROFILE_ARGS="--profile $SECTIONS/profile"
 section unet "$LIMIT_UNET" "$PY" benchmarks/bench_unet_step.py $UNET_ARGS --device $DEVICE \
-  --attention $ATTENTION --out "$SECTIONS/unet.md" --profile "$WORK/profile"
-# Where each UNet step's device time went (a traced step of ours by kernel category; diffusers' device
-# time from torch.profiler): the trace that showed our bf16 convs running as f32/TF32 kernels.
-if [ $DRY = 0 ] && [ -s "$WORK/profile/jax_bf16.xplane.pb" ]; then
-  { "$PY" benchmarks/profile_summary.py "$WORK/profile/jax_bf16.xplane.pb" --top 12
-    grep -h "Self CUDA time total" "$WORK"/profile/torch_bf16_ops.txt 2>/dev/null \
-      | sed 's/^/diffusers (torch.profiler, 2 steps): /'; } > "$SECTIONS/unet_profile.md" 2>&1
+  --attention $ATTENTION --out "$SECTIONS/unet.md" $PROFILE_ARGS
+if [ $DRY = 0 ] && [ -s "$SECTIONS/profile/jax_bf16.xplane.pb" ]; then
+  # Our kernels per step by category, and diffusers' device time per step beside them.
+  timeout -k 5 60 "$PY" benchmarks/profile_summary.py "$SECTIONS/profile/jax_bf16.xplane.pb" --top 12 \
+    --torch-ops "$SECTIONS/profile/torch_bf16_ops.txt" > "$SECTIONS/unet_profile.md" 2>&1
   write_report
 fi
 section loss "$LIMIT_LOSS" env $LOSS_ENV "$PY" benchmarks/bench_loss_memory.py $LOSS_ARGS --platform $DEVICE \

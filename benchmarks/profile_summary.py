@@ -1,18 +1,21 @@
 """Where a traced step's GPU time went: the kernels of a jax.profiler trace, summed per step.
 
-  python benchmarks/profile_summary.py TRACE.xplane.pb[.gz] [--steps 2] [--top 25]
+  python benchmarks/profile_summary.py TRACE.xplane.pb[.gz] [--steps 2] [--top 25] [--torch-ops OPS.txt]
 
 Reads the xplane file that `bench_unet_step.py --profile DIR` (or any `jax.profiler.trace`) wrote
 and sums the duration of every kernel on the GPU's planes, twice: by category (convolutions by
 their kernels' input dtype, cuDNN attention, everything else) and by kernel name (template
 arguments dropped), each divided by --steps, the number of steps the trace holds. 'busy' is the
 sum of all kernels; 'span' is first kernel start to last kernel end. On a trace without a device
-plane (XLA:CPU) it says so: `benchmarks/profile_step.py` reads those.
+plane (XLA:CPU) it says so: `benchmarks/profile_step.py` reads those. --torch-ops reads the op table
+`bench_unet_step.py --profile` wrote for a torch variant and prints its device time per step (its
+profiler's 'Self CUDA time total' over the same --steps).
 
 How the categories are told apart (cuDNN's and cuBLAS's kernel names on Hopper, 2026):
   conv f32/tf32   'implicit_gemm' kernels (cuDNN's convolutions) named f32f32_tf32...: a conv run in
                   f32 with TF32 math, what XLA:GPU does with bf16 operands and an f32 result
   conv bf16       the same kernels named bf16bf16_bf16f32... (bf16 in, f32 accumulation)
+  conv other      other 'implicit_gemm' kernels (other dtypes, or names without them)
   attention       cuDNN's fused attention ('sdpa' kernels, forward and backward) and its helpers
   other           matmuls (nvjet / cutlass / gemm fusions), XLA's fusions, transposes, copies
 """
@@ -41,8 +44,9 @@ def kernel_category(name: str) -> str:
 
 
 def kernel_name(name: str) -> str:
-  """'void foo<bar, 3>(...)' -> 'void foo' (one row per kernel, not per instantiation)."""
-  return re.sub(r"<.*", "", name).strip()[:90]
+  """'void foo<bar, 3>(...)' -> 'void foo' (one row per kernel, not per instantiation; the tile
+  sizes in cuDNN's and cuBLAS's names, which come before any '<', stay)."""
+  return re.sub(r"<.*", "", name).strip()
 
 
 def summarise(events, steps: int) -> tuple[dict, collections.Counter, float, float]:
@@ -64,11 +68,16 @@ def device_events(path: str):
   """The kernels of every GPU plane of an xplane file (gzipped or not). Raises SystemExit when the
   trace has no GPU plane."""
   from jax.profiler import ProfileData
+  original = path
   if path.endswith(".gz"):
     with gzip.open(path, "rb") as f, tempfile.NamedTemporaryFile(suffix=".xplane.pb", delete=False) as out:
       out.write(f.read())
     path = out.name
-  data = ProfileData.from_file(path)
+  try:
+    data = ProfileData.from_file(path)
+  finally:
+    if path != original:
+      os.remove(path)
   planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
   if not planes:
     raise SystemExit(f"error: {path} has no GPU plane (an XLA:CPU trace? see benchmarks/profile_step.py)")
@@ -80,6 +89,7 @@ def main(argv=None) -> int:
   parser.add_argument("trace", help="an .xplane.pb file, or .xplane.pb.gz")
   parser.add_argument("--steps", type=int, default=2, help="steps the trace holds (bench_unet_step traces 2)")
   parser.add_argument("--top", type=int, default=25, help="kernels listed")
+  parser.add_argument("--torch-ops", default="", help="a torch variant's op table (VARIANT_ops.txt) to compare")
   args = parser.parse_args(argv)
   if not os.path.exists(args.trace):
     raise SystemExit(f"error: no such file: {args.trace}")
@@ -91,7 +101,22 @@ def main(argv=None) -> int:
   print("\n| kernel | ms / step |\n|---|---:|")
   for name, ms in by_kernel.most_common(args.top):
     print(f"| `{name}` | {ms:.2f} |")
+  if args.torch_ops and not os.path.exists(args.torch_ops):
+    print(f"\n{args.torch_ops}: no such file (did the torch variant fail?)")
+  elif args.torch_ops:
+    with open(args.torch_ops) as f:
+      total_ms = torch_device_ms(f.read())
+    print(f"\n{os.path.basename(args.torch_ops)}: device time per step "
+          + (f"{total_ms / args.steps:.2f} ms" if total_ms is not None else "not in the table (no CUDA activity?)"))
   return 0
+
+
+def torch_device_ms(table: str) -> float | None:
+  """torch.profiler's 'Self CUDA time total: 199.484ms' (or 'Self Device ...', in us, ms or s) in ms."""
+  match = re.search(r"Self (?:CUDA|Device|XPU) time total:\s*([\d.]+)\s*(us|ms|s)\b", table)
+  if not match:
+    return None
+  return float(match.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
 
 
 if __name__ == "__main__":

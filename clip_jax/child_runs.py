@@ -20,10 +20,10 @@ class ChildFailed(UserError):
 
 
 class ChildSaved(KeyboardInterrupt):
-  """Ctrl-C stopped a child trainer, which saved its checkpoint and exited with `loop.EXIT_PREEMPTED`
-  (75): the command that ran it exits with that code too (`clip_jax.cli`), so a script that resubmits
-  on 75 treats a demo like a trainer. `exit_code` is 75."""
-  exit_code = 75
+  """A child trainer stopped early and saved its checkpoint: it exited with `loop.EXIT_PREEMPTED` (75),
+  on a Ctrl-C of both or a SIGTERM of its own. The command that ran it exits with that code too
+  (`clip_jax.cli`), so a script that resubmits on 75 treats a demo like a trainer."""
+  exit_code = 75  # loop.EXIT_PREEMPTED (not imported here: loop imports jax; a test checks they agree)
 
 
 def run_child(command: Sequence[str]) -> None:
@@ -33,8 +33,9 @@ def run_child(command: Sequence[str]) -> None:
   On Ctrl-C the child (same process group) gets the SIGINT too and a trainer then saves a checkpoint
   before it exits: wait for that, then stop with KeyboardInterrupt. (`subprocess.run` would kill the
   child 0.25 s after the Ctrl-C, losing the steps since its last checkpoint.) A second Ctrl-C
-  while waiting stops the wait. When the child then exits with 75 (a trainer that saved: resumable),
-  the KeyboardInterrupt raised is a ChildSaved, which commands exit with as 75."""
+  while waiting stops the wait. A child that exits with 75 (a trainer that saved: resumable), after a
+  Ctrl-C or a SIGTERM of its own, raises ChildSaved (a KeyboardInterrupt), which commands exit with
+  as 75."""
   from clip_jax import loop
   process = subprocess.Popen(list(command))
   try:
@@ -48,6 +49,8 @@ def run_child(command: Sequence[str]) -> None:
     if code == loop.EXIT_PREEMPTED:
       raise ChildSaved() from None
     raise
+  if code == loop.EXIT_PREEMPTED:
+    raise ChildSaved()
   if code:
     shown = " ".join(["python" if i == 0 and part == sys.executable else part for i, part in enumerate(command)])
     raise ChildFailed(f"`{shown}` exited with status {code} (its own message is above)")

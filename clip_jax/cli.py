@@ -338,7 +338,8 @@ def _raise_usage_error(parser: argparse.ArgumentParser, message: str) -> NoRetur
 @contextlib.contextmanager
 def _reporting():
   """User errors -> one line and exit 2 (after their traceback when debugging); Ctrl-C outside a
-  training loop -> one line and exit 130; bugs -> their traceback once per run, exit 1."""
+  training loop -> one line and exit 130, or 75 when a child trainer saved first
+  (`child_runs.ChildSaved`); bugs -> their traceback once per run, exit 1."""
   try:
     yield
   except UserError as e:

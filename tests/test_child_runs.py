@@ -99,3 +99,13 @@ def test_a_clip_taken_as_given_warns_only_when_it_is_an_unfinished_run(tmp_path,
   (exported / "config.json").write_text(json.dumps({"model_type": "clip"}))
   assert child_runs.unfinished_warning(str(exported), "--clip") is None
   assert child_runs.unfinished_warning(str(tmp_path / "missing"), "--clip") is None
+
+
+def test_a_child_trainer_that_saved_and_stopped_makes_the_command_resumable(tmp_path):
+  """A child trainer exiting with 75 (saved, stopped early: here a SIGTERM of its own) raises ChildSaved,
+  which clip_jax.cli turns into exit 75, the trainer's own code; any other failure stays ChildFailed."""
+  assert child_runs.ChildSaved.exit_code == loop.EXIT_PREEMPTED
+  with pytest.raises(child_runs.ChildSaved):
+    child_runs.run_child([sys.executable, "-c", "import sys; sys.exit(75)"])
+  with pytest.raises(child_runs.ChildFailed):
+    child_runs.run_child([sys.executable, "-c", "import sys; sys.exit(3)"])
