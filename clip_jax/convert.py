@@ -423,6 +423,44 @@ def config_from_open_clip(model_cfg: Mapping[str, Any]) -> CLIPConfig:
                     init_logit_bias=model_cfg.get("init_logit_bias"))
 
 
+def config_to_open_clip(cfg: CLIPConfig) -> dict[str, Any]:
+  """open_clip's model config ('model_cfg' of `open_clip_config.json`) for `cfg`: the inverse of
+  `config_from_open_clip` (a round trip gives `cfg` back). The text pooling rule is written out
+  (pool_type 'eos' with its eos_id, else open_clip's default 'argmax')."""
+  vision = cfg.vision
+  vision_cfg = {"image_size": vision.image_size, "layers": list(vision.layers) if vision.is_resnet else vision.layers,
+                "width": vision.width, "head_width": vision.head_width, "mlp_ratio": vision.mlp_ratio}
+  if not vision.is_resnet:
+    vision_cfg["patch_size"] = vision.patch_size
+  text = cfg.text
+  text_cfg = {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
+              "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio}
+  if text.eot_token_id is not None:
+    text_cfg.update(pool_type="eos", eos_id=text.eot_token_id)
+  model_cfg = {"embed_dim": cfg.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg,
+               "quick_gelu": cfg.act == "quick_gelu", "init_logit_scale": cfg.init_logit_scale}
+  if cfg.init_logit_bias is not None:
+    model_cfg["init_logit_bias"] = cfg.init_logit_bias
+  return model_cfg
+
+
+def export_open_clip(module: CLIP, variables: dict[str, Any], out_dir: str) -> str:
+  """Writes an open_clip hub folder, which `open_clip.create_model_and_transforms('local-dir:OUT_DIR')`
+  and `hf-hub:` repositories load and `load_checkpoint` reads back: open_clip_config.json (the model
+  config and OpenAI's image mean/std, which this project's preprocessing uses) and
+  open_clip_model.safetensors (the OpenAI-layout state dict, the keys open_clip's CLIP uses). Returns
+  `out_dir`."""
+  from clip_jax.data.images import OPENAI_MEAN, OPENAI_STD
+  from clip_jax.weights import save_safetensors
+  os.makedirs(out_dir, exist_ok=True)
+  config = {"model_cfg": config_to_open_clip(module.config),
+            "preprocess_cfg": {"mean": [float(m) for m in OPENAI_MEAN], "std": [float(s) for s in OPENAI_STD]}}
+  with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  save_safetensors(export_openai_state_dict(module, variables), os.path.join(out_dir, "open_clip_model.safetensors"))
+  return out_dir
+
+
 def load_open_clip_directory(path: str, **module_kwargs):
   """`(module, variables)` from an open_clip hub folder: open_clip_config.json beside
   open_clip_model.safetensors (or open_clip_pytorch_model.bin), as open_clip's save_for_hf writes."""

@@ -2,6 +2,7 @@ r"""Export a CLIP checkpoint for other libraries.
 
     python -m clip_jax.export --checkpoint workdirs/digits --out exports/digits_hf
     python -m clip_jax.export --checkpoint workdirs/digits --format openai --out exports/digits.safetensors
+    python -m clip_jax.export --checkpoint workdirs/digits --format open_clip --out exports/digits_open_clip
 
 --checkpoint is anything `clip_jax.load_checkpoint` reads: a training workdir of this project (its
 latest checkpoint), an OpenAI / open_clip file, a Hugging Face or open_clip hub folder.
@@ -10,8 +11,14 @@ config.json, model.safetensors and the tokenizer's files (vocab.json, merges.txt
 as in clip_jax.evaluate: a Hugging Face folder's own tokenizer, else OpenAI's CLIP BPE).
 --format openai writes one OpenAI-layout state dict (.safetensors) that open_clip's
 `create_model(NAME, pretrained=FILE)` loads (NAME: the architecture, e.g. ViT-B-32); the layout does
-not carry the architecture, so the activation and text pooling must be given there again. ResNet
-image towers can only be exported this way (transformers has no ModifiedResNet).
+not carry the architecture, so the activation and text pooling must be given there again.
+--format open_clip writes an open_clip hub folder (open_clip_config.json with the architecture,
+activation, text pooling and image mean/std, and open_clip_model.safetensors) that
+`open_clip.create_model_and_transforms('local-dir:OUT')` loads as it is, or that can be pushed as an
+`hf-hub:` repository. It names no tokenizer, so open_clip tokenizes with OpenAI's CLIP BPE at the
+config's context length: this project's default ('clip'); a model trained with another tokenizer
+needs it given to open_clip by hand. ResNet image towers export as openai or open_clip
+(transformers has no ModifiedResNet).
 
 Nothing is written unless the whole export succeeds: the folder or file appears complete or not at
 all. An existing --out is refused (one line) unless --overwrite.
@@ -24,16 +31,18 @@ import shutil
 import tempfile
 from typing import Sequence
 
-FORMATS = ("hf", "openai")
+FORMATS = ("hf", "openai", "open_clip")
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m clip_jax.export", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="what to export (a workdir, a file or a folder)")
-  parser.add_argument("--out", required=True, help="the folder (hf) or .safetensors file (openai) to write")
+  parser.add_argument("--out", required=True,
+                      help="the folder (hf, open_clip) or .safetensors file (openai) to write")
   parser.add_argument("--format", choices=FORMATS, default="hf", help="hf: a transformers CLIPModel folder; "
-                      "openai: an OpenAI-layout state dict for open_clip (default: %(default)s)")
+                      "openai: an OpenAI-layout state dict; open_clip: an open_clip hub folder "
+                      "(default: %(default)s)")
   parser.add_argument("--model-name", default=None, help="a bare state dict's architecture (as clip_jax.evaluate)")
   parser.add_argument("--act", default=None, help="a bare state dict's activation (gelu / quick_gelu)")
   parser.add_argument("--tokenizer", default=None, help="the tokenizer written beside an hf export "
@@ -44,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None = None, act: str | None = None,
            tokenizer: str | None = None, overwrite: bool = False) -> str:
-  """Writes `checkpoint` to `out` in `fmt` ('hf' or 'openai'); returns `out`. Raises
+  """Writes `checkpoint` to `out` in `fmt` ('hf', 'openai' or 'open_clip'); returns `out`. Raises
   clip_jax.cli.UserError (one line) for an existing `out` without `overwrite`, a wrong suffix or a
   ResNet CLIP asked for 'hf'; FileNotFoundError / CheckpointError from loading."""
   from clip_jax.cli import UserError
-  from clip_jax.convert import export_hf, export_openai_state_dict, load_checkpoint
+  from clip_jax.convert import export_hf, export_open_clip, export_openai_state_dict, load_checkpoint
   from clip_jax.evaluate import _tokenizer
   from clip_jax.weights import save_safetensors
   if fmt not in FORMATS:
@@ -60,7 +69,7 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
   module, variables = load_checkpoint(checkpoint, model_name=model_name, act=act)
   if fmt == "hf" and module.config.vision.is_resnet:
     raise UserError(f"{checkpoint} has a ResNet image tower, which transformers' CLIPModel cannot hold: "
-                    "export it with --format openai.")
+                    "export it with --format open_clip or --format openai.")
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export_", dir=parent)  # same filesystem: the final rename is atomic
@@ -68,6 +77,8 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
     if fmt == "hf":
       written = export_hf(module, variables, os.path.join(staging, "out"),
                           tokenizer=_tokenizer(tokenizer, checkpoint, module.config.text.context_length))
+    elif fmt == "open_clip":
+      written = export_open_clip(module, variables, os.path.join(staging, "out"))
     else:
       written = os.path.join(staging, "out.safetensors")
       save_safetensors(export_openai_state_dict(module, variables), written)

@@ -1,5 +1,5 @@
-"""python -m clip_jax.export: a checkpoint -> a Hugging Face folder (with its tokenizer) or an OpenAI-layout
-file, read back to the same weights; existing outputs, wrong suffixes and ResNets for 'hf' get one line;
+"""python -m clip_jax.export: a checkpoint -> a Hugging Face folder (with its tokenizer), an OpenAI-layout
+file or an open_clip hub folder, read back to the same weights (open_clip's own loader: test_models); existing outputs, wrong suffixes and ResNets for 'hf' get one line;
 a failed export leaves nothing at --out."""
 import os
 import stat
@@ -48,6 +48,15 @@ def test_openai_export_reads_back_as_the_same_model(source, tmp_path):
   out = str(tmp_path / "digits.safetensors")
   export.main(["--checkpoint", source, "--format", "openai", "--out", out])
   model, variables = load_checkpoint(out, model_name="ViT-Tiny")
+  _same_weights(load_checkpoint(source)[1], variables)
+
+
+def test_open_clip_export_is_a_hub_folder_that_reads_back_as_the_same_model(source, tmp_path):
+  out = str(tmp_path / "open_clip")
+  assert export.main(["--checkpoint", source, "--format", "open_clip", "--out", out]) == 0
+  assert sorted(os.listdir(out)) == ["open_clip_config.json", "open_clip_model.safetensors"]
+  model, variables = load_checkpoint(out)  # no --model-name: the folder carries the architecture
+  assert model.config == load_checkpoint(source)[0].config
   _same_weights(load_checkpoint(source)[1], variables)
 
 

@@ -472,3 +472,24 @@ def test_open_clip_folder_with_unsupported_features_is_refused(tmp_path):
   _write_open_clip_folder(str(tmp_path), reference, model_cfg, True)
   with pytest.raises(CheckpointError, match="sets text_cfg.no_causal_mask=True, which clip_jax's CLIP does not"):
     clip_jax.load_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("resnet,act", [(False, "quick_gelu"), pytest.param(True, "gelu", marks=pytest.mark.slow)])
+def test_open_clip_folder_export_loads_in_open_clip_as_the_same_model(resnet, act, tmp_path):
+  """convert.export_open_clip (`clip_jax.export --format open_clip`): open_clip's own 'local-dir:' loader
+  builds the same architecture (activation included) with the same weights, and this project reads the
+  folder back to the same config."""
+  cfg = _tiny_open_clip_cfg(resnet)
+  cfg["quick_gelu"] = act == "quick_gelu"
+  reference = _randomize_open_clip(open_clip.model.CLIP(**cfg))
+  model, variables = convert.load_openai_state_dict({k: v.numpy() for k, v in reference.state_dict().items()},
+                                                    act=act)
+  out = convert.export_open_clip(model, variables, str(tmp_path / "open_clip"))
+  loaded = open_clip.create_model(f"local-dir:{out}").eval()
+  images, tokens = _inputs(model.config.vision.image_size)
+  with torch.no_grad():
+    for method, inputs in (("encode_image", images), ("encode_text", tokens)):
+      np.testing.assert_allclose(getattr(loaded, method)(torch.from_numpy(inputs)).numpy(),
+                                 getattr(reference, method)(torch.from_numpy(inputs)).numpy(), atol=1e-5, rtol=0)
+  assert convert.config_from_open_clip(convert.config_to_open_clip(model.config)) == model.config
+  assert convert.load_checkpoint(out)[0].config == model.config
