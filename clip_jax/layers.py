@@ -110,9 +110,20 @@ def _add_bias_rounded(y: jax.Array, b: jax.Array | None, dtype: Dtype) -> jax.Ar
 
 
 def _bias_grad(grad_out: jax.Array, b: jax.Array | None) -> jax.Array | None:
-  """The bias gradient: grad_out [..., n] summed over its leading axes in f32, in b's dtype."""
+  """The bias gradient: grad_out [..., n] summed over its leading axes in f32, in b's dtype.
+
+  A 16-bit grad_out on CPU is summed by a dot, ones [2, N] @ grad_out [N, n] accumulated in f32
+  (row 0 kept): XLA:CPU runs an f32 sum through YNNPACK, which cannot take the bf16 -> f32 convert, so
+  XLA wrote an f32 copy of every layer's output gradient first (in attention with the heads
+  transpose done a second time for it). The dot reads the bf16 gradient the matmuls read; same f32
+  sum of the same values (ones are exact). Two rows, not one: XLA:CPU runs a one-row dot outside
+  YNNPACK, in f32 after converting the operand, which is the copy again (jax 0.10.2).
+  """
   if b is None:
     return None
+  if jnp.dtype(grad_out.dtype).itemsize == 2 and jax.default_backend() == "cpu":
+    rows = grad_out.reshape(-1, grad_out.shape[-1])                         # [N, n]
+    return _dot_last_first(jnp.ones((2, rows.shape[0]), rows.dtype), rows)[0].astype(b.dtype)
   return jnp.sum(grad_out.astype(jnp.float32), axis=tuple(range(grad_out.ndim - 1))).astype(b.dtype)
 
 

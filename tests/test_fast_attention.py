@@ -18,6 +18,7 @@ asymmetric padding, 1x1): fp32 values and gradients within 1e-5 relative to the 
 bf16 within 2e-2 of the fp32 reference on the same rounded inputs, as XLA's own bf16 conv is.
 """
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -156,6 +157,19 @@ def test_dense_f32_accum_is_matmul_plus_bias_rounded_once(use_bias):
     assert fused.dtype == plain.dtype
     np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(plain, np.float32), rtol=1e-6, atol=1e-6)
   assert len(jax.tree.leaves(fused_vjp(g))) == (3 if use_bias else 2)
+
+
+def test_bf16_dense_backward_keeps_no_f32_copy_of_the_output_gradient():
+  # The bias gradient is summed by a dot from the bf16 cotangent (`layers._bias_grad`): before, XLA:CPU
+  # wrote the whole cotangent out in f32 ([3, 16, 8] here) for YNNPACK's sum, in every Dense layer.
+  # Pins the compiled form on jax 0.10.2's XLA:CPU; after an upgrade, re-check before relaxing it.
+  x = jnp.ones((3, 16, 24), jnp.bfloat16)
+  _, vjp = jax.vjp(layers.dense_f32_accum, x, jnp.ones((24, 8)), jnp.zeros((8,)))
+  hlo = jax.jit(vjp).lower(jnp.ones((3, 16, 8), jnp.bfloat16)).compile().as_text()
+  f32_shapes = set(re.findall(r"f32\[[0-9,]+\]", hlo))
+  assert not f32_shapes & {"f32[3,16,8]", "f32[48,8]"}, sorted(f32_shapes)
+  grads = vjp(jnp.ones((3, 16, 8), jnp.bfloat16))
+  np.testing.assert_array_equal(np.asarray(grads[2]), np.full((8,), 48.0, np.float32))
 
 
 def test_fp32_dense_equals_flax_dense_values_and_gradients():
