@@ -163,12 +163,12 @@ def test_bf16_dense_backward_keeps_no_f32_copy_of_the_output_gradient():
   # The bias gradient is summed by a dot from the bf16 cotangent (`layers._bias_grad`): before, XLA:CPU
   # wrote the whole cotangent out in f32 ([3, 16, 8] here) for YNNPACK's sum, in every Dense layer.
   # Pins the compiled form on jax 0.10.2's XLA:CPU; after an upgrade, re-check before relaxing it.
-  x = jnp.ones((3, 16, 24), jnp.bfloat16)
+  x, g = jnp.ones((3, 16, 24), jnp.bfloat16), jnp.ones((3, 16, 8), jnp.bfloat16)
   _, vjp = jax.vjp(layers.dense_f32_accum, x, jnp.ones((24, 8)), jnp.zeros((8,)))
-  hlo = jax.jit(vjp).lower(jnp.ones((3, 16, 8), jnp.bfloat16)).compile().as_text()
+  hlo = jax.jit(vjp).lower(g).compile().as_text()
   f32_shapes = set(re.findall(r"f32\[[0-9,]+\]", hlo))
   assert not f32_shapes & {"f32[3,16,8]", "f32[48,8]"}, sorted(f32_shapes)
-  grads = vjp(jnp.ones((3, 16, 8), jnp.bfloat16))
+  grads = vjp(g)
   np.testing.assert_array_equal(np.asarray(grads[2]), np.full((8,), 48.0, np.float32))
 
 
