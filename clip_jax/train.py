@@ -179,10 +179,10 @@ def make_loss_and_grad(model: CLIP, *, loss_kind: str, mesh, microbatches: int =
 def make_train_step(model: CLIP, tx, *, loss_kind: str, mesh, microbatches: int,
                     schedule: Callable[[jax.Array], jax.Array], frozen: Any | None = None):
   """update(state, batch) -> (state, metrics): one optimizer update on {'image', 'tokens'}. The
-  stored logit_scale is clamped at ln 100 after the update. Non-finite steps are the loop's
-  (`loop.skip_nonfinite` wraps this). `frozen` (True leaves: locked parameters) stops their
-  gradients, so a locked tower's backward pass is not computed; a locked ResNet keeps its
-  BatchNorm statistics."""
+  stored logit_scale is clamped at ln 100 after the update. A non-finite step (loss or gradient norm)
+  leaves the state as it was (`loop.update_if_finite`; metrics['skipped']); the loop counts them.
+  `frozen` (True leaves: locked parameters) stops their gradients, so a locked tower's backward pass
+  is not computed; a locked ResNet keeps its BatchNorm statistics."""
   loss_and_grad = make_loss_and_grad(model, loss_kind=loss_kind, mesh=mesh, microbatches=microbatches)
   image_locked = frozen is not None and all(jax.tree.leaves(frozen.get("visual", {})))
 
@@ -191,18 +191,21 @@ def make_train_step(model: CLIP, tx, *, loss_kind: str, mesh, microbatches: int,
     live = params if frozen is None else jax.tree.map(
         lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     loss, grads, new_stats = loss_and_grad(live, state.get("batch_stats"), batch["image"], batch["tokens"])
-    updates, new_opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = dict(optax.apply_updates(params, updates))
-    new_params["logit_scale"] = jnp.minimum(new_params["logit_scale"], MAX_LOG_SCALE)
-    new_state = dict(state, params=new_params, opt_state=new_opt_state)
-    if new_stats is not None and not image_locked:
-      new_state["batch_stats"] = new_stats
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "logit_scale": losses.clamp_logit_scale(params["logit_scale"]),
                "learning_rate": schedule(state["step"])}
     if "logit_bias" in params:
       metrics["logit_bias"] = params["logit_bias"]
-    return new_state, metrics
+
+    def apply(state):  # the optimizer step, run for finite steps only
+      updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
+      new_params = dict(optax.apply_updates(state["params"], updates))
+      new_params["logit_scale"] = jnp.minimum(new_params["logit_scale"], MAX_LOG_SCALE)
+      new_state = dict(state, params=new_params, opt_state=new_opt_state)
+      if new_stats is not None and not image_locked:
+        new_state["batch_stats"] = new_stats
+      return new_state
+    return loop.update_if_finite(state, metrics, apply)
 
   return train_step
 

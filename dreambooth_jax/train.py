@@ -154,8 +154,9 @@ def make_train_step(loss_fn, tx, microbatches: int, num_instance: int):
   """update(state, batch, frozen) -> (state, metrics) for the loop: the mean loss and gradient of
   `microbatches` micro-batches (rows laid out by `data.training_batch`; each is a whole instance +
   prior batch of `num_instance` instance rows, so the mean over micro-batches equals the full
-  batch's loss), then one update. Row r of the whole batch (instance rows, then class rows) draws
-  its noise from key r whatever the micro-batching."""
+  batch's loss), then one update, skipped for a non-finite loss or gradient norm (`loop.update_if_finite`).
+  Row r of the whole batch (instance rows, then class rows) draws its noise from key r whatever the
+  micro-batching."""
   def grad_fn(trainable, frozen, pixels, tokens, row_keys):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, pixels, tokens, row_keys)
     return loss, parts, grads
@@ -178,9 +179,11 @@ def make_train_step(loss_fn, tx, microbatches: int, num_instance: int):
       shapes = jax.eval_shape(grad_fn, state["trainable"], frozen, *(x[0] for x in micro))
       (loss, parts, grads), _ = jax.lax.scan(
           accumulate, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), micro)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-    new_state = dict(state, opt_state=opt_state, trainable=optax.apply_updates(state["trainable"], updates))
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
+
+    def apply(state):  # the optimizer step, run for finite steps only
+      updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+      return dict(state, opt_state=opt_state, trainable=optax.apply_updates(state["trainable"], updates))
+    return loop.update_if_finite(state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}, apply)
 
   return update
 

@@ -4,6 +4,7 @@ guarantees through their entry points."""
 import json
 import logging as py_logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -186,3 +187,56 @@ def test_iterator_state_of_another_process_count_is_refused_clearly(tmp_path):
   (data_dir / "process_1-of-2.json").write_text('{"position": 2}')
   with pytest.raises(Exception, match="input pipeline state of 2 processes; this run has 1"):
     toy_run(tmp_path, mesh, 4)
+
+
+def _adam_toy(guarded: bool, use_cond: bool | None = None):
+  """Adam on two weight matrices; the update guarded by `update_if_finite` or left to skip_nonfinite's
+  select. Returns (jitted donating step, initial state)."""
+  tx = optax.adamw(1e-2)
+  params = {"a": jnp.ones((64, 32), jnp.float32), "b": jnp.full((32, 16), 0.5, jnp.float32)}
+  state = {**loop.init_counters(), "params": params, "opt_state": tx.init(params)}
+
+  def update(state, x):
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean(jnp.tanh(x @ p["a"] @ p["b"]) ** 2))(state["params"])
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    def apply(state):
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      return dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state)
+    if guarded:
+      return loop.update_if_finite(state, metrics, apply, use_cond=use_cond)
+    return apply(state), metrics
+  return jax.jit(loop.skip_nonfinite(update), donate_argnums=(0,)), state
+
+
+@pytest.mark.parametrize("use_cond", [True, False])
+def test_update_if_finite_keeps_every_entry_of_a_nonfinite_step_and_applies_a_finite_one(use_cond):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64)), jnp.float32)
+  guarded, state = _adam_toy(True, use_cond)
+  plain, plain_state = _adam_toy(False)
+  copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (the steps donate their input)
+  before = copy(state)
+  new, metrics = guarded(copy(state), x)
+  reference, _ = plain(copy(plain_state), x)
+  assert int(metrics["skipped"]) == 0 and int(new["step"]) == 1
+  for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(reference)):  # the same optimizer step
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+  bad = x.at[0, 0].set(jnp.nan)
+  kept, metrics = guarded(copy(new), bad)
+  assert int(metrics["skipped"]) == 1 and int(kept["nonfinite_streak"]) == 1 and int(kept["step"]) == 2
+  for got, want in zip(jax.tree.leaves({k: kept[k] for k in ("params", "opt_state")}),
+                       jax.tree.leaves({k: new[k] for k in ("params", "opt_state")})):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # bit for bit, moments and count too
+  assert jax.tree.structure(kept) == jax.tree.structure(before)
+
+
+def test_update_if_finite_on_cpu_updates_the_moments_in_place():
+  """The reason for the cond (jax 0.10.2, XLA:CPU): selecting the old state back after the update made
+  XLA copy each Adam moment before overwriting it; under the cond no moment-sized f32 copy is left."""
+  x = jnp.zeros((8, 64), jnp.float32)
+
+  def moment_copies(step, state):
+    text = step.lower(state, x).compile().as_text()
+    return len(re.findall(r"= f32\[(?:64,32|32,16)\]\{1,0\} copy\(", text))
+  assert moment_copies(*_adam_toy(guarded=False)) > 0       # the select: copies (fails if XLA stops making them)
+  assert moment_copies(*_adam_toy(guarded=True)) == 0
