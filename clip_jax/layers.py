@@ -81,10 +81,24 @@ def _matmul_bwd(residuals, grad_out):
   # dx = g @ w^T: the contracted axis (n) is last in both operands.
   grad_x = jax.lax.dot_general(g, w.astype(x.dtype), (((g.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
-  # dw = x^T @ g over all leading axes, with x^T materialised row-major (see `rows_transposed`).
-  grad_w = jax.lax.dot_general(rows_transposed(x), g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-  return grad_x.astype(x.dtype), grad_w.astype(w.dtype)
+  return grad_x.astype(x.dtype), rows_contracted(x, g).astype(w.dtype)
+
+
+def rows_contracted(x: jax.Array, g: jax.Array) -> jax.Array:
+  """x [..., k] and g [..., n] with the same leading axes -> x^T @ g [k, n] summed over all leading
+  axes in f32 (a weight gradient), in the form XLA:CPU runs fastest for x's dtype.
+
+  16-bit: x^T is materialised row-major (`rows_transposed`) so that the dot stays a bf16 x bf16 -> f32
+  YNNPACK dot. f32: the dot contracts the leading axis of both operands as they are; XLA:CPU then runs
+  it outside YNNPACK (Eigen reads the transposed operand in its packing), with no transposing copy of
+  x: in the ViT-B-32 fp32 train step those copies ran several times slower than standalone, and the
+  step went 7.23 -> 5.71 s (jax 0.10.2, in-process A/B, `WORKSPACE.md`).
+  """
+  rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  if x.dtype == jnp.float32:
+    return jax.lax.dot_general(rows_x, rows_g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(rows_transposed(x), rows_g, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
 
 
 matmul_f32_accum.defvjp(_matmul_fwd, _matmul_bwd)
@@ -221,8 +235,7 @@ def _conv_im2col_bwd(strides, padding, residuals, grad_out):
   grad_patches = jax.lax.dot_general(g, kernel2d, (((g.ndim - 1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32).astype(x.dtype)
   grad_x, = unpatch(grad_patches)                                     # overlapping taps summed
-  grad_kernel = jax.lax.dot_general(rows_transposed(patches), g.reshape(-1, g.shape[-1]),
-                                    (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  grad_kernel = rows_contracted(patches, g)                           # [kh*kw*C, N] f32
   return grad_x.astype(x.dtype), grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -417,6 +430,15 @@ def _batched_dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Ar
                              preferred_element_type=jnp.float32)
 
 
+def _first_axes_contracted(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a [N, T, S], b [N, T, D] -> a^T @ b [N, S, D] per batch entry, f32. As `rows_contracted`: a
+  16-bit a is swapped into a row-major copy (the dot stays bf16 in YNNPACK), an f32 one is contracted
+  along T as it is (no copy)."""
+  if a.dtype == jnp.float32:
+    return _batched_dot(a, b, 1, 1)
+  return _batched_dot(_swap_last_two(a), b, 2, 1)
+
+
 def _attention_probs(qh, kh, is_causal):
   scores = _batched_dot(qh, kh, 2, 2) * (qh.shape[-1] ** -0.5)      # [BH, T, S] f32
   if is_causal:
@@ -450,13 +472,13 @@ def _attention_bwd(is_causal, residuals, grad_out):
   qh, kh, vh, probs = residuals
   dtype, num_heads = qh.dtype, grad_out.shape[2]
   g = _heads_first(grad_out.astype(dtype))                           # [BH, T, D]
-  grad_v = _batched_dot(_swap_last_two(probs.astype(dtype)), g, 2, 1)   # [BH, S, D]
+  grad_v = _first_axes_contracted(probs.astype(dtype), g)            # [BH, S, D]
   grad_probs = _batched_dot(g, vh, 2, 2)                             # [BH, T, S] f32
   # Softmax backward: d scores = p * (dp - sum_s p dp), times the 1/sqrt(D) of the forward.
   grad_scores = probs * (grad_probs - jnp.sum(probs * grad_probs, axis=-1, keepdims=True))
   grad_scores = (grad_scores * (qh.shape[-1] ** -0.5)).astype(dtype)
   grad_q = _batched_dot(grad_scores, kh, 2, 1)                       # [BH, T, D]
-  grad_k = _batched_dot(_swap_last_two(grad_scores), qh, 2, 1)       # [BH, S, D]
+  grad_k = _first_axes_contracted(grad_scores, qh)                   # [BH, S, D]
   return tuple(_heads_last(t.astype(dtype), num_heads) for t in (grad_q, grad_k, grad_v))
 
 

@@ -7,7 +7,8 @@
         same bound the stock bf16 path meets against that reference.
 `rows_transposed` is an exact transpose; `matmul_f32_accum`'s gradients match f32 autodiff within
 bf16 rounding, and an f32 weight's gradient is the f32 product (1e-5); `dense_f32_accum` equals matmul + bias + cast
-(forward bitwise, gradients 1e-6); the fp32 `Dense` (the same custom VJP) equals flax's nn.Dense (values 1e-5
+(forward bitwise, gradients 1e-6); weight gradients from f32 activations (no copy of x^T) and from bf16 ones
+equal x^T g (1e-5); the fp32 `Dense` (the same custom VJP) equals flax's nn.Dense (values 1e-5
 absolute, gradients 1e-5 of the largest). `exact_gelu` equals torch's
 GELU (values within 2e-6, gradients 1e-6 absolute on [-8, 8] in f32, as jax.nn.gelu; bf16 within
 one bf16 ulp, or 1e-6 absolute in the far negative tail, where torch keeps values ~1e-7 and the
@@ -170,6 +171,28 @@ def test_bf16_dense_backward_keeps_no_f32_copy_of_the_output_gradient():
   assert not f32_shapes & {"f32[3,16,8]", "f32[48,8]"}, sorted(f32_shapes)
   grads = vjp(g)
   np.testing.assert_array_equal(np.asarray(grads[2]), np.full((8,), 48.0, np.float32))
+
+
+def test_weight_gradients_contract_f32_rows_in_place_and_copy_16_bit_ones():
+  # `rows_contracted`: an f32 weight gradient contracts x's rows as they are (XLA:CPU's transposing
+  # copies of x made the fp32 ViT-B-32 step 1.25x slower); a bf16 one reads a row-major copy of x^T,
+  # which keeps the dot bf16. Pins the compiled forms on jax 0.10.2's XLA:CPU; after an upgrade,
+  # re-check the train step's speed (`benchmarks/bench_train_step.py`) before relaxing this.
+  keys = jax.random.split(jax.random.key(6), 2)
+  for dtype, short, copies_x in ((jnp.float32, "f32", False), (jnp.bfloat16, "bf16", True)):
+    x = jax.random.normal(keys[0], (3, 16, 24)).astype(dtype)
+    g = jax.random.normal(keys[1], (3, 16, 8)).astype(dtype)
+    _, vjp = jax.vjp(lambda x, w: layers.dense_f32_accum(x, w, None), x, jnp.ones((24, 8)))
+    hlo = jax.jit(vjp).lower(g).compile().as_text()
+    shapes = sorted(set(re.findall(r"\w+\[[0-9,]+\]", hlo)))
+    assert (f"{short}[24,48]" in hlo) == copies_x, (short, shapes)
+    expected = np.asarray(x, np.float32).reshape(48, 24).T @ np.asarray(g, np.float32).reshape(48, 8)
+    np.testing.assert_allclose(np.asarray(vjp(g)[1]), expected, rtol=1e-5, atol=1e-5)
+  # The f32 attention backward contracts probs and score gradients [B*H, T, S] along T in place too.
+  q, k, v, grad_out = _qkv(2, 5, 9, 3, 8, jnp.float32)
+  _, vjp = jax.vjp(layers.attention_f32_accum, q, k, v)
+  shapes = set(re.findall(r"f32\[[0-9,]+\]", jax.jit(vjp).lower(grad_out).compile().as_text()))
+  assert not shapes & {"f32[6,9,5]", "f32[2,3,9,5]"}, sorted(shapes)
 
 
 def test_fp32_dense_equals_flax_dense_values_and_gradients():
