@@ -89,16 +89,33 @@ def rows_contracted(x: jax.Array, g: jax.Array) -> jax.Array:
   axes in f32 (a weight gradient), in the form XLA:CPU runs fastest for x's dtype.
 
   16-bit: x^T is materialised row-major (`rows_transposed`) so that the dot stays a bf16 x bf16 -> f32
-  YNNPACK dot. f32: the dot contracts the leading axis of both operands as they are; XLA:CPU then runs
-  it outside YNNPACK (Eigen reads the transposed operand in its packing), with no transposing copy of
-  x: in the ViT-B-32 fp32 train step those copies ran several times slower than standalone, and the
-  step went 7.23 -> 5.71 s (jax 0.10.2, in-process A/B, `WORKSPACE.md`).
+  YNNPACK dot; where g has far fewer features than x over many rows (a 3x3 conv's patches [N, 9 C]
+  against its output gradient [N, C']), g^T is copied instead and the [n, k] result transposed
+  (`_transposing_g_moves_less`): RN50 bf16 step 7.98 -> 7.53 s, same loss.
+  f32: the dot contracts the leading axis of both operands as they are; XLA:CPU then runs it outside
+  YNNPACK (Eigen reads the transposed operand in its packing), with no transposing copy of x: in the
+  ViT-B-32 fp32 train step those copies ran several times slower than standalone, and the step went
+  7.23 -> 5.71 s (jax 0.10.2, in-process A/Bs, `WORKSPACE.md`).
   """
   rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   if x.dtype == jnp.float32:
     return jax.lax.dot_general(rows_x, rows_g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  if _transposing_g_moves_less(*rows_x.shape, rows_g.shape[1], rows_x.dtype.itemsize):
+    grad_t = jax.lax.dot_general(rows_transposed(g), rows_x, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)       # [n, k]
+    # The barrier keeps XLA from folding the transpose back into the dot (a bf16 dot outside YNNPACK
+    # that XLA:CPU 0.10.2 compiles but cannot run: "Unsupported element type for DotThunk").
+    return jax.lax.optimization_barrier(grad_t).T
   return jax.lax.dot_general(rows_transposed(x), rows_g, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
+
+
+def _transposing_g_moves_less(rows: int, k: int, n: int, itemsize: int) -> bool:
+  """Whether (g^T @ x)^T is the cheaper weight gradient: the row-major copy of g^T [n, rows] plus the
+  transpose of the f32 result [n, k], against the copy of x^T [k, rows]. The f32 transpose counts four
+  times its bytes (in XLA:CPU steps f32 transposing copies ran ~4x slower per byte than bf16 ones; with
+  it counted once, the SD UNet step was 3-5% slower)."""
+  return rows * n * itemsize + 4 * (k * n * 4) < rows * k * itemsize
 
 
 matmul_f32_accum.defvjp(_matmul_fwd, _matmul_bwd)

@@ -195,6 +195,19 @@ def test_weight_gradients_contract_f32_rows_in_place_and_copy_16_bit_ones():
   assert not shapes & {"f32[6,9,5]", "f32[2,3,9,5]"}, sorted(shapes)
 
 
+def test_bf16_weight_gradient_copies_the_narrower_operand_over_many_rows():
+  # A 3x3 conv's patches [N, 9 C] against its output gradient [N, C']: over many rows the copy of
+  # g^T (plus a transpose of the small f32 result) is cheaper than the copy of x^T (`rows_contracted`).
+  keys = jax.random.split(jax.random.key(8), 2)
+  x = jax.random.normal(keys[0], (4096, 72)).astype(jnp.bfloat16)
+  g = jax.random.normal(keys[1], (4096, 8)).astype(jnp.bfloat16)
+  assert layers._transposing_g_moves_less(4096, 72, 8, 2) and not layers._transposing_g_moves_less(48, 24, 8, 2)
+  hlo = jax.jit(layers.rows_contracted).lower(x, g).compile().as_text()
+  assert "bf16[8,4096]" in hlo and "bf16[72,4096]" not in hlo
+  expected = np.asarray(x, np.float32).T @ np.asarray(g, np.float32)
+  np.testing.assert_allclose(np.asarray(jax.jit(layers.rows_contracted)(x, g)), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_fp32_dense_equals_flax_dense_values_and_gradients():
   # fp32 takes the same custom VJP (only the dots' layout differs from autodiff's): the layer's
   # output and its gradients w.r.t. input, kernel and bias equal flax's nn.Dense on the same
