@@ -183,11 +183,12 @@ def test_weight_gradients_contract_f32_rows_in_place_and_copy_16_bit_ones():
     x = jax.random.normal(keys[0], (3, 16, 24)).astype(dtype)
     g = jax.random.normal(keys[1], (3, 16, 8)).astype(dtype)
     _, vjp = jax.vjp(lambda x, w: layers.dense_f32_accum(x, w, None), x, jnp.ones((24, 8)))
-    hlo = jax.jit(vjp).lower(g).compile().as_text()
+    compiled = jax.jit(vjp).lower(g).compile()   # the executable whose form and values are checked
+    hlo = compiled.as_text()
     shapes = sorted(set(re.findall(r"\w+\[[0-9,]+\]", hlo)))
     assert (f"{short}[24,48]" in hlo) == copies_x, (short, shapes)
     expected = np.asarray(x, np.float32).reshape(48, 24).T @ np.asarray(g, np.float32).reshape(48, 8)
-    np.testing.assert_allclose(np.asarray(vjp(g)[1]), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(compiled(g)[1]), expected, rtol=1e-5, atol=1e-5)
   # The f32 attention backward contracts probs and score gradients [B*H, T, S] along T in place too.
   q, k, v, grad_out = _qkv(2, 5, 9, 3, 8, jnp.float32)
   _, vjp = jax.vjp(layers.attention_f32_accum, q, k, v)
@@ -202,10 +203,11 @@ def test_bf16_weight_gradient_copies_the_narrower_operand_over_many_rows():
   x = jax.random.normal(keys[0], (4096, 72)).astype(jnp.bfloat16)
   g = jax.random.normal(keys[1], (4096, 8)).astype(jnp.bfloat16)
   assert layers._transposing_g_moves_less(4096, 72, 8, 2) and not layers._transposing_g_moves_less(48, 24, 8, 2)
-  hlo = jax.jit(layers.rows_contracted).lower(x, g).compile().as_text()
+  compiled = jax.jit(layers.rows_contracted).lower(x, g).compile()
+  hlo = compiled.as_text()
   assert "bf16[8,4096]" in hlo and "bf16[72,4096]" not in hlo
   expected = np.asarray(x, np.float32).T @ np.asarray(g, np.float32)
-  np.testing.assert_allclose(np.asarray(jax.jit(layers.rows_contracted)(x, g)), expected, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(compiled(x, g)), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_fp32_dense_equals_flax_dense_values_and_gradients():
