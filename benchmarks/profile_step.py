@@ -73,6 +73,16 @@ def table(totals: collections.Counter, top: int) -> list[str]:
   return rows
 
 
+def append_markdown(path: str, title: str, lines: list[str]) -> None:
+  """Appends `lines` to the markdown file at `path`, starting a new file (and its folder) with '# title'."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  new_file = not os.path.exists(path)
+  with open(path, "a") as f:
+    if new_file:
+      f.write(f"# {title}\n\n")
+    f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
   args = _parse_args(argv)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
@@ -111,12 +121,8 @@ def main(argv=None) -> None:
            f"before it; jax {jax.__version__}.", "", *table(totals, args.top), ""]
   print("\n".join(lines))
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    new_file = not os.path.exists(args.out)
-    with open(args.out, "a") as f:
-      if new_file:
-        f.write("# Where the CLIP training step's time goes on XLA:CPU (`benchmarks/profile_step.py`)\n\n")
-      f.write("\n".join(lines) + "\n")
+    append_markdown(args.out, "Where the CLIP training step's time goes on XLA:CPU (`benchmarks/profile_step.py`)",
+                    lines)
 
 
 if __name__ == "__main__":

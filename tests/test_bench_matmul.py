@@ -17,7 +17,7 @@ def test_xla_products_match_the_f64_reference(dtype_name):
   x, w, g = bench_matmul._operands(48, 24, 40, seed=3)
   # The operands are bf16-representable, so both dtypes multiply the same numbers.
   assert np.array_equal(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), x)
-  fns = bench_matmul._xla_products(dtype_name)
+  fns = bench_matmul._xla_products()
   to = lambda a: jnp.asarray(a, getattr(jnp, dtype_name))  # noqa: E731
   got = {"NN": fns["NN"](to(x), to(w)), "NT": fns["NT"](to(g), to(w)), "TN": fns["TN"](to(x), to(g))}
   for form, value in got.items():
