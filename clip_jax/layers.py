@@ -200,39 +200,6 @@ class Dense(nn.Module):
     return dense_f32_accum(x.astype(self.dtype), kernel, bias)
 
 
-@jax.custom_vjp
-def materialized_gradient(x: jax.Array) -> jax.Array:
-  """The identity, whose f32 gradient XLA:CPU computes once and stores (any shape; values unchanged).
-
-  Why: XLA:CPU fuses cheap element-wise producers into every consumer, also when the producer has
-  several, and so recomputes rather than reads them. A residual stream's gradient is such a chain (each
-  block adds its branch's gradient to the one from above), and in f32 every fusion of a block's backward
-  recomputed it from the top of the tower: in the ViT-B-32 fp32 train step 100 fusions read up to 230
-  operands each (the final LayerNorm's backward was inlined ~600 times), 11% of op time. An f32 divide
-  counts as expensive to XLA:CPU (`CpuInstructionFusion::IsExpensive`), so it is never duplicated; dividing
-  by a tensor of ones XLA cannot fold (`isnan(g) * 0 + 1`: 1 whatever g holds) makes each block's gradient
-  one stored tensor. g / 1 == g exactly, NaN and inf included. ViT-B-32 fp32 step 6.09 -> 5.55 s, compile
-  18.3 -> 12.3 s (in-process A/B, jax 0.10.2, `WORKSPACE.md`). 16-bit gradients are left alone (their
-  f32 -> bf16 converts already count as expensive; the divide made the bf16 step 2.5% slower), and so
-  are other backends.
-  """
-  return x
-
-
-def _materialized_gradient_fwd(x):
-  return x, None
-
-
-def _materialized_gradient_bwd(_, g):
-  if g.dtype != jnp.float32 or jax.default_backend() != "cpu":
-    return (g,)
-  ones = jnp.isnan(g).astype(g.dtype) * 0 + 1
-  return (g / ones,)
-
-
-materialized_gradient.defvjp(_materialized_gradient_fwd, _materialized_gradient_bwd)
-
-
 # ----------------------------------------------------------------------------- convolution
 CONV_IMPLS = ("auto", "xla", "im2col")
 
@@ -395,8 +362,60 @@ class Conv(nn.Module):
     return y.astype(self.dtype)
 
 
+# ----------------------------------------------------------------------------- LayerNorm, activations
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype) -> jax.Array:
+  """LayerNorm over the last axis of x [..., n], in f32 whatever x's and the parameters' dtypes, rounded
+  once to `dtype`: (x - mean) / sqrt(var + epsilon) * scale + bias, the variance biased (torch's
+  `nn.LayerNorm`; Ba et al. 2016). scale, bias: [n]; their gradients come back in their own dtypes
+  from f32 sums.
+
+  Why a VJP of its own: autodiff kept x - mean and the normalized x as f32 residuals, two f32 copies of
+  every LayerNorm's input written in the forward and read back in the backward. This backward keeps x
+  (the residual stream, stored anyway) and the per-row mean and 1/std, and recomputes the rest: ViT-B-32
+  train step temporaries 2.45 -> 2.22 GiB in bf16 and 2.97 -> 2.75 GiB in fp32, steps 1-2% faster
+  (in-process A/Bs, jax 0.10.2, `WORKSPACE.md`). Same values; gradients equal autodiff's to f32 rounding.
+  It also ends a duplication: XLA:CPU fuses cheap element-wise producers into every consumer, and with
+  autodiff's LayerNorm backward the fp32 residual stream's gradient chain (each block adding its branch's
+  gradient to the one from above) was recomputed inside every fusion of the backward from the top of the
+  tower (ViT-B-32 fp32: 100 fusions of up to 230 operands, ~11% of op time); with this one no fusion
+  reads more than a block's worth (`tests/test_fast_attention.py`).
+  """
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
+
+
+def _layer_norm_stats(x32: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """Per-row mean and 1 / sqrt(var + epsilon) of f32 x [..., n], both [..., 1] (two passes, as torch)."""
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+  x32 = x.astype(jnp.float32)
+  mean, inv_std = _layer_norm_stats(x32, epsilon)
+  y = (x32 - mean) * inv_std * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(dtype), (x, mean, inv_std, scale, bias)
+
+
+def _layer_norm_bwd(epsilon, dtype, residuals, grad_out):
+  x, mean, inv_std, scale, bias = residuals
+  x_hat = (x.astype(jnp.float32) - mean) * inv_std                         # [..., n]
+  g = grad_out.astype(jnp.float32)
+  g_hat = g * scale.astype(jnp.float32)
+  # d/dx of (x - mean) * inv_std, applied to g_hat: the two row means remove g_hat's components along
+  # the ones vector and along x_hat.
+  grad_x = inv_std * (g_hat - g_hat.mean(-1, keepdims=True) - x_hat * (g_hat * x_hat).mean(-1, keepdims=True))
+  rows = tuple(range(x.ndim - 1))
+  return (grad_x.astype(x.dtype), jnp.sum(g * x_hat, rows).astype(scale.dtype),
+          jnp.sum(g, rows).astype(bias.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nn.Module):
-  """LayerNorm computed in f32 whatever the compute dtype (as OpenAI's CLIP does)."""
+  """LayerNorm computed in f32 whatever the compute dtype (as OpenAI's CLIP does); `layer_norm`."""
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -409,12 +428,7 @@ class LayerNorm(nn.Module):
                        (features,), self.param_dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
                       (features,), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(self.dtype)
+    return layer_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -427,7 +441,9 @@ def exact_gelu(x: jax.Array) -> jax.Array:
   approximation), computed in f32 and returned in x's dtype. Why not `jax.nn.gelu(x,
   approximate=False)`: for bf16 input it scales by 1/sqrt(2) rounded to bf16 and goes through erfc,
   whose XLA:CPU expansion made forward + backward 2.8x slower than erf's (measured on
-  [32, 77, 2048] bf16; ~6% of a ViT-B-32 step), and it is further from torch's values."""
+  [32, 77, 2048] bf16; ~6% of a ViT-B-32 step), and it is further from torch's values. Left to autodiff:
+  a custom VJP that keeps only x and recomputes erf in the backward was no faster (ViT-B-32 step, bf16
+  and fp32, session 13)."""
   x32 = x.astype(jnp.float32)
   return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(0.7071067811865476)))).astype(x.dtype)
 

@@ -7,8 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.layers import (Dense, LayerNorm, dot_product_attention, get_activation, materialized_gradient,
-                             normal)
+from clip_jax.layers import Dense, LayerNorm, dot_product_attention, get_activation, normal
 
 Dtype = Any
 
@@ -64,14 +63,10 @@ class ResidualAttentionBlock(nn.Module):
     width = x.shape[-1]
     qkv_std, out_std, fc_std, proj_std = self.init_stds or (None,) * 4
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    # Both residual points store their gradient once (XLA:CPU would recompute the stream's gradient
-    # chain inside every fusion of the backward; see `materialized_gradient`).
-    x = materialized_gradient(x)
     h = LayerNorm(name="ln_1", **kw)(x)
     x = x + MultiHeadAttention(self.num_heads, qkv_std, out_std, attention_impl=self.attention_impl,
                                name="attn", **kw)(
         h, h, is_causal=self.is_causal)
-    x = materialized_gradient(x)
     h = LayerNorm(name="ln_2", **kw)(x)
     fc_init = normal(fc_std) if fc_std else nn.initializers.lecun_normal()
     proj_init = normal(proj_std) if proj_std else nn.initializers.lecun_normal()
