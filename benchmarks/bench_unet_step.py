@@ -84,7 +84,7 @@ def _parse_args(argv=None):
                       help="our attention form (auto: clip_jax.layers.choose_attention_impl)")
   parser.add_argument("--skip-cached-compile", action="store_true",
                       help="do not trace, lower and compile a second time for the cached-compile column")
-  parser.add_argument("--out", default="benchmarks/results/unet_step.md")
+  parser.add_argument("--out", default="benchmarks/results/unet_step.md", help="markdown file to write ('' to only print)")
   parser.add_argument("--append", action="store_true",
                       help="add this run's table to --out instead of replacing the file")
   parser.add_argument("--profile", default="",
@@ -453,8 +453,9 @@ def main(argv=None) -> int:
       print(f"  {name}: " + (f"failed: {r['error']}" if "error" in r else
                              f"{r['step_s']:.2f} s/step, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB"),
             flush=True)
-  _write_markdown(args, results, (load_before, _load()), args.out)
-  print(f"wrote {args.out}")
+  if args.out:  # '' only prints (e.g. a --profile run)
+    _write_markdown(args, results, (load_before, _load()), args.out)
+    print(f"wrote {args.out}")
   return 0
 
 
