@@ -435,6 +435,81 @@ class LayerNorm(nn.Module):
     return layer_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype) -> jax.Array:
+  """Training-mode BatchNorm of x [..., C] over all axes but the last, with the batch's statistics, in f32,
+  rounded once to `dtype` (Ioffe & Szegedy 2015; flax's `nn.BatchNorm` with its defaults: variance
+  E[x^2] - E[x]^2 clipped at 0, f32 reductions). scale, bias: [C]; gradients in their own dtypes.
+
+  Why a VJP of its own (as `layer_norm`): autodiff kept x - mean in f32 for the backward, an f32 copy of
+  every BatchNorm's input (RN50's are the largest activations of the CLIP models); this one keeps x and
+  the per-channel mean and 1/std and recomputes the rest.
+  """
+  return _batch_norm_fwd(x, scale, bias, epsilon, dtype)[0]
+
+
+def batch_norm_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and biased variance of x [..., C] over all axes but the last, in f32 (one pass,
+  E[x^2] - E[x]^2 clipped at 0, as flax's BatchNorm): two [C] arrays."""
+  x32 = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = x32.mean(axes)
+  return mean, jnp.maximum(0.0, jnp.square(x32).mean(axes) - jnp.square(mean))
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, dtype):
+  mean, var = batch_norm_stats(x)
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  y = (x.astype(jnp.float32) - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+  return y.astype(dtype), (x, mean, inv_std, scale, bias)
+
+
+def _batch_norm_bwd(epsilon, dtype, residuals, grad_out):
+  x, mean, inv_std, scale, bias = residuals
+  axes = tuple(range(x.ndim - 1))
+  x_hat = (x.astype(jnp.float32) - mean) * inv_std
+  g = grad_out.astype(jnp.float32)
+  # As in `layer_norm`, with the means over the batch axes: the mean's and the variance's own gradients
+  # remove g's components along the ones vector and along x_hat, per channel.
+  grad_x = (inv_std * scale.astype(jnp.float32)) * (g - g.mean(axes) - x_hat * (g * x_hat).mean(axes))
+  return (grad_x.astype(x.dtype), jnp.sum(g * x_hat, axes).astype(scale.dtype),
+          jnp.sum(g, axes).astype(bias.dtype))
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+  """flax's `nn.BatchNorm` over the last axis (same parameters 'scale', 'bias' and batch_stats 'mean',
+  'var'; running averages as `momentum * old + (1 - momentum) * batch`, not updated while initializing),
+  trained through `batch_norm_train`. No cross-device axis_name: under jit the batch axes' means are
+  global already."""
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scale_init: Initializer = nn.initializers.ones
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    if self.use_running_average:
+      inv_std = jax.lax.rsqrt(ra_var.value + self.epsilon)
+      y = (x.astype(jnp.float32) - ra_mean.value) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+      return y.astype(self.dtype)
+    if not self.is_initializing():
+      mean, var = batch_norm_stats(jax.lax.stop_gradient(x))   # the same reductions as inside (XLA shares them)
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
   """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
   return x * jax.nn.sigmoid(1.702 * x)

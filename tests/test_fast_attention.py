@@ -315,6 +315,42 @@ def test_layer_norm_equals_torch_and_autodiff_and_keeps_less_for_the_backward(mo
   assert ours_bytes < temp_bytes() - 4 * 2 * 64 * 64 * 4, (ours_bytes, temp_bytes())
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_equals_flax_batch_norm_in_training_and_eval(dtype):
+  # `layers.BatchNorm` against flax's nn.BatchNorm in f32 on the same (rounded) inputs and parameters:
+  # training mode (batch statistics; values, the three gradients, the updated running averages) and eval
+  # mode. f32: 1e-5 of the largest entry. bf16 output and input gradient: one rounding of the f32 value
+  # (2^-8 of the largest; flax's own bf16 backward rounds each of dx's three terms, ~2x further off);
+  # the f32 parameter gradients and statistics: 1e-5.
+  keys = jax.random.split(jax.random.key(10), 4)
+  x = (jax.random.normal(keys[0], (4, 5, 5, 6)) * 2 + 0.7).astype(dtype)
+  g = jax.random.normal(keys[1], x.shape).astype(dtype)
+  ours, theirs = (layers.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype),
+                  nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_running_average=False))
+  variables = theirs.init(keys[2], x.astype(jnp.float32))
+  variables = {"params": jax.tree.map(lambda p: p + jax.random.normal(keys[3], p.shape), variables["params"]),
+               "batch_stats": variables["batch_stats"]}
+  assert jax.tree.structure(ours.init(keys[2], x)) == jax.tree.structure(variables)
+
+  def train(module, x, g):
+    def f(params, x):
+      return module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"])
+    (y, stats), vjp = jax.vjp(f, variables["params"], x)
+    return y, stats, vjp((g, jax.tree.map(jnp.zeros_like, stats)))
+
+  (y, stats, (dparams, dx)), (ref_y, ref_stats, (ref_dparams, ref_dx)) = (
+      train(ours, x, g), train(theirs, x.astype(jnp.float32), g.astype(jnp.float32)))
+  tol = 1e-5 if dtype == jnp.float32 else 2 ** -8
+  assert y.dtype == dx.dtype == dtype
+  for a, b, bound in ((y, ref_y, tol), (dx, ref_dx, tol), *((a, b, 1e-5) for a, b in zip(
+      jax.tree.leaves((stats, dparams)), jax.tree.leaves((ref_stats, ref_dparams))))):
+    assert _max_diff(a, b) <= bound * float(jnp.max(jnp.abs(b))), (a.shape, bound)
+  eval_vars = {"params": variables["params"], "batch_stats": ref_stats["batch_stats"]}
+  y_eval = layers.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype).apply(eval_vars, x)
+  ref_eval = nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(eval_vars, x.astype(jnp.float32))
+  assert y_eval.dtype == dtype and _max_diff(y_eval, ref_eval) <= tol * float(jnp.max(jnp.abs(ref_eval)))
+
+
 def test_exact_gelu_is_torchs_erf_form():
   torch = pytest.importorskip("torch")
   x = np.linspace(-8, 8, 4001, dtype=np.float32)
