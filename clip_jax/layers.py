@@ -402,20 +402,24 @@ def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
   return y.astype(dtype), (x, mean, inv_std, scale, bias)
 
 
-def _layer_norm_bwd(epsilon, dtype, residuals, grad_out):
+def _normalization_bwd(residuals, grad_out, axes: tuple[int, ...]):
+  """The backward of (x - mean) * inv_std * scale + bias with mean and inv_std taken over `axes` of x
+  [..., C] (LayerNorm: the last axis; BatchNorm: all but the last), scale and bias [C]: the gradients of
+  x (in x's dtype), scale and bias (summed over all but the last axis, in their own dtypes), in f32."""
   x, mean, inv_std, scale, bias = residuals
-  x_hat = (x.astype(jnp.float32) - mean) * inv_std                         # [..., n]
+  x_hat = (x.astype(jnp.float32) - mean) * inv_std
   g = grad_out.astype(jnp.float32)
   g_hat = g * scale.astype(jnp.float32)
-  # d/dx of (x - mean) * inv_std, applied to g_hat: the two row means remove g_hat's components along
-  # the ones vector and along x_hat.
-  grad_x = inv_std * (g_hat - g_hat.mean(-1, keepdims=True) - x_hat * (g_hat * x_hat).mean(-1, keepdims=True))
-  rows = tuple(range(x.ndim - 1))
-  return (grad_x.astype(x.dtype), jnp.sum(g * x_hat, rows).astype(scale.dtype),
-          jnp.sum(g, rows).astype(bias.dtype))
+  # d/dx of (x - mean) * inv_std, applied to g_hat: the two means over `axes` (the mean's and the
+  # variance's own gradients) remove g_hat's components along the ones vector and along x_hat.
+  grad_x = inv_std * (g_hat - g_hat.mean(axes, keepdims=True) - x_hat * (g_hat * x_hat).mean(axes, keepdims=True))
+  leading = tuple(range(x.ndim - 1))
+  return (grad_x.astype(x.dtype), jnp.sum(g * x_hat, leading).astype(scale.dtype),
+          jnp.sum(g, leading).astype(bias.dtype))
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+layer_norm.defvjp(_layer_norm_fwd, lambda epsilon, dtype, residuals, grad_out: _normalization_bwd(
+    residuals, grad_out, axes=(-1,)))
 
 
 class LayerNorm(nn.Module):
@@ -465,19 +469,8 @@ def _batch_norm_fwd(x, scale, bias, epsilon, dtype):
   return y.astype(dtype), (x, mean, inv_std, scale, bias)
 
 
-def _batch_norm_bwd(epsilon, dtype, residuals, grad_out):
-  x, mean, inv_std, scale, bias = residuals
-  axes = tuple(range(x.ndim - 1))
-  x_hat = (x.astype(jnp.float32) - mean) * inv_std
-  g = grad_out.astype(jnp.float32)
-  # As in `layer_norm`, with the means over the batch axes: the mean's and the variance's own gradients
-  # remove g's components along the ones vector and along x_hat, per channel.
-  grad_x = (inv_std * scale.astype(jnp.float32)) * (g - g.mean(axes) - x_hat * (g * x_hat).mean(axes))
-  return (grad_x.astype(x.dtype), jnp.sum(g * x_hat, axes).astype(scale.dtype),
-          jnp.sum(g, axes).astype(bias.dtype))
-
-
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+batch_norm_train.defvjp(_batch_norm_fwd, lambda epsilon, dtype, residuals, grad_out: _normalization_bwd(
+    residuals, grad_out, axes=tuple(range(residuals[0].ndim - 1))))
 
 
 class BatchNorm(nn.Module):

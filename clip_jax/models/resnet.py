@@ -8,8 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax import layers
-from clip_jax.layers import Conv, logical, normal
+from clip_jax.layers import BatchNorm, Conv, logical, normal
 from clip_jax.models.transformer import MultiHeadAttention
 
 Dtype = Any
@@ -35,10 +34,10 @@ class ConvBN(nn.Module):
              kernel_axes=_CONV_AXES, kernel_init=nn.initializers.kaiming_normal(),
              dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
     scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
-    return layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                            scale_init=logical(scale_init, ("conv_out",)),
-                            bias_init=logical(nn.initializers.zeros, ("conv_out",)),
-                            dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     scale_init=logical(scale_init, ("conv_out",)),
+                     bias_init=logical(nn.initializers.zeros, ("conv_out",)),
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
 
 
 class Bottleneck(nn.Module):
@@ -120,7 +119,7 @@ class ModifiedResNet(nn.Module):
     return AttentionPool2d(self.heads, self.output_dim, name="attnpool", **kw)(x).astype(jnp.float32)
 
   def _stem_bn(self, name: str, x: jax.Array, train: bool) -> jax.Array:
-    return layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                            scale_init=logical(nn.initializers.ones, ("conv_out",)),
-                            bias_init=logical(nn.initializers.zeros, ("conv_out",)),
-                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     scale_init=logical(nn.initializers.ones, ("conv_out",)),
+                     bias_init=logical(nn.initializers.zeros, ("conv_out",)),
+                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
