@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clip_jax import cpu_gemm
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -88,6 +90,9 @@ def rows_contracted(x: jax.Array, g: jax.Array) -> jax.Array:
   """x [..., k] and g [..., n] with the same leading axes -> x^T @ g [k, n] summed over all leading
   axes in f32 (a weight gradient), in the form XLA:CPU runs fastest for x's dtype.
 
+  On CPU with one device and MKL at hand, MKL's GEMM reads x transposed in place (`clip_jax.cpu_gemm`:
+  no copy; ViT-B-32 bf16 step 2.39 -> 2.30 s, RN50 bf16 6.44 -> 5.71 s). Otherwise, in XLA's dots:
+
   16-bit: x^T is materialised row-major (`rows_transposed`) so that the dot stays a bf16 x bf16 -> f32
   YNNPACK dot; where g has far fewer features than x over many rows (a 3x3 conv's patches [N, 9 C]
   against its output gradient [N, C']), g^T is copied instead and the [n, k] result transposed
@@ -98,6 +103,8 @@ def rows_contracted(x: jax.Array, g: jax.Array) -> jax.Array:
   7.23 -> 5.71 s (jax 0.10.2, in-process A/Bs, `WORKSPACE.md`).
   """
   rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  if cpu_gemm.usable(rows_x, rows_g):  # CPU, one device, MKL built: no transposing copy at all
+    return cpu_gemm.rows_contracted(rows_x, rows_g)
   if x.dtype == jnp.float32:
     return jax.lax.dot_general(rows_x, rows_g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   if _transposing_g_moves_less(*rows_x.shape, rows_g.shape[1], rows_x.dtype.itemsize):

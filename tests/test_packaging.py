@@ -117,6 +117,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_its_commands_work(tmp_path):
   where = subprocess.run([python, "-c", "import clip_jax, configs, launch; print(clip_jax.__file__, configs.__file__)"],
                          cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
   assert all(path.startswith(site) for path in where), where
+  assert os.path.exists(os.path.join(site, "clip_jax", "csrc", "rows_contracted_mkl.cc"))  # cpu_gemm builds it
   for name in _pyproject()["scripts"]:
     assert (venv / "bin" / name).exists(), name
 
