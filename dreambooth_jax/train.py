@@ -108,7 +108,7 @@ def make_optimizer(cfg, trainable: dict[str, Any]) -> optax.GradientTransformati
     text_cfg.learning_rate = cfg.train.text_encoder_learning_rate
     groups["text_encoder"] = optim.adamw(text_cfg)
   labels = {name: jax.tree.map(lambda _, n=name: n, subtree) for name, subtree in trainable.items()}
-  return optax.chain(optax.clip_by_global_norm(cfg.optimizer.grad_clip_norm), optax.multi_transform(groups, labels))
+  return optax.chain(optim.clip_by_global_norm(cfg.optimizer.grad_clip_norm), optax.multi_transform(groups, labels))
 
 
 # ----------------------------------------------------------------------------- the step

@@ -239,3 +239,48 @@ def test_update_if_finite_on_cpu_updates_the_moments_in_place():
     return len(re.findall(r"= f32\[(?:64,32|32,16)\]\{1,0\} copy\(", text))
   assert moment_copies(*_adam_toy(guarded=False)) > 0       # the select: copies (fails if XLA stops making them)
   assert moment_copies(*_adam_toy(guarded=True)) == 0
+
+
+def test_clip_by_global_norm_is_optax_s_rule_as_one_factor():
+  """`optim.clip_by_global_norm` against `optax.clip_by_global_norm`: bitwise where nothing is clipped,
+  within 2 ulp where the norm is over the limit (each form rounds twice), zeros stay zeros,
+  and a NaN gradient stays NaN (the trainers skip that step)."""
+  from clip_jax import optim
+  rng = np.random.default_rng(0)
+  grads = {"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32), "b": jnp.asarray(rng.normal(size=(32,)), jnp.float32),
+           "h": jnp.asarray(rng.normal(size=(16,)), jnp.bfloat16)}
+  norm = float(optax.tree.norm(grads))
+  for max_norm in (norm * 2, norm / 3, norm / 1e4):
+    ours, _ = optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    for key in grads:
+      a, b = np.asarray(ours[key], np.float32), np.asarray(theirs[key], np.float32)
+      if max_norm > norm:
+        np.testing.assert_array_equal(a, b, err_msg=key)
+      else:
+        ulp = np.spacing(np.abs(b)) if grads[key].dtype == jnp.float32 else 2.0 ** -7 * np.abs(b)
+        assert np.all(np.abs(a - b) <= 2 * ulp), key
+    clipped_norm = float(optax.tree.norm(ours))
+    assert clipped_norm == pytest.approx(min(norm, max_norm), rel=1e-2 if max_norm < norm else 0)
+  zeros = jax.tree.map(jnp.zeros_like, grads)
+  out, _ = optim.clip_by_global_norm(1.0).update(zeros, optax.EmptyState())
+  assert all(not np.any(np.asarray(v, np.float32)) for v in jax.tree.leaves(out))
+  nan = {**grads, "b": grads["b"].at[0].set(jnp.nan)}
+  out, _ = optim.clip_by_global_norm(1.0).update(nan, optax.EmptyState())
+  assert np.isnan(np.asarray(out["w"])).all()
+
+
+def test_clipped_gradients_are_not_written_out_before_adam_reads_them():
+  """The point of `optim.clip_by_global_norm` on CPU: no fusion of the compiled update divides by the norm
+  and none writes a clipped gradient out for both Adam moments to read (XLA:CPU would not duplicate
+  optax's divide into them)."""
+  from clip_jax import optim
+  params = {f"w{i}": jnp.ones((256, 128), jnp.float32) for i in range(3)}
+  for clip, divides in ((optim.clip_by_global_norm, False), (optax.clip_by_global_norm, True)):
+    tx = optax.chain(clip(1.0), optax.adamw(1e-3))
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    hlo = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+    fusions = [l for l in hlo.splitlines() if re.match(r"\s*%\w*divide\w*(\.\d+)? = f32\[256,128\]", l)]
+    assert bool(fusions) == divides, (clip, fusions)
