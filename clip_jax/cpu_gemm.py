@@ -11,7 +11,8 @@ the ViT-B-32 bf16 step's op time). MKL's GEMM reads the transposed operand in it
 5.62 -> 5.38 s, RN50 bf16 6.44 -> 5.71 s. The other products stay with XLA: MKL in their place, one
 core per call, was slower than XLA's dots (which split one dot over both cores) in the same A/B.
 
-Where it is used: the CPU backend with one device (`jax.device_count() == 1`); MKL installed (the
+Where it is used: weight gradients over at least MIN_ROWS rows (below, XLA's form was faster in the SD UNet
+at batch 1), on the CPU backend with one device (`jax.device_count() == 1`); MKL installed (the
 `mkl` wheel, Linux x86-64) and a C++17 compiler (`$CXX` or g++) to build the handler once per
 jaxlib/MKL version into `$XDG_CACHE_HOME/clip_jax/cpu_gemm` (or ~/.cache). With several devices the
 products stay with XLA, whose SPMD partitioner knows how to split a dot over a mesh (it would gather the
@@ -38,6 +39,12 @@ OPT_OUT_ENV = "CLIP_JAX_CPU_GEMM"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "rows_contracted_mkl.cc")
 _TARGETS = {jnp.dtype(jnp.bfloat16): "clip_jax_rows_contracted_bf16", jnp.dtype(jnp.float32): "clip_jax_rows_contracted_f32"}
 _INT32_MAX = 2**31 - 1
+# Fewer rows than this (the contracted axis: tokens or pixels times the batch) stay with XLA. Measured
+# (2026-12-01): the SD 1.5 UNet at batch 1, 32x32 latents (16-1,024 rows per weight gradient) ran 2.75-3.01 s
+# per step with MKL against 2.45-2.60 s without (separate processes, alternating), with or without each
+# product split over both cores; ViT-B-32 at batch 32 (1,600 and 2,464 rows) and RN50 (1,568-100,352) ran
+# faster with it. With few rows the transposing copy XLA needs is small.
+MIN_ROWS = 1536
 
 
 def mkl_runtime() -> str | None:
@@ -116,11 +123,12 @@ def available() -> bool:
 
 
 def usable(x: jax.Array, g: jax.Array) -> bool:
-  """Whether `rows_contracted(x, g)` runs here: x [R, K], g [R, N], same dtype (bf16 or f32), sizes
-  within MKL's 32-bit integers, the CPU backend with one device, and `available()`."""
+  """Whether `layers.rows_contracted` should call `rows_contracted(x, g)`: x [R, K], g [R, N], same dtype
+  (bf16 or f32), R >= MIN_ROWS, sizes within MKL's 32-bit integers, the CPU backend with one device, and
+  `available()`."""
   if x.ndim != 2 or g.ndim != 2 or x.dtype != g.dtype or jnp.dtype(x.dtype) not in _TARGETS:
     return False
-  if max(*x.shape, g.shape[1]) > _INT32_MAX:
+  if x.shape[0] < MIN_ROWS or max(*x.shape, g.shape[1]) > _INT32_MAX:
     return False
   return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
 
