@@ -28,6 +28,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -133,9 +134,23 @@ def usable(x: jax.Array, g: jax.Array) -> bool:
   return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
 
 
+_CALL = re.compile(r"= f32\[(\d+),(\d+)\]\S* custom-call\([^)]*\), custom_call_target=\"clip_jax_rows_contracted_\w+\", "
+                   r"operand_layout_constraints=\{(?:bf16|f32)\[(\d+),")
+
+
+def call_flops(hlo_text: str) -> float:
+  """FLOPs of this module's MKL calls (2 R K N each) in a compiled program's text
+  (`compiled.as_text()`): XLA's cost analysis counts nothing inside an FFI call, so MFU numbers add these."""
+  return float(sum(2 * int(k) * int(n) * int(r) for k, n, r in _CALL.findall(hlo_text)))
+
+
 def rows_contracted(x: jax.Array, g: jax.Array) -> jax.Array:
   """x [R, K] and g [R, N] (both bf16 or both f32) -> x^T @ g [K, N] in f32 through MKL (accumulated in
-  f32; bf16 products are exact in f32). Call only where `usable(x, g)`."""
+  f32; bf16 products are exact in f32). `layers.rows_contracted` calls it where `usable(x, g)`. Raises
+  RuntimeError where the handlers are not available (opted out, no MKL, no compiler: see the warning)."""
+  if not available():
+    raise RuntimeError("clip_jax.cpu_gemm is not available here (see the warning above, or "
+                       f"{OPT_OUT_ENV} is set); use clip_jax.layers.rows_contracted")
   target = _TARGETS[jnp.dtype(x.dtype)]
   out = jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), jnp.float32)
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, g)

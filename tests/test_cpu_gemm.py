@@ -36,7 +36,7 @@ def test_rows_contracted_is_x_transposed_times_g(dtype, rows, k, n):
 _ONE_DEVICE_CHILD = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from clip_jax import cpu_gemm, layers
+from clip_jax import cpu_gemm, layers, loop
 assert jax.device_count() == 1
 out = {}
 for name in ("bfloat16", "float32"):
@@ -46,12 +46,16 @@ for name in ("bfloat16", "float32"):
   b = jnp.zeros((192,), jnp.float32)
   loss = lambda x, w, b: jnp.sum(layers.dense_f32_accum(x, w, b).astype(jnp.float32) ** 2)
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  hlo = grad.lower(x, w, b).compile().as_text()
+  compiled = grad.lower(x, w, b).compile()
+  hlo = compiled.as_text()
   dx, dw = grad(x, w, b)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   out[name] = {"custom_calls": hlo.count('custom_call_target="clip_jax_rows_contracted'),
                "copies": hlo.count("copy_bitcast_fusion") + hlo.count("transpose_copy_fusion"),
                "dw": np.asarray(dw).tolist(), "dx": np.asarray(dx, np.float32).tolist(),
-               "available": cpu_gemm.available()}
+               "available": cpu_gemm.available(), "call_flops": cpu_gemm.call_flops(hlo),
+               "step_flops": loop._step_flops(compiled), "xla_flops": float(cost["flops"])}
 json.dump(out, sys.stdout)
 """
 
@@ -80,6 +84,10 @@ def test_one_cpu_device_takes_mkl_for_weight_gradients_with_xla_s_values():
     scale = np.abs(xla[name]["dw"]).max()
     np.testing.assert_allclose(mkl[name]["dw"], xla[name]["dw"], rtol=0, atol=1e-5 * scale)
     np.testing.assert_array_equal(mkl[name]["dx"], xla[name]["dx"])   # the input gradient is XLA's either way
+    # MFU counts the call's FLOPs, which XLA's cost analysis does not see: 2 x rows x k x n.
+    assert mkl[name]["call_flops"] == 2 * 1600 * 96 * 192 and xla[name]["call_flops"] == 0
+    assert mkl[name]["step_flops"] == mkl[name]["xla_flops"] + mkl[name]["call_flops"]
+    assert mkl[name]["step_flops"] == pytest.approx(xla[name]["step_flops"], rel=0.05)
 
 
 _FEW_ROWS_CHILD = r"""
