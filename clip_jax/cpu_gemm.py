@@ -7,17 +7,27 @@ in f32, accumulated in f32: the weight gradient of a dense layer or an im2col co
 Why: XLA:CPU's dot library takes only row-major [M, K] x [K, N] operands, so each weight gradient first
 copied x (or g) transposed: a pass over the layer's activations that ran DRAM-bound in the step (12% of
 the ViT-B-32 bf16 step's op time). MKL's GEMM reads the transposed operand in its own packing. Measured
-(2026-12-01, in-process A/B of the train step, the same losses): ViT-B-32 bf16 2.39 -> 2.30 s, fp32
-5.62 -> 5.38 s, RN50 bf16 6.44 -> 5.71 s. The other products stay with XLA: MKL in their place, one
-core per call, was slower than XLA's dots (which split one dot over both cores) in the same A/B.
+(2026-12-01, in-process A/B of the train step, the same losses): ViT-B-32 bf16 2.39 -> 2.24 s, fp32
+5.62 -> 5.38 s, RN50 bf16 6.44 -> 5.71 s. The other products stay with XLA: MKL in their place was
+slower than XLA's dots in the same A/B, with one thread per call or split over both cores.
 
 Where it is used: weight gradients over at least MIN_ROWS rows (below, XLA's form was faster in the SD UNet
-at batch 1), on the CPU backend with one device (`jax.device_count() == 1`); MKL installed (the
-`mkl` wheel, Linux x86-64) and a C++17 compiler (`$CXX` or g++) to build the handler once per
-jaxlib/MKL version into `$XDG_CACHE_HOME/clip_jax/cpu_gemm` (or ~/.cache). With several devices the
-products stay with XLA, whose SPMD partitioner knows how to split a dot over a mesh (it would gather the
-operands of an opaque call). Where the build or the load fails, one warning line says why and XLA's
-form is used. Opt out: CLIP_JAX_CPU_GEMM=xla.
+at batch 1), in bf16 or f32 (fp16 stays with XLA), on the CPU backend with one device
+(`jax.device_count() == 1`: with several, XLA's SPMD partitioner knows how to split a dot over a mesh and
+would gather the operands of an opaque call). It needs MKL (the `mkl` wheel, Linux x86-64) and a C++17
+compiler (`$CXX` or g++): the handler is built on first use into `$XDG_CACHE_HOME/clip_jax/cpu_gemm` (or
+~/.cache/...), keyed by the source, jaxlib's headers and version, libmkl_rt's path and the compiler's name
+(upgrading MKL or g++ in place reuses the build). Where the build or the load fails, one warning line says
+why and XLA's form is used (each new process tries again). Opt out: CLIP_JAX_CPU_GEMM=xla (also off, 0,
+false).
+
+How it runs: MKL's sequential layer on the calling XLA thread; a product of >= 2^24 multiply-adds with
+K >= 64 is split in two halves of the output's rows, one offered to XLA's intra-op thread pool and taken
+back by the caller if no pool thread has started it.
+
+Calling `rows_contracted` directly: it has no VJP (it is the VJP), checks dtype (KeyError for others than
+bf16/f32) but not ranks or row counts, which XLA reports when the call runs (JaxRuntimeError
+INVALID_ARGUMENT).
 """
 from __future__ import annotations
 
@@ -92,7 +102,7 @@ def build(mkl: str, directory: str | None = None) -> str:
     raise RuntimeError(f"{compiler}: {e}") from None
   if done.returncode != 0:
     os.unlink(tmp)
-    raise RuntimeError(f"{compiler} failed: " + " ".join(done.stderr.split())[:300])
+    raise RuntimeError(f"{compiler} failed (exit {done.returncode}): " + " ".join(done.stderr.split())[:300])
   os.replace(tmp, path)  # atomic: processes building at the same time each write their own file
   return path
 

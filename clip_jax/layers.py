@@ -91,7 +91,7 @@ def rows_contracted(x: jax.Array, g: jax.Array) -> jax.Array:
   axes in f32 (a weight gradient), in the form XLA:CPU runs fastest for x's dtype.
 
   On CPU with one device and MKL at hand, MKL's GEMM reads x transposed in place (`clip_jax.cpu_gemm`:
-  no copy; ViT-B-32 bf16 step 2.39 -> 2.30 s, RN50 bf16 6.44 -> 5.71 s). Otherwise, in XLA's dots:
+  no copy; ViT-B-32 bf16 step 2.39 -> 2.24 s, RN50 bf16 6.44 -> 5.71 s). Otherwise, in XLA's dots:
 
   16-bit: x^T is materialised row-major (`rows_transposed`) so that the dot stays a bf16 x bf16 -> f32
   YNNPACK dot; where g has far fewer features than x over many rows (a 3x3 conv's patches [N, 9 C]

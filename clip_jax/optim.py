@@ -158,8 +158,9 @@ def scale_leaves(scales: Any) -> optax.GradientTransformation:
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   """`optax.clip_by_global_norm`'s rule (updates scaled by max_norm / norm where their global L2 norm exceeds
   max_norm, unchanged otherwise) written as one scalar factor min(1, max_norm / norm) that multiplies every
-  update. Same result within 2 ulp (optax rounds t / norm, then the product with max_norm; this the factor,
-  then the product); bitwise when nothing is clipped; a NaN norm gives NaN updates, as optax's.
+  update. Same result within 4 ulp (each form rounds twice: optax t / norm, then the product with max_norm;
+  this the factor, then the product; 3 ulp seen); bitwise when nothing is clipped; a NaN norm gives NaN
+  updates, as optax's.
 
   Why not optax's: it divides every update by the norm inside a select, and XLA:CPU neither duplicates a
   divide (an "expensive" op) into the Adam moment updates that both read the clipped gradient nor fuses

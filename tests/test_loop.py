@@ -243,12 +243,23 @@ def test_update_if_finite_on_cpu_updates_the_moments_in_place():
 
 def test_clip_by_global_norm_is_optax_s_rule_as_one_factor():
   """`optim.clip_by_global_norm` against `optax.clip_by_global_norm`: bitwise where nothing is clipped,
-  within 2 ulp where the norm is over the limit (each form rounds twice), zeros stay zeros,
+  within 4 ulp where the norm is over the limit (each form rounds twice), zeros stay zeros,
   and a NaN gradient stays NaN (the trainers skip that step)."""
   from clip_jax import optim
-  rng = np.random.default_rng(0)
-  grads = {"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32), "b": jnp.asarray(rng.normal(size=(32,)), jnp.float32),
-           "h": jnp.asarray(rng.normal(size=(16,)), jnp.bfloat16)}
+  for seed in range(20):
+    rng = np.random.default_rng(seed)
+    grads = {"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32), "b": jnp.asarray(rng.normal(size=(32,)), jnp.float32),
+             "h": jnp.asarray(rng.normal(size=(16,)), jnp.bfloat16)}
+    _check_clip_against_optax(grads, optim)
+  zeros = jax.tree.map(jnp.zeros_like, grads)
+  out, _ = optim.clip_by_global_norm(1.0).update(zeros, optax.EmptyState())
+  assert all(not np.any(np.asarray(v, np.float32)) for v in jax.tree.leaves(out))
+  nan = {**grads, "b": grads["b"].at[0].set(jnp.nan)}
+  out, _ = optim.clip_by_global_norm(1.0).update(nan, optax.EmptyState())
+  assert np.isnan(np.asarray(out["w"])).all()
+
+
+def _check_clip_against_optax(grads, optim):
   norm = float(optax.tree.norm(grads))
   for max_norm in (norm * 2, norm / 3, norm / 1e4):
     ours, _ = optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
@@ -259,15 +270,9 @@ def test_clip_by_global_norm_is_optax_s_rule_as_one_factor():
         np.testing.assert_array_equal(a, b, err_msg=key)
       else:
         ulp = np.spacing(np.abs(b)) if grads[key].dtype == jnp.float32 else 2.0 ** -7 * np.abs(b)
-        assert np.all(np.abs(a - b) <= 2 * ulp), key
+        assert np.all(np.abs(a - b) <= 4 * ulp), key
     clipped_norm = float(optax.tree.norm(ours))
     assert clipped_norm == pytest.approx(min(norm, max_norm), rel=1e-2 if max_norm < norm else 0)
-  zeros = jax.tree.map(jnp.zeros_like, grads)
-  out, _ = optim.clip_by_global_norm(1.0).update(zeros, optax.EmptyState())
-  assert all(not np.any(np.asarray(v, np.float32)) for v in jax.tree.leaves(out))
-  nan = {**grads, "b": grads["b"].at[0].set(jnp.nan)}
-  out, _ = optim.clip_by_global_norm(1.0).update(nan, optax.EmptyState())
-  assert np.isnan(np.asarray(out["w"])).all()
 
 
 def test_clipped_gradients_are_not_written_out_before_adam_reads_them():
