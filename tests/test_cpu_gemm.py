@@ -69,6 +69,7 @@ def _one_device_child(extra_env=None):
   return json.loads(done.stdout), done.stderr
 
 
+@pytest.mark.slow   # two child processes, ~7 s; the fast subset keeps the direct product and the fallbacks
 @needs_mkl
 def test_one_cpu_device_takes_mkl_for_weight_gradients_with_xla_s_values():
   mkl, _ = _one_device_child()
