@@ -180,7 +180,7 @@ def _jax_child(args, dtype_name: str) -> dict:
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"]["params"]))
   peak = _best_peak if args.device == "cpu" else _gpu_peak
   from clip_jax import cpu_gemm   # XLA's cost analysis counts nothing inside the MKL weight-gradient calls
-  return {**timing, "xla_flops": float(cost.get("flops", 0.0)) + cpu_gemm.call_flops(compiled.as_text()),
+  return {**timing, "xla_flops": float(cost.get("flops", 0.0)) + cpu_gemm.call_flops(compiled),
           "compile_s": compile_s,
           "cached_compile_s": cached_compile_s, "lower_s": lower_s, "cache_entries": len(os.listdir(cache_dir)),
           "loss": holder["loss"], "params": params, "cudnn_attention_calls": cudnn_calls,

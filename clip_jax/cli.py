@@ -253,6 +253,13 @@ def malloc_environment(environ: dict[str, str], libc: tuple[str, str],
   return new
 
 
+def user_cache_dir(*parts: str) -> str:
+  """$XDG_CACHE_HOME (or ~/.cache) / clip_jax / parts: where the compilation cache and the built CPU
+  handlers live unless the user says otherwise."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "clip_jax", *parts)
+
+
 def _read(path: str) -> str | None:
   try:
     with open(path) as f:

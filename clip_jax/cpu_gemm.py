@@ -46,10 +46,13 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from clip_jax.cli import user_cache_dir
+
 OPT_OUT_ENV = "CLIP_JAX_CPU_GEMM"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "rows_contracted_mkl.cc")
 _TARGETS = {jnp.dtype(jnp.bfloat16): "clip_jax_rows_contracted_bf16", jnp.dtype(jnp.float32): "clip_jax_rows_contracted_f32"}
 _INT32_MAX = 2**31 - 1
+_registered = False   # set once the handlers are registered: only then can a program contain their calls
 # Fewer rows than this (the contracted axis: tokens or pixels times the batch) stay with XLA. Measured
 # (2026-12-01): the SD 1.5 UNet at batch 1, 32x32 latents (16-1,024 rows per weight gradient) ran 2.75-3.01 s
 # per step with MKL against 2.45-2.60 s without (separate processes, alternating), with or without each
@@ -72,11 +75,6 @@ def mkl_runtime() -> str | None:
   return None
 
 
-def cache_dir() -> str:
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "clip_jax", "cpu_gemm")
-
-
 def build(mkl: str, directory: str | None = None) -> str:
   """Compiles the FFI handler against this jaxlib's FFI headers and `mkl` (a libmkl_rt path), once per
   source/jaxlib/MKL/compiler combination; returns the shared library's path. Raises RuntimeError with the
@@ -86,7 +84,7 @@ def build(mkl: str, directory: str | None = None) -> str:
     source = f.read()
   key = hashlib.sha256(b"\0".join([source, jax.ffi.include_dir().encode(), importlib.metadata.version("jaxlib").encode(),
                                    mkl.encode(), compiler.encode()])).hexdigest()[:16]
-  directory = directory or cache_dir()
+  directory = directory or user_cache_dir("cpu_gemm")
   path = os.path.join(directory, f"rows_contracted_mkl-{key}.so")
   if os.path.exists(path):
     return path
@@ -126,6 +124,8 @@ def available() -> bool:
       raise RuntimeError("MKL did not take its sequential threading layer")
     for target in _TARGETS.values():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    global _registered
+    _registered = True
   except (RuntimeError, OSError, AttributeError) as e:
     logging.warning("clip_jax.cpu_gemm: MKL weight gradients are off (%s); XLA's dots are used. "
                     "Set %s=xla to skip this.", " ".join(str(e).split()), OPT_OUT_ENV)
@@ -148,10 +148,13 @@ _CALL = re.compile(r"= f32\[(\d+),(\d+)\]\S* custom-call\([^)]*\), custom_call_t
                    r"operand_layout_constraints=\{(?:bf16|f32)\[(\d+),")
 
 
-def call_flops(hlo_text: str) -> float:
-  """FLOPs of this module's MKL calls (2 R K N each) in a compiled program's text
-  (`compiled.as_text()`): XLA's cost analysis counts nothing inside an FFI call, so MFU numbers add these."""
-  return float(sum(2 * int(k) * int(n) * int(r) for k, n, r in _CALL.findall(hlo_text)))
+def call_flops(compiled) -> float:
+  """FLOPs of this module's MKL calls (2 R K N each) in a compiled program (`jit(...).lower(...).compile()`):
+  XLA's cost analysis counts nothing inside an FFI call, so MFU numbers add these. 0 without reading the
+  program's text where this process registered no handler (other backends, opted out, unavailable)."""
+  if not _registered:
+    return 0.0
+  return float(sum(2 * int(k) * int(n) * int(r) for k, n, r in _CALL.findall(compiled.as_text())))
 
 
 def rows_contracted(x: jax.Array, g: jax.Array) -> jax.Array:

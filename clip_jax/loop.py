@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import checkpoint as ckpt
 from clip_jax import cpu_gemm
+from clip_jax.cli import user_cache_dir
 from clip_jax.observe import MetricWriter, Progress, loss_curve_png
 
 
@@ -156,8 +157,7 @@ def enable_compilation_cache(setting: str, workdir: str) -> str | None:
     # another, missing the cache, still compiled for minutes; the collective timed out (SIGABRT).
     return None
   if setting == "auto":
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    directory = os.path.join(base, "clip_jax", "jax")
+    directory = user_cache_dir("jax")
   elif setting == "workdir":
     directory = os.path.join(workdir, "jax_cache")
   else:
@@ -526,7 +526,7 @@ def _step_flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) + cpu_gemm.call_flops(compiled.as_text())
+    flops = float(cost.get("flops", 0.0)) + cpu_gemm.call_flops(compiled)
     return flops * jax.device_count() or None
   except Exception:  # Cost analysis is best-effort; some backends do not provide it.
     return None

@@ -54,7 +54,7 @@ for name in ("bfloat16", "float32"):
   out[name] = {"custom_calls": hlo.count('custom_call_target="clip_jax_rows_contracted'),
                "copies": hlo.count("copy_bitcast_fusion") + hlo.count("transpose_copy_fusion"),
                "dw": np.asarray(dw).tolist(), "dx": np.asarray(dx, np.float32).tolist(),
-               "available": cpu_gemm.available(), "call_flops": cpu_gemm.call_flops(hlo),
+               "available": cpu_gemm.available(), "call_flops": cpu_gemm.call_flops(compiled),
                "step_flops": loop._step_flops(compiled), "xla_flops": float(cost["flops"])}
 json.dump(out, sys.stdout)
 """
