@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11 or 3.12) and installs the pinned requirements.
+# Creates .venv (Python 3.11 or 3.12), installs the pinned requirements, then this checkout itself as an
+# editable package (no dependencies: the pins above are the ones used), so `import clip_jax` and the
+# `clip-jax-train`-style commands work from any directory.
 #   bash launch/setup.sh          # runtime only
 #   bash launch/setup.sh --test   # plus the test runner and the PyTorch reference packages
 set -euo pipefail
@@ -14,3 +16,4 @@ if [ "${1:-}" = "--test" ]; then
 else
   .venv/bin/python -m pip install --quiet -r requirements.txt
 fi
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet --no-deps -e .  # ignore: setuptools warns about editable installs

@@ -135,3 +135,17 @@ def test_the_wheel_installs_into_a_fresh_venv_and_its_commands_work(tmp_path):
                            text=True, timeout=900)
   assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
   assert os.path.isdir(workdir / "checkpoints" / "2") and os.path.exists(workdir / "results.json")
+
+
+def test_the_setup_installs_this_checkout_so_it_imports_from_any_directory(tmp_path):
+  """`bash launch/setup.sh` ends with an editable install of the checkout (what `.ci/run` runs first): the venv's
+  Python imports these packages, and its commands run, outside the checkout (here, an empty directory)."""
+  code = ("import clip_jax, dreambooth_jax, configs, launch, os; "
+          "print(*(os.path.dirname(os.path.dirname(m.__file__)) for m in (clip_jax, dreambooth_jax, configs, launch)))")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, f"run `bash launch/setup.sh` (it installs the checkout): {proc.stderr[-500:]}"
+  assert set(proc.stdout.split()) == {REPO}, proc.stdout
+  command = os.path.join(os.path.dirname(sys.executable), "clip-jax-train")
+  proc = subprocess.run([command, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0 and "CLIP training" in proc.stdout, proc.stderr[-500:]
