@@ -1,14 +1,20 @@
 """Does the compiled ring loss overlap its ppermutes with the block matmuls? (issue 15.4)
 
-  python benchmarks/ring_overlap_check.py [--kind softmax_ring] [--batch 4096] [--dim 512]
+  python benchmarks/ring_overlap_check.py [--kind softmax_ring|sigmoid|both] [--batch 4096] [--dim 512]
+      [--tpu-topology v5e:2x4[,v6e:2x4,...]] [--hlo-out PREFIX]
 
 Compiles value_and_grad of `clip_jax.losses.contrastive_loss` (a ring kind) over every device of
-the default backend and reads the scheduled HLO of each ring step (a while-loop body with
-collective-permutes). Where collectives are asynchronous (GPUs, TPUs) a step overlaps when a
-collective-permute-start comes before the step's first matmul and its -done after it; the script
-prints each body's order and 'overlap: yes/no'. XLA:CPU's collectives are synchronous (no start/done
-pairs): it says so and exits 0; tests/test_losses.py checks the independence that allows the overlap.
-Exit code 1 when an asynchronous body does not overlap, 2 with fewer than 2 devices.
+the default backend, or with --tpu-topology ahead of time for TPU slices that need not be there,
+and reads the scheduled HLO of each ring step (a while-loop body with collective-permutes). Where
+collectives are asynchronous (GPUs, TPUs) a step overlaps when every collective-permute-start has a
+matmul between it and its -done; the script prints each body's order and 'overlap: yes/no' (naming
+the permutes left exposed). XLA:CPU's collectives are synchronous (no start/done pairs): it says so
+and exits 0; tests/test_losses.py checks the independence that allows the overlap.
+
+TPU compilation needs libtpu (Google's TPU compiler and runtime, ~700 MB) but no TPU: `bash
+launch/setup.sh --test` installs the version this jax pins into .venv/libtpu, outside the venv's
+packages (installed there, jax would try to start a TPU at every import). TPU_LIBRARY_PATH overrides.
+Exit code 1 when an asynchronous body does not overlap, 2 with fewer than 2 devices or no libtpu.
 """
 from __future__ import annotations
 
@@ -25,79 +31,181 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 from clip_jax import losses  # noqa: E402
 
-# What a matmul looks like in scheduled HLO: a dot, a fusion around one, or a library call (cuBLAS).
-MATMUL = re.compile(r"= \S+ (dot|convolution)\(|custom_call_target=\"__cublas|\"__onednn\$matmul|kind=kOutput|"
-                    r"fusion\(.*calls=%\S*(dot|gemm)")
+# What a matmul looks like in scheduled HLO: a dot or convolution, a fusion whose computation holds one
+# (TPU: kind=kOutput fusions around a `convolution`; GPU: Triton gemm fusions), or a library call
+# (cuBLAS, oneDNN). Lines are classified by their opcode, never by the names of their operands: a
+# -done names its -start, and the body's ROOT tuple names every -done.
+MATMUL_CALL = re.compile(r"custom_call_target=\"(__cublas|__onednn\$matmul)")
+MATMUL_OPS = ("dot", "convolution")
+
+
+def opcode(line: str) -> str | None:
+  """The opcode of one HLO instruction line ('name = shape opcode(operands), ...')."""
+  match = re.search(r" = .*?\s([a-z][\w\-]*)\(", line)
+  return match.group(1) if match else None
+
+
+def computations(hlo: str) -> dict[str, list[str]]:
+  """name -> instruction lines of every computation (fused ones included)."""
+  comps, current = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      current = header.group(1)
+      comps[current] = []
+    elif current and line.strip() == "}":
+      current = None
+    elif current:
+      comps[current].append(line.strip())
+  return comps
+
+
+def is_matmul(line: str, comps: dict[str, list[str]]) -> bool:
+  """Whether an instruction is a matmul, looking into the computation a fusion calls."""
+  op = opcode(line)
+  if op in MATMUL_OPS:
+    return True
+  if op == "custom-call":
+    return bool(MATMUL_CALL.search(line))
+  if op == "fusion":
+    callee = re.search(r"calls=%?([\w.\-]+)", line)
+    return bool(callee) and any(is_matmul(inner, comps) for inner in comps.get(callee.group(1), ()))
+  return False
 
 
 def while_bodies(hlo: str) -> dict[str, list[str]]:
   """name -> instruction lines of every computation used as a while body."""
   names = set(re.findall(r"body=%?([\w.\-]+)", hlo))
-  bodies, current = {}, None
-  for line in hlo.splitlines():
-    header = re.match(r"^%?([\w.\-]+) .*\{$", line)
-    if header:
-      current = header.group(1) if header.group(1) in names else None
-      if current:
-        bodies[current] = []
-    elif current and line.strip() == "}":
-      current = None
-    elif current:
-      bodies[current].append(line.strip())
-  return bodies
+  return {name: lines for name, lines in computations(hlo).items() if name in names}
+
+
+def _body_events(lines: list[str], comps: dict[str, list[str]]):
+  """A body's kinds in order ('start', 'done', 'permute', 'matmul') and its start/done pairs as
+  (start name, shape sent, start index, done index); index -1 for a start outside the body."""
+  kinds, starts, pairs = [], {}, []
+  for line in lines:
+    op = opcode(line)
+    if op == "collective-permute-start":
+      kinds.append("start")
+      starts[re.match(r"(?:ROOT )?%?([\w.\-]+) =", line).group(1)] = len(kinds) - 1
+    elif op == "collective-permute-done":
+      kinds.append("done")
+      operand = re.search(r"collective-permute-done\(%?([\w.\-]+)\)", line).group(1)
+      shape = re.sub(r"\{[^}]*\}", "", line.split(" = ", 1)[1].split(" collective-permute-done(")[0])
+      pairs.append((operand, shape, starts.get(operand, -1), len(kinds) - 1))
+    elif op == "collective-permute":
+      kinds.append("permute")
+    elif is_matmul(line, comps):
+      kinds.append("matmul")
+  return kinds, pairs
+
+
+def exposed_permutes(hlo: str) -> dict[str, list[str]]:
+  """For each ring body, 'start-name shape' of every start/done pair with no matmul in between."""
+  comps = computations(hlo)
+  exposed = {}
+  for name, lines in while_bodies(hlo).items():
+    kinds, pairs = _body_events(lines, comps)
+    exposed[name] = [f"{start} {shape}" for start, shape, i, j in pairs
+                     if i < 0 or "matmul" not in kinds[i:j]]
+  return exposed
 
 
 def overlap_report(hlo: str) -> list[tuple[str, str, bool | None]]:
-  """For each ring body: (name, order summary, overlaps) with overlaps None when synchronous."""
+  """For each ring body: (name, order summary, overlaps) with overlaps None when synchronous.
+
+  A body overlaps when every collective-permute-start ... -done pair has a matmul between them.
+  """
+  comps = computations(hlo)
   report = []
   for name, lines in while_bodies(hlo).items():
-    kinds = []
-    for line in lines:
-      if "collective-permute-start" in line:
-        kinds.append("start")
-      elif "collective-permute-done" in line:
-        kinds.append("done")
-      elif "collective-permute(" in line:
-        kinds.append("permute")
-      elif MATMUL.search(line):
-        kinds.append("matmul")
+    kinds, pairs = _body_events(lines, comps)
     if not any(k in ("start", "permute") for k in kinds):
       continue
     order = " ".join(k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1])
     if "start" not in kinds:
       report.append((name, order, None))
       continue
-    first_matmul = kinds.index("matmul") if "matmul" in kinds else None
-    overlaps = (first_matmul is not None and kinds.index("start") < first_matmul
-                and len(kinds) - 1 - kinds[::-1].index("done") > first_matmul)
+    overlaps = bool(pairs) and all(i >= 0 and "matmul" in kinds[i:j] for _, _, i, j in pairs)
     report.append((name, order, overlaps))
   return report
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--kind", choices=("sigmoid", "softmax_ring"), default="softmax_ring")
-  parser.add_argument("--batch", type=int, default=4096)
-  parser.add_argument("--dim", type=int, default=512)
-  args = parser.parse_args(argv)
-  devices = jax.devices()
-  if len(devices) < 2:
-    print(f"ring overlap: needs 2 or more devices, this {jax.default_backend()} backend has {len(devices)}: skipped")
-    return 2
-  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,))
-  emb = jax.ShapeDtypeStruct((args.batch, args.dim), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+LIBTPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "libtpu",
+                      "libtpu", "libtpu.so")
+
+
+def use_libtpu() -> str | None:
+  """Points jax at libtpu (TPU_LIBRARY_PATH, else .venv/libtpu) before its TPU plugin loads; returns
+  the path, or None when there is none. Also tells libtpu not to look for a TPU VM's metadata."""
+  path = os.environ.get("TPU_LIBRARY_PATH") or (LIBTPU if os.path.exists(LIBTPU) else None)
+  if path:
+    os.environ["TPU_LIBRARY_PATH"] = path
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  return path
+
+
+def check(kind: str, devices, backend: str, batch: int, dim: int, hlo_out: str | None) -> int:
+  """Compiles one ring kind over `devices` and prints its report; 0 overlap or synchronous, 1 not."""
+  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+  emb = jax.ShapeDtypeStruct((batch, dim), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-  loss = lambda *a: losses.contrastive_loss(*a, kind=args.kind, mesh=mesh, batch_axes=("data",))  # noqa: E731
+  loss = lambda *a: losses.contrastive_loss(*a, kind=kind, mesh=mesh, batch_axes=("data",))  # noqa: E731
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar, scalar).compile().as_text()
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(hlo)
   report = overlap_report(hlo)
-  print(f"ring overlap ({args.kind}, {len(devices)} x {jax.default_backend()}, B={args.batch}, d={args.dim}):")
+  print(f"ring overlap ({kind}, {len(devices)} x {backend}, B={batch}, d={dim}):")
+  exposed = exposed_permutes(hlo)
   for name, order, overlaps in report:
     verdict = {None: "synchronous collectives (no start/done on this backend)", True: "yes", False: "NO"}[overlaps]
+    if overlaps is False:
+      verdict += f" (no matmul under: {', '.join(exposed[name])})"
     print(f"  {name}: {order}  -> overlap: {verdict}")
   if not report:
     print("  no ring body found")
     return 1
   return 1 if any(o is False for _, _, o in report) else 0
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--kind", choices=("sigmoid", "softmax_ring", "both"), default="softmax_ring")
+  parser.add_argument("--batch", type=int, default=4096)
+  parser.add_argument("--dim", type=int, default=512)
+  parser.add_argument("--tpu-topology", metavar="NAMES",
+                      help="compile ahead of time for these TPU topologies (comma-separated, e.g. "
+                           "v5e:2x4,v6e:2x4,v5p:2x2x2) instead of the local devices; needs libtpu, no TPU")
+  parser.add_argument("--hlo-out", metavar="PREFIX", help="write each compiled HLO to PREFIX<kind>_<devices>.txt")
+  args = parser.parse_args(argv)
+  kinds = ("sigmoid", "softmax_ring") if args.kind == "both" else (args.kind,)
+  targets = []  # (devices, backend name, file tag)
+  if args.tpu_topology:
+    if not use_libtpu():
+      print("ring overlap: no libtpu for --tpu-topology: `bash launch/setup.sh --test` installs it in "
+            ".venv/libtpu, or set TPU_LIBRARY_PATH")
+      return 2
+    from jax.experimental import topologies
+    for name in args.tpu_topology.split(","):
+      try:
+        devices = topologies.get_topology_desc(name, platform="tpu").devices
+      except Exception as error:  # noqa: BLE001  (a topology name libtpu does not know)
+        print(f"ring overlap: cannot compile for TPU {name}: {str(error).splitlines()[0]}")
+        return 2
+      targets.append((devices, f"{devices[0].device_kind} ({name}, compiled ahead of time)", name.replace(":", "_")))
+  else:
+    targets.append((jax.devices(), jax.default_backend(), jax.default_backend()))
+  worst = 0
+  for devices, backend, tag in targets:
+    if len(devices) < 2:
+      print(f"ring overlap: needs 2 or more devices, this {backend} backend has {len(devices)}: skipped")
+      return 2
+    for kind in kinds:
+      hlo_out = f"{args.hlo_out}{kind}_{tag}.txt" if args.hlo_out else None
+      worst = max(worst, check(kind, devices, backend, args.batch, args.dim, hlo_out))
+  return worst
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ Three kinds, all taking global, L2-normalised `[B, d]` embeddings sharded over `
   device (b = B / N for N batch shards) instead of `[B, B]`.
 - `sigmoid` (SigLIP): every pair is an independent binary term, so the text chunks travel round
   a ring of `ppermute`s and no device ever holds more than a `[b, b]` block of logits.
-- `softmax_ring`: the CLIP loss over the same ring. Rows and columns keep a running log-sum-exp
-  that each `[b, b]` block updates; the column statistics travel with their text chunk and come
-  home after a full turn. Still exact, `[b, b]` logits per device.
+- `softmax_ring`: the CLIP loss over the same ring. Rows keep a running log-sum-exp that each
+  `[b, b]` block updates; each block's column log-sum-exps stay where they were computed and go
+  home in one all-to-all after the ring. Still exact, `[b, b]` logits per device.
 
 The rings are double-buffered (`ring_visits`): the next chunk is in flight while the current
 block computes, so on accelerators the ppermute hides under the matmuls (`tests/test_losses.py`
-checks the independence; `benchmarks/gpu_check.sh` the compiled start/done order on a GPU).
+checks the independence; `benchmarks/ring_overlap_check.py` the compiled start/done order, for a
+GPU at hand or ahead of time for a TPU slice).
 
 The bound holds for the backward pass too: the rings' gradient is a second ring (custom_vjp) that
 recomputes each block from the saved inputs and final log-sum-exps, instead of autodiff keeping
@@ -118,6 +119,23 @@ def _ring_shift(x, batch_axes, num_shards):
   return jax.lax.ppermute(x, batch_axes, perm)
 
 
+def _column_lse_home(column_parts, batch_axes, num_shards):
+  """[N, b] -> [b]: the column log-sum-exps of this device's own texts over every device's images.
+
+  Row k of `column_parts` on device i is over device i's images for the texts of device i - k
+  (mod N, the chunk k ring hops from home). Reordered by home device, one all-to-all hands each
+  device the N partial statistics of its own texts, combined by one log-sum-exp.
+  """
+  # Numbered as the ring's ppermute numbers them: over several axes jax numbers a ppermute's devices
+  # in mesh order whatever order the axes are named in, axis_index and all_to_all in the order named.
+  mesh_order = jax.sharding.get_abstract_mesh().axis_names
+  ring_axes = tuple(sorted(batch_axes, key=mesh_order.index))
+  here = jax.lax.axis_index(ring_axes)
+  by_home = column_parts[(here - jnp.arange(num_shards)) % num_shards]  # row j: the texts of device j
+  from_every_device = jax.lax.all_to_all(by_home, ring_axes, 0, 0, tiled=False)  # [N, b]
+  return jax.nn.logsumexp(from_every_device, axis=0)
+
+
 def ring_visits(visit, chunk, state, num_visits: int, shift):
   """Runs `state = visit(chunk_k, state)` for chunk_k = shift^k(chunk), k = 1 .. num_visits, with
   the chunk double-buffered: the shift that brings chunk_{k+1} is issued at the start of visit k,
@@ -150,8 +168,10 @@ def _ring_pair_sum(image, text, params, *, kind, batch_axes, num_shards):
   backward ring recomputes each block and carries the text chunk's gradient along with it.
 
   Overlap (`ring_visits`): the text chunk a block reads arrives one visit ahead. What travels
-  *after* a block updated it (the column log-sum-exps, the text chunk's gradient) is shifted at the
-  start of the next visit and only consumed after that visit's block: also off the critical path.
+  *after* a block updated it (in the backward, the text chunk's gradient) is shifted at the start of
+  the next visit and only consumed after that visit's block: also off the critical path. The
+  forward's column log-sum-exps do not travel in the ring at all (`_column_lse_home`): XLA:TPU's
+  scheduler left their per-visit shift exposed on v6e and v5p (`benchmarks/ring_overlap_check.py`).
   """
   shift = functools.partial(_ring_shift, batch_axes=batch_axes, num_shards=num_shards)
   with_columns = kind == "softmax_ring"  # Column statistics travel with their text chunk.
@@ -172,16 +192,21 @@ def _ring_pair_sum(image, text, params, *, kind, batch_axes, num_shards):
       own_total = jnp.sum(jax.nn.softplus(-_pair_labels(logits) * logits))
       return ring_visits(visit, text, own_total, num_shards - 1, shift), None
 
+    # A chunk's column log-sum-exp over this device's images stays here, one row per visit
+    # ([N, b]: row k for the chunk k hops from home), and all go home in one all-to-all after the
+    # ring: nothing a block computes is sent inside the ring, so each visit's only collective is
+    # the prefetch of the next chunk.
     def visit(text_chunk, state):
-      row_lse, column_lse = state
-      column_lse = shift(column_lse)  # the previous holder's statistics for this chunk
+      row_lse, column_parts, k = state
       logits = block_logits(image, text_chunk, params)[1]
-      return (jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1)),
-              jnp.logaddexp(column_lse, jax.nn.logsumexp(logits, axis=0)))
+      column_parts = jax.lax.dynamic_update_index_in_dim(
+          column_parts, jax.nn.logsumexp(logits, axis=0), k, axis=0)
+      return jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1)), column_parts, k + 1
 
-    state = (jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0))
-    row_lse, column_lse = ring_visits(visit, text, state, num_shards - 1, shift)
-    column_lse = shift(column_lse)  # After N - 1 hops it sits one device short of home.
+    column_parts = jnp.zeros((num_shards, logits.shape[1]), jnp.float32)
+    state = (jax.nn.logsumexp(logits, axis=1), column_parts.at[0].set(jax.nn.logsumexp(logits, axis=0)), 1)
+    row_lse, column_parts, _ = ring_visits(visit, text, state, num_shards - 1, shift)
+    column_lse = _column_lse_home(column_parts, batch_axes, num_shards)
     return jnp.sum(row_lse) + jnp.sum(column_lse), (row_lse, column_lse)
 
   def backward(image, text, params, stats, cotangent):

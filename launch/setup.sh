@@ -13,6 +13,14 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install --quiet -r requirements-test.txt
+  # libtpu, the TPU compiler jax's [tpu] extra pins: benchmarks/ring_overlap_check.py --tpu-topology compiles
+  # for TPU slices with it on this CPU (tests/test_losses.py). Kept in .venv/libtpu, outside the packages:
+  # there, jax would look for a TPU at every import.
+  LIBTPU="$(.venv/bin/python -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')"
+  if ! .venv/bin/python -c 'import sys, glob, re; v = sys.argv[1].split("==")[1].rstrip("*").rstrip("."); sys.exit(not any(re.search(r"libtpu-" + re.escape(v) + r"[.\d]*\.dist-info$", d) for d in glob.glob(".venv/libtpu/libtpu-*.dist-info")))' "$LIBTPU"; then
+    rm -rf .venv/libtpu
+    .venv/bin/python -m pip install --quiet --no-deps --target .venv/libtpu "$LIBTPU"
+  fi
 else
   .venv/bin/python -m pip install --quiet -r requirements.txt
 fi

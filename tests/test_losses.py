@@ -125,11 +125,11 @@ def test_explicit_axis_mesh_and_reversed_batch_axes():
   # jax.make_mesh's default (Explicit) axes, and the batch axes named minor-to-major.
   mesh = jax.make_mesh((4, 2, 1), AXES)
   image_emb, text_emb = _embeddings(32, 16)
-  loss = jax.jit(lambda *args: losses.contrastive_loss(*args, kind="sigmoid", mesh=mesh,
-                                                       batch_axes=("fsdp", "data")))
-  np.testing.assert_allclose(loss(image_emb, text_emb, 10.0, -10.0),
-                             losses.naive_sigmoid_loss(image_emb, text_emb, 10.0, -10.0),
-                             rtol=RTOL)
+  for kind in ("sigmoid", "softmax_ring"):  # the rings' shifts and softmax_ring's all-to-all
+    loss = jax.jit(lambda *args, kind=kind: losses.contrastive_loss(*args, kind=kind, mesh=mesh,
+                                                                    batch_axes=("fsdp", "data")))
+    np.testing.assert_allclose(loss(image_emb, text_emb, 10.0, -10.0),
+                               _naive(kind)(image_emb, text_emb, 10.0, -10.0), rtol=RTOL)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -222,7 +222,7 @@ def test_ring_bodies_overlap_the_next_shift_with_the_block(kind):
   # step's ppermute brings, and no ppermute sends what that step's matmuls compute. The two are
   # independent, which is what lets an accelerator issue collective-permute-start before the
   # block's dots and wait on -done after them (CPU collectives are synchronous, so the HLO here has
-  # no start/done pair to look at; benchmarks/gpu_check.sh checks that order on a GPU).
+  # no start/done pair to look at: the TPU test at the end of this file reads that order).
   mesh = _mesh((4, 1, 1))
   image_emb, text_emb = _embeddings(16, 8)
   scale, bias = _scale_and_bias(kind)
@@ -265,3 +265,38 @@ def test_gpu_overlap_check_reads_start_done_order_around_the_matmul():
   assert check.overlap_report(module(start, done, gemm)) == [("ring_body", "start done matmul", False)]
   sync = "  %cp = f32[4,4] collective-permute(%x), source_target_pairs={{0,1},{1,0}}"
   assert check.overlap_report(module(sync, gemm)) == [("ring_body", "permute matmul", None)]
+  # As XLA:TPU prints them (benchmarks/ring_overlap_check.py --tpu-topology): the -done names its
+  # -start, the ROOT tuple names the -done, and the matmul is a kOutput fusion around a convolution.
+  fused = ["%fused_computation.1 (p0: bf16[8,128], p1: bf16[8,128]) -> f32[8,8] {",
+           "  ROOT %convolution.1 = f32[8,8]{1,0:T(8,128)} convolution(%p0, %p1), dim_labels=bf_oi->bf", "}"]
+  start = ("  %collective-permute-start = (bf16[8,128]{1,0:T(8,128)(2,1)}, bf16[8,128]{1,0:T(8,128)(2,1)}, "
+           "u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%x), channel_id=1, source_target_pairs={{0,1},{1,0}}")
+  done = "  %collective-permute-done = bf16[8,128]{1,0:T(8,128)(2,1)} collective-permute-done(%collective-permute-start)"
+  fusion = "  %fusion.1 = f32[8,8]{1,0:T(8,128)} fusion(%a, %b), kind=kOutput, calls=%fused_computation.1"
+  root = "  ROOT %tuple.1 = (s32[], bf16[8,128]) tuple(%i, %collective-permute-done)"
+  tpu = lambda *body: "\n".join([*fused, module(*body)])  # noqa: E731
+  assert check.overlap_report(tpu(start, fusion, done, root)) == [("ring_body", "start matmul done", True)]
+  assert check.overlap_report(tpu(start, done, fusion, root)) == [("ring_body", "start done matmul", False)]
+  assert check.exposed_permutes(tpu(start, done, fusion, root)) == {"ring_body": ["collective-permute-start bf16[8,128]"]}
+
+
+def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
+  # XLA:CPU's collectives are synchronous, so the overlap itself shows only in an accelerator's
+  # scheduled HLO: here XLA:TPU's, compiled ahead of time for two 8-chip slices by libtpu (no TPU;
+  # installed in .venv/libtpu by `bash launch/setup.sh --test`). Every collective-permute of both
+  # rings, forward and backward, must have a block matmul between its start and its done. With the
+  # forward's column log-sum-exps shifted inside the ring (before `_column_lse_home`), v6e's
+  # scheduler left that shift exposed: 'NO (no matmul under: collective-permute-start.1 f32[512])'.
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  run = subprocess.run(
+      [sys.executable, os.path.join(root, "benchmarks", "ring_overlap_check.py"), "--kind", "both",
+       "--tpu-topology", "v5e:2x4,v6e:2x4"], capture_output=True, text=True, env=env, timeout=600)
+  assert run.returncode != 2 or "no libtpu" not in run.stdout, run.stdout  # setup.sh --test installs it
+  verdicts = [line for line in run.stdout.splitlines() if "-> overlap:" in line]
+  assert len(verdicts) == 8, run.stdout + run.stderr[-2000:]  # 2 slices x 2 kinds x (forward, backward)
+  assert all(line.endswith("-> overlap: yes") for line in verdicts), run.stdout
+  assert run.returncode == 0, run.stdout
