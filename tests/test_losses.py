@@ -300,3 +300,47 @@ def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
   assert len(verdicts) == 8, run.stdout + run.stderr[-2000:]  # 2 slices x 2 kinds x (forward, backward)
   assert all(line.endswith("-> overlap: yes") for line in verdicts), run.stdout
   assert run.returncode == 0, run.stdout
+
+
+_TWO_PROCESS_CHECK = """
+import os, sys
+import jax, numpy as np
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from clip_jax import losses
+mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+rng = np.random.default_rng(0)
+image, text = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(2, 16, 8)).astype(np.float32))
+sharding = NamedSharding(mesh, P(("fsdp", "data")))  # named against mesh order: the all-to-all's numbering
+put = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+for kind in ("softmax_ring", "sigmoid"):
+  loss = lambda a, b: losses.contrastive_loss(a, b, 10.0, -10.0, kind=kind, mesh=mesh, batch_axes=("fsdp", "data"))
+  value, grad = jax.jit(jax.value_and_grad(loss))(put(image), put(text))
+  naive = (lambda a, b: losses.naive_sigmoid_loss(a, b, 10.0, -10.0)) if kind == "sigmoid" else (
+      lambda a, b: losses.naive_softmax_loss(a, b, 10.0))
+  expected_value, expected_grad = jax.value_and_grad(naive)(image, text)
+  np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-5)
+  for shard in grad.addressable_shards:  # this process's rows of the image gradient
+    np.testing.assert_allclose(np.asarray(shard.data), np.asarray(expected_grad)[shard.index], rtol=1e-4, atol=1e-6)
+  print(kind, "ok", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ring_losses_are_exact_across_processes():
+  # The rings' ppermutes and softmax_ring's all-to-all between two jax.distributed processes (2 CPU
+  # devices each, gloo), with the batch axes named against the mesh's order.
+  import os
+  import subprocess
+  import sys
+  from launch.local import free_port
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+  address = f"localhost:{free_port()}"
+  runs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_CHECK, address, str(i)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [run.communicate(timeout=300)[0] for run in runs]
+  for run, output in zip(runs, outputs):
+    assert run.returncode == 0, output[-3000:]
+    assert "softmax_ring ok" in output and "sigmoid ok" in output, output[-3000:]
