@@ -1,11 +1,12 @@
 """Does the compiled ring loss overlap its ppermutes with the block matmuls? (issue 15.4)
 
-  python benchmarks/ring_overlap_check.py [--kind softmax_ring|sigmoid|both] [--batch 4096] [--dim 512]
-      [--tpu-topology v5e:2x4[,v6e:2x4,...]] [--hlo-out PREFIX]
+  .venv/bin/python benchmarks/ring_overlap_check.py [--kind softmax_ring|sigmoid|both] [--batch 4096]
+      [--dim 512] [--tpu-topology v5e:2x4[,v6e:2x4,...]] [--hlo-out PREFIX]
 
 Compiles value_and_grad of `clip_jax.losses.contrastive_loss` (a ring kind) over every device of
 the default backend, or with --tpu-topology ahead of time for TPU slices that need not be there,
-and reads the scheduled HLO of each ring step (a while-loop body with collective-permutes). Where
+and reads the scheduled HLO of each ring step (a while-loop body with collective-permutes, one for the
+forward ring and one for the backward) and of the entry computation around the loops. Where
 collectives are asynchronous (GPUs, TPUs) a step overlaps when every collective-permute-start has a
 matmul between it and its -done; the script prints each body's order and 'overlap: yes/no' (naming
 the permutes left exposed). XLA:CPU's collectives are synchronous (no start/done pairs): it says so
@@ -14,7 +15,8 @@ and exits 0; tests/test_losses.py checks the independence that allows the overla
 TPU compilation needs libtpu (Google's TPU compiler and runtime, ~700 MB) but no TPU: `bash
 launch/setup.sh --test` installs the version this jax pins into .venv/libtpu, outside the venv's
 packages (installed there, jax would try to start a TPU at every import). TPU_LIBRARY_PATH overrides.
-Exit code 1 when an asynchronous body does not overlap, 2 with fewer than 2 devices or no libtpu.
+Exit code 0: every permute overlaps, or the collectives are synchronous; 1: a permute is exposed; 2: not
+checked (fewer than 2 devices, no libtpu, a topology libtpu refuses, a failed compile): one line says why.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from clip_jax import losses  # noqa: E402
 
@@ -79,6 +82,21 @@ def while_bodies(hlo: str) -> dict[str, list[str]]:
   return {name: lines for name, lines in computations(hlo).items() if name in names}
 
 
+def ring_computations(hlo: str) -> dict[str, list[str]]:
+  """The while bodies (one per ring: its visits) and the entry computation, which holds the permutes
+  around the loops (the first prefetch, the last hops home)."""
+  found = while_bodies(hlo)
+  entry = re.search(r"^ENTRY %?([\w.\-]+) ", hlo, re.MULTILINE)
+  if entry:
+    found[entry.group(1)] = computations(hlo)[entry.group(1)]
+  return found
+
+
+def pass_of(lines: list[str]) -> str:
+  """'backward' when the computation's ops come from a transposed (VJP) trace, else 'forward'."""
+  return "backward" if any('op_name="transpose(' in line or "/transpose(" in line for line in lines) else "forward"
+
+
 def _body_events(lines: list[str], comps: dict[str, list[str]]):
   """A body's kinds in order ('start', 'done', 'permute', 'matmul') and its start/done pairs as
   (start name, shape sent, start index, done index); index -1 for a start outside the body."""
@@ -101,24 +119,27 @@ def _body_events(lines: list[str], comps: dict[str, list[str]]):
 
 
 def exposed_permutes(hlo: str) -> dict[str, list[str]]:
-  """For each ring body, 'start-name shape' of every start/done pair with no matmul in between."""
+  """For each ring body (and the entry computation) with start/done pairs, 'start-name shape' of every
+  pair with no matmul in between."""
   comps = computations(hlo)
   exposed = {}
-  for name, lines in while_bodies(hlo).items():
+  for name, lines in ring_computations(hlo).items():
     kinds, pairs = _body_events(lines, comps)
-    exposed[name] = [f"{start} {shape}" for start, shape, i, j in pairs
-                     if i < 0 or "matmul" not in kinds[i:j]]
+    if pairs:
+      exposed[name] = [f"{start} {shape}" for start, shape, i, j in pairs
+                       if i < 0 or "matmul" not in kinds[i:j]]
   return exposed
 
 
 def overlap_report(hlo: str) -> list[tuple[str, str, bool | None]]:
-  """For each ring body: (name, order summary, overlaps) with overlaps None when synchronous.
+  """For each ring body, and the entry computation around the loops, when it has permutes: (name,
+  order summary, overlaps), overlaps None when synchronous.
 
-  A body overlaps when every collective-permute-start ... -done pair has a matmul between them.
+  A computation overlaps when every collective-permute-start ... -done pair has a matmul between them.
   """
   comps = computations(hlo)
   report = []
-  for name, lines in while_bodies(hlo).items():
+  for name, lines in ring_computations(hlo).items():
     kinds, pairs = _body_events(lines, comps)
     if not any(k in ("start", "permute") for k in kinds):
       continue
@@ -137,33 +158,40 @@ LIBTPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def use_libtpu() -> str | None:
   """Points jax at libtpu (TPU_LIBRARY_PATH, else .venv/libtpu) before its TPU plugin loads; returns
-  the path, or None when there is none. Also tells libtpu not to look for a TPU VM's metadata."""
-  path = os.environ.get("TPU_LIBRARY_PATH") or (LIBTPU if os.path.exists(LIBTPU) else None)
-  if path:
-    os.environ["TPU_LIBRARY_PATH"] = path
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  the path, or None when that file does not exist. Also tells libtpu not to look for a TPU VM's
+  metadata. (libtpu still prints one 'Failed to find host bounds for accelerator type' line: it
+  has no TPU to describe, and compiling does not need one.)"""
+  path = os.environ.get("TPU_LIBRARY_PATH") or LIBTPU
+  if not os.path.isfile(path):
+    return None
+  os.environ["TPU_LIBRARY_PATH"] = path
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   return path
 
 
 def check(kind: str, devices, backend: str, batch: int, dim: int, hlo_out: str | None) -> int:
   """Compiles one ring kind over `devices` and prints its report; 0 overlap or synchronous, 1 not."""
-  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+  # A Mesh over the devices as listed: jax.make_mesh refuses TPU v4's two devices per chip.
+  mesh = Mesh(np.array(devices), ("data",), axis_types=(AxisType.Auto,))
   emb = jax.ShapeDtypeStruct((batch, dim), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
   loss = lambda *a: losses.contrastive_loss(*a, kind=kind, mesh=mesh, batch_axes=("data",))  # noqa: E731
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar, scalar).compile().as_text()
   if hlo_out:
+    os.makedirs(os.path.dirname(os.path.abspath(hlo_out)), exist_ok=True)
     with open(hlo_out, "w") as f:
       f.write(hlo)
   report = overlap_report(hlo)
   print(f"ring overlap ({kind}, {len(devices)} x {backend}, B={batch}, d={dim}):")
-  exposed = exposed_permutes(hlo)
+  exposed, comps = exposed_permutes(hlo), ring_computations(hlo)
+  entry = re.search(r"^ENTRY %?([\w.\-]+) ", hlo, re.MULTILINE)
   for name, order, overlaps in report:
     verdict = {None: "synchronous collectives (no start/done on this backend)", True: "yes", False: "NO"}[overlaps]
     if overlaps is False:
       verdict += f" (no matmul under: {', '.join(exposed[name])})"
-    print(f"  {name}: {order}  -> overlap: {verdict}")
+    where = "around the loops" if entry and name == entry.group(1) else f"{pass_of(comps[name])} ring step"
+    print(f"  {where} ({name}): {order}  -> overlap: {verdict}")
   if not report:
     print("  no ring body found")
     return 1
@@ -177,15 +205,17 @@ def main(argv=None) -> int:
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--tpu-topology", metavar="NAMES",
                       help="compile ahead of time for these TPU topologies (comma-separated, e.g. "
-                           "v5e:2x4,v6e:2x4,v5p:2x2x2) instead of the local devices; needs libtpu, no TPU")
-  parser.add_argument("--hlo-out", metavar="PREFIX", help="write each compiled HLO to PREFIX<kind>_<devices>.txt")
+                           "v5e:2x4,v6e:2x4,v5p:2x2x2,v4:2x2x1) instead of the local devices; needs libtpu, no TPU")
+  parser.add_argument("--hlo-out", metavar="PREFIX",
+                      help="write each compiled HLO to PREFIX<kind>_<topology or backend>.txt, e.g. "
+                           "PREFIX=hlo/ gives hlo/sigmoid_v5e_2x4.txt")
   args = parser.parse_args(argv)
   kinds = ("sigmoid", "softmax_ring") if args.kind == "both" else (args.kind,)
   targets = []  # (devices, backend name, file tag)
   if args.tpu_topology:
     if not use_libtpu():
-      print("ring overlap: no libtpu for --tpu-topology: `bash launch/setup.sh --test` installs it in "
-            ".venv/libtpu, or set TPU_LIBRARY_PATH")
+      print(f"ring overlap: no libtpu at {os.environ.get('TPU_LIBRARY_PATH') or LIBTPU} for --tpu-topology: "
+            "`bash launch/setup.sh --test` installs it in .venv/libtpu, or set TPU_LIBRARY_PATH to a libtpu.so")
       return 2
     from jax.experimental import topologies
     for name in args.tpu_topology.split(","):
@@ -204,7 +234,12 @@ def main(argv=None) -> int:
       return 2
     for kind in kinds:
       hlo_out = f"{args.hlo_out}{kind}_{tag}.txt" if args.hlo_out else None
-      worst = max(worst, check(kind, devices, backend, args.batch, args.dim, hlo_out))
+      try:
+        worst = max(worst, check(kind, devices, backend, args.batch, args.dim, hlo_out))
+      except Exception as error:  # noqa: BLE001  (one line, exit 2: not checked, unlike 1: not overlapped)
+        print(f"ring overlap: {kind} on {backend} could not be checked: {type(error).__name__}: "
+              f"{str(error).splitlines()[0] if str(error) else ''}")
+        return 2
   return worst
 
 

@@ -127,7 +127,9 @@ def _column_lse_home(column_parts, batch_axes, num_shards):
   device the N partial statistics of its own texts, combined by one log-sum-exp.
   """
   # Numbered as the ring's ppermute numbers them: over several axes jax numbers a ppermute's devices
-  # in mesh order whatever order the axes are named in, axis_index and all_to_all in the order named.
+  # in mesh order whatever order the axes are named in, axis_index and all_to_all in the order named;
+  # without the sort, batch axes named against mesh order would send rows to the wrong devices.
+  # One small collective ([N, b] f32) after the ring, not overlapped with anything.
   mesh_order = jax.sharding.get_abstract_mesh().axis_names
   ring_axes = tuple(sorted(batch_axes, key=mesh_order.index))
   here = jax.lax.axis_index(ring_axes)
@@ -155,11 +157,12 @@ def ring_visits(visit, chunk, state, num_visits: int, shift):
 
 
 def _ring_pair_sum(image, text, params, *, kind, batch_axes, num_shards):
-  """Over every (local image, any text) pair, this device's sum of one pairwise term.
+  """This device's part of a ring loss's numerator, a scalar; image, text: this device's [b, d] rows.
 
-  `sigmoid`: the SigLIP sum of -log sigmoid(label * logit), label +1 for the matching pairs
-  (all in the first block, the device's own texts) and -1 elsewhere. `softmax_ring`: the sum of
-  the row log-sum-exps of the local images plus the column log-sum-exps of the local texts.
+  `sigmoid`: over every (local image, any text) pair, the SigLIP sum of -log sigmoid(label *
+  logit), label +1 for the matching pairs (all in the first block, the device's own texts) and -1
+  elsewhere. `softmax_ring`: the sum of the row log-sum-exps of the local images (over every text)
+  plus the column log-sum-exps of the local texts (over every image).
   `params` is (scale,) or (scale, bias).
 
   The text chunks go round the ring, so one [b, b] block of logits exists at a time. The
@@ -174,7 +177,7 @@ def _ring_pair_sum(image, text, params, *, kind, batch_axes, num_shards):
   scheduler left their per-visit shift exposed on v6e and v5p (`benchmarks/ring_overlap_check.py`).
   """
   shift = functools.partial(_ring_shift, batch_axes=batch_axes, num_shards=num_shards)
-  with_columns = kind == "softmax_ring"  # Column statistics travel with their text chunk.
+  with_columns = kind == "softmax_ring"  # the backward ships each chunk's final column statistics with it
 
   def block_logits(image, text_chunk, params):
     similarity = _similarity(image, text_chunk)  # [b, b]
@@ -238,7 +241,7 @@ def _ring_pair_sum(image, text, params, *, kind, batch_axes, num_shards):
     image_grad, text_grad, params_grad = block_grads(text, column_lse, own_block=True)
     text_grad, image_grad, params_grad = ring_visits(
         visit, (text, column_lse), (text_grad, image_grad, params_grad), num_shards - 1, shift)
-    text_grad = shift(text_grad)  # Like the column statistics: one more hop to come home.
+    text_grad = shift(text_grad)  # After N - 1 hops it sits one device short of home: one more.
     return image_grad.astype(image.dtype), text_grad.astype(text.dtype), params_grad
 
   @jax.custom_vjp

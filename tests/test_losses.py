@@ -278,13 +278,17 @@ def test_gpu_overlap_check_reads_start_done_order_around_the_matmul():
   assert check.overlap_report(tpu(start, fusion, done, root)) == [("ring_body", "start matmul done", True)]
   assert check.overlap_report(tpu(start, done, fusion, root)) == [("ring_body", "start done matmul", False)]
   assert check.exposed_permutes(tpu(start, done, fusion, root)) == {"ring_body": ["collective-permute-start bf16[8,128]"]}
+  # The entry computation's permutes around the loops (the first prefetch, the last hops home) count too.
+  entry = "\n".join([*fused, "ENTRY %main () -> f32[] {", start, done, fusion, "}"])
+  assert check.overlap_report(entry) == [("main", "start done matmul", False)]
 
 
 def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
   # XLA:CPU's collectives are synchronous, so the overlap itself shows only in an accelerator's
   # scheduled HLO: here XLA:TPU's, compiled ahead of time for two 8-chip slices by libtpu (no TPU;
   # installed in .venv/libtpu by `bash launch/setup.sh --test`). Every collective-permute of both
-  # rings, forward and backward, must have a block matmul between its start and its done. With the
+  # rings, in the forward and backward loops and around them, must have a block matmul between its
+  # start and its done. With the
   # forward's column log-sum-exps shifted inside the ring (before `_column_lse_home`), v6e's
   # scheduler left that shift exposed: 'NO (no matmul under: collective-permute-start.1 f32[512])'.
   import os
@@ -297,7 +301,8 @@ def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
        "--tpu-topology", "v5e:2x4,v6e:2x4"], capture_output=True, text=True, env=env, timeout=600)
   assert run.returncode != 2 or "no libtpu" not in run.stdout, run.stdout  # setup.sh --test installs it
   verdicts = [line for line in run.stdout.splitlines() if "-> overlap:" in line]
-  assert len(verdicts) == 8, run.stdout + run.stderr[-2000:]  # 2 slices x 2 kinds x (forward, backward)
+  # 2 slices x 2 kinds x (forward ring step, backward ring step, the permutes around the loops)
+  assert len(verdicts) == 12, run.stdout + run.stderr[-2000:]
   assert all(line.endswith("-> overlap: yes") for line in verdicts), run.stdout
   assert run.returncode == 0, run.stdout
 
