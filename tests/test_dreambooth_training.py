@@ -108,3 +108,76 @@ def test_nan_step_is_skipped_counted_and_never_checkpointed(tmp_path, tiny_model
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert 3 not in steps and steps[-1] == 4
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(out["state"]["trainable"])))
+
+
+def _bf16_setup(tiny_model_dir, instance_dir, mode):
+  cfg = tiny_config(tiny_model_dir, instance_dir, *(("lora",) if mode == "lora" else ()), dtype="bfloat16",
+                    with_prior_preservation=False)
+  pipe = sd.load_pipeline(tiny_model_dir, dtype=jnp.bfloat16)
+  # Every weight off bfloat16's grid (the random init leaves biases at 0 and norm scales at 1, which
+  # bfloat16 holds exactly): storing a bias or a norm scale in 16 bits would then change the step.
+  noise = np.random.default_rng(0)
+  pipe.params = jax.tree.map(lambda x: x + jnp.asarray(1e-3 * noise.standard_normal(x.shape), x.dtype), pipe.params)
+  trainable = db.init_trainable(cfg, pipe, jax.random.key(0))
+  if mode == "lora":  # adapters that change the kernels (up starts at zero)
+    trainable = jax.tree.map(lambda x: x + 0.05, trainable)
+  return cfg, pipe, trainable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_frozen_kernels_stored_in_bf16_give_the_same_loss_and_gradients_bitwise(tiny_model_dir, instance_dir, mode):
+  # db.frozen_params stores the frozen Dense/Conv kernels in the compute dtype, which the layers cast
+  # them to at use anyway: the step must compute exactly what it computed from the float32 kernels.
+  cfg, pipe, trainable = _bf16_setup(tiny_model_dir, instance_dir, mode)
+  frozen = db.frozen_params(pipe, trainable)
+  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): v  # noqa: E731
+                       for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+  unet_adapted = set(trainable.get("unet_lora", {}))
+  if mode == "full":
+    assert "unet" not in frozen  # trained whole: the step reads the trainable copy only
+  for name, tree in frozen.items():
+    compute = {"unet": pipe.unet.dtype, "vae": pipe.vae.dtype, "text_encoder": pipe.text_encoder.dtype}[name]
+    for key, value in flat(tree).items():
+      lowered = key.endswith("/kernel") and compute == jnp.bfloat16 and not (name == "unet" and key in unet_adapted)
+      assert value.dtype == (jnp.bfloat16 if lowered else jnp.float32), (name, key, value.dtype)
+  assert sum(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(frozen)) > 0
+  schedule = schedulers.NoiseSchedule.from_config(pipe.scheduler_config)
+  loss_fn = db.make_loss_fn(pipe, schedule, num_instance=2,
+                            params_fn=lambda f, t: db.model_params(cfg, f, t))
+  images, _ = db_data.load_image_folder(instance_dir)
+  pixels = jnp.asarray(db_data.sample_batch(images, 2, 32, 0, 0, 0, random_crop=False, flip=False))
+  tokens = jnp.asarray(sd.tokenize(pipe, ["a sks square"] * 2))
+  keys = jax.random.split(jax.random.key(3), 2)
+  grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (loss_32, _), grads_32 = grad(trainable, pipe.params, pixels, tokens, keys)
+  (loss_16, _), grads_16 = grad(trainable, frozen, pixels, tokens, keys)
+  assert float(loss_16) == float(loss_32)
+  for a, b in zip(jax.tree.leaves(grads_16), jax.tree.leaves(grads_32)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_bf16_lora_run_exports_the_float32_base_with_the_adapter_merged(tmp_path, tiny_model_dir, instance_dir):
+  # The step reads 16-bit frozen kernels; the export must merge into the float32 originals.
+  cfg = tiny_config(tiny_model_dir, instance_dir, "lora", dtype="bfloat16", with_prior_preservation=False,
+                    checkpoint_every=1000, identifier="sks")
+  cfg.total_steps = 2
+  out = db.train_and_export(cfg, str(tmp_path))
+  assert any(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(out["frozen"]["unet"]))
+  source = sd.load_pipeline(tiny_model_dir).params
+  trained = jax.device_get(out["state"]["trainable"])
+  expected = db.model_params(cfg, source, trained)
+  exported = sd.load_pipeline(out["export_dir"]).params
+  adapted = set(trained["unet_lora"])
+  for name in ("unet", "vae", "text_encoder"):
+    got = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(exported[name])}
+    want = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(expected[name])}
+    base = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(source[name])}
+    for key, value in got.items():
+      assert value.dtype == np.float32, (name, key)
+      if name == "unet" and key in adapted:
+        np.testing.assert_allclose(value, want[key], atol=1e-6)
+        assert not np.array_equal(value, base[key]), key  # the adapter moved it
+      else:
+        np.testing.assert_array_equal(value, base[key])  # not rounded through bfloat16

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
   c.gradient_accumulation = 1   # > 1: each update's batch in this many micro-batches (same loss and gradient)
   c.offset_noise = 0.0
   c.min_snr_gamma = 0.0         # > 0: min-SNR weighting of both terms (e.g. 5)
-  c.dtype = "bfloat16"          # compute dtype; parameters stay float32
+  c.dtype = "bfloat16"          # compute dtype; trained parameters stay float32, frozen kernels are stored in it
   c.remat = False
   c.train = ml_collections.ConfigDict(dict(mode="full", lora_rank=4, lora_alpha=4.0,
                                            lora_targets=r"attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$",
