@@ -110,6 +110,11 @@ def test_nan_step_is_skipped_counted_and_never_checkpointed(tmp_path, tiny_model
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(out["state"]["trainable"])))
 
 
+def _by_path(tree):
+  """{'down_blocks_0/.../kernel': leaf}: the flat keys LoRA's targets use."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _bf16_setup(tiny_model_dir, instance_dir, mode):
   cfg = tiny_config(tiny_model_dir, instance_dir, *(("lora",) if mode == "lora" else ()), dtype="bfloat16",
                     with_prior_preservation=False)
@@ -131,14 +136,12 @@ def test_frozen_kernels_stored_in_bf16_give_the_same_loss_and_gradients_bitwise(
   # them to at use anyway: the step must compute exactly what it computed from the float32 kernels.
   cfg, pipe, trainable = _bf16_setup(tiny_model_dir, instance_dir, mode)
   frozen = db.frozen_params(pipe, trainable)
-  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): v  # noqa: E731
-                       for path, v in jax.tree_util.tree_leaves_with_path(tree)}
   unet_adapted = set(trainable.get("unet_lora", {}))
   if mode == "full":
     assert "unet" not in frozen  # trained whole: the step reads the trainable copy only
   for name, tree in frozen.items():
     compute = {"unet": pipe.unet.dtype, "vae": pipe.vae.dtype, "text_encoder": pipe.text_encoder.dtype}[name]
-    for key, value in flat(tree).items():
+    for key, value in _by_path(tree).items():
       lowered = key.endswith("/kernel") and compute == jnp.bfloat16 and not (name == "unet" and key in unet_adapted)
       assert value.dtype == (jnp.bfloat16 if lowered else jnp.float32), (name, key, value.dtype)
   assert sum(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(frozen)) > 0
@@ -171,9 +174,7 @@ def test_bf16_lora_run_exports_the_float32_base_with_the_adapter_merged(tmp_path
   exported = sd.load_pipeline(out["export_dir"]).params
   adapted = set(trained["unet_lora"])
   for name in ("unet", "vae", "text_encoder"):
-    got = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(exported[name])}
-    want = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(expected[name])}
-    base = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(source[name])}
+    got, want, base = _by_path(exported[name]), _by_path(expected[name]), _by_path(source[name])
     for key, value in got.items():
       assert value.dtype == np.float32, (name, key)
       if name == "unet" and key in adapted:
