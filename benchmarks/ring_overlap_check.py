@@ -82,14 +82,17 @@ def while_bodies(hlo: str) -> dict[str, list[str]]:
   return {name: lines for name, lines in computations(hlo).items() if name in names}
 
 
+def entry_name(hlo: str) -> str | None:
+  """The name of the module's ENTRY computation."""
+  entry = re.search(r"^ENTRY %?([\w.\-]+) ", hlo, re.MULTILINE)
+  return entry.group(1) if entry else None
+
+
 def ring_computations(hlo: str) -> dict[str, list[str]]:
   """The while bodies (one per ring: its visits) and the entry computation, which holds the permutes
   around the loops (the first prefetch, the last hops home)."""
-  found = while_bodies(hlo)
-  entry = re.search(r"^ENTRY %?([\w.\-]+) ", hlo, re.MULTILINE)
-  if entry:
-    found[entry.group(1)] = computations(hlo)[entry.group(1)]
-  return found
+  names = set(re.findall(r"body=%?([\w.\-]+)", hlo)) | {entry_name(hlo)}
+  return {name: lines for name, lines in computations(hlo).items() if name in names}
 
 
 def pass_of(lines: list[str]) -> str:
@@ -184,13 +187,12 @@ def check(kind: str, devices, backend: str, batch: int, dim: int, hlo_out: str |
       f.write(hlo)
   report = overlap_report(hlo)
   print(f"ring overlap ({kind}, {len(devices)} x {backend}, B={batch}, d={dim}):")
-  exposed, comps = exposed_permutes(hlo), ring_computations(hlo)
-  entry = re.search(r"^ENTRY %?([\w.\-]+) ", hlo, re.MULTILINE)
+  exposed, comps, entry = exposed_permutes(hlo), ring_computations(hlo), entry_name(hlo)
   for name, order, overlaps in report:
     verdict = {None: "synchronous collectives (no start/done on this backend)", True: "yes", False: "NO"}[overlaps]
     if overlaps is False:
       verdict += f" (no matmul under: {', '.join(exposed[name])})"
-    where = "around the loops" if entry and name == entry.group(1) else f"{pass_of(comps[name])} ring step"
+    where = "around the loops" if name == entry else f"{pass_of(comps[name])} ring step"
     print(f"  {where} ({name}): {order}  -> overlap: {verdict}")
   if not report:
     print("  no ring body found")

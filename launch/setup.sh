@@ -16,8 +16,16 @@ if [ "${1:-}" = "--test" ]; then
   # libtpu, the TPU compiler jax's [tpu] extra pins: benchmarks/ring_overlap_check.py --tpu-topology compiles
   # for TPU slices with it on this CPU (tests/test_losses.py). Kept in .venv/libtpu, outside the packages:
   # there, jax would look for a TPU at every import.
-  LIBTPU="$(.venv/bin/python -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')"
-  if ! .venv/bin/python -c 'import sys, glob, re; v = sys.argv[1].split("==")[1].rstrip("*").rstrip("."); sys.exit(not any(re.search(r"libtpu-" + re.escape(v) + r"[.\d]*\.dist-info$", d) for d in glob.glob(".venv/libtpu/libtpu-*.dist-info")))' "$LIBTPU"; then
+  # The pin, printed only when .venv/libtpu does not already hold a version it accepts.
+  LIBTPU="$(.venv/bin/python - <<'EOF'
+import importlib.metadata as m
+from packaging.requirements import Requirement
+pin = next(Requirement(r.split(";")[0]) for r in m.requires("jax") if r.startswith("libtpu"))
+if not any(pin.specifier.contains(d.version) for d in m.distributions(name="libtpu", path=[".venv/libtpu"])):
+  print(pin)
+EOF
+)"
+  if [ -n "$LIBTPU" ]; then
     rm -rf .venv/libtpu
     .venv/bin/python -m pip install --quiet --no-deps --target .venv/libtpu "$LIBTPU"
   fi
