@@ -90,8 +90,8 @@ def frozen_params(pipe: sd.StableDiffusion, trainable: dict[str, Any]) -> dict[s
   whole (the step reads their trained copy), with every frozen Dense/Conv kernel stored in its
   component's compute dtype when that is 16-bit, as diffusers' DreamBooth scripts keep the frozen
   models in `weight_dtype`. The layers cast each kernel to the compute dtype at use
-  (`clip_jax.layers`), so the step computes the same values (tests/test_dreambooth.py checks the
-  loss and gradients bitwise) without re-casting them every step, in half their memory: the SD 1.5
+  (`clip_jax.layers`), so the step computes the same values (tests/test_dreambooth_training.py checks
+  the loss and gradients bitwise) without re-casting them every step, in half their memory: the SD 1.5
   UNet's frozen kernels in a LoRA run are ~1.7 GB instead of 3.4. Biases and norms stay float32 (the
   layers add them in float32), and so do LoRA-targeted kernels (the adapter is added to the float32
   kernel, as before). `pipe.params` itself stays float32: class images, prompts and the export read it.

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from dreambooth_jax import train as db
 from dreambooth_jax.sampling import pipeline as sd
@@ -110,9 +111,8 @@ def test_nan_step_is_skipped_counted_and_never_checkpointed(tmp_path, tiny_model
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(out["state"]["trainable"])))
 
 
-def _by_path(tree):
-  """{'down_blocks_0/.../kernel': leaf}: the flat keys LoRA's targets use."""
-  return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+def _flat(tree):  # {'down_blocks_0/.../kernel': leaf}: the keys LoRA's targets and db.frozen_params use
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _bf16_setup(tiny_model_dir, instance_dir, mode):
@@ -141,7 +141,7 @@ def test_frozen_kernels_stored_in_bf16_give_the_same_loss_and_gradients_bitwise(
     assert "unet" not in frozen  # trained whole: the step reads the trainable copy only
   for name, tree in frozen.items():
     compute = {"unet": pipe.unet.dtype, "vae": pipe.vae.dtype, "text_encoder": pipe.text_encoder.dtype}[name]
-    for key, value in _by_path(tree).items():
+    for key, value in _flat(tree).items():
       lowered = key.endswith("/kernel") and compute == jnp.bfloat16 and not (name == "unet" and key in unet_adapted)
       assert value.dtype == (jnp.bfloat16 if lowered else jnp.float32), (name, key, value.dtype)
   assert sum(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(frozen)) > 0
@@ -174,7 +174,7 @@ def test_bf16_lora_run_exports_the_float32_base_with_the_adapter_merged(tmp_path
   exported = sd.load_pipeline(out["export_dir"]).params
   adapted = set(trained["unet_lora"])
   for name in ("unet", "vae", "text_encoder"):
-    got, want, base = _by_path(exported[name]), _by_path(expected[name]), _by_path(source[name])
+    got, want, base = _flat(exported[name]), _flat(expected[name]), _flat(source[name])
     for key, value in got.items():
       assert value.dtype == np.float32, (name, key)
       if name == "unet" and key in adapted:
