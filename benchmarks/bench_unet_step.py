@@ -18,6 +18,14 @@ on them.
   jax_bf16_remat  the same with each down/mid/up block rematerialised in the backward pass
   torch_fp32      diffusers UNet2DConditionModel, fp32, eager
   torch_bf16      the same under torch.autocast(device, dtype=torch.bfloat16)
+  jax_bf16_lora   DreamBooth-LoRA's step: gradients w.r.t. a rank --lora-rank adapter on every attention
+                  projection (to_q/k/v/out, alpha = rank), the frozen kernels in bf16
+                  (`dreambooth_jax.train.frozen_params`), the adapter beside them (`lora.attach`)
+  torch_bf16_lora diffusers' train_dreambooth_lora.py setup: the UNet frozen and cast to bf16, a PEFT
+                  LoraConfig(r, lora_alpha=r, init_lora_weights='gaussian', the same four targets)
+                  added (its adapter weights then bf16 too: the script upcasts them only for fp16),
+                  bf16 inputs, the forward under autocast
+A LoRA row is compared with diffusers' LoRA row, a full row with diffusers' best full row.
 
 Each variant runs in its own subprocess, one after another, so that one's memory does not count
 in another's; --repeats N runs all variants N times in turn (ours, diffusers, ours, ...), so a
@@ -51,7 +59,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("jax_fp32", "jax_bf16", "jax_bf16_remat", "torch_fp32", "torch_bf16")
+VARIANTS = ("jax_fp32", "jax_bf16", "jax_bf16_remat", "torch_fp32", "torch_bf16", "jax_bf16_lora",
+            "torch_bf16_lora")
 GIB = 2 ** 30
 # The SD 1.5 UNet (runwayml/stable-diffusion-v1-5, unet/config.json), written out: no download.
 SD15_UNET = dict(
@@ -77,6 +86,7 @@ def _parse_args(argv=None):
                            "core count for a fair comparison")
   parser.add_argument("--variants", default="jax_fp32,jax_bf16,torch_fp32,torch_bf16")
   parser.add_argument("--repeats", type=int, default=1, help="rounds of all variants, in turn")
+  parser.add_argument("--lora-rank", type=int, default=4, help="the *_lora variants' adapter rank")
   parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   parser.add_argument("--unet", choices=sorted(UNETS), default="sd15",
                       help="sd15: SD 1.5's UNet; tiny: the same blocks at width 32-64 (dry runs)")
@@ -157,7 +167,7 @@ def _timed(step, steps: int, warmup: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ workers
-def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
+def run_jax(dtype_name: str, args, remat: bool = False, lora: bool = False) -> dict:
   sys.path.insert(0, ROOT)
   import tempfile
 
@@ -191,27 +201,43 @@ def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
   context = jnp.asarray(rng.randn(args.batch, 77, unet["cross_attention_dim"]), jnp.float32)
   timesteps = jnp.asarray(rng.randint(0, 1000, args.batch), jnp.int32)
 
-  def loss_fn(p):
-    out = model.apply({"params": p}, latents, timesteps, context)
-    return jnp.mean(jnp.square(out - target))
+  if lora:  # gradients w.r.t. the adapter only; the frozen UNet is an argument, not a constant
+    from dreambooth_jax.train import kernels_in_dtype
+    from dreambooth_jax.training import lora as lora_lib
+    import flax
+    params = flax.core.meta.unbox(params)  # init's logical-axis boxes off: attach places plain leaves
+    adapter = lora_lib.init_lora(jax.random.key(1), params, args.lora_rank)
+    step_args = (adapter, kernels_in_dtype(params, dtype))
+    del params
+
+    def loss_fn(a, frozen):
+      out = model.apply({"params": lora_lib.attach(frozen, a, float(args.lora_rank))}, latents, timesteps, context)
+      return jnp.mean(jnp.square(out - target))
+  else:
+    step_args = (params,)
+
+    def loss_fn(p):
+      out = model.apply({"params": p}, latents, timesteps, context)
+      return jnp.mean(jnp.square(out - target))
 
   loop.enable_compilation_cache(tempfile.mkdtemp(prefix="bench_jax_cache_"), workdir="")
   start = time.perf_counter()
-  lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(params)
+  lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(*step_args)
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
   cached_compile_s = float("nan")
   if not args.skip_cached_compile:
     jax.clear_caches()  # a resumed run: traced and lowered again, the executable read from the cache
-    lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(params)
+    lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(*step_args)
     start = time.perf_counter()
     compiled = lowered.compile()
     cached_compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                - mem.alias_size_in_bytes)
-  result = _timed(lambda: jax.block_until_ready(compiled(params)), args.steps, args.warmup)
+  result = _timed(lambda: jax.block_until_ready(compiled(*step_args)), args.steps, args.warmup)
+  result.update(trained_parameters=sum(x.size for x in jax.tree.leaves(step_args[0])))
   result.update(compile_s=compile_s, cached_compile_s=cached_compile_s, lower_s=lower_s, xla_bytes=xla_bytes,
                 xla_temp_bytes=mem.temp_size_in_bytes, version=f"jax {jax.__version__}",
                 cudnn_attention_calls=compiled.as_text().count('custom_call_target="__cudnn$fmha'))
@@ -219,7 +245,7 @@ def run_jax(dtype_name: str, args, remat: bool = False) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
   if args.profile:
-    _profile_jax(lambda: jax.block_until_ready(compiled(params)), args.profile, args.worker)
+    _profile_jax(lambda: jax.block_until_ready(compiled(*step_args)), args.profile, args.worker)
   return result
 
 
@@ -240,7 +266,7 @@ def _profile_jax(step, folder: str, name: str) -> None:
               os.path.join(folder, f"{name}.xplane.pb"))
 
 
-def run_torch(dtype_name: str, args) -> dict:
+def run_torch(dtype_name: str, args, lora: bool = False) -> dict:
   import numpy as np
   import torch
   import diffusers
@@ -250,11 +276,19 @@ def run_torch(dtype_name: str, args) -> dict:
   unet = UNETS[args.unet]
   device = "cuda" if args.device == "gpu" else "cpu"
   model = diffusers.UNet2DConditionModel(**unet).to(device).train()
+  input_dtype = torch.float32
+  if lora:  # as train_dreambooth_lora.py: frozen UNet in weight_dtype, PEFT adapter added after
+    from peft import LoraConfig
+    model.requires_grad_(False)
+    model.to(dtype=torch.bfloat16)
+    model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    input_dtype = torch.bfloat16  # the script's latents and text states come in weight_dtype
   rng = np.random.RandomState(0)
   as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-  latents = as_tensor(rng.randn(args.batch, 4, args.size, args.size).astype(np.float32))
+  latents = as_tensor(rng.randn(args.batch, 4, args.size, args.size).astype(np.float32)).to(input_dtype)
   target = as_tensor(rng.randn(args.batch, 4, args.size, args.size).astype(np.float32))
-  context = as_tensor(rng.randn(args.batch, 77, unet["cross_attention_dim"]).astype(np.float32))
+  context = as_tensor(rng.randn(args.batch, 77, unet["cross_attention_dim"]).astype(np.float32)).to(input_dtype)
   timesteps = as_tensor(rng.randint(0, 1000, args.batch))
 
   def step():
@@ -268,7 +302,8 @@ def run_torch(dtype_name: str, args) -> dict:
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
   result = _timed(step, args.steps, args.warmup)
-  result.update(compile_s=0.0, version=f"torch {torch.__version__}, diffusers {diffusers.__version__}")
+  result.update(compile_s=0.0, version=f"torch {torch.__version__}, diffusers {diffusers.__version__}",
+                trained_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
   if device == "cuda":
     result["device_peak_bytes"] = torch.cuda.max_memory_allocated()
   if args.profile:
@@ -313,7 +348,8 @@ def _profile_torch(step, device: str, folder: str, name: str) -> None:
 def _run_variant(name: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--size", str(args.size), "--batch", str(args.batch),
-         "--threads", str(args.threads), "--device", args.device, "--unet", args.unet, "--attention", args.attention]
+         "--threads", str(args.threads), "--device", args.device, "--unet", args.unet, "--attention", args.attention,
+         "--lora-rank", str(args.lora_rank)]
   if args.skip_cached_compile:
     cmd.append("--skip-cached-compile")
   if args.profile:
@@ -347,13 +383,17 @@ def _median(rounds: list[dict], key: str) -> float:
 def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str], path: str) -> None:
   ok = {n: [r for r in rounds if "error" not in r] for n, rounds in results.items()}
   torch_names = [n for n in ("torch_fp32", "torch_bf16") if ok.get(n)]
-  best = min(torch_names, key=lambda n: _median(ok[n], "step_s")) if torch_names else None
+  best_full = min(torch_names, key=lambda n: _median(ok[n], "step_s")) if torch_names else None
+  best_lora = "torch_bf16_lora" if ok.get("torch_bf16_lora") else None
+  reference = lambda name: best_lora if name.endswith("_lora") else best_full  # noqa: E731
+  references = " / ".join(n for n in (best_full, best_lora) if n) or "-"
+  lora_rows = any(n.endswith("_lora") for n in results)
   where = "GPU" if args.device == "gpu" else "CPU"
   command = (f"python benchmarks/bench_unet_step.py --steps {args.steps} --warmup {args.warmup} --size {args.size} "
              f"--batch {args.batch} --threads {args.threads} --variants {args.variants} --repeats {args.repeats}"
              f"{' --device gpu' if args.device == 'gpu' else ''}{' --unet tiny' if args.unet == 'tiny' else ''}"
              f"{f' --attention {args.attention}' if args.attention != 'auto' else ''}"
-             f"{' --append' if args.append else ''}")
+             f"{f' --lora-rank {args.lora_rank}' if lora_rows else ''}{' --append' if args.append else ''}")
   one_minute = [float(x.split(" / ")[0]) for x in loads]
   lines = [] if args.append else [f"# UNet training step: SD 1.5 UNet, ours (JAX/Flax) vs diffusers (PyTorch), {where}", ""]
   lines += [
@@ -370,7 +410,11 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
       f"{args.batch}x{args.size}x{args.size}x4 ({args.size * 8} px images), text context "
       f"{args.batch}x77, random weights, no optimizer update. Median of {args.steps} steps after "
       f"{args.warmup} warm-up steps; each variant in its own process; {args.repeats} round(s) of all "
-      "variants in turn (a row's step is the median of its rounds' medians; 'rounds' lists them).",
+      "variants in turn (a row's step is the median of its rounds' medians; 'rounds' lists them)."
+      + (f" A *_lora row's gradients are w.r.t. a rank-{args.lora_rank} LoRA adapter on every attention "
+         "projection only (DreamBooth-LoRA; frozen UNet in bf16, diffusers' side set up as its "
+         "train_dreambooth_lora.py with PEFT), compared with torch_bf16_lora; full rows with diffusers' "
+         "best full row." if lora_rows else ""),
       "Peak RSS: the process's largest resident set while the timed steps ran (weights, gradients, "
       "activations, runtime), after returning freed heap pages to the OS (malloc_trim); 'one step' is "
       "that peak over the first timed step only (what one step holds at once: later steps add freed "
@@ -378,8 +422,8 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
       "temporaries). Compile: trace+lower, then compile cold, then compile again as a resumed run "
       "(after jax.clear_caches(): the executable from the persistent cache).",
       "",
-      f"| variant | step (s) | rounds (s) | vs diffusers' best ({best or '-'}) | peak RSS (GiB) | vs {best or '-'} "
-      f"| peak RSS, one step (GiB) | one step vs {best or '-'} | RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) "
+      f"| variant | step (s) | rounds (s) | vs diffusers ({references}) | peak RSS (GiB) | vs {references} "
+      f"| peak RSS, one step (GiB) | one step vs {references} | RSS before steps (GiB) | XLA buffers (GiB) | device peak (GiB) "
       "| trace+lower / compile / cached compile (s) | first step (s) |",
       "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
@@ -388,7 +432,7 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
     if not ok[name]:
       lines.append(f"| {name} | failed: {rounds[-1]['error']} | | | | | | | | | | | |")
       continue
-    good = ok[name]
+    good, best = ok[name], reference(name)
     step = _median(good, "step_s")
     peak = _median(good, "peak_rss_bytes")
     speed = f"{_median(ok[best], 'step_s') / step:.2f}x" if best else "-"
@@ -433,10 +477,11 @@ def main(argv=None) -> int:
   args = _parse_args(argv)
   if args.worker:
     framework, dtype_name = args.worker.split("_")[:2]
+    lora = args.worker.endswith("_lora")
     if framework == "jax":
-      result = run_jax(dtype_name, args, remat=args.worker.endswith("_remat"))
+      result = run_jax(dtype_name, args, remat=args.worker.endswith("_remat"), lora=lora)
     else:
-      result = run_torch(dtype_name, args)
+      result = run_torch(dtype_name, args, lora=lora)
     print(json.dumps(result))
     return 0
   names = [n.strip() for n in args.variants.split(",") if n.strip()]

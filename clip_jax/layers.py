@@ -187,6 +187,12 @@ class Dense(nn.Module):
   """A linear layer with logical axis names on its parameters and the matmul above.
 
   Parameters are stored in `param_dtype`; the output comes back in `dtype`.
+
+  A low-rank adapter (LoRA, Hu et al. 2021) runs beside the kernel when the parameters hold one
+  next to it: `lora_down` [k, r] and `lora_up` [r, n] (alpha / r already folded into `lora_up`, see
+  `dreambooth_jax.training.lora.attach`) make the output x W + b + (x down) up, the adapter's two
+  thin products in the same f32-accumulating form, rounded to `dtype` and added, as PEFT's
+  `lora.Linear` does under autocast. `init` never creates them.
   """
   features: int
   use_bias: bool = True
@@ -204,7 +210,14 @@ class Dense(nn.Module):
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[-1:]),
                         (self.features,), self.param_dtype)
-    return dense_f32_accum(x.astype(self.dtype), kernel, bias)
+    y = dense_f32_accum(x.astype(self.dtype), kernel, bias)
+    if self.has_variable("params", "lora_down"):
+      down, up = self.get_variable("params", "lora_down"), self.get_variable("params", "lora_up")
+      # Why beside the kernel, not merged into it: the backward then needs no [k, n] weight gradient
+      # (only [k, r] and [r, n] ones), and the frozen kernel can stay in 16 bits.
+      low = matmul(x, down, self.dtype).astype(self.dtype)                  # [..., r]
+      y = y + matmul(low, up, self.dtype).astype(self.dtype)
+    return y
 
 
 # ----------------------------------------------------------------------------- convolution

@@ -92,39 +92,48 @@ def frozen_params(pipe: sd.StableDiffusion, trainable: dict[str, Any]) -> dict[s
   models in `weight_dtype`. The layers cast each kernel to the compute dtype at use
   (`clip_jax.layers`), so the step computes the same values (tests/test_dreambooth_training.py checks
   the loss and gradients bitwise) without re-casting them every step, in half their memory: the SD 1.5
-  UNet's frozen kernels in a LoRA run are ~1.7 GB instead of 3.4. Biases and norms stay float32 (the
-  layers add them in float32), and so do LoRA-targeted kernels (the adapter is added to the float32
-  kernel, as before). `pipe.params` itself stays float32: class images, prompts and the export read it.
+  UNet's frozen kernels in a LoRA run are ~1.7 GB instead of 3.4. LoRA-adapted kernels too: the
+  adapter runs beside its kernel (`lora.attach`), never added to it. Biases and norms stay float32
+  (the layers add them in float32). `pipe.params` itself stays float32: class images, prompts and the
+  export read it.
   """
   compute_dtypes = {"unet": pipe.unet.dtype, "vae": pipe.vae.dtype, "text_encoder": pipe.text_encoder.dtype}
   frozen = {}
   for name, tree in pipe.params.items():
     if name in trainable:
       continue
-    dtype, adapted = jnp.dtype(compute_dtypes.get(name, jnp.float32)), trainable.get(f"{name}_lora", {})
-    if dtype.itemsize >= 4:
-      frozen[name] = tree
-      continue
-    flat = traverse_util.flatten_dict(tree, sep="/")
-    frozen[name] = traverse_util.unflatten_dict(
-        {key: value.astype(dtype) if key.endswith("/kernel") and key not in adapted else value
-         for key, value in flat.items()}, sep="/")
+    dtype = jnp.dtype(compute_dtypes.get(name, jnp.float32))
+    frozen[name] = tree if dtype.itemsize >= 4 else kernels_in_dtype(tree, dtype)
   return frozen
 
 
-def model_params(cfg, frozen: dict[str, Any], trainable: dict[str, Any]) -> dict[str, Any]:
-  """The pipeline's params with the trained parts in place (LoRA merged)."""
+def kernels_in_dtype(params: Any, dtype) -> Any:
+  """params with every Dense/Conv kernel (a leaf named 'kernel') cast to `dtype`, the rest as is."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  return traverse_util.unflatten_dict(
+      {key: value.astype(dtype) if key.endswith("/kernel") else value for key, value in flat.items()}, sep="/")
+
+
+def _with_trained(cfg, frozen: dict[str, Any], trainable: dict[str, Any], add_lora) -> dict[str, Any]:
   params = dict(frozen)
-  if "unet" in trainable:
-    params["unet"] = trainable["unet"]
-  if "unet_lora" in trainable:
-    params["unet"] = lora_lib.merge(frozen["unet"], trainable["unet_lora"], cfg.train.lora_alpha)
-  if "text_encoder" in trainable:
-    params["text_encoder"] = trainable["text_encoder"]
-  if "text_encoder_lora" in trainable:
-    params["text_encoder"] = lora_lib.merge(frozen["text_encoder"], trainable["text_encoder_lora"],
-                                            cfg.train.lora_alpha)
+  for name in ("unet", "text_encoder"):
+    if name in trainable:
+      params[name] = trainable[name]
+    if f"{name}_lora" in trainable:
+      params[name] = add_lora(frozen[name], trainable[f"{name}_lora"], cfg.train.lora_alpha)
   return params
+
+
+def model_params(cfg, frozen: dict[str, Any], trainable: dict[str, Any]) -> dict[str, Any]:
+  """The pipeline's params as the step and the validation samples run them: the trained parts in
+  place, LoRA adapters beside their kernels (`lora.attach`)."""
+  return _with_trained(cfg, frozen, trainable, lora_lib.attach)
+
+
+def merged_params(cfg, frozen: dict[str, Any], trainable: dict[str, Any]) -> dict[str, Any]:
+  """The pipeline's params with the trained parts in place and LoRA merged into the kernels
+  (`lora.merge`): the weights the export writes."""
+  return _with_trained(cfg, frozen, trainable, lora_lib.merge)
 
 
 def make_optimizer(cfg, trainable: dict[str, Any]) -> optax.GradientTransformation:
@@ -420,7 +429,7 @@ def export(cfg, pipe, state, directory: str) -> str:
   process calls it (the trained weights are gathered, then merged on the host into the float32
   `pipe.params`, not into the step's 16-bit frozen copy); process 0 writes the files."""
   trained = sharding.to_host(state["trainable"])
-  params = model_params(cfg, jax.tree.map(np.asarray, pipe.params), trained)
+  params = merged_params(cfg, jax.tree.map(np.asarray, pipe.params), trained)
   adapters = {name[:-len("_lora")]: lora for name, lora in trained.items() if name.endswith("_lora")}
   if jax.process_index() == 0:
     sd.save_pipeline(pipe, directory, params=params)

@@ -51,7 +51,7 @@ def test_training_lowers_instance_loss_and_touches_only_trained_params(tmp_path,
       np.testing.assert_array_equal(a, b)
   assert os.path.exists(tmp_path / "plots" / "loss.png")
   exported = sd.load_pipeline(out["export_dir"])
-  expected = db.model_params(cfg, pipe.params, trained)["unet"]
+  expected = db.merged_params(cfg, pipe.params, trained)["unet"]
   for a, b in zip(jax.tree.leaves(exported.params["unet"]), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -78,7 +78,7 @@ def test_text_encoder_training_accumulation_and_remat(tmp_path, tiny_model_dir, 
   assert out["step"] == 2
   trained = jax.device_get(out["state"]["trainable"])
   assert set(trained) == {"unet_lora", "text_encoder_lora"}
-  text_params = jax.device_get(db.model_params(cfg, pipe.params, trained)["text_encoder"])
+  text_params = jax.device_get(db.merged_params(cfg, pipe.params, trained)["text_encoder"])
   moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(text_params),
                                                      jax.tree.leaves(pipe.params["text_encoder"]))]
   assert any(moved)
@@ -136,13 +136,12 @@ def test_frozen_kernels_stored_in_bf16_give_the_same_loss_and_gradients_bitwise(
   # them to at use anyway: the step must compute exactly what it computed from the float32 kernels.
   cfg, pipe, trainable = _bf16_setup(tiny_model_dir, instance_dir, mode)
   frozen = db.frozen_params(pipe, trainable)
-  unet_adapted = set(trainable.get("unet_lora", {}))
   if mode == "full":
     assert "unet" not in frozen  # trained whole: the step reads the trainable copy only
   for name, tree in frozen.items():
     compute = {"unet": pipe.unet.dtype, "vae": pipe.vae.dtype, "text_encoder": pipe.text_encoder.dtype}[name]
     for key, value in _flat(tree).items():
-      lowered = key.endswith("/kernel") and compute == jnp.bfloat16 and not (name == "unet" and key in unet_adapted)
+      lowered = key.endswith("/kernel") and compute == jnp.bfloat16  # LoRA-adapted kernels too
       assert value.dtype == (jnp.bfloat16 if lowered else jnp.float32), (name, key, value.dtype)
   assert sum(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(frozen)) > 0
   schedule = schedulers.NoiseSchedule.from_config(pipe.scheduler_config)
@@ -170,7 +169,7 @@ def test_bf16_lora_run_exports_the_float32_base_with_the_adapter_merged(tmp_path
   assert any(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(out["frozen"]["unet"]))
   source = sd.load_pipeline(tiny_model_dir).params
   trained = jax.device_get(out["state"]["trainable"])
-  expected = db.model_params(cfg, source, trained)
+  expected = db.merged_params(cfg, source, trained)
   exported = sd.load_pipeline(out["export_dir"]).params
   adapted = set(trained["unet_lora"])
   for name in ("unet", "vae", "text_encoder"):

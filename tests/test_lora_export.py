@@ -112,6 +112,55 @@ def test_base_plus_adapter_equals_merged_folder_in_diffusers(tiny, tmp_path, wit
   assert _rel(unet, full_unet) < RTOL
 
 
+def test_adapters_beside_their_kernels_equal_peft_unmerged_in_diffusers(tiny, tmp_path):
+  """What the train step runs (`lora.attach`: x W + (x down) up in `layers.Dense`) against PEFT's
+  unmerged LoRA layers in diffusers, on identical weights, both components."""
+  pipe, base_dir = tiny
+  alpha = 3.0
+  adapters = {"unet": _random_lora(pipe.params["unet"], lora_lib.DEFAULT_TARGETS, 1),
+              "text_encoder": _random_lora(pipe.params["text_encoder"], lora_lib.TEXT_ENCODER_TARGETS, 2)}
+  save_safetensors(lora_lib.adapter_state_dict(adapters, alpha), str(tmp_path / ADAPTER))
+  text_ref, unet_ref = _outputs(_load(base_dir, str(tmp_path)))
+  base_text, base_unet = _outputs(_load(base_dir))
+  params = {name: lora_lib.attach(pipe.params[name], lora, alpha) for name, lora in adapters.items()}
+  text = np.asarray(sd.encode_prompt(pipe, params, ["a photo of a sks square"]))
+  latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)  # as _outputs
+  unet = pipe.unet.apply({"params": params["unet"]}, jnp.asarray(latents.transpose(0, 2, 3, 1)),
+                         jnp.asarray([500]), jnp.asarray(text_ref))
+  unet = np.asarray(unet).transpose(0, 3, 1, 2)
+  assert _rel(base_text, text_ref) > 1e-2 and _rel(base_unet, unet_ref) > 1e-2  # the adapters matter
+  assert _rel(text, text_ref) < RTOL
+  assert _rel(unet, unet_ref) < RTOL
+
+
+def test_every_2d_kernel_of_the_unet_and_text_encoder_is_a_dense_layer(tiny):
+  """`lora.attach` places an adapter beside its kernel and only `layers.Dense` reads it there: an
+  adapter on a kernel that another module uses would be silently ignored. Every 2-D kernel (the
+  ones `init_lora` may target) must therefore belong to a Dense."""
+  from flax import traverse_util
+
+  from clip_jax import layers
+  pipe, _ = tiny
+  text_params = pipe.params["text_encoder"]
+  tokens = jnp.asarray(sd.tokenize(pipe, ["a square"]))
+  _, text_state = pipe.text_encoder.apply({"params": text_params}, tokens, capture_intermediates=_is_dense,
+                                          mutable=["intermediates"])
+  context = jnp.zeros((1, tokens.shape[1], pipe.unet.config.cross_attention_dim), jnp.float32)
+  _, unet_state = pipe.unet.apply({"params": pipe.params["unet"]}, jnp.zeros((1, 8, 8, 4)), jnp.asarray([1]),
+                                  context, capture_intermediates=_is_dense, mutable=["intermediates"])
+  for params, state in ((text_params, text_state), (pipe.params["unet"], unet_state)):
+    dense_modules = {"/".join(path[:-1]) for path in traverse_util.flatten_dict(state["intermediates"])}
+    kernels = {key[: -len("/kernel")] for key, value in traverse_util.flatten_dict(params, sep="/").items()
+               if key.endswith("/kernel") and value.ndim == 2}
+    assert kernels and kernels <= dense_modules, sorted(kernels - dense_modules)[:5]
+  assert isinstance(layers.Dense(4), layers.Dense)
+
+
+def _is_dense(module, method_name):
+  from clip_jax import layers
+  return isinstance(module, layers.Dense) and method_name == "__call__"
+
+
 def test_text_encoder_adapter_names_come_from_the_conversion_table(tiny):
   pipe, _ = tiny
   lora = lora_lib.init_lora(jax.random.key(0), pipe.params["text_encoder"], 2, lora_lib.TEXT_ENCODER_TARGETS)

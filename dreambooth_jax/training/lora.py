@@ -1,8 +1,11 @@
-"""LoRA as a transformation of parameters, not of modules.
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") kept as parameters.
 
-A LoRA pair (down [in, r], up [r, out]) sits beside each chosen kernel; the model runs on
-`merge(base, lora)` = base + (alpha / r) * down @ up, computed inside the train step, so the UNet
-code is untouched and exporting merged weights is the same function. `up` starts at zero, so
+A LoRA pair (down [in, r], up [r, out]) sits beside each chosen kernel. The train step runs the
+model on `attach(base, lora, alpha)`: the pair placed next to its kernel as `lora_down` and
+`lora_up` (= (alpha / r) * up), which `clip_jax.layers.Dense` computes beside the kernel,
+y = x W + b + (x down) up, as PEFT's `lora.Linear` does. So the backward needs no full [in, out]
+weight gradient, and the frozen kernel keeps its 16-bit copy. `merge(base, lora)` = base +
+(alpha / r) * down @ up gives the merged weights that are exported. `up` starts at zero, so
 training starts exactly at the base model.
 
 Adapters are kept per pipeline component ({'unet': lora, 'text_encoder': lora}); with the text
@@ -44,6 +47,23 @@ def init_lora(rng: jax.Array, params: Any, rank: int, targets: str = DEFAULT_TAR
     lora[key] = {"down": jax.random.uniform(r, (fan_in, rank), jnp.float32, -bound, bound),
                  "up": jnp.zeros((rank, fan_out), jnp.float32)}
   return lora
+
+
+def attach(params: Any, lora: dict, alpha: float) -> Any:
+  """params with each adapter beside its kernel: '<module>/lora_down' = down [in, r] and
+  '<module>/lora_up' = (alpha / r) * up [r, out], which `clip_jax.layers.Dense` adds to its output.
+  Differentiable in `lora`. Every adapted kernel must belong to a `layers.Dense` (the models' 2-D
+  kernels all do: tests/test_lora_export.py checks the UNet's and the text encoder's); a ValueError
+  names an adapter whose kernel is not in `params`."""
+  flat = dict(traverse_util.flatten_dict(params, sep="/"))
+  for key, pair in lora.items():
+    if key not in flat or not key.endswith("/kernel"):
+      raise ValueError(f"LoRA adapter for {key!r}: the model has no such kernel.")
+    module = key[: -len("kernel")]
+    rank = pair["down"].shape[1]
+    flat[module + "lora_down"] = pair["down"]
+    flat[module + "lora_up"] = pair["up"] * (alpha / rank)
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def merge(params: Any, lora: dict, alpha: float) -> Any:
