@@ -406,7 +406,8 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
       f"before: {loads[0]}; after: {loads[1]}."
       + (" **Busy machine: the step times and their ratios must be re-measured at low load.**"
          if max(one_minute) > 3 and args.device == "cpu" else ""),
-      f"Step: forward + backward of an MSE loss w.r.t. all UNet parameters ({args.unet}), latents "
+      f"Step: forward + backward of an MSE loss w.r.t. all UNet parameters ({args.unet}; a *_lora row: "
+      "w.r.t. its adapter only, below), latents "
       f"{args.batch}x{args.size}x{args.size}x4 ({args.size * 8} px images), text context "
       f"{args.batch}x77, random weights, no optimizer update. Median of {args.steps} steps after "
       f"{args.warmup} warm-up steps; each variant in its own process; {args.repeats} round(s) of all "

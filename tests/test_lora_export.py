@@ -133,6 +133,27 @@ def test_adapters_beside_their_kernels_equal_peft_unmerged_in_diffusers(tiny, tm
   assert _rel(unet, unet_ref) < RTOL
 
 
+def test_adapter_gradients_beside_the_kernel_equal_the_merged_kernels_in_float32(tiny):
+  """The step differentiates `attach` (thin products) where it used to differentiate `merge` (a full
+  weight gradient projected on the factors): the same gradients up to float32 rounding."""
+  pipe, _ = tiny
+  lora = _random_lora(pipe.params["unet"], lora_lib.DEFAULT_TARGETS, 1)
+  rng = np.random.default_rng(3)
+  latents, context = rng.standard_normal((1, 8, 8, 4), np.float32), rng.standard_normal((1, 7, 32), np.float32)
+
+  def loss(adapter, combine):
+    out = pipe.unet.apply({"params": combine(pipe.params["unet"], adapter, 3.0)}, latents, jnp.asarray([500]), context)
+    return jnp.mean(jnp.square(out))
+
+  beside = jax.grad(loss)(lora, lora_lib.attach)
+  merged = jax.grad(loss)(lora, lora_lib.merge)
+  for key in lora:
+    for factor in ("down", "up"):
+      assert _rel(np.asarray(beside[key][factor]), np.asarray(merged[key][factor])) < 1e-5, (key, factor)
+  with pytest.raises(ValueError, match="no such kernel"):
+    lora_lib.attach(pipe.params["unet"], {"conv_in/bias": lora[next(iter(lora))]}, 3.0)
+
+
 def test_every_2d_kernel_of_the_unet_and_text_encoder_is_a_dense_layer(tiny):
   """`lora.attach` places an adapter beside its kernel and only `layers.Dense` reads it there: an
   adapter on a kernel that another module uses would be silently ignored. Every 2-D kernel (the
