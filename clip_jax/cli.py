@@ -83,6 +83,32 @@ def as_user_errors(check: Callable, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------- config overrides
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds clip_jax/, configs/, ...
+
+
+def packaged_config(arg: str, cwd: str | None = None, package_root: str = PACKAGE_ROOT) -> str:
+  """`--config=configs/clip/digits.py:runlocal` (or a bare `configs/...` value) with the path made
+  absolute inside the installed package, when `configs/...` is missing under `cwd` but packaged, so
+  the documented commands work from any directory (a local `configs/` folder still wins). Every
+  command applies it to its arguments (`run`, `run_absl`), as do the installed console scripts.
+  Any other argument comes back unchanged."""
+  flag, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+  if arg.startswith("-") and not sep:
+    return arg
+  path, colon, config_arg = value.partition(":")   # ml_collections: FILE.py:ARGUMENT
+  if not path.startswith("configs/") or os.path.exists(os.path.join(cwd or os.getcwd(), path)):
+    return arg
+  packaged = os.path.join(package_root, path)
+  if not os.path.isfile(packaged):
+    return arg
+  return f"{flag}{sep}{packaged}{colon}{config_arg}"
+
+
+def _command_argv(argv: Sequence[str]) -> list[str]:
+  """A command's arguments as its parser should see them: --debug taken out, configs resolved."""
+  argv = _strip_debug(list(argv))
+  return argv[:1] + [packaged_config(a) for a in argv[1:]]
+
 
 def _load_config(spec: str):
   """ml_collections' config_flags rule: 'path.py[:arg]' -> get_config(arg) or get_config()."""
@@ -374,7 +400,7 @@ def run(main: Callable[[], int | None]) -> NoReturn:
   UserError become one line on stderr with exit code 2; main's return value is the exit code."""
   if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
     use_fast_malloc()
-  sys.argv = _strip_debug(list(sys.argv))
+  sys.argv = _command_argv(sys.argv)
   original = argparse.ArgumentParser.error
   argparse.ArgumentParser.error = _raise_usage_error  # one line instead of usage + message
   try:
@@ -393,7 +419,7 @@ def run_absl(main: Callable[[list[str]], int | None], config_flag: str | None = 
   if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
     use_fast_malloc()
   from absl import app, flags
-  argv = _strip_debug(list(sys.argv))
+  argv = _command_argv(sys.argv)
 
   def parse(args: list[str]) -> list[str]:
     if config_flag:

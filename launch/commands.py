@@ -2,32 +2,17 @@
 `python -m MODULE ARGS` would, so `clip-jax-train --config=... --workdir=...` and
 `python -m clip_jax.train --config=... --workdir=...` are the same program.
 
-One addition: a config path under `configs/` that does not exist where the command runs resolves to
-the configs installed with the package, so the README's `--config=configs/clip/digits.py` works from
-any directory once the package is installed (a local `configs/` folder still wins).
+A config path under `configs/` that does not exist where the command runs resolves to the configs
+installed with the package (`clip_jax.cli.packaged_config`, which `python -m` runs apply too), so the
+README's `--config=configs/clip/digits.py` works from any directory once the package is installed (a
+local `configs/` folder still wins).
 """
 from __future__ import annotations
 
-import os
 import runpy
 import sys
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds clip_jax/, configs/, ...
-
-def packaged_config(arg: str, cwd: str | None = None, package_root: str = PACKAGE_ROOT) -> str:
-  """`--config=configs/clip/digits.py:runlocal` (or a bare `configs/...` value) with the path made
-  absolute inside the installed package, when `configs/...` is missing under `cwd` but packaged.
-  Any other argument comes back unchanged."""
-  flag, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
-  if arg.startswith("-") and not sep:
-    return arg
-  path, colon, config_arg = value.partition(":")   # ml_collections: FILE.py:ARGUMENT
-  if not path.startswith("configs/") or os.path.exists(os.path.join(cwd or os.getcwd(), path)):
-    return arg
-  packaged = os.path.join(package_root, path)
-  if not os.path.isfile(packaged):
-    return arg
-  return f"{flag}{sep}{packaged}{colon}{config_arg}"
+from clip_jax.cli import packaged_config
 
 
 def run_module(module: str, argv: list[str] | None = None) -> None:

@@ -264,6 +264,36 @@ def test_fp32_dense_equals_flax_dense_values_and_gradients():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(np.max(np.abs(b))))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_with_an_adapter_beside_its_kernel_is_x_w_plus_b_plus_x_down_up(dtype):
+  # What `dreambooth_jax.training.lora.attach` relies on: lora_down / lora_up next to the kernel make
+  # the layer x W + b + (x down) up, with the adapter's gradients those of that formula in float32
+  # (f32: to summation order; bf16: within the bf16 roundings of x, W and the two thin products).
+  keys = jax.random.split(jax.random.key(7), 6)
+  x = jax.random.normal(keys[0], (2, 5, 24))
+  g = jax.random.normal(keys[1], (2, 5, 16))
+  params = nn.meta.unbox(layers.Dense(16).init(keys[2], x))["params"]
+  params["bias"] = jax.random.normal(keys[3], (16,))
+  adapter = {"lora_down": jax.random.normal(keys[4], (24, 3)) / 5, "lora_up": jax.random.normal(keys[5], (3, 16)) / 5}
+
+  def ours(p, a):
+    return layers.Dense(16, dtype=dtype).apply({"params": {**p, **a}}, x).astype(jnp.float32)
+
+  def formula(p, a):
+    return x @ p["kernel"] + p["bias"] + (x @ a["lora_down"]) @ a["lora_up"]
+
+  out, back = jax.vjp(lambda a: ours(params, a), adapter)
+  ref_out, ref_back = jax.vjp(lambda a: formula(params, a), adapter)
+  atol = 1e-5 if dtype == jnp.float32 else 4e-2  # bf16: ~2^-8 of values of size ~4
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=0, atol=atol * float(np.max(np.abs(ref_out))))
+  assert float(np.max(np.abs(np.asarray(out - formula(params, jax.tree.map(jnp.zeros_like, adapter)))))) > 10 * atol
+  for name in adapter:
+    grad, ref_grad = back(g)[0][name], ref_back(g)[0][name]
+    assert grad.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=0,
+                               atol=atol * float(np.max(np.abs(ref_grad))))
+
+
 def _layer_norm_by_autodiff(x, scale, bias, epsilon, dtype):
   """`layers.layer_norm`'s forward, differentiated by jax (the reference for its custom VJP)."""
   x32 = x.astype(jnp.float32)

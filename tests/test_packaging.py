@@ -85,6 +85,23 @@ def test_config_paths_fall_back_to_the_packaged_configs(tmp_path):
   assert commands.packaged_config("--dry-run", elsewhere) == "--dry-run"
 
 
+def test_python_m_commands_find_the_packaged_configs_from_any_directory(tmp_path):
+  """A new user ran `python -m dreambooth_jax.embedded.table3` outside the checkout: its child
+  `python -m clip_jax.train --config=configs/clip/digits.py` said 'no such config file'. Every
+  command now resolves `configs/...` as the installed scripts do: the config below loads (the
+  override is then checked against it), from a directory without configs/."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  for module, config in (("clip_jax.train", "configs/clip/digits.py"),
+                         ("dreambooth_jax.train", "configs/dreambooth/digits.py")):
+    proc = subprocess.run([sys.executable, "-m", module, f"--config={config}", "--config.no_such_key=1",
+                           f"--workdir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no_such_key" in proc.stderr and "no such config file" not in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_the_wheel_installs_into_a_fresh_venv_and_its_commands_work(tmp_path):
   # Build from a copy of the packages, so the checkout gets no build/ or *.egg-info folders.
