@@ -84,6 +84,25 @@ def test_bf16_is_within_tolerance_of_fp32_reference(shape):
     assert _max_diff(stock, b) <= bound, name  # the bound is one the stock bf16 path also meets
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_in_query_blocks_equals_the_reference_and_the_whole(monkeypatch, causal):
+  # Long sequences run in blocks of query rows (layers.ATTENTION_BLOCK_BYTES): a budget this small
+  # splits 13 queries into blocks of 2 (the last one shorter), each with its own causal offset.
+  dims = (2, 13, 11, 2, 8)  # b, t, s, h, d
+  q, k, v, grad_out = _qkv(*dims, jnp.float32)
+  reference = _value_and_grads("xla", q, k, v, grad_out, causal)
+  whole = _value_and_grads("f32_accum", q, k, v, grad_out, causal)
+  assert layers._query_blocks(4, 13, 11) == [(0, 13)]  # short: whole
+  monkeypatch.setattr(layers, "ATTENTION_BLOCK_MIN_ROWS", 1)
+  monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 2 * 4 * 11 * 4)  # two rows of [BH=4, rows, 11] f32
+  assert layers._query_blocks(4, 13, 11) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 13)]
+  assert len(layers._query_blocks(8, 4096, 4096)) == layers.ATTENTION_MAX_BLOCKS
+  blocked = _value_and_grads("f32_accum", q, k, v, grad_out, causal)
+  for name, a, b, ref in zip(("out", "dq", "dk", "dv"), blocked, whole, reference):
+    assert _max_diff(a, b) <= 1e-6, name   # the same sums (dk, dv: over blocks), in another order
+    assert _max_diff(a, ref) <= 1e-5, name
+
+
 def test_auto_picks_the_fast_path_on_cpu():
   assert jax.default_backend() == "cpu"
   q, k, v, _ = _qkv(2, 5, 5, 2, 8, jnp.bfloat16)
