@@ -186,7 +186,8 @@ def matmul(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
 class Dense(nn.Module):
   """A linear layer with logical axis names on its parameters and the matmul above.
 
-  Parameters are stored in `param_dtype`; the output comes back in `dtype`.
+  `init` makes the parameters in `param_dtype`; the kernel given to `apply` may be in any float dtype
+  (e.g. DreamBooth's frozen bf16 copy), it is cast to `dtype` at use. The output comes back in `dtype`.
 
   A low-rank adapter (LoRA, Hu et al. 2021) runs beside the kernel when the parameters hold one
   next to it: `lora_down` [k, r] and `lora_up` [r, n] (alpha / r already folded into `lora_up`, see

@@ -132,7 +132,9 @@ def model_params(cfg, frozen: dict[str, Any], trainable: dict[str, Any]) -> dict
 
 def merged_params(cfg, frozen: dict[str, Any], trainable: dict[str, Any]) -> dict[str, Any]:
   """The pipeline's params with the trained parts in place and LoRA merged into the kernels
-  (`lora.merge`): the weights the export writes."""
+  (`lora.merge`): the weights the export writes. Pass the float32 `pipe.params` as `frozen`, as
+  `export` does: merged into the step's 16-bit frozen copy (`frozen_params`), each adapted kernel
+  would be rounded to 16 bits."""
   return _with_trained(cfg, frozen, trainable, lora_lib.merge)
 
 

@@ -67,7 +67,9 @@ def attach(params: Any, lora: dict, alpha: float) -> Any:
 
 
 def merge(params: Any, lora: dict, alpha: float) -> Any:
-  """base + (alpha / rank) * down @ up on each LoRA'd kernel; other leaves are passed through."""
+  """base + (alpha / rank) * down @ up on each LoRA'd kernel, in the kernel's dtype (the product is
+  cast to it, so merge into float32 kernels to keep the adapter's small changes); other leaves are
+  passed through."""
   flat = dict(traverse_util.flatten_dict(params, sep="/"))
   for key, pair in lora.items():
     rank = pair["down"].shape[1]
