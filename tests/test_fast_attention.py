@@ -84,7 +84,7 @@ def test_bf16_is_within_tolerance_of_fp32_reference(shape):
     assert _max_diff(stock, b) <= bound, name  # the bound is one the stock bf16 path also meets
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [pytest.param(False, marks=pytest.mark.slow), True])  # one case fast
 def test_attention_in_query_blocks_equals_the_reference_and_the_whole(monkeypatch, causal):
   # Long sequences run in blocks of query rows (layers.ATTENTION_BLOCK_BYTES): a budget this small
   # splits 13 queries into blocks of 2 (the last one shorter), each with its own causal offset.

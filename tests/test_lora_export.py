@@ -112,6 +112,7 @@ def test_base_plus_adapter_equals_merged_folder_in_diffusers(tiny, tmp_path, wit
   assert _rel(unet, full_unet) < RTOL
 
 
+@pytest.mark.slow  # ~12 s: diffusers with PEFT's layers, and our UNet traced op by op
 def test_adapters_beside_their_kernels_equal_peft_unmerged_in_diffusers(tiny, tmp_path):
   """What the train step runs (`lora.attach`: x W + (x down) up in `layers.Dense`) against PEFT's
   unmerged LoRA layers in diffusers, on identical weights, both components."""
@@ -133,6 +134,7 @@ def test_adapters_beside_their_kernels_equal_peft_unmerged_in_diffusers(tiny, tm
   assert _rel(unet, unet_ref) < RTOL
 
 
+@pytest.mark.slow  # two compiled gradients of the tiny UNet
 def test_adapter_gradients_beside_the_kernel_equal_the_merged_kernels_in_float32(tiny):
   """The step differentiates `attach` (thin products) where it used to differentiate `merge` (a full
   weight gradient projected on the factors): the same gradients up to float32 rounding."""
@@ -145,8 +147,8 @@ def test_adapter_gradients_beside_the_kernel_equal_the_merged_kernels_in_float32
     out = pipe.unet.apply({"params": combine(pipe.params["unet"], adapter, 3.0)}, latents, jnp.asarray([500]), context)
     return jnp.mean(jnp.square(out))
 
-  beside = jax.grad(loss)(lora, lora_lib.attach)
-  merged = jax.grad(loss)(lora, lora_lib.merge)
+  beside = jax.jit(jax.grad(loss), static_argnums=1)(lora, lora_lib.attach)
+  merged = jax.jit(jax.grad(loss), static_argnums=1)(lora, lora_lib.merge)
   for key in lora:
     for factor in ("down", "up"):
       assert _rel(np.asarray(beside[key][factor]), np.asarray(merged[key][factor])) < 1e-5, (key, factor)
