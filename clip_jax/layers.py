@@ -662,8 +662,9 @@ def _attention_bwd(is_causal, residuals, grad_out):
   dtype, num_heads = qh.dtype, grad_out.shape[2]
   g = _heads_first(grad_out.astype(dtype))                           # [BH, T, D]
   add = lambda total, part: part if total is None else total + part  # noqa: E731 (f32 sums over blocks)
-  grad_q, grad_k, grad_v = [], None, None
-  for (first, stop), block_probs in zip(_query_blocks(qh.shape[0], qh.shape[1], kh.shape[1]), probs):
+  grad_q, grad_k, grad_v, first = [], None, None, 0
+  for block_probs in probs:  # the forward's blocks, [BH, rows, S] each
+    stop = first + block_probs.shape[1]
     block_g = g[:, first:stop]                                       # [BH, rows, D]
     grad_v = add(grad_v, _first_axes_contracted(block_probs.astype(dtype), block_g))   # [BH, S, D] f32
     grad_probs = _batched_dot(block_g, vh, 2, 2)                     # [BH, rows, S] f32
@@ -672,6 +673,7 @@ def _attention_bwd(is_causal, residuals, grad_out):
     grad_scores = (grad_scores * (qh.shape[-1] ** -0.5)).astype(dtype)
     grad_q.append(_batched_dot(grad_scores, kh, 2, 1).astype(dtype))              # [BH, rows, D]
     grad_k = add(grad_k, _first_axes_contracted(grad_scores, qh[:, first:stop]))  # [BH, S, D] f32
+    first = stop
   grad_q = grad_q[0] if len(grad_q) == 1 else jnp.concatenate(grad_q, axis=1)
   return tuple(_heads_last(t.astype(dtype), num_heads) for t in (grad_q, grad_k, grad_v))
 
