@@ -24,7 +24,9 @@ launcher's output holds it once, from a process that raised it. The others exit 
 silently.
 
 Every runner also starts the process under the allocator setting XLA:CPU needs (`use_fast_malloc`:
-re-executes once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; opt out with CLIP_JAX_MALLOC=system).
+re-executes once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; opt out with CLIP_JAX_MALLOC=system)
+and with this project's default XLA flags (`use_xla_defaults`: XLA:GPU's latency-hiding scheduler,
+which overlaps the ring losses' collectives on GPUs before Hopper; a flag named in your XLA_FLAGS wins).
 
 Imports only the standard library at module level: error paths run before any heavy import.
 """
@@ -231,6 +233,32 @@ def check_config_overrides(argv: Sequence[str], flag: str = "config") -> None:
       raise UserError(problem)
 
 
+# ----------------------------------------------------------------------------- XLA flags
+# Flags every entry point adds to XLA_FLAGS unless the user's own XLA_FLAGS name them (any value wins).
+XLA_DEFAULTS = (
+    # XLA:GPU runs its latency-hiding scheduler by default only from Hopper on. Without it (A100 and
+    # older) the ring losses' collective-permute of the next chunk is waited for before the current
+    # block's matmuls instead of under them (benchmarks/ring_overlap_check.py --gpu-topology a100:1x1x8:
+    # the backward ring step 'start done matmul'; with it 'start matmul done'). CPU and TPU ignore it.
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+)
+
+
+def xla_flags_with_defaults(xla_flags: str) -> str:
+  """An XLA_FLAGS value with each flag of XLA_DEFAULTS appended unless `xla_flags` names it already."""
+  named = {flag.split("=", 1)[0] for flag in xla_flags.split()}
+  added = [flag for flag in XLA_DEFAULTS if flag.split("=", 1)[0] not in named]
+  return " ".join(filter(None, [xla_flags.strip(), *added]))
+
+
+def use_xla_defaults() -> None:
+  """Puts XLA_DEFAULTS into this process's XLA_FLAGS (`xla_flags_with_defaults`); processes started
+  from here inherit them. Call it first thing in an entry point's `__main__`, before jax starts a
+  backend (XLA reads XLA_FLAGS once). Opt out of one by naming it yourself, e.g.
+  XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=false."""
+  os.environ["XLA_FLAGS"] = xla_flags_with_defaults(os.environ.get("XLA_FLAGS", ""))
+
+
 # ----------------------------------------------------------------------------- allocator
 MALLOC_ENV = "CLIP_JAX_MALLOC"          # 'system': leave glibc's malloc as the environment has it
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
@@ -399,6 +427,7 @@ def run(main: Callable[[], int | None]) -> NoReturn:
   """Runs an argparse `main()` (reading sys.argv) as a command: argparse's usage errors and
   UserError become one line on stderr with exit code 2; main's return value is the exit code."""
   if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
+    use_xla_defaults()
     use_fast_malloc()
   sys.argv = _command_argv(sys.argv)
   original = argparse.ArgumentParser.error
@@ -417,6 +446,7 @@ HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--hel
 def run_absl(main: Callable[[list[str]], int | None], config_flag: str | None = "config") -> NoReturn:
   """absl.app.run(main) with config overrides checked first and flag errors as one line (exit 2)."""
   if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
+    use_xla_defaults()
     use_fast_malloc()
   from absl import app, flags
   argv = _command_argv(sys.argv)

@@ -11,8 +11,9 @@ uninterrupted one would (bitwise on CPU).
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # before jax is imported: the allocator setting (clip_jax.cli.use_fast_malloc)
+if __name__ == "__main__":  # before jax is imported: XLA flags, allocator (clip_jax.cli)
   from clip_jax import cli as _cli
+  _cli.use_xla_defaults()
   _cli.use_fast_malloc()
 
 import functools

@@ -19,8 +19,9 @@ validation grids and the export are computed by every process together (process 
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # before jax is imported: the allocator setting (clip_jax.cli.use_fast_malloc)
+if __name__ == "__main__":  # before jax is imported: XLA flags, allocator (clip_jax.cli)
   from clip_jax import cli as _cli
+  _cli.use_xla_defaults()
   _cli.use_fast_malloc()
 
 import functools

@@ -29,6 +29,23 @@ EOF
     rm -rf .venv/libtpu
     .venv/bin/python -m pip install --quiet --no-deps --target .venv/libtpu "$LIBTPU"
   fi
+  # jax's CUDA plugin of the same version (~400 MB, no CUDA libraries): ring_overlap_check.py --gpu-topology
+  # compiles for GPU hosts with it on this CPU (tests/test_losses.py). In .venv/cuda-aot, outside the packages
+  # for the same reason as libtpu. The pins, printed only when .venv/cuda-aot does not hold them.
+  CUDA_AOT="$(.venv/bin/python - <<'EOF'
+import importlib.metadata as m
+version = m.version("jax")
+wanted = [f"jax-cuda13-plugin=={version}", f"jax-cuda13-pjrt=={version}"]
+held = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in m.distributions(path=[".venv/cuda-aot"])}
+if any(held.get(w.split("==")[0]) != version for w in wanted):
+  print(" ".join(wanted))
+EOF
+)"
+  if [ -n "$CUDA_AOT" ]; then
+    rm -rf .venv/cuda-aot
+    # shellcheck disable=SC2086  # two requirement specifiers
+    .venv/bin/python -m pip install --quiet --no-deps --target .venv/cuda-aot $CUDA_AOT
+  fi
 else
   .venv/bin/python -m pip install --quiet -r requirements.txt
 fi

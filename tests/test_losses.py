@@ -281,6 +281,23 @@ def test_gpu_overlap_check_reads_start_done_order_around_the_matmul():
   # The entry computation's permutes around the loops (the first prefetch, the last hops home) count too.
   entry = "\n".join([*fused, "ENTRY %main () -> f32[] {", start, done, fusion, "}"])
   assert check.overlap_report(entry) == [("main", "start done matmul", False)]
+  # XLA:GPU's is_sync start runs start and done as one: exposed even with a matmul between them.
+  start = ('  %cp = (f32[4,4], f32[4,4]) collective-permute-start(%x), source_target_pairs={{0,1},{1,0}}, '
+           'backend_config={"collective_backend_config":{"is_sync":true,"is_pipelined":false}}')
+  done = "  %cpd = f32[4,4] collective-permute-done(%cp)"
+  assert check.overlap_report(module(start, gemm, done)) == [("ring_body", "start matmul done", False)]
+  assert check.exposed_permutes(module(start, gemm, done)) == {"ring_body": ["cp f32[4,4]"]}
+  # Without a matmul, other kernels cover a permute when they read and write at least the bytes it
+  # sends: a reduction over a 64 KiB block covers a 64-byte permute; a scalar add does not.
+  start = "  %cp = (f32[4,4], f32[4,4]) collective-permute-start(%x), source_target_pairs={{0,1},{1,0}}"
+  block = "  %blk = f32[128,128]{1,0} get-tuple-element(%p), index=1"
+  reduction = "  %red = f32[128]{0} fusion(%blk), kind=kInput, calls=%fused_reduce"
+  scalar = "  %s = s32[] fusion(%i), kind=kLoop, calls=%fused_add"
+  assert check.permute_covers(module(block, start, reduction, done)) == {"ring_body": [("cp f32[4,4]", "kernels")]}
+  assert check.overlap_report(module(block, start, reduction, done)) == [("ring_body", "start done", True)]
+  assert check.permute_covers(module(start, scalar, done)) == {"ring_body": [("cp f32[4,4]", "nothing")]}
+  assert check.type_bytes("(bf16[512,512]{1,0}, f32[512]{0})") == 512 * 512 * 2 + 512 * 4
+  assert check.type_bytes("f32[]") == 4
 
 
 def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
@@ -305,6 +322,46 @@ def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
   assert len(verdicts) == 12, run.stdout + run.stderr[-2000:]
   assert all(line.endswith("-> overlap: yes") for line in verdicts), run.stdout
   assert run.returncode == 0, run.stdout
+
+
+def _ring_overlap_check(*args, xla_flags=None):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
+  return subprocess.run([sys.executable, os.path.join(root, "benchmarks", "ring_overlap_check.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_gpu_hosts():
+  # XLA:GPU's scheduled HLO, compiled ahead of time by jax's CUDA plugin (no GPU, no CUDA libraries;
+  # installed in .venv/cuda-aot by `bash launch/setup.sh --test`) for 8 A100s, 8 H100s and two hosts of
+  # 4 H200s, under the XLA flags the trainers set (clip_jax.cli.use_xla_defaults). Every collective-permute
+  # of both rings, in the forward and backward loops and around them, must have compute under it.
+  run = _ring_overlap_check("--kind", "both", "--gpu-topology", "a100:1x1x8,h100:1x1x8,h200:1x2x4")
+  assert run.returncode != 2 or "no CUDA plugin" not in run.stdout, run.stdout  # setup.sh --test installs it
+  verdicts = [line for line in run.stdout.splitlines() if "-> overlap:" in line]
+  # 3 targets x 2 kinds x (forward ring step, backward ring step, the permutes around the loops)
+  assert len(verdicts) == 18, run.stdout + run.stderr[-2000:]
+  assert all("-> overlap: yes" in line for line in verdicts), run.stdout
+  # The ring steps themselves overlap with a matmul, not merely beside other kernels.
+  assert all(line.endswith("-> overlap: yes") for line in verdicts if "ring step" in line), run.stdout
+  assert run.returncode == 0, run.stdout
+
+
+@pytest.mark.slow
+def test_ring_overlap_on_a100_needs_the_latency_hiding_scheduler_the_trainers_turn_on():
+  # XLA:GPU runs its latency-hiding scheduler by default only from Hopper on: with it named off, the
+  # A100 backward ring step waits for its permute before the block's matmuls; H100s still overlap.
+  run = _ring_overlap_check("--kind", "sigmoid", "--gpu-topology", "a100:1x1x8,h100:1x1x8",
+                            xla_flags="--xla_gpu_enable_latency_hiding_scheduler=false")
+  a100, h100 = run.stdout.split("x NVIDIA H100")
+  assert "backward ring step" in a100 and "start done matmul  -> overlap: NO" in a100, run.stdout
+  assert "-> overlap: NO" not in h100, run.stdout
+  assert run.returncode == 1, run.stdout
 
 
 _TWO_PROCESS_CHECK = """
