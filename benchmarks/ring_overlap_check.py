@@ -21,15 +21,19 @@ exits 0; tests/test_losses.py checks the independence that allows the overlap.
 TPU compilation needs libtpu (Google's TPU compiler and runtime, ~700 MB) but no TPU: `bash
 launch/setup.sh --test` installs the version this jax pins into .venv/libtpu, outside the venv's
 packages (installed there, jax would try to start a TPU at every import). TPU_LIBRARY_PATH overrides.
-GPU compilation needs jax's CUDA plugin (jax-cuda13-plugin and -pjrt of this jax's version, ~400 MB;
-no CUDA libraries, driver or GPU): `setup.sh --test` installs it into .venv/cuda-aot, also outside the
-packages, and JAX_CUDA_AOT_PATH overrides. A --gpu-topology entry is TARGET:SLICESxHOSTSxGPUS, TARGET
-a file in benchmarks/gpu_targets (h100, h200, a100: XLA's GpuTargetConfigProto, the facts XLA would
-read from the GPU) or the path of one (on a GPU machine, print
-`jax.lib.xla_client.get_topology_for_devices(jax.devices()).target_config` to make one).
-Exit code 0: every permute overlaps, or the collectives are synchronous; 1: a permute is exposed; 2: not
-checked (fewer than 2 devices, no libtpu or CUDA plugin, a topology the plugin refuses, a failed
-compile): one line says why.
+GPU compilation needs jax's CUDA plugin (jax-cuda13-plugin and -pjrt of this jax's version) and CUDA's
+ptxas and libdevice (the nvidia-cuda-nvcc and nvidia-nvvm wheels), ~650 MB, no driver, GPU or CUDA
+runtime: `setup.sh --test` installs them into .venv/cuda-aot, also outside the packages;
+JAX_CUDA_AOT_PATH overrides. A --gpu-topology entry is TARGET:SLICESxHOSTSxGPUS (XLA's partitions x
+hosts per partition x GPUs per host; 1x2x4 is two hosts of 4 GPUs), TARGET a file in
+benchmarks/gpu_targets (h100, h200, a100: XLA's GpuTargetConfigProto, the facts XLA would read from the
+GPU) or the path of one (on a GPU machine,
+`jaxlib.xla_client.get_topology_for_devices(jax.devices()).target_config` is the text of one). On 2
+GPUs the check answers NO (exit 1): with one visit per ring XLA merges the own block's and the visit's
+matmuls, which share the image operand, so the merged matmul waits for the permuted chunk.
+Exit code 0: every permute overlaps, or the collectives are synchronous; 1: a permute is exposed (in any
+target); else 2: something not checked (fewer than 2 devices, no libtpu or CUDA plugin, a topology the
+plugin refuses, a failed compile): one line says why, and the other targets are still checked.
 """
 from __future__ import annotations
 
@@ -233,14 +237,24 @@ GPU_TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targ
 
 def use_cuda_plugin() -> str | None:
   """Puts jax's CUDA plugin (JAX_CUDA_AOT_PATH, else .venv/cuda-aot) on sys.path, where jax finds
-  plugins the first time it looks (so: before any backend starts), and keeps jax itself on the CPU
-  (no CUDA driver here); returns the folder, or None when it holds no plugin."""
-  path = os.environ.get("JAX_CUDA_AOT_PATH") or CUDA_AOT
-  if not os.path.isdir(os.path.join(path, "jax_plugins")):
+  plugins the first time it looks (so: before any backend starts), points XLA at the CUDA tools
+  installed beside it (ptxas, libdevice: --xla_gpu_cuda_data_dir, unless XLA_FLAGS names one) and
+  keeps jax itself on the CPU (no CUDA driver here); returns the folder, or None when it holds no
+  jax_plugins/xla_cuda* plugin."""
+  path = os.path.abspath(os.environ.get("JAX_CUDA_AOT_PATH") or CUDA_AOT)
+  plugins = os.path.join(path, "jax_plugins")
+  if not os.path.isdir(plugins) or not any(name.startswith("xla_cuda") for name in os.listdir(plugins)):
     return None
   sys.path.insert(0, path)
+  tools = os.path.join(path, "nvidia", "cu13")
+  if os.path.isfile(os.path.join(tools, "bin", "ptxas")) and "xla_gpu_cuda_data_dir" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += f" --xla_gpu_cuda_data_dir={tools}"
   jax.config.update("jax_platforms", "cpu")
   return path
+
+
+GPU_TOPOLOGY = re.compile(r"^(?P<target>[^:]+):(?P<shape>[1-9]\d*x[1-9]\d*x[1-9]\d*)$")
+TARGET_FIELDS = ("gpu_device_info", "cuda_compute_capability", "core_count", 'platform_name: "CUDA"')
 
 
 def gpu_target_config(name: str) -> str:
@@ -250,7 +264,12 @@ def gpu_target_config(name: str) -> str:
     known = sorted(f[:-len(".txtpb")] for f in os.listdir(GPU_TARGETS) if f.endswith(".txtpb"))
     raise FileNotFoundError(f"no GPU target config {name!r} (known: {', '.join(known)}; or a .txtpb path)")
   with open(path) as f:
-    return f.read()
+    text = f.read()
+  # XLA takes a config with these missing (or no SMs) and then divides by zero in its cost model.
+  missing = [field for field in TARGET_FIELDS if field not in text]
+  if missing or re.search(r"\bcore_count:\s*0\b", text):
+    raise ValueError(f"GPU target config {path} lacks {', '.join(missing) or 'a nonzero core_count'}")
+  return text
 
 
 LIBTPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "libtpu",
@@ -302,11 +321,18 @@ def check(kind: str, devices, backend: str, batch: int, dim: int, hlo_out: str |
   return 1 if any(o is False for _, _, o in report) else 0
 
 
+def _positive(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+  return value
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--kind", choices=("sigmoid", "softmax_ring", "both"), default="softmax_ring")
-  parser.add_argument("--batch", type=int, default=4096)
-  parser.add_argument("--dim", type=int, default=512)
+  parser.add_argument("--batch", type=_positive, default=4096, help="global batch (default 4096)")
+  parser.add_argument("--dim", type=_positive, default=512, help="embedding width (default 512)")
   parser.add_argument("--tpu-topology", metavar="NAMES",
                       help="compile ahead of time for these TPU topologies (comma-separated, e.g. "
                            "v5e:2x4,v6e:2x4,v5p:2x2x2,v4:2x2x1) instead of the local devices; needs libtpu, no TPU")
@@ -319,7 +345,6 @@ def main(argv=None) -> int:
                            "PREFIX=hlo/ gives hlo/sigmoid_v5e_2x4.txt")
   args = parser.parse_args(argv)
   cli.use_xla_defaults()  # compiled under the XLA flags the trainers run with
-  print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
   kinds = ("sigmoid", "softmax_ring") if args.kind == "both" else (args.kind,)
   targets = []  # (devices, backend name, file tag)
   if args.tpu_topology:
@@ -343,7 +368,12 @@ def main(argv=None) -> int:
       return 2
     from jax.experimental import topologies
     for entry in args.gpu_topology.split(","):
-      target, _, shape = entry.rpartition(":")
+      parsed = GPU_TOPOLOGY.match(entry.strip())
+      if not parsed:
+        print(f"ring overlap: --gpu-topology entries are TARGET:SLICESxHOSTSxGPUS with positive sizes, e.g. "
+              f"h100:1x1x8; got {entry!r}")
+        return 2
+      target, shape = parsed.group("target"), parsed.group("shape")
       try:
         devices = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target),
                                                topology=shape).devices
@@ -355,20 +385,22 @@ def main(argv=None) -> int:
                       f"{os.path.basename(target).removesuffix('.txtpb')}_{shape}"))
   if not targets:
     targets.append((jax.devices(), jax.default_backend(), jax.default_backend()))
-  worst = 0
+  print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
+  exposed = unchecked = False  # exit 1 (a permute exposed) wins over 2 (something not checked)
   for devices, backend, tag in targets:
     if len(devices) < 2:
-      print(f"ring overlap: needs 2 or more devices, this {backend} backend has {len(devices)}: skipped")
-      return 2
+      print(f"ring overlap: needs 2 or more devices, {backend} has {len(devices)}: skipped")
+      unchecked = True
+      continue
     for kind in kinds:
       hlo_out = f"{args.hlo_out}{kind}_{tag}.txt" if args.hlo_out else None
       try:
-        worst = max(worst, check(kind, devices, backend, args.batch, args.dim, hlo_out))
-      except Exception as error:  # noqa: BLE001  (one line, exit 2: not checked, unlike 1: not overlapped)
+        exposed |= check(kind, devices, backend, args.batch, args.dim, hlo_out) == 1
+      except Exception as error:  # noqa: BLE001  (one line: not checked, unlike 1: not overlapped)
         print(f"ring overlap: {kind} on {backend} could not be checked: {type(error).__name__}: "
               f"{str(error).splitlines()[0] if str(error) else ''}")
-        return 2
-  return worst
+        unchecked = True
+  return 1 if exposed else 2 if unchecked else 0
 
 
 if __name__ == "__main__":

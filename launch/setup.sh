@@ -29,21 +29,23 @@ EOF
     rm -rf .venv/libtpu
     .venv/bin/python -m pip install --quiet --no-deps --target .venv/libtpu "$LIBTPU"
   fi
-  # jax's CUDA plugin of the same version (~400 MB, no CUDA libraries): ring_overlap_check.py --gpu-topology
-  # compiles for GPU hosts with it on this CPU (tests/test_losses.py). In .venv/cuda-aot, outside the packages
-  # for the same reason as libtpu. The pins, printed only when .venv/cuda-aot does not hold them.
+  # jax's CUDA plugin of the same version with CUDA 13.0's ptxas and libdevice (~710 MB; no driver, no
+  # CUDA runtime libraries): ring_overlap_check.py --gpu-topology compiles for GPU hosts with them on this CPU
+  # (tests/test_losses.py). In .venv/cuda-aot, outside the packages for the same reason as libtpu.
+  # The pins, printed only when .venv/cuda-aot does not hold them.
   CUDA_AOT="$(.venv/bin/python - <<'EOF'
 import importlib.metadata as m
 version = m.version("jax")
-wanted = [f"jax-cuda13-plugin=={version}", f"jax-cuda13-pjrt=={version}"]
+wanted = [f"jax-cuda13-plugin=={version}", f"jax-cuda13-pjrt=={version}", "nvidia-cuda-nvcc==13.0.88",
+          "nvidia-nvvm==13.0.88"]
 held = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in m.distributions(path=[".venv/cuda-aot"])}
-if any(held.get(w.split("==")[0]) != version for w in wanted):
+if any(held.get(name) != pin for name, pin in (w.split("==") for w in wanted)):
   print(" ".join(wanted))
 EOF
 )"
   if [ -n "$CUDA_AOT" ]; then
     rm -rf .venv/cuda-aot
-    # shellcheck disable=SC2086  # two requirement specifiers
+    # shellcheck disable=SC2086  # several requirement specifiers
     .venv/bin/python -m pip install --quiet --no-deps --target .venv/cuda-aot $CUDA_AOT
   fi
 else

@@ -337,7 +337,7 @@ def _ring_overlap_check(*args, xla_flags=None):
 
 
 def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_gpu_hosts():
-  # XLA:GPU's scheduled HLO, compiled ahead of time by jax's CUDA plugin (no GPU, no CUDA libraries;
+  # XLA:GPU's scheduled HLO, compiled ahead of time by jax's CUDA plugin with CUDA's ptxas (no GPU or driver;
   # installed in .venv/cuda-aot by `bash launch/setup.sh --test`) for 8 A100s, 8 H100s and two hosts of
   # 4 H200s, under the XLA flags the trainers set (clip_jax.cli.use_xla_defaults). Every collective-permute
   # of both rings, in the forward and backward loops and around them, must have compute under it.
