@@ -547,6 +547,24 @@ def test_bf16_conv_input_gradient_sums_its_taps_in_f32_and_rounds_once():
     assert _max_diff(dx, ref) <= 2 ** -8 * float(jnp.max(jnp.abs(ref))), strides
 
 
+def test_bf16_conv_patches_are_the_same_bits_moved_without_an_f32_round_trip():
+  # XLA:CPU builds a bf16 concatenate in f32 (every tap converted up, the patches back down); conv_patches
+  # moves 16-bit taps as uint16 instead. Same bits as the patches of the f32 values rounded afterwards,
+  # and no f32 concatenate left in the compiled conv's forward and backward.
+  x = jax.random.normal(jax.random.key(4), (1, 9, 8, 6)).astype(jnp.bfloat16).at[0, 0, 0, 0].set(-0.0)
+  for kernel_size, strides, padding in (((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 3), (2, 2), ((0, 1), (0, 1)))):
+    moved = layers.conv_patches(x, kernel_size, strides, padding)
+    widened = layers.conv_patches(x.astype(jnp.float32), kernel_size, strides, padding).astype(jnp.bfloat16)
+    assert moved.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(moved).view(np.uint16), np.asarray(widened).view(np.uint16))
+  kernel = jax.random.normal(jax.random.key(5), (3, 3, 6, 4))
+  step = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.conv_im2col(x.astype(jnp.bfloat16), k, (1, 1),
+                                                                  ((1, 1), (1, 1))) ** 2), argnums=(0, 1)))
+  hlo = step.lower(x.astype(jnp.float32), kernel).compile().as_text()
+  concatenates = [line for line in hlo.splitlines() if " concatenate(" in line]
+  assert concatenates and not any("= f32[" in line for line in concatenates), concatenates
+
+
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_conv_im2col_bias_is_conv_plus_bias_rounded_once(use_bias):
   # What the bf16 Conv layer runs on CPU: equal to conv2d + bias add + cast, forward and backward.
