@@ -29,7 +29,7 @@ EOF
     rm -rf .venv/libtpu
     .venv/bin/python -m pip install --quiet --no-deps --target .venv/libtpu "$LIBTPU"
   fi
-  # jax's CUDA plugin of the same version with CUDA 13.0's ptxas and libdevice (~710 MB; no driver, no
+  # jax's CUDA plugin of the same version with CUDA 13.0's ptxas and libdevice (~650 MB; no driver, no
   # CUDA runtime libraries): ring_overlap_check.py --gpu-topology compiles for GPU hosts with them on this CPU
   # (tests/test_losses.py). In .venv/cuda-aot, outside the packages for the same reason as libtpu.
   # The pins, printed only when .venv/cuda-aot does not hold them.
