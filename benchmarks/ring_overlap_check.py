@@ -29,8 +29,9 @@ hosts per partition x GPUs per host; 1x2x4 is two hosts of 4 GPUs), TARGET a fil
 benchmarks/gpu_targets (h100, h200, a100: XLA's GpuTargetConfigProto, the facts XLA would read from the
 GPU) or the path of one (on a GPU machine,
 `jaxlib.xla_client.get_topology_for_devices(jax.devices()).target_config` is the text of one). On 2
-GPUs the check answers NO (exit 1): with one visit per ring XLA merges the own block's and the visit's
-matmuls, which share the image operand, so the merged matmul waits for the permuted chunk.
+GPUs at the default batch the check answers NO (exit 1): with one visit per ring XLA merges the own
+block's and the visit's matmuls, which share the image operand, so the merged matmul waits for the
+permuted chunk (at --batch 32768 --dim 768 it keeps them apart, and they overlap).
 Exit code 0: every permute overlaps, or the collectives are synchronous; 1: a permute is exposed (in any
 target); else 2: something not checked (fewer than 2 devices, no libtpu or CUDA plugin, a topology the
 plugin refuses, a failed compile): one line says why, and the other targets are still checked.
@@ -140,11 +141,12 @@ def type_bytes(hlo_type: str) -> int:
 
 def _traffic(line: str, sizes: dict[str, int]) -> int:
   """What a kernel reads and writes, in bytes: its result plus the operands named in the same
-  computation (a parameter or a tuple read by index counts at its own size)."""
-  named = _instruction(line)
+  computation (`sizes`: bytes by instruction name; a parameter or a tuple read by index counts at its
+  own size)."""
+  name = re.match(r"(?:ROOT )?%?([\w.\-]+) =", line).group(1)
   operands = re.search(r" [a-z][\w\-]*\((.*?)\)(?:, [a-z_]+=|$)", line)
-  read = sum(sizes.get(name, 0) for name in re.findall(r"%([\w.\-]+)", operands.group(1))) if operands else 0
-  return (type_bytes(named[1]) if named else 0) + read
+  read = sum(sizes.get(operand, 0) for operand in re.findall(r"%([\w.\-]+)", operands.group(1))) if operands else 0
+  return sizes.get(name, 0) + read
 
 
 def _body_events(lines: list[str], comps: dict[str, list[str]]):
@@ -215,18 +217,17 @@ def overlap_report(hlo: str) -> list[tuple[str, str, bool | None]]:
   matmul, or other kernels that move at least as many bytes as the permute (`_cover`).
   """
   comps = computations(hlo)
-  covers = permute_covers(hlo)
   report = []
   for name, lines in ring_computations(hlo).items():
-    kinds, _, pairs = _body_events(lines, comps)
-    kinds = [k for k in kinds if k != "kernel"]  # the summary names the collectives and matmuls
-    if not any(k in ("start", "permute") for k in kinds):
+    kinds, traffic, pairs = _body_events(lines, comps)
+    named = [k for k in kinds if k != "kernel"]  # the summary names the collectives and matmuls
+    if not any(k in ("start", "permute") for k in named):
       continue
-    order = " ".join(k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1])
-    if "start" not in kinds:
+    order = " ".join(k for i, k in enumerate(named) if i == 0 or k != named[i - 1])
+    if "start" not in named:
       report.append((name, order, None))
       continue
-    overlaps = bool(pairs) and all(cover != "nothing" for _, cover in covers[name])
+    overlaps = bool(pairs) and all(_cover(kinds, traffic, i, j, sent) != "nothing" for _, _, i, j, sent in pairs)
     report.append((name, order, overlaps))
   return report
 
@@ -247,8 +248,9 @@ def use_cuda_plugin() -> str | None:
     return None
   sys.path.insert(0, path)
   tools = os.path.join(path, "nvidia", "cu13")
-  if os.path.isfile(os.path.join(tools, "bin", "ptxas")) and "xla_gpu_cuda_data_dir" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += f" --xla_gpu_cuda_data_dir={tools}"
+  flags = os.environ.get("XLA_FLAGS", "")
+  if os.path.isfile(os.path.join(tools, "bin", "ptxas")) and "xla_gpu_cuda_data_dir" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_cuda_data_dir={tools}".strip()
   jax.config.update("jax_platforms", "cpu")
   return path
 

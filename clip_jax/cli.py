@@ -338,6 +338,14 @@ def use_fast_malloc() -> None:
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def use_process_defaults() -> None:
+  """What every entry point runs first, before jax is imported: this project's XLA flags
+  (`use_xla_defaults`), then the allocator setting (`use_fast_malloc`), which may re-execute the
+  process; in this order the re-executed process starts with both."""
+  use_xla_defaults()
+  use_fast_malloc()
+
+
 # ----------------------------------------------------------------------------- runners
 
 def _one_line(text: str) -> str:
@@ -427,8 +435,7 @@ def run(main: Callable[[], int | None]) -> NoReturn:
   """Runs an argparse `main()` (reading sys.argv) as a command: argparse's usage errors and
   UserError become one line on stderr with exit code 2; main's return value is the exit code."""
   if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
-    use_xla_defaults()
-    use_fast_malloc()
+    use_process_defaults()
   sys.argv = _command_argv(sys.argv)
   original = argparse.ArgumentParser.error
   argparse.ArgumentParser.error = _raise_usage_error  # one line instead of usage + message
@@ -446,8 +453,7 @@ HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--hel
 def run_absl(main: Callable[[list[str]], int | None], config_flag: str | None = "config") -> NoReturn:
   """absl.app.run(main) with config overrides checked first and flag errors as one line (exit 2)."""
   if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
-    use_xla_defaults()
-    use_fast_malloc()
+    use_process_defaults()
   from absl import app, flags
   argv = _command_argv(sys.argv)
 

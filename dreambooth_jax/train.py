@@ -21,8 +21,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # before jax is imported: XLA flags, allocator (clip_jax.cli)
   from clip_jax import cli as _cli
-  _cli.use_xla_defaults()
-  _cli.use_fast_malloc()
+  _cli.use_process_defaults()
 
 import functools
 import json

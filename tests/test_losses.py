@@ -300,30 +300,6 @@ def test_gpu_overlap_check_reads_start_done_order_around_the_matmul():
   assert check.type_bytes("f32[]") == 4
 
 
-def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
-  # XLA:CPU's collectives are synchronous, so the overlap itself shows only in an accelerator's
-  # scheduled HLO: here XLA:TPU's, compiled ahead of time for two 8-chip slices by libtpu (no TPU;
-  # installed in .venv/libtpu by `bash launch/setup.sh --test`). Every collective-permute of both
-  # rings, in the forward and backward loops and around them, must have a block matmul between its
-  # start and its done. With the
-  # forward's column log-sum-exps shifted inside the ring (before `_column_lse_home`), v6e's
-  # scheduler left that shift exposed: 'NO (no matmul under: collective-permute-start.1 f32[512])'.
-  import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  run = subprocess.run(
-      [sys.executable, os.path.join(root, "benchmarks", "ring_overlap_check.py"), "--kind", "both",
-       "--tpu-topology", "v5e:2x4,v6e:2x4"], capture_output=True, text=True, env=env, timeout=600)
-  assert run.returncode != 2 or "no libtpu" not in run.stdout, run.stdout  # setup.sh --test installs it
-  verdicts = [line for line in run.stdout.splitlines() if "-> overlap:" in line]
-  # 2 slices x 2 kinds x (forward ring step, backward ring step, the permutes around the loops)
-  assert len(verdicts) == 12, run.stdout + run.stderr[-2000:]
-  assert all(line.endswith("-> overlap: yes") for line in verdicts), run.stdout
-  assert run.returncode == 0, run.stdout
-
-
 def _ring_overlap_check(*args, xla_flags=None):
   import os
   import subprocess
@@ -334,6 +310,23 @@ def _ring_overlap_check(*args, xla_flags=None):
     env["XLA_FLAGS"] = xla_flags
   return subprocess.run([sys.executable, os.path.join(root, "benchmarks", "ring_overlap_check.py"), *args],
                         capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
+  # XLA:CPU's collectives are synchronous, so the overlap itself shows only in an accelerator's
+  # scheduled HLO: here XLA:TPU's, compiled ahead of time for two 8-chip slices by libtpu (no TPU;
+  # installed in .venv/libtpu by `bash launch/setup.sh --test`). Every collective-permute of both
+  # rings, in the forward and backward loops and around them, must have a block matmul between its
+  # start and its done. With the
+  # forward's column log-sum-exps shifted inside the ring (before `_column_lse_home`), v6e's
+  # scheduler left that shift exposed: 'NO (no matmul under: collective-permute-start.1 f32[512])'.
+  run = _ring_overlap_check("--kind", "both", "--tpu-topology", "v5e:2x4,v6e:2x4")
+  assert run.returncode != 2 or "no libtpu" not in run.stdout, run.stdout  # setup.sh --test installs it
+  verdicts = [line for line in run.stdout.splitlines() if "-> overlap:" in line]
+  # 2 slices x 2 kinds x (forward ring step, backward ring step, the permutes around the loops)
+  assert len(verdicts) == 12, run.stdout + run.stderr[-2000:]
+  assert all(line.endswith("-> overlap: yes") for line in verdicts), run.stdout
+  assert run.returncode == 0, run.stdout
 
 
 def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_gpu_hosts():
