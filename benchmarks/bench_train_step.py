@@ -34,7 +34,8 @@ count (+ attention scores) is printed beside it as a check. On GPU the analytic 
 numerator: XLA:GPU's cost analysis does not see inside library calls (cuDNN's fused attention;
 on an H200 it counted 20.2 of the analytic 31.6 TFLOP of a ViT-B-16 step at batch 256).
 MFU = FLOPs per step x steps/s over the measured bf16 x bf16 -> f32 matmul peak (CPU:
-`clip_jax.train.measure_peak_flops`, 2048^3; GPU: an 8192^3 product of random bf16 matrices, large
+`clip_jax.train.measure_peak_flops`, 2048^3, in the layers' form: on a CPU without bf16 dot instructions
+the operands converted to f32 first, as the step runs them; GPU: an 8192^3 product of random bf16 matrices, large
 enough that launch and sync overheads vanish), the same numerator for every run, so the MFU ratio is
 the throughput ratio. `--attention` forces the attention form of our runs (default: what 'auto'
 picks, `clip_jax.layers.choose_attention_impl`); the compiled step's count of cuDNN fused-attention
@@ -395,7 +396,8 @@ def build_report(args, results) -> str:
        f"towers, + patch embedding and projections; XLA's cost analysis of the compiled step says "
        f"{xla_flops / 1e9:,.0f} GFLOP (it does not see inside library calls: cuDNN's attention, some cuBLAS "
        f"matmuls)."),
-      (f"Peak (measured, 2048^3 matmul, best of 5): bf16 x bf16 -> f32 {peak / 1e9:,.0f} GFLOP/s; "
+      (f"Peak (measured, 2048^3 matmul in the layers' form, best of 5): bf16 x bf16 -> f32 {peak / 1e9:,.0f} GFLOP/s"
+       + (" (converted to f32 first: no bf16 dots on this CPU)" if "no bf16 dot" in _cpu_name() else "") + "; "
        f"f32 {peak32 / 1e9:,.0f} GFLOP/s. MFU is against the bf16 peak for every row." if args.device == "cpu" else
        f"Device: {jax_results[0]['device_kind'] if jax_results else '?'}. Peak (measured, 8192^3 product of random "
        f"matrices, best of 3 x 10): bf16 x bf16 -> f32 {peak / 1e12:,.0f} TFLOP/s; f32 (XLA's default precision) "
@@ -437,7 +439,7 @@ def _cpu_name() -> str:
     return platform.machine()
   name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
               platform.machine())
-  bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if f" {flag}" in info]
+  bf16 = [flag for flag in ("avx512_bf16", "amx_bf16", "bf16") if f" {flag}" in info]   # bf16: ARM's BF16
   return f"{name} ({', '.join(bf16) or 'no bf16 dot instructions'})"
 
 

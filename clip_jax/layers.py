@@ -3,7 +3,8 @@
 What is not stock Flax is the matmul: with bf16 compute, every projection runs as bf16 x bf16
 with f32 accumulation (`preferred_element_type=float32`), in the forward *and* the backward pass.
 That is the form XLA:CPU runs with the CPU's bf16 dot instructions (AVX512-BF16 or AMX; ~4x a
-plain f32 matmul on these hosts) and the form TPUs and GPUs prefer anyway; flax's
+plain f32 matmul on these hosts) and the form TPUs and GPUs prefer anyway; on a CPU without them the
+operands are converted to f32 first (`upcast_bf16_dots`: the same products and sums, at f32 speed); flax's
 `Dense(dtype=bfloat16)` gives bf16 -> bf16 instead, and autodiff's transposed matmuls lose the fast
 path, hence the custom VJP. Attention gets the same treatment on CPU (`dot_product_attention`),
 and so do convolutions (`conv2d`: one matmul over the patches). On GPUs bf16 attention goes to
@@ -12,6 +13,7 @@ cuDNN's fused kernel; convolutions keep XLA's own form off the CPU.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -25,10 +27,66 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
+# ----------------------------------------------------------------------------- bf16 dots on CPUs without them
+BF16_DOTS_ENV = "CLIP_JAX_CPU_BF16_DOTS"   # 'native' or 'f32': overrides `cpu_has_bf16_dots`
+# /proc/cpuinfo flags of bf16 dot-product instructions: x86's AVX512-BF16 and AMX-BF16, ARM's BF16
+# (BFDOT, BFMMLA; listed under 'Features').
+BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+  """The instruction-set flags of the first processor in a /proc/cpuinfo text (x86 'flags', ARM
+  'Features'); empty when it lists none."""
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() in ("flags", "Features"):
+      return frozenset(value.split())
+  return frozenset()
+
+
+@functools.cache
+def cpu_has_bf16_dots() -> bool:
+  """Whether this host's CPU has bf16 dot-product instructions (`BF16_DOT_FLAGS`), read from
+  /proc/cpuinfo; True where that cannot be read (not Linux), which keeps the bf16 dots."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = cpu_flags(f.read())
+  except OSError:
+    return True
+  return not flags or bool(flags & BF16_DOT_FLAGS)
+
+
+def upcast_bf16_dots(dtype: Dtype) -> bool:
+  """Whether a dot of bf16 operands should convert them to f32 first: on the CPU backend of a CPU
+  without bf16 dot instructions. The result is the same either way up to the order of the f32 sums
+  (a product of two bf16 values is exact in f32, and both forms accumulate in f32).
+
+  Why: without those instructions XLA:CPU's bf16 x bf16 -> f32 dot (YNNPACK) runs at ~0.6x its f32 dot
+  (AMD EPYC with AVX2 only, 2026-12-02: 110 vs 185-188 GFLOP/s on both cores at [1600, 768] x [768,
+  3072]; converted to f32 first, 185): the ViT-B-32 bf16 train step took 13.7 s there against ~2.3 s on
+  the AMX hosts. fp16 dots are not affected (XLA:CPU converts them itself: 177 GFLOP/s at that shape).
+  Override with CLIP_JAX_CPU_BF16_DOTS=native (keep bf16 dots) or f32 (always convert on CPU). Raises
+  ValueError for another value of it.
+  """
+  if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or jax.default_backend() != "cpu":
+    return False
+  choice = os.environ.get(BF16_DOTS_ENV, "auto").lower()
+  if choice not in ("auto", "native", "f32"):
+    raise ValueError(f"{BF16_DOTS_ENV} must be 'native', 'f32' or 'auto', not '{choice}'.")
+  return choice == "f32" or (choice == "auto" and not cpu_has_bf16_dots())
+
+
+def dot_f32(a: jax.Array, b: jax.Array, dimension_numbers) -> jax.Array:
+  """`lax.dot_general(a, b, dimension_numbers)` accumulated in f32 with an f32 result; bf16 operands
+  are converted to f32 first where `upcast_bf16_dots` says so."""
+  if upcast_bf16_dots(a.dtype):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=jnp.float32)
+
+
 def _dot_last_first(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [..., k] @ w [k, n] -> [..., n], accumulated in f32."""
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+  return dot_f32(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def rows_transposed(x: jax.Array, tile: int = 64) -> jax.Array:
@@ -81,8 +139,7 @@ def _matmul_bwd(residuals, grad_out):
   x, w = residuals
   g = grad_out.astype(x.dtype)                                  # [..., n]
   # dx = g @ w^T: the contracted axis (n) is last in both operands.
-  grad_x = jax.lax.dot_general(g, w.astype(x.dtype), (((g.ndim - 1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+  grad_x = dot_f32(g, w.astype(x.dtype), (((g.ndim - 1,), (1,)), ((), ())))
   return grad_x.astype(x.dtype), rows_contracted(x, g).astype(w.dtype)
 
 
@@ -103,9 +160,11 @@ def rows_contracted(x: jax.Array, g: jax.Array) -> jax.Array:
   7.23 -> 5.71 s (jax 0.10.2, in-process A/Bs, `WORKSPACE.md`).
   """
   rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  if upcast_bf16_dots(x.dtype):  # no bf16 dots on this CPU: the f32 forms below (MKL's, or no copy)
+    rows_x, rows_g = rows_x.astype(jnp.float32), rows_g.astype(jnp.float32)
   if cpu_gemm.usable(rows_x, rows_g):  # CPU, one device, MKL built: no transposing copy at all
     return cpu_gemm.rows_contracted(rows_x, rows_g)
-  if x.dtype == jnp.float32:
+  if rows_x.dtype == jnp.float32:
     return jax.lax.dot_general(rows_x, rows_g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   if _transposing_g_moves_less(*rows_x.shape, rows_g.shape[1], rows_x.dtype.itemsize):
     grad_t = jax.lax.dot_general(rows_transposed(g), rows_x, (((1,), (0,)), ((), ())),
@@ -275,8 +334,7 @@ def _conv_im2col_bwd(strides, padding, residuals, grad_out):
   x, kernel = residuals
   kernel2d = kernel.reshape(-1, kernel.shape[-1]).astype(x.dtype)     # [kh*kw*C, N]
   g = grad_out.astype(x.dtype)                                        # [B, H', W', N]
-  grad_patches = jax.lax.dot_general(g, kernel2d, (((g.ndim - 1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)  # [B, H', W', kh*kw*C]
+  grad_patches = dot_f32(g, kernel2d, (((g.ndim - 1,), (1,)), ((), ())))   # [B, H', W', kh*kw*C]
   # The overlapping taps are summed in f32 and rounded once. Folding 16-bit taps instead made XLA:CPU add
   # in bf16, rounding after every add: 4-10x slower at RN50's and SD's 3x3 shapes and ~9e-3 (of the largest
   # entry) off the f32 sum; RN50 bf16 step 7.25 -> 6.55 s.
@@ -592,16 +650,15 @@ def _swap_last_two(t: jax.Array) -> jax.Array:
 
 def _batched_dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array:
   """Batched over the leading axis, contracting a's `a_axis` with b's `b_axis`; f32 result."""
-  return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((0,), (0,))),
-                             preferred_element_type=jnp.float32)
+  return dot_f32(a, b, (((a_axis,), (b_axis,)), ((0,), (0,))))
 
 
 def _first_axes_contracted(a: jax.Array, b: jax.Array) -> jax.Array:
   """a [N, T, S], b [N, T, D] -> a^T @ b [N, S, D] per batch entry, f32. As `rows_contracted`: a
   16-bit a is swapped into a row-major copy (the dot stays bf16 in YNNPACK), an f32 one is contracted
   along T as it is (no copy)."""
-  if a.dtype == jnp.float32:
-    return _batched_dot(a, b, 1, 1)
+  if a.dtype == jnp.float32 or upcast_bf16_dots(a.dtype):   # f32 (or converted to it): no copy
+    return _batched_dot(a.astype(jnp.float32), b.astype(jnp.float32), 1, 1)
   return _batched_dot(_swap_last_two(a), b, 2, 1)
 
 

@@ -32,7 +32,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import checkpoint as ckpt
-from clip_jax import loop, losses, optim, pretrained, sharding
+from clip_jax import layers, loop, losses, optim, pretrained, sharding
 from clip_jax.models.clip import CLIP, create_model
 from clip_jax.observe import write_atomic, write_results
 
@@ -350,9 +350,10 @@ def _run_evaluators(evaluators, model, state, mesh) -> dict[str, float]:
 
 @functools.lru_cache(maxsize=None)
 def measure_peak_flops(dtype=jnp.bfloat16, size: int = 2048, repeats: int = 5) -> float:
-  """The measured matmul throughput of one device in `dtype` (f32 accumulation): MFU's denominator."""
+  """The measured matmul throughput of one device in `dtype` (f32 accumulation), in the form the
+  layers run it (`layers.dot_f32`: bf16 converted to f32 on a CPU without bf16 dots): MFU's denominator."""
   a = jnp.ones((size, size), dtype)
-  f = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+  f = jax.jit(lambda x, y: layers.dot_f32(x, y, (((1,), (0,)), ((), ()))))
   f(a, a).block_until_ready()
   start = time.perf_counter()
   for _ in range(repeats):

@@ -72,8 +72,11 @@ def _one_device_child(extra_env=None):
 @pytest.mark.slow   # two child processes, ~7 s; the fast subset keeps the direct product and the fallbacks
 @needs_mkl
 def test_one_cpu_device_takes_mkl_for_weight_gradients_with_xla_s_values():
-  mkl, _ = _one_device_child()
-  xla, _ = _one_device_child({cpu_gemm.OPT_OUT_ENV: "xla"})
+  # bf16 dots kept bf16 whatever this CPU has (on one without bf16 dots the layers convert to f32 first,
+  # and XLA's form then needs no copy either: `layers.upcast_bf16_dots`).
+  native = {layers.BF16_DOTS_ENV: "native"}
+  mkl, _ = _one_device_child(native)
+  xla, _ = _one_device_child({**native, cpu_gemm.OPT_OUT_ENV: "xla"})
   for name in ("bfloat16", "float32"):
     assert mkl[name]["available"] and not xla[name]["available"]
     # the weight gradient through MKL (one call), with no transposing copy of x left in the program

@@ -181,7 +181,14 @@ def test_dense_f32_accum_is_matmul_plus_bias_rounded_once(use_bias):
   assert len(jax.tree.leaves(fused_vjp(g))) == (3 if use_bias else 2)
 
 
-def test_bf16_dense_backward_keeps_no_f32_copy_of_the_output_gradient():
+@pytest.fixture
+def native_bf16_dots(monkeypatch):
+  """bf16 dots kept as bf16 (CLIP_JAX_CPU_BF16_DOTS=native) for the tests that pin their compiled form,
+  whatever the CPU running them has (`layers.upcast_bf16_dots`)."""
+  monkeypatch.setenv(layers.BF16_DOTS_ENV, "native")
+
+
+def test_bf16_dense_backward_keeps_no_f32_copy_of_the_output_gradient(native_bf16_dots):
   # The bias gradient is summed by a dot from the bf16 cotangent (`layers._bias_grad`): before, XLA:CPU
   # wrote the whole cotangent out in f32 ([3, 16, 8] here) for YNNPACK's sum, in every Dense layer.
   # Pins the compiled form on jax 0.10.2's XLA:CPU; after an upgrade, re-check before relaxing it.
@@ -194,7 +201,7 @@ def test_bf16_dense_backward_keeps_no_f32_copy_of_the_output_gradient():
   np.testing.assert_array_equal(np.asarray(grads[2]), np.full((8,), 48.0, np.float32))
 
 
-def test_weight_gradients_contract_f32_rows_in_place_and_copy_16_bit_ones():
+def test_weight_gradients_contract_f32_rows_in_place_and_copy_16_bit_ones(native_bf16_dots):
   # `rows_contracted`: an f32 weight gradient contracts x's rows as they are (XLA:CPU's transposing
   # copies of x made the fp32 ViT-B-32 step 1.25x slower); a bf16 one reads a row-major copy of x^T,
   # which keeps the dot bf16. Pins the compiled forms on jax 0.10.2's XLA:CPU; after an upgrade,
@@ -217,7 +224,7 @@ def test_weight_gradients_contract_f32_rows_in_place_and_copy_16_bit_ones():
   assert not shapes & {"f32[6,9,5]", "f32[2,3,9,5]"}, sorted(shapes)
 
 
-def test_bf16_weight_gradient_copies_the_narrower_operand_over_many_rows():
+def test_bf16_weight_gradient_copies_the_narrower_operand_over_many_rows(native_bf16_dots):
   # A 3x3 conv's patches [N, 9 C] against its output gradient [N, C']: over many rows the copy of
   # g^T (plus a transpose of the small f32 result) is cheaper than the copy of x^T (`rows_contracted`).
   keys = jax.random.split(jax.random.key(8), 2)
@@ -625,3 +632,69 @@ def test_bf16_xla_conv_on_gpu_returns_bf16_not_an_f32_conv(monkeypatch):
   assert jnp.array_equal(out, out.astype(jnp.bfloat16).astype(jnp.float32))  # rounded once to bf16
   # bf16 operands (2^-8 relative each) and the bf16 output rounding.
   assert float(jnp.max(jnp.abs(out - reference))) <= 2e-2 * float(jnp.max(jnp.abs(reference)))
+
+
+# ----------------------------------------------------------------------------- bf16 dots on CPUs without them
+X86_AVX2_CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma f16c\n\nprocessor\t: 1\n"
+X86_AMX_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+ARM_CPUINFO = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 bf16 i8mm\n"
+
+
+def test_cpu_flags_and_bf16_dot_detection_read_x86_and_arm_cpuinfo(monkeypatch):
+  assert layers.cpu_flags(X86_AVX2_CPUINFO) == {"fpu", "sse2", "avx", "avx2", "fma", "f16c"}
+  assert "bf16" in layers.cpu_flags(ARM_CPUINFO) and layers.cpu_flags("processor\t: 0\n") == frozenset()
+  for text, native in ((X86_AVX2_CPUINFO, False), (X86_AMX_CPUINFO, True), (ARM_CPUINFO, True)):
+    assert bool(layers.cpu_flags(text) & layers.BF16_DOT_FLAGS) == native
+  # The override, the dtype and the backend decide before the CPU's flags do.
+  monkeypatch.setenv(layers.BF16_DOTS_ENV, "f32")
+  assert layers.upcast_bf16_dots(jnp.bfloat16) and not layers.upcast_bf16_dots(jnp.float16)
+  assert not layers.upcast_bf16_dots(jnp.float32)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not layers.upcast_bf16_dots(jnp.bfloat16)
+  monkeypatch.undo()
+  monkeypatch.setenv(layers.BF16_DOTS_ENV, "native")
+  assert not layers.upcast_bf16_dots(jnp.bfloat16)
+  monkeypatch.setenv(layers.BF16_DOTS_ENV, "auto")
+  assert layers.upcast_bf16_dots(jnp.bfloat16) == (not layers.cpu_has_bf16_dots())
+  monkeypatch.setenv(layers.BF16_DOTS_ENV, "amx")
+  with pytest.raises(ValueError, match="CLIP_JAX_CPU_BF16_DOTS must be"):
+    layers.upcast_bf16_dots(jnp.bfloat16)
+
+
+def _dot_operand_dtypes(hlo: str) -> set[str]:
+  """The operand element types of every dot_general in a StableHLO text."""
+  return {t for line in hlo.splitlines() if "stablehlo.dot_general" in line
+          for t in re.findall(r"tensor<[0-9x]*(\w+)>", line.split(":")[-1].split("->")[0])}
+
+
+def test_bf16_layers_converted_to_f32_dots_give_the_native_values(monkeypatch):
+  # CLIP_JAX_CPU_BF16_DOTS=f32 (what a CPU without bf16 dot instructions gets): every dot of a bf16 dense
+  # layer, conv and attention, forward and backward, has f32 operands, and the values are the bf16 dots'
+  # (the same exact products, f32 sums in another order: 1e-5 of the largest entry for f32 results,
+  # one bf16 ulp for bf16 ones).
+  keys = jax.random.split(jax.random.key(11), 8)
+  x = jax.random.normal(keys[0], (2, 6, 6, 8)).astype(jnp.bfloat16)
+  w, b = jax.random.normal(keys[1], (8, 16)) * 0.3, jax.random.normal(keys[2], (16,))
+  kernel, bias = jax.random.normal(keys[3], (3, 3, 8, 16)) * 0.2, jax.random.normal(keys[4], (16,))
+  q, k, v, _ = _qkv(2, 9, 9, 2, 8, jnp.bfloat16, seed=3)
+
+  def loss(x, w, b, kernel, bias, q, k, v):
+    dense = layers.dense_f32_accum(x, w, b).astype(jnp.float32)
+    conv = layers.conv_im2col_bias(x, kernel, bias, (1, 1), ((1, 1), (1, 1))).astype(jnp.float32)
+    attn = layers.attention_f32_accum(q, k, v, True).astype(jnp.float32)
+    return jnp.sum(dense ** 2) + jnp.sum(jnp.sin(conv)) + jnp.sum(attn * jnp.cos(attn))
+
+  args = (x, w, b, kernel, bias, q, k, v)
+  results = {}
+  for choice in ("native", "f32"):
+    monkeypatch.setenv(layers.BF16_DOTS_ENV, choice)
+    fn = jax.value_and_grad(lambda *a: loss(*a), argnums=tuple(range(8)))  # a new function: traced again
+    dtypes = _dot_operand_dtypes(jax.jit(fn).lower(*args).as_text())
+    assert dtypes == ({"f32"} if choice == "f32" else {"bf16"}), (choice, dtypes)
+    results[choice] = jax.jit(fn)(*args)
+  (native_loss, native_grads), (f32_loss, f32_grads) = results["native"], results["f32"]
+  np.testing.assert_allclose(float(f32_loss), float(native_loss), rtol=1e-5)
+  for name, a, c in zip("x w b kernel bias q k v".split(), native_grads, f32_grads):
+    a, c = np.asarray(a, np.float32), np.asarray(c, np.float32)
+    ulp = 2.0 ** -7 if name in ("x", "q", "k", "v") else 1e-5   # bf16 gradients: one ulp of the largest
+    np.testing.assert_allclose(c, a, atol=ulp * np.abs(a).max(), err_msg=name)
