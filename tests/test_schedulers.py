@@ -345,28 +345,45 @@ def grid_config(prediction_type, spacing, rescale, beta_schedule="scaled_linear"
                      steps_offset=0 if spacing == "leading" else 1)
 
 
-def assert_equal_where_finite(ours, theirs, rtol):
+# DDIM at eta > 0 on betas rescaled to zero terminal SNR: at the first step 1 - alpha_bar_prev - sigma^2 is
+# exactly 0 (ours uses that 0); diffusers computes it as a few f32 ulp either side of 0 and takes its square
+# root, which is NaN on the AVX-512 hosts and a finite value ~sqrt(ulp) = 3e-4 off on an AVX2-only CPU (2.2e-4
+# relative seen, session 19): torch's kernels round differently there. Its step 0 is compared within this.
+ZERO_SNR_ROOT_RTOL = 1e-3
+
+
+def zero_snr_root_edge(kind, eta, config) -> bool:
+  return kind == "ddim" and eta > 0 and bool(config["rescale_betas_zero_snr"])
+
+
+def assert_equal_where_finite(ours, theirs, rtol, first_step_rtol=None):
   """Ours finite at every step; equal to diffusers' (relative to the step's scale) at every step where
-  diffusers' output is finite. Returns the number of steps where diffusers' is not."""
+  diffusers' output is finite, step 0 within `first_step_rtol` where given. Returns the number of steps
+  where diffusers' is not finite."""
   assert np.isfinite(ours).all(), "non-finite latents"
   broken = 0
   for step, (a, e) in enumerate(zip(ours, theirs)):
     if not np.isfinite(e).all():
       broken += 1
       continue
+    bound = first_step_rtol if step == 0 and first_step_rtol is not None else rtol
     err = np.abs(a - e).max() / np.abs(e).max()
-    assert err <= rtol, f"step {step}: relative error {err:.2e} > {rtol:.0e}"
+    assert err <= bound, f"step {step}: relative error {err:.2e} > {bound:.0e}"
   return broken
 
 
 def test_ddim_eta1_zero_snr_v_trailing_is_finite_and_diffusers_elsewhere(monkeypatch):
   """Issue 12.4: SD1 betas rescaled to zero terminal SNR, v-prediction, trailing, 10 DDIM steps at
-  eta = 1. At the first step (alpha_bar_t = 0) 1 - alpha_bar_prev - sigma^2 = 0 rounds below 0 and
-  diffusers' sqrt gives NaN, which then fills every later step."""
+  eta = 1. At the first step (alpha_bar_t = 0) 1 - alpha_bar_prev - sigma^2 = 0 rounds below 0 on the
+  AVX-512 hosts and diffusers' sqrt gives NaN, which then fills every later step (above 0 on an AVX2-only
+  CPU: finite, ZERO_SNR_ROOT_RTOL off)."""
   config = grid_config("v_prediction", "trailing", rescale=True)
   latents, noise = random_inputs(10, seed=4)
   expected = torch_trajectory("ddim", config, 10, latents, noise, eta=1.0, monkeypatch=monkeypatch)
-  assert np.isnan(expected).all()  # diffusers' own result: every output NaN
+  # diffusers' own result: every output NaN where its rounded root argument is negative (the AVX-512 hosts),
+  # all finite where it is positive (an AVX2-only CPU; ZERO_SNR_ROOT_RTOL)
+  diffusers_nan = bool(np.isnan(expected).all())
+  assert diffusers_nan or np.isfinite(expected).all()
   plan = S.make_sampler_plan("ddim", S.NoiseSchedule.from_config(config), 10, eta=1.0)
   assert float(plan.coefs["alpha"][0]) == 0 and float(plan.coefs["direction"][0]) == 0  # exactly, not NaN
   ours = jax_trajectory("ddim", config, 10, latents, noise, eta=1.0)
@@ -376,7 +393,8 @@ def test_ddim_eta1_zero_snr_v_trailing_is_finite_and_diffusers_elsewhere(monkeyp
   np.testing.assert_allclose(ours[0], np.sqrt(alpha_bar_prev) * -v + np.sqrt(1 - alpha_bar_prev) * noise[0],
                              rtol=1e-5, atol=1e-6)
   theirs = torch_trajectory("ddim", config, 10, latents, noise, 1.0, monkeypatch, restart_from=ours)
-  assert assert_equal_where_finite(ours, theirs, RTOL) == 1  # only step 0 breaks in diffusers
+  # only step 0 breaks in diffusers, where it is NaN
+  assert assert_equal_where_finite(ours, theirs, RTOL, ZERO_SNR_ROOT_RTOL) == int(diffusers_nan)
 
 
 @pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
@@ -448,7 +466,8 @@ def _check_grid(num_steps, monkeypatch, compare):
         if compare:
           theirs = torch_trajectory(kind, config, num_steps, latents, noise if stochastic else None, eta,
                                     monkeypatch, restart_from=ours)
-          broken += assert_equal_where_finite(ours, theirs, trajectory_rtol(kind, config, num_steps))
+          broken += assert_equal_where_finite(ours, theirs, trajectory_rtol(kind, config, num_steps),
+                                              ZERO_SNR_ROOT_RTOL if zero_snr_root_edge(kind, eta, config) else None)
   return broken
 
 
