@@ -325,8 +325,9 @@ def test_generate_dpm_solver_on_a_mesh_equals_diffusers(torch_pipe, ours, initia
 @pytest.mark.slow  # ~12 s at low load: kept out of the fast subset (< 5 min)
 def test_generate_at_zero_terminal_snr_is_finite(torch_pipe, ours, initial_latents):
   """Issue 12.4 through `generate`: SD1 betas rescaled to zero terminal SNR, v-prediction, trailing
-  spacing, DDIM at eta = 1, 10 steps. diffusers' own pipeline gives NaN images here (shown); ours
-  are finite (the scheduler-level equality where diffusers is finite: tests/test_schedulers.py)."""
+  spacing, DDIM at eta = 1, 10 steps. diffusers' own pipeline gives NaN images on the AVX-512 hosts (its
+  root of a rounded-negative 0; finite on an AVX2-only CPU, where that 0 rounds above: ZERO_SNR_ROOT_RTOL in
+  tests/test_schedulers.py); ours are finite (the scheduler-level equality where diffusers is finite: there)."""
   _, pipe = torch_pipe
   config = dict(ours.scheduler_config, rescale_betas_zero_snr=True, prediction_type="v_prediction",
                 timestep_spacing="trailing")
@@ -337,7 +338,7 @@ def test_generate_at_zero_terminal_snr_is_finite(torch_pipe, ours, initial_laten
     theirs = reference(prompt=PROMPTS, num_inference_steps=10, guidance_scale=1.0, eta=1.0,
                        latents=torch.from_numpy(initial_latents), output_type="np",
                        generator=torch.Generator().manual_seed(0)).images
-  assert np.isnan(theirs).all()
+  assert np.isnan(theirs).all() or np.isfinite(theirs).all()   # by the CPU's rounding, as above
   zero_snr = dataclasses.replace(ours, scheduler_config=config)
   images = pipeline_lib.generate(zero_snr, ours.params, PROMPTS, num_steps=10, guidance_scale=1.0,
                                  sampler="ddim", eta=1.0, output_type="float", rng=jax.random.key(0),
