@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -171,10 +170,12 @@ def main(argv=None) -> None:
       print(f"{framework}, {cores} core(s) ...", flush=True)
       runs[(framework, cores)] = _run_child(framework, cores == "one", args)
   worst = max(r["rel_err"] for run in runs.values() for r in run["results"].values())
+  sys.path.insert(0, ROOT)
+  from clip_jax import host   # standard library only
   lines = [f"## Matmuls at the ViT-B-32 step's shapes, GFLOP/s ({time.strftime('%Y-%m-%d %H:%M')})", "",
            f"Command: `python benchmarks/bench_matmul.py --dtypes {args.dtypes} --repeats {args.repeats}`; "
            f"{runs[('xla', 'one')]['version']}, {runs[('torch', 'one')]['version']}; {os.cpu_count()} cores "
-           f"({platform.processor() or platform.machine()}); 1-minute load {load:.2f} before it; largest error "
+           f"({host.describe_cpu()}); 1-minute load {load:.2f} before it; largest error "
            f"relative to an f64 product {worst:.1e}.", "", *table(runs), ""]
   print("\n".join(lines))
   if args.out:

@@ -366,6 +366,8 @@ def _step_s(group: list[dict]) -> float:
 
 
 def build_report(args, results) -> str:
+  sys.path.insert(0, ROOT)
+  from clip_jax import host   # standard library only: this parent process never imports jax
   jax_results = [r for r in results if r["run"].startswith("jax")]
   fp32 = next((r for r in jax_results if r["run"] == "jax_fp32"), None)
   xla_flops = (fp32 or jax_results[0])["xla_flops"] if jax_results else float("nan")
@@ -384,7 +386,7 @@ def build_report(args, results) -> str:
       "",
       f"Command: `{command.strip()}`",
       "",
-      f"Machine: {_cpu_name()}, {os.cpu_count()} cores; "
+      f"Machine: {host.describe_cpu()}, {os.cpu_count()} cores; "
       + ", ".join(f"{k} {v}" for k, v in {k: v for r in results for k, v in r["versions"].items()}.items())
       + f". 1-minute load before the runs: {min(loads):.2f} to {max(loads):.2f}"
       + (" (busy machine: wall times and their ratios are not reliable; page faults and CPU s are)"
@@ -397,7 +399,7 @@ def build_report(args, results) -> str:
        f"{xla_flops / 1e9:,.0f} GFLOP (it does not see inside library calls: cuDNN's attention, some cuBLAS "
        f"matmuls)."),
       (f"Peak (measured, 2048^3 matmul in the layers' form, best of 5): bf16 x bf16 -> f32 {peak / 1e9:,.0f} GFLOP/s"
-       + (" (converted to f32 first: no bf16 dots on this CPU)" if "no bf16 dot" in _cpu_name() else "") + "; "
+       + (" (converted to f32 first: no bf16 dots on this CPU)" if not host.cpu_has_bf16_dots() else "") + "; "
        f"f32 {peak32 / 1e9:,.0f} GFLOP/s. MFU is against the bf16 peak for every row." if args.device == "cpu" else
        f"Device: {jax_results[0]['device_kind'] if jax_results else '?'}. Peak (measured, 8192^3 product of random "
        f"matrices, best of 3 x 10): bf16 x bf16 -> f32 {peak / 1e12:,.0f} TFLOP/s; f32 (XLA's default precision) "
@@ -429,18 +431,6 @@ def build_report(args, results) -> str:
         f"| {', '.join(r['load_before'].split(',')[0] for r in group)} |")
   lines.append("")
   return "\n".join(lines) + "\n"
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-  except OSError:
-    return platform.machine()
-  name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-              platform.machine())
-  bf16 = [flag for flag in ("avx512_bf16", "amx_bf16", "bf16") if f" {flag}" in info]   # bf16: ARM's BF16
-  return f"{name} ({', '.join(bf16) or 'no bf16 dot instructions'})"
 
 
 def argv_string(args) -> str:

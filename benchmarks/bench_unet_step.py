@@ -50,7 +50,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -381,6 +380,8 @@ def _median(rounds: list[dict], key: str) -> float:
 
 
 def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str], path: str) -> None:
+  sys.path.insert(0, ROOT)
+  from clip_jax import host   # standard library only: this parent process never imports jax
   ok = {n: [r for r in rounds if "error" not in r] for n, rounds in results.items()}
   torch_names = [n for n in ("torch_fp32", "torch_bf16") if ok.get(n)]
   best_full = min(torch_names, key=lambda n: _median(ok[n], "step_s")) if torch_names else None
@@ -401,8 +402,11 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
       "",
       f"Command: `{command}`",
       "",
-      f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-      f"(shared with other jobs), {args.threads} threads per framework. Load average (1/5/15 min) "
+      f"Machine: {host.describe_cpu()}, {os.cpu_count()} cores "
+      f"(shared with other jobs), {args.threads} threads per framework"
+      + ("; our bf16 dots are converted to f32 first (no bf16 dot instructions on this CPU: "
+         "clip_jax.layers.upcast_bf16_dots)" if args.device == "cpu" and not host.cpu_has_bf16_dots() else "")
+      + ". Load average (1/5/15 min) "
       f"before: {loads[0]}; after: {loads[1]}."
       + (" **Busy machine: the step times and their ratios must be re-measured at low load.**"
          if max(one_minute) > 3 and args.device == "cpu" else ""),

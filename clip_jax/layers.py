@@ -21,39 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import cpu_gemm
+from clip_jax import cpu_gemm, host
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
 # ----------------------------------------------------------------------------- bf16 dots on CPUs without them
-BF16_DOTS_ENV = "CLIP_JAX_CPU_BF16_DOTS"   # 'native' or 'f32': overrides `cpu_has_bf16_dots`
-# /proc/cpuinfo flags of bf16 dot-product instructions: x86's AVX512-BF16 and AMX-BF16, ARM's BF16
-# (BFDOT, BFMMLA; listed under 'Features').
-BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def cpu_flags(cpuinfo: str) -> frozenset[str]:
-  """The instruction-set flags of the first processor in a /proc/cpuinfo text (x86 'flags', ARM
-  'Features'); empty when it lists none."""
-  for line in cpuinfo.splitlines():
-    key, _, value = line.partition(":")
-    if key.strip() in ("flags", "Features"):
-      return frozenset(value.split())
-  return frozenset()
-
-
-@functools.cache
-def cpu_has_bf16_dots() -> bool:
-  """Whether this host's CPU has bf16 dot-product instructions (`BF16_DOT_FLAGS`), read from
-  /proc/cpuinfo; True where that cannot be read (not Linux), which keeps the bf16 dots."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      flags = cpu_flags(f.read())
-  except OSError:
-    return True
-  return not flags or bool(flags & BF16_DOT_FLAGS)
+BF16_DOTS_ENV = "CLIP_JAX_CPU_BF16_DOTS"   # 'native' or 'f32': overrides `host.cpu_has_bf16_dots`
 
 
 def upcast_bf16_dots(dtype: Dtype) -> bool:
@@ -73,7 +48,7 @@ def upcast_bf16_dots(dtype: Dtype) -> bool:
   choice = os.environ.get(BF16_DOTS_ENV, "auto").lower()
   if choice not in ("auto", "native", "f32"):
     raise ValueError(f"{BF16_DOTS_ENV} must be 'native', 'f32' or 'auto', not '{choice}'.")
-  return choice == "f32" or (choice == "auto" and not cpu_has_bf16_dots())
+  return choice == "f32" or (choice == "auto" and not host.cpu_has_bf16_dots())
 
 
 def dot_f32(a: jax.Array, b: jax.Array, dimension_numbers) -> jax.Array:

@@ -21,6 +21,7 @@ asymmetric padding, 1x1): fp32 values and gradients within 1e-5 relative to the 
 bf16 within 2e-2 of the fp32 reference on the same rounded inputs, as XLA's own bf16 conv is.
 """
 import functools
+import platform
 import re
 
 import flax.linen as nn
@@ -30,7 +31,7 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import layers
+from clip_jax import host, layers
 from clip_jax.models.transformer import Transformer
 
 SHAPES = [  # (B, T, S, heads, head_dim, causal)
@@ -635,16 +636,26 @@ def test_bf16_xla_conv_on_gpu_returns_bf16_not_an_f32_conv(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- bf16 dots on CPUs without them
-X86_AVX2_CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma f16c\n\nprocessor\t: 1\n"
+X86_AVX2_CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma f16c\n\nprocessor\t: 1\n"
 X86_AMX_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 ARM_CPUINFO = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 bf16 i8mm\n"
 
 
 def test_cpu_flags_and_bf16_dot_detection_read_x86_and_arm_cpuinfo(monkeypatch):
-  assert layers.cpu_flags(X86_AVX2_CPUINFO) == {"fpu", "sse2", "avx", "avx2", "fma", "f16c"}
-  assert "bf16" in layers.cpu_flags(ARM_CPUINFO) and layers.cpu_flags("processor\t: 0\n") == frozenset()
+  assert host.cpu_flags(X86_AVX2_CPUINFO) == {"fpu", "sse2", "avx", "avx2", "fma", "f16c"}
+  assert "bf16" in host.cpu_flags(ARM_CPUINFO) and host.cpu_flags("processor\t: 0\n") == frozenset()
+  assert host.cpu_model(X86_AVX2_CPUINFO) == "AMD EPYC 7B13" and host.cpu_model(ARM_CPUINFO) == platform.machine()
   for text, native in ((X86_AVX2_CPUINFO, False), (X86_AMX_CPUINFO, True), (ARM_CPUINFO, True)):
-    assert bool(layers.cpu_flags(text) & layers.BF16_DOT_FLAGS) == native
+    assert bool(host.cpu_flags(text) & host.BF16_DOT_FLAGS) == native
+  # What a benchmark report says and what the layers decide come from the same reader.
+  for text, has, described in ((X86_AVX2_CPUINFO, False, "AMD EPYC 7B13 (no bf16 dot instructions)"),
+                               (X86_AMX_CPUINFO, True, f"{platform.machine()} (amx_bf16, avx512_bf16)"),
+                               (None, True, platform.processor() or platform.machine())):
+    monkeypatch.setattr(host, "read_cpuinfo", lambda text=text: text)
+    assert host.cpu_has_bf16_dots() == has and host.describe_cpu() == described
+    monkeypatch.setenv(layers.BF16_DOTS_ENV, "auto")
+    assert layers.upcast_bf16_dots(jnp.bfloat16) == (not has)
+  monkeypatch.undo()
   # The override, the dtype and the backend decide before the CPU's flags do.
   monkeypatch.setenv(layers.BF16_DOTS_ENV, "f32")
   assert layers.upcast_bf16_dots(jnp.bfloat16) and not layers.upcast_bf16_dots(jnp.float16)
@@ -655,7 +666,7 @@ def test_cpu_flags_and_bf16_dot_detection_read_x86_and_arm_cpuinfo(monkeypatch):
   monkeypatch.setenv(layers.BF16_DOTS_ENV, "native")
   assert not layers.upcast_bf16_dots(jnp.bfloat16)
   monkeypatch.setenv(layers.BF16_DOTS_ENV, "auto")
-  assert layers.upcast_bf16_dots(jnp.bfloat16) == (not layers.cpu_has_bf16_dots())
+  assert layers.upcast_bf16_dots(jnp.bfloat16) == (not host.cpu_has_bf16_dots())
   monkeypatch.setenv(layers.BF16_DOTS_ENV, "amx")
   with pytest.raises(ValueError, match="CLIP_JAX_CPU_BF16_DOTS must be"):
     layers.upcast_bf16_dots(jnp.bfloat16)
