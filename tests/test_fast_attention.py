@@ -243,6 +243,7 @@ def _fusion_operand_counts(hlo: str) -> list[int]:
   return [line.count("%") for line in hlo.splitlines() if re.match(r"\s*(ROOT )?%\S+ = \S+ fusion\(", line)]
 
 
+@pytest.mark.slow   # 9-16 s on an AVX2-only CPU: the fast subset stays under 5 minutes there
 def test_f32_residual_gradient_is_not_recomputed_in_every_fusion(monkeypatch):
   # With autodiff's LayerNorm backward, XLA:CPU fused the fp32 residual stream's gradient chain into every
   # fusion of the backward (this 6-block tower, jax 0.10.2: one fusion with 124 operands, 21 with more
@@ -536,6 +537,7 @@ def test_im2col_conv_matches_xla_conv(case):
       assert _max_diff(a, b) <= 2e-2 * float(jnp.max(jnp.abs(b))), (impl, name)
 
 
+@pytest.mark.slow   # 9-16 s on an AVX2-only CPU: the fast subset stays under 5 minutes there
 def test_bf16_conv_input_gradient_sums_its_taps_in_f32_and_rounds_once():
   # The input gradient of a 16-bit 3x3 conv: the patch gradient stays f32 from the dot, its overlapping
   # taps are summed in f32 and the sum is rounded once, so dx is within one bf16 rounding of the f32 result
@@ -678,6 +680,7 @@ def _dot_operand_dtypes(hlo: str) -> set[str]:
           for t in re.findall(r"tensor<[0-9x]*(\w+)>", line.split(":")[-1].split("->")[0])}
 
 
+@pytest.mark.slow   # 9-16 s on an AVX2-only CPU: the fast subset stays under 5 minutes there
 def test_bf16_layers_converted_to_f32_dots_give_the_native_values(monkeypatch):
   # CLIP_JAX_CPU_BF16_DOTS=f32 (what a CPU without bf16 dot instructions gets): every dot of a bf16 dense
   # layer, conv and attention, forward and backward, has f32 operands, and the values are the bf16 dots'

@@ -156,6 +156,7 @@ def test_adapter_gradients_beside_the_kernel_equal_the_merged_kernels_in_float32
     lora_lib.attach(pipe.params["unet"], {"conv_in/bias": lora[next(iter(lora))]}, 3.0)
 
 
+@pytest.mark.slow   # 9-16 s on an AVX2-only CPU: the fast subset stays under 5 minutes there
 def test_every_2d_kernel_of_the_unet_and_text_encoder_is_a_dense_layer(tiny):
   """`lora.attach` places an adapter beside its kernel and only `layers.Dense` reads it there: an
   adapter on a kernel that another module uses would be silently ignored. Every 2-D kernel (the

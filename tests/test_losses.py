@@ -312,6 +312,7 @@ def _ring_overlap_check(*args, xla_flags=None):
                         capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow   # 9-16 s on an AVX2-only CPU: the fast subset stays under 5 minutes there
 def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
   # XLA:CPU's collectives are synchronous, so the overlap itself shows only in an accelerator's
   # scheduled HLO: here XLA:TPU's, compiled ahead of time for two 8-chip slices by libtpu (no TPU;
@@ -329,6 +330,7 @@ def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_tpu_slices():
   assert run.returncode == 0, run.stdout
 
 
+@pytest.mark.slow   # 9-16 s on an AVX2-only CPU: the fast subset stays under 5 minutes there
 def test_ring_permutes_overlap_the_block_matmuls_when_compiled_for_gpu_hosts():
   # XLA:GPU's scheduled HLO, compiled ahead of time by jax's CUDA plugin with CUDA's ptxas (no GPU or driver;
   # installed in .venv/cuda-aot by `bash launch/setup.sh --test`) for 8 A100s, 8 H100s and two hosts of
