@@ -151,8 +151,7 @@ def _jax_child(args, dtype_name: str) -> dict:
                     out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
   local = _synthetic_batch(args.model, args.batch)
   batch = {k: jax.device_put(np.asarray(v), data_sharding) for k, v in local.items()}
-  import tempfile
-  cache_dir = tempfile.mkdtemp(prefix="bench_jax_cache_")
+  cache_dir = scratch_dir("bench_jax_cache_")
   loop.enable_compilation_cache(cache_dir, workdir="")  # what every trainer does ('auto': a user dir)
   start = time.perf_counter()
   lowered = step_fn.lower(state, batch)
@@ -190,6 +189,17 @@ def _jax_child(args, dtype_name: str) -> dict:
           "peak_fp32": peak(measure_peak_flops, jnp.float32),
           "device_kind": jax.devices()[0].device_kind,
           "versions": {"jax": jax.__version__}}
+
+
+def scratch_dir(prefix: str) -> str:
+  """A new temporary folder, removed when this process exits (a benchmark's compilation cache or
+  trace: many runs would otherwise leave one each in /tmp)."""
+  import atexit
+  import shutil
+  import tempfile
+  path = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, path, True)
+  return path
 
 
 def force_attention(layers, impl: str) -> None:

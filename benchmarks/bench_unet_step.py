@@ -168,15 +168,13 @@ def _timed(step, steps: int, warmup: int) -> dict:
 # ------------------------------------------------------------------------------ workers
 def run_jax(dtype_name: str, args, remat: bool = False, lora: bool = False) -> dict:
   sys.path.insert(0, ROOT)
-  import tempfile
-
   import jax
   import jax.numpy as jnp
   import numpy as np
   from clip_jax import layers, loop
   from dreambooth_jax.models import unet as unet_lib
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  from bench_train_step import force_attention
+  from bench_train_step import force_attention, scratch_dir
 
   force_attention(layers, args.attention)
 
@@ -219,7 +217,7 @@ def run_jax(dtype_name: str, args, remat: bool = False, lora: bool = False) -> d
       out = model.apply({"params": p}, latents, timesteps, context)
       return jnp.mean(jnp.square(out - target))
 
-  loop.enable_compilation_cache(tempfile.mkdtemp(prefix="bench_jax_cache_"), workdir="")
+  loop.enable_compilation_cache(scratch_dir("bench_jax_cache_"), workdir="")
   start = time.perf_counter()
   lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(*step_args)
   lower_s = time.perf_counter() - start
@@ -253,10 +251,11 @@ def _profile_jax(step, folder: str, name: str) -> None:
   file, not jax's nested plugins/profile/<run>/ folders)."""
   import glob
   import shutil
-  import tempfile
 
   import jax
-  trace_dir = tempfile.mkdtemp(prefix="unet_trace_")
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  from bench_train_step import scratch_dir
+  trace_dir = scratch_dir("unet_trace_")   # the trace file is copied to FOLDER
   with jax.profiler.trace(trace_dir):
     for _ in range(2):
       step()
@@ -315,7 +314,6 @@ def _profile_torch(step, device: str, folder: str, name: str) -> None:
   and FOLDER/NAME.trace.json.gz (the chrome trace)."""
   import gzip
   import shutil
-  import tempfile
 
   import torch
   from torch.profiler import ProfilerActivity, profile
@@ -337,7 +335,9 @@ def _profile_torch(step, device: str, folder: str, name: str) -> None:
       continue
   with open(os.path.join(folder, f"{name}_ops.txt"), "w") as f:
     f.write(table or str(averages))
-  raw = os.path.join(tempfile.mkdtemp(prefix="unet_torch_trace_"), "trace.json")
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  from bench_train_step import scratch_dir
+  raw = os.path.join(scratch_dir("unet_torch_trace_"), "trace.json")
   prof.export_chrome_trace(raw)
   with open(raw, "rb") as src, gzip.open(os.path.join(folder, f"{name}.trace.json.gz"), "wb") as dst:
     shutil.copyfileobj(src, dst)

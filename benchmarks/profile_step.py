@@ -26,7 +26,6 @@ import glob
 import os
 import re
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +105,7 @@ def main(argv=None) -> None:
   child_args = argparse.Namespace(model=args.model, batch=args.batch, steps=1, warmup=1, device="cpu",
                                   attention="auto")
   bench._jax_child(child_args, args.dtype)
-  trace_dir = tempfile.mkdtemp(prefix="profile_step_")
+  trace_dir = bench.scratch_dir("profile_step_")
   load = os.getloadavg()[0]
   jax.profiler.start_trace(trace_dir)
   start, cpu_start = time.perf_counter(), time.process_time()
