@@ -237,7 +237,8 @@ def run_jax(dtype_name: str, args, remat: bool = False, lora: bool = False) -> d
   result.update(trained_parameters=sum(x.size for x in jax.tree.leaves(step_args[0])))
   result.update(compile_s=compile_s, cached_compile_s=cached_compile_s, lower_s=lower_s, xla_bytes=xla_bytes,
                 xla_temp_bytes=mem.temp_size_in_bytes, version=f"jax {jax.__version__}",
-                cudnn_attention_calls=compiled.as_text().count('custom_call_target="__cudnn$fmha'))
+                cudnn_attention_calls=compiled.as_text().count('custom_call_target="__cudnn$fmha'),
+                bf16_dots_converted=dtype == jnp.bfloat16 and layers.upcast_bf16_dots(dtype))
   if args.device == "gpu":
     stats = jax.devices()[0].memory_stats() or {}
     result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
@@ -405,7 +406,8 @@ def _write_markdown(args, results: dict[str, list[dict]], loads: tuple[str, str]
       f"Machine: {host.describe_cpu()}, {os.cpu_count()} cores "
       f"(shared with other jobs), {args.threads} threads per framework"
       + ("; our bf16 dots are converted to f32 first (no bf16 dot instructions on this CPU: "
-         "clip_jax.layers.upcast_bf16_dots)" if args.device == "cpu" and not host.cpu_has_bf16_dots() else "")
+         "clip_jax.layers.upcast_bf16_dots)" if any(r.get("bf16_dots_converted") for rounds in ok.values()
+                                                    for r in rounds) else "")
       + ". Load average (1/5/15 min) "
       f"before: {loads[0]}; after: {loads[1]}."
       + (" **Busy machine: the step times and their ratios must be re-measured at low load.**"
