@@ -187,8 +187,8 @@ def run_jax(dtype_name: str, args, remat: bool = False, lora: bool = False) -> d
     # forward pass, every conv autotuned) cost about two minutes of a GPU lease; speed and memory
     # do not depend on the values.
     shapes = jax.eval_shape(lambda key: model.init(key, *unet_lib.init_inputs(config))["params"], jax.random.key(0))
-    host = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jnp.asarray(0.02 * host.standard_normal(s.shape, np.float32), s.dtype), shapes)
+    host_rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(0.02 * host_rng.standard_normal(s.shape, np.float32), s.dtype), shapes)
   else:
     params = jax.jit(lambda key: model.init(key, *unet_lib.init_inputs(config))["params"])(jax.random.key(0))
   params = jax.block_until_ready(params)
