@@ -399,7 +399,8 @@ def build_report(args, results) -> str:
       "",
       f"Machine: {host.describe_cpu()}, {os.cpu_count()} cores; "
       + ", ".join(f"{k} {v}" for k, v in {k: v for r in results for k, v in r["versions"].items()}.items())
-      + f". 1-minute load before the runs: {min(loads):.2f} to {max(loads):.2f}"
+      + (f". 1-minute load before the run: {loads[0]:.2f}" if len(loads) == 1 else
+         f". 1-minute load before the runs: {min(loads):.2f} to {max(loads):.2f}")
       + (" (busy machine: wall times and their ratios are not reliable; page faults and CPU s are)"
          if max(loads) > 3 else "") + ".",
       (f"Model FLOPs per step: {flops / 1e9:,.0f} GFLOP ({flops_source}); analytic 6 x params x tokens "
