@@ -57,6 +57,10 @@ import sys
 import threading
 import time
 
+# Standard library only at its top level (it imports jax in its workers), like this script; both live in
+# benchmarks/, which is sys.path[0] when this runs as a script.
+from bench_train_step import child_env, force_attention, scratch_dir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("jax_fp32", "jax_bf16", "jax_bf16_remat", "torch_fp32", "torch_bf16", "jax_bf16_lora",
             "torch_bf16_lora")
@@ -173,8 +177,6 @@ def run_jax(dtype_name: str, args, remat: bool = False, lora: bool = False) -> d
   import numpy as np
   from clip_jax import layers, loop
   from dreambooth_jax.models import unet as unet_lib
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  from bench_train_step import force_attention, scratch_dir
 
   force_attention(layers, args.attention)
 
@@ -254,8 +256,6 @@ def _profile_jax(step, folder: str, name: str) -> None:
   import shutil
 
   import jax
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  from bench_train_step import scratch_dir
   trace_dir = scratch_dir("unet_trace_")   # the trace file is copied to FOLDER
   with jax.profiler.trace(trace_dir):
     for _ in range(2):
@@ -336,8 +336,6 @@ def _profile_torch(step, device: str, folder: str, name: str) -> None:
       continue
   with open(os.path.join(folder, f"{name}_ops.txt"), "w") as f:
     f.write(table or str(averages))
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  from bench_train_step import scratch_dir
   raw = os.path.join(scratch_dir("unet_torch_trace_"), "trace.json")
   prof.export_chrome_trace(raw)
   with open(raw, "rb") as src, gzip.open(os.path.join(folder, f"{name}.trace.json.gz"), "wb") as dst:
@@ -354,9 +352,7 @@ def _run_variant(name: str, args) -> dict:
     cmd.append("--skip-cached-compile")
   if args.profile:
     cmd += ["--profile", os.path.abspath(args.profile)]
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  from bench_train_step import child_env  # the entry points' allocator setting, the device's platform
-  env = child_env("default", args.device)
+  env = child_env("default", args.device)  # the entry points' allocator setting, the device's platform
   start = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if proc.returncode < 0:  # SIGKILL is what the kernel's out-of-memory killer sends
