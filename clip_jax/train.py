@@ -198,8 +198,9 @@ def make_train_step(model: CLIP, tx, *, loss_kind: str, mesh, microbatches: int,
       metrics["logit_bias"] = params["logit_bias"]
 
     def apply(state):  # the optimizer step, run for finite steps only
-      updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
-      new_params = dict(optax.apply_updates(state["params"], updates))
+      new_params, new_opt_state = optim.apply_optimizer(tx, grads, state["opt_state"], state["params"],
+                                                        metrics["grad_norm"])
+      new_params = dict(new_params)
       new_params["logit_scale"] = jnp.minimum(new_params["logit_scale"], MAX_LOG_SCALE)
       new_state = dict(state, params=new_params, opt_state=new_opt_state)
       if new_stats is not None and not image_locked:

@@ -219,10 +219,13 @@ def make_train_step(loss_fn, tx, microbatches: int, num_instance: int):
       (loss, parts, grads), _ = jax.lax.scan(
           accumulate, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), micro)
 
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
+
     def apply(state):  # the optimizer step, run for finite steps only
-      updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-      return dict(state, opt_state=opt_state, trainable=optax.apply_updates(state["trainable"], updates))
-    return loop.update_if_finite(state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}, apply)
+      trainable, opt_state = optim.apply_optimizer(tx, grads, state["opt_state"], state["trainable"],
+                                                   metrics["grad_norm"])
+      return dict(state, opt_state=opt_state, trainable=trainable)
+    return loop.update_if_finite(state, metrics, apply)
 
   return update
 

@@ -223,6 +223,29 @@ def test_stored_logit_scale_never_exceeds_ln_100():
   assert float(metrics["logit_scale"]) <= 100.0
 
 
+def test_the_train_step_hands_its_gradient_norm_to_the_optimizer():
+  """The optimizer gets a global norm from the step (`optim.apply_optimizer`: the metrics' grad_norm), so
+  `optim.clip_by_global_norm` does not reduce every gradient again (tests/test_loop.py counts the
+  reductions; tests/test_dreambooth.py checks the value on a step that runs). Traced, not compiled."""
+  import optax
+  cfg = tiny_config()
+  model = trainer.build_model(cfg)
+  mesh = sharding.create_mesh({"data": 1}, devices=jax.devices()[:1])
+  state = jax.eval_shape(lambda: trainer.create_train_state(
+      model, cfg.optimizer, mesh, [tuple(r) for r in cfg.logical_axis_rules], jax.random.key(0))[0])
+  handed = []
+
+  def keep_norm(updates, opt_state, params=None, *, global_norm=None, **extra_args):
+    handed.append(global_norm)
+    return updates, opt_state
+  recorder = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), keep_norm)
+  step = trainer.make_train_step(model, recorder, loss_kind="softmax", mesh=mesh, microbatches=1,
+                                 schedule=lambda s: 0.0)
+  jax.eval_shape(step, dict(state, opt_state=optax.EmptyState()), _batch(model, 16))
+  assert len(handed) == 1 and handed[0] is not None
+  assert handed[0].shape == () and handed[0].dtype == jnp.float32
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_then_resumes(tmp_path):
   workdir = tmp_path / "preempted"
