@@ -404,6 +404,7 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
   rerun_hooks: then the hooks run once more on the final state (their values only returned).
   SIGTERM and SIGINT (Ctrl-C) stop the run after the current step with a checkpoint
   (Result.preempted; trainers exit with EXIT_PREEMPTED); a second Ctrl-C ends the process at once.
+  One that arrives during the last step leaves the run finished (Result.preempted is False).
   Metrics of steps after the restored checkpoint (a killed attempt's) are dropped from
   metrics.jsonl and TensorBoard (`observe.MetricWriter(resume_step=)`).
   Raises FloatingPointError after `max_nonfinite_steps` non-finite steps in a row.
@@ -482,12 +483,20 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
       if checkpoint_now or preempted["flag"]:
         if int(jax.device_get(state["nonfinite_streak"])) == 0:
           ckpt.save(manager, step, state, data_iterator, force=True)
-      if preempted["flag"]:
+      if preempted["flag"] and step < total:
         manager.wait_until_finished()  # saved before it is said to be
         if is_main:
+          progress.close()  # the line below starts on its own line, not inside the bar
           print(f"Stopped at step {step} of {total} (SIGTERM or Ctrl-C); the checkpoint is saved in {workdir}. "
                 f"The same command resumes it (exit code {EXIT_PREEMPTED}).", flush=True)
         break
+    # A stop asked for during the last step comes too late to stop anything: every step is done and
+    # saved, so the run ends as finished (the trainer writes its results, exit 0), not as resumable.
+    stopped_early = preempted["flag"] and step < total
+    if preempted["flag"] and not stopped_early and is_main and not already_done:
+      progress.close()
+      print(f"A stop was asked for during the last step ({step} of {total}); the run is complete, so its "
+            "results are written as usual.", flush=True)
     if already_done and rerun_hooks:
       for hook in hooks:  # the final state evaluated again; the run's own records stay as they are
         hook_metrics.update(hook.fn(step, state) or {})
@@ -504,7 +513,7 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
       signal.signal(signal.SIGINT, previous_interrupt)
   if is_main and step >= total and not already_done:
     loss_curve_png(writer.jsonl_path, os.path.join(workdir, "plots", "loss.png"), keys=tuple(plot_keys))
-  return Result(step=step, state=state, metrics=last_metrics, hook_metrics=hook_metrics, preempted=preempted["flag"])
+  return Result(step=step, state=state, metrics=last_metrics, hook_metrics=hook_metrics, preempted=stopped_early)
 
 
 def _log_line(metrics, state, window_steps, elapsed, examples_per_step, flops_per_step, peak_flops,

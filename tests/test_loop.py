@@ -5,6 +5,7 @@ import json
 import logging as py_logging
 import os
 import re
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,10 @@ class CountingIterator:
     pass
 
 
-def toy_run(workdir, mesh, total_steps, nan_steps=(), max_nonfinite_steps=10, checkpoint_every=2, **options):
-  """Least squares on batches that are a function of the step; returns (loop result, iterator)."""
+def toy_run(workdir, mesh, total_steps, nan_steps=(), max_nonfinite_steps=10, checkpoint_every=2, sigterm_step=None,
+            **options):
+  """Least squares on batches that are a function of the step; returns (loop result, iterator).
+  sigterm_step: this process is sent SIGTERM while the batch of that (0-based) step is made."""
   replicated = NamedSharding(mesh, P())
   tx = optax.adam(0.1)
   w = jnp.zeros((DIM,), jnp.float32)
@@ -63,6 +66,8 @@ def toy_run(workdir, mesh, total_steps, nan_steps=(), max_nonfinite_steps=10, ch
     y = x @ true_w
     if step in nan_steps:
       x[0, 0] = np.nan
+    if step == sigterm_step:
+      os.kill(os.getpid(), signal.SIGTERM)
     return sharding.place_global_batch({"x": x, "y": y}, mesh)
 
   def update(state, batch):
@@ -107,6 +112,25 @@ def test_nonfinite_step_is_skipped_counted_and_never_checkpointed(tmp_path):
   # The skipped step left the parameters as they were after step 2.
   np.testing.assert_array_equal(_restored_w(tmp_path / "nan", 2), _restored_w(tmp_path / "clean", 2))
   assert np.isfinite(np.asarray(result.state["params"]["w"])).all()
+
+
+@pytest.mark.parametrize("sigterm_step, stops_at", [(2, 3), (5, None)])
+def test_sigterm_stops_after_the_step_unless_it_was_the_last(tmp_path, capsys, sigterm_step, stops_at):
+  # Reported: a stop during the last step printed 'Stopped at step 12 of 12 ... resumes it' and
+  # the trainer exited 75 although every step was done (DreamBooth then exported and wrote DONE).
+  mesh = sharding.create_mesh({"data": 8})
+  handler_before = signal.getsignal(signal.SIGTERM)
+  result, _ = toy_run(tmp_path, mesh, 6, sigterm_step=sigterm_step, checkpoint_every=4)
+  out = capsys.readouterr().out
+  if stops_at is not None:
+    assert result.preempted and result.step == stops_at
+    assert f"Stopped at step {stops_at} of 6" in out
+    assert _steps(tmp_path)[-1] == stops_at  # saved where it stopped, off the checkpoint cadence
+  else:
+    assert not result.preempted and result.step == 6
+    assert "Stopped at" not in out and "the run is complete" in out
+    assert _steps(tmp_path)[-1] == 6
+  assert signal.getsignal(signal.SIGTERM) is handler_before  # the loop's own handler is removed again
 
 
 def test_nonfinite_streak_stops_with_the_last_good_checkpoint(tmp_path):
