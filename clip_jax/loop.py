@@ -204,7 +204,9 @@ class Result:
   state: Any
   metrics: dict[str, float]            # the last logged training metrics
   hook_metrics: dict[str, float]       # the last values the hooks returned
-  preempted: bool
+  preempted: bool                      # stopped before total_steps by SIGTERM / Ctrl-C, saved
+  stop_requested: bool = False         # a stop was asked for (also during the last step, which finishes the run):
+                                       # a caller with more stages to run after this one stops there
 
 
 # ----------------------------------------------------------------------------- runs: finished, interrupted, remembered
@@ -404,7 +406,8 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
   rerun_hooks: then the hooks run once more on the final state (their values only returned).
   SIGTERM and SIGINT (Ctrl-C) stop the run after the current step with a checkpoint
   (Result.preempted; trainers exit with EXIT_PREEMPTED); a second Ctrl-C ends the process at once.
-  One that arrives during the last step leaves the run finished (Result.preempted is False).
+  One that arrives during the last step leaves the run finished (Result.preempted False,
+  Result.stop_requested True: a caller with more stages after this run stops before them).
   Metrics of steps after the restored checkpoint (a killed attempt's) are dropped from
   metrics.jsonl and TensorBoard (`observe.MetricWriter(resume_step=)`).
   Raises FloatingPointError after `max_nonfinite_steps` non-finite steps in a row.
@@ -513,7 +516,8 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
       signal.signal(signal.SIGINT, previous_interrupt)
   if is_main and step >= total and not already_done:
     loss_curve_png(writer.jsonl_path, os.path.join(workdir, "plots", "loss.png"), keys=tuple(plot_keys))
-  return Result(step=step, state=state, metrics=last_metrics, hook_metrics=hook_metrics, preempted=stopped_early)
+  return Result(step=step, state=state, metrics=last_metrics, hook_metrics=hook_metrics, preempted=stopped_early,
+                stop_requested=preempted["flag"])
 
 
 def _log_line(metrics, state, window_steps, elapsed, examples_per_step, flops_per_step, peak_flops,

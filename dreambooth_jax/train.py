@@ -326,7 +326,8 @@ def train_and_export(cfg: ml_collections.ConfigDict, workdir: str, *, allow_conf
     with open(os.path.join(workdir, "identifier.json")) as f:
       identifier = json.load(f)["identifier"]
     return {"step": loop.finished(workdir)["step"], "metrics": {}, "identifier": identifier,
-            "export_dir": os.path.join(workdir, "export"), "preempted": False, "finished": True}
+            "export_dir": os.path.join(workdir, "export"), "preempted": False, "stop_requested": False,
+            "finished": True}
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   # --- the frozen pipeline, the identifier, the two image sets
@@ -410,7 +411,8 @@ def train_and_export(cfg: ml_collections.ConfigDict, workdir: str, *, allow_conf
       print(f"Exported the fine-tuned pipeline (diffusers format) to {export_dir}", flush=True)
     loop.mark_finished(workdir, result.step, [os.path.join(workdir, "results.md"), export_dir])
   return {"step": result.step, "metrics": result.metrics, "identifier": identifier, "export_dir": export_dir,
-          "state": result.state, "pipeline": pipe, "frozen": frozen, "preempted": result.preempted, "finished": False}
+          "state": result.state, "pipeline": pipe, "frozen": frozen, "preempted": result.preempted,
+          "stop_requested": result.stop_requested, "finished": False}
 
 
 def sample_validation(cfg, pipe, frozen, state, identifier, size, path) -> None:

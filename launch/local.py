@@ -139,7 +139,9 @@ def _pump(stream, prefix: str, out) -> None:
 
 def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0, out=None) -> int:
   """Starts the children, relays their output (prefixed with [i] when several), forwards SIGINT/SIGTERM
-  to them, and returns the run's exit code: 0 when all succeed, else that of the first failure."""
+  to them, and returns the run's exit code: 0 when all succeed, else that of the first failure;
+  PREEMPTED (75) when all stopped early with a checkpoint, or when a forwarded SIGINT/SIGTERM found
+  them finishing their last step (the caller was asked to stop, so nothing after this run starts)."""
   out = out or sys.stdout
   several = len(children) > 1
   procs: list[subprocess.Popen] = []
@@ -157,7 +159,10 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
     pump.start()
     pumps.append(pump)
 
+  forwarded = []
+
   def forward(signum, _frame):  # preemption: let every process checkpoint and exit on its own
+    forwarded.append(signum)
     for p in procs:
       if p.poll() is None:
         p.send_signal(signum)
@@ -200,6 +205,12 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
   codes = [p.returncode for p in procs]
   if first_failure is None and any(codes):  # several failed within one poll: take the lowest index
     first_failure = next((i, c) for i, c in enumerate(codes) if c)
+  if first_failure is None and forwarded:
+    # Asked to stop, but the trainers had finished (the stop came during their last step): the run is
+    # complete, and a caller with more to start (a sweep) must still stop, so it says 'stopped'.
+    print("launch: a stop was asked for; the run had finished its last step (the same command says so).",
+          file=out, flush=True)
+    return PREEMPTED
   if first_failure is None:
     return 0
   index, code = first_failure

@@ -203,3 +203,65 @@ def test_ensure_digits_clip_trains_through_the_ctrl_c_safe_child_unless_finished
   loop.mark_finished(absent, 600)
   pretrain.ensure_digits_clip(absent)
   assert len(calls) == 1  # finished: used as it is
+
+
+@pytest.mark.parametrize("sigterm_step", [None, 1, 2])
+def test_a_stop_during_a_stage_s_last_step_ends_the_pretraining_before_the_next(tmp_path, sigterm_step):
+  # The loop ends a run finished when the stop comes during its last step (clip_jax.loop); a staged
+  # trainer must still stop there (exit 75, the same command resumes) instead of starting its next stage.
+  import signal
+
+  import jax
+  import jax.numpy as jnp
+  import optax
+  cfg = pretrain.get_config()
+  cfg.batch_size, cfg.log_every, cfg.checkpoint_every = 4, 1, 10
+  tx = optax.sgd(0.1)
+
+  def update(state, batch):
+    grads = jax.grad(lambda p: jnp.mean(jnp.square(batch["x"] @ p["w"] - 1.0)))(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state), \
+        {"loss": jnp.zeros(()), "grad_norm": optax.tree.norm(grads)}
+
+  def next_batch(step):
+    if step == sigterm_step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {"x": np.full((4, 2), step + 1.0, np.float32)}
+
+  run = lambda: pretrain.run_stage(cfg, str(tmp_path / "stage"), {"w": jnp.zeros((2,), jnp.float32)}, tx, update,
+                                   next_batch, total_steps=3, progress=False)
+  if sigterm_step is None:
+    assert run()["w"].shape == (2,)
+    return
+  with pytest.raises(SystemExit) as stopped:
+    run()
+  assert stopped.value.code == 75
+  assert (tmp_path / "stage" / "checkpoints" / str(sigterm_step + 1)).is_dir()
+
+
+@pytest.mark.parametrize("stop_requested", [False, True])
+def test_table3_stops_after_a_dreambooth_run_that_was_asked_to_stop(tmp_path, monkeypatch, stop_requested):
+  # A fine-tune stopped by SIGTERM / Ctrl-C (saved, or finished when the stop came in its last step)
+  # ends the experiment with exit 75 before the next fine-tune starts; the same command resumes it.
+  import types
+  base = types.SimpleNamespace(default_size=8, params={})
+  monkeypatch.setattr(table3.pretrain_lib, "is_pretrained", lambda path: True)
+  monkeypatch.setattr(table3.pretrain_lib, "load_digits", lambda size: (np.zeros((4, size, size, 1), np.float32), None))
+  monkeypatch.setattr(table3.sd, "load_pipeline", lambda path: base)
+  monkeypatch.setattr(table3, "VaeEmbedder", lambda *args: None)
+  calls = []
+
+  def train_and_export(cfg, workdir):
+    calls.append(workdir)
+    return {"stop_requested": stop_requested, "export_dir": workdir, "identifier": "sks", "preempted": False}
+  monkeypatch.setattr(table3.db_train, "train_and_export", train_and_export)
+  if stop_requested:
+    with pytest.raises(SystemExit) as stopped:
+      table3.run(str(tmp_path), clip=None, seeds=(0,), progress=False)
+    assert stopped.value.code == 75 and len(calls) == 1
+  else:
+    # Not asked to stop: it goes on to the next fine-tune (and then generation, not reached here).
+    with pytest.raises(Exception):
+      table3.run(str(tmp_path), clip=None, seeds=(0,), progress=False)
+    assert len(calls) == len(table3.VARIANTS) - 1

@@ -136,6 +136,32 @@ def test_supervisor_stops_the_others_and_names_the_failed_process():
                    r"\(killed by SIGTERM\)", text), text
 
 
+def test_supervisor_asked_to_stop_says_stopped_even_when_the_run_finished(tmp_path):
+  # A SIGTERM during a trainer's last step lets it finish (exit 0, clip_jax.loop); the launcher was
+  # still asked to stop, so a sweep calling it must not start its next run: 75, not 0.
+  import threading
+  ready, got = tmp_path / "ready", tmp_path / "got_sigterm"
+  finishing = local.Child([sys.executable, "-c", "import signal, time, pathlib; signal.signal(signal.SIGTERM, "
+                           f"lambda *a: pathlib.Path({str(got)!r}).touch()); pathlib.Path({str(ready)!r}).touch(); "
+                           "time.sleep(3)"], {}, "process 0")
+
+  def stop_when_ready():  # the child's handler is in place: the stop reaches a trainer in its last step
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+  out = io.StringIO()
+  stopper = threading.Thread(target=stop_when_ready)
+  stopper.start()
+  code = local.supervise([finishing], out=out)
+  stopper.join()
+  assert got.exists()  # forwarded to the child, which went on and exited 0
+  assert code == local.PREEMPTED, out.getvalue()
+  assert "the run had finished its last step" in out.getvalue()
+  quiet = local.Child([sys.executable, "-c", "pass"], {}, "process 0")
+  assert local.supervise([quiet], out=io.StringIO()) == 0  # not asked to stop: finished is 0
+
+
 def _alive(pid: int) -> bool:
   """Running (a zombie counts as dead: its parent is gone and nothing may reap it in a container)."""
   try:

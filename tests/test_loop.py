@@ -123,11 +123,12 @@ def test_sigterm_stops_after_the_step_unless_it_was_the_last(tmp_path, capsys, s
   result, _ = toy_run(tmp_path, mesh, 6, sigterm_step=sigterm_step, checkpoint_every=4)
   out = capsys.readouterr().out
   if stops_at is not None:
-    assert result.preempted and result.step == stops_at
+    assert result.preempted and result.stop_requested and result.step == stops_at
     assert f"Stopped at step {stops_at} of 6" in out
     assert _steps(tmp_path)[-1] == stops_at  # saved where it stopped, off the checkpoint cadence
   else:
     assert not result.preempted and result.step == 6
+    assert result.stop_requested  # a caller with stages after this run still stops
     assert "Stopped at" not in out and "the run is complete" in out
     assert _steps(tmp_path)[-1] == 6
   assert signal.getsignal(signal.SIGTERM) is handler_before  # the loop's own handler is removed again

@@ -140,7 +140,9 @@ def run_stage(cfg, workdir: str, trainable: dict[str, Any], tx, update, next_bat
   result = loop.run(workdir=workdir, mesh=mesh, state=state, state_shardings=state_shardings, update=update,
                     next_batch=lambda step: sharding.place_global_batch(next_batch(step), mesh, split),
                     options=options, args=args, examples_per_step=cfg.batch_size, desc=os.path.basename(workdir))
-  if result.preempted:  # saved (SIGTERM, Ctrl-C): the command exits 75 and the same command resumes
+  # Saved (SIGTERM, Ctrl-C): the command exits 75 and the same command resumes. Also when the stop
+  # came during this stage's last step: the next stage (or the export) must not start after it.
+  if result.stop_requested:
     raise SystemExit(loop.EXIT_PREEMPTED)
   return jax.device_get(result.state["params"])
 

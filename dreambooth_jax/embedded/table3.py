@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from clip_jax import loop
 from clip_jax.data import digits as digits_lib
 from clip_jax.observe import write_atomic
 from dreambooth_jax.training import identifier as ident
@@ -263,6 +264,8 @@ def run(workdir: str, pretrain_dir: str | None = None, pretrain_cfg=None, dreamb
       if dreambooth_steps:
         cfg.total_steps = dreambooth_steps
       out = db_train.train_and_export(cfg, os.path.join(workdir, "runs", f"seed{seed}", arg or "prior"))
+      if out["stop_requested"]:  # SIGTERM / Ctrl-C: that run is saved (or finished); the same command resumes
+        raise SystemExit(loop.EXIT_PREEMPTED)
       # The exported folder, read back: what a user of the fine-tuned model gets. Its params go
       # through the base pipeline object so that sampling compiles once for all models.
       params_by_variant[name] = sd.load_pipeline(out["export_dir"]).params
