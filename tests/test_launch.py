@@ -337,8 +337,8 @@ def _trainer_args(workdir, steps):
           # Parameters sharded over all 8 devices: every process holds and checkpoints only its part.
           # (On CPU, gloo makes a large all-reduce after a reduce-scatter very slow; FSDP avoids it.)
           "--config.mesh.data=1", "--config.mesh.fsdp=8",
-          # A constant learning rate after warmup: stopping at step 3 and resuming to 6 follows the
-          # same schedule as running to 6 in one go.
+          # A constant learning rate after warmup: stopping at step 4 and resuming to 9 follows the
+          # same schedule as running to 9 in one go.
           "--config.optimizer.warmup_steps=2", "--config.optimizer.end_learning_rate=0.001"]
 
 
@@ -358,20 +358,24 @@ def test_two_processes_follow_one_process_and_resume_after_ctrl_c(tmp_path):
   each process, which turns it into jax's preemption notice) after the first checkpoint makes both
   save the same step and exit 75; the same command resumes to the same losses (issue 20.2)."""
   from killresume import kill_then_resume
-  one = _run_launcher(["--devices-per-process=8"], _trainer_args(tmp_path / "1x8", 6))
+  # 9 steps, stopped after 3 or 4 are logged and step 3's checkpoint is finalized: the two processes
+  # agree on a stop step a step or two later, well before the last (a stop during the last step
+  # lets the run finish).
+  steps = 9
+  one = _run_launcher(["--devices-per-process=8"], _trainer_args(tmp_path / "1x8", steps))
   assert one.returncode == 0, one.stdout[-3000:]
   command = [sys.executable, "-m", "launch.run", "--num-processes=2", "--devices-per-process=4", "--",
-             *_trainer_args(tmp_path / "2x4", 6)]
-  resumed = kill_then_resume(command, str(tmp_path / "2x4"), cwd=REPO, env=os.environ, kill_between=(3, 6),
+             *_trainer_args(tmp_path / "2x4", steps)]
+  resumed = kill_then_resume(command, str(tmp_path / "2x4"), cwd=REPO, env=os.environ, kill_between=(3, 5),
                              timeout=400, sig=signal.SIGINT)
   assert "[0] " in resumed.stdout and "[1] " in resumed.stdout
   reference, multi = _losses(tmp_path / "1x8"), _losses(tmp_path / "2x4")
-  assert sorted(reference) == sorted(multi) == [1, 2, 3, 4, 5, 6]  # each step once: the lost attempt's dropped
+  assert sorted(reference) == sorted(multi) == list(range(1, steps + 1))  # each step once: the lost attempt's dropped
   for step in reference:
     assert multi[step] == pytest.approx(reference[step], abs=1e-5), step
-  assert sweep.checkpoint_steps(str(tmp_path / "2x4"))[-1] == 6
+  assert sweep.checkpoint_steps(str(tmp_path / "2x4"))[-1] == steps
   # Both processes wrote their input iterator's state (grain: one file per process).
-  data_files = os.listdir(tmp_path / "2x4" / "checkpoints" / "6" / "data")
+  data_files = os.listdir(tmp_path / "2x4" / "checkpoints" / str(steps) / "data")
   assert len([f for f in data_files if "process" in f]) == 2, data_files
 
 

@@ -296,7 +296,7 @@ def test_clip_ctrl_c_and_sigkill_resume_to_the_same_result_with_each_step_once(t
   for name, sig in (("interrupted", signal.SIGINT), ("killed", signal.SIGKILL)):
     workdir = tmp_path / name
     kill_then_resume(_clip_cmd(workdir, steps, "--config.zeroshot_eval.enabled=False"), str(workdir), cwd=REPO,
-                     env=_env(), kill_between=(2, 9), sig=sig)
+                     env=_env(), kill_between=(2, 8), sig=sig)  # stops before the last step
     resumed = params(workdir)
     for key in straight:
       np.testing.assert_array_equal(resumed[key], straight[key], err_msg=f"{name} {key}")
