@@ -464,7 +464,18 @@ def main(argv):
   if jax.process_index() == 0:
     print(json.dumps({"step": out["step"], "identifier": out["identifier"], "metrics": out["metrics"],
                       "export_dir": out["export_dir"]}, indent=2))
+    print(sample_command(out["export_dir"], out["identifier"], flags.FLAGS.config.class_noun,
+                         os.path.join(flags.FLAGS.workdir, "samples")), flush=True)
   return 0
+
+
+def sample_command(export_dir: str, identifier: str, class_noun: str, out_dir: str) -> str:
+  """The line that shows a finished run's subject beside its class (`dreambooth_jax.sample`)."""
+  import shlex
+  prompts = (ident.instance_prompt(identifier, class_noun), ident.class_prompt(class_noun))
+  return ("Samples of the subject and of its class: python -m dreambooth_jax.sample "
+          f"--model {shlex.quote(export_dir)} --prompt {shlex.quote(prompts[0])} --prompt {shlex.quote(prompts[1])} "
+          f"--out {shlex.quote(out_dir)}")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,15 @@ def test_microbatches_give_the_full_batch_loss_and_gradient(tiny_model_dir, inst
     np.testing.assert_allclose(metrics_2[key], metrics_1[key], rtol=2e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(state_2["trainable"]), jax.tree.leaves(state_1["trainable"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_finished_run_prints_a_sample_command_that_parses():
+  import shlex
+
+  from dreambooth_jax import sample
+  line = db.sample_command("/runs/my dog/export", "sks", "dog", "/runs/my dog/samples")
+  args = shlex.split(line.split(": ", 1)[1])
+  assert args[:3] == ["python", "-m", "dreambooth_jax.sample"]
+  parsed = sample.parse_args(args[3:])
+  assert parsed.model == "/runs/my dog/export" and parsed.prompt == ["a sks dog", "a dog"]
+  assert parsed.out == "/runs/my dog/samples"

@@ -265,3 +265,32 @@ def test_table3_stops_after_a_dreambooth_run_that_was_asked_to_stop(tmp_path, mo
     with pytest.raises(Exception):
       table3.run(str(tmp_path), clip=None, seeds=(0,), progress=False)
     assert len(calls) == len(table3.VARIANTS) - 1
+
+
+def test_pretraining_ends_with_a_subject_and_the_dreambooth_command_for_it(tmp_path, monkeypatch, capsys):
+  """A DreamBooth try on the embedded model needs subject photos: the pretraining's command writes
+  Table 3's red seven beside the base model (once; a finished workdir gains it too) and prints the
+  DreamBooth command that uses both (the pretraining itself is stubbed: its own tests train it)."""
+  import shlex
+
+  from PIL import Image
+  workdir = tmp_path / "runs" / "tiny_sd"
+  export_dir = str(workdir / "export")
+  monkeypatch.setattr(pretrain, "pretrain", lambda cfg, w, **_: {"export_dir": export_dir, "samples": "s.png"})
+  pretrain.main(["--workdir", str(workdir), "--text_init", ""])
+  subject = workdir / "subject"
+  files = sorted(os.listdir(subject))
+  assert len(files) == len(table3.SUBJECT_SHIFTS) == 4
+  expected = table3.subject_images(pretrain.get_config().image_size)
+  for i, name in enumerate(files):
+    np.testing.assert_array_equal(np.asarray(Image.open(subject / name)), expected[i])
+  command = capsys.readouterr().out.splitlines()[-1].split()
+  assert command[:3] == ["python", "-m", "dreambooth_jax.train"]
+  flags = dict(arg.split("=", 1) for arg in command[3:])
+  assert flags["--config"] == "configs/dreambooth/digits.py:text"
+  assert flags["--config.pretrained_model"] == shlex.quote(export_dir)
+  assert flags["--config.instance_dir"] == shlex.quote(str(subject))
+  assert flags["--workdir"] == shlex.quote(str(tmp_path / "runs" / "red_seven"))  # beside the base, not in it
+  mtimes = [os.path.getmtime(subject / name) for name in files]
+  pretrain.main(["--workdir", str(workdir), "--text_init", ""])  # a finished workdir: the subject stays
+  assert [os.path.getmtime(subject / name) for name in files] == mtimes

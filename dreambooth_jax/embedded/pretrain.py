@@ -384,8 +384,25 @@ def main(argv=None):
   cfg.unet.learning_rate, cfg.unet.text_learning_rate = args.unet_learning_rate, args.text_learning_rate
   cfg.unet.caption_dropout = args.caption_dropout
   summary = pretrain(cfg, args.workdir, allow_config_change=args.allow_config_change)
+  subject = ensure_subject(os.path.join(args.workdir, "subject"), cfg.image_size)
   print(json.dumps(summary, indent=2))
-  print(f"Base model: {summary['export_dir']}\nSamples ('a zero' ... 'a nine'): {summary['samples']}", flush=True)
+  import shlex
+  red_seven = os.path.join(os.path.dirname(os.path.normpath(args.workdir)), "red_seven")
+  print(f"Base model: {summary['export_dir']}\nSamples ('a zero' ... 'a nine'): {summary['samples']}\n"
+        f"A subject to try DreamBooth on (Table 3's red seven, 4 images): {subject}\n"
+        "  python -m dreambooth_jax.train --config=configs/dreambooth/digits.py:text "
+        f"--workdir={shlex.quote(red_seven)} --config.pretrained_model={shlex.quote(summary['export_dir'])} "
+        f"--config.instance_dir={shlex.quote(subject)}", flush=True)
+
+
+def ensure_subject(directory: str, image_size: int) -> str:
+  """Writes Table 3's subject (`table3.subject_images`: 4 PNGs of one held-out handwritten seven in
+  red ink) to `directory` unless it holds them already; returns `directory`. Not part of the base
+  model: a finished pretraining workdir gains it too."""
+  from dreambooth_jax.embedded import table3  # table3 imports this module
+  if not os.path.isdir(directory) or len(os.listdir(directory)) < len(table3.SUBJECT_SHIFTS):
+    table3.write_subject(directory, table3.subject_images(image_size))
+  return directory
 
 
 if __name__ == "__main__":
