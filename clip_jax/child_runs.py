@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from clip_jax.cli import UserError
+from clip_jax.cli import UserError, python_command, shown_command
 
 RESULTS_FILE = "results.json"  # what clip_jax.train writes when its run ends (before DONE existed, the only record)
 
@@ -52,8 +52,7 @@ def run_child(command: Sequence[str]) -> None:
   if code == loop.EXIT_PREEMPTED:
     raise ChildSaved()
   if code:
-    shown = " ".join(["python" if i == 0 and part == sys.executable else part for i, part in enumerate(command)])
-    raise ChildFailed(f"`{shown}` exited with status {code} (its own message is above)")
+    raise ChildFailed(f"`{shown_command(command)}` exited with status {code} (its own message is above)")
 
 
 def train_child(config: str, workdir: str, *overrides: str) -> float:
@@ -130,7 +129,7 @@ def ensure_trained(path: str, config: str, *overrides: str, log: Callable[[str],
   if is_finished(path):
     log(f"{path}: a finished run, used as it is")
     return False
-  command = " ".join(["python -m clip_jax.train", f"--config={config}", f"--workdir={path}", *overrides])
+  command = python_command("clip_jax.train", f"--config={config}", f"--workdir={path}", *overrides)
   if not os.path.exists(path):
     log(f"{path}: nothing there yet, training it ({command})")
   elif is_trainer_workdir(path):

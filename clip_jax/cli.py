@@ -314,6 +314,29 @@ def user_cache_dir(*parts: str) -> str:
   return os.path.join(base, "clip_jax", *parts)
 
 
+def shown_python() -> str:
+  """The running interpreter as a printed command should name it, so that the line runs as pasted
+  (a bare `python` may be another one, without this project's packages): relative to the current
+  directory when inside it (`.venv/bin/python`), else its absolute path."""
+  executable = sys.executable or "python"
+  relative = os.path.relpath(executable)
+  if relative.startswith(os.pardir):
+    return executable
+  return relative if os.sep in relative else os.path.join(os.curdir, relative)
+
+
+def shown_command(argv: Sequence[str]) -> str:
+  """A command for the user to read or paste, quoted for a POSIX shell; this interpreter as in
+  `shown_python`."""
+  import shlex
+  return shlex.join([shown_python() if i == 0 and part == sys.executable else part for i, part in enumerate(argv)])
+
+
+def python_command(module: str, *args: str) -> str:
+  """`shown_command` of `python -m module args...` with the running interpreter."""
+  return shown_command([sys.executable, "-m", module, *args])
+
+
 def _read(path: str) -> str | None:
   try:
     with open(path) as f:

@@ -301,11 +301,12 @@ def mark_finished(workdir: str, step: int, outputs: Sequence[str] = ()) -> None:
 
 
 def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_change: bool = False,
-                  rerun_eval: bool = False, log: Callable[[str], None] = print) -> bool:
+                  rerun_eval: bool = False, offers_rerun_eval: bool = True, log: Callable[[str], None] = print) -> bool:
   """What every trainer calls before it builds anything. Returns True when the run in `workdir` is
   finished (DONE at `total_steps` or later) and there is nothing to do: it says so in one line and
   leaves every file as it is (`rerun_eval` returns False instead: the trainer restores the final
-  checkpoint, runs its evaluation and merges the results).
+  checkpoint, runs its evaluation and merges the results; a trainer without that option passes
+  `offers_rerun_eval=False`, and the line does not offer it).
 
   The workdir keeps the config it was started with (CONFIG_FILE, written here on the first start).
   A workdir that holds a checkpoint (its own, or a stage's: `stage_steps`) and was made with other
@@ -344,8 +345,8 @@ def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_c
     if not rerun_eval:
       if jax.process_index() == 0:
         outputs = ", ".join(done.get("outputs") or []) or workdir
-        log(f"{workdir} is finished (step {done.get('step')}); nothing was changed. Results: {outputs}. "
-            "--rerun-eval evaluates its final checkpoint again.")
+        log(f"{workdir} is finished (step {done.get('step')}); nothing was changed. Results: {outputs}."
+            + (" --rerun-eval evaluates its final checkpoint again." if offers_rerun_eval else ""))
       return True
     return False  # re-evaluating: the record of how the run was made stays as it is
   if done is not None and jax.process_index() == 0:

@@ -390,8 +390,10 @@ def main(argv):
       print(f.read())
     plots = sorted(os.listdir(os.path.join(workdir, "plots"))) if os.path.isdir(os.path.join(workdir, "plots")) else []
     print(f"Results: {json_path}, {md_path}\nPlots: {', '.join(os.path.join(workdir, 'plots', p) for p in plots)}\n"
-          f"Checkpoints: {os.path.join(workdir, 'checkpoints')} (python -m clip_jax.evaluate --workdir {workdir} "
-          "--tasks zeroshot:digits,linear_probe:digits for the full evaluation)")
+          f"Checkpoints: {os.path.join(workdir, 'checkpoints')} ("
+          + cli.python_command("clip_jax.evaluate", "--workdir", workdir,
+                               "--tasks", "zeroshot:digits,linear_probe:digits")
+          + " for the full evaluation)")
   loop.mark_finished(workdir, out["step"], [json_path, md_path])
   return 0
 

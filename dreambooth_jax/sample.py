@@ -161,7 +161,8 @@ def main(argv=None) -> int:
   save_image_grid(rows, os.path.join(args.out, "grid.png"), labels=labels,
                   title=f"{os.path.basename(os.path.normpath(args.model))}: {args.sampler} {args.steps} steps, "
                         f"guidance {args.guidance}, seeds {args.seed}..{args.seed + args.num_images - 1}")
-  print(f"Wrote {len(images)} images (PROMPT_seedS.png + .json) and grid.png (a row per prompt) to {args.out} "
+  print(f"Wrote {len(images)} images (promptNN_seedS.png + .json, NN the prompt's number) and grid.png "
+        f"(a row per prompt) to {args.out} "
         f"in {time.perf_counter() - start:.1f} s")
   return 0
 

@@ -275,7 +275,9 @@ def prepare_class_images(cfg, pipe: sd.StableDiffusion, workdir: str, size: int)
                                      share=(jax.process_index(), jax.process_count()))
   made = loop.sum_over_processes(made, "dreambooth class images")
   if made and jax.process_index() == 0:
-    print(f"Generated {made} class images for '{prompt}' in {directory}", flush=True)
+    kept = cfg.num_class_images - made  # written before (an interrupted run's, or the user's)
+    print(f"Generated {made} class images for '{prompt}' in {directory}"
+          + (f" ({kept} were there already)" if kept > 0 else ""), flush=True)
   return directory
 
 
@@ -471,11 +473,10 @@ def main(argv):
 
 def sample_command(export_dir: str, identifier: str, class_noun: str, out_dir: str) -> str:
   """The line that shows a finished run's subject beside its class (`dreambooth_jax.sample`)."""
-  import shlex
-  prompts = (ident.instance_prompt(identifier, class_noun), ident.class_prompt(class_noun))
-  return ("Samples of the subject and of its class: python -m dreambooth_jax.sample "
-          f"--model {shlex.quote(export_dir)} --prompt {shlex.quote(prompts[0])} --prompt {shlex.quote(prompts[1])} "
-          f"--out {shlex.quote(out_dir)}")
+  from clip_jax import cli
+  return "Samples of the subject and of its class: " + cli.python_command(
+      "dreambooth_jax.sample", "--model", export_dir, "--prompt", ident.instance_prompt(identifier, class_noun),
+      "--prompt", ident.class_prompt(class_noun), "--out", out_dir)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ import itertools
 import json
 import os
 import re
-import shlex
 import sys
 from typing import Any, Iterable
 
+from clip_jax.cli import python_command
 from launch import local as launcher_local
 from launch.local import REPO_ROOT
 from launch.worker import split_trainer_args
@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
   if interrupted:
     return launcher_local.PREEMPTED
   if not args.dry_run and args.emit == "local":
-    print(f"sweep: all {len(runs)} runs finished. Table: python -m launch.results {args.root}", file=out, flush=True)
+    print(f"sweep: all {len(runs)} runs finished. Table: {python_command('launch.results', args.root)}", file=out,
+          flush=True)
   return 0
 
 
@@ -359,8 +360,9 @@ def _run_all(args, runs, base, extra, run_extra, launcher, launcher_args, sweep_
       run_launcher_args += ["--mode=slurm", f"--job-name={sweep_name}-{run.name}",
                             f"--script={os.path.join(args.root, 'slurm', run.name + '.sbatch')}"]
     command = [*run_launcher_args, *(["--dry-run"] if args.dry_run else []), "--", *trainer_args(run, base, run_extra)]
-    if args.dry_run and args.emit == "local":
-      print("  python -m launch.run " + shlex.join(command), file=out, flush=True)
+    if args.dry_run and args.emit == "local":  # the command that would run, as it would run
+      print("  " + python_command("launch.run", *run_launcher_args, "--", *trainer_args(run, base, run_extra)),
+            file=out, flush=True)
       continue
     code = launcher.launch(command, out=out)
     if args.emit == "slurm" or args.dry_run:

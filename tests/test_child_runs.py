@@ -1,6 +1,7 @@
 """clip_jax.child_runs.ensure_trained: which paths a demo trains (or resumes) and which it uses as they are."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -42,8 +43,9 @@ def test_a_run_from_before_done_records_is_finished_by_its_results(tmp_path, cal
 
 
 def test_a_failing_child_is_one_user_error_line(tmp_path):
-  with pytest.raises(child_runs.ChildFailed, match=r"^`python -c import sys; sys.exit\(3\)` exited with status 3 "
-                                                   r"\(its own message is above\)$") as caught:
+  # The interpreter as the user can paste it (not a bare `python`), the command quoted for the shell.
+  shown = re.escape(f"`{cli.shown_python()} -c 'import sys; sys.exit(3)'` exited with status 3 ")
+  with pytest.raises(child_runs.ChildFailed, match=f"^{shown}" + r"\(its own message is above\)$") as caught:
     child_runs.run_child([sys.executable, "-c", "import sys; sys.exit(3)"])
   assert isinstance(caught.value, cli.UserError)
 

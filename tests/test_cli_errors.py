@@ -164,3 +164,28 @@ def test_a_bug_in_a_multi_process_run_prints_one_traceback(tmp_path):
   output = proc.stdout + proc.stderr
   assert proc.returncode == 1, output[-3000:]
   assert output.count("Traceback") == 1 and output.count("RuntimeError: the same bug in every process") == 1, output
+
+
+def test_printed_commands_name_the_running_interpreter_and_quote_for_the_shell(tmp_path, monkeypatch):
+  """A command printed for the user to paste runs this interpreter (a bare `python` may lack the
+  project's packages): relative inside the current directory, absolute outside it."""
+  import shlex
+
+  from clip_jax import cli
+  venv_python = tmp_path / ".venv" / "bin" / "python"
+  venv_python.parent.mkdir(parents=True)
+  monkeypatch.setattr(sys, "executable", str(venv_python))
+  monkeypatch.chdir(tmp_path)
+  assert cli.shown_python() == ".venv/bin/python"
+  line = cli.python_command("dreambooth_jax.sample", "--prompt", "a sks dog", "--out", "my runs/x")
+  assert line == ".venv/bin/python -m dreambooth_jax.sample --prompt 'a sks dog' --out 'my runs/x'"
+  assert shlex.split(line)[4] == "a sks dog"
+  monkeypatch.chdir(venv_python.parent)
+  assert cli.shown_python() == "./python"  # not the `python` on PATH
+  monkeypatch.chdir(tmp_path.parent)
+  assert cli.shown_python() == os.path.join(tmp_path.name, ".venv", "bin", "python")
+  other = tmp_path / "elsewhere"
+  other.mkdir()
+  monkeypatch.chdir(other)
+  assert cli.shown_python() == str(venv_python)
+  assert cli.shown_command(["echo", sys.executable]) == f"echo {venv_python}"  # only the program is shortened

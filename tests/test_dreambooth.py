@@ -277,10 +277,11 @@ def test_microbatches_give_the_full_batch_loss_and_gradient(tiny_model_dir, inst
 def test_the_finished_run_prints_a_sample_command_that_parses():
   import shlex
 
+  from clip_jax import cli
   from dreambooth_jax import sample
   line = db.sample_command("/runs/my dog/export", "sks", "dog", "/runs/my dog/samples")
   args = shlex.split(line.split(": ", 1)[1])
-  assert args[:3] == ["python", "-m", "dreambooth_jax.sample"]
+  assert args[:3] == [cli.shown_python(), "-m", "dreambooth_jax.sample"]
   parsed = sample.parse_args(args[3:])
   assert parsed.model == "/runs/my dog/export" and parsed.prompt == ["a sks dog", "a dog"]
   assert parsed.out == "/runs/my dog/samples"

@@ -284,13 +284,14 @@ def test_pretraining_ends_with_a_subject_and_the_dreambooth_command_for_it(tmp_p
   expected = table3.subject_images(pretrain.get_config().image_size)
   for i, name in enumerate(files):
     np.testing.assert_array_equal(np.asarray(Image.open(subject / name)), expected[i])
-  command = capsys.readouterr().out.splitlines()[-1].split()
-  assert command[:3] == ["python", "-m", "dreambooth_jax.train"]
+  from clip_jax import cli
+  command = shlex.split(capsys.readouterr().out.splitlines()[-1])
+  assert command[:3] == [cli.shown_python(), "-m", "dreambooth_jax.train"]
   flags = dict(arg.split("=", 1) for arg in command[3:])
   assert flags["--config"] == "configs/dreambooth/digits.py:text"
-  assert flags["--config.pretrained_model"] == shlex.quote(export_dir)
-  assert flags["--config.instance_dir"] == shlex.quote(str(subject))
-  assert flags["--workdir"] == shlex.quote(str(tmp_path / "runs" / "red_seven"))  # beside the base, not in it
+  assert flags["--config.pretrained_model"] == export_dir
+  assert flags["--config.instance_dir"] == str(subject)
+  assert flags["--workdir"] == str(tmp_path / "runs" / "red_seven")  # beside the base, not in it
   mtimes = [os.path.getmtime(subject / name) for name in files]
   pretrain.main(["--workdir", str(workdir), "--text_init", ""])  # a finished workdir: the subject stays
   assert [os.path.getmtime(subject / name) for name in files] == mtimes

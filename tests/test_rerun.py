@@ -120,6 +120,9 @@ def test_a_finished_run_is_left_alone(tmp_path):
   before = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "*")) if os.path.isfile(p)}
   assert loop.check_workdir(workdir, _config(log_every=1), total_steps=600, log=said.append) is True
   assert len(said) == 1 and "is finished (step 600)" in said[0] and "--rerun-eval" in said[0]
+  # A trainer without the option (the embedded SD pretraining) does not offer it.
+  assert loop.check_workdir(workdir, _config(), total_steps=600, offers_rerun_eval=False, log=said.append) is True
+  assert said[-1].endswith("Results: results.md.") and "--rerun-eval" not in said[-1]
   assert {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "*")) if os.path.isfile(p)} == before
   assert loop.check_workdir(workdir, _config(), total_steps=600, rerun_eval=True, log=said.append) is False
   # Other settings allowed on a finished run: no step would run under them, so its results must not claim them.

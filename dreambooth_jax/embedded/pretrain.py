@@ -281,7 +281,8 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True
     raise ValueError(f"image_size must be a multiple of 4 (the tiny VAE's downscale), got {cfg.image_size}.")
   summary_path = os.path.join(workdir, "pretrain.json")
   total_steps = cfg.vae.steps + cfg.unet.steps
-  if loop.check_workdir(workdir, cfg, total_steps=total_steps, allow_config_change=allow_config_change) \
+  if loop.check_workdir(workdir, cfg, total_steps=total_steps, allow_config_change=allow_config_change,
+                       offers_rerun_eval=False) \
       and os.path.exists(summary_path):
     with open(summary_path) as f:  # finished: said so; every file stays as it is
       return json.load(f)
@@ -385,14 +386,23 @@ def main(argv=None):
   cfg.unet.caption_dropout = args.caption_dropout
   summary = pretrain(cfg, args.workdir, allow_config_change=args.allow_config_change)
   subject = ensure_subject(os.path.join(args.workdir, "subject"), cfg.image_size)
-  print(json.dumps(summary, indent=2))
-  import shlex
+  # The whole summary (timings, final losses, which digit each prompt's samples read as) is in
+  # pretrain.json; here what says whether the model draws the digits it is asked for.
+  accuracy = summary.get("prompt_accuracy", {}).get("overall")
+  metrics = summary.get("final_metrics", {})
+  nan = float("nan")
+  print(f"Summary: {os.path.join(args.workdir, 'pretrain.json')}; final loss VAE {metrics.get('vae/loss', nan):.4f}, "
+        f"UNet {metrics.get('unet/loss', nan):.4f}"
+        + (f"; prompt accuracy {float(accuracy):.1%} (samples of 'a zero' ... 'a nine' the digit classifier reads "
+           "as the digit asked for; chance 10%)" if accuracy is not None else ""))
+  from clip_jax import cli
   red_seven = os.path.join(os.path.dirname(os.path.normpath(args.workdir)), "red_seven")
   print(f"Base model: {summary['export_dir']}\nSamples ('a zero' ... 'a nine'): {summary['samples']}\n"
-        f"A subject to try DreamBooth on (Table 3's red seven, 4 images): {subject}\n"
-        "  python -m dreambooth_jax.train --config=configs/dreambooth/digits.py:text "
-        f"--workdir={shlex.quote(red_seven)} --config.pretrained_model={shlex.quote(summary['export_dir'])} "
-        f"--config.instance_dir={shlex.quote(subject)}", flush=True)
+        f"A subject to try DreamBooth on (4 images of one held-out seven in red ink, the subject of the "
+        f"embedded Table 3): {subject}\n  "
+        + cli.python_command("dreambooth_jax.train", "--config=configs/dreambooth/digits.py:text",
+                             f"--workdir={red_seven}", f"--config.pretrained_model={summary['export_dir']}",
+                             f"--config.instance_dir={subject}"), flush=True)
 
 
 def ensure_subject(directory: str, image_size: int) -> str:
