@@ -201,7 +201,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
   """Linear warmup to `cfg.learning_rate`, then cosine decay to `cfg.end_learning_rate`
   (`cfg.schedule='cosine'`, the default) or constant (`'constant'`). The warmup starts at 0: the
   first step runs at learning rate 0 (optax's and big_vision's convention; open_clip's first step
-  takes learning_rate / warmup_steps), so a run is one step behind open_clip's schedule."""
+  takes learning_rate / warmup_steps: one step ahead of this warmup)."""
   warmup = min(cfg.warmup_steps, max(cfg.total_steps - 1, 0))
   kind = cfg.get("schedule", "cosine")
   if kind == "constant":
