@@ -202,6 +202,7 @@ def test_bf16_dense_backward_keeps_no_f32_copy_of_the_output_gradient(native_bf1
   np.testing.assert_array_equal(np.asarray(grads[2]), np.full((8,), 48.0, np.float32))
 
 
+@pytest.mark.slow  # 6-10 s: the fast subset stays under 5 min
 def test_weight_gradients_contract_f32_rows_in_place_and_copy_16_bit_ones(native_bf16_dots):
   # `rows_contracted`: an f32 weight gradient contracts x's rows as they are (XLA:CPU's transposing
   # copies of x made the fp32 ViT-B-32 step 1.25x slower); a bf16 one reads a row-major copy of x^T,
@@ -330,6 +331,7 @@ def _layer_norm_by_autodiff(x, scale, bias, epsilon, dtype):
   return (y * scale + bias).astype(dtype)
 
 
+@pytest.mark.slow  # 6-10 s: the fast subset stays under 5 min
 def test_layer_norm_equals_torch_and_autodiff_and_keeps_less_for_the_backward(monkeypatch):
   torch = pytest.importorskip("torch")
   keys = jax.random.split(jax.random.key(8), 4)
@@ -557,6 +559,7 @@ def test_bf16_conv_input_gradient_sums_its_taps_in_f32_and_rounds_once():
     assert _max_diff(dx, ref) <= 2 ** -8 * float(jnp.max(jnp.abs(ref))), strides
 
 
+@pytest.mark.slow  # 6-10 s: the fast subset stays under 5 min
 def test_bf16_conv_patches_are_the_same_bits_moved_without_an_f32_round_trip():
   # XLA:CPU builds a bf16 concatenate in f32 (every tap converted up, the patches back down); conv_patches
   # moves 16-bit taps as uint16 instead. Same bits as the patches of the f32 values rounded afterwards,

@@ -182,6 +182,7 @@ def test_hf_clip_import_and_export(tmp_path, act):
   np.testing.assert_allclose(re_text, text_emb, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # 6-10 s: the fast subset stays under 5 min
 def test_export_of_model_trained_here_loads_in_transformers(tmp_path):
   transformers = pytest.importorskip("transformers")
   module = clip_jax.create_model("ViT-Tiny")
