@@ -359,11 +359,11 @@ def _run_all(args, runs, base, extra, run_extra, launcher, launcher_args, sweep_
     if args.emit == "slurm":
       run_launcher_args += ["--mode=slurm", f"--job-name={sweep_name}-{run.name}",
                             f"--script={os.path.join(args.root, 'slurm', run.name + '.sbatch')}"]
-    command = [*run_launcher_args, *(["--dry-run"] if args.dry_run else []), "--", *trainer_args(run, base, run_extra)]
+    run_trainer_args = trainer_args(run, base, run_extra)
     if args.dry_run and args.emit == "local":  # the command that would run, as it would run
-      print("  " + python_command("launch.run", *run_launcher_args, "--", *trainer_args(run, base, run_extra)),
-            file=out, flush=True)
+      print("  " + python_command("launch.run", *run_launcher_args, "--", *run_trainer_args), file=out, flush=True)
       continue
+    command = [*run_launcher_args, *(["--dry-run"] if args.dry_run else []), "--", *run_trainer_args]
     code = launcher.launch(command, out=out)
     if args.emit == "slurm" or args.dry_run:
       if code:

@@ -276,7 +276,9 @@ def test_pretraining_ends_with_a_subject_and_the_dreambooth_command_for_it(tmp_p
   from PIL import Image
   workdir = tmp_path / "runs" / "tiny_sd"
   export_dir = str(workdir / "export")
-  monkeypatch.setattr(pretrain, "pretrain", lambda cfg, w, **_: {"export_dir": export_dir, "samples": "s.png"})
+  summary = {"export_dir": export_dir, "samples": "s.png", "final_metrics": {"vae/loss": 0.9, "unet/loss": 1.0},
+             "prompt_accuracy": {"overall": 0.1}}  # as pretrain.json holds them
+  monkeypatch.setattr(pretrain, "pretrain", lambda cfg, w, **_: summary)
   pretrain.main(["--workdir", str(workdir), "--text_init", ""])
   subject = workdir / "subject"
   files = sorted(os.listdir(subject))
@@ -295,3 +297,7 @@ def test_pretraining_ends_with_a_subject_and_the_dreambooth_command_for_it(tmp_p
   mtimes = [os.path.getmtime(subject / name) for name in files]
   pretrain.main(["--workdir", str(workdir), "--text_init", ""])  # a finished workdir: the subject stays
   assert [os.path.getmtime(subject / name) for name in files] == mtimes
+  # A write killed half-way leaves a .tmp beside three images, not four files that pass for the subject.
+  os.replace(subject / files[-1], subject / (files[-1] + ".tmp"))
+  pretrain.main(["--workdir", str(workdir), "--text_init", ""])
+  np.testing.assert_array_equal(np.asarray(Image.open(subject / files[-1])), expected[-1])

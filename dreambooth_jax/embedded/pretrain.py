@@ -388,13 +388,10 @@ def main(argv=None):
   subject = ensure_subject(os.path.join(args.workdir, "subject"), cfg.image_size)
   # The whole summary (timings, final losses, which digit each prompt's samples read as) is in
   # pretrain.json; here what says whether the model draws the digits it is asked for.
-  accuracy = summary.get("prompt_accuracy", {}).get("overall")
-  metrics = summary.get("final_metrics", {})
-  nan = float("nan")
-  print(f"Summary: {os.path.join(args.workdir, 'pretrain.json')}; final loss VAE {metrics.get('vae/loss', nan):.4f}, "
-        f"UNet {metrics.get('unet/loss', nan):.4f}"
-        + (f"; prompt accuracy {float(accuracy):.1%} (samples of 'a zero' ... 'a nine' the digit classifier reads "
-           "as the digit asked for; chance 10%)" if accuracy is not None else ""))
+  metrics = summary["final_metrics"]
+  print(f"Summary: {os.path.join(args.workdir, 'pretrain.json')}; final loss VAE {metrics['vae/loss']:.4f}, "
+        f"UNet {metrics['unet/loss']:.4f}; prompt accuracy {float(summary['prompt_accuracy']['overall']):.1%} "
+        "(samples of 'a zero' ... 'a nine' the digit classifier reads as the digit asked for; chance 10%)")
   from clip_jax import cli
   red_seven = os.path.join(os.path.dirname(os.path.normpath(args.workdir)), "red_seven")
   print(f"Base model: {summary['export_dir']}\nSamples ('a zero' ... 'a nine'): {summary['samples']}\n"
@@ -410,7 +407,7 @@ def ensure_subject(directory: str, image_size: int) -> str:
   red ink) to `directory` unless it holds them already; returns `directory`. Not part of the base
   model: a finished pretraining workdir gains it too."""
   from dreambooth_jax.embedded import table3  # table3 imports this module
-  if not os.path.isdir(directory) or len(os.listdir(directory)) < len(table3.SUBJECT_SHIFTS):
+  if not all(os.path.isfile(path) for path in table3.subject_paths(directory)):
     table3.write_subject(directory, table3.subject_images(image_size))
   return directory
 

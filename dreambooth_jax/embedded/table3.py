@@ -36,11 +36,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from clip_jax import loop
 from clip_jax.data import digits as digits_lib
 from clip_jax.observe import write_atomic
+from dreambooth_jax.training import data as db_data
 from dreambooth_jax.training import identifier as ident
 from dreambooth_jax.eval import digit_classifier
 from dreambooth_jax.eval import metrics as db_metrics
@@ -82,10 +82,15 @@ def subject_images(image_size: int = 32) -> np.ndarray:
   return np.stack(images)
 
 
+def subject_paths(directory: str, count: int = len(SUBJECT_SHIFTS)) -> list[str]:
+  """Where `write_subject` puts the subject's images: `directory`/subject_{i}.png."""
+  return [os.path.join(directory, f"subject_{i}.png") for i in range(count)]
+
+
 def write_subject(directory: str, images: np.ndarray) -> str:
   os.makedirs(directory, exist_ok=True)
-  for i, image in enumerate(images):
-    Image.fromarray(image).save(os.path.join(directory, f"subject_{i}.png"))
+  for image, path in zip(images, subject_paths(directory, len(images))):
+    db_data.write_png_atomically(image, path)  # a killed write leaves no half image to train on
   return directory
 
 
