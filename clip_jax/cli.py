@@ -403,15 +403,20 @@ def _first_to_report(text: str) -> bool:
     return True
 
 
-def report_user_error(message: str, error: BaseException | None = None) -> NoReturn:
-  """Prints `error: <message>` as one line (once per run) and exits with 2; with debugging on, the
-  traceback of `error` comes first."""
+def print_user_error(message: str, error: BaseException | None = None) -> int:
+  """Prints `error: <message>` as one line (once per run; with debugging on, the traceback of `error`
+  first) and returns the user-error exit code, 2: for a command's `main()` that returns its exit code."""
   line = _one_line(message)
   if _first_to_report(line):
     if error is not None and debug_enabled():
       sys.stderr.write("".join(traceback.format_exception(error)))
     print(f"error: {line}", file=sys.stderr, flush=True)
-  sys.exit(USER_ERROR_EXIT_CODE)
+  return USER_ERROR_EXIT_CODE
+
+
+def report_user_error(message: str, error: BaseException | None = None) -> NoReturn:
+  """`print_user_error`, then exits with its code (2)."""
+  sys.exit(print_user_error(message, error))
 
 
 def _report_bug(error: BaseException) -> NoReturn:

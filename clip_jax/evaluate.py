@@ -442,12 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     evaluate(args, tasks)
   except (ValueError, FileNotFoundError, CheckpointError) as e:  # the user's input: one clear line
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    from clip_jax import cli
+    return cli.print_user_error(str(e), e)
   except ImportError as e:  # e.g. TFDS's coco_captions builder imports TensorFlow to load at all
-    print(f"error: {e}. Install the missing package, or pass the data as a caption file or ArrayRecord "
-          "shards (KIND:DATASET=PATH; `python -m clip_jax.data.prepare` writes shards).", file=sys.stderr)
-    return 2
+    from clip_jax import cli
+    return cli.print_user_error(f"{e}. Install the missing package, or pass the data as a caption file or "
+                                "ArrayRecord shards (KIND:DATASET=PATH; `python -m clip_jax.data.prepare` writes "
+                                "shards).", e)
   return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -203,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     run(args)
   except (ValueError, FileNotFoundError, CheckpointError) as e:  # the user's input: one clear line
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    from clip_jax import cli
+    return cli.print_user_error(str(e), e)
   return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Sequence
 
 import jax
@@ -135,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     real, _ = db_data.load_image_folder(args.instance_dir, "instance")
     metrics = SubjectMetrics.from_files(clip=args.clip, dino=args.dino, lpips_backbone=args.lpips_backbone)
   except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    from clip_jax import cli
+    return cli.print_user_error(str(e), e)
   real = [np.asarray(to_rgb(image)[0]) for image in real]
   prompts = evaluation_prompts(args.identifier, args.class_noun, args.live)[:args.num_prompts]
   results, generated, _ = evaluate_subject(

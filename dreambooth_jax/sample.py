@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
@@ -109,8 +108,8 @@ def main(argv=None) -> int:
     pipe = pipeline_lib.load_pipeline(args.model, dtype=dtype,
                                       text_encoder_layers=args.text_encoder_layers)
   except (OSError, ValueError) as e:  # missing files, bad configs or weights: one line, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    from clip_jax import cli
+    return cli.print_user_error(str(e), e)
 
   # (prompt index, prompt, seed): image k of every prompt has seed --seed + k.
   jobs = [(i, prompt, args.seed + k) for i, prompt in enumerate(args.prompt) for k in range(args.num_images)]
@@ -129,8 +128,8 @@ def main(argv=None) -> int:
       problem = (f"--shard splits each batch over {jax.device_count()} devices, but the batches "
                  f"hold {sorted(sizes)} images; make --batch-size and the image count multiples.")
   if problem:
-    print(f"error: {problem}", file=sys.stderr)
-    return 2
+    from clip_jax import cli
+    return cli.print_user_error(problem)
   print(f"Sampling {len(jobs)} images of {width}x{height} with {args.sampler}, {args.steps} steps, "
         f"guidance {args.guidance}, seed {args.seed}", flush=True)
   from clip_jax.observe import package_versions, save_image_grid, write_atomic

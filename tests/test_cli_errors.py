@@ -70,6 +70,12 @@ CASES = [
     ("dreambooth_jax.embedded.pretrain", ["--workdir", "{tmp}/w", "--vae_steps", "abc"], ["--vae_steps", "'abc'"]),
     ("dreambooth_jax.embedded.table3", ["--steps", "1"], ["--workdir"]),
     ("clip_jax.wise_ft", ["--zeroshot", "x"], ["--finetuned"]),
+    pytest.param("clip_jax.wise_ft", ["--zeroshot", "{tmp}/no_a", "--finetuned", "{tmp}/no_b", "--tasks",
+                                      "zeroshot:digits", "--out", "{tmp}/o"], ["no_a"], marks=slow),
+    pytest.param("clip_jax.evaluate", ["--checkpoint", "{tmp}/no_ckpt", "--model-name", "ViT-B-32", "--tasks",
+                                       "zeroshot:digits"], ["no_ckpt"], marks=slow),
+    pytest.param("clip_jax.eval.prompt_ablation", ["configs/sweeps/digits_prompt_ensembling.py", "--workdir",
+                                                   "{tmp}/no_run", "--out", "{tmp}/o"], ["no_run"], marks=slow),
     ("clip_jax.eval.prompt_ablation", ["configs/sweeps/digits_prompt_ensembling.py"], ["--workdir", "--out"]),
     ("clip_jax.draw", ["--prompt", "a cat"], ["--checkpoint"]),
 ]
@@ -104,6 +110,32 @@ def test_debug_shows_the_traceback(how, tmp_path):
                  env={"CLIP_JAX_DEBUG": "1"} if how == "env" else None)
   assert proc.returncode == 2 and "Traceback" in proc.stderr and "SystemExit" in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no_sweep.py" in proc.stderr.splitlines()[-1]
+
+
+# Commands whose main() reports its input's errors itself (cli.print_user_error) rather than through cli.run.
+DEBUG_CASES = [
+    ("clip_jax.data.prepare", ["--input", "{tmp}/no_photos", "--output", "{tmp}/o"], "no_photos"),
+    pytest.param("dreambooth_jax.sample", ["--model", "{tmp}/no_sd", "--prompt", "x", "--out", "{tmp}/o"], "no_sd",
+                 marks=slow),
+    pytest.param("dreambooth_jax.evaluate", ["--model", "{tmp}/no_sd", "--instance-dir", "{tmp}", "--class-noun", "dog",
+                                             "--identifier", "sks", "--clip", "x", "--out", "{tmp}/o"], "no_sd",
+                 marks=slow),
+    pytest.param("clip_jax.wise_ft", ["--zeroshot", "{tmp}/no_a", "--finetuned", "{tmp}/no_b", "--tasks",
+                                      "zeroshot:digits", "--out", "{tmp}/o"], "no_a", marks=slow),
+    pytest.param("clip_jax.evaluate", ["--checkpoint", "{tmp}/no_ckpt", "--model-name", "ViT-B-32", "--tasks",
+                                       "zeroshot:digits"], "no_ckpt", marks=slow),
+    pytest.param("clip_jax.eval.prompt_ablation", ["configs/sweeps/digits_prompt_ensembling.py", "--workdir",
+                                                   "{tmp}/no_run", "--out", "{tmp}/o"], "no_run", marks=slow),
+]
+
+
+@pytest.mark.parametrize("module, args, named", DEBUG_CASES)
+def test_debug_shows_the_traceback_of_every_command(module, args, named, tmp_path):
+  # The WORKSPACE promise: --debug shows the traceback behind any command's one-line error (exit 2 still).
+  proc = run_cli(module, [*args, "--debug"], tmp_path)
+  assert proc.returncode == 2 and "Traceback" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and named in last, proc.stderr[-2000:]
 
 
 def test_a_bug_keeps_its_traceback(tmp_path):

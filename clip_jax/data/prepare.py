@@ -541,8 +541,8 @@ def main(argv=None) -> int:
             path_column=args.path_column, caption_column=args.caption_column, label_column=args.label_column,
             layout=args.layout, classnames_file=args.classnames, caption_template=args.caption_template)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    from clip_jax import cli
+    return cli.print_user_error(str(e), e)
   return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -207,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     run(args.sweep, args.workdir, args.out, batch_size=args.batch_size, limit=args.limit)
   except (ValueError, FileNotFoundError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    from clip_jax import cli
+    return cli.print_user_error(str(e), e)
   return 0
 
 
