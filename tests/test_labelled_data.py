@@ -72,6 +72,25 @@ def test_label_tables_take_indices_or_names(tmp_path):
     sources.open_source(str(tmp_path / "nolabel.csv"))
 
 
+def test_evaluation_and_prepare_read_the_same_columns_of_a_table(tmp_path):
+  # Both take a column by one rule (labelled.find_column): of the candidates, the one most rows fill,
+  # ties in the documented order. The CSV names a wrong 'image' column before the 'path' one, which
+  # the evaluation's source used to take (the first in the file) while prepare took 'path'.
+  rng = np.random.default_rng(4)
+  for name in ("a.png", "b.png"):
+    _png(tmp_path / "img" / name, rng)
+  (tmp_path / "both.csv").write_text("image,path,label\nthumbs/a.png,img/a.png,0\nthumbs/b.png,img/b.png,1\n")
+  (tmp_path / "mostly_image.jsonl").write_text("\n".join(json.dumps(r) for r in (
+      {"image": "img/a.png", "label": 0}, {"image": "img/b.png", "label": 1}, {"path": "img/a.png", "label": 1})))
+  for table, kept in (("both.csv", 2), ("mostly_image.jsonl", 2)):
+    source = sources.open_source(str(tmp_path / table), class_names=["zero", "one"])
+    assert [source[i].get("label") for i in range(kept)] == [0, 1], table
+    assert source.problems == ({"malformed_row": 1} if table.endswith("jsonl") else {}), (table, source.problems)
+    report = prepare.convert([str(tmp_path / table)], str(tmp_path / f"out_{table}"), verbose=False,
+                             caption_template="a {}")
+    assert report["written"] == kept and report["skipped"] == source.problems, (table, report)
+
+
 def _tar(path, members):
   with tarfile.open(path, "w") as archive:
     for name, data in members:

@@ -8,7 +8,9 @@ for the record format): the sources of zero-shot classification and linear probe
                   (path / filepath / file_path / image / image_path / file / filename, or `path_column`)
                   and a label column (label / class / class_name / cls / target / category, or
                   `label_column`); the label is a class index or a class name; relative paths are
-                  resolved against the file's folder. Other columns are ignored.
+                  resolved against the file's folder. Other columns are ignored. Where several
+                  candidates are present, the one most rows fill is taken, ties in the order above
+                  (`find_column`; `clip_jax.data.prepare` reads tables by the same rule).
   webdataset tars members KEY.jpg|png|webp|... + KEY.cls (the class index as text) grouped by KEY,
                   optionally KEY.txt; clip_benchmark's layout, whose `classnames.txt` beside the
                   tars (or one folder up) names the classes
@@ -237,28 +239,26 @@ class LabelTableSource(LabelledFiles):
     if isinstance(class_names, Mapping):
       raise ValueError(f"{path}: class names for a label table are a list (index order), not an object.")
     rows = list(_table_rows(path))
-    # Most common keys first (JSONL rows may differ), so the column most rows use wins a tie of names.
-    key_counts = collections.Counter(k for _, row in rows if isinstance(row, dict) for k in row)
-    columns = sorted(key_counts, key=lambda k: -key_counts[k])
-    path_col = _column(columns, path_column, PATH_COLUMNS, "path", path)
-    label_col = _column(columns, label_column, LABEL_COLUMNS, "label", path)
-    labels = [_label_text(row.get(label_col)) if isinstance(row, dict) else "" for _, row in rows]
+    row_counts = collections.Counter(k for _, row in rows if isinstance(row, dict) for k in row)
+    path_col = pick_column(row_counts, path_column, PATH_COLUMNS, "path", path)
+    label_col = pick_column(row_counts, label_column, LABEL_COLUMNS, "label", path)
+    labels = [label_text(row.get(label_col)) if isinstance(row, dict) else "" for _, row in rows]
     names = list(class_names) if class_names else _names_from_labels(labels)
     index_of = {n: i for i, n in enumerate(names)}
     base = os.path.dirname(os.path.abspath(path))
     problems, entries = Problems(), []
-    for (where, row), label_text in zip(rows, labels):
+    for (where, row), written_label in zip(rows, labels):
       image = row.get(path_col) if isinstance(row, dict) else None
       if not isinstance(image, str) or not image.strip():
         problems.add("malformed_row", where)
         entries.append((where, -1, where, "malformed_row"))
         continue
       full = image.strip() if os.path.isabs(image.strip()) else os.path.join(base, image.strip())
-      label = index_of.get(label_text)
-      if label is None and label_text.lstrip("-").isdigit() and 0 <= int(label_text) < len(names):
-        label = int(label_text)
+      label = index_of.get(written_label)
+      if label is None and written_label.lstrip("-").isdigit() and 0 <= int(written_label) < len(names):
+        label = int(written_label)
       if label is None:
-        problems.add("unknown_label", f"{where} ({label_text!r})")
+        problems.add("unknown_label", f"{where} ({written_label!r})")
         entries.append((full, -1, image.strip(), "unknown_label"))
       elif not os.path.isfile(full):
         problems.add("missing_file", image.strip())
@@ -271,8 +271,9 @@ class LabelTableSource(LabelledFiles):
     self._init_records(entries, names, problems, path, templates)
 
 
-def _label_text(value) -> str:
-  return "" if value is None else str(value).strip()
+def label_text(value) -> str:
+  """A table cell's label as text: stripped; "" for a missing, list or object value."""
+  return "" if value is None or isinstance(value, (dict, list)) else str(value).strip()
 
 
 def _names_from_labels(labels: Sequence[str]) -> list[str]:
@@ -282,15 +283,26 @@ def _names_from_labels(labels: Sequence[str]) -> list[str]:
   return sorted(set(present))
 
 
-def _column(columns, explicit: str | None, choices, what: str, path: str) -> str:
+def find_column(row_counts: Mapping[str, int], explicit: str | None, choices: Sequence[str]) -> str | None:
+  """The column of a table that holds one kind of value, or None: `explicit` if the table has it;
+  otherwise, of the `choices` present, the one the most rows fill (JSONL rows may differ), ties in
+  the order of `choices`. `row_counts`: column name -> how many rows have it."""
   if explicit:
-    if explicit not in columns:
-      raise ValueError(f"{path}: has no column {explicit!r} (columns: {columns}).")
-    return explicit
-  for column in columns:
-    if column in choices:
-      return column
-  raise ValueError(f"{path}: no {what} column among {columns}; expected one of {', '.join(choices)}.")
+    return explicit if explicit in row_counts else None
+  present = [choice for choice in choices if choice in row_counts]
+  return max(present, key=lambda choice: row_counts[choice], default=None)  # max keeps the first of equals
+
+
+def pick_column(row_counts: Mapping[str, int], explicit: str | None, choices: Sequence[str], what: str, path: str,
+                how_to_name: str = "") -> str:
+  """`find_column`, raising ValueError (naming the table's columns) where there is none."""
+  column = find_column(row_counts, explicit, choices)
+  if column is not None:
+    return column
+  if explicit:
+    raise ValueError(f"{path}: has no column {explicit!r} (columns: {list(row_counts)}).")
+  raise ValueError(f"{path}: no {what} column among {list(row_counts)}; expected one of {', '.join(choices)}"
+                   f"{how_to_name}.")
 
 
 def _table_rows(path: str):

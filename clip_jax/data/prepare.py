@@ -49,8 +49,8 @@ from typing import Iterator
 
 from clip_jax.data import images as image_ops
 from clip_jax.data.labelled import (CLASSNAMES_FILE, IMAGE_EXTENSIONS, KEPT_PROBLEMS, LABEL_COLUMNS, PATH_COLUMNS,
-                                    find_classnames_file, names_for_folders, read_class_names_file,
-                                    scan_image_folder, tar_key)
+                                    find_classnames_file, find_column, label_text, names_for_folders, pick_column,
+                                    read_class_names_file, scan_image_folder, tar_key)
 from clip_jax.data.records import (DEFAULT_MAX_CAPTION_CHARS, BadRecord, QualityCounts, clean_caption,
                                    encode_record)
 
@@ -205,28 +205,6 @@ def _read_folder(root: str) -> Iterator[Candidate]:
                         detail=f"{name} has no image beside it")
 
 
-def _pick_column(columns, explicit: str | None, choices, what: str, path: str) -> str:
-  if explicit:
-    if explicit not in columns:
-      raise ValueError(f"{path}: has no column {explicit!r} (columns: {list(columns)}).")
-    return explicit
-  for choice in choices:
-    if choice in columns:
-      return choice
-  raise ValueError(f"{path}: no {what} column among {list(columns)}; name one with "
-                   f"--{what}-column.")
-
-
-def _optional_column(columns, explicit: str | None, choices) -> str | None:
-  if explicit:
-    return explicit if explicit in columns else None
-  return next((c for c in choices if c in columns), None)
-
-
-def _label_text(value) -> str:
-  return "" if value is None or isinstance(value, (dict, list)) else str(value).strip()
-
-
 def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Candidate:
   path_col, caption_col, label_col = columns
   image_path = row.get(path_col)
@@ -234,7 +212,7 @@ def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Cand
   if not isinstance(image_path, str) or not image_path.strip():
     return Candidate(key, skip="malformed_row", detail=f"no {path_col!r} value")
   label = None
-  text = _label_text(row.get(label_col)) if label_col is not None else ""
+  text = label_text(row.get(label_col)) if label_col is not None else ""
   if text:  # a row without a label is an unlabelled record, as in a plain caption table
     label = args.class_names.index(text)
     if label is None:
@@ -256,21 +234,24 @@ def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Cand
     return Candidate(key, skip="unreadable_file", detail=str(e))
 
 
-def _table_columns(columns, args, path: str) -> tuple[str, str | None, str | None]:
-  """(path column, caption column or None, label column or None); with a label the caption may be absent."""
-  path_col = _pick_column(columns, args.path_column, PATH_COLUMNS, "path", path)
-  label_col = _optional_column(columns, args.label_column, LABEL_COLUMNS)
-  if args.label_column and label_col is None:
-    raise ValueError(f"{path}: has no column {args.label_column!r} (columns: {list(columns)}).")
+def _table_columns(row_counts, args, path: str) -> tuple[str, str | None, str | None]:
+  """(path column, caption column or None, label column or None); with a label the caption may be absent.
+  `row_counts`: column name -> how many rows have it (labelled.find_column's rule)."""
+  path_col = pick_column(row_counts, args.path_column, PATH_COLUMNS, "path", path, "; name one with --path-column")
+  if args.label_column:
+    label_col = pick_column(row_counts, args.label_column, LABEL_COLUMNS, "label", path)
+  else:
+    label_col = find_column(row_counts, None, LABEL_COLUMNS)
   if label_col is None:
-    return path_col, _pick_column(columns, args.caption_column, _CAPTION_COLUMNS, "caption", path), None
-  return path_col, _optional_column(columns, args.caption_column, _CAPTION_COLUMNS), label_col
+    return path_col, pick_column(row_counts, args.caption_column, _CAPTION_COLUMNS, "caption", path,
+                                 "; name one with --caption-column"), None
+  return path_col, find_column(row_counts, args.caption_column, _CAPTION_COLUMNS), label_col
 
 
 def _register_labels(rows, label_col: str | None, args) -> None:
   """Names among the labels (not integers) join the class names, sorted, before any row is converted."""
   if label_col is not None:
-    texts = (_label_text(row.get(label_col)) for row in rows if isinstance(row, dict))
+    texts = (label_text(row.get(label_col)) for row in rows if isinstance(row, dict))
     args.class_names.add(t for t in texts if t and not t.isdigit())
 
 
@@ -279,7 +260,7 @@ def _read_table(path: str, args, delimiter: str) -> Iterator[Candidate]:
   with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
     reader = csv.DictReader(f, delimiter=delimiter)
     rows = list(reader)  # twice over: class names first, then the rows
-    columns = _table_columns(reader.fieldnames or [], args, path)
+    columns = _table_columns(dict.fromkeys(reader.fieldnames or [], len(rows)), args, path)
   _register_labels(rows, columns[2], args)
   for line, row in enumerate(rows, start=2):
     yield _row_candidate(row, columns, base, f"{os.path.basename(path)}:{line}", args)
@@ -297,8 +278,8 @@ def _read_jsonl(path: str, args) -> Iterator[Candidate]:
       except json.JSONDecodeError:
         row = None
       rows.append((f"{os.path.basename(path)}:{line_number}", row if isinstance(row, dict) else None))
-  keys = list(dict.fromkeys(k for _, row in rows if row is not None for k in row))
-  columns = _table_columns(keys, args, path) if keys else None
+  row_counts = collections.Counter(k for _, row in rows if row is not None for k in row)
+  columns = _table_columns(row_counts, args, path) if row_counts else None
   if columns is not None:
     _register_labels([row for _, row in rows], columns[2], args)
   for key, row in rows:
