@@ -91,6 +91,47 @@ def test_evaluation_and_prepare_read_the_same_columns_of_a_table(tmp_path):
     assert report["written"] == kept and report["skipped"] == source.problems, (table, report)
 
 
+def test_tables_with_a_byte_order_mark_or_not_utf8_and_latin1_file_names(tmp_path):
+  # Spreadsheets' "CSV UTF-8" starts with a byte-order mark: it was read into the first column's name
+  # ('\ufeffpath': "no path column") and a JSONL's first row was malformed. A Latin-1 table is one
+  # line for the evaluation and counted by prepare; Latin-1 file and folder names (old archives) crashed
+  # prepare's records, its classnames.txt and the evaluation's predictions CSV.
+  rng = np.random.default_rng(5)
+  for name in ("a.png", "b.png"):
+    _png(tmp_path / "img" / name, rng)
+  (tmp_path / "bom.csv").write_text("path,label\nimg/a.png,chat\nimg/b.png,chien\n", encoding="utf-8-sig")
+  (tmp_path / "bom.jsonl").write_text('{"path": "img/a.png", "label": "chat"}\n{"path": "img/b.png", "label": "chien"}\n',
+                                      encoding="utf-8-sig")
+  for table in ("bom.csv", "bom.jsonl"):
+    source = sources.open_source(str(tmp_path / table))
+    assert source.class_names == ["chat", "chien"] and [source[i]["label"] for i in range(2)] == [0, 1], table
+    report = prepare.convert([str(tmp_path / table)], str(tmp_path / f"out_{table}"), caption_template="a {}",
+                             verbose=False)
+    assert report["written"] == 2 and report["skipped"] == {}, (table, report)
+
+  (tmp_path / "latin1.csv").write_bytes(b"path,label\nimg/a.png,chat\nimg/b.png,caf\xe9\n")
+  with pytest.raises(ValueError, match=r"latin1.csv: line 3 is not UTF-8 text \(byte 0xe9\)"):
+    sources.open_source(str(tmp_path / "latin1.csv"))
+  report = prepare.convert([str(tmp_path / "latin1.csv")], str(tmp_path / "out_latin1"), caption_template="a {}",
+                           verbose=False)
+  assert report["written"] == 1 and report["skipped"] == {"unknown_label": 1}
+
+  tree = os.fsencode(tmp_path / "tree")
+  for folder, name in ((b"caf\xe9", b"x\xe9.png"), (b"chien", b"b.png")):
+    os.makedirs(os.path.join(tree, folder))
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(os.path.join(tree, folder, name), "PNG")
+  report = prepare.convert([os.fsdecode(tree)], str(tmp_path / "out_tree"), caption_template="a {}", verbose=False)
+  assert report["written"] == 2 and report["num_classes"] == 2
+  shards = sources.open_source(str(tmp_path / "out_tree"))
+  assert shards.class_names == ["caf\\xe9", "chien"]
+  assert sorted((r["key"], r["captions"][0]) for r in (shards[0], shards[1])) == [
+      ("caf\\xe9/x\\xe9.png", "a caf\\xe9"), ("chien/b.png", "a chien")]
+  folder = sources.open_source(os.fsdecode(tree))
+  assert folder.class_names == ["caf\\xe9", "chien"] and folder.record_key(0) == "caf\\xe9/x\\xe9.png"
+  rows = cli.write_predictions(str(tmp_path / "predictions.csv"), [0, 1], [0, 1], [1, 1], folder, folder.class_names)
+  assert open(rows, encoding="utf-8").read().splitlines()[1] == "0,caf\\xe9/x\\xe9.png,0,1,caf\\xe9,chien"
+
+
 def _tar(path, members):
   with tarfile.open(path, "w") as archive:
     for name, data in members:

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import json
 import os
 import tarfile
 from typing import Mapping, Sequence
 
 from absl import logging
+
+from clip_jax.data.records import with_escaped_bytes
 
 # torchvision's ImageFolder extensions, plus the formats the pipeline decodes anyway.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -60,8 +63,9 @@ def is_image_file(name: str) -> bool:
 
 
 def display_name(folder: str) -> str:
-  """A class folder's name as a prompt reads it: 'golden_retriever' -> 'golden retriever'."""
-  return " ".join(folder.replace("_", " ").split())
+  """A class folder's name as a prompt reads it: 'golden_retriever' -> 'golden retriever'; bytes of
+  the name that are not UTF-8 are written as \\xNN (`records.with_escaped_bytes`)."""
+  return " ".join(with_escaped_bytes(folder).replace("_", " ").split())
 
 
 class Problems:
@@ -75,7 +79,7 @@ class Problems:
     self.counts[reason] += count
     kept = self.examples.setdefault(reason, [])
     if len(kept) < _EXAMPLES_KEPT:
-      kept.append(name)
+      kept.append(with_escaped_bytes(name))  # reports are UTF-8 files
 
   def log(self, where: str) -> None:
     for reason, count in sorted(self.counts.items()):
@@ -105,8 +109,9 @@ class LabelledFiles:
     return len(self._entries)
 
   def record_key(self, index: int) -> str:
-    """The record's name (its path below the root, or tar/key), without reading it."""
-    return self._entries[index][2]
+    """The record's name (its path below the root, or tar/key), without reading it; bytes of a file
+    name that are not UTF-8 written as \\xNN."""
+    return with_escaped_bytes(self._entries[index][2])
 
   def _read(self, locator) -> bytes:
     with open(locator, "rb") as f:
@@ -238,8 +243,7 @@ class LabelTableSource(LabelledFiles):
       raise FileNotFoundError(f"{path}: no such label file.")
     if isinstance(class_names, Mapping):
       raise ValueError(f"{path}: class names for a label table are a list (index order), not an object.")
-    rows = list(_table_rows(path))
-    row_counts = collections.Counter(k for _, row in rows if isinstance(row, dict) for k in row)
+    row_counts, rows = read_table(path)
     path_col = pick_column(row_counts, path_column, PATH_COLUMNS, "path", path)
     label_col = pick_column(row_counts, label_column, LABEL_COLUMNS, "label", path)
     labels = [label_text(row.get(label_col)) if isinstance(row, dict) else "" for _, row in rows]
@@ -305,23 +309,35 @@ def pick_column(row_counts: Mapping[str, int], explicit: str | None, choices: Se
                    f"{how_to_name}.")
 
 
-def _table_rows(path: str):
-  """(where, row dict or None) per data row of a .csv / .tsv / .jsonl file."""
+def read_table(path: str, undecodable: str = "strict") -> tuple[dict[str, int], list[tuple[str, dict | None]]]:
+  """A .csv / .tsv / .jsonl table: (column name -> how many rows have it, [(where, row dict or None)]),
+  `where` being "file:line" and None a JSONL line that is not a JSON object. Read as UTF-8 with or
+  without the byte-order mark spreadsheets write ("CSV UTF-8"). `undecodable`: "strict" raises
+  ValueError naming the first line that is not UTF-8; "surrogateescape" keeps such bytes as lone
+  surrogates for the caller to count (`clip_jax.data.prepare`)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8-sig", errors=undecodable)
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x}); save the table as "
+                     "UTF-8.") from None
   name = os.path.basename(path)
-  with open(path, encoding="utf-8", newline="") as f:
-    if path.lower().endswith((".jsonl", ".json")):
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          row = None
-        yield f"{name}:{line_number}", row if isinstance(row, dict) else None
-    else:
-      reader = csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
-      for line_number, row in enumerate(reader, start=2):
-        yield f"{name}:{line_number}", row
+  rows = []
+  if path.lower().endswith((".jsonl", ".json")):
+    for line_number, line in enumerate(io.StringIO(text, newline=None), start=1):  # \r\n and \r end lines too
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        row = None
+      rows.append((f"{name}:{line_number}", row if isinstance(row, dict) else None))
+    return collections.Counter(k for _, row in rows if row is not None for k in row), rows
+  reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+  rows = [(f"{name}:{line_number}", row) for line_number, row in enumerate(reader, start=2)]
+  return dict.fromkeys(reader.fieldnames or [], len(rows)), rows
 
 
 # ----------------------------------------------------------------------------- webdataset tars

@@ -50,7 +50,7 @@ from typing import Iterator
 from clip_jax.data import images as image_ops
 from clip_jax.data.labelled import (CLASSNAMES_FILE, IMAGE_EXTENSIONS, KEPT_PROBLEMS, LABEL_COLUMNS, PATH_COLUMNS,
                                     find_classnames_file, find_column, label_text, names_for_folders, pick_column,
-                                    read_class_names_file, scan_image_folder, tar_key)
+                                    read_class_names_file, read_table, scan_image_folder, tar_key)
 from clip_jax.data.records import (DEFAULT_MAX_CAPTION_CHARS, BadRecord, QualityCounts, clean_caption,
                                    encode_record)
 
@@ -129,12 +129,10 @@ def read_candidates(path: str, args) -> Iterator[Candidate]:
       yield from _read_class_folders(path, args)
     else:
       yield from _read_folder(path)
-  elif path.endswith(".tar"):
+  elif path.lower().endswith(".tar"):
     yield from _read_tar(path, args)
-  elif path.endswith(".csv") or path.endswith(".tsv"):
-    yield from _read_table(path, args, delimiter="\t" if path.endswith(".tsv") else ",")
-  elif path.endswith(".jsonl") or path.endswith(".json"):
-    yield from _read_jsonl(path, args)
+  elif path.lower().endswith((".csv", ".tsv", ".jsonl", ".json")):
+    yield from _read_table(path, args)
   else:
     raise ValueError(f"--input {path}: not a directory, .csv/.tsv, .jsonl or .tar file.")
 
@@ -216,14 +214,15 @@ def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Cand
   if text:  # a row without a label is an unlabelled record, as in a plain caption table
     label = args.class_names.index(text)
     if label is None:
-      return Candidate(key, skip="unknown_label", detail=f"label {text!r} is not a class index or a known name")
+      return Candidate(key, skip="unknown_label", detail=f"label {text!r} is not UTF-8 text" if _undecodable(text)
+                       else f"label {text!r} is not a class index or a known name")
     if caption is None or (isinstance(caption, str) and not caption.strip()):
       caption = args.caption_template.format(args.class_names.name(label))
   if caption is None:
     caption = ""
   elif isinstance(caption, (int, float)):
     caption = str(caption)
-  if isinstance(caption, str) and any("\udc80" <= c <= "\udcff" for c in caption):
+  if isinstance(caption, str) and _undecodable(caption):
     caption = caption.encode("utf-8", errors="surrogateescape")  # undecodable bytes: let clean_caption count them
   full_path = os.path.join(base, image_path.strip())
   if not os.path.isfile(full_path):
@@ -248,37 +247,22 @@ def _table_columns(row_counts, args, path: str) -> tuple[str, str | None, str | 
   return path_col, find_column(row_counts, args.caption_column, _CAPTION_COLUMNS), label_col
 
 
+def _undecodable(text: str) -> bool:
+  """Whether `text` holds bytes that were not UTF-8 (read with errors="surrogateescape")."""
+  return any("\udc80" <= c <= "\udcff" for c in text)
+
+
 def _register_labels(rows, label_col: str | None, args) -> None:
   """Names among the labels (not integers) join the class names, sorted, before any row is converted."""
   if label_col is not None:
     texts = (label_text(row.get(label_col)) for row in rows if isinstance(row, dict))
-    args.class_names.add(t for t in texts if t and not t.isdigit())
+    args.class_names.add(t for t in texts if t and not t.isdigit() and not _undecodable(t))
 
 
-def _read_table(path: str, args, delimiter: str) -> Iterator[Candidate]:
-  base = os.path.dirname(os.path.abspath(path))
-  with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-    reader = csv.DictReader(f, delimiter=delimiter)
-    rows = list(reader)  # twice over: class names first, then the rows
-    columns = _table_columns(dict.fromkeys(reader.fieldnames or [], len(rows)), args, path)
-  _register_labels(rows, columns[2], args)
-  for line, row in enumerate(rows, start=2):
-    yield _row_candidate(row, columns, base, f"{os.path.basename(path)}:{line}", args)
-
-
-def _read_jsonl(path: str, args) -> Iterator[Candidate]:
-  base = os.path.dirname(os.path.abspath(path))
-  rows = []
-  with open(path, encoding="utf-8", errors="surrogateescape") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        row = None
-      rows.append((f"{os.path.basename(path)}:{line_number}", row if isinstance(row, dict) else None))
-  row_counts = collections.Counter(k for _, row in rows if row is not None for k in row)
+def _read_table(path: str, args) -> Iterator[Candidate]:
+  """A .csv / .tsv / .jsonl table's rows as candidates; undecodable bytes in a caption are counted
+  (clean_caption), a label with them is an unknown label."""
+  row_counts, rows = read_table(path, undecodable="surrogateescape")
   columns = _table_columns(row_counts, args, path) if row_counts else None
   if columns is not None:
     _register_labels([row for _, row in rows], columns[2], args)
@@ -286,7 +270,7 @@ def _read_jsonl(path: str, args) -> Iterator[Candidate]:
     if row is None:
       yield Candidate(key, skip="malformed_row", detail="not a JSON object")
     else:
-      yield _row_candidate(row, columns, base, key, args)
+      yield _row_candidate(row, columns, base=os.path.dirname(os.path.abspath(path)), key=key, args=args)
 
 
 def _read_tar(path: str, args) -> Iterator[Candidate]:

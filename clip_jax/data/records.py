@@ -54,8 +54,17 @@ class QualityCounts:
     return "\n".join(lines)
 
 
+def with_escaped_bytes(name: str) -> str:
+  """A file or folder name as valid text: bytes that were not UTF-8 (lone surrogates from Python's
+  surrogate-escaped file system names, e.g. Latin-1 names from an old archive) written as \\xNN."""
+  return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def encode_record(image_bytes: bytes, caption: str, key: str = "", label: int | None = None) -> bytes:
-  header = {"caption": caption, "key": key}
+  """One record: the CLR1 magic, the header's length, a JSON header (caption, key, label) and the image's
+  bytes. A key (a file name) holding bytes that were not UTF-8 (a surrogate-escaped name from the file
+  system or a table) is kept with those bytes written as \\xNN."""
+  header = {"caption": caption, "key": with_escaped_bytes(key)}
   if label is not None:
     header["label"] = int(label)
   header_bytes = json.dumps(header, ensure_ascii=False).encode("utf-8")
