@@ -11,7 +11,7 @@ from PIL import Image
 
 import clip_jax
 from clip_jax import evaluate as cli
-from clip_jax.data import DIGIT_CLASS_NAMES, DIGIT_ZEROSHOT_TEMPLATES
+from clip_jax.data import DIGIT_CLASS_NAMES, DIGIT_ZEROSHOT_TEMPLATES, labelled
 from clip_jax.eval import classnames, embed, linear_probe, paper_results, retrieval, zeroshot
 from clip_jax.sharding import create_mesh
 from clip_jax.tokenizer import get_tokenizer
@@ -295,6 +295,14 @@ def test_template_files_and_prompt_overrides(tmp_path):
   path.write_text("no placeholder\n")
   with pytest.raises(ValueError, match="needs exactly one"):
     zeroshot.read_templates_file(str(path))
+  # Notepad's byte-order mark stays out of the first prompt and the first class name (it was kept).
+  path.write_text("a photo of a {}.\n", encoding="utf-8-sig")
+  assert zeroshot.read_templates_file(str(path)) == ("a photo of a {}.",)
+  (tmp_path / "names.txt").write_text("cat\ndog\n", encoding="utf-8-sig")
+  assert labelled.read_class_names_file(str(tmp_path / "names.txt")) == ["cat", "dog"]
+  (tmp_path / "names.txt").write_bytes(b"cat\ncaf\xe9\n")
+  with pytest.raises(ValueError, match=r"names.txt: line 2 is not UTF-8 text"):
+    labelled.read_class_names_file(str(tmp_path / "names.txt"))
   (task,) = cli.with_prompts(cli.parse_tasks("zeroshot:cifar10"), templates=["itap of a {}."])
   assert task.templates == ("itap of a {}.",) and not task.paper_comparable and len(task.class_names) == 10
   (probe,) = cli.with_prompts(cli.parse_tasks("linear_probe:cifar10"), templates=["x {}"])
@@ -351,6 +359,12 @@ def test_caption_files_group_captions_per_image(tmp_path):
   (tmp_path / "bad.csv").write_text("path,label\na.png,1\n")
   with pytest.raises(ValueError, match="caption column"):
     retrieval.CaptionFileSource(str(tmp_path / "bad.csv"))
+  # The byte-order mark a spreadsheet's "CSV UTF-8" starts with (was read into the column's name).
+  (tmp_path / "bom.csv").write_text(f"filepath,title\n{names[2]},x\n", encoding="utf-8-sig")
+  assert retrieval.CaptionFileSource(str(tmp_path / "bom.csv")).all_captions() == [["x"]]
+  (tmp_path / "broken.jsonl").write_text(json.dumps({"image": names[0], "caption": "a"}) + "\n{not json\n")
+  with pytest.raises(ValueError, match=r"broken.jsonl:2: expected an object with 'image'"):
+    retrieval.CaptionFileSource(str(tmp_path / "broken.jsonl"))
 
 
 @pytest.fixture(scope="module")

@@ -208,8 +208,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list, Problems]:
 def read_class_names_file(path: str) -> list[str] | dict[str, str]:
   """A class-name file: JSON (a list, or an object {folder or label: name}) or one name per line
   (blank lines and lines starting with '#' ignored). Raises ValueError when it names nothing."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = read_text(path)
   if path.lower().endswith(".json") or text.lstrip().startswith(("[", "{")):
     try:
       names = json.loads(text)
@@ -309,20 +308,27 @@ def pick_column(row_counts: Mapping[str, int], explicit: str | None, choices: Se
                    f"{how_to_name}.")
 
 
+def read_text(path: str, undecodable: str = "strict") -> str:
+  """A text file people write (a table, class names, prompt templates) as UTF-8, with or without the
+  byte-order mark Windows editors and spreadsheets put first. `undecodable` as for bytes.decode;
+  "strict" raises ValueError naming the first line that is not UTF-8."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8-sig", errors=undecodable)
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x}); save the file as "
+                     "UTF-8.") from None
+
+
 def read_table(path: str, undecodable: str = "strict") -> tuple[dict[str, int], list[tuple[str, dict | None]]]:
   """A .csv / .tsv / .jsonl table: (column name -> how many rows have it, [(where, row dict or None)]),
   `where` being "file:line" and None a JSONL line that is not a JSON object. Read as UTF-8 with or
   without the byte-order mark spreadsheets write ("CSV UTF-8"). `undecodable`: "strict" raises
   ValueError naming the first line that is not UTF-8; "surrogateescape" keeps such bytes as lone
   surrogates for the caller to count (`clip_jax.data.prepare`)."""
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    text = data.decode("utf-8-sig", errors=undecodable)
-  except UnicodeDecodeError as e:
-    line = data[:e.start].count(b"\n") + 1
-    raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x}); save the table as "
-                     "UTF-8.") from None
+  text = read_text(path, undecodable)
   name = os.path.basename(path)
   rows = []
   if path.lower().endswith((".jsonl", ".json")):

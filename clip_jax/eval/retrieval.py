@@ -12,15 +12,14 @@ Relative image paths are resolved against the caption file's directory.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 from absl import logging
 
+from clip_jax.data.labelled import pick_column, read_table
 from clip_jax.data.sources import open_source
 from clip_jax.eval import embed
 
@@ -61,7 +60,7 @@ class CaptionFileSource:
       raise FileNotFoundError(f"{path}: no such caption file.")
     self.path = path
     root = os.path.dirname(os.path.abspath(path))
-    pairs = self._read_csv(path) if path.lower().endswith(".csv") else self._read_jsonl(path)
+    pairs = self._read_pairs(path)
     grouped: dict[str, list[str]] = {}
     for image, captions in pairs:
       grouped.setdefault(image, []).extend(c for c in captions if c)
@@ -72,32 +71,19 @@ class CaptionFileSource:
     self.class_names = None
 
   @staticmethod
-  def _read_jsonl(path: str):
-    with open(path, encoding="utf-8") as f:
-      for line_number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-          image = row["image"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise ValueError(f"{path}:{line_number}: expected a JSON object with 'image' and 'captions' "
-                           f"({type(e).__name__}: {e}).") from e
-        captions = row.get("captions", row.get("caption", []))
-        yield image, [captions] if isinstance(captions, str) else list(captions)
-
-  @staticmethod
-  def _read_csv(path: str):
-    with open(path, encoding="utf-8", newline="") as f:
-      reader = csv.DictReader(f)
-      fields = reader.fieldnames or []
-      image_key = next((c for c in _IMAGE_COLUMNS if c in fields), None)
-      caption_key = next((c for c in _CAPTION_COLUMNS if c in fields), None)
-      if image_key is None or caption_key is None:
-        raise ValueError(f"{path}: needs an image column ({'/'.join(_IMAGE_COLUMNS)}) and a caption "
-                         f"column ({'/'.join(_CAPTION_COLUMNS)}); its header is {fields}.")
-      for row in reader:
-        yield row[image_key], [row[caption_key]]
+  def _read_pairs(path: str):
+    """(image path, [captions]) per row of a caption CSV / JSONL (labelled.read_table: UTF-8 with or
+    without a byte-order mark); a JSONL row may name its captions with any caption column."""
+    row_counts, rows = read_table(path)
+    image_key = pick_column(row_counts, None, _IMAGE_COLUMNS, "image", path)
+    caption_key = pick_column(row_counts, None, _CAPTION_COLUMNS, "caption", path)
+    for where, row in rows:
+      image = row.get(image_key) if row is not None else None
+      if not isinstance(image, str) or not image.strip():
+        raise ValueError(f"{where}: expected an object with {image_key!r} (the image's path) and "
+                         f"{caption_key!r} (a caption or a list of them).")
+      captions = next((row[key] for key in (caption_key, *_CAPTION_COLUMNS) if row.get(key) is not None), [])
+      yield image.strip(), [captions] if isinstance(captions, str) else [str(c) for c in captions]
 
   def __len__(self) -> int:
     return len(self.image_paths)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from clip_jax.data.labelled import read_text
 from clip_jax.data.sources import open_source
 from clip_jax.eval import embed
 from clip_jax.eval.classnames import GENERIC_TEMPLATES, find_dataset
@@ -37,8 +38,7 @@ def read_templates_file(path: str) -> tuple[str, ...]:
   is read as '{}'); blank lines and lines starting with '#' are ignored. A JSON list of strings
   works too. Raises ValueError for a file without templates or a line without its placeholder."""
   import json
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = read_text(path)
   if text.lstrip().startswith("["):
     try:
       lines = json.loads(text)
