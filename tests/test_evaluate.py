@@ -242,6 +242,27 @@ def test_text_pass_on_a_mesh_with_a_tensor_axis(tiny):
 
 
 # ----------------------------------------------------------------------------- linear probe
+def test_linear_probe_matches_test_classes_to_training_classes_by_name(tmp_path):
+  # A new user's folder tree: test/ lacks 'eight' (sorted first), or holds an extra empty folder; each
+  # split numbers its own folders, so every label shifted and the probe scored 0% / 11%, silently.
+  from PIL import Image
+  from clip_jax.data import sources
+  names = ["eight", "five", "one"]
+  for split, folders in (("train", names), ("test", names[1:] + ["zz_empty"])):
+    for folder in folders:
+      os.makedirs(tmp_path / split / folder)
+      if folder != "zz_empty":
+        Image.new("RGB", (4, 4)).save(tmp_path / split / folder / "0.png")
+  train, test = (sources.open_source(str(tmp_path / "{split}"), split) for split in ("train", "test"))
+  assert test.class_names == ["five", "one", "zz empty"]
+  test_labels = np.array([test[i]["label"] for i in range(len(test))])
+  assert list(test_labels) == [0, 1]
+  assert list(linear_probe.labels_in_train_classes(test_labels, test.class_names, train.class_names)) == [1, 2]
+  assert linear_probe.labels_in_train_classes(test_labels, None, train.class_names) is test_labels
+  with pytest.raises(ValueError, match=r"test classes with no training class: 'six' \(2 images\)"):
+    linear_probe.labels_in_train_classes(np.array([0, 3, 3]), ["five", "one", "x", "six"], train.class_names)
+
+
 def test_linear_probe_on_separable_features_reaches_100():
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(4, 8)) * 6

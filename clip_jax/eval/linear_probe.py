@@ -148,6 +148,29 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
                      best_c, sweep, tuple(too_small))
 
 
+def labels_in_train_classes(test_labels: np.ndarray, test_names, train_names) -> np.ndarray:
+  """The test split's labels [n] as indices of the training split's classes, matched by class name.
+
+  Each split of a folder tree (or table, or tar shards) numbers its own classes, so a class folder
+  missing from one split, or an extra empty one, shifts every label after it. Splits without class
+  names, or with the same names in the same order, are returned as they are. Raises ValueError
+  naming the test classes that hold images but have no training class (the probe cannot predict them).
+  """
+  if test_names is None or train_names is None or list(test_names) == list(train_names):
+    return test_labels
+  train_index = {name: i for i, name in enumerate(train_names)}
+  present = np.unique(test_labels[test_labels >= 0])
+  unknown = [f"{test_names[i]!r} ({int(np.sum(test_labels == i))} images)" for i in present
+             if test_names[i] not in train_index]
+  if unknown:
+    raise ValueError(f"linear probe: test classes with no training class: {', '.join(unknown[:5])}; the training "
+                     f"split's classes are {list(train_names)[:10]}{' ...' if len(train_names) > 10 else ''}.")
+  logging.warning("linear probe: the test split's %d classes differ from the training split's %d; its labels are "
+                  "matched to the training classes by name.", len(test_names), len(train_names))
+  mapping = np.array([train_index.get(name, -1) for name in test_names], np.int64)
+  return np.where(test_labels >= 0, mapping[np.maximum(test_labels, 0)], test_labels)
+
+
 def evaluate_linear_probe(model, variables, train_source, test_source, *, batch_size: int, image_size: int,
                           mesh, features: str = "pre_projection", val_fraction: float = 0.2, seed: int = 0,
                           metric: str = "top1", num_workers: int = 0) -> ProbeResult:
@@ -162,7 +185,9 @@ def evaluate_linear_probe(model, variables, train_source, test_source, *, batch_
     if (splits[name].labels < 0).any():
       raise ValueError(f"the {name} data of the linear probe has unlabelled examples; it needs a class label.")
   train, test = splits["train"], splits["test"]
-  result = fit_linear_probe(train.features, train.labels, test.features, test.labels, val_fraction=val_fraction,
+  test_labels = labels_in_train_classes(test.labels, getattr(test_source, "class_names", None),
+                                        getattr(train_source, "class_names", None))
+  result = fit_linear_probe(train.features, train.labels, test.features, test_labels, val_fraction=val_fraction,
                             seed=seed, metric=metric)
   return dataclasses.replace(result, num_skipped={k: v.num_skipped for k, v in splits.items()},
                              skipped={k: dict(v.skipped) for k, v in splits.items()})
