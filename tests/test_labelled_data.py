@@ -132,6 +132,27 @@ def test_tables_with_a_byte_order_mark_or_not_utf8_and_latin1_file_names(tmp_pat
   assert open(rows, encoding="utf-8").read().splitlines()[1] == "0,caf\\xe9/x\\xe9.png,0,1,caf\\xe9,chien"
 
 
+def test_class_names_listed_in_another_order_keep_each_class_its_own(tmp_path, caplog):
+  # A new user passed zero..nine for folders sorted eight, five, four, ...: read by position every
+  # image got another digit's name (8.9% zero-shot, silently). A list that is the folders' (or the
+  # tars' classnames.txt) own names in another order is matched by name, and says so.
+  rng = np.random.default_rng(6)
+  for folder in ("golden_retriever", "tabby_cat", "zebra"):
+    _png(tmp_path / "pets" / folder / "0.png", rng)
+  for given in (["zebra", "golden retriever", "tabby cat"], ["tabby_cat", "zebra", "golden_retriever"]):
+    source = sources.open_source(str(tmp_path / "pets"), class_names=given)
+    assert source.class_names == sorted(given), given
+  assert "in another order" in caplog.text
+  renamed = ["dog", "cat", "horse"]  # other names: by position, as documented
+  assert sources.open_source(str(tmp_path / "pets"), class_names=renamed).class_names == renamed
+
+  os.makedirs(tmp_path / "wds")
+  _tar(tmp_path / "wds" / "0.tar", [("s0.png", _png_bytes(rng)), ("s0.cls", b"1")])
+  (tmp_path / "wds" / "classnames.txt").write_text("one\nzero\n")
+  tars = sources.open_source(str(tmp_path / "wds" / "0.tar"), class_names=["zero", "one"])
+  assert tars.class_names == ["one", "zero"] and tars[0]["label"] == 1
+
+
 def _tar(path, members):
   with tarfile.open(path, "w") as archive:
     for name, data in members:

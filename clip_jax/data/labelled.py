@@ -153,7 +153,21 @@ def names_for_folders(folders: Sequence[str], class_names: ClassNames, where: st
   if len(class_names) != len(folders):
     raise ValueError(f"{where}: {len(folders)} class folders but {len(class_names)} class names; give one "
                      "name per folder, in sorted folder order, or a JSON object {folder: name}.")
+  for own in (list(folders), [display_name(f) for f in folders]):
+    if _reordered(class_names, own, where, "the class folders' own names"):
+      return own
   return list(class_names)
+
+
+def _reordered(given: Sequence[str], own: Sequence[str], where: str, what: str) -> bool:
+  """Whether a positional list of class names holds exactly `own`'s names in another order (a list
+  in the order its author thought of, e.g. zero..nine for sorted folders eight, five, ...): read by
+  position it would give each class another's name, silently; the caller takes `own` and this says so."""
+  if list(given) == list(own) or sorted(given) != sorted(own):
+    return False
+  logging.warning("%s: the class names are %s in another order; each class keeps its own name (a list is read "
+                  "by position: sorted folder order, or the label index of tars).", where, what)
+  return True
 
 
 class ImageFolderSource(LabelledFiles):
@@ -369,11 +383,19 @@ class WebDatasetSource(LabelledFiles):
     problems, entries = Problems(), []
     for path in paths:
       entries.extend(_index_tar(path, problems))
-    if class_names is None:
-      names_file = find_classnames_file(paths[0])
-      class_names = read_class_names_file(names_file) if names_file else None
+    names_file = find_classnames_file(paths[0])
+    try:
+      own_names = read_class_names_file(names_file) if names_file else None
+    except ValueError:
+      if class_names is None:
+        raise
+      own_names = None  # the given names replace a file that does not read
     if isinstance(class_names, Mapping):
       raise ValueError("class names for webdataset tars are a list (index order), not an object.")
+    if class_names is None:
+      class_names = own_names
+    elif isinstance(own_names, list) and _reordered(class_names, own_names, paths[0], f"those of {names_file}"):
+      class_names = own_names
     labels = [label for _, label, _, skip in entries if skip is None]
     names = list(class_names) if class_names else [str(i) for i in range(max(labels, default=-1) + 1)]
     checked = []
