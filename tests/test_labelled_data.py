@@ -153,6 +153,16 @@ def test_class_names_listed_in_another_order_keep_each_class_its_own(tmp_path, c
   assert tars.class_names == ["one", "zero"] and tars[0]["label"] == 1
 
 
+def test_a_file_that_is_no_data_source_is_one_line(tmp_path):
+  # A templates file passed as DATA reached grain: "ArrayRecord file should be at least 64KB big" (traceback).
+  from clip_jax.cli import MissingPathError, UserError
+  (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
+  with pytest.raises(UserError, match=r"templates.txt: not a data source this reads. Pass a folder of class"):
+    sources.open_source(str(tmp_path / "templates.txt"))
+  with pytest.raises(MissingPathError, match=r"no such file, directory or matching shards. Pass a folder of class"):
+    sources.open_source(str(tmp_path / "no_folder"))
+
+
 def _tar(path, members):
   with tarfile.open(path, "w") as archive:
     for name, data in members:

@@ -67,13 +67,18 @@ def find_shards(path: str) -> list[str]:
       raise MissingPathError(f"{path}: directory holds no .array_record shards; write them with "
                               "`python -m clip_jax.data.prepare --input ... --output DIR`.")
     return paths
-  if os.path.isfile(path):
-    return [path]
-  paths = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+  paths = [path] if os.path.isfile(path) else sorted(p for p in glob.glob(path) if os.path.isfile(p))
   if not paths:
-    raise MissingPathError(f"{path}: no such file, directory or matching shards. Pass a directory of "
-                            ".array_record shards, 'tfds:NAME' for a TFDS dataset, or 'digits'.")
+    raise MissingPathError(f"{path}: no such file, directory or matching shards. Pass {DATA_FORMS}.")
+  others = [p for p in paths if ".array_record" not in os.path.basename(p)]
+  if others:  # grain would fail on it deep inside (e.g. "ArrayRecord file should be at least 64KB big")
+    raise UserError(f"{others[0]}: not a data source this reads. Pass {DATA_FORMS}.")
   return paths
+
+
+DATA_FORMS = ("a folder of class sub-folders, a .csv/.tsv/.jsonl label table, webdataset .tar shards, "
+              ".array_record shards (a folder, file or glob; `python -m clip_jax.data.prepare` writes them), "
+              "'tfds:NAME' or 'digits'")
 
 
 class TfdsSource:
