@@ -142,6 +142,12 @@ def parse_tasks(text: str) -> list[Task]:
   tasks = [parse_task(t) for t in text.split(",") if t.strip()]
   if not tasks:
     raise ValueError("--tasks is empty; e.g. --tasks zeroshot:cifar10.")
+  seen = {}
+  for task in tasks:  # results, plots and predictions are filed under KIND:NAME: one would replace the other
+    other = seen.setdefault((task.kind, task.dataset), task)
+    if other is not task:
+      raise ValueError(f"two tasks are named {task.kind}:{task.dataset} ({other.source} and {task.source}); "
+                       f"name them apart: {task.kind}:NAME=DATA.")
   return tasks
 
 
@@ -340,7 +346,7 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from clip_jax.eval.report import attach_paper_numbers, markdown_table, write_report
+  from clip_jax.eval.report import markdown_table, write_report
   from clip_jax.sharding import create_mesh
 
   path = args.checkpoint or args.workdir
@@ -355,7 +361,27 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
              image_size=model.config.vision.image_size, batch_size=args.batch_size, data_dir=args.data_dir,
              limit=args.limit, num_workers=args.num_workers, probe_features=args.probe_features,
              val_fraction=args.val_fraction)
+  meta = evaluation_settings(args, model, model_name, loaded[2] if loaded else path,
+                             _tokenizer_spec(args.tokenizer, path), None if loaded else _checkpoint_step(path))
   results = []
+  try:
+    _run_tasks(tasks, ctx, model_name, results)
+  except BaseException:  # an error in one task (or Ctrl-C) keeps those that finished
+    if results and ctx["is_main"]:
+      json_path, _ = write_report(out_dir, results, meta)
+      print(f"{len(results)} of {len(tasks)} tasks finished; their results are in {json_path}.", file=sys.stderr,
+            flush=True)
+    raise
+  if ctx["is_main"]:
+    json_path, md_path = write_report(out_dir, results, meta)
+    print(markdown_table(results, {**meta, "out_dir": out_dir}))
+    print(f"Wrote {json_path}, {md_path} and plots in {os.path.join(out_dir, 'plots')}.")
+  return {"meta": meta, "results": results, "out_dir": out_dir}
+
+
+def _run_tasks(tasks: Sequence[Task], ctx: dict[str, Any], model_name: str | None, results: list) -> None:
+  """Runs each task in turn, appending its result to `results` as it finishes (and printing it)."""
+  from clip_jax.eval.report import attach_paper_numbers, data_problem_lines
   for task in tasks:
     start = time.time()
     result = {"task": task.kind, "dataset": task.dataset, "split": task.test_split, "source": task.source,
@@ -366,16 +392,8 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
     if ctx["is_main"]:
       shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items())
       print(f"{task.kind}:{task.dataset}: {shown} ({result['seconds']:.1f} s)", flush=True)
-      from clip_jax.eval.report import data_problem_lines
       for line in data_problem_lines(result):
         print(f"  {line}", file=sys.stderr, flush=True)
-  meta = evaluation_settings(args, model, model_name, loaded[2] if loaded else path,
-                             _tokenizer_spec(args.tokenizer, path), None if loaded else _checkpoint_step(path))
-  if ctx["is_main"]:
-    json_path, md_path = write_report(out_dir, results, meta)
-    print(markdown_table(results, {**meta, "out_dir": out_dir}))
-    print(f"Wrote {json_path}, {md_path} and plots in {os.path.join(out_dir, 'plots')}.")
-  return {"meta": meta, "results": results, "out_dir": out_dir}
 
 
 def evaluation_settings(args: argparse.Namespace, model, model_name: str | None, checkpoint: str,

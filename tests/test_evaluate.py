@@ -434,6 +434,9 @@ def test_cli_runs_every_task_on_mock_data_and_writes_the_table(tiny_checkpoint, 
     ("linear_probe:imagenet_v2", "no training split"),
     ("retrieval:flickr30k", "give its caption file"),
     ("cifar10", "is not KIND:DATASET"),
+    # one would replace the other's results, plots and predictions
+    ("zeroshot:mine=/a,zeroshot:mine=/b", "two tasks are named zeroshot:mine (/a and /b); name them apart"),
+    ("retrieval:/x/caps.jsonl,retrieval:/y/caps.csv", "two tasks are named retrieval:caps"),
 ])
 def test_cli_bad_task_gives_one_clear_error(tasks, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
@@ -447,6 +450,17 @@ def test_cli_unreadable_data_is_one_error_line(tiny_checkpoint, tmp_path, capsys
                  "--out", str(tmp_path / "out")])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and err.startswith("error: ") and "dtd" in err and len(err.splitlines()) == 1
+
+
+def test_cli_keeps_the_finished_tasks_when_a_later_one_fails(tiny_checkpoint, tmp_path, capsys):
+  # A new user's second task failed in one line and the first task's finished numbers were never written.
+  out = tmp_path / "out"
+  rc = cli.main(["--checkpoint", tiny_checkpoint, "--tasks", "zeroshot:digits,zeroshot:dtd", "--limit", "24",
+                 "--data-dir", str(tmp_path), "--out", str(out)])
+  err = capsys.readouterr().err
+  assert rc == 2 and "1 of 2 tasks finished; their results are in" in err and "dtd" in err.strip().splitlines()[-1]
+  report = json.loads((out / "results.json").read_text())
+  assert [(r["task"], r["dataset"]) for r in report["results"]] == [("zeroshot", "digits")]
 
 
 def test_training_hook_from_the_digits_config(tiny, mesh, tmp_path):
