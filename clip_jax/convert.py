@@ -294,12 +294,25 @@ def eot_token_id_to_hf(eot_token_id: int | None) -> int:
   return 2 if eot_token_id is None else eot_token_id
 
 
+def _check_layer_norm_eps(config: dict[str, Any], what: str) -> None:
+  """The models' LayerNorms use CLIP's epsilon, 1e-5 (transformers' default): another one in a
+  config would be computed with 1e-5, silently (a new user saw logits 3e-3 off transformers')."""
+  eps = config.get("layer_norm_eps", 1e-5)
+  if not math.isclose(eps, 1e-5):
+    raise CheckpointError(f"{what} has layer_norm_eps={eps}; only 1e-5 (CLIP's) is supported.")
+
+
 def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
   tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
   acts = {vc.get("hidden_act", "quick_gelu"), tc.get("hidden_act", "quick_gelu")}
   if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
     raise CheckpointError(f"Hugging Face config uses activations {sorted(acts)}; supported: one of "
                           "'quick_gelu' or 'gelu' for both towers.")
+  for tower, config in (("text_config", tc), ("vision_config", vc)):
+    _check_layer_norm_eps(config, f"Hugging Face config's {tower}")
+  if vc.get("num_channels", 3) != 3:
+    raise CheckpointError(f"Hugging Face config's vision_config has num_channels={vc['num_channels']}; only RGB "
+                          "(3) is supported.")
   vision_width, text_width = vc.get("hidden_size", 768), tc.get("hidden_size", 512)
   vision = VisionConfig(image_size=vc.get("image_size", 224), layers=vc.get("num_hidden_layers", 12),
                         width=vision_width, patch_size=vc.get("patch_size", 32),
@@ -590,9 +603,7 @@ def text_encoder_kwargs_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   act = hf.get("hidden_act", "quick_gelu")
   if act not in ("quick_gelu", "gelu"):
     raise CheckpointError(f"text encoder config uses hidden_act '{act}'; supported: 'quick_gelu', 'gelu'.")
-  eps = hf.get("layer_norm_eps", 1e-5)
-  if not math.isclose(eps, 1e-5):
-    raise CheckpointError(f"text encoder config has layer_norm_eps={eps}; only 1e-5 (CLIP's) is supported.")
+  _check_layer_norm_eps(hf, "text encoder config")
   width = hf.get("hidden_size", 512)
   return dict(context_length=hf.get("max_position_embeddings", 77), vocab_size=hf.get("vocab_size", 49408),
               width=width, heads=hf.get("num_attention_heads", 8), layers=hf.get("num_hidden_layers", 12),

@@ -310,6 +310,17 @@ def test_safetensors_preferred_and_nothing_found_lists_the_folder(tmp_path, hf_c
     clip_jax.load_checkpoint(str(tmp_path))
 
 
+def test_hf_config_fields_the_models_do_not_follow_are_refused(tmp_path, hf_clip):
+  # layer_norm_eps=1e-6 was computed with 1e-5, silently (a new user: logits 3.3e-3 off transformers').
+  import json
+  hf_clip.save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["vision_config"]["layer_norm_eps"] = 1e-6
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"vision_config has layer_norm_eps=1e-06; only 1e-5 \(CLIP's\)"):
+    clip_jax.load_checkpoint(str(tmp_path))
+
+
 def test_index_naming_a_missing_shard(tmp_path, hf_clip):
   hf_clip.save_pretrained(tmp_path, max_shard_size="1MB")
   os.remove(tmp_path / "model-00002-of-00002.safetensors")
