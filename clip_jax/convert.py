@@ -507,14 +507,29 @@ def load_hf_directory(path: str, variant: str | None = None, **module_kwargs):
   return model, state_dict_to_variables(state, model, hf_entries(cfg), path)
 
 
+def image_processor_config(image_size: int) -> dict[str, Any]:
+  """transformers' CLIPImageProcessor settings for this project's evaluation preprocessing: the
+  shortest side resized to `image_size` (bicubic), a center crop of it, OpenAI's mean/std. With it
+  `CLIPProcessor.from_pretrained` and the zero-shot pipeline load an exported folder."""
+  from clip_jax.data.images import OPENAI_MEAN, OPENAI_STD
+  return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+          "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": [float(m) for m in OPENAI_MEAN], "image_std": [float(s) for s in OPENAI_STD],
+          "do_convert_rgb": True}
+
+
 def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=None) -> str:
-  """Writes a transformers-loadable CLIPModel directory (config.json + model.safetensors)."""
+  """Writes a transformers-loadable CLIPModel directory: config.json, model.safetensors,
+  preprocessor_config.json (`image_processor_config`) and, given a tokenizer that can, its files."""
   cfg = module.config
   state = variables_to_state_dict(variables, hf_entries(cfg))
   os.makedirs(out_dir, exist_ok=True)
   save_safetensors(state, os.path.join(out_dir, "model.safetensors"))
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config_to_hf(cfg), f, indent=2)
+  with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+    json.dump(image_processor_config(cfg.vision.image_size), f, indent=2)
   if tokenizer is not None and hasattr(tokenizer, "save_hf"):
     tokenizer.save_hf(out_dir)
   return out_dir

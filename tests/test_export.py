@@ -42,6 +42,14 @@ def test_hf_export_has_the_weights_config_and_tokenizer(source, tmp_path, capsys
   transformers = pytest.importorskip("transformers")
   tokenizer = transformers.CLIPTokenizer.from_pretrained(out)
   assert tokenizer("a photo of a cat").input_ids[0] == 49406  # OpenAI's start token
+  # The image processor too (a new user's CLIPProcessor and zero-shot pipeline failed without it):
+  # on an image already at the model's size, its pixels equal this project's preprocessing.
+  from PIL import Image
+  from clip_jax.preprocess import eval_transform, normalize
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+  processor = transformers.CLIPProcessor.from_pretrained(out)
+  theirs = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  np.testing.assert_allclose(theirs, normalize(eval_transform(image, 32)), atol=1e-5)
 
 
 def test_openai_export_reads_back_as_the_same_model(source, tmp_path):
