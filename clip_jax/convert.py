@@ -380,8 +380,8 @@ def _warn_assumptions(cfg: CLIPConfig, act_given: bool, source: str) -> None:
   named = matching_model_name(cfg)
   heads = f"{cfg.vision.heads} image and {cfg.text.heads} text attention heads"
   assumed.append(f"{heads} as in {named}" if named else f"{heads} (64 wide, OpenAI's rule)")
-  _log.warning("%s: the weights do not state it, so assumed %s; pass model_name= (sets activation and "
-               "heads) or act= to override.", source, "; ".join(assumed))
+  _log.warning("%s: the weights do not state it, so assumed %s; pass --model-name (model_name= in Python: sets "
+               "activation and heads) or --act (act=) to override.", source, "; ".join(assumed))
 
 
 # open_clip model-config fields this project's CLIP does not implement, with the value that is
@@ -533,6 +533,18 @@ def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=N
   if tokenizer is not None and hasattr(tokenizer, "save_hf"):
     tokenizer.save_hf(out_dir)
   return out_dir
+
+
+def openai_layout_note(cfg: CLIPConfig) -> str:
+  """What an OpenAI-layout state dict of a model of `cfg` leaves out, and how to read it back whole."""
+  named = next((name for name, config in MODEL_CONFIGS.items() if config == cfg), None)
+  facts = (f"activation ({cfg.act}), attention heads (image {cfg.vision.heads}, text {cfg.text.heads}) and text "
+           "pooling")
+  how = (f"read it back with --model-name {named} (model_name='{named}' in Python; open_clip: "
+         f"create_model('{named}', pretrained=FILE) where it knows that name)" if named else
+         "no named architecture matches this model, so loaders would guess them: export with --format open_clip, "
+         "which carries them")
+  return f"An OpenAI-layout file does not carry the model's {facts}: {how}."
 
 
 def export_openai_state_dict(module: CLIP, variables: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -11,7 +11,8 @@ config.json, model.safetensors and the tokenizer's files (vocab.json, merges.txt
 as in clip_jax.evaluate: a Hugging Face folder's own tokenizer, else OpenAI's CLIP BPE).
 --format openai writes one OpenAI-layout state dict (.safetensors) that open_clip's
 `create_model(NAME, pretrained=FILE)` loads (NAME: the architecture, e.g. ViT-B-32); the layout does
-not carry the architecture, so the activation and text pooling must be given there again.
+not carry the architecture, so the activation, attention heads and text pooling must be given there
+again (the export prints the name to read it back with, where a named architecture matches).
 --format open_clip writes an open_clip hub folder (open_clip_config.json with the architecture,
 activation, text pooling and image mean/std, and open_clip_model.safetensors) that
 `open_clip.create_model_and_transforms('local-dir:OUT')` loads as it is, or that can be pushed as an
@@ -57,7 +58,8 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
   clip_jax.cli.UserError (one line) for an existing `out` without `overwrite`, a wrong suffix or a
   ResNet CLIP asked for 'hf'; FileNotFoundError / CheckpointError from loading."""
   from clip_jax.cli import UserError
-  from clip_jax.convert import export_hf, export_open_clip, export_openai_state_dict, load_checkpoint
+  from clip_jax.convert import (export_hf, export_open_clip, export_openai_state_dict, load_checkpoint,
+                                openai_layout_note)
   from clip_jax.evaluate import _tokenizer
   from clip_jax.weights import save_safetensors
   if fmt not in FORMATS:
@@ -82,6 +84,7 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
     else:
       written = os.path.join(staging, "out.safetensors")
       save_safetensors(export_openai_state_dict(module, variables), written)
+      print(openai_layout_note(module.config), flush=True)
     if os.path.lexists(out):  # --overwrite
       shutil.rmtree(out) if os.path.isdir(out) and not os.path.islink(out) else os.remove(out)
     os.replace(written, out)

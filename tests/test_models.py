@@ -412,7 +412,7 @@ def test_bare_state_dict_assumptions_are_one_warning_line(vit_tiny_file, caplog)
   assert len(messages) == 1 and "\n" not in messages[0]
   assert "assumed QuickGELU activation" in messages[0]
   assert "1 image and 1 text attention heads (64 wide, OpenAI's rule)" in messages[0]
-  assert "pass model_name= (sets activation and heads) or act=" in messages[0]
+  assert "pass --model-name (model_name= in Python: sets activation and heads) or --act (act=)" in messages[0]
   assert module.config.act == "quick_gelu" and module.config.text.heads == 1
   assert not np.allclose(_text_features(module, variables, tokens), expected, atol=1e-3)  # the guess is wrong here
 
