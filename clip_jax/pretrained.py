@@ -17,6 +17,7 @@ matches, e.g. '^text/' for LiT's text tower from scratch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any, Mapping
@@ -70,8 +71,23 @@ def _host_variables(path: str, model_config: CLIPConfig, model_name: str | None,
   if os.path.isdir(path):
     ckpt_model, variables = load_checkpoint(path)
     check_act(ckpt_model.config.act, model_config.act, f"from {path}/config.json")
-  else:  # A bare state dict: what the user stated, else the configured model's activation.
-    ckpt_model, variables = load_checkpoint(path, model_name=model_name or None, act=act or model_config.act)
+  elif model_name:
+    ckpt_model, variables = load_checkpoint(path, model_name=model_name, act=act or None)
+  else:
+    # A bare state dict does not state its activation or heads, and they change no weight's shape: its
+    # weights go into the configured model, which decides both. convert's warning of what it assumed
+    # for a model of its own would mislead here; say what happens instead.
+    convert_log = logging.getLogger("clip_jax.convert")
+    level = convert_log.level
+    convert_log.setLevel(logging.ERROR)
+    try:
+      ckpt_model, variables = load_checkpoint(path, act=act or model_config.act)
+    finally:
+      convert_log.setLevel(level)
+    if jax.process_index() == 0:
+      print(f"init.checkpoint {path}: a bare state dict, which does not state its activation or attention heads; "
+            f"its weights go into the configured model ({model_config.act}, {model_config.vision.heads} image and "
+            f"{model_config.text.heads} text heads).", flush=True)
   ckpt_vision, vision = ckpt_model.config.vision, model_config.vision
   if (ckpt_vision.image_size != vision.image_size and ckpt_vision.patch_size == vision.patch_size
       and ckpt_vision.is_resnet == vision.is_resnet):

@@ -188,11 +188,14 @@ def init_sources(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["open_clip.pt", "hf", "workdir"])
-def test_load_init_is_bitwise_and_sharded(init_sources, kind):
+def test_load_init_is_bitwise_and_sharded(init_sources, kind, capsys, caplog):
   from clip_jax import pretrained
   model = clip_jax.create_model("ViT-Tiny")
   target = _target(model)
   loaded = traverse_util.flatten_dict(pretrained.load_init(init_sources[kind], target, model.config))
+  if kind == "open_clip.pt":  # what the file does not state is said as what happens, not as convert's guess
+    assert "its weights go into the configured model (gelu, 1 image and 2 text heads)" in capsys.readouterr().out
+    assert "assumed" not in caplog.text
   flat_target = traverse_util.flatten_dict(target)
   for key, want in traverse_util.flatten_dict(init_sources["variables"]).items():
     assert loaded[key].sharding == flat_target[key].sharding, key
