@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -463,7 +464,8 @@ def load_weights_dir(directory: str, names: WeightNames, variant: str | None = N
 
   Tries, in order: `<stem>.safetensors`, `<stem>.safetensors.index.json` (+ the shards it names),
   `<bin stem>.bin`, its index; with `variant='fp16'` the variant's names instead
-  (`model.fp16.safetensors`, `model.safetensors.index.fp16.json`, ...). Half-precision files are
+  (`model.fp16.safetensors`, `model.safetensors.index.fp16.json`, ...); a folder with no plain files
+  and one variant's loads that variant's (a WARNING line says so). Half-precision files are
   returned in their own dtype. Raises CheckpointError naming what was looked for and what the
   folder holds (and which variants) when nothing fits.
   """
@@ -474,6 +476,12 @@ def load_weights_dir(directory: str, names: WeightNames, variant: str | None = N
   present = sorted(f for f in os.listdir(directory) if f.endswith(_WEIGHT_SUFFIXES) or f.endswith(".index.json")
                    or ".index." in f) if os.path.isdir(directory) else []
   variants = weight_variants(directory, names)
+  if variant is None and len(variants) == 1:
+    # Only a variant's files (a hub download of the fp16 files alone): what else could be meant. The
+    # libraries ask for variant= here, which no command line of this project can pass.
+    logging.getLogger(__name__).warning("%s: no plain weight files, only the %r variant's: loading those.",
+                                        directory, variants[0])
+    return load_weights_dir(directory, names, variants[0])
   hint = ""
   if variants and variant not in variants:
     hint = f"; pass variant={variants[0]!r}" if variant is None else f"; variants here: {', '.join(variants)}"

@@ -171,8 +171,9 @@ def test_load_pipeline_variants_as_diffusers(torch_pipe, ours, tmp_path, caplog)
   assert os.path.exists(tmp_path / "fp16" / "text_encoder" / "model.fp16.safetensors")
   same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
   jax.tree.map(same, pipeline_lib.load_pipeline(str(tmp_path / "fp16"), variant="fp16").params, ours.params)
-  with pytest.raises(CheckpointError, match="found diffusion_pytorch_model.fp16.safetensors; pass variant='fp16'"):
-    pipeline_lib.load_pipeline(str(tmp_path / "fp16"))
+  # A folder of the variant's files alone (a hub download of fp16 files only) reads without variant=,
+  # which `dreambooth_jax.sample --model` and the trainer's config cannot pass.
+  jax.tree.map(same, pipeline_lib.load_pipeline(str(tmp_path / "fp16")).params, ours.params)
   os.remove(tmp_path / "fp16" / "text_encoder" / "model.fp16.safetensors")
   shutil.copy(os.path.join(root, "text_encoder", "model.safetensors"), tmp_path / "fp16" / "text_encoder")
   with caplog.at_level("WARNING"):
