@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
   which = parser.add_mutually_exclusive_group()
   which.add_argument("--checkpoint", help="an OpenAI/open_clip checkpoint file or a Hugging Face CLIP directory")
   which.add_argument("--workdir", help="a training workdir of this project (its latest checkpoint)")
-  parser.add_argument("--tasks", help="comma-separated KIND:DATASET[=DATA] (see above)")
+  parser.add_argument("--tasks", help="comma-separated KIND:DATASET[=DATA] (see below)")
   parser.add_argument("--batch-size", type=int, default=256, help="global batch (rounded up to the device count)")
   parser.add_argument("--out", help="output directory (default: WORKDIR/eval, or ./eval_results)")
   parser.add_argument("--model-name", help="the named architecture of a bare state dict, e.g. ViT-B-32 (exact "

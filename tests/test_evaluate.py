@@ -263,6 +263,14 @@ def test_linear_probe_matches_test_classes_to_training_classes_by_name(tmp_path)
     linear_probe.labels_in_train_classes(np.array([0, 3, 3]), ["five", "one", "x", "six"], train.class_names)
 
 
+def test_a_record_the_scan_found_wrong_is_named_once_in_the_data_problems():
+  from clip_jax.eval import report
+  result = {"task": "zeroshot", "dataset": "mine", "data": {"test": {
+      "problems": {"missing_file": 1, "not_an_image": 2}, "skipped": {"missing_file": 1, "corrupt_image": 3}}}}
+  assert report.data_problem_lines(result) == [
+      "zeroshot:mine test data: not_an_image 2, skipped corrupt_image 3, skipped missing_file 1"]
+
+
 def test_linear_probe_on_separable_features_reaches_100():
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(4, 8)) * 6

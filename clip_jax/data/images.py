@@ -48,7 +48,9 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
       image = Image.open(io.BytesIO(data))
   except Image.DecompressionBombError as e:
     raise BadRecord("image_too_large", str(e)) from e
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+  except UnidentifiedImageError as e:  # its message names a BytesIO object's address, nothing of the file
+    raise BadRecord("corrupt_image", "not an image format PIL can read") from e
+  except (OSError, SyntaxError, ValueError) as e:
     raise BadRecord("corrupt_image", f"{type(e).__name__}: {e}") from e
   width, height = image.size
   if width * height > max_pixels:

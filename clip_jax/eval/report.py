@@ -31,7 +31,10 @@ def data_problem_lines(result: dict[str, Any]) -> list[str]:
   """One line per split whose data had problems: what was counted, by reason."""
   lines = []
   for split, report in (result.get("data") or {}).items():
-    counts = {**report.get("problems", {}), **{f"skipped {k}": v for k, v in report.get("skipped", {}).items()}}
+    skipped = report.get("skipped", {})
+    # A record the scan found wrong (a missing file, an unknown label) is also skipped later: name it once.
+    counts = {**{k: v for k, v in report.get("problems", {}).items() if k not in skipped},
+              **{f"skipped {k}": v for k, v in skipped.items()}}
     if counts:
       lines.append(f"{result['task']}:{result['dataset']} {split} data: " +
                    ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())))
@@ -89,7 +92,8 @@ def settings_lines(results: list[dict[str, Any]], meta: dict[str, Any]) -> list[
   for r in results:
     what = f"- {r['task']}:{r['dataset']}: data `{r.get('source')}` split {r.get('split')}"
     if r.get("templates") is not None:
-      what += f", {len(r['templates'])} prompt templates (first: {r['templates'][0]!r})"
+      count = len(r["templates"])
+      what += f", {count} prompt template{'s' if count != 1 else ''} (first: {r['templates'][0]!r})"
     if r["task"] == "linear_probe":
       what += (f", {r.get('features')} features, C chosen on {meta.get('val_fraction')} of train "
                f"(seed {meta.get('probe_seed')})")
