@@ -250,9 +250,10 @@ def run_retrieval(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
   metrics = evaluate_retrieval(ctx["model"], ctx["variables"], source, ctx["tokenizer"],
                                batch_size=ctx["batch_size"], image_size=ctx["image_size"], mesh=ctx["mesh"],
                                num_workers=ctx["num_workers"])
-  return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_")},
+  return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_") and k != "skipped"},
           "num_examples": int(metrics["num_images"]), "num_texts": int(metrics["num_texts"]),
-          "num_skipped": int(metrics["num_skipped"]), "plots": []}
+          "num_skipped": int(metrics["num_skipped"]), "data": {"test": _data_report(metrics["skipped"], source)},
+          "plots": []}
 
 
 def run_linear_probe(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -375,7 +376,8 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
   if ctx["is_main"]:
     json_path, md_path = write_report(out_dir, results, meta)
     print(markdown_table(results, {**meta, "out_dir": out_dir}))
-    print(f"Wrote {json_path}, {md_path} and plots in {os.path.join(out_dir, 'plots')}.")
+    plots = any(result.get("plots") for result in results)
+    print(f"Wrote {json_path}, {md_path}" + (f" and plots in {os.path.join(out_dir, 'plots')}." if plots else "."))
   return {"meta": meta, "results": results, "out_dir": out_dir}
 
 

@@ -405,8 +405,9 @@ def tiny_checkpoint(tiny, tmp_path_factory):
 def test_cli_runs_every_task_on_mock_data_and_writes_the_table(tiny_checkpoint, tmp_path, capsys):
   names = _write_images(tmp_path, 5)
   captions = tmp_path / "captions.jsonl"
+  (tmp_path / "broken.png").write_bytes(b"not a png")
   captions.write_text("".join(json.dumps({"image": n, "captions": [f"photo {i}", f"picture {i}"]}) + "\n"
-                              for i, n in enumerate(names)))
+                              for i, n in enumerate(names + ["broken.png"])))
   out = tmp_path / "eval"
   tasks = f"zeroshot:cifar10,linear_probe:cifar10,retrieval:tfds:clip_jax_test_captions,retrieval:{captions}"
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -423,6 +424,7 @@ def test_cli_runs_every_task_on_mock_data_and_writes_the_table(tiny_checkpoint, 
   assert probe["num_train"] == 12 and 0 <= probe["metrics"]["top1"] <= 100
   assert tfds_retrieval["num_examples"] == 12 and tfds_retrieval["num_texts"] > 12
   assert file_retrieval["num_examples"] == 5 and file_retrieval["num_texts"] == 10
+  assert file_retrieval["num_skipped"] == 1 and file_retrieval["data"]["test"]["skipped"] == {"corrupt_image": 1}
   assert report["meta"]["paper_model"] == "ViT-B/32" and report["meta"]["devices"] == 8
   # The settings behind the numbers (issue 20.5): prompts per task, versions for the whole file.
   assert zs["templates"] == list(classnames.DATASETS["cifar10"].templates) and len(zs["class_names"]) == 10
@@ -430,6 +432,7 @@ def test_cli_runs_every_task_on_mock_data_and_writes_the_table(tiny_checkpoint, 
   table = (out / "results.md").read_text()
   assert "| zeroshot | cifar10 | test | top1 * |" in table and "| 91.3 | Table 11 |" in table
   assert "| retrieval | captions | test | image_to_text/R@1 |" in table
+  assert "retrieval:captions test data: skipped corrupt_image 1" in table  # was in results.json only
   for plot in zs["plots"] + probe["plots"]:
     assert os.path.isfile(plot)
   assert "Wrote" in capsys.readouterr().out
