@@ -321,6 +321,10 @@ def _load_torch_legacy(path: str) -> dict[str, np.ndarray]:
 def _load_torch(path: str) -> dict[str, np.ndarray]:
   if zipfile.is_zipfile(path):
     return _load_torch_zip(path)
+  with open(path, "rb") as f:
+    if f.read(2) == b"PK":  # a zip's start without its directory at the end: the unpickler's error would puzzle
+      raise CheckpointError(f"{path}: a zip archive (torch.save's format) that is truncated or corrupt: its "
+                            "directory is missing; copy or download it again.")
   return _load_torch_legacy(path)
 
 
@@ -389,6 +393,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return _load_safetensors(path)
   if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch>=1.6) or legacy pickle
     return _load_torch(path)
+  if not head:
+    raise CheckpointError(f"{path}: is empty (0 bytes); copy or download it again.")
+  if path.lower().endswith((".pt", ".pth", ".bin", ".ckpt")):
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle): "
+                          "corrupt, or another format under that name.")
   raise CheckpointError(f"{path}: not a supported checkpoint (expected .safetensors, or a PyTorch "
                         ".pt/.pth/.bin/.ckpt file).")
 

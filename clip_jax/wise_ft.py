@@ -31,7 +31,9 @@ def parse_alphas(text: str) -> list[float]:
     alphas = [float(a) for a in text.split(",") if a.strip()]
   except ValueError:
     raise ValueError(f"--alphas {text!r}: give comma-separated numbers in [0, 1], e.g. 0,0.5,1.") from None
-  if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+  if not alphas:
+    raise ValueError(f"--alphas {text!r} names no alpha; e.g. --alphas 0,0.25,0.5,0.75,1.")
+  if any(not 0.0 <= a <= 1.0 for a in alphas):
     raise ValueError(f"--alphas {text!r}: every alpha must be in [0, 1] (0 = zero-shot, 1 = fine-tuned).")
   return alphas
 
@@ -60,8 +62,13 @@ def align_pair(zeroshot: tuple, finetuned: tuple) -> tuple[tuple, str | None]:
     size = ft_model.config.vision.image_size
     note = f"zero-shot model moved from {zs_model.config.vision.image_size} to {size} px (positional grid resampled)"
     return resize_model(zs_model, zs_vars, size), note
+  hint = ""
+  if all(d.startswith(("act ", "vision.head_width ", "text.heads ")) for d in differences):
+    # Weights of one shape; a bare state dict's activation and heads are assumed when loading it.
+    hint = (" If one of them is a bare state dict, its activation and heads were assumed: give --model-name "
+            "(or --act) for it.")
   raise ValueError("--zeroshot and --finetuned are different architectures (" + "; ".join(differences) +
-                   "); WiSE-FT mixes the weights of one architecture.")
+                   "); WiSE-FT mixes the weights of one architecture." + hint)
 
 
 def interpolate(zeroshot: dict[str, Any], finetuned: dict[str, Any], alpha: float) -> dict[str, Any]:

@@ -219,8 +219,14 @@ def test_missing_path():
 def test_not_a_checkpoint(tmp_path):
   path = tmp_path / "notes.pt"
   path.write_text("these are not weights")
-  with pytest.raises(CheckpointError, match="not a supported checkpoint"):
+  with pytest.raises(CheckpointError, match=r"notes.pt: not a PyTorch checkpoint \(neither torch.save's zip"):
     clip_jax.load_checkpoint(str(path))
+  path.write_bytes(b"")
+  with pytest.raises(CheckpointError, match=r"notes.pt: is empty \(0 bytes\)"):
+    clip_jax.load_checkpoint(str(path))
+  (tmp_path / "notes.md").write_text("these are not weights")
+  with pytest.raises(CheckpointError, match="not a supported checkpoint"):
+    clip_jax.load_checkpoint(str(tmp_path / "notes.md"))
 
 
 def test_corrupt_safetensors(tmp_path):

@@ -179,6 +179,12 @@ def test_truncated_and_foreign_pickles_get_one_line(tmp_path):
       archive.writestr(name, data[:40] if name.endswith("/data/0") else data)
   with pytest.raises(CheckpointError, match="tensor 'w' reaches past its storage .10 elements.; the file is truncated"):
     weights.load_state_dict(path)
+  with open(path, "rb") as f:  # a zip cut short (an interrupted download): its directory at the end is gone
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(CheckpointError, match="a zip archive .torch.save's format. that is truncated or corrupt"):
+    weights.load_state_dict(path)
   torch.save(torch.nn.Linear(2, 2), path)  # a whole module: its class is not a tensor
   with pytest.raises(CheckpointError, match="refused to load: the pickle asks for 'torch.nn.modules.linear.Linear'"):
     weights.load_state_dict(path)

@@ -45,6 +45,15 @@ def test_mismatched_pairs_are_refused():
     wise_ft.align_pair((tiny, {}), (other, {}))
   with pytest.raises(ValueError, match="every alpha must be in"):
     wise_ft.parse_alphas("0,1.5")
+  with pytest.raises(ValueError, match="names no alpha"):
+    wise_ft.parse_alphas(" , ")
+  # Only what a bare state dict's loading assumes differs: the line says how to state it.
+  assumed = clip_jax.create_model("ViT-Tiny", text={"heads": 1}, act="quick_gelu")
+  with pytest.raises(ValueError,
+                     match=r"text.heads 2 vs 1; act gelu vs quick_gelu\); .* give --model-name \(or --act\) for it"):
+    wise_ft.align_pair((tiny, {}), (assumed, {}))
+  with pytest.raises(ValueError, match="one architecture.$"):  # no such hint for other differences
+    wise_ft.align_pair((tiny, {}), (other, {}))
 
 
 def _save_random_tiny(path, seed, **overrides):
