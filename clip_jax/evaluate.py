@@ -198,9 +198,10 @@ def _limited(source, limit):
   return Subset(source, limit) if limit else source
 
 
-def _data_report(skipped: dict, source) -> dict[str, Any]:
-  """What was wrong with one split's data: pipeline skips and scan-time problems, per reason."""
-  return {"skipped": dict(skipped), "problems": dict(getattr(source, "problems", {}) or {}),
+def _data_report(skipped: dict, source, converted: dict | None = None) -> dict[str, Any]:
+  """What was wrong with one split's data: pipeline skips, images converted from other modes and
+  scan-time problems, per reason."""
+  return {"skipped": dict(skipped), "converted": dict(converted or {}), "problems": dict(getattr(source, "problems", {}) or {}),
           "problem_examples": dict(getattr(source, "problem_examples", {}) or {})}
 
 
@@ -250,9 +251,9 @@ def run_retrieval(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
   metrics = evaluate_retrieval(ctx["model"], ctx["variables"], source, ctx["tokenizer"],
                                batch_size=ctx["batch_size"], image_size=ctx["image_size"], mesh=ctx["mesh"],
                                num_workers=ctx["num_workers"])
-  return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_") and k != "skipped"},
+  return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_") and k not in ("skipped", "converted")},
           "num_examples": int(metrics["num_images"]), "num_texts": int(metrics["num_texts"]),
-          "num_skipped": int(metrics["num_skipped"]), "data": {"test": _data_report(metrics["skipped"], source)},
+          "num_skipped": int(metrics["num_skipped"]), "data": {"test": _data_report(metrics["skipped"], source, metrics["converted"])},
           "plots": []}
 
 
@@ -275,7 +276,7 @@ def run_linear_probe(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
           "num_examples": len(test) - probe.skipped_count("test"), "num_skipped": probe.skipped_count("test"),
           "sweep": {f"{c:.6g}": s for c, s in probe.sweep.items()}, "features": ctx["probe_features"],
           "too_small_to_split": list(probe.too_small_to_split),
-          "data": {split: _data_report(probe.skipped.get(split, {}), source)
+          "data": {split: _data_report(probe.skipped.get(split, {}), source, probe.converted.get(split, {}))
                    for split, source in (("train", train), ("test", test))},
           "plots": plots}
 

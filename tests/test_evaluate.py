@@ -271,6 +271,23 @@ def test_a_record_the_scan_found_wrong_is_named_once_in_the_data_problems():
       "zeroshot:mine test data: not_an_image 2, skipped corrupt_image 3, skipped missing_file 1"]
 
 
+def test_transparent_images_are_said_to_lose_their_alpha(tiny_checkpoint, tmp_path, capsys):
+  # A new user's RGBA digits on a transparent (black-stored) background scored 11% against 97% opaque,
+  # with nothing said: open_clip's rule drops alpha; the data line now counts those images.
+  from PIL import Image
+  for i, folder in enumerate(("cat", "dog")):
+    os.makedirs(tmp_path / "mine" / folder)
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "mine" / folder / "clear.png")
+    Image.new("RGB", (8, 8), (i * 200, 0, 0)).save(tmp_path / "mine" / folder / "plain.png")
+  rc = cli.main(["--checkpoint", tiny_checkpoint, "--tasks", f"zeroshot:mine={tmp_path / 'mine'}", "--out",
+                 str(tmp_path / "out")])
+  assert rc == 0
+  (result,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+  assert result["data"]["test"]["converted"] == {"mode_RGBA": 2} and result["num_examples"] == 4
+  line = "zeroshot:mine test data: kept with their alpha dropped (open_clip's rule): RGBA 2"
+  assert line in capsys.readouterr().err and line in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_linear_probe_on_separable_features_reaches_100():
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(4, 8)) * 6

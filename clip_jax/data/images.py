@@ -35,7 +35,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): ~89.5M pixels, ~268 MB as RGB.
 DEFAULT_MAX_PIXELS = 89_478_485
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -96,7 +96,7 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     return (image if mode == "RGB" else image.convert("RGB")), []
   if mode == "P" and "transparency" in image.info:
     image = image.convert("RGBA")
-  if image.mode in _ALPHA_MODES:
+  if image.mode in ALPHA_MODES:
     # Plain convert("RGB") would expose whatever color the transparent pixels happen to hold.
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -130,6 +130,9 @@ class ImageFeatures:
   indices: np.ndarray      # int32 [n], the source index of each row (sorted)
   num_skipped: int         # records the pipeline could not read (counted, left out)
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count, this process's share
+  # Images read in another mode and converted to RGB by open_clip's evaluation rule ('mode_RGBA': alpha
+  # dropped, ...) -> count, this process's share; the pipeline's 'repaired' counts.
+  converted: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def embed_images(model: CLIP, variables, batches: Iterable[dict], num_examples: int, mesh: Mesh, *,
@@ -166,17 +169,18 @@ def embed_images(model: CLIP, variables, batches: Iterable[dict], num_examples: 
   if out is None:
     raise ValueError("the evaluation data yielded no batches.")
   indices = np.flatnonzero(seen).astype(np.int32)
+  quality = _quality(iterator)
   return ImageFeatures(out[indices], labels[indices], indices, num_examples - len(indices),
-                       _skip_reasons(iterator))
+                       quality["skipped"], quality["repaired"])
 
 
-def _skip_reasons(iterator) -> dict[str, int]:
-  """The pipeline's per-reason skip counts ({} for a plain iterable of batches)."""
+def _quality(iterator) -> dict[str, dict[str, int]]:
+  """The pipeline's per-reason counts {'skipped': ..., 'repaired': ...} (empty for a plain iterable)."""
   from clip_jax.data.pipeline import quality_counts
   try:
-    return quality_counts(iterator)["skipped"]
+    return quality_counts(iterator)
   except (AttributeError, AssertionError, TypeError):
-    return {}
+    return {"skipped": {}, "repaired": {}}
 
 
 def embed_texts(model: CLIP, variables, tokens: np.ndarray, *, batch_size: int, mesh: Mesh,

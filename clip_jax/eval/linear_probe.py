@@ -31,6 +31,7 @@ class ProbeResult:
   too_small_to_split: tuple[int, ...] = ()  # classes with one training row: fitted on, not validated
   num_skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> unreadable records
   skipped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # split -> {reason: n}
+  converted: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # split -> {'mode_RGBA': n}
 
   def metrics(self) -> dict[str, float]:
     return {"top1": self.top1, "mean_per_class": self.mean_per_class, "C": self.best_c}
@@ -190,4 +191,5 @@ def evaluate_linear_probe(model, variables, train_source, test_source, *, batch_
   result = fit_linear_probe(train.features, train.labels, test.features, test_labels, val_fraction=val_fraction,
                             seed=seed, metric=metric)
   return dataclasses.replace(result, num_skipped={k: v.num_skipped for k, v in splits.items()},
-                             skipped={k: dict(v.skipped) for k, v in splits.items()})
+                             skipped={k: dict(v.skipped) for k, v in splits.items()},
+                             converted={k: dict(v.converted) for k, v in splits.items()})

@@ -29,15 +29,22 @@ def attach_paper_numbers(result: dict[str, Any], model_name: str | None) -> dict
 
 def data_problem_lines(result: dict[str, Any]) -> list[str]:
   """One line per split whose data had problems: what was counted, by reason."""
+  from clip_jax.data.images import ALPHA_MODES
   lines = []
   for split, report in (result.get("data") or {}).items():
     skipped = report.get("skipped", {})
     # A record the scan found wrong (a missing file, an unknown label) is also skipped later: name it once.
     counts = {**{k: v for k, v in report.get("problems", {}).items() if k not in skipped},
               **{f"skipped {k}": v for k, v in skipped.items()}}
-    if counts:
-      lines.append(f"{result['task']}:{result['dataset']} {split} data: " +
-                   ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())))
+    parts = [f"{reason} {count}" for reason, count in sorted(counts.items())]
+    # Transparency is dropped as open_clip's evaluation drops it (clip_jax.data.images), so a transparent
+    # background shows whatever colour its pixels store (often black): said, with the count.
+    alpha = sorted((mode[len("mode_"):], n) for mode, n in (report.get("converted") or {}).items()
+                   if mode[len("mode_"):] in ALPHA_MODES)
+    if alpha:
+      parts.append("kept with their alpha dropped (open_clip's rule): " + ", ".join(f"{m} {n}" for m, n in alpha))
+    if parts:
+      lines.append(f"{result['task']}:{result['dataset']} {split} data: " + ", ".join(parts))
   if result.get("too_small_to_split"):
     lines.append(f"{result['task']}:{result['dataset']}: classes with a single training example (fitted, not "
                  f"validated): {result['too_small_to_split'][:20]}")

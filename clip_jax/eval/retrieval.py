@@ -160,7 +160,8 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: n
 def evaluate_retrieval(model, variables, source, tokenizer, *, batch_size: int, image_size: int, mesh,
                        ks: Sequence[int] = DEFAULT_KS, num_workers: int = 0) -> dict[str, Any]:
   """Embeds every image and every caption of `source`, sharded over the mesh, and scores recall:
-  {metric: percent, 'num_images', 'num_texts', 'num_skipped': counts, 'skipped': {reason: count}}."""
+  {metric: percent, 'num_images', 'num_texts', 'num_skipped': counts, 'skipped': {reason: count},
+  'converted': {'mode_RGBA': count, ...}}."""
   captions = source_captions(source)
   batches = embed.image_batches(source, batch_size=batch_size, image_size=image_size, mesh=mesh,
                                 num_workers=num_workers)
@@ -180,4 +181,5 @@ def evaluate_retrieval(model, variables, source, tokenizer, *, batch_size: int, 
   if images.num_skipped:
     logging.warning("retrieval: %d unreadable images left out with their captions.", images.num_skipped)
   return {**metrics, "num_images": float(len(images.indices)), "num_texts": float(len(texts)),
-          "num_skipped": float(images.num_skipped), "skipped": dict(images.skipped)}
+          "num_skipped": float(images.num_skipped), "skipped": dict(images.skipped),
+          "converted": dict(images.converted)}

@@ -189,10 +189,12 @@ class ZeroShotEvaluator:
 
   def data_report(self) -> dict:
     """What was wrong with the data of the last call: {'skipped': {reason: n}} from the pipeline
-    (unreadable images, missing files, ...) and {'problems': {reason: n}, 'problem_examples'} found
+    (unreadable images, missing files, ...), {'converted': {'mode_RGBA': n, ...}} (images of other
+    modes made RGB by open_clip's rule) and {'problems': {reason: n}, 'problem_examples'} found
     when the source was scanned (non-image files, empty class folders, name collisions, ...)."""
     features = self.last_features
     return {"skipped": dict(features.skipped) if features else {},
+            "converted": dict(features.converted) if features else {},
             "problems": dict(getattr(self.source, "problems", {}) or {}),
             "problem_examples": dict(getattr(self.source, "problem_examples", {}) or {})}
 
