@@ -394,7 +394,10 @@ def _run_tasks(tasks: Sequence[Task], ctx: dict[str, Any], model_name: str | Non
     results.append(attach_paper_numbers(result, model_name if task.paper_comparable else None))
     if ctx["is_main"]:
       shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items())
-      print(f"{task.kind}:{task.dataset}: {shown} ({result['seconds']:.1f} s)", flush=True)
+      size = [f"{result['num_examples']} images"] if "num_examples" in result else []
+      size += [f"{result['num_classes']} classes"] if "num_classes" in result else []  # a label typo shows here
+      size.append(f"{result['seconds']:.1f} s")
+      print(f"{task.kind}:{task.dataset}: {shown} ({', '.join(size)})", flush=True)
       for line in data_problem_lines(result):
         print(f"  {line}", file=sys.stderr, flush=True)
 

@@ -285,7 +285,9 @@ def test_transparent_images_are_said_to_lose_their_alpha(tiny_checkpoint, tmp_pa
   (result,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
   assert result["data"]["test"]["converted"] == {"mode_RGBA": 2} and result["num_examples"] == 4
   line = "zeroshot:mine test data: kept with their alpha dropped (open_clip's rule): RGBA 2"
-  assert line in capsys.readouterr().err and line in (tmp_path / "out" / "results.md").read_text()
+  printed = capsys.readouterr()
+  assert line in printed.err and line in (tmp_path / "out" / "results.md").read_text()
+  assert "(4 images, 2 classes, " in printed.out  # the class count shows a label typo's extra class at once
 
 
 def test_linear_probe_on_separable_features_reaches_100():
