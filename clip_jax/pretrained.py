@@ -206,9 +206,21 @@ def init_from_config(init: Any, workdir: str, model_config: CLIPConfig):
     raise UserError("this config starts from a pretrained model: give --config.init.checkpoint=PATH.")
 
   def load(target):
-    return cli.as_user_errors(load_init, init.checkpoint, target, model_config, model_name=init.get("model_name"),
-                              act=init.get("act"), dont_load=init.get("dont_load"))
+    loaded = cli.as_user_errors(load_init, init.checkpoint, target, model_config, model_name=init.get("model_name"),
+                                act=init.get("act"), dont_load=init.get("dont_load"))
+    if jax.process_index() == 0:
+      print(loaded_summary(init.checkpoint, loaded, target), flush=True)
+    return loaded
   return load
+
+
+def loaded_summary(path: str, loaded: Mapping[str, Any], target: Mapping[str, Any]) -> str:
+  """One line: how many of the model's variables came from `path`, and which top-level groups
+  (image tower, text tower, ...) start fresh instead (init.dont_load)."""
+  got, want = (traverse_util.flatten_dict(dict(tree)) for tree in (loaded, target))
+  fresh = sorted({"/".join(key[:2]) for key in want if key not in got})
+  return (f"init.checkpoint {path}: {len(got)} of {len(want)} variables loaded"
+          + (f"; fresh: {', '.join(fresh)}." if fresh else "."))
 
 
 def merge(fresh: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:

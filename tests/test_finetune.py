@@ -229,6 +229,10 @@ def test_load_init_errors_are_one_clear_line(init_sources, tmp_path):
   # LiT from scratch: what dont_load matches keeps its fresh init; the rest must still fit.
   loaded = pretrained.load_init(str(wide), target, model.config, dont_load="^visual/")
   assert sorted(loaded["params"]) == ["logit_scale", "text"]
+  summary = pretrained.loaded_summary(str(wide), loaded, target)  # the line a run prints at its start
+  total = len(traverse_util.flatten_dict(target))
+  assert summary == (f"init.checkpoint {wide}: {len(traverse_util.flatten_dict(loaded))} of {total} variables "
+                     "loaded; fresh: params/visual.")
 
 
 def test_load_init_resamples_a_new_image_size(init_sources):
