@@ -6,8 +6,9 @@ Data: a TFDS image-caption dataset ('tfds:coco_captions', split 'test' = the 5k 
 images), ArrayRecord shards with several captions per record, or a local caption file:
   JSONL   one object per line: {"image": "path/to/img.jpg", "captions": ["...", "..."]}
           ("caption": "..." also works; one image on several lines gathers their captions)
-  CSV     a header row with an image column (image / filepath / file / path) and a caption column
-          (caption / captions / text / title); rows that share an image are one image
+  CSV     a header row with an image column (path / filepath / file_path / image / image_path / file /
+          filename, as for label tables) and a caption column (caption / captions / text / title);
+          rows that share an image are one image
 Relative image paths are resolved against the caption file's directory.
 """
 from __future__ import annotations
@@ -19,12 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from clip_jax.data.labelled import pick_column, read_table
+from clip_jax.data.labelled import PATH_COLUMNS, pick_column, read_table
 from clip_jax.data.sources import open_source
 from clip_jax.eval import embed
 
 DEFAULT_KS = (1, 5, 10)
-_IMAGE_COLUMNS = ("image", "filepath", "file", "path", "image_path")
 _CAPTION_COLUMNS = ("caption", "captions", "text", "title")
 
 
@@ -75,7 +75,7 @@ class CaptionFileSource:
     """(image path, [captions]) per row of a caption CSV / JSONL (labelled.read_table: UTF-8 with or
     without a byte-order mark); a JSONL row may name its captions with any caption column."""
     row_counts, rows = read_table(path)
-    image_key = pick_column(row_counts, None, _IMAGE_COLUMNS, "image", path)
+    image_key = pick_column(row_counts, None, PATH_COLUMNS, "image", path)
     caption_key = pick_column(row_counts, None, _CAPTION_COLUMNS, "caption", path)
     for where, row in rows:
       image = row.get(image_key) if row is not None else None
