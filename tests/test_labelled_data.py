@@ -33,7 +33,7 @@ def _messy_folder(root, rng):
   return root
 
 
-def test_image_folder_source_counts_what_is_wrong(tmp_path):
+def test_image_folder_source_counts_what_is_wrong(tmp_path, caplog):
   root = _messy_folder(tmp_path / "pets", np.random.default_rng(0))
   source = sources.open_source(str(root))
   assert isinstance(source, labelled.ImageFolderSource)
@@ -48,6 +48,7 @@ def test_image_folder_source_counts_what_is_wrong(tmp_path):
   renamed = sources.open_source(str(root), class_names={"tabby_cat": "cat", "zebra": "golden retriever"})
   assert renamed.class_names == ["golden retriever", "cat", "golden retriever"]
   assert renamed.problems["class_name_collision"] == 1
+  assert "the class names name 2 of 3 folders; the others keep their own names: golden_retriever" in caplog.text
   with pytest.raises(ValueError, match="3 class folders but 2 class names"):
     sources.open_source(str(root), class_names=["a", "b"])
 

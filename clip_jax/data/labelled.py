@@ -149,6 +149,10 @@ def names_for_folders(folders: Sequence[str], class_names: ClassNames, where: st
     if unknown:
       raise ValueError(f"{where}: the class names name folders that are not there: {unknown[:5]} "
                        f"(folders: {list(folders)[:5]}...).")
+    own = [f for f in folders if f not in class_names]
+    if own:  # documented, and still said: a typo'd key would otherwise pass silently
+      logging.warning("%s: the class names name %d of %d folders; the others keep their own names: %s", where,
+                      len(folders) - len(own), len(folders), ", ".join(own[:5]) + (" ..." if len(own) > 5 else ""))
     return [class_names.get(f, display_name(f)) for f in folders]
   if len(class_names) != len(folders):
     raise ValueError(f"{where}: {len(folders)} class folders but {len(class_names)} class names; give one "
