@@ -146,6 +146,15 @@ def test_class_names_listed_in_another_order_keep_each_class_its_own(tmp_path, c
   assert "in another order" in caplog.text
   renamed = ["dog", "cat", "horse"]  # other names: by position, as documented
   assert sources.open_source(str(tmp_path / "pets"), class_names=renamed).class_names == renamed
+  # The zero-shot classifier's prompts follow the source's label order (the first fix stopped at the
+  # source: the evaluator kept the given list's order, 8.9% on the new user's digits).
+  from clip_jax.eval.zeroshot import ZeroShotEvaluator
+  from clip_jax.tokenizer import get_tokenizer
+  for given, expected in ((["zebra", "golden retriever", "tabby cat"], ("golden retriever", "tabby cat", "zebra")),
+                          (renamed, tuple(renamed))):
+    evaluator = ZeroShotEvaluator(str(tmp_path / "pets"), get_tokenizer("clip", context_length=16), given,
+                                  image_size=8)
+    assert evaluator.class_names == expected, given
 
   os.makedirs(tmp_path / "wds")
   _tar(tmp_path / "wds" / "0.tar", [("s0.png", _png_bytes(rng)), ("s0.cls", b"1")])

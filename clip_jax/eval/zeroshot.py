@@ -157,13 +157,18 @@ class ZeroShotEvaluator:
                limit: int | None = None, num_workers: int = 0, source=None, confusion_png: str | None = None):
     info = find_dataset(source_spec)
     split = split or (info.test_split if info else "test")
-    if source is None:  # the user's own data takes the names into its source ({folder: name} maps)
+    opened_here = source is None
+    if opened_here:  # the user's own data takes the names into its source ({folder: name} maps)
       source = open_source(source_spec, split, data_dir=data_dir, image_size=image_size,
                            class_names=None if info else class_names)
     self.source = source
     if limit is not None:
       self.source = embed.Subset(self.source, limit)
-    if class_names is None or isinstance(class_names, dict):
+    if opened_here and info is None and getattr(self.source, "class_names", None):
+      # The source applied the names (by position, by folder, or a list of its own names in another
+      # order matched by name: labelled._reordered): its label order is the one the prompts must follow.
+      class_names = self.source.class_names
+    elif class_names is None or isinstance(class_names, dict):
       class_names = info.class_names if info else getattr(self.source, "class_names", None)
     if not class_names:
       raise ValueError(f"{source_spec!r} carries no class names; pass them (the CLI's --classnames FILE).")
