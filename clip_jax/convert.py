@@ -501,8 +501,11 @@ def load_hf_directory(path: str, variant: str | None = None, **module_kwargs):
     hf_config = json.load(f)
   if hf_config.get("model_type") not in (None, "clip"):
     raise CheckpointError(f"{path}: config.json is for model_type '{hf_config.get('model_type')}', not 'clip'.")
+  try:
+    cfg = config_from_hf(hf_config)
+  except CheckpointError as e:  # the config's own line does not know which folder it came from
+    raise CheckpointError(f"{config_path}: {e}") from None
   state = load_weights_dir(path, TRANSFORMERS_WEIGHTS, variant)
-  cfg = config_from_hf(hf_config)
   model = create_model(cfg, **module_kwargs)
   return model, state_dict_to_variables(state, model, hf_entries(cfg), path)
 
@@ -541,7 +544,8 @@ def openai_layout_note(cfg: CLIPConfig) -> str:
   facts = (f"activation ({cfg.act}), attention heads (image {cfg.vision.heads}, text {cfg.text.heads}) and text "
            "pooling")
   how = (f"read it back with --model-name {named} (model_name='{named}' in Python; open_clip: "
-         f"create_model('{named}', pretrained=FILE) where it knows that name)" if named else
+         f"create_model('{named}', pretrained=FILE) if it has that architecture, else export with --format "
+         "open_clip)" if named else
          "no named architecture matches this model, so loaders would guess them: export with --format open_clip, "
          "which carries them")
   return f"An OpenAI-layout file does not carry the model's {facts}: {how}."

@@ -114,8 +114,9 @@ def test_tables_with_a_byte_order_mark_or_not_utf8_and_latin1_file_names(tmp_pat
   with pytest.raises(ValueError, match=r"latin1.csv: line 3 is not UTF-8 text \(byte 0xe9\)"):
     sources.open_source(str(tmp_path / "latin1.csv"))
   report = prepare.convert([str(tmp_path / "latin1.csv")], str(tmp_path / "out_latin1"), caption_template="a {}",
-                           verbose=False)
-  assert report["written"] == 1 and report["skipped"] == {"unknown_label": 1}
+                           verbose=False)  # the class is kept (its name as folder names are), not dropped
+  assert report["written"] == 2 and report["skipped"] == {}
+  assert sources.open_source(str(tmp_path / "out_latin1")).class_names == ["caf\\xe9", "chat"]
 
   tree = os.fsencode(tmp_path / "tree")
   for folder, name in ((b"caf\xe9", b"x\xe9.png"), (b"chien", b"b.png")):

@@ -325,7 +325,8 @@ def test_hf_config_fields_the_models_do_not_follow_are_refused(tmp_path, hf_clip
   config = json.loads((tmp_path / "config.json").read_text())
   config["vision_config"]["layer_norm_eps"] = 1e-6
   (tmp_path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(CheckpointError, match=r"vision_config has layer_norm_eps=1e-06; only 1e-5 \(CLIP's\)"):
+  with pytest.raises(CheckpointError, match=r"config.json: Hugging Face config's vision_config has layer_norm_eps=1e-06; "
+                                            r"only 1e-5 \(CLIP's\)"):
     clip_jax.load_checkpoint(str(tmp_path))
 
 

@@ -41,7 +41,7 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
   """Reads only the header: the size check happens before any pixel is decoded."""
   if len(data) == 0:
-    raise BadRecord("empty_image")
+    raise BadRecord("empty_image", "0 bytes")
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)

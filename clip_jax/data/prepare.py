@@ -47,12 +47,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
+from absl import logging
+
 from clip_jax.data import images as image_ops
 from clip_jax.data.labelled import (CLASSNAMES_FILE, IMAGE_EXTENSIONS, KEPT_PROBLEMS, LABEL_COLUMNS, PATH_COLUMNS,
                                     find_classnames_file, find_column, label_text, names_for_folders, pick_column,
                                     read_class_names_file, read_table, scan_image_folder, tar_key)
 from clip_jax.data.records import (DEFAULT_MAX_CAPTION_CHARS, BadRecord, QualityCounts, clean_caption,
-                                   encode_record)
+                                   encode_record, with_escaped_bytes)
 
 _STORED_AS_IS = ("JPEG", "PNG", "WEBP")  # formats every reader decodes; others are re-encoded
 _CAPTION_COLUMNS = ("caption", "text", "title", "txt", "description")
@@ -210,12 +212,11 @@ def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Cand
   if not isinstance(image_path, str) or not image_path.strip():
     return Candidate(key, skip="malformed_row", detail=f"no {path_col!r} value")
   label = None
-  text = label_text(row.get(label_col)) if label_col is not None else ""
+  text = with_escaped_bytes(label_text(row.get(label_col))) if label_col is not None else ""
   if text:  # a row without a label is an unlabelled record, as in a plain caption table
     label = args.class_names.index(text)
     if label is None:
-      return Candidate(key, skip="unknown_label", detail=f"label {text!r} is not UTF-8 text" if _undecodable(text)
-                       else f"label {text!r} is not a class index or a known name")
+      return Candidate(key, skip="unknown_label", detail=f"label {text!r} is not a class index or a known name")
     if caption is None or (isinstance(caption, str) and not caption.strip()):
       caption = args.caption_template.format(args.class_names.name(label))
   if caption is None:
@@ -252,11 +253,18 @@ def _undecodable(text: str) -> bool:
   return any("\udc80" <= c <= "\udcff" for c in text)
 
 
-def _register_labels(rows, label_col: str | None, args) -> None:
-  """Names among the labels (not integers) join the class names, sorted, before any row is converted."""
+def _register_labels(rows, label_col: str | None, args, path: str) -> None:
+  """Names among the labels (not integers) join the class names, sorted, before any row is converted.
+  A label with bytes that are not UTF-8 is a class named with them as \\xNN (as folder names are), said
+  in one warning: the table's real names need it saved as UTF-8."""
   if label_col is not None:
-    texts = (label_text(row.get(label_col)) for row in rows if isinstance(row, dict))
-    args.class_names.add(t for t in texts if t and not t.isdigit() and not _undecodable(t))
+    texts = [label_text(row.get(label_col)) for row in rows if isinstance(row, dict)]
+    undecodable = sorted({t for t in texts if _undecodable(t)})
+    if undecodable:
+      logging.warning("%s: %d label(s) hold bytes that are not UTF-8 (e.g. %r); they are kept with those bytes "
+                      "as \\xNN: save the table as UTF-8 for their real names.", path, len(undecodable),
+                      with_escaped_bytes(undecodable[0]))
+    args.class_names.add(with_escaped_bytes(t) for t in texts if t and not t.isdigit())
 
 
 def _read_table(path: str, args) -> Iterator[Candidate]:
@@ -265,7 +273,7 @@ def _read_table(path: str, args) -> Iterator[Candidate]:
   row_counts, rows = read_table(path, undecodable="surrogateescape")
   columns = _table_columns(row_counts, args, path) if row_counts else None
   if columns is not None:
-    _register_labels([row for _, row in rows], columns[2], args)
+    _register_labels([row for _, row in rows], columns[2], args, path)
   for key, row in rows:
     if row is None:
       yield Candidate(key, skip="malformed_row", detail="not a JSON object")
