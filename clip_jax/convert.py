@@ -540,7 +540,9 @@ def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=N
 
 def openai_layout_note(cfg: CLIPConfig) -> str:
   """What an OpenAI-layout state dict of a model of `cfg` leaves out, and how to read it back whole."""
-  named = next((name for name, config in MODEL_CONFIGS.items() if config == cfg), None)
+  def architecture(config: CLIPConfig) -> CLIPConfig:  # init values aside: no loader needs them
+    return dataclasses.replace(config, init_logit_scale=0.0, init_logit_bias=None)
+  named = next((name for name, config in MODEL_CONFIGS.items() if architecture(config) == architecture(cfg)), None)
   facts = (f"activation ({cfg.act}), attention heads (image {cfg.vision.heads}, text {cfg.text.heads}) and text "
            "pooling")
   how = (f"read it back with --model-name {named} (model_name='{named}' in Python; open_clip: "

@@ -25,7 +25,8 @@ Tasks are KIND:DATASET[=DATA], comma-separated:
            e.g. zeroshot:pets=/data/pets/test, linear_probe:fgvc_aircraft=/data/aircraft/{split}
 
 Class names: a known dataset's own, else --classnames FILE (one per line in label order = sorted
-folder order, or JSON: a list, or an object {folder: name}), else the folder names (or a tar set's
+folder order, or JSON: a list, or an object {folder: name}; a list of the folders' own names in
+another order is matched by name, with a warning), else the folder names (or a tar set's
 classnames.txt). Prompts: a known dataset's own, else --templates FILE (one per line, '{}' or
 clip_benchmark's '{c}' for the class name), else "a photo of a {}.". The two files override a
 known dataset's lists too; the paper's numbers are then left out (its prompts were different).
@@ -201,7 +202,8 @@ def _limited(source, limit):
 def _data_report(skipped: dict, source, converted: dict | None = None) -> dict[str, Any]:
   """What was wrong with one split's data: pipeline skips, images converted from other modes and
   scan-time problems, per reason."""
-  return {"skipped": dict(skipped), "converted": dict(converted or {}), "problems": dict(getattr(source, "problems", {}) or {}),
+  return {"skipped": dict(skipped), "converted": dict(converted or {}),
+          "problems": dict(getattr(source, "problems", {}) or {}),
           "problem_examples": dict(getattr(source, "problem_examples", {}) or {})}
 
 
@@ -251,10 +253,11 @@ def run_retrieval(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
   metrics = evaluate_retrieval(ctx["model"], ctx["variables"], source, ctx["tokenizer"],
                                batch_size=ctx["batch_size"], image_size=ctx["image_size"], mesh=ctx["mesh"],
                                num_workers=ctx["num_workers"])
-  return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_") and k not in ("skipped", "converted")},
+  counts = ("skipped", "converted")
+  return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_") and k not in counts},
           "num_examples": int(metrics["num_images"]), "num_texts": int(metrics["num_texts"]),
-          "num_skipped": int(metrics["num_skipped"]), "data": {"test": _data_report(metrics["skipped"], source, metrics["converted"])},
-          "plots": []}
+          "num_skipped": int(metrics["num_skipped"]),
+          "data": {"test": _data_report(metrics["skipped"], source, metrics["converted"])}, "plots": []}
 
 
 def run_linear_probe(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -314,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the activation of a bare state dict (overrides --model-name's); most open_clip/LAION "
                       "checkpoints use gelu, OpenAI's quick_gelu")
   parser.add_argument("--classnames", metavar="FILE", help="class names for zero-shot: one per line in label "
-                      "order (sorted folder order), or JSON (a list, or {folder: name})")
+                      "order (sorted folder order; the folders' own names in any order are matched by name), or "
+                      "JSON (a list, or {folder: name})")
   parser.add_argument("--templates", metavar="FILE", help="prompt templates for zero-shot, one per line with "
                       "'{}' (or '{c}') for the class name; several are ensembled")
   parser.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's own)")

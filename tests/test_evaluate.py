@@ -269,6 +269,8 @@ def test_a_record_the_scan_found_wrong_is_named_once_in_the_data_problems():
       "problems": {"missing_file": 1, "not_an_image": 2}, "skipped": {"missing_file": 1, "corrupt_image": 3}}}}
   assert report.data_problem_lines(result) == [
       "zeroshot:mine test data: not_an_image 2, skipped corrupt_image 3, skipped missing_file 1"]
+  result["data"]["test"]["problems"]["missing_file"] = 4  # the scan's whole-source count; process 0 skipped 1
+  assert "skipped missing_file 4" in report.data_problem_lines(result)[0]
 
 
 def test_transparent_images_are_said_to_lose_their_alpha(tiny_checkpoint, tmp_path, capsys):
@@ -279,15 +281,16 @@ def test_transparent_images_are_said_to_lose_their_alpha(tiny_checkpoint, tmp_pa
     os.makedirs(tmp_path / "mine" / folder)
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "mine" / folder / "clear.png")
     Image.new("RGB", (8, 8), (i * 200, 0, 0)).save(tmp_path / "mine" / folder / "plain.png")
+  Image.new("P", (8, 8), 0).save(tmp_path / "mine" / "cat" / "palette.png", transparency=0)  # a PNG-8 tRNS entry
   rc = cli.main(["--checkpoint", tiny_checkpoint, "--tasks", f"zeroshot:mine={tmp_path / 'mine'}", "--out",
                  str(tmp_path / "out")])
   assert rc == 0
   (result,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-  assert result["data"]["test"]["converted"] == {"mode_RGBA": 2} and result["num_examples"] == 4
-  line = "zeroshot:mine test data: kept with their alpha dropped (open_clip's rule): RGBA 2"
+  assert result["data"]["test"]["converted"] == {"mode_PA": 1, "mode_RGBA": 2} and result["num_examples"] == 5
+  line = "zeroshot:mine test data: kept with their alpha dropped (open_clip's rule): PA 1, RGBA 2"
   printed = capsys.readouterr()
   assert line in printed.err and line in (tmp_path / "out" / "results.md").read_text()
-  assert "(4 images, 2 classes, " in printed.out  # the class count shows a label typo's extra class at once
+  assert "(5 images, 2 classes, " in printed.out  # the class count shows a label typo's extra class at once
 
 
 def test_linear_probe_on_separable_features_reaches_100():

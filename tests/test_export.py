@@ -43,13 +43,16 @@ def test_hf_export_has_the_weights_config_and_tokenizer(source, tmp_path, capsys
   tokenizer = transformers.CLIPTokenizer.from_pretrained(out)
   assert tokenizer("a photo of a cat").input_ids[0] == 49406  # OpenAI's start token
   # The image processor too (a new user's CLIPProcessor and zero-shot pipeline failed without it):
-  # on an image already at the model's size, its pixels equal this project's preprocessing.
+  # on a 48x40 image (resized, then center-cropped), its pixels are this project's preprocessing's but for
+  # transformers' own bicubic rounding: at most one 8-bit level, on under 1% of the values.
   from PIL import Image
   from clip_jax.preprocess import eval_transform, normalize
-  image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
   processor = transformers.CLIPProcessor.from_pretrained(out)
   theirs = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-  np.testing.assert_allclose(theirs, normalize(eval_transform(image, 32)), atol=1e-5)
+  difference = np.abs(theirs - normalize(eval_transform(image, 32)))
+  one_level = 1 / 255 / min(processor.image_processor.image_std)
+  assert difference.max() <= one_level + 1e-5 and np.mean(difference > 1e-5) < 0.01, difference.max()
 
 
 def test_openai_export_reads_back_as_the_same_model(source, tmp_path, capsys):

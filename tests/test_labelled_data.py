@@ -83,7 +83,9 @@ def test_evaluation_and_prepare_read_the_same_columns_of_a_table(tmp_path):
   (tmp_path / "both.csv").write_text("image,path,label\nthumbs/a.png,img/a.png,0\nthumbs/b.png,img/b.png,1\n")
   (tmp_path / "mostly_image.jsonl").write_text("\n".join(json.dumps(r) for r in (
       {"image": "img/a.png", "label": 0}, {"image": "img/b.png", "label": 1}, {"path": "img/a.png", "label": 1})))
-  for table, kept in (("both.csv", 2), ("mostly_image.jsonl", 2)):
+  # A candidate column that is there but empty is not the one (the header alone made it count).
+  (tmp_path / "empty_path.csv").write_text("path,image,label\n,img/a.png,0\n ,img/b.png,1\n")
+  for table, kept in (("both.csv", 2), ("mostly_image.jsonl", 2), ("empty_path.csv", 2)):
     source = sources.open_source(str(tmp_path / table), class_names=["zero", "one"])
     assert [source[i].get("label") for i in range(kept)] == [0, 1], table
     assert source.problems == ({"malformed_row": 1} if table.endswith("jsonl") else {}), (table, source.problems)
@@ -113,6 +115,11 @@ def test_tables_with_a_byte_order_mark_or_not_utf8_and_latin1_file_names(tmp_pat
   (tmp_path / "latin1.csv").write_bytes(b"path,label\nimg/a.png,chat\nimg/b.png,caf\xe9\n")
   with pytest.raises(ValueError, match=r"latin1.csv: line 3 is not UTF-8 text \(byte 0xe9\)"):
     sources.open_source(str(tmp_path / "latin1.csv"))
+  (tmp_path / "bom_latin1.csv").write_bytes(b"\xef\xbb\xbfpath,label\nimg/a.png,caf\xe9\n")  # offsets after the mark
+  with pytest.raises(ValueError, match=r"bom_latin1.csv: line 2 is not UTF-8 text \(byte 0xe9\)"):
+    sources.open_source(str(tmp_path / "bom_latin1.csv"))
+  from clip_jax.data.records import with_escaped_bytes
+  assert with_escaped_bytes("caf\udce9") == "caf\\xe9" and with_escaped_bytes("half \ud83d") == "half \\ud83d"
   report = prepare.convert([str(tmp_path / "latin1.csv")], str(tmp_path / "out_latin1"), caption_template="a {}",
                            verbose=False)  # the class is kept (its name as folder names are), not dropped
   assert report["written"] == 2 and report["skipped"] == {}
@@ -168,7 +175,7 @@ def test_a_file_that_is_no_data_source_is_one_line(tmp_path):
   # A templates file passed as DATA reached grain: "ArrayRecord file should be at least 64KB big" (traceback).
   from clip_jax.cli import MissingPathError, UserError
   (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
-  with pytest.raises(UserError, match=r"templates.txt: not a data source this reads. Pass a folder of class"):
+  with pytest.raises(UserError, match=r"templates.txt: not ArrayRecord shards \(RuntimeError: .*\). Pass a folder of class"):
     sources.open_source(str(tmp_path / "templates.txt"))
   with pytest.raises(MissingPathError, match=r"no such file, directory or matching shards. Pass a folder of class"):
     sources.open_source(str(tmp_path / "no_folder"))

@@ -177,7 +177,8 @@ def _reordered(given: Sequence[str], own: Sequence[str], where: str, what: str) 
 class ImageFolderSource(LabelledFiles):
   """ROOT/CLASS/**/image files (torchvision's ImageFolder layout); see the module docstring.
 
-  `class_names`: None (the folder names), a list in sorted folder order, or {folder: name}.
+  `class_names`: None (the folder names), a list in sorted folder order (the folders' own names in
+  another order are matched by name, with a warning: `names_for_folders`), or {folder: name}.
   Raises FileNotFoundError when ROOT has no sub-folder.
   """
 
@@ -332,8 +333,9 @@ def read_text(path: str, undecodable: str = "strict") -> str:
   "strict" raises ValueError naming the first line that is not UTF-8."""
   with open(path, "rb") as f:
     data = f.read()
+  data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # the mark, so that offsets count from the text
   try:
-    return data.decode("utf-8-sig", errors=undecodable)
+    return data.decode("utf-8", errors=undecodable)
   except UnicodeDecodeError as e:
     line = data[:e.start].count(b"\n") + 1
     raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x}); save the file as "
@@ -358,10 +360,21 @@ def read_table(path: str, undecodable: str = "strict") -> tuple[dict[str, int], 
       except json.JSONDecodeError:
         row = None
       rows.append((f"{name}:{line_number}", row if isinstance(row, dict) else None))
-    return collections.Counter(k for _, row in rows if row is not None for k in row), rows
+    return _filled_counts(rows), rows
   reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.lower().endswith(".tsv") else ",")
   rows = [(f"{name}:{line_number}", row) for line_number, row in enumerate(reader, start=2)]
-  return dict.fromkeys(reader.fieldnames or [], len(rows)), rows
+  return _filled_counts(rows, reader.fieldnames or []), rows
+
+
+def _filled_counts(rows, columns=()) -> dict[str, int]:
+  """Column name -> how many rows give it a value (not missing, None or blank); `columns` (a CSV's
+  header) are listed even where no row fills them."""
+  counts = dict.fromkeys(columns, 0)
+  for _, row in rows:
+    for key, value in (row or {}).items():
+      if key is not None and value is not None and not (isinstance(value, str) and not value.strip()):
+        counts[key] = counts.get(key, 0) + 1
+  return counts
 
 
 # ----------------------------------------------------------------------------- webdataset tars

@@ -80,7 +80,9 @@ class ExampleMaker:
         pixels = image_ops.train_transform(image, self.image_size, rng, self.crop_scale)
       else:  # open_clip's order: resize and crop in the image's own mode, RGB last
         image = image_ops.load_image(raw["image"], self.max_pixels, self.draft_size)
-        image_repairs = image_ops.mode_repairs(image.mode)
+        # A palette with a transparency entry loses it as alpha does: counted as palette + alpha ('PA').
+        transparent_palette = image.mode == "P" and "transparency" in image.info
+        image_repairs = image_ops.mode_repairs("PA" if transparent_palette else image.mode)
         pixels = image_ops.eval_transform(image, self.image_size)
       tokens = np.asarray(self.tokenizer([caption]), np.int32)[0]
     except BadRecord as e:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import glob
 import io
 import itertools
@@ -261,7 +260,7 @@ def _register_labels(rows, label_col: str | None, args, path: str) -> None:
     texts = [label_text(row.get(label_col)) for row in rows if isinstance(row, dict)]
     undecodable = sorted({t for t in texts if _undecodable(t)})
     if undecodable:
-      logging.warning("%s: %d label(s) hold bytes that are not UTF-8 (e.g. %r); they are kept with those bytes "
+      logging.warning("%s: %d label(s) hold bytes that are not UTF-8 (e.g. '%s'); they are kept with those bytes "
                       "as \\xNN: save the table as UTF-8 for their real names.", path, len(undecodable),
                       with_escaped_bytes(undecodable[0]))
     args.class_names.add(with_escaped_bytes(t) for t in texts if t and not t.isdigit())
@@ -269,7 +268,7 @@ def _register_labels(rows, label_col: str | None, args, path: str) -> None:
 
 def _read_table(path: str, args) -> Iterator[Candidate]:
   """A .csv / .tsv / .jsonl table's rows as candidates; undecodable bytes in a caption are counted
-  (clean_caption), a label with them is an unknown label."""
+  (clean_caption), a label with them names a class with those bytes as \\xNN (`_register_labels`)."""
   row_counts, rows = read_table(path, undecodable="surrogateescape")
   columns = _table_columns(row_counts, args, path) if row_counts else None
   if columns is not None:

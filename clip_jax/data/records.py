@@ -57,7 +57,10 @@ class QualityCounts:
 def with_escaped_bytes(name: str) -> str:
   """A file or folder name as valid text: bytes that were not UTF-8 (lone surrogates from Python's
   surrogate-escaped file system names, e.g. Latin-1 names from an old archive) written as \\xNN."""
-  return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+  try:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+  except UnicodeEncodeError:  # a lone surrogate outside the escape range (JSON's "\ud83d"): its code point
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def encode_record(image_bytes: bytes, caption: str, key: str = "", label: int | None = None) -> bytes:

@@ -35,7 +35,11 @@ class ArrayRecordSource:
   def __init__(self, path: str):
     self.paths = find_shards(path)
     import grain  # Imported lazily: keeps `import clip_jax.data` light.
-    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    except Exception as e:  # noqa: BLE001 - e.g. "ArrayRecord file should be at least 64KB big" (a text file)
+      raise UserError(f"{self.paths[0] if len(self.paths) == 1 else path}: not ArrayRecord shards "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass {DATA_FORMS}.") from e
     # `prepare` writes the class names of labelled data beside the shards.
     names_file = os.path.join(os.path.dirname(self.paths[0]), CLASSNAMES_FILE)
     names = read_class_names_file(names_file) if os.path.isfile(names_file) else None
@@ -67,13 +71,13 @@ def find_shards(path: str) -> list[str]:
       raise MissingPathError(f"{path}: directory holds no .array_record shards; write them with "
                               "`python -m clip_jax.data.prepare --input ... --output DIR`.")
     return paths
-  paths = [path] if os.path.isfile(path) else sorted(p for p in glob.glob(path) if os.path.isfile(p))
+  if os.path.isfile(path):
+    return [path]
+  paths = sorted(p for p in glob.glob(path) if os.path.isfile(p))
   if not paths:
     raise MissingPathError(f"{path}: no such file, directory or matching shards. Pass {DATA_FORMS}.")
-  others = [p for p in paths if ".array_record" not in os.path.basename(p)]
-  if others:  # grain would fail on it deep inside (e.g. "ArrayRecord file should be at least 64KB big")
-    raise UserError(f"{others[0]}: not a data source this reads. Pass {DATA_FORMS}.")
-  return paths
+  shards = [p for p in paths if ".array_record" in os.path.basename(p)]
+  return shards or paths  # OUT/* also matches prepare's report.json and classnames.txt beside its shards
 
 
 DATA_FORMS = ("a folder of class sub-folders, a .csv/.tsv/.jsonl label table, webdataset .tar shards, "

@@ -32,10 +32,11 @@ def data_problem_lines(result: dict[str, Any]) -> list[str]:
   from clip_jax.data.images import ALPHA_MODES
   lines = []
   for split, report in (result.get("data") or {}).items():
-    skipped = report.get("skipped", {})
-    # A record the scan found wrong (a missing file, an unknown label) is also skipped later: name it once.
-    counts = {**{k: v for k, v in report.get("problems", {}).items() if k not in skipped},
-              **{f"skipped {k}": v for k, v in skipped.items()}}
+    skipped, problems = report.get("skipped", {}), report.get("problems", {})
+    # A record the scan found wrong (a missing file, an unknown label) is also skipped later: name it once,
+    # with the larger count (the scan's covers the whole source; the pipeline's, process 0's share).
+    counts = {**{k: v for k, v in problems.items() if k not in skipped},
+              **{f"skipped {k}": max(v, problems.get(k, 0)) for k, v in skipped.items()}}
     parts = [f"{reason} {count}" for reason, count in sorted(counts.items())]
     # Transparency is dropped as open_clip's evaluation drops it (clip_jax.data.images), so a transparent
     # background shows whatever colour its pixels store (often black): said, with the count.
