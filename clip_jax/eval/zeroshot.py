@@ -164,10 +164,12 @@ class ZeroShotEvaluator:
     self.source = source
     if limit is not None:
       self.source = embed.Subset(self.source, limit)
-    if opened_here and info is None and getattr(self.source, "class_names", None):
-      # The source applied the names (by position, by folder, or a list of its own names in another
-      # order matched by name: labelled._reordered): its label order is the one the prompts must follow.
-      class_names = self.source.class_names
+    source_names = getattr(self.source, "class_names", None) if opened_here and info is None else None
+    if (source_names and isinstance(class_names, (list, tuple)) and list(class_names) != list(source_names)
+        and sorted(class_names) == sorted(source_names)):
+      # The given list held the source's own names in another order, which the source matched by name
+      # (labelled._reordered): its label order is the one the prompts must follow.
+      class_names = source_names
     elif class_names is None or isinstance(class_names, dict):
       class_names = info.class_names if info else getattr(self.source, "class_names", None)
     if not class_names:
