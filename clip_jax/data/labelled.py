@@ -163,11 +163,16 @@ def names_for_folders(folders: Sequence[str], class_names: ClassNames, where: st
   return list(class_names)
 
 
-def _reordered(given: Sequence[str], own: Sequence[str], where: str, what: str) -> bool:
+def same_names_reordered(given: Sequence[str], own: Sequence[str]) -> bool:
   """Whether a positional list of class names holds exactly `own`'s names in another order (a list
   in the order its author thought of, e.g. zero..nine for sorted folders eight, five, ...): read by
-  position it would give each class another's name, silently; the caller takes `own` and this says so."""
-  if list(given) == list(own) or sorted(given) != sorted(own):
+  position it would give each class another's name, silently."""
+  return list(given) != list(own) and sorted(given) == sorted(own)
+
+
+def _reordered(given: Sequence[str], own: Sequence[str], where: str, what: str) -> bool:
+  """`same_names_reordered`, said in a warning where true (the caller then takes `own`)."""
+  if not same_names_reordered(given, own):
     return False
   logging.warning("%s: the class names are %s in another order; each class keeps its own name (a list is read "
                   "by position: sorted folder order, or the label index of tars).", where, what)
@@ -308,7 +313,7 @@ def _names_from_labels(labels: Sequence[str]) -> list[str]:
 def find_column(row_counts: Mapping[str, int], explicit: str | None, choices: Sequence[str]) -> str | None:
   """The column of a table that holds one kind of value, or None: `explicit` if the table has it;
   otherwise, of the `choices` present, the one the most rows fill (JSONL rows may differ), ties in
-  the order of `choices`. `row_counts`: column name -> how many rows have it."""
+  the order of `choices`. `row_counts`: column name -> how many rows give it a value (`read_table`)."""
   if explicit:
     return explicit if explicit in row_counts else None
   present = [choice for choice in choices if choice in row_counts]
@@ -343,7 +348,7 @@ def read_text(path: str, undecodable: str = "strict") -> str:
 
 
 def read_table(path: str, undecodable: str = "strict") -> tuple[dict[str, int], list[tuple[str, dict | None]]]:
-  """A .csv / .tsv / .jsonl table: (column name -> how many rows have it, [(where, row dict or None)]),
+  """A .csv / .tsv / .jsonl table: (column name -> how many rows give it a value, [(where, row or None)]),
   `where` being "file:line" and None a JSONL line that is not a JSON object. Read as UTF-8 with or
   without the byte-order mark spreadsheets write ("CSV UTF-8"). `undecodable`: "strict" raises
   ValueError naming the first line that is not UTF-8; "surrogateescape" keeps such bytes as lone

@@ -235,7 +235,7 @@ def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Cand
 
 def _table_columns(row_counts, args, path: str) -> tuple[str, str | None, str | None]:
   """(path column, caption column or None, label column or None); with a label the caption may be absent.
-  `row_counts`: column name -> how many rows have it (labelled.find_column's rule)."""
+  `row_counts`: column name -> how many rows give it a value (labelled.find_column's rule)."""
   path_col = pick_column(row_counts, args.path_column, PATH_COLUMNS, "path", path, "; name one with --path-column")
   if args.label_column:
     label_col = pick_column(row_counts, args.label_column, LABEL_COLUMNS, "label", path)

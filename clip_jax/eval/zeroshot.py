@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from clip_jax.data.labelled import read_text
+from clip_jax.data.labelled import read_text, same_names_reordered
 from clip_jax.data.sources import open_source
 from clip_jax.eval import embed
 from clip_jax.eval.classnames import GENERIC_TEMPLATES, find_dataset
@@ -165,10 +165,9 @@ class ZeroShotEvaluator:
     if limit is not None:
       self.source = embed.Subset(self.source, limit)
     source_names = getattr(self.source, "class_names", None) if opened_here and info is None else None
-    if (source_names and isinstance(class_names, (list, tuple)) and list(class_names) != list(source_names)
-        and sorted(class_names) == sorted(source_names)):
+    if source_names and isinstance(class_names, (list, tuple)) and same_names_reordered(class_names, source_names):
       # The given list held the source's own names in another order, which the source matched by name
-      # (labelled._reordered): its label order is the one the prompts must follow.
+      # (labelled._reordered, with the same rule): its label order is the one the prompts must follow.
       class_names = source_names
     elif class_names is None or isinstance(class_names, dict):
       class_names = info.class_names if info else getattr(self.source, "class_names", None)
