@@ -237,6 +237,26 @@ def test_prepare_csv_and_jsonl(tmp_path):
   assert labels == [-1, 4]
 
 
+def test_prepare_keeps_a_jsonl_rows_list_of_captions(tmp_path):
+  # COCO-style rows (the caption files retrieval reads) were skipped whole as 'empty_caption' ("caption is
+  # list"): the list is stored, cleaned, and training draws one caption of it each time.
+  root = tmp_path / "photos"
+  write_folder(str(root))
+  jsonl_path = tmp_path / "coco_style.jsonl"
+  jsonl_path.write_text("\n".join([
+      json.dumps({"image": "photos/good.jpg", "captions": ["a  dog", "", "a\tbrown dog", 7]}),
+      json.dumps({"image": "photos/gray.jpg", "captions": ["  ", None]}),
+      json.dumps({"image": "photos/rgba.png", "captions": ["just one"]}),
+      json.dumps({"image": "photos/tiny.png", "captions": [], "label": 2})]))
+  report = prepare.convert([str(jsonl_path)], str(tmp_path / "out"), verbose=False)
+  assert report["written"] == 3 and report["skipped"] == {"empty_caption": 1}
+  assert report["repaired"]["caption_dropped"] == 1  # the first row's "" (a skipped record's repairs are not counted)
+  rows = {r["key"]: r for r in read_all(str(tmp_path / "out"))}
+  assert rows["photos/good.jpg"]["captions"] == ["a dog", "a brown dog", "7"]
+  assert rows["photos/rgba.png"]["captions"] == ["just one"]
+  assert rows["photos/tiny.png"]["captions"] == ["2"] and rows["photos/tiny.png"]["label"] == 2  # template '{}'
+
+
 def write_tar(path, members, truncate=False):
   buffer = io.BytesIO()
   with tarfile.open(fileobj=buffer, mode="w") as tar:

@@ -413,9 +413,16 @@ def test_caption_files_group_captions_per_image(tmp_path):
   # The byte-order mark a spreadsheet's "CSV UTF-8" starts with (was read into the column's name).
   (tmp_path / "bom.csv").write_text(f"filepath,title\n{names[2]},x\n", encoding="utf-8-sig")
   assert retrieval.CaptionFileSource(str(tmp_path / "bom.csv")).all_captions() == [["x"]]
-  (tmp_path / "broken.jsonl").write_text(json.dumps({"image": names[0], "caption": "a"}) + "\n{not json\n")
-  with pytest.raises(ValueError, match=r"broken.jsonl:2: expected an object with 'image'"):
-    retrieval.CaptionFileSource(str(tmp_path / "broken.jsonl"))
+  # One malformed line (not JSON, or no image) is skipped and counted, as label tables count theirs;
+  # it used to refuse the whole file. 'txt' is a caption column here as in clip_jax.data.prepare.
+  (tmp_path / "broken.jsonl").write_text(
+      json.dumps({"image": names[0], "txt": "a"}) + "\n{not json\n" + json.dumps({"txt": "b"}) + "\n")
+  broken = retrieval.CaptionFileSource(str(tmp_path / "broken.jsonl"))
+  assert broken.all_captions() == [["a"]] and broken.problems == {"malformed_row": 2}
+  assert broken.problem_examples["malformed_row"] == ["broken.jsonl:2", "broken.jsonl:3"]
+  (tmp_path / "none.jsonl").write_text("{not json\n")
+  with pytest.raises(ValueError, match="no image column"):
+    retrieval.CaptionFileSource(str(tmp_path / "none.jsonl"))
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,9 @@ from clip_jax.data.records import with_escaped_bytes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 PATH_COLUMNS = ("path", "filepath", "file_path", "image", "image_path", "file", "filename")
 LABEL_COLUMNS = ("label", "class", "class_name", "cls", "target", "category")
+# A caption column's names, for training tables (clip_jax.data.prepare) and retrieval's caption files
+# alike; a cell holds one caption or (JSONL) a list of them.
+CAPTION_COLUMNS = ("caption", "captions", "text", "title", "txt", "description")
 CLASSNAMES_FILE = "classnames.txt"
 _EXAMPLES_KEPT = 5
 

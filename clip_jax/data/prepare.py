@@ -14,11 +14,13 @@ Inputs (several may be given, in any mix):
   a .csv/.tsv   a header row, then one row per image. Columns read (others are ignored):
                   path      path / filepath / file_path / image / image_path / file / filename
                             (or --path-column): the image, relative to the table's folder
-                  caption   caption / text / title / txt / description (or --caption-column)
+                  caption   caption / captions / text / title / txt / description (or --caption-column)
                   label     label / class / class_name / cls / target / category (or --label-column),
                             optional: a class index, or a class name (numbered in sorted order, or by
                             --classnames). With a label, the caption column is optional
-  a .jsonl      one object per line with the same keys
+  a .jsonl      one object per line with the same keys; a caption may be a list (COCO's five per
+                image, as retrieval's caption files): stored together, and training draws one at random
+                each time it reads the image
   a .tar file   webdataset / img2dataset shards: members KEY.jpg|png|webp|... grouped by KEY, with the
                 caption in KEY.txt (or KEY.json's "caption") and/or the label in KEY.cls (a class index
                 as text; class names from --classnames or a classnames.txt beside the tars); a glob or
@@ -49,14 +51,13 @@ from typing import Iterator
 from absl import logging
 
 from clip_jax.data import images as image_ops
-from clip_jax.data.labelled import (CLASSNAMES_FILE, IMAGE_EXTENSIONS, KEPT_PROBLEMS, LABEL_COLUMNS, PATH_COLUMNS,
-                                    find_classnames_file, find_column, label_text, names_for_folders, pick_column,
+from clip_jax.data.labelled import (CAPTION_COLUMNS, CLASSNAMES_FILE, IMAGE_EXTENSIONS, KEPT_PROBLEMS, LABEL_COLUMNS,
+                                    PATH_COLUMNS, find_classnames_file, find_column, label_text, names_for_folders, pick_column,
                                     read_class_names_file, read_table, scan_image_folder, tar_key)
 from clip_jax.data.records import (DEFAULT_MAX_CAPTION_CHARS, BadRecord, QualityCounts, clean_caption,
                                    encode_record, with_escaped_bytes)
 
 _STORED_AS_IS = ("JPEG", "PNG", "WEBP")  # formats every reader decodes; others are re-encoded
-_CAPTION_COLUMNS = ("caption", "text", "title", "txt", "description")
 DEFAULT_SHARD_SIZE = 5000
 
 
@@ -216,14 +217,9 @@ def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Cand
     label = args.class_names.index(text)
     if label is None:
       return Candidate(key, skip="unknown_label", detail=f"label {text!r} is not a class index or a known name")
-    if caption is None or (isinstance(caption, str) and not caption.strip()):
+    if caption is None or caption == [] or (isinstance(caption, str) and not caption.strip()):
       caption = args.caption_template.format(args.class_names.name(label))
-  if caption is None:
-    caption = ""
-  elif isinstance(caption, (int, float)):
-    caption = str(caption)
-  if isinstance(caption, str) and _undecodable(caption):
-    caption = caption.encode("utf-8", errors="surrogateescape")  # undecodable bytes: let clean_caption count them
+  caption = [_caption_value(c) for c in caption] if isinstance(caption, list) else _caption_value(caption)
   full_path = os.path.join(base, image_path.strip())
   if not os.path.isfile(full_path):
     return Candidate(key, skip="missing_file", detail=f"{full_path} does not exist")
@@ -231,6 +227,38 @@ def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Cand
     return Candidate(image_path.strip(), _read_bytes(full_path), caption, label)
   except OSError as e:
     return Candidate(key, skip="unreadable_file", detail=str(e))
+
+
+def _caption_value(cell):
+  """A table's caption cell as clean_caption takes it: text, or bytes where it held some that are not UTF-8
+  (read with surrogateescape), so that clean_caption counts them; numbers as text; None as ""."""
+  if cell is None:
+    return ""
+  if isinstance(cell, (int, float)):
+    return str(cell)
+  if isinstance(cell, str) and _undecodable(cell):
+    return cell.encode("utf-8", errors="surrogateescape")
+  return cell
+
+
+def _clean_captions(raw, max_chars: int) -> tuple[str | list[str], list[str]]:
+  """clean_caption for one caption, or for a list of them (a JSONL's "captions"): -> (the cleaned list, or
+  its one caption alone; each repair once). Empty or non-text captions leave a list (repair
+  'caption_dropped'); BadRecord('empty_caption') when none is left."""
+  if not isinstance(raw, list):
+    return clean_caption(raw, max_chars)
+  kept, repairs = [], set()
+  for one in raw:
+    try:
+      text, fixes = clean_caption(one, max_chars)
+    except BadRecord:
+      repairs.add("caption_dropped")
+      continue
+    kept.append(text)
+    repairs.update(fixes)
+  if not kept:
+    raise BadRecord("empty_caption", f"none of its {len(raw)} captions is text")
+  return (kept[0] if len(kept) == 1 else kept), sorted(repairs)
 
 
 def _table_columns(row_counts, args, path: str) -> tuple[str, str | None, str | None]:
@@ -242,9 +270,9 @@ def _table_columns(row_counts, args, path: str) -> tuple[str, str | None, str | 
   else:
     label_col = find_column(row_counts, None, LABEL_COLUMNS)
   if label_col is None:
-    return path_col, pick_column(row_counts, args.caption_column, _CAPTION_COLUMNS, "caption", path,
+    return path_col, pick_column(row_counts, args.caption_column, CAPTION_COLUMNS, "caption", path,
                                  "; name one with --caption-column"), None
-  return path_col, find_column(row_counts, args.caption_column, _CAPTION_COLUMNS), label_col
+  return path_col, find_column(row_counts, args.caption_column, CAPTION_COLUMNS), label_col
 
 
 def _undecodable(text: str) -> bool:
@@ -347,7 +375,7 @@ def validate(candidate: Candidate, max_pixels: int, max_caption_chars: int):
   if candidate.skip:
     return ("skip", candidate.key, candidate.skip, candidate.detail)
   try:
-    caption, repairs = clean_caption(candidate.caption, max_caption_chars)
+    caption, repairs = _clean_captions(candidate.caption, max_caption_chars)
     image_format = image_ops.open_image(candidate.image, max_pixels).format
     image, image_repairs = image_ops.decode_image(candidate.image, max_pixels)
   except BadRecord as e:

@@ -63,9 +63,9 @@ def with_escaped_bytes(name: str) -> str:
     return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def encode_record(image_bytes: bytes, caption: str, key: str = "", label: int | None = None) -> bytes:
+def encode_record(image_bytes: bytes, caption: str | list[str], key: str = "", label: int | None = None) -> bytes:
   """One record: the CLR1 magic, the header's length, a JSON header (caption, key, label) and the image's
-  bytes. A key (a file name) holding bytes that were not UTF-8 (a surrogate-escaped name from the file
+  bytes. `caption`: one, or a list (several captions of one image; training draws one each time). A key (a file name) holding bytes that were not UTF-8 (a surrogate-escaped name from the file
   system or a table) is kept with those bytes written as \\xNN."""
   header = {"caption": caption, "key": with_escaped_bytes(key)}
   if label is not None:

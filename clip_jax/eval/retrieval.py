@@ -7,8 +7,9 @@ images), ArrayRecord shards with several captions per record, or a local caption
   JSONL   one object per line: {"image": "path/to/img.jpg", "captions": ["...", "..."]}
           ("caption": "..." also works; one image on several lines gathers their captions)
   CSV     a header row with an image column (path / filepath / file_path / image / image_path / file /
-          filename, as for label tables) and a caption column (caption / captions / text / title);
-          rows that share an image are one image
+          filename, as for label tables) and a caption column (caption / captions / text / title / txt /
+          description, as clip_jax.data.prepare reads); rows that share an image are one image
+A row without an image (or a JSONL line that is not an object) is skipped and counted ('malformed_row').
 Relative image paths are resolved against the caption file's directory.
 """
 from __future__ import annotations
@@ -20,12 +21,11 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from clip_jax.data.labelled import PATH_COLUMNS, pick_column, read_table
+from clip_jax.data.labelled import CAPTION_COLUMNS, PATH_COLUMNS, Problems, pick_column, read_table
 from clip_jax.data.sources import open_source
 from clip_jax.eval import embed
 
 DEFAULT_KS = (1, 5, 10)
-_CAPTION_COLUMNS = ("caption", "captions", "text", "title")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,37 +53,48 @@ def is_caption_file(spec: str) -> bool:
 
 
 class CaptionFileSource:
-  """Images on disk with their captions, listed in a JSONL or CSV file (see the module docstring)."""
+  """Images on disk with their captions, listed in a JSONL or CSV file (see the module docstring).
+
+  A row without an image path (or a JSONL line that is not a JSON object) is a skipped record, counted as
+  'malformed_row' with the unreadable images, as label tables count theirs; a file with no image at all,
+  or no image or caption column, raises ValueError."""
 
   def __init__(self, path: str):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such caption file.")
     self.path = path
     root = os.path.dirname(os.path.abspath(path))
-    pairs = self._read_pairs(path)
     grouped: dict[str, list[str]] = {}
-    for image, captions in pairs:
+    problems = Problems()
+    for where, image, captions in self._read_rows(path):
+      if image is None:
+        problems.add("malformed_row", where)
+        continue
       grouped.setdefault(image, []).extend(c for c in captions if c)
     if not grouped:
       raise ValueError(f"{path}: lists no images.")
     self.image_paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in grouped]
     self.captions = list(grouped.values())
     self.class_names = None
+    # Malformed rows hold no image to embed: counted here, for the evaluation's data report.
+    self.problems, self.problem_examples = dict(problems.counts), problems.examples
+    problems.log(path)
 
   @staticmethod
-  def _read_pairs(path: str):
-    """(image path, [captions]) per row of a caption CSV / JSONL (labelled.read_table: UTF-8 with or
-    without a byte-order mark); a JSONL row may name its captions with any caption column."""
+  def _read_rows(path: str):
+    """(where, image path or None for a malformed row, [captions]) per row of a caption CSV / JSONL
+    (labelled.read_table: UTF-8 with or without a byte-order mark); a JSONL row may name its captions
+    with any caption column."""
     row_counts, rows = read_table(path)
     image_key = pick_column(row_counts, None, PATH_COLUMNS, "image", path)
-    caption_key = pick_column(row_counts, None, _CAPTION_COLUMNS, "caption", path)
+    caption_key = pick_column(row_counts, None, CAPTION_COLUMNS, "caption", path)
     for where, row in rows:
       image = row.get(image_key) if row is not None else None
       if not isinstance(image, str) or not image.strip():
-        raise ValueError(f"{where}: expected an object with {image_key!r} (the image's path) and "
-                         f"{caption_key!r} (a caption or a list of them).")
-      captions = next((row[key] for key in (caption_key, *_CAPTION_COLUMNS) if row.get(key) is not None), [])
-      yield image.strip(), [captions] if isinstance(captions, str) else [str(c) for c in captions]
+        yield where, None, []
+        continue
+      captions = next((row[key] for key in (caption_key, *CAPTION_COLUMNS) if row.get(key) is not None), [])
+      yield where, image.strip(), [captions] if isinstance(captions, str) else [str(c) for c in captions]
 
   def __len__(self) -> int:
     return len(self.image_paths)
