@@ -372,11 +372,11 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
   results = []
   try:
     _run_tasks(tasks, ctx, model_name, results)
-  except BaseException:  # an error in one task (or Ctrl-C) keeps those that finished
+  except BaseException as e:  # an error in one task (or Ctrl-C) keeps those that finished, and says which did not
     if results and ctx["is_main"]:
-      json_path, _ = write_report(out_dir, results, meta)
-      print(f"{len(results)} of {len(tasks)} tasks finished; their results are in {json_path}.", file=sys.stderr,
-            flush=True)
+      json_path, _ = write_report(out_dir, results, meta, unfinished_tasks(tasks[len(results):], e))
+      print(f"{len(results)} of {len(tasks)} tasks finished; their results are in {json_path} (which lists the "
+            "others as unfinished).", file=sys.stderr, flush=True)
     raise
   if ctx["is_main"]:
     json_path, md_path = write_report(out_dir, results, meta)
@@ -384,6 +384,14 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
     plots = any(result.get("plots") for result in results)
     print(f"Wrote {json_path}, {md_path}" + (f" and plots in {os.path.join(out_dir, 'plots')}." if plots else "."))
   return {"meta": meta, "results": results, "out_dir": out_dir}
+
+
+def unfinished_tasks(left: Sequence[Task], error: BaseException) -> list[dict[str, str]]:
+  """The results files' record of the tasks a run did not finish: the first of `left` failed with
+  `error` (Ctrl-C: 'interrupted'), the others did not run."""
+  reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+  return [{"task": f"{task.kind}:{task.dataset}", "split": task.test_split,
+           "error": reason if i == 0 else "not run"} for i, task in enumerate(left)]
 
 
 def _run_tasks(tasks: Sequence[Task], ctx: dict[str, Any], model_name: str | None, results: list) -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 import clip_jax
 from clip_jax import evaluate as cli
 from clip_jax.data import DIGIT_CLASS_NAMES, DIGIT_ZEROSHOT_TEMPLATES, labelled
-from clip_jax.eval import classnames, embed, linear_probe, paper_results, retrieval, zeroshot
+from clip_jax.eval import classnames, embed, linear_probe, paper_results, report, retrieval, zeroshot
 from clip_jax.sharding import create_mesh
 from clip_jax.tokenizer import get_tokenizer
 
@@ -501,6 +501,24 @@ def test_cli_keeps_the_finished_tasks_when_a_later_one_fails(tiny_checkpoint, tm
   assert rc == 2 and "1 of 2 tasks finished; their results are in" in err and "dtd" in err.strip().splitlines()[-1]
   report = json.loads((out / "results.json").read_text())
   assert [(r["task"], r["dataset"]) for r in report["results"]] == [("zeroshot", "digits")]
+  # The results files say which tasks did not finish (they listed only the finished ones, as if complete).
+  assert [u["task"] for u in report["unfinished"]] == ["zeroshot:dtd"]
+  assert report["unfinished"][0]["error"].startswith(("ValueError: ", "FileNotFoundError: "))
+  assert "Not finished (no numbers above; run these tasks again):\n- zeroshot:dtd (test): " in (
+      out / "results.md").read_text()
+
+
+def test_merged_reports_list_a_task_unfinished_until_a_run_finishes_it():
+  def row(dataset):
+    return {"task": "zeroshot", "dataset": dataset, "split": "test", "metrics": {"acc1": 1.0}}
+  first = {"meta": {}, "results": [row("digits")], "unfinished": [
+      {"task": "zeroshot:dtd", "split": "test", "error": "ValueError: x"},
+      {"task": "zeroshot:cifar10", "split": "test", "error": "not run"}]}
+  second = report.merge_reports(first, {"meta": {}, "results": [row("cifar10")]})
+  assert [r["dataset"] for r in second["results"]] == ["digits", "cifar10"]
+  assert second["unfinished"] == first["unfinished"][:1]
+  third = report.merge_reports(second, {"meta": {}, "results": [row("dtd")]})
+  assert "unfinished" not in third and len(third["results"]) == 3
 
 
 def test_training_hook_from_the_digits_config(tiny, mesh, tmp_path):

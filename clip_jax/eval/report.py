@@ -4,7 +4,7 @@ linear probe's C sweep)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from clip_jax.eval.paper_results import PAPER, paper_number
 
@@ -56,7 +56,10 @@ def _cell(value: float | None) -> str:
   return "" if value is None else f"{value:.1f}"
 
 
-def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any],
+                   unfinished: Sequence[dict[str, str]] = ()) -> str:
+  """results.md: the table of our numbers beside the paper's, data problems, plots, settings, and the
+  tasks that did not finish (`unfinished`: [{'task': 'KIND:NAME', 'split', 'error'}])."""
   lines = [f"# Evaluation of {meta.get('checkpoint', '?')}", ""]
   model = meta.get("model_name") or "unknown"
   paper_model = meta.get("paper_model")
@@ -83,6 +86,9 @@ def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
   if problems:
     lines += ["", "Data problems (counted, left out or kept as noted in clip_jax/data/labelled.py):"]
     lines += [f"- {line}" for line in problems]
+  if unfinished:
+    lines += ["", "Not finished (no numbers above; run these tasks again):"]
+    lines += [f"- {u['task']} ({u.get('split')}): {u['error']}" for u in unfinished]
   plots = [p for r in results for p in r.get("plots", [])]
   if plots:
     lines += ["", "Plots:"] + [f"- [{os.path.basename(p)}]({os.path.relpath(p, meta['out_dir'])})" for p in plots]
@@ -114,23 +120,33 @@ def settings_lines(results: list[dict[str, Any]], meta: dict[str, Any]) -> list[
 
 def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
   """An earlier report of the same model and settings with this run's results: a task evaluated
-  again replaces its row (task, dataset, split), tasks only the earlier run had are kept."""
+  again replaces its row (task, dataset, split), tasks only the earlier run had are kept; a task left
+  unfinished stays listed as such until a run finishes it."""
   def key(result):
-    return result["task"], result["dataset"], result.get("split")
+    return f"{result['task']}:{result['dataset']}", result.get("split")
   rows = {key(r): r for r in old.get("results", [])}
   rows.update({key(r): r for r in new["results"]})
-  return {**old, **new, "results": list(rows.values())}
+  unfinished = {(u["task"], u.get("split")): u for u in old.get("unfinished", []) + new.get("unfinished", [])}
+  merged = {**old, **new, "results": list(rows.values()),
+            "unfinished": [u for k, u in unfinished.items() if k not in rows]}
+  if not merged["unfinished"]:
+    del merged["unfinished"]
+  return merged
 
 
-def write_report(out_dir: str, results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, str]:
-  """OUT/results.json ({'meta': settings, 'results': [...]}) and OUT/results.md, written whole by
-  `observe.save_results`: results of the same model and settings already there are kept (see
-  `merge_reports`), a file made with other settings is moved aside to results.N.json first.
-  -> (results.json path, results.md path)."""
+def write_report(out_dir: str, results: list[dict[str, Any]], meta: dict[str, Any],
+                 unfinished: Sequence[dict[str, str]] = ()) -> tuple[str, str]:
+  """OUT/results.json ({'meta': settings, 'results': [...], 'unfinished': [...] if any}) and OUT/results.md,
+  written whole by `observe.save_results`: results of the same model and settings already there are kept
+  (see `merge_reports`), a file made with other settings is moved aside to results.N.json first.
+  `unfinished`: [{'task': 'KIND:NAME', 'split', 'error'}] of a run that stopped early (the task that failed
+  with its error, those after it 'not run'). -> (results.json path, results.md path)."""
   from clip_jax.observe import save_results
   json_path, md_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
-  save_results(json_path, {"meta": meta, "results": results},
-               lambda report: markdown_table(report["results"], {**report["meta"], "out_dir": out_dir}),
+  report = {"meta": meta, "results": results, **({"unfinished": list(unfinished)} if unfinished else {})}
+  save_results(json_path, report,
+               lambda merged: markdown_table(merged["results"], {**merged["meta"], "out_dir": out_dir},
+                                             merged.get("unfinished", ())),
                merge=merge_reports, settings_key="meta")
   return json_path, md_path
 
