@@ -266,10 +266,17 @@ def infer_openai_config(state: dict[str, np.ndarray], act: str = "quick_gelu") -
   return cfg
 
 
-def matching_model_name(cfg: CLIPConfig) -> str | None:
-  """The first named config with `cfg`'s shapes (head widths aside), or None."""
+def matching_model_name(cfg: CLIPConfig, *, whole: bool = False) -> str | None:
+  """The first named config with `cfg`'s shapes (head widths aside), or None. `whole`: with all of its
+  architecture instead (activation, heads, text pooling too; the init values aside, which no loader needs):
+  the name that reads a file of `cfg`'s weights back as this model."""
+  def architecture(config: CLIPConfig) -> CLIPConfig:
+    return dataclasses.replace(config, init_logit_scale=0.0, init_logit_bias=None)
   for name, named in MODEL_CONFIGS.items():
-    if dataclasses.replace(named.vision, head_width=cfg.vision.head_width) == cfg.vision \
+    if whole:
+      if architecture(named) == architecture(cfg):
+        return name
+    elif dataclasses.replace(named.vision, head_width=cfg.vision.head_width) == cfg.vision \
         and named.text == cfg.text and named.embed_dim == cfg.embed_dim:
       return name
   return None
@@ -347,13 +354,15 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
 
 
 def load_openai_state_dict(state: dict[str, np.ndarray], *, model_name: str | None = None,
-                           act: str | None = None, source: str = "checkpoint", **module_kwargs):
+                           act: str | None = None, source: str = "checkpoint", warn_assumed: bool = True,
+                           **module_kwargs):
   """`(module, variables)` from an OpenAI-layout state dict.
 
   `model_name` (a `MODEL_CONFIGS` name) sets the architecture, activation and head widths
   included; `act` overrides the activation. Without them the architecture is read off the shapes,
   and what the weights cannot tell (activation: QuickGELU, OpenAI's release; head width: 64, or a
-  same-shaped named config's) is assumed and said in one WARNING line. `module_kwargs` go to
+  same-shaped named config's) is assumed and said in one WARNING line (`warn_assumed=False`: not said, for
+  a caller that puts the weights into a model of its own, which decides those facts). `module_kwargs` go to
   `create_model` (dtype, param_dtype, remat, or config overrides such as
   `text={'eot_token_id': 49407}` for open_clip models with `pool_type='eos'`).
   """
@@ -366,7 +375,8 @@ def load_openai_state_dict(state: dict[str, np.ndarray], *, model_name: str | No
       cfg = cfg.replace(act=act)
   else:
     cfg = infer_openai_config(state, act or "quick_gelu")
-    _warn_assumptions(cfg, act_given=act is not None, source=source)
+    if warn_assumed:
+      _warn_assumptions(cfg, act_given=act is not None, source=source)
   model = create_model(cfg, **module_kwargs)
   return model, state_dict_to_variables(state, model, openai_entries(cfg), source)
 
@@ -540,9 +550,7 @@ def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=N
 
 def openai_layout_note(cfg: CLIPConfig) -> str:
   """What an OpenAI-layout state dict of a model of `cfg` leaves out, and how to read it back whole."""
-  def architecture(config: CLIPConfig) -> CLIPConfig:  # init values aside: no loader needs them
-    return dataclasses.replace(config, init_logit_scale=0.0, init_logit_bias=None)
-  named = next((name for name, config in MODEL_CONFIGS.items() if architecture(config) == architecture(cfg)), None)
+  named = matching_model_name(cfg, whole=True)
   facts = (f"activation ({cfg.act}), attention heads (image {cfg.vision.heads}, text {cfg.text.heads}) and text "
            "pooling")
   how = (f"read it back with --model-name {named} (model_name='{named}' in Python; open_clip: "
@@ -578,21 +586,23 @@ def export_openai_state_dict(module: CLIP, variables: dict[str, Any]) -> dict[st
 
 
 def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None = None,
-                    image_size: int | None = None, variant: str | None = None, **module_kwargs):
+                    image_size: int | None = None, variant: str | None = None, warn_assumed: bool = True,
+                    **module_kwargs):
   """`(module, variables)` from an OpenAI/open_clip checkpoint file (.safetensors, .pt/.bin/.pth,
   TorchScript archive), a Hugging Face CLIPModel directory (single, sharded, `variant`='fp16' or
   .bin weights, found as transformers finds them), an open_clip hub folder (open_clip_config.json +
   open_clip_model.safetensors / open_clip_pytorch_model.bin), or a training workdir of this project.
 
   For bare state dicts `model_name` sets the architecture (activation and heads included) and
-  `act` the activation; what neither gives is assumed with one WARNING line. Raises
+  `act` the activation; what neither gives is assumed with one WARNING line (`warn_assumed=False`: not
+  said, where the caller puts the weights into a model of its own, which decides them). Raises
   FileNotFoundError or CheckpointError. `module_kwargs` (dtype, param_dtype, remat)
   go to the module. `image_size` (px) moves the image tower to a new resolution, its grid
   positional embedding resampled (`clip_jax.resize.resize_model`)."""
   if image_size is not None:
     from clip_jax.resize import resize_model
-    return resize_model(*load_checkpoint(path, model_name=model_name, act=act, variant=variant, **module_kwargs),
-                        image_size)
+    return resize_model(*load_checkpoint(path, model_name=model_name, act=act, variant=variant,
+                                         warn_assumed=warn_assumed, **module_kwargs), image_size)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory.")
   if os.path.isdir(path):
@@ -607,7 +617,8 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
   if any(k.startswith(("vision_model.", "text_model.")) for k in state):
     raise CheckpointError(f"{path}: looks like a Hugging Face CLIPModel state dict; pass its directory "
                           "(with config.json) instead.")
-  return load_openai_state_dict(state, model_name=model_name, act=act, source=path, **module_kwargs)
+  return load_openai_state_dict(state, model_name=model_name, act=act, source=path, warn_assumed=warn_assumed,
+                                **module_kwargs)
 
 
 # ----------------------------------------------------------------------------- bare text encoder

@@ -17,7 +17,6 @@ matches, e.g. '^text/' for LiT's text tower from scratch.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from typing import Any, Mapping
@@ -77,13 +76,7 @@ def _host_variables(path: str, model_config: CLIPConfig, model_name: str | None,
     # A bare state dict does not state its activation or heads, and they change no weight's shape: its
     # weights go into the configured model, which decides both. convert's warning of what it assumed
     # for a model of its own would mislead here; say what happens instead.
-    convert_log = logging.getLogger("clip_jax.convert")
-    level = convert_log.level
-    convert_log.setLevel(logging.ERROR)
-    try:
-      ckpt_model, variables = load_checkpoint(path, act=act or model_config.act)
-    finally:
-      convert_log.setLevel(level)
+    ckpt_model, variables = load_checkpoint(path, act=act or model_config.act, warn_assumed=False)
     if jax.process_index() == 0:
       print(f"init.checkpoint {path}: a bare state dict, which does not state its activation or attention heads; "
             f"its weights go into the configured model ({model_config.act}, {model_config.vision.heads} image and "
