@@ -188,3 +188,41 @@ def test_retrieval_recall_equals_clip_benchmark():
     assert ours[f"text_to_image/R@{k}"] == pytest.approx(100 * text_to_image, abs=1e-4)
     assert ours[f"image_to_text/R@{k}"] == pytest.approx(100 * image_to_text, abs=1e-4)
   assert 0 < ours["text_to_image/R@1"] < 100
+
+
+def test_retrieval_recall_with_ties_is_clip_benchmarks_over_random_tie_orders():
+  """Repeated captions (and duplicate images) tie exactly; clip_benchmark's torch.topk then takes the
+  tied candidates in an arbitrary order. Ours is the expectation over random orders: here the mean of
+  clip_benchmark's recall on scores whose ties are broken by random jitter (well below every real gap)."""
+  from clip_jax.eval.retrieval import retrieval_metrics
+  rng = np.random.default_rng(1)
+  n, d = 12, 4
+  image_emb = rng.normal(size=(n, d)).astype(np.float32)
+  image_emb[7] = image_emb[3]  # a duplicate image
+  image_emb /= np.linalg.norm(image_emb, axis=1, keepdims=True)
+  text_image = np.repeat(np.arange(n), rng.integers(1, 4, n))
+  # Captions drawn from 4 strings: most captions repeat others, of other images too.
+  strings = rng.normal(size=(4, d)).astype(np.float32)
+  text_emb = strings[rng.integers(0, 4, len(text_image))]
+  text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
+  ks = (1, 2, 5)
+  ours = retrieval_metrics(image_emb, text_emb, text_image, ks=ks)
+  scores = torch.from_numpy(text_emb @ image_emb.T).double()
+  positive = torch.zeros_like(scores, dtype=torch.bool)
+  positive[torch.arange(len(text_image)), torch.from_numpy(text_image)] = True
+  trials, sums = 4000, {}
+  generator = torch.Generator().manual_seed(0)
+  for _ in range(trials):
+    jittered = scores + 1e-9 * torch.rand(scores.shape, generator=generator, dtype=torch.float64)
+    for k in ks:
+      t2i = (zsr.recall_at_k(jittered, positive, k) > 0).double().mean().item()
+      i2t = (zsr.recall_at_k(jittered.T, positive.T, k) > 0).double().mean().item()
+      sums[f"text_to_image/R@{k}"] = sums.get(f"text_to_image/R@{k}", 0.0) + 100 * t2i / trials
+      sums[f"image_to_text/R@{k}"] = sums.get(f"image_to_text/R@{k}", 0.0) + 100 * i2t / trials
+  for metric, value in sums.items():
+    assert ours[metric] == pytest.approx(value, abs=1.5), (metric, ours, sums)
+  # Every caption the same string: chance, K / n both ways (counting ties as found gave 100).
+  same = retrieval_metrics(image_emb[:5] * 0 + np.eye(d, dtype=np.float32)[0], np.tile(strings[:1], (5, 1)),
+                           np.arange(5), ks=(1, 2))
+  assert same == pytest.approx({"image_to_text/R@1": 20.0, "image_to_text/R@2": 40.0,
+                                "text_to_image/R@1": 20.0, "text_to_image/R@2": 40.0})

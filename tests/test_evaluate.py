@@ -407,6 +407,11 @@ def test_caption_files_group_captions_per_image(tmp_path):
   csv_file = tmp_path / "caps.csv"
   csv_file.write_text(f"filepath,title\n{names[2]},x\n{names[1]},y\n{names[2]},z\n")
   assert retrieval.CaptionFileSource(str(csv_file)).all_captions() == [["x", "z"], ["y"]]
+  # open_clip's default caption table is a TSV (was refused: "no label column among ['filepath', 'title']").
+  tsv_file = tmp_path / "caps.tsv"
+  tsv_file.write_text(f"filepath\ttitle\n{names[1]}\ta, b\n")
+  assert isinstance(retrieval.open_retrieval_source(str(tsv_file), "test"), retrieval.CaptionFileSource)
+  assert retrieval.CaptionFileSource(str(tsv_file)).all_captions() == [["a, b"]]
   (tmp_path / "bad.csv").write_text("path,label\na.png,1\n")
   with pytest.raises(ValueError, match="caption column"):
     retrieval.CaptionFileSource(str(tmp_path / "bad.csv"))

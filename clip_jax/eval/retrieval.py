@@ -6,7 +6,7 @@ Data: a TFDS image-caption dataset ('tfds:coco_captions', split 'test' = the 5k 
 images), ArrayRecord shards with several captions per record, or a local caption file:
   JSONL   one object per line: {"image": "path/to/img.jpg", "captions": ["...", "..."]}
           ("caption": "..." also works; one image on several lines gathers their captions)
-  CSV     a header row with an image column (path / filepath / file_path / image / image_path / file /
+  CSV/TSV a header row with an image column (path / filepath / file_path / image / image_path / file /
           filename, as for label tables) and a caption column (caption / captions / text / title / txt /
           description, as clip_jax.data.prepare reads); rows that share an image are one image
 A row without an image (or a JSONL line that is not an object) is skipped and counted ('malformed_row').
@@ -49,7 +49,7 @@ def find_retrieval_dataset(name: str) -> RetrievalInfo | None:
 
 
 def is_caption_file(spec: str) -> bool:
-  return spec.lower().endswith((".jsonl", ".json", ".csv"))
+  return spec.lower().endswith((".jsonl", ".json", ".csv", ".tsv"))
 
 
 class CaptionFileSource:
@@ -140,32 +140,62 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: n
                       ks: Sequence[int] = DEFAULT_KS, chunk: int = 1024) -> dict[str, float]:
   """Recall@K in percent, both ways, with several captions per image.
 
-  image_emb: [n, d]; text_emb: [m, d] (both normalised); text_image: int [m], the row of
-  image_emb each caption describes. Rank = how many candidates score strictly above the best
-  correct one; an item is found at K when its rank < K.
+  image_emb: [n, d]; text_emb: [m, d] (both normalised); text_image: int [m], the row of image_emb each
+  caption describes. A query (an image, or a caption) is found at K when its best-scoring correct
+  candidate ranks in the top K. Candidates that score exactly the same (repeated captions such as "a photo
+  of a dog", duplicate images: identical rows score identically, compared on the unique rows) are taken
+  in a uniformly random order, in expectation: a query's recall@K is the probability that one of its
+  correct candidates among the tied comes within the top K. Without ties this is clip_benchmark's
+  torch.topk recall exactly; with ties torch.topk's order among equals is arbitrary (it differs with the
+  tensor's size), and counting every tie as found (as this did before) gave a caption set where every
+  image reads "a shape" an image->text R@1 of 82% instead of chance (1%).
   """
   n, m = image_emb.shape[0], text_emb.shape[0]
   text_image = np.asarray(text_image, np.int64)
-  text_ranks = np.zeros(m, np.int64)
+  # Identical embeddings must give identical scores: score the unique rows once, then gather.
+  unique_images, image_of_row = np.unique(image_emb, axis=0, return_inverse=True)
+  unique_texts, text_of_row = np.unique(text_emb, axis=0, return_inverse=True)
+  image_of_row, text_of_row = image_of_row.reshape(-1), text_of_row.reshape(-1)
+  text_found = np.zeros((len(ks), m))
   for start in range(0, m, chunk):
-    scores = text_emb[start:start + chunk] @ image_emb.T  # [c, n]
-    own = scores[np.arange(scores.shape[0]), text_image[start:start + chunk]]
-    text_ranks[start:start + chunk] = (scores > own[:, None]).sum(axis=1)
+    rows = np.arange(start, min(start + chunk, m))
+    scores = (unique_texts[text_of_row[rows]] @ unique_images.T)[:, image_of_row]  # [c, n]
+    correct = np.arange(n)[None, :] == text_image[rows, None]
+    text_found[:, rows] = _found_at(scores, correct, ks)
   has_caption = np.bincount(text_image, minlength=n) > 0
-  image_ranks = np.zeros(n, np.int64)
+  image_found = np.zeros((len(ks), n))
   for start in range(0, n, chunk):
     rows = np.arange(start, min(start + chunk, n))
-    scores = image_emb[rows] @ text_emb.T  # [c, m]
+    scores = (unique_images[image_of_row[rows]] @ unique_texts.T)[:, text_of_row]  # [c, m]
     correct = text_image[None, :] == rows[:, None]
-    best = np.where(correct, scores, -np.inf).max(axis=1)
-    image_ranks[rows] = (scores > best[:, None]).sum(axis=1)
-  image_ranks = image_ranks[has_caption]
+    image_found[:, rows] = _found_at(scores, correct, ks)
+  image_found = image_found[:, has_caption]
   metrics = {}
-  for k in ks:
-    metrics[f"image_to_text/R@{k}"] = 100.0 * float(np.mean(image_ranks < k))
-  for k in ks:
-    metrics[f"text_to_image/R@{k}"] = 100.0 * float(np.mean(text_ranks < k))
+  for i, k in enumerate(ks):
+    metrics[f"image_to_text/R@{k}"] = 100.0 * float(np.mean(image_found[i]))
+  for i, k in enumerate(ks):
+    metrics[f"text_to_image/R@{k}"] = 100.0 * float(np.mean(text_found[i]))
   return metrics
+
+
+def _found_at(scores: np.ndarray, correct: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+  """[len(ks), c]: per query row of `scores` [c, candidates], the probability that a `correct` candidate
+  is among the top K when tied scores are ordered at random. With `above` wrong candidates scoring above the
+  best correct score, and `p` correct and `q` wrong ones equal to it, the first correct one of the tie comes
+  after j wrong ones of it with P(j' >= j) = C(q, j) / C(p + q, j): found at K iff above + j' < K."""
+  best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)
+  above = ((scores > best) & ~correct).sum(axis=1)
+  tied_wrong = ((scores == best) & ~correct).sum(axis=1)
+  tied_right = ((scores == best) & correct).sum(axis=1)  # >= 1: the best correct candidate itself
+  found = np.zeros((len(ks), scores.shape[0]))
+  for i, k in enumerate(ks):
+    need = np.maximum(k - above, 0)  # wrong tied candidates that must not all come first
+    all_wrong_first = np.ones(scores.shape[0])  # C(q, need) / C(p + q, need), as a running product
+    for j in range(int(need.max(initial=0))):
+      step = np.where(j < need, (tied_wrong - j) / np.maximum(tied_wrong + tied_right - j, 1), 1.0)
+      all_wrong_first *= np.clip(step, 0.0, 1.0)
+    found[i] = np.where(above >= k, 0.0, 1.0 - all_wrong_first)
+  return found
 
 
 def evaluate_retrieval(model, variables, source, tokenizer, *, batch_size: int, image_size: int, mesh,
