@@ -375,7 +375,7 @@ def test_layer_norm_equals_torch_and_autodiff_and_keeps_less_for_the_backward(mo
   assert ours_bytes < temp_bytes() - 4 * 2 * 64 * 64 * 4, (ours_bytes, temp_bytes())
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=pytest.mark.slow), jnp.bfloat16])  # bf16 fast
 def test_batch_norm_equals_flax_batch_norm_in_training_and_eval(dtype):
   # `layers.BatchNorm` against flax's nn.BatchNorm in f32 on the same (rounded) inputs and parameters:
   # training mode (batch statistics; values, the three gradients, the updated running averages) and eval
