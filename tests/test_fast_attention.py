@@ -479,7 +479,7 @@ def test_auto_attention_choice_per_backend_dtype_and_head_size():
 
 
 @pytest.mark.parametrize("t_len,s_len,causal", [(7, 7, True), pytest.param(4, 5, False, marks=pytest.mark.slow),
-                                                (5, 4, False)])
+                                                pytest.param(5, 4, False, marks=pytest.mark.slow)])  # causal fast
 def test_attention_even_lengths_equals_unpadded(t_len, s_len, causal):
   # The padding form cuDNN gets for odd lengths, run through XLA here: values and gradients equal
   # the plain attention's (fp32, only summation order differs), so padded rows leak nowhere.

@@ -397,7 +397,7 @@ def test_ddim_eta1_zero_snr_v_trailing_is_finite_and_diffusers_elsewhere(monkeyp
   assert assert_equal_where_finite(ours, theirs, RTOL, ZERO_SNR_ROOT_RTOL) == int(diffusers_nan)
 
 
-@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", pytest.param("squaredcos_cap_v2", marks=pytest.mark.slow)])
 def test_plan_coefficients_finite_for_every_step_count(beta_schedule):
   """Host side: every coefficient of every sampler finite, for step counts 1..60 and up to T, every
   spacing, with and without the zero-SNR rescale (DDIM at eta 0 and 1)."""
