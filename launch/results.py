@@ -198,6 +198,15 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
   return buffer.getvalue()
 
 
+def x_log_base(xs: list[float]) -> int | None:
+  """The log base for a swept setting's axis, or None for a linear one: settings spread over a factor of 2.5
+  or more (learning rates, batch sizes) are read on a log axis; base 2 where every value is a power of two."""
+  if min(xs) <= 0 or max(xs) / min(xs) < 2.5:
+    return None
+  powers_of_two = all(float(x).is_integer() and int(x) & (int(x) - 1) == 0 for x in xs)
+  return 2 if powers_of_two else 10
+
+
 def plot(grouped: list[dict], keys: list[str], metrics: list[str], path: str, title: str = "") -> str | None:
   """One panel per metric: against the one numeric setting that varies (mean +- std over seeds),
   or as bars per setting combination otherwise."""
@@ -215,9 +224,13 @@ def plot(grouped: list[dict], keys: list[str], metrics: list[str], path: str, ti
     if numeric:
       xs = [r[keys[0]] for r in grouped]
       ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3)
-      if min(xs) > 0 and max(xs) / min(xs) >= 8:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [_cell(x) for x in xs])
+      base = x_log_base(xs)
+      if base:
+        ax.set_xscale("log", base=base)
+        ax.minorticks_off()
+      labels = [_cell(x) for x in xs]
+      long_labels = len(xs) > 4 or max(len(label) for label in labels) > 6
+      ax.set_xticks(xs, labels, rotation=30 if long_labels else 0, ha="right" if long_labels else "center")
       ax.set_xlabel(keys[0])
     else:
       labels = [", ".join(f"{k}={_cell(r.get(k))}" for k in keys) or "run" for r in grouped]

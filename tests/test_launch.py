@@ -307,6 +307,14 @@ def test_interrupted_sweep_resumes_and_tabulates(tmp_path, monkeypatch):
   assert os.path.getsize(written["png"]) > 1000
 
 
+def test_swept_settings_spread_over_a_factor_of_2_5_get_a_log_axis():
+  # A new user's learning-rate sweep (3e-4, 1e-3) was drawn on a linear axis with overlapping tick labels.
+  assert results.x_log_base([3e-4, 1e-3]) == 10
+  assert results.x_log_base([16, 32, 64, 128]) == 2
+  assert results.x_log_base([16, 48]) == 10
+  assert results.x_log_base([0.1, 0.2]) is None and results.x_log_base([0, 1, 2]) is None
+
+
 def test_sweep_emits_slurm_jobs_for_unfinished_runs(tmp_path):
   sweep_file = _write_sweep_file(tmp_path / "s.py", """
       from launch.sweep import grid
