@@ -178,7 +178,9 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
         code = p.poll()
         if code not in (None, 0) and first_failure is None:
           first_failure, failed_at = (i, code), time.monotonic()
-          print(f"launch: {children[i].label} (pid {p.pid}) failed with {describe_exit(code)}; the others "
+          # A checkpointed stop (75) is not a failure: the others are saving the same step.
+          how = "stopped" if code == PREEMPTED else "failed"
+          print(f"launch: {children[i].label} (pid {p.pid}) {how} with {describe_exit(code)}; the others "
                 f"get {grace_s:.0f} s to stop on their own before they are terminated.", file=out, flush=True)
       if first_failure is not None:
         waited = time.monotonic() - failed_at

@@ -134,6 +134,14 @@ def test_supervisor_stops_the_others_and_names_the_failed_process():
   text = out.getvalue()
   assert re.search(r"process 1 \(pid \d+\) exited first with exit code 3; then process 0: exit code -15 "
                    r"\(killed by SIGTERM\)", text), text
+  assert re.search(r"process 1 \(pid \d+\) failed with exit code 3;", text), text
+  # A checkpointed stop (75) is said as one, not as a failure (a new user's 2-process Ctrl-C read "failed").
+  saving = local.Child([sys.executable, "-c", "import sys; sys.exit(75)"], {}, "process 0")
+  slower = local.Child([sys.executable, "-c", "import sys, time; time.sleep(3); sys.exit(75)"], {}, "process 1")
+  out = io.StringIO()
+  assert local.supervise([saving, slower], grace_s=30.0, term_s=2.0, out=out) == local.PREEMPTED
+  assert re.search(r"process 0 \(pid \d+\) stopped with exit code 75 \(preempted: saved a checkpoint", out.getvalue())
+  assert "failed" not in out.getvalue()
 
 
 def test_supervisor_asked_to_stop_says_stopped_even_when_the_run_finished(tmp_path):
