@@ -291,6 +291,122 @@ def test_prepare_webdataset_tars(tmp_path):
   assert report["written"] == 3 + sum(k.startswith("00001.tar/") for k in by_key) and report["written"] > 3
 
 
+def _class_folders(root, classes=("cat", "dog"), per_class=4):
+  for c, name in enumerate(classes):
+    os.makedirs(root / name)
+    for i in range(per_class):
+      (root / name / f"{i}.png").write_bytes(encode(rgb(6, 6, seed=10 * c + i), "PNG"))
+
+
+def test_prepare_auto_layout_needs_most_images_captioned(tmp_path, capsys):
+  # One stray .txt beside one image of a class folder made 'auto' read captions: 1 record written, every other
+  # image skipped as missing_caption, --caption-template ignored, and nothing said which layout was read.
+  root = tmp_path / "classes"
+  _class_folders(root)
+  (root / "cat" / "0.txt").write_text("a stray note")
+  args = ["--input", str(root), "--caption-template", "a photo of a {}"]
+  assert prepare.main([*args, "--output", str(tmp_path / "auto")]) == 0
+  report = json.loads((tmp_path / "auto" / "report.json").read_text())
+  assert report["written"] == 8 and report["skipped"] == {"not_an_image": 1}
+  assert report["layouts"] == {str(root): "classes"}
+  assert {r["captions"][0] for r in read_all(str(tmp_path / "auto"))} == {"a photo of a cat", "a photo of a dog"}
+  line, = [l for l in capsys.readouterr().out.splitlines() if "read as layout" in l]
+  assert "'classes'" in line and "1 of 8 images" in line and "--layout captions" in line
+  # Forced, the other layout is read and the line says why; the template, unused there, is said to be.
+  assert prepare.main([*args, "--output", str(tmp_path / "forced"), "--layout", "captions"]) == 0
+  line, = [l for l in capsys.readouterr().out.splitlines() if "read as layout" in l]
+  assert "'captions'" in line and "--layout captions" in line and "--caption-template" in line and "unused" in line
+  # Sub-folders whose images mostly have captions (img2dataset's files layout) are caption folders.
+  files = tmp_path / "files"
+  _class_folders(files, ("00000", "00001"), per_class=2)
+  for image in files.glob("*/*.png"):
+    if image.name != "1.png" or image.parent.name != "00001":
+      image.with_suffix(".txt").write_text(f"caption of {image.parent.name}/{image.stem}")
+  report = prepare.convert([str(files)], str(tmp_path / "files_out"), verbose=False)
+  assert report["written"] == 3 and report["skipped"] == {"missing_caption": 1}
+  assert report["layouts"] == {str(files): "captions"}
+
+
+def test_prepare_folder_of_tars_and_nothing_written(tmp_path, capsys):
+  # A folder of img2dataset .tar shards (beside its .parquet and _stats.json files) wrote 0 records, exit 0.
+  wds = tmp_path / "wds"
+  wds.mkdir()
+  for shard in range(2):
+    write_tar(wds / f"0000{shard}.tar", [(f"{shard}{i}.{ext}", encode(rgb(6, 6)) if ext == "jpg" else b"a shape")
+                                         for i in range(3) for ext in ("jpg", "txt")])
+    (wds / f"0000{shard}.parquet").write_bytes(b"PAR1")
+    (wds / f"0000{shard}_stats.json").write_text("{}")
+  assert prepare.main(["--input", str(wds), "--output", str(tmp_path / "from_wds")]) == 0
+  report = json.loads((tmp_path / "from_wds" / "report.json").read_text())
+  assert report["written"] == 6 and report["layouts"] == {str(wds): "tars"}
+  assert len({r["key"].split("/")[0] for r in read_all(str(tmp_path / "from_wds"))}) == 2
+  assert "2 .tar shards" in capsys.readouterr().out
+  # Nothing written is an error (one line, exit 2), and report.json keeps the counts.
+  flat = tmp_path / "flat"
+  flat.mkdir()
+  for i in range(3):
+    (flat / f"{i}.png").write_bytes(encode(rgb(6, 6), "PNG"))
+  assert prepare.main(["--input", str(flat), "--output", str(tmp_path / "none")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: wrote no records") and "missing_caption 3" in err[-1]
+  assert "report.json" in err[-1] and not any(l.startswith("error:") for l in err[:-1])
+  report = json.loads((tmp_path / "none" / "report.json").read_text())
+  assert report["written"] == 0 and report["skipped"] == {"missing_caption": 3}
+  (tmp_path / "empty").mkdir()
+  assert prepare.main(["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "none2")]) == 2
+  assert "found nothing to convert" in capsys.readouterr().err
+  with pytest.raises(prepare.NothingWritten) as e:
+    prepare.convert([str(flat)], str(tmp_path / "none3"), verbose=False)
+  assert e.value.report["skipped"] == {"missing_caption": 3}
+
+
+def test_prepare_groups_rows_that_name_one_image(tmp_path, capsys):
+  # COCO-style caption lists (one row per caption) were written as one record per row: retrieval then
+  # counted each image once per caption. An image is one record, whatever number of rows name it.
+  root = tmp_path / "photos"
+  write_folder(str(root))
+  jsonl_path = tmp_path / "lines.jsonl"
+  jsonl_path.write_text("\n".join(json.dumps(row) for row in [
+      {"image": "photos/good.jpg", "caption": "a dog"},
+      {"image": "photos/gray.jpg", "caption": "a gray thing"},
+      {"image": "./photos/good.jpg", "caption": "a brown dog"},         # the same file, written another way
+      {"image": str(root / "good.jpg"), "caption": ["a dog", "a pet"]},  # absolute; "a dog" again is not kept twice
+      {"image": "photos/good.jpg", "caption": "a labelled dog", "label": 1},  # another label: its own record
+      {"image": "photos/gone.jpg", "caption": "one"},
+      {"image": "photos/gone.jpg", "caption": "two"},
+      {"image": "photos/gray.jpg", "caption": "  "}]))                 # blank beside a caption: dropped, counted
+  assert prepare.main(["--input", str(jsonl_path), "--output", str(tmp_path / "out")]) == 0
+  report = json.loads((tmp_path / "out" / "report.json").read_text())
+  assert report["written"] == 3 and report["grouped_rows"] == 4
+  assert report["skipped"] == {"missing_file": 1} and report["repaired"] == {"caption_dropped": 1}
+  rows = read_all(str(tmp_path / "out"))
+  assert [(r["key"], r["captions"], r["label"]) for r in rows] == [  # first-seen order
+      ("photos/good.jpg", ["a dog", "a brown dog", "a pet"], -1), ("photos/gray.jpg", ["a gray thing"], -1),
+      ("photos/good.jpg", ["a labelled dog"], 1)]
+  assert "grouped 4 rows" in capsys.readouterr().out
+  csv_path = tmp_path / "lines.csv"
+  csv_path.write_text("filepath,title\nphotos/good.jpg,one\nphotos/rgba.png,two\nphotos/good.jpg,three\n")
+  report = prepare.convert([str(csv_path)], str(tmp_path / "csv"), verbose=False)
+  assert report["written"] == 2 and report["grouped_rows"] == 1
+  assert [r["captions"] for r in read_all(str(tmp_path / "csv"))] == [["one", "three"], ["two"]]
+
+
+def test_caption_that_is_not_text_is_named(tmp_path):
+  with pytest.raises(records.BadRecord) as e:
+    records.clean_caption({"en": "a dog"})
+  assert e.value.reason == "caption_not_text"
+  root = tmp_path / "photos"
+  write_folder(str(root))
+  jsonl_path = tmp_path / "odd.jsonl"
+  jsonl_path.write_text("\n".join(json.dumps(row) for row in [
+      {"image": "photos/good.jpg", "caption": {"en": "a dog"}},
+      {"image": "photos/gray.jpg", "caption": [{"en": "a"}, ["b"]]},
+      {"image": "photos/rgba.png", "caption": "  "},
+      {"image": "photos/cmyk.jpg", "caption": "kept"}]))
+  report = prepare.convert([str(jsonl_path)], str(tmp_path / "out"), verbose=False)
+  assert report["written"] == 1 and report["skipped"] == {"caption_not_text": 2, "empty_caption": 1}
+
+
 def test_prepare_bad_arguments(tmp_path, capsys):
   assert prepare.main(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
   assert "no such file or directory" in capsys.readouterr().err

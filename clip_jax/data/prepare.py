@@ -9,9 +9,14 @@ Inputs (several may be given, in any mix):
   a directory   either captioned images: photo.jpg with a sidecar caption photo.txt beside it;
                 or class sub-folders (torchvision's ImageFolder layout, ROOT/CLASS/**/image.jpg): the
                 label is the folder's index in sorted order, the class name the folder name ('_' read
-                as a space) or --classnames'. --layout chooses; 'auto' takes class folders when no image
-                below the directory has a sidecar caption and it has sub-folders
-  a .csv/.tsv   a header row, then one row per image. Columns read (others are ignored):
+                as a space) or --classnames'; or a folder of .tar shards (img2dataset's output: .tar
+                files, and no images or sub-folders, beside them anything, e.g. .parquet and _stats.json),
+                read as those tars, sorted. --layout chooses between captions and classes; 'auto' reads
+                captions when the directory has no sub-folders, or when at least half of the images below
+                it have a sidecar caption, and class folders otherwise (a stray .txt beside a few images of
+                a class folder stays a non-image file, counted as skipped). One line says which layout
+                was read and why, and how to force the other
+  a .csv/.tsv   a header row, then a row per image, or per caption. Columns read (others are ignored):
                   path      path / filepath / file_path / image / image_path / file / filename
                             (or --path-column): the image, relative to the table's folder
                   caption   caption / captions / text / title / txt / description (or --caption-column)
@@ -25,12 +30,18 @@ Inputs (several may be given, in any mix):
                 caption in KEY.txt (or KEY.json's "caption") and/or the label in KEY.cls (a class index
                 as text; class names from --classnames or a classnames.txt beside the tars); a glob or
                 {a..b} range names many
+An image is one record however many rows of a table name it: rows naming the same file (after resolving
+against the table's folder) with the same label are grouped, in first-seen order, into one record holding
+all their captions (an exact repeat once; COCO's caption lists written a caption per line), and training
+draws one of them at random each time it reads the image, as for a JSONL list; the rows folded into an
+earlier row's record are counted (report.json 'grouped_rows'). A row with another label is its own record.
 A labelled image without a caption gets one from --caption-template ('{}' = the class name; default
 '{}', the class name itself). Every image is fully decoded once to check it; files in an odd mode or
 format are stored re-encoded as PNG (counted as repaired), all others byte-for-byte. Each record is
 skipped or repaired for a reason that is counted; the counts are printed and written to
 OUTPUT/report.json, and the class names of labelled data to OUTPUT/classnames.txt (read back by the
-shards' source).
+shards' source). A run that writes no record ends with one `error:` line and exit code 2 (report.json
+still written, with its counts).
 """
 from __future__ import annotations
 
@@ -50,15 +61,26 @@ from typing import Iterator
 
 from absl import logging
 
+from clip_jax.cli import UserError
 from clip_jax.data import images as image_ops
 from clip_jax.data.labelled import (CAPTION_COLUMNS, CLASSNAMES_FILE, IMAGE_EXTENSIONS, KEPT_PROBLEMS, LABEL_COLUMNS,
-                                    PATH_COLUMNS, find_classnames_file, find_column, label_text, names_for_folders, pick_column,
-                                    read_class_names_file, read_table, scan_image_folder, tar_key)
+                                    PATH_COLUMNS, find_classnames_file, find_column, is_image_file, label_text,
+                                    names_for_folders, pick_column, read_class_names_file, read_table,
+                                    scan_image_folder, tar_key)
 from clip_jax.data.records import (DEFAULT_MAX_CAPTION_CHARS, BadRecord, QualityCounts, clean_caption,
                                    encode_record, with_escaped_bytes)
 
 _STORED_AS_IS = ("JPEG", "PNG", "WEBP")  # formats every reader decodes; others are re-encoded
 DEFAULT_SHARD_SIZE = 5000
+
+
+class NothingWritten(UserError):
+  """convert() wrote no record (every candidate skipped, or none found): the user's data or flags are wrong.
+  `report`: the report dict, also in OUTPUT/report.json."""
+
+  def __init__(self, message: str, report: dict):
+    super().__init__(message)
+    self.report = report
 
 
 class ClassNames:
@@ -127,7 +149,14 @@ def expand_braces(pattern: str) -> list[str]:
 
 def read_candidates(path: str, args) -> Iterator[Candidate]:
   if os.path.isdir(path):
-    if _folder_layout(path, args.layout) == "classes":
+    layout, why = folder_layout(path, args.layout)
+    args.layouts[path] = layout
+    if args.verbose:
+      print(_layout_line(path, layout, why, args.caption_template))
+    if layout == "tars":
+      for tar in _tars_in(path):
+        yield from _read_tar(tar, args)
+    elif layout == "classes":
       yield from _read_class_folders(path, args)
     else:
       yield from _read_folder(path)
@@ -144,15 +173,49 @@ def _read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def _folder_layout(root: str, layout: str) -> str:
-  if layout != "auto":
-    return layout
-  has_subfolders = any(e.is_dir() for e in os.scandir(root))
+def folder_layout(root: str, layout: str = "auto") -> tuple[str, str]:
+  """How a directory input is read: -> (layout, why), layout 'captions', 'classes' or 'tars', why a
+  phrase for the user (with the --layout that reads it the other way, where there is one). `layout`
+  'captions' / 'classes' (--layout) is taken as given. 'auto': 'tars' when the top level holds .tar
+  files and no images or sub-folders; else 'captions' when there are no sub-folders (nothing to be
+  classes) or at least half of the images below have a sidecar caption (IMAGE.txt beside IMAGE.jpg);
+  else 'classes'. Half, not any: one stray note beside an image of a class folder must not turn 96
+  labelled images into 95 skipped for want of a caption."""
+  entries = list(os.scandir(root))
+  subfolders = sum(e.is_dir() for e in entries)
+  if layout == "auto":
+    tars = len(_tars_in(root))
+    if tars and not subfolders and not any(e.is_file() and is_image_file(e.name) for e in entries):
+      return "tars", f"it holds {tars} .tar shard{'s' * (tars != 1)} and no images or sub-folders"
+  images = captioned = 0
   for _, _, files in os.walk(root):
     names = set(files)
-    if any(os.path.splitext(n)[0] + ".txt" in names for n in files if n.lower().endswith(IMAGE_EXTENSIONS)):
-      return "captions"  # an image with its sidecar caption
-  return "classes" if has_subfolders else "captions"
+    for name in files:
+      if is_image_file(name):
+        images += 1
+        captioned += os.path.splitext(name)[0] + ".txt" in names
+  counts = f"{captioned} of {images} images below it with a sidecar .txt caption"
+  if layout != "auto":
+    return layout, f"--layout {layout}; {counts}"
+  if not subfolders:
+    return "captions", f"no sub-folders to be classes; {counts}"
+  if images and 2 * captioned >= images:
+    return "captions", f"{counts}, at least half; --layout classes reads its sub-folders as classes"
+  return "classes", (f"{subfolders} sub-folder{'s' * (subfolders != 1)} as classes; {counts}, under half; "
+                     "--layout captions reads the sidecar captions instead")
+
+
+def _tars_in(root: str) -> list[str]:
+  """The .tar files at a folder's top level, sorted (as clip_jax.data.sources.find_tars lists them)."""
+  return sorted(e.path for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(".tar"))
+
+
+def _layout_line(path: str, layout: str, why: str, caption_template: str) -> str:
+  """The one line that says how a directory input is read and why (`folder_layout`)."""
+  line = f"{path}: read as layout '{layout}' ({why})"
+  if layout == "captions" and caption_template != "{}":  # the default cannot be told from a given '{}'
+    line += "; --caption-template is unused: these images have their own captions"
+  return line
 
 
 def _read_class_folders(root: str, args) -> Iterator[Candidate]:
@@ -205,7 +268,9 @@ def _read_folder(root: str) -> Iterator[Candidate]:
                         detail=f"{name} has no image beside it")
 
 
-def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Candidate:
+def _row_fields(row: dict, columns: tuple, base: str, key: str, args) -> Candidate | tuple:
+  """One table row -> (image path as written, its full path, caption cell or list, label or None), or a
+  skipped Candidate (no path, unknown label)."""
   path_col, caption_col, label_col = columns
   image_path = row.get(path_col)
   caption = row.get(caption_col) if caption_col else None
@@ -220,13 +285,37 @@ def _row_candidate(row: dict, columns: tuple, base: str, key: str, args) -> Cand
     if caption is None or caption == [] or (isinstance(caption, str) and not caption.strip()):
       caption = args.caption_template.format(args.class_names.name(label))
   caption = [_caption_value(c) for c in caption] if isinstance(caption, list) else _caption_value(caption)
-  full_path = os.path.join(base, image_path.strip())
-  if not os.path.isfile(full_path):
-    return Candidate(key, skip="missing_file", detail=f"{full_path} does not exist")
-  try:
-    return Candidate(image_path.strip(), _read_bytes(full_path), caption, label)
-  except OSError as e:
-    return Candidate(key, skip="unreadable_file", detail=str(e))
+  return image_path.strip(), os.path.normpath(os.path.join(base, image_path.strip())), caption, label
+
+
+class _ImageRows:
+  """The rows of a table that name one image with one label: their captions, merged in row order."""
+  __slots__ = ("key", "image_path", "full_path", "label", "captions", "rows")
+
+  def __init__(self, key, image_path, full_path, label, caption):
+    self.key, self.image_path, self.full_path, self.label = key, image_path, full_path, label
+    self.captions, self.rows = [caption], 1
+
+  def add(self, caption) -> None:
+    self.rows += 1
+    for one in (caption if isinstance(caption, list) else [caption]):
+      if one not in self.caption_list():  # a caption already held (a row repeated verbatim) is kept once
+        self.captions.append(one)
+
+  def caption_list(self) -> list:
+    return [one for c in self.captions for one in (c if isinstance(c, list) else [c])]
+
+  def caption(self):
+    """One row's caption cell unchanged (text or its list); several rows' as one list."""
+    return self.captions[0] if self.rows == 1 else self.caption_list()
+
+  def candidate(self) -> Candidate:
+    if not os.path.isfile(self.full_path):
+      return Candidate(self.key, skip="missing_file", detail=f"{self.full_path} does not exist")
+    try:
+      return Candidate(self.image_path, _read_bytes(self.full_path), self.caption(), self.label)
+    except OSError as e:
+      return Candidate(self.key, skip="unreadable_file", detail=str(e))
 
 
 def _caption_value(cell):
@@ -244,7 +333,8 @@ def _caption_value(cell):
 def _clean_captions(raw, max_chars: int) -> tuple[str | list[str], list[str]]:
   """clean_caption for one caption, or for a list of them (a JSONL's "captions"): -> (the cleaned list, or
   its one caption alone; each repair once). Empty or non-text captions leave a list (repair
-  'caption_dropped'); BadRecord('empty_caption') when none is left."""
+  'caption_dropped'); when none is left, BadRecord('caption_not_text') if none was text, else
+  BadRecord('empty_caption')."""
   if not isinstance(raw, list):
     return clean_caption(raw, max_chars)
   kept, repairs = [], set()
@@ -257,7 +347,9 @@ def _clean_captions(raw, max_chars: int) -> tuple[str | list[str], list[str]]:
     kept.append(text)
     repairs.update(fixes)
   if not kept:
-    raise BadRecord("empty_caption", f"none of its {len(raw)} captions is text")
+    if raw and not any(isinstance(one, (str, bytes, bytearray)) for one in raw):
+      raise BadRecord("caption_not_text", f"none of its {len(raw)} captions is text")
+    raise BadRecord("empty_caption", f"none of its {len(raw)} captions is left once cleaned")
   return (kept[0] if len(kept) == 1 else kept), sorted(repairs)
 
 
@@ -301,11 +393,25 @@ def _read_table(path: str, args) -> Iterator[Candidate]:
   columns = _table_columns(row_counts, args, path) if row_counts else None
   if columns is not None:
     _register_labels([row for _, row in rows], columns[2], args, path)
+  base = os.path.dirname(os.path.abspath(path))
+  # Rows naming one file with one label are one image: one record, or retrieval counts it once per caption.
+  ordered: list[Candidate | _ImageRows] = []  # first-seen order
+  images: dict[tuple, _ImageRows] = {}
   for key, row in rows:
-    if row is None:
-      yield Candidate(key, skip="malformed_row", detail="not a JSON object")
+    fields = _row_fields(row, columns, base, key, args) if row is not None else \
+        Candidate(key, skip="malformed_row", detail="not a JSON object")
+    if isinstance(fields, Candidate):
+      ordered.append(fields)
+      continue
+    image_path, full_path, caption, label = fields
+    if (full_path, label) in images:
+      images[full_path, label].add(caption)
+      args.grouped_rows += 1
     else:
-      yield _row_candidate(row, columns, base=os.path.dirname(os.path.abspath(path)), key=key, args=args)
+      images[full_path, label] = _ImageRows(key, image_path, full_path, label, caption)
+      ordered.append(images[full_path, label])
+  for item in ordered:
+    yield item if isinstance(item, Candidate) else item.candidate()
 
 
 def _read_tar(path: str, args) -> Iterator[Candidate]:
@@ -434,7 +540,8 @@ def convert(inputs: list[str], output: str, *, shard_size: int = DEFAULT_SHARD_S
             caption_column: str | None = None, label_column: str | None = None, layout: str = "auto",
             classnames_file: str | None = None, caption_template: str = "{}", verbose: bool = True) -> dict:
   """Writes shards, OUTPUT/report.json and (for labelled data) OUTPUT/classnames.txt; returns the
-  report. Raises ValueError / FileNotFoundError / FileExistsError for what the user must fix."""
+  report. Raises ValueError / FileNotFoundError / FileExistsError for what the user must fix, and
+  NothingWritten (a ValueError) after writing report.json when no record was written."""
   if shard_size < 1:
     raise ValueError(f"--shard-size must be at least 1, got {shard_size}.")
   if caption_template.count("{}") != 1:
@@ -454,7 +561,7 @@ def convert(inputs: list[str], output: str, *, shard_size: int = DEFAULT_SHARD_S
   options = argparse.Namespace(path_column=path_column, caption_column=caption_column, label_column=label_column,
                                layout=layout, caption_template=caption_template, given_class_names=given,
                                class_names=ClassNames(given if isinstance(given, list) else None),
-                               notes=collections.Counter())
+                               notes=collections.Counter(), layouts={}, grouped_rows=0, verbose=verbose)
   counts = QualityCounts()
   writer = ShardWriter(output, shard_size)
   written, started = 0, time.time()
@@ -486,7 +593,8 @@ def convert(inputs: list[str], output: str, *, shard_size: int = DEFAULT_SHARD_S
     with open(os.path.join(output, CLASSNAMES_FILE), "w", encoding="utf-8") as f:
       f.write("".join(f"{name}\n" for name in class_names))
   report = {"written": written, "shards": [os.path.basename(s) for s in shards],
-            "inputs": paths, "num_classes": len(class_names), **counts.as_dict(),
+            "inputs": paths, "layouts": options.layouts, "num_classes": len(class_names),
+            "grouped_rows": options.grouped_rows, **counts.as_dict(),
             "notes": dict(sorted(options.notes.items())),
             "format": "clip_jax.data.records (CLR1: JSON header + image bytes)",
             "seconds": round(time.time() - started, 2)}
@@ -497,7 +605,26 @@ def convert(inputs: list[str], output: str, *, shard_size: int = DEFAULT_SHARD_S
     print(counts.table())
     for reason, count in sorted(options.notes.items()):
       print(f"noted (all kept): {reason} {count}")
+    if options.grouped_rows:
+      print(f"grouped {options.grouped_rows} rows into the record of an image an earlier row named "
+            "(one record per image, holding all its captions)")
+  if not written:
+    raise NothingWritten(_nothing_written(paths, options.layouts, counts, output), report)
   return report
+
+
+def _nothing_written(paths: list[str], layouts: dict, counts: QualityCounts, output: str) -> str:
+  """The one line for a run that wrote no record: what was skipped and why, or that nothing was found."""
+  report_path = os.path.join(output, "report.json")
+  if not counts.skipped:
+    return (f"wrote no records: found nothing to convert in {', '.join(paths)} (no image, table row or .tar "
+            f"member); {report_path} has the run's details.")
+  reasons = ", ".join(f"{reason} {n}" for reason, n in counts.skipped.most_common(3))
+  line = f"wrote no records: all {sum(counts.skipped.values())} skipped ({reasons}); {report_path} has the counts"
+  if counts.skipped["missing_caption"] and any(layout == "captions" and any(e.is_dir() for e in os.scandir(path))
+                                               for path, layout in layouts.items()):
+    line += "; if a folder's sub-folders are classes, give --layout classes"
+  return line + "."
 
 
 def _bounded_map(pool, candidates, max_pixels, max_caption_chars, chunk):
@@ -528,7 +655,9 @@ def main(argv=None) -> int:
   parser.add_argument("--caption-column", help="CSV/JSONL column holding the caption")
   parser.add_argument("--label-column", help="CSV/JSONL column holding the class index or name")
   parser.add_argument("--layout", default="auto", choices=("auto", "captions", "classes"),
-                      help="a directory input: captioned images (photo.jpg + photo.txt) or class sub-folders")
+                      help="a directory input: captioned images (photo.jpg + photo.txt) or class sub-folders; 'auto' "
+                      "reads captions when it has no sub-folders or at least half of its images have a .txt caption, "
+                      "a folder of .tar shards as those tars")
   parser.add_argument("--classnames", help="class names: one per line (label order; for class folders, sorted "
                       "folder order) or JSON (a list, or {folder: name})")
   parser.add_argument("--caption-template", default="{}",

@@ -98,7 +98,8 @@ def clean_caption(raw: str | bytes, max_chars: int = DEFAULT_MAX_CAPTION_CHARS) 
 
   Bytes that are not UTF-8 are dropped (repair 'caption_not_utf8'); captions longer than
   `max_chars` are cut at a word boundary (repair 'caption_truncated'). A caption left empty
-  raises BadRecord('empty_caption').
+  raises BadRecord('empty_caption'); one that is neither str nor bytes (a table cell holding a JSON
+  object, say) raises BadRecord('caption_not_text').
   """
   repairs = []
   if isinstance(raw, (bytes, bytearray)):
@@ -110,7 +111,7 @@ def clean_caption(raw: str | bytes, max_chars: int = DEFAULT_MAX_CAPTION_CHARS) 
   elif isinstance(raw, str):
     text = raw
   else:
-    raise BadRecord("empty_caption", f"caption is {type(raw).__name__}, not text")
+    raise BadRecord("caption_not_text", f"caption is {type(raw).__name__}, not text")
   # Control characters (NUL, escape sequences, ...) carry no meaning and confuse the BPE; lone
   # surrogates (from JSON "\ud800") cannot even be encoded. Every run of whitespace becomes one space.
   text = "".join(_REPLACE_CHAR.get(unicodedata.category(c), c) for c in text)
