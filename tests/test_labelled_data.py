@@ -68,9 +68,12 @@ def test_label_tables_take_indices_or_names(tmp_path):
       {"path": None})) + "\n")
   source = sources.open_source(str(tmp_path / "rows.jsonl"), class_names=["dog", "cat"])
   assert [source[i].get("label", source[i].get("skip")) for i in range(4)] == [1, 1, "unknown_label", "malformed_row"]
+  # Without a label column a table is image-caption data (clip_jax.data.captioned), without either it is refused.
   (tmp_path / "nolabel.csv").write_text("path,caption\nimg/a.png,hi\n")
-  with pytest.raises(ValueError, match="no label column"):
-    sources.open_source(str(tmp_path / "nolabel.csv"))
+  assert sources.open_source(str(tmp_path / "nolabel.csv"))[0]["captions"] == ["hi"]
+  (tmp_path / "neither.csv").write_text("path,note\nimg/a.png,hi\n")
+  with pytest.raises(ValueError, match="no caption or label column"):
+    sources.open_source(str(tmp_path / "neither.csv"))
 
 
 def test_evaluation_and_prepare_read_the_same_columns_of_a_table(tmp_path):

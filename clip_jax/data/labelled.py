@@ -8,18 +8,24 @@ for the record format): the sources of zero-shot classification and linear probe
                   (path / filepath / file_path / image / image_path / file / filename, or `path_column`)
                   and a label column (label / class / class_name / cls / target / category, or
                   `label_column`); the label is a class index or a class name; relative paths are
-                  resolved against the file's folder. Other columns are ignored. Where several
+                  resolved against the file's folder. A caption column (CAPTION_COLUMNS), where
+                  there is one, gives a row's training captions (templates otherwise). Other
+                  columns are ignored. Where several
                   candidates are present, the one most rows fill is taken, ties in the order above
                   (`find_column`; `clip_jax.data.prepare` reads tables by the same rule).
-  webdataset tars members KEY.jpg|png|webp|... + KEY.cls (the class index as text) grouped by KEY,
-                  optionally KEY.txt; clip_benchmark's layout, whose `classnames.txt` beside the
-                  tars (or one folder up) names the classes
+  webdataset tars members KEY.jpg|png|webp|... + KEY.cls (the class index as text) grouped by KEY;
+                  clip_benchmark's layout, whose `classnames.txt` beside the tars (or one folder up)
+                  names the classes. Tars whose samples carry captions (KEY.txt, or KEY.json's
+                  "caption": img2dataset's output) are caption data: a key's caption is used, its
+                  label is optional (-1 without), a key with neither is skipped ('missing_caption')
 
 What is wrong with the data is counted, never fatal: at scan time (`problems`, reason -> count, with
 the first few names in `problem_examples`): non-image files, empty class folders, files of one
 folder whose names differ only in extension (kept, both), class names that collide, rows with a
-missing file or an unknown label, tar members without an image or a label. Unreadable images are
-counted later by the pipeline, as for every source.
+missing file or an unknown label, tar members without an image or a label (or, in caption tars, without
+a caption). Unreadable images are counted later by the pipeline, as for every source. Image-caption data
+without labels (caption tables, folders of images with sidecar .txt captions) is read by
+clip_jax/data/captioned.py.
 """
 from __future__ import annotations
 
@@ -97,6 +103,7 @@ class LabelledFiles:
   """
   class_names: list[str]
   templates: tuple[str, ...]
+  _captions: list[list[str]] | None = None  # per record, a table's own captions ([]: none, templates instead)
 
   def _init_records(self, entries, class_names, problems: Problems, where: str, templates):
     self._entries = entries  # [(locator, label, key, skip reason or None)]
@@ -128,6 +135,9 @@ class LabelledFiles:
       data = self._read(locator)
     except OSError as e:
       return {"skip": "unreadable_file", "key": key, "detail": f"{type(e).__name__}: {e}"}
+    own = self._captions[index] if self._captions is not None else None
+    if own:
+      return {"image": data, "captions": own, "label": label, "key": key}
     name = self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
     return {"image": data, "captions": [t.format(name) for t in self.templates], "label": label, "key": key}
 
@@ -260,11 +270,14 @@ class LabelTableSource(LabelledFiles):
   Labels: a value equal to one of `class_names` is that class; otherwise an integer is a class
   index. Without `class_names`, integer labels are indices (names '0', '1', ...) and other labels
   are class names, sorted. A row whose file is missing or whose label is unknown is a skipped
-  record (counted); an unreadable table or a missing column raises ValueError.
+  record (counted); an unreadable table or a missing column raises ValueError. A caption column
+  (`caption_column`, or the CAPTION_COLUMNS one `find_column` picks), where present, gives the
+  training captions of the rows that fill it (`caption_list`); the others get `templates`.
   """
 
   def __init__(self, path: str, class_names: Sequence[str] | None = None, *, path_column: str | None = None,
-               label_column: str | None = None, templates: Sequence[str] | None = None):
+               label_column: str | None = None, caption_column: str | None = None,
+               templates: Sequence[str] | None = None):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such label file.")
     if isinstance(class_names, Mapping):
@@ -272,13 +285,15 @@ class LabelTableSource(LabelledFiles):
     row_counts, rows = read_table(path)
     path_col = pick_column(row_counts, path_column, PATH_COLUMNS, "path", path)
     label_col = pick_column(row_counts, label_column, LABEL_COLUMNS, "label", path)
+    caption_col = find_column(row_counts, caption_column, CAPTION_COLUMNS)
     labels = [label_text(row.get(label_col)) if isinstance(row, dict) else "" for _, row in rows]
     names = list(class_names) if class_names else _names_from_labels(labels)
     index_of = {n: i for i, n in enumerate(names)}
     base = os.path.dirname(os.path.abspath(path))
-    problems, entries = Problems(), []
+    problems, entries, captions = Problems(), [], []
     for (where, row), written_label in zip(rows, labels):
       image = row.get(path_col) if isinstance(row, dict) else None
+      captions.append(caption_list(row.get(caption_col)) if caption_col and isinstance(row, dict) else [])
       if not isinstance(image, str) or not image.strip():
         problems.add("malformed_row", where)
         entries.append((where, -1, where, "malformed_row"))
@@ -298,12 +313,21 @@ class LabelTableSource(LabelledFiles):
     if not entries:
       raise ValueError(f"{path}: lists no images.")
     self.path = path
+    self._captions = captions if any(captions) else None
     self._init_records(entries, names, problems, path, templates)
 
 
 def label_text(value) -> str:
   """A table cell's label as text: stripped; "" for a missing, list or object value."""
   return "" if value is None or isinstance(value, (dict, list)) else str(value).strip()
+
+
+def caption_list(value) -> list[str]:
+  """A table cell's captions: one text, or a JSONL list of them (COCO's five per image); numbers read as
+  text; blank, missing and other values give none. Cleaned later, by the pipeline (records.clean_caption)."""
+  values = value if isinstance(value, list) else [value]
+  texts = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in values]
+  return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
 def _names_from_labels(labels: Sequence[str]) -> list[str]:
@@ -394,20 +418,26 @@ def tar_key(member_name: str) -> tuple[str, str]:
 
 
 class WebDatasetSource(LabelledFiles):
-  """Uncompressed webdataset tar shards with an image and a `cls` member per key (see the module
-  docstring). The tars are indexed once (headers only); reads seek to the image's bytes.
+  """Uncompressed webdataset tar shards with an image and a `cls` member per key, or a caption
+  (KEY.txt, or KEY.json's "caption"; see the module docstring). The tars are indexed once (headers,
+  and the small `cls` members); reads seek to the image's bytes and the caption's.
 
   `class_names`: a list in label order; None reads `classnames.txt` beside the tars or one folder
-  up (clip_benchmark's layout), else the names are the label indices.
+  up (clip_benchmark's layout), else the names are the label indices. `has_captions`: whether any
+  key has a .txt or .json member (caption data: labels optional).
   """
 
   def __init__(self, paths: Sequence[str], class_names: Sequence[str] | None = None,
                templates: Sequence[str] | None = None):
     if not paths:
       raise FileNotFoundError("no .tar shards given.")
-    problems, entries = Problems(), []
+    problems, indexed = Problems(), []
     for path in paths:
-      entries.extend(_index_tar(path, problems))
+      indexed.extend(_index_tar(path, problems))
+    # Caption data (img2dataset's tars) needs no label; labelled data (clip_benchmark's) needs one.
+    self.has_captions = any(caption_members != (None, None) for _, _, _, skip, caption_members in indexed
+                            if skip is None)  # a stray .txt without its image does not make caption data
+    self._caption_members = [caption_members for *_, caption_members in indexed] if self.has_captions else None
     names_file = find_classnames_file(paths[0])
     try:
       own_names = read_class_names_file(names_file) if names_file else None
@@ -421,11 +451,16 @@ class WebDatasetSource(LabelledFiles):
       class_names = own_names
     elif isinstance(own_names, list) and _reordered(class_names, own_names, paths[0], f"those of {names_file}"):
       class_names = own_names
-    labels = [label for _, label, _, skip in entries if skip is None]
+    labels = [label for _, label, _, skip, _ in indexed if skip is None and label is not None]
     names = list(class_names) if class_names else [str(i) for i in range(max(labels, default=-1) + 1)]
     checked = []
-    for locator, label, key, skip in entries:
-      if skip is None and not 0 <= label < len(names):
+    for locator, label, key, skip, _ in indexed:
+      if skip is None and label is None:  # caption data: an unlabelled record (-1); labelled data: skipped
+        label = -1
+        if not self.has_captions:
+          problems.add("missing_label", key)
+          skip = "missing_label"
+      elif skip is None and not 0 <= label < len(names):
         problems.add("unknown_label", f"{key} ({label})")
         skip = "unknown_label"
       checked.append((locator, label, key, skip))
@@ -441,6 +476,40 @@ class WebDatasetSource(LabelledFiles):
       raise OSError(f"{path} is cut short inside this member")
     return data
 
+  def __getitem__(self, index: int) -> dict:
+    """A labelled record (template captions) or, in caption tars, the key's own caption: KEY.txt's
+    bytes (decoded and cleaned by the pipeline), else KEY.json's "caption" (text or a list); a key
+    with neither caption nor label is {'skip': 'missing_caption'}."""
+    record = super().__getitem__(index)
+    if "skip" in record or self._caption_members is None:
+      return record
+    try:
+      captions = self._read_caption(*self._caption_members[index])
+    except OSError as e:
+      return {"skip": "unreadable_file", "key": record["key"], "detail": f"{type(e).__name__}: {e}"}
+    if captions:
+      record["captions"] = captions
+    elif record["label"] < 0:
+      return {"skip": "missing_caption", "key": record["key"], "detail": "neither a .txt caption, a .json "
+              "'caption' nor a .cls label"}
+    return record
+
+  def __repr__(self) -> str:
+    if not self.has_captions:
+      return super().__repr__()
+    return f"WebDatasetSource({self.where!r}, {len(self)} captioned images, {len(self.class_names)} classes)"
+
+  def _read_caption(self, txt, json_member) -> list:
+    if txt is not None:
+      return [self._read(txt)]
+    if json_member is None:
+      return []
+    try:
+      meta = json.loads(self._read(json_member))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      return []  # img2dataset's metadata is optional; a broken one leaves the key uncaptioned
+    return caption_list(meta.get("caption")) if isinstance(meta, dict) else []
+
 
 def find_classnames_file(tar_path: str) -> str | None:
   folder = os.path.dirname(os.path.abspath(tar_path))
@@ -451,7 +520,8 @@ def find_classnames_file(tar_path: str) -> str | None:
 
 
 def _index_tar(path: str, problems: Problems) -> list:
-  """[((path, offset, size), label, key, skip)] for every key of one tar, in archive order."""
+  """[((path, offset, size), label or None, key, skip, (txt locator, json locator))] for every key of
+  one tar, in archive order; a locator is (path, offset, size) or None where the key has no such member."""
   name = os.path.basename(path)
   groups: dict[str, dict[str, tarfile.TarInfo]] = {}
   small: dict[tuple[str, str], bytes] = {}
@@ -470,17 +540,16 @@ def _index_tar(path: str, problems: Problems) -> list:
   for key, fields in groups.items():
     where = f"{name}/{key}"
     image_field = next((f for f in fields if "." + f in IMAGE_EXTENSIONS), None)
+    caption_members = tuple((path, fields[f].offset_data, fields[f].size) if f in fields else None
+                            for f in ("txt", "json"))
     if image_field is None:
       problems.add("missing_image", where)
-      entries.append(((path, 0, 0), -1, where, "missing_image"))
+      entries.append(((path, 0, 0), -1, where, "missing_image", caption_members))
       continue
     member = fields[image_field]
     locator = (path, member.offset_data, member.size)
     raw = small.get((key, "cls"))
     text = raw.decode("utf-8", "replace").strip() if raw is not None else ""
-    if not text.lstrip("-").isdigit():
-      problems.add("missing_label", where)
-      entries.append((locator, -1, where, "missing_label"))
-      continue
-    entries.append((locator, int(text), where, None))
+    label = int(text) if text.lstrip("-").isdigit() else None  # None: the caller decides whether one is needed
+    entries.append((locator, label, where, None, caption_members))
   return entries

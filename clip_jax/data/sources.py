@@ -1,8 +1,8 @@
 """Random-access sources of raw image-text records, and the one place that picks among them.
 
 Every source maps an index to a raw record, a dict:
-  {'image': encoded bytes or a uint8 array, 'captions': [str, ...], 'label': int (-1: none),
-   'key': str}
+  {'image': encoded bytes or a uint8 array, 'captions': [str or UTF-8 bytes, ...] (training draws one
+   per read), 'label': int (-1: none), 'key': str}
 or, when the stored record itself is unreadable, {'skip': reason, 'key': str}. Decoding, caption
 choice, augmentation and tokenization happen later, in the pipeline's workers.
 
@@ -10,9 +10,20 @@ A data spec names the source ('{split}' in a path is replaced by the split name 
   'digits'              the embedded handwritten digits (clip_jax.data.digits), no download
   'tfds:NAME[/CONFIG]'  any TFDS dataset prepared as array_record (tfds.data_source)
   a path to ArrayRecord shards from `python -m clip_jax.data.prepare`: a directory, one file, or a glob
-  a folder of class sub-folders (ImageFolder layout), a .csv/.tsv/.jsonl of image paths and labels,
-  or webdataset .tar shards with a `cls` member (a .tar file, a glob, a {000..009} range or a folder
-  of tars): labelled data on disk, see clip_jax/data/labelled.py
+  image-caption data on disk, read as it is (no conversion first):
+    webdataset .tar shards (img2dataset's output: KEY.jpg + KEY.txt, or KEY.json's "caption"; a .tar
+      file, a glob, a {00000..00009} range or a folder of tars); a KEY.cls label is kept where present
+    a .csv/.tsv/.jsonl caption table (open_clip's `filepath,title` CSV; columns by labelled.find_column
+      among labelled.PATH_COLUMNS and labelled.CAPTION_COLUMNS; a JSONL caption may be a list)
+    a folder of images with their captions in same-name .txt files beside them (photo.jpg + photo.txt)
+    see clip_jax/data/captioned.py and, for tars, clip_jax/data/labelled.py
+  labelled data on disk (captions from LABEL_CAPTION_TEMPLATES), see clip_jax/data/labelled.py:
+    a folder of class sub-folders (ImageFolder layout), a .csv/.tsv/.jsonl of image paths and labels
+    (a caption column, if any, gives the rows' captions), webdataset tars with a `cls` member and no
+    captions (clip_benchmark's layout)
+  Which one: a table with a label column is labelled, else it needs a caption column; a folder is
+  captioned when it has no sub-folders or most of its images have a .txt (a stray one among class
+  folders does not count: captioned.is_caption_folder), or class folders when `class_names` are given.
 """
 from __future__ import annotations
 
@@ -21,8 +32,10 @@ import os
 
 import numpy as np
 
-from clip_jax.data.labelled import (LABEL_CAPTION_TEMPLATES, CLASSNAMES_FILE, ImageFolderSource, LabelTableSource,
-                                    WebDatasetSource, read_class_names_file)
+from clip_jax.data.captioned import CaptionFileSource, CaptionFolderSource, is_caption_folder
+from clip_jax.data.labelled import (CAPTION_COLUMNS, LABEL_CAPTION_TEMPLATES, CLASSNAMES_FILE, LABEL_COLUMNS,
+                                    PATH_COLUMNS, ImageFolderSource, LabelTableSource, WebDatasetSource, find_column,
+                                    read_class_names_file, read_table)
 from clip_jax.cli import MissingPathError, UserError, did_you_mean
 from clip_jax.data.records import BadRecord, decode_record
 
@@ -80,7 +93,8 @@ def find_shards(path: str) -> list[str]:
   return shards or paths  # OUT/* also matches prepare's report.json and classnames.txt beside its shards
 
 
-DATA_FORMS = ("a folder of class sub-folders, a .csv/.tsv/.jsonl label table, webdataset .tar shards, "
+DATA_FORMS = ("a folder of class sub-folders or of images with .txt captions, a .csv/.tsv/.jsonl caption or label "
+              "table, webdataset .tar shards, "
               ".array_record shards (a folder, file or glob; `python -m clip_jax.data.prepare` writes them), "
               "'tfds:NAME' or 'digits'")
 
@@ -184,8 +198,9 @@ def _as_text(value) -> str | bytes:
 def open_source(spec: str, split: str = "train", *, data_dir: str | None = None,
                 image_size: int = 32, class_names=None):
   """A data spec (see the module docstring) -> a random-access source. Errors are raised here,
-  at start, with what to do about them. `class_names` names the classes of labelled data (TFDS,
-  folders, label tables, tars); see clip_jax/data/labelled.py for the forms each accepts."""
+  at start, with what to do about them (ValueError / FileNotFoundError; the caption sources' are
+  already cli.UserError). `class_names` names the classes of labelled data (TFDS, folders, label
+  tables, tars); see clip_jax/data/labelled.py for the forms each accepts."""
   if spec == "digits":
     from clip_jax.data.digits import DigitsSource
     return DigitsSource(split, image_size=image_size)
@@ -193,16 +208,33 @@ def open_source(spec: str, split: str = "train", *, data_dir: str | None = None,
     return TfdsSource(spec[len("tfds:"):], split, data_dir, class_names=class_names)
   path = spec.replace("{split}", split)
   if path.lower().endswith((".csv", ".tsv", ".jsonl")):
-    return LabelTableSource(path, class_names)
+    return open_table(path, class_names)
   tars = find_tars(path)
   if tars:
     return WebDatasetSource(tars, class_names)
   if os.path.isdir(path) and not glob.glob(os.path.join(path, "*.array_record")):
+    if class_names is None and is_caption_folder(path):
+      return CaptionFolderSource(path)
     return ImageFolderSource(path, class_names)
   source = ArrayRecordSource(path)
   if class_names is not None:
     source.class_names = list(class_names)
   return source
+
+
+def open_table(path: str, class_names=None):
+  """A .csv/.tsv/.jsonl -> a LabelTableSource when it has a label column (its caption column, if any,
+  gives the captions), else a CaptionFileSource; UserError when it has neither column."""
+  if not os.path.isfile(path):
+    raise MissingPathError(f"{path}: no such file.")
+  row_counts, _ = read_table(path)
+  if find_column(row_counts, None, LABEL_COLUMNS) is not None:
+    return LabelTableSource(path, class_names)
+  if find_column(row_counts, None, CAPTION_COLUMNS) is not None:
+    return CaptionFileSource(path)
+  raise UserError(f"{path}: no caption or label column among {list(row_counts)}; an image-caption table needs "
+                  f"an image column ({', '.join(PATH_COLUMNS)}) and a caption column ({', '.join(CAPTION_COLUMNS)}); "
+                  f"a labelled one a label column ({', '.join(LABEL_COLUMNS)}) instead.")
 
 
 def find_tars(path: str) -> list[str]:

@@ -15,13 +15,13 @@ Relative image paths are resolved against the caption file's directory.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
 
-from clip_jax.data.labelled import CAPTION_COLUMNS, PATH_COLUMNS, Problems, pick_column, read_table
+# The one reader of caption tables, training's too; re-exported here, where evaluation code imports it from.
+from clip_jax.data.captioned import CaptionFileSource  # noqa: F401
 from clip_jax.data.sources import open_source
 from clip_jax.eval import embed
 
@@ -50,69 +50,6 @@ def find_retrieval_dataset(name: str) -> RetrievalInfo | None:
 
 def is_caption_file(spec: str) -> bool:
   return spec.lower().endswith((".jsonl", ".json", ".csv", ".tsv"))
-
-
-class CaptionFileSource:
-  """Images on disk with their captions, listed in a JSONL or CSV file (see the module docstring).
-
-  A row without an image path (or a JSONL line that is not a JSON object) is a skipped record, counted as
-  'malformed_row' with the unreadable images, as label tables count theirs; a file with no image at all,
-  or no image or caption column, raises ValueError."""
-
-  def __init__(self, path: str):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path}: no such caption file.")
-    self.path = path
-    root = os.path.dirname(os.path.abspath(path))
-    grouped: dict[str, list[str]] = {}
-    problems = Problems()
-    for where, image, captions in self._read_rows(path):
-      if image is None:
-        problems.add("malformed_row", where)
-        continue
-      grouped.setdefault(image, []).extend(c for c in captions if c)
-    if not grouped:
-      raise ValueError(f"{path}: lists no images.")
-    self.image_paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in grouped]
-    self.captions = list(grouped.values())
-    self.class_names = None
-    # Malformed rows hold no image to embed: counted here, for the evaluation's data report.
-    self.problems, self.problem_examples = dict(problems.counts), problems.examples
-    problems.log(path)
-
-  @staticmethod
-  def _read_rows(path: str):
-    """(where, image path or None for a malformed row, [captions]) per row of a caption CSV / JSONL
-    (labelled.read_table: UTF-8 with or without a byte-order mark); a JSONL row may name its captions
-    with any caption column."""
-    row_counts, rows = read_table(path)
-    image_key = pick_column(row_counts, None, PATH_COLUMNS, "image", path)
-    caption_key = pick_column(row_counts, None, CAPTION_COLUMNS, "caption", path)
-    for where, row in rows:
-      image = row.get(image_key) if row is not None else None
-      if not isinstance(image, str) or not image.strip():
-        yield where, None, []
-        continue
-      captions = next((row[key] for key in (caption_key, *CAPTION_COLUMNS) if row.get(key) is not None), [])
-      yield where, image.strip(), [captions] if isinstance(captions, str) else [str(c) for c in captions]
-
-  def __len__(self) -> int:
-    return len(self.image_paths)
-
-  def __getitem__(self, index: int) -> dict:
-    path = self.image_paths[index]
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-    except OSError as e:
-      return {"skip": "missing_image", "key": path, "detail": f"{type(e).__name__}: {e}"}
-    return {"image": data, "captions": self.captions[index], "label": -1, "key": path}
-
-  def all_captions(self) -> list[list[str]]:
-    return self.captions
-
-  def __repr__(self) -> str:
-    return f"CaptionFileSource({self.path!r}, {len(self)} images)"
 
 
 def open_retrieval_source(spec: str, split: str, *, data_dir: str | None = None, image_size: int = 224):

@@ -1,0 +1,140 @@
+"""Training straight from image-caption data as people keep it (no `prepare` first): img2dataset /
+webdataset tars, caption tables (open_clip's filepath,title CSV, JSONL with caption lists) and folders
+of images with sidecar .txt captions; what is wrong is skipped and counted by reason, mistakes at start
+are one-line UserErrors."""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax.cli import UserError
+from clip_jax.data import captioned, labelled, make_pipeline, quality_counts, sources
+from clip_jax.eval import retrieval
+
+
+def _png_bytes(seed, size=(12, 16)):
+  buffer = io.BytesIO()
+  Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
+def _tar(path, members):
+  with tarfile.open(path, "w") as archive:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      archive.addfile(info, io.BytesIO(data))
+
+
+class RecordingTokenizer:
+  """Texts -> int32 [n, 8] (their length in the first column); keeps every text it was given."""
+
+  def __init__(self):
+    self.texts = []
+
+  def __call__(self, texts):
+    self.texts.extend(texts)
+    tokens = np.zeros((len(texts), 8), np.int32)
+    tokens[:, 0] = [len(t) for t in texts]
+    return tokens
+
+
+def _train_captions(source, batches=2, batch_size=4):
+  """The captions the training pipeline tokenizes over `batches` batches, and its skip/repair counts."""
+  tokenizer = RecordingTokenizer()
+  iterator = iter(make_pipeline(source, tokenizer, batch_size=batch_size, image_size=8, train=True,
+                                process_index=0, process_count=1, prefetch_batches=0))
+  for _ in range(batches):
+    next(iterator)
+  return set(tokenizer.texts[1:]), quality_counts(iterator)  # [0]: ExampleMaker's probe "a"
+
+
+def test_img2dataset_tars_train_on_their_captions(tmp_path):
+  # img2dataset's layout: KEY.jpg + KEY.txt + KEY.json; json-only captions; a label beside a caption;
+  # keys without any caption (skipped, counted); a .txt without its image. Was: every key 'missing_label',
+  # the pipeline died after 1000 unusable records.
+  os.makedirs(tmp_path / "wds")
+  _tar(tmp_path / "wds" / "00000.tar", [
+      ("00000.png", _png_bytes(0)), ("00000.txt", b"a red square"), ("00000.json", b'{"caption": "ignored"}'),
+      ("00001.png", _png_bytes(1)), ("00001.json", json.dumps({"caption": "a blue circle", "status": "success"}).encode()),
+      ("00002.png", _png_bytes(2)), ("00002.json", b'{"status": "failed_to_download"}'),
+      ("00003.png", _png_bytes(3))])
+  _tar(tmp_path / "wds" / "00001.tar", [
+      ("00004.png", _png_bytes(4)), ("00004.txt", b"a green star"), ("00004.cls", b"1"),
+      ("00005.txt", b"no image")])
+  source = sources.open_source(str(tmp_path / "wds" / "{00000..00001}.tar"))
+  assert isinstance(source, labelled.WebDatasetSource) and source.has_captions
+  records = [source[i] for i in range(len(source))]
+  assert [r.get("captions", r.get("skip")) for r in records] == [
+      [b"a red square"], ["a blue circle"], "missing_caption", "missing_caption", [b"a green star"], "missing_image"]
+  assert [r.get("label") for r in records] == [-1, -1, None, None, 1, None]
+  assert source.problems == {"missing_image": 1}
+  texts, counts = _train_captions(source)
+  assert texts == {"a red square", "a blue circle", "a green star"}
+  assert counts["skipped"]["missing_caption"] >= 2 and set(counts["skipped"]) == {"missing_caption", "missing_image"}
+  # Labelled tars without captions stay labelled data, as before: template captions, unlabelled keys skipped.
+  os.makedirs(tmp_path / "cls")
+  _tar(tmp_path / "cls" / "0.tar", [("a.png", _png_bytes(5)), ("a.cls", b"0"), ("b.png", _png_bytes(6))])
+  labelled_tars = sources.open_source(str(tmp_path / "cls"))
+  assert not labelled_tars.has_captions and labelled_tars[0]["captions"][0] == "a photo of a 0."
+  assert labelled_tars[1]["skip"] == "missing_label"
+
+
+def test_caption_tables_train_on_their_captions(tmp_path):
+  for i in range(3):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    (tmp_path / "img" / f"{i}.png").write_bytes(_png_bytes(i))
+  # open_clip's CSV: was "no label column among ['filepath', 'title']". Rows naming one image are one
+  # record; a row without a path is 'malformed_row'; a missing image is skipped when read.
+  (tmp_path / "train.csv").write_text('filepath,title\nimg/0.png,a red square\nimg/1.png,"a circle, blue"\n'
+                                      "img/0.png,a square\n,no image\nimg/gone.png,lost\n")
+  source = sources.open_source(str(tmp_path / "train.csv"))
+  assert isinstance(source, captioned.CaptionFileSource) and retrieval.CaptionFileSource is captioned.CaptionFileSource
+  assert source.all_captions() == [["a red square", "a square"], ["a circle, blue"], ["lost"]]
+  assert source.problems == {"malformed_row": 1} and source[2]["skip"] == "missing_image"
+  texts, counts = _train_captions(source, batches=3)
+  assert texts == {"a red square", "a square", "a circle, blue"} and counts["skipped"] == {"missing_image": counts["skipped"]["missing_image"]}
+  # JSONL: a caption may be a list (one drawn per read); TSV as CSV.
+  (tmp_path / "train.jsonl").write_text(json.dumps({"image": "img/2.png", "captions": ["one", "two"]}) + "\n")
+  assert sources.open_source(str(tmp_path / "train.jsonl"))[0]["captions"] == ["one", "two"]
+  (tmp_path / "train.tsv").write_text("image\tcaption\nimg/1.png\ttab separated\n")
+  assert sources.open_source(str(tmp_path / "train.tsv"))[0]["captions"] == ["tab separated"]
+  # A label column keeps the table labelled (zero-shot reads its labels); its captions are what training reads.
+  (tmp_path / "both.csv").write_text("path,label,caption\nimg/0.png,cat,a cat on a mat\nimg/1.png,dog,\n")
+  both = sources.open_source(str(tmp_path / "both.csv"))
+  assert isinstance(both, labelled.LabelTableSource) and both.class_names == ["cat", "dog"]
+  assert both[0]["captions"] == ["a cat on a mat"] and both[1]["captions"][0] == "a photo of a dog."
+  (tmp_path / "neither.csv").write_text("path,note\nimg/0.png,x\n")
+  with pytest.raises(UserError, match=r"neither.csv: no caption or label column among \['path', 'note'\]"):
+    sources.open_source(str(tmp_path / "neither.csv"))
+
+
+def test_folders_of_captioned_images(tmp_path):
+  root = tmp_path / "pairs"
+  os.makedirs(root / "00001")  # img2dataset's 'files' output: numbered sub-folders
+  for stem, caption in (("a", b"first"), ("00001/b", b"\xef\xbb\xbfsecond with a BOM")):
+    (root / f"{stem}.jpg").write_bytes(_png_bytes(len(stem)))  # a PNG named .jpg decodes all the same
+    (root / f"{stem}.txt").write_bytes(caption)
+  (root / "c.png").write_bytes(_png_bytes(9))   # no caption: skipped, counted
+  (root / "orphan.txt").write_text("no image")  # no image: a scan problem
+  source = sources.open_source(str(root))       # was: "holds no class sub-folders" (FileNotFoundError)
+  assert isinstance(source, captioned.CaptionFolderSource) and len(source) == 3
+  assert source.problems == {"missing_caption": 1, "missing_image": 1}
+  assert [source.record_key(i) for i in range(3)] == ["a.jpg", "c.png", os.path.join("00001", "b.jpg")]
+  texts, counts = _train_captions(source)
+  assert texts == {"first", "second with a BOM"} and set(counts["skipped"]) == {"missing_caption"}
+  # Class folders with a stray note beside one image stay class folders (the majority rule).
+  for cls in ("cat", "dog"):
+    for i in range(3):
+      os.makedirs(tmp_path / "classes" / cls, exist_ok=True)
+      (tmp_path / "classes" / cls / f"{i}.png").write_bytes(_png_bytes(i))
+  (tmp_path / "classes" / "cat" / "0.txt").write_text("a note")
+  assert isinstance(sources.open_source(str(tmp_path / "classes")), labelled.ImageFolderSource)
+  os.makedirs(tmp_path / "uncaptioned")
+  (tmp_path / "uncaptioned" / "x.png").write_bytes(_png_bytes(0))
+  with pytest.raises(UserError, match="holds no captioned images among its 1 images"):
+    sources.open_source(str(tmp_path / "uncaptioned"))
