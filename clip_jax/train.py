@@ -246,20 +246,48 @@ class SyntheticData:
 
 
 def build_input(cfg, model: CLIP):
-  """The per-process training iterator (grain, or synthetic): global_batch / process_count rows."""
+  """The per-process training iterator (grain, or synthetic): global_batch / process_count rows.
+  The data is opened here, at start: what is wrong with the spec or the files is a cli.UserError (one
+  line); process 0 prints the dataset's size (`describe_training_data`)."""
   per_process = cfg.global_batch // jax.process_count()
   image_size, context_length = model.config.vision.image_size, model.config.text.context_length
   if cfg.data.source == "synthetic":
     return SyntheticData(per_process, image_size, context_length, cfg.seed)
+  from clip_jax import cli
   from clip_jax import data as clip_data
   from clip_jax.tokenizer import get_tokenizer
   tokenizer = get_tokenizer(cfg.data.get("tokenizer", "clip"), context_length=context_length)
-  source = clip_data.open_source(cfg.data.source, cfg.data.get("split", "train"),
-                                 data_dir=cfg.data.get("data_dir", None), image_size=image_size)
+  # Every error a source raises while opening is about the user's data or spec.
+  source = cli.as_user_errors(clip_data.open_source, cfg.data.source, cfg.data.get("split", "train"),
+                              data_dir=cfg.data.get("data_dir", None), image_size=image_size)
+  if len(source) == 0:
+    raise cli.UserError(f"--config.data.source={cfg.data.source}: holds no records ({source!r}).")
+  if jax.process_index() == 0:
+    line, warning = describe_training_data(len(source), cfg.global_batch, cfg.total_steps, repr(source))
+    print(line, flush=True)
+    if warning:
+      logging.warning(warning)
   dataset = clip_data.make_pipeline(source, tokenizer, batch_size=per_process, image_size=image_size, train=True,
                                     seed=cfg.seed, num_workers=cfg.data.get("num_workers", 0),
                                     crop_scale=tuple(cfg.data.get("crop_scale", (0.9, 1.0))))
   return iter(dataset)
+
+
+def describe_training_data(num_records: int, global_batch: int, total_steps: int,
+                           source: str = "") -> tuple[str, str | None]:
+  """-> (the line the trainer prints at start: records and the epochs `total_steps` updates of
+  `global_batch` pairs cover, a warning or None). The warning says when the records are fewer than
+  the global batch: every batch then holds copies of a record, which the contrastive loss scores as
+  negatives of themselves (one record: 16 copies, a loss of ln 16 whatever the model learns)."""
+  examples = total_steps * global_batch
+  line = (f"Training data: {num_records:,} records{f' ({source})' if source else ''}; {total_steps:,} steps x "
+          f"{global_batch:,} = {examples:,} examples, {examples / num_records:.3g} epochs.")
+  warning = None
+  if num_records < global_batch:
+    warning = (f"the training data holds {num_records:,} records, fewer than the global batch of {global_batch:,}: "
+               "every batch repeats records, and the loss counts each copy as a negative of its own "
+               "caption. Add data or lower --config.global_batch.")
+  return line, warning
 
 
 # ----------------------------------------------------------------------------- main
@@ -300,10 +328,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   lock = lock if lock.get("lock_image") or lock.get("lock_text") else None
   # A pretrained start (init.checkpoint) is checked and placed before anything compiles.
   init_from = pretrained.init_from_config(cfg.get("init"), workdir, model.config)
+  # --- input: each process reads its own rows; they become one global batch over the batch axes. Opened
+  # before anything compiles, so that a mistake in the data is said at once.
+  data_iter = build_input(cfg, model)
   state, state_shardings, tx = create_train_state(model, cfg.optimizer, mesh, rules, jax.random.key(cfg.seed),
                                                   lock=lock, init_from=init_from)
-  # --- input: each process reads its own rows; they become one global batch over the batch axes
-  data_iter = build_input(cfg, model)
 
   def next_batch(step):
     del step  # the iterator's position is checkpointed with the state

@@ -1,19 +1,22 @@
 """Training straight from image-caption data as people keep it (no `prepare` first): img2dataset /
 webdataset tars, caption tables (open_clip's filepath,title CSV, JSONL with caption lists) and folders
 of images with sidecar .txt captions; what is wrong is skipped and counted by reason, mistakes at start
-are one-line UserErrors."""
+are one-line UserErrors. The trainer says how big its data is."""
 import io
 import json
 import os
 import tarfile
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from clip_jax import train as trainer
 from clip_jax.cli import UserError
 from clip_jax.data import captioned, labelled, make_pipeline, quality_counts, sources
 from clip_jax.eval import retrieval
+from configs.clip.common import base_config, runlocal
 
 
 def _png_bytes(seed, size=(12, 16)):
@@ -138,3 +141,35 @@ def test_folders_of_captioned_images(tmp_path):
   (tmp_path / "uncaptioned" / "x.png").write_bytes(_png_bytes(0))
   with pytest.raises(UserError, match="holds no captioned images among its 1 images"):
     sources.open_source(str(tmp_path / "uncaptioned"))
+
+
+def _tiny_config(zeroshot_eval=None, **overrides):
+  c = runlocal(base_config())
+  c.model.name = "ViT-Tiny"
+  c.global_batch = 16
+  c.total_steps = 4
+  c.update_from_flattened_dict(overrides)  # dotted keys, e.g. {"data.source": PATH}
+  if zeroshot_eval is not None:
+    c.zeroshot_eval = ml_collections.ConfigDict(zeroshot_eval)
+  return c
+
+
+def test_the_trainer_says_how_big_its_data_is_and_refuses_bad_data_in_one_line(tmp_path, capsys, caplog):
+  (tmp_path / "img.png").write_bytes(_png_bytes(0))
+  (tmp_path / "one.csv").write_text("filepath,title\nimg.png,a lone pair\n")
+  cfg = _tiny_config(**{"data.source": str(tmp_path / "one.csv")})
+  model = trainer.build_model(cfg)
+  trainer.build_input(cfg, model)
+  out = capsys.readouterr().out
+  assert "Training data: 1 records (CaptionFileSource(" in out and "4 steps x 16 = 64 examples, 64 epochs." in out
+  assert "holds 1 records, fewer than the global batch of 16: every batch repeats records" in caplog.text
+  assert trainer.describe_training_data(1000, 16, 125)[1] is None
+  assert trainer.describe_training_data(1000, 16, 125)[0].endswith("2,000 examples, 2 epochs.")
+  # Mistakes in the data are cli.UserErrors (one line, exit 2), not tracebacks.
+  (tmp_path / "labels.csv").write_text("filepath,score\nimg.png,3\n")
+  os.makedirs(tmp_path / "empty")
+  for spec, message in ((tmp_path / "labels.csv", "no caption or label column"),
+                        (tmp_path / "empty", "holds no captioned images"),
+                        (tmp_path / "gone", "no such file")):
+    with pytest.raises(UserError, match=message):
+      trainer.build_input(_tiny_config(**{"data.source": str(spec)}), model)
