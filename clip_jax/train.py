@@ -407,7 +407,8 @@ def main(argv):
   evaluators = []
   if cfg.get("zeroshot_eval", None) and cfg.zeroshot_eval.get("enabled", False):
     from clip_jax.eval.zeroshot import build_training_evaluators
-    evaluators = build_training_evaluators(cfg, workdir if jax.process_index() == 0 else None)
+    # Its errors are about the configured zero-shot data (a path, class names, templates): one line each.
+    evaluators = cli.as_user_errors(build_training_evaluators, cfg, workdir if jax.process_index() == 0 else None)
   out = train_and_evaluate(cfg, workdir, evaluators, rerun_eval=rerun_eval)
   if out["preempted"]:
     return loop.EXIT_PREEMPTED  # saved; the same command resumes

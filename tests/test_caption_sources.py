@@ -1,10 +1,12 @@
 """Training straight from image-caption data as people keep it (no `prepare` first): img2dataset /
 webdataset tars, caption tables (open_clip's filepath,title CSV, JSONL with caption lists) and folders
 of images with sidecar .txt captions; what is wrong is skipped and counted by reason, mistakes at start
-are one-line UserErrors. The trainer says how big its data is."""
+are one-line UserErrors. The trainer says how big its data is; its zero-shot hook names a path safely."""
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import ml_collections
@@ -15,8 +17,10 @@ from PIL import Image
 from clip_jax import train as trainer
 from clip_jax.cli import UserError
 from clip_jax.data import captioned, labelled, make_pipeline, quality_counts, sources
-from clip_jax.eval import retrieval
+from clip_jax.eval import retrieval, zeroshot
 from configs.clip.common import base_config, runlocal
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _png_bytes(seed, size=(12, 16)):
@@ -173,3 +177,49 @@ def test_the_trainer_says_how_big_its_data_is_and_refuses_bad_data_in_one_line(t
                         (tmp_path / "gone", "no such file")):
     with pytest.raises(UserError, match=message):
       trainer.build_input(_tiny_config(**{"data.source": str(spec)}), model)
+
+
+def test_zeroshot_hook_names_paths_safely_and_takes_name_equals_data(tmp_path):
+  for cls in ("red_circle", "blue_square"):
+    os.makedirs(tmp_path / "shapes" / cls)
+    (tmp_path / "shapes" / cls / "0.png").write_bytes(_png_bytes(0))
+  path = str(tmp_path / "shapes")
+  assert zeroshot.named_source(path) == ("shapes", path)
+  assert zeroshot.named_source(f"pets={path}") == ("pets", path)
+  assert zeroshot.named_source("digits") == ("digits", "digits")
+  assert zeroshot.data_name("/data/wds/{00000..00003}.tar") == "wds"
+  assert zeroshot.data_name("/data/shapes/{split}") == "shapes"
+  assert zeroshot.data_name("tfds:foo/bar") == "foo_bar"
+  cfg = _tiny_config(zeroshot_eval=dict(enabled=True, source=f"{path},pets={path}", batch_size=8))
+  evaluators = zeroshot.build_training_evaluators(cfg, str(tmp_path / "wd"))
+  assert [e.name for e in evaluators] == ["shapes", "pets"]  # was: the whole path, in keys and file names
+  assert [e.confusion_png for e in evaluators] == [str(tmp_path / "wd" / "plots" / f"confusion_{n}.png")
+                                                   for n in ("shapes", "pets")]
+  assert evaluators[0].class_names == ("blue square", "red circle")
+
+
+@pytest.mark.slow
+def test_the_trainer_trains_on_a_caption_csv_from_the_command_line(tmp_path):
+  # One short run through the CLI: open_clip's CSV as it is, the data line and its warning, zero-shot
+  # metrics and plot under the folder's short name.
+  os.makedirs(tmp_path / "img")
+  rows = []
+  for i in range(6):
+    (tmp_path / "img" / f"{i}.png").write_bytes(_png_bytes(i, (32, 32)))
+    rows.append(f"img/{i}.png,picture number {i}")
+  (tmp_path / "train.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+  for cls in ("a", "b"):
+    os.makedirs(tmp_path / "zs" / cls)
+    (tmp_path / "zs" / cls / "0.png").write_bytes(_png_bytes(7, (32, 32)))
+  workdir = tmp_path / "wd"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=REPO)
+  done = subprocess.run([sys.executable, "-m", "clip_jax.train", "--config=configs/clip/digits.py:runlocal",
+                         f"--workdir={workdir}", f"--config.data.source={tmp_path / 'train.csv'}",
+                         "--config.total_steps=2", "--config.eval_every=2", "--config.global_batch=8",
+                         f"--config.zeroshot_eval.source={tmp_path / 'zs'}", "--config.progress_bar=False",
+                         "--config.peak_flops_per_device=1e12", "--config.compilation_cache="],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Training data: 6 records" in done.stdout and "2 steps x 8 = 16 examples, 2.67 epochs." in done.stdout
+  assert "fewer than the global batch of 8" in done.stderr
+  assert "zeroshot/zs/top1" in done.stdout and os.path.isfile(workdir / "plots" / "confusion_zs.png")

@@ -11,6 +11,7 @@ Metrics are in percent, like the paper's tables.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -236,11 +237,39 @@ class ZeroShotEvaluator:
                                 f"zero-shot {self.name} ({self.split}): top-1 {accuracy:.1f}%")
 
 
+def named_source(spec: str) -> tuple[str, str]:
+  """A zero-shot source as `clip_jax.evaluate --tasks zeroshot:NAME=DATA` takes it -> (name, data spec).
+  NAME=DATA keeps the user's name (a NAME holds no '/'; a path with '=' in it stays a path); a known
+  dataset is named as the paper tables name it ('digits', 'cifar10'); any other spec by `data_name`.
+  The name goes into metric keys (zeroshot/NAME/top1) and file names (plots/confusion_NAME.png)."""
+  spec = spec.strip()
+  name, sep, data = spec.partition("=")
+  if sep and name.strip() and data.strip() and "/" not in name and os.sep not in name:
+    return name.strip(), data.strip()
+  info = find_dataset(spec)
+  return (info.name if info else data_name(spec)), spec
+
+
+def data_name(spec: str) -> str:
+  """A short name for a data spec that a metric key and a file name can hold: its last path component
+  that is not a pattern ('{split}', '{00000..00003}.tar', '*'), extension dropped, characters other
+  than letters, digits, '.', '_' and '-' made '_'; 'tfds:NAME/CONFIG' -> 'NAME_CONFIG'. E.g.
+  '/data/shapes/{split}' -> 'shapes', 'wds/{0..3}.tar' -> 'wds', 'pets.csv' -> 'pets'."""
+  if spec.startswith("tfds:"):
+    parts = [spec[len("tfds:"):]]
+  else:
+    parts = [p for p in os.path.normpath(spec).replace(os.sep, "/").split("/")
+             if p and p not in (".", "..") and not any(c in p for c in "{}*?[")]
+  base = os.path.splitext(parts[-1])[0] if parts and not spec.startswith("tfds:") else (parts[-1] if parts else "")
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "data"
+
+
 def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotEvaluator]:
   """The trainer's hook: evaluators from `cfg.zeroshot_eval` (source, comma-separated specs
-  allowed; split, batch_size, and optionally class_names, templates, limit), sized for the
-  config's model and tokenizer. With a workdir, each keeps WORKDIR/plots/confusion_NAME.png
-  up to date."""
+  allowed, each a data spec or NAME=DATA as `clip_jax.evaluate --tasks zeroshot:NAME=DATA` takes;
+  split, batch_size, and optionally class_names, templates, limit), sized for the config's model and
+  tokenizer. Metrics are zeroshot/NAME/...; with a workdir, each keeps WORKDIR/plots/confusion_NAME.png
+  up to date (NAME: `named_source`)."""
   from clip_jax.models.configs import get_config
   from clip_jax.tokenizer import get_tokenizer
   ev = cfg.zeroshot_eval
@@ -254,10 +283,13 @@ def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotE
   sources = ev.get("source", "digits")
   evaluators = []
   for spec in (sources.split(",") if isinstance(sources, str) else list(sources)):
+    if not spec.strip():
+      continue
+    name, data = named_source(spec)
     evaluator = ZeroShotEvaluator(
-        spec.strip(), tokenizer, ev.get("class_names", None), ev.get("templates", None),
+        data, tokenizer, ev.get("class_names", None), ev.get("templates", None),
         batch_size=ev.get("batch_size", 256), image_size=image_size, split=ev.get("split", None),
-        data_dir=cfg.data.get("data_dir", None), limit=ev.get("limit", None))
+        data_dir=cfg.data.get("data_dir", None), limit=ev.get("limit", None), name=name)
     if workdir:
       evaluator.confusion_png = os.path.join(workdir, "plots", f"confusion_{evaluator.name}.png")
     evaluators.append(evaluator)
