@@ -421,11 +421,21 @@ def main(argv):
     plots = sorted(os.listdir(os.path.join(workdir, "plots"))) if os.path.isdir(os.path.join(workdir, "plots")) else []
     print(f"Results: {json_path}, {md_path}\nPlots: {', '.join(os.path.join(workdir, 'plots', p) for p in plots)}\n"
           f"Checkpoints: {os.path.join(workdir, 'checkpoints')} ("
-          + cli.python_command("clip_jax.evaluate", "--workdir", workdir,
-                               "--tasks", "zeroshot:digits,linear_probe:digits")
-          + " for the full evaluation)")
+          + evaluate_hint(cfg, workdir) + ")")
   loop.mark_finished(workdir, out["step"], [json_path, md_path])
   return 0
+
+
+def evaluate_hint(cfg, workdir: str) -> str:
+  """The closing line's `clip_jax.evaluate` command: the tasks of the configured zero-shot sources
+  (`zeroshot.evaluate_tasks`), or NAME=DATA for the user to fill in when there are none."""
+  from clip_jax import cli
+  from clip_jax.eval.zeroshot import evaluate_tasks
+  tasks = evaluate_tasks(cfg)
+  command = cli.python_command("clip_jax.evaluate", "--workdir", workdir, "--tasks",
+                               ",".join(tasks) or "zeroshot:NAME=DATA")
+  return command + (" for the full evaluation" if tasks else
+                    " for the full evaluation, DATA being your labelled test images (e.g. a folder of class sub-folders)")
 
 
 if __name__ == "__main__":

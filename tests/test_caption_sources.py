@@ -196,12 +196,19 @@ def test_zeroshot_hook_names_paths_safely_and_takes_name_equals_data(tmp_path):
   assert [e.confusion_png for e in evaluators] == [str(tmp_path / "wd" / "plots" / f"confusion_{n}.png")
                                                    for n in ("shapes", "pets")]
   assert evaluators[0].class_names == ("blue square", "red circle")
+  # The closing hint names the configured zero-shot data, or leaves the tasks to the user.
+  assert zeroshot.evaluate_tasks(cfg) == [f"zeroshot:shapes={path}", f"zeroshot:pets={path}"]
+  assert zeroshot.evaluate_tasks(_tiny_config(zeroshot_eval=dict(enabled=True, source="digits"))) == [
+      "zeroshot:digits", "linear_probe:digits"]
+  assert "--tasks zeroshot:NAME=DATA for the full evaluation, DATA being" in trainer.evaluate_hint(_tiny_config(), "wd")
+  assert trainer.evaluate_hint(cfg, "wd").endswith(
+      f"--workdir wd --tasks zeroshot:shapes={path},zeroshot:pets={path} for the full evaluation")
 
 
 @pytest.mark.slow
 def test_the_trainer_trains_on_a_caption_csv_from_the_command_line(tmp_path):
   # One short run through the CLI: open_clip's CSV as it is, the data line and its warning, zero-shot
-  # metrics and plot under the folder's short name.
+  # metrics under the folder's short name, and a closing hint that names that folder.
   os.makedirs(tmp_path / "img")
   rows = []
   for i in range(6):
@@ -223,3 +230,4 @@ def test_the_trainer_trains_on_a_caption_csv_from_the_command_line(tmp_path):
   assert "Training data: 6 records" in done.stdout and "2 steps x 8 = 16 examples, 2.67 epochs." in done.stdout
   assert "fewer than the global batch of 8" in done.stderr
   assert "zeroshot/zs/top1" in done.stdout and os.path.isfile(workdir / "plots" / "confusion_zs.png")
+  assert f"--tasks zeroshot:zs={tmp_path / 'zs'}" in done.stdout and "linear_probe:digits" not in done.stdout

@@ -264,6 +264,32 @@ def data_name(spec: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "data"
 
 
+def evaluate_tasks(cfg) -> list[str]:
+  """`clip_jax.evaluate --tasks` entries for the config's zero-shot sources (`cfg.zeroshot_eval`, when
+  enabled): zeroshot:NAME for a known dataset (and linear_probe:NAME where it has a training split),
+  zeroshot:NAME=DATA for the user's own (and linear_probe:NAME=DATA where DATA holds '{split}');
+  [] when none is configured."""
+  ev = cfg.get("zeroshot_eval", None)
+  if not ev or not ev.get("enabled", False):
+    return []
+  sources = ev.get("source", "digits")
+  zeroshot, probes = [], []
+  for spec in (sources.split(",") if isinstance(sources, str) else list(sources)):
+    if not spec.strip():
+      continue
+    name, data = named_source(spec)
+    info = find_dataset(data)
+    if info is not None and name == info.name:
+      zeroshot.append(f"zeroshot:{name}")
+      if info.train_split is not None:
+        probes.append(f"linear_probe:{name}")
+    else:
+      zeroshot.append(f"zeroshot:{name}={data}")
+      if "{split}" in data:
+        probes.append(f"linear_probe:{name}={data}")
+  return zeroshot + probes
+
+
 def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotEvaluator]:
   """The trainer's hook: evaluators from `cfg.zeroshot_eval` (source, comma-separated specs
   allowed, each a data spec or NAME=DATA as `clip_jax.evaluate --tasks zeroshot:NAME=DATA` takes;
