@@ -134,7 +134,7 @@ def test_folders_of_captioned_images(tmp_path):
   assert [source.record_key(i) for i in range(3)] == ["a.jpg", "c.png", os.path.join("00001", "b.jpg")]
   texts, counts = _train_captions(source)
   assert texts == {"first", "second with a BOM"} and set(counts["skipped"]) == {"missing_caption"}
-  # Class folders with a stray note beside one image stay class folders (the majority rule).
+  # Class folders with a stray note beside one image stay class folders (prepare.folder_layout's rule).
   for cls in ("cat", "dog"):
     for i in range(3):
       os.makedirs(tmp_path / "classes" / cls, exist_ok=True)

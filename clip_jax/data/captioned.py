@@ -92,27 +92,13 @@ class CaptionFileSource:
     return f"CaptionFileSource({self.path!r}, {len(self)} images)"
 
 
-def captioned_share(root: str) -> tuple[int, int]:
-  """(image files below `root`, how many of them have a same-name .txt beside them), recursively."""
-  images = captioned = 0
-  for _, _, files in os.walk(root, followlinks=True):
-    names = set(files)
-    for name in files:
-      if is_image_file(name):
-        images += 1
-        captioned += os.path.splitext(name)[0] + ".txt" in names
-  return images, captioned
-
-
 def is_caption_folder(root: str) -> bool:
-  """Whether a folder holds captioned images rather than class sub-folders: it has no sub-folder, or
-  most of its images have a sidecar .txt. A majority, not any: a stray notes.txt beside one image
-  in a class folder must not turn labelled data into caption data (clip_jax.data.prepare's 'auto'
-  layout takes any one)."""
-  if not any(entry.is_dir() for entry in os.scandir(root)):
-    return True
-  images, captioned = captioned_share(root)
-  return captioned > images / 2
+  """Whether a folder holds captioned images rather than class sub-folders, by the converter's rule
+  (`prepare.folder_layout`: no sub-folders, or at least half of its images with a sidecar .txt; one
+  stray note in a class folder keeps it labelled), so that training on a folder and converting it
+  read it the same way."""
+  from clip_jax.data.prepare import folder_layout  # lazily, as sources.find_tars takes expand_braces
+  return folder_layout(root)[0] == "captions"
 
 
 class CaptionFolderSource:

@@ -22,8 +22,8 @@ A data spec names the source ('{split}' in a path is replaced by the split name 
     (a caption column, if any, gives the rows' captions), webdataset tars with a `cls` member and no
     captions (clip_benchmark's layout)
   Which one: a table with a label column is labelled, else it needs a caption column; a folder is
-  captioned when it has no sub-folders or most of its images have a .txt (a stray one among class
-  folders does not count: captioned.is_caption_folder), or class folders when `class_names` are given.
+  captioned when it has no sub-folders or at least half of its images have a .txt (prepare's rule,
+  captioned.is_caption_folder), class folders otherwise or when `class_names` are given.
 """
 from __future__ import annotations
 
