@@ -113,7 +113,8 @@ def parse_task(text: str) -> Task:
     if name.startswith("tfds:"):
       return Task(kind, name[len("tfds:"):], data or name, "test", "train")
     if data is None and _is_data_path(name):  # a path alone: the dataset is named after it
-      name, data = _name_of_path(name), name
+      from clip_jax.eval.zeroshot import data_name  # the trainer's zero-shot hook names paths the same way
+      name, data = data_name(name), name
     if data is None:
       raise ValueError(f"unknown dataset {name!r} in {text!r}; known datasets ({_known_names()}), "
                        "tfds:NAME for another labelled TFDS dataset, or NAME=PATH for your own data.")
@@ -132,11 +133,6 @@ def parse_task(text: str) -> Task:
 
 def _is_data_path(name: str) -> bool:
   return "{split}" in name or os.path.exists(name) or name.lower().endswith((".csv", ".tsv", ".jsonl", ".tar"))
-
-
-def _name_of_path(path: str) -> str:
-  path = os.path.normpath(path.replace("{split}", ""))
-  return os.path.splitext(os.path.basename(path))[0] or "data"
 
 
 def parse_tasks(text: str) -> list[Task]:

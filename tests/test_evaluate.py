@@ -364,6 +364,9 @@ def test_template_files_and_prompt_overrides(tmp_path):
   assert "| zeroshot | cifar10 |  | top1 | 50.0 |  |  |" in table and "No paper numbers for zeroshot:cifar10" in table
   own = cli.parse_task(f"zeroshot:{tmp_path}")
   assert (own.dataset, own.source, own.class_names) == (os.path.basename(tmp_path), str(tmp_path), None)
+  # A path alone is named as the trainer's zero-shot hook names it (was '{00000..00003}' for a tar range).
+  assert cli.parse_task("zeroshot:/x/wds/{00000..00003}.tar").dataset == "wds"
+  assert cli.parse_task("linear_probe:/data/my shapes/{split}").dataset == "my_shapes"
 
 
 def test_c_search_is_a_parametric_binary_search(monkeypatch):
