@@ -1,8 +1,10 @@
 r"""The DreamBooth paper's evaluation of one fine-tuned subject, beside the paper's numbers.
 
     python -m dreambooth_jax.evaluate --model runs/dog/export --instance-dir photos/ --class-noun dog \
-        --identifier sks --live --clip CLIP_CKPT --dino DINO_WEIGHTS --lpips-backbone ALEXNET_WEIGHTS \
-        [--base-model SD_DIR] --out runs/dog/eval
+        --live --clip CLIP_CKPT --dino DINO_WEIGHTS --lpips-backbone ALEXNET_WEIGHTS --out runs/dog/eval
+
+The identifier defaults to the run's own (identifier.json in the export, or in the run folder above
+it, as `dreambooth_jax.train` writes them); an --identifier that disagrees with it is refused.
 
 Generates `--images-per-prompt` images for each of the paper's 25 prompts (recontextualisation,
 accessorisation for live subjects / more contexts for objects, property change), and images of
@@ -102,13 +104,56 @@ def evaluate_subject(pipe, params, metrics, real_images: Sequence[np.ndarray], *
   return results, generated, per_image
 
 
+IDENTIFIER_FILE = "identifier.json"  # {"identifier", "instance_prompt", "class_prompt"}, as the trainer writes it
+
+
+def run_identifier(model_dir: str) -> tuple[str | None, str | None]:
+  """(identifier, the file it came from) of the run that made `model_dir`: its own identifier.json
+  (the trainer's export holds one) or the run folder's above it (exports made before it did);
+  (None, None) when neither exists."""
+  import json
+  for folder in (model_dir, os.path.dirname(os.path.normpath(model_dir))):
+    path = os.path.join(folder, IDENTIFIER_FILE)
+    if os.path.isfile(path):
+      try:
+        with open(path) as f:
+          identifier = json.load(f).get("identifier")
+      except (OSError, ValueError, AttributeError):
+        continue
+      if isinstance(identifier, str) and identifier:
+        return identifier, path
+  return None, None
+
+
+def resolve_identifier(given: str | None, model_dir: str) -> str:
+  """The identifier to evaluate with: the run's (`run_identifier`) when --identifier is not given or
+  agrees with it. Raises clip_jax.cli.UserError when they disagree (every prompt would name a token
+  the model never learned, and the numbers would look like a poor subject fit), or when neither is
+  known. Prints where a default came from."""
+  from clip_jax.cli import UserError
+  found, path = run_identifier(model_dir)
+  if found is None:
+    if given is None:
+      raise UserError(f"{model_dir} has no {IDENTIFIER_FILE} (nor has its parent folder): pass --identifier, "
+                      "the rare token the model was trained with.")
+    return given
+  if given is not None and given != found:
+    raise UserError(f"--identifier {given!r} is not the one this model was trained with: {path} says {found!r}. "
+                    f"Drop --identifier (the run's is the default) or pass --identifier {found}.")
+  if given is None:
+    print(f"Identifier {found!r} (from {path})", flush=True)
+  return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m dreambooth_jax.evaluate", description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, help="the fine-tuned diffusers folder (the trainer's export/)")
   parser.add_argument("--instance-dir", required=True, help="the subject's real photos")
   parser.add_argument("--class-noun", required=True)
-  parser.add_argument("--identifier", required=True, help="the rare token the model was trained with")
+  parser.add_argument("--identifier", default=None,
+                      help="the rare token the model was trained with (default: the run's, from identifier.json "
+                           "in --model or its parent folder; needed for a model without one)")
   parser.add_argument("--live", action="store_true", help="a live subject (pets): accessorisation prompts")
   parser.add_argument("--clip", help="CLIP checkpoint for CLIP-I / CLIP-T (file, HF dir or workdir)")
   parser.add_argument("--dino", help="ViT-S/16 DINO weights (timm or DINO layout) for DINO and PRES")
@@ -122,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
+  try:
+    args.identifier = resolve_identifier(args.identifier, args.model)
+  except ValueError as e:
+    from clip_jax import cli
+    return cli.print_user_error(str(e), e)
   if not (args.clip or args.dino or args.lpips_backbone):
     parser.error("give at least one of --clip, --dino, --lpips-backbone: each metric needs its network.")
   from clip_jax.data.images import to_rgb

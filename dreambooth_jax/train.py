@@ -231,9 +231,13 @@ def make_train_step(loss_fn, tx, microbatches: int, num_instance: int):
 
 
 # ----------------------------------------------------------------------------- setup helpers
+def identifier_path(workdir: str) -> str:
+  return os.path.join(workdir, "identifier.json")
+
+
 def choose_identifier(cfg, pipe: sd.StableDiffusion, workdir: str) -> str:
   """The configured identifier, or one sampled (and saved) once per workdir."""
-  path = os.path.join(workdir, "identifier.json")
+  path = identifier_path(workdir)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)["identifier"]
@@ -406,7 +410,8 @@ def train_and_export(cfg: ml_collections.ConfigDict, workdir: str, *, allow_conf
                     rerun_hooks=rerun_eval)
   export_dir = None
   if result.step >= cfg.total_steps:
-    export_dir = export(cfg, pipe, result.state, os.path.join(workdir, "export"))
+    export_dir = export(cfg, pipe, result.state, os.path.join(workdir, "export"),
+                        identifier_file=identifier_path(workdir))
     if is_main:
       settings = {k: v for k, v in loop.flatten_config(cfg).items() if not loop.is_operational(k)}
       write_results(workdir, result.step, result.metrics, {}, {**settings, "identifier": identifier})
@@ -432,9 +437,11 @@ def sample_validation(cfg, pipe, frozen, state, identifier, size, path) -> None:
                           f"guidance {cfg.validation.guidance_scale}, seed {cfg.seed + 3}")
 
 
-def export(cfg, pipe, state, directory: str) -> str:
+def export(cfg, pipe, state, directory: str, identifier_file: str | None = None) -> str:
   """A diffusers folder with the trained weights merged; LoRA runs also write the adapter alone
-  (`pytorch_lora_weights.safetensors`, PEFT names) for diffusers' `load_lora_weights`. Every
+  (`pytorch_lora_weights.safetensors`, PEFT names) for diffusers' `load_lora_weights`.
+  identifier_file: the run's identifier.json, copied into the folder so that the model carries the
+  token it was trained with (`dreambooth_jax.evaluate` reads it; diffusers ignores it). Every
   process calls it (the trained weights are gathered, then merged on the host into the float32
   `pipe.params`, not into the step's 16-bit frozen copy); process 0 writes the files."""
   trained = sharding.to_host(state["trainable"])
@@ -446,6 +453,9 @@ def export(cfg, pipe, state, directory: str) -> str:
       from clip_jax.weights import save_safetensors
       save_safetensors(lora_lib.adapter_state_dict(adapters, cfg.train.lora_alpha),
                        os.path.join(directory, "pytorch_lora_weights.safetensors"))
+    if identifier_file:
+      import shutil
+      shutil.copyfile(identifier_file, os.path.join(directory, "identifier.json"))
   loop.wait_for_all("dreambooth export")
   return directory
 
@@ -468,6 +478,8 @@ def main(argv):
                       "export_dir": out["export_dir"]}, indent=2))
     print(sample_command(out["export_dir"], out["identifier"], flags.FLAGS.config.class_noun,
                          os.path.join(flags.FLAGS.workdir, "samples")), flush=True)
+    print(evaluate_command(out["export_dir"], out["identifier"], flags.FLAGS.config.class_noun,
+                           flags.FLAGS.config.instance_dir, os.path.join(flags.FLAGS.workdir, "eval")), flush=True)
   return 0
 
 
@@ -477,6 +489,16 @@ def sample_command(export_dir: str, identifier: str, class_noun: str, out_dir: s
   return "Samples of the subject and of its class: " + cli.python_command(
       "dreambooth_jax.sample", "--model", export_dir, "--prompt", ident.instance_prompt(identifier, class_noun),
       "--prompt", ident.class_prompt(class_noun), "--out", out_dir)
+
+
+def evaluate_command(export_dir: str, identifier: str, class_noun: str, instance_dir: str, out_dir: str) -> str:
+  """The line that evaluates a finished run as the paper does (`dreambooth_jax.evaluate`), with the
+  run's identifier; the metric networks are placeholders the user fills in (none are downloaded)."""
+  from clip_jax import cli
+  return ("The paper's metrics (give the networks you have; add --live for a pet): " + cli.python_command(
+      "dreambooth_jax.evaluate", "--model", export_dir, "--instance-dir", instance_dir, "--class-noun", class_noun,
+      "--identifier", identifier, "--out", out_dir) + " --clip CLIP_CKPT --dino DINO_WEIGHTS "
+      "--lpips-backbone ALEXNET_WEIGHTS")
 
 
 if __name__ == "__main__":

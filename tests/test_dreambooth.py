@@ -163,6 +163,7 @@ def test_prior_preservation_run_writes_class_images_samples_and_a_diffusers_expo
   assert db_data.count_class_images(str(tmp_path / "class_images")) == cfg.num_class_images
   assert os.path.exists(tmp_path / "samples" / "step_000004.png")
   assert os.path.exists(tmp_path / "identifier.json")
+  assert (tmp_path / "export" / "identifier.json").read_text() == (tmp_path / "identifier.json").read_text()
   assert "prior_loss" in out["metrics"]
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(out["export_dir"], safety_checker=None)
   image = pipe("a square", num_inference_steps=2, height=32, width=32, output_type="np",
@@ -285,3 +286,15 @@ def test_the_finished_run_prints_a_sample_command_that_parses():
   parsed = sample.parse_args(args[3:])
   assert parsed.model == "/runs/my dog/export" and parsed.prompt == ["a sks dog", "a dog"]
   assert parsed.out == "/runs/my dog/samples"
+
+
+def test_the_finished_run_prints_an_evaluation_command_with_the_runs_identifier():
+  """A new user evaluated with WORKSPACE's `--identifier sks` while the trainer had picked 'sqm'."""
+  import shlex
+
+  from clip_jax import cli
+  line = db.evaluate_command("/runs/my toy/export", "sqm", "toy", "/photos", "/runs/my toy/eval")
+  args = shlex.split(line.split(": ", 1)[1])
+  assert args[:3] == [cli.shown_python(), "-m", "dreambooth_jax.evaluate"]
+  assert args[args.index("--identifier") + 1] == "sqm" and args[args.index("--model") + 1] == "/runs/my toy/export"
+  assert args[args.index("--class-noun") + 1] == "toy" and args[args.index("--instance-dir") + 1] == "/photos"

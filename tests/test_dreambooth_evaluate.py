@@ -37,6 +37,25 @@ def test_cli_needs_a_metric_network(tmp_path, capsys):
   assert "give at least one of --clip" in capsys.readouterr().err
 
 
+def test_the_identifier_is_the_runs_and_a_different_one_is_refused(tmp_path, capsys):
+  """A new user's --identifier sks on a run whose trainer picked 'sqm': every prompt named a token the
+  model never learned. The run's identifier is the default; a disagreeing one is refused in one line."""
+  run, export = tmp_path / "run", tmp_path / "run" / "export"
+  export.mkdir(parents=True)
+  (run / "identifier.json").write_text(json.dumps({"identifier": "sqm", "instance_prompt": "a sqm toy"}))
+  assert db_eval.resolve_identifier(None, str(export)) == "sqm"  # the run folder's (older exports)
+  assert db_eval.resolve_identifier("sqm", str(export)) == "sqm"
+  assert "Identifier 'sqm'" in capsys.readouterr().out
+  code = db_eval.main(["--model", str(export), "--instance-dir", str(tmp_path), "--class-noun", "toy",
+                       "--identifier", "sks", "--clip", "x", "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert code == 2 and len(err.strip().splitlines()) == 1 and "'sks'" in err and "'sqm'" in err
+  (export / "identifier.json").write_text(json.dumps({"identifier": "zwx"}))  # the export's own comes first
+  assert db_eval.resolve_identifier(None, str(export)) == "zwx"
+  with pytest.raises(ValueError, match="pass --identifier"):
+    db_eval.resolve_identifier(None, str(tmp_path))  # a model folder from elsewhere: no default
+
+
 @pytest.mark.slow
 def test_cli_end_to_end_on_tiny_models(tmp_path, tiny_sd_dir):
   model_dir = tiny_sd_dir
