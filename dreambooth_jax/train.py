@@ -320,6 +320,31 @@ def validate_config(cfg) -> None:
                      "micro-batches (gradient_accumulation).")
 
 
+def config_with_images(cfg, workdir: str) -> ml_collections.ConfigDict | dict[str, Any]:
+  """What `loop.check_workdir` compares on a resume: the config, plus the instance photos (and a
+  class_dir of the user's own) by file name and content hash (`data.image_fingerprints`) under the
+  keys 'instance_images' and 'class_images', so that photos removed, added or replaced after an
+  interruption are refused by name like any setting that changes the maths (--allow-config-change
+  goes on and records it in config_changes.jsonl). They are recorded in the workdir's config.json.
+  A finished run, and a workdir started before photos were recorded, get the config alone: the
+  one needs no photos to say it is finished, the other would otherwise read as changed."""
+  done = loop.finished(workdir)
+  if done is not None and int(done.get("step", 0)) >= cfg.total_steps:
+    return cfg
+  config_path = os.path.join(workdir, loop.CONFIG_FILE)
+  if loop.saved_steps(workdir) and os.path.exists(config_path):
+    try:
+      with open(config_path) as f:
+        if "instance_images" not in json.load(f):
+          return cfg
+    except ValueError:
+      pass
+  images = {"instance_images": db_data.image_fingerprints(cfg.instance_dir)}
+  if cfg.class_dir and cfg.with_prior_preservation and cfg.prior_loss_weight > 0:
+    images["class_images"] = db_data.image_fingerprints(cfg.class_dir, "class", limit=cfg.num_class_images)
+  return {**cfg.to_dict(), **images}
+
+
 def train_and_export(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
                      rerun_eval: bool = False) -> dict[str, Any]:
   """Fine-tunes (or resumes) to `cfg.total_steps`, then exports a diffusers folder to WORKDIR/export.
@@ -327,8 +352,8 @@ def train_and_export(cfg: ml_collections.ConfigDict, workdir: str, *, allow_conf
   and export, with 'finished' True; rerun_eval: its validation grids and export are made again.
   A resume whose config changes the maths raises clip_jax.cli.UserError unless allow_config_change."""
   validate_config(cfg)
-  if loop.check_workdir(workdir, cfg, total_steps=cfg.total_steps, allow_config_change=allow_config_change,
-                        rerun_eval=rerun_eval):
+  if loop.check_workdir(workdir, config_with_images(cfg, workdir), total_steps=cfg.total_steps,
+                        allow_config_change=allow_config_change, rerun_eval=rerun_eval):
     with open(os.path.join(workdir, "identifier.json")) as f:
       identifier = json.load(f)["identifier"]
     return {"step": loop.finished(workdir)["step"], "metrics": {}, "identifier": identifier,

@@ -275,6 +275,60 @@ def test_microbatches_give_the_full_batch_loss_and_gradient(tiny_model_dir, inst
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_resume_after_the_photos_changed_is_refused_by_name(tmp_path):
+  """A new user's Ctrl-C, photos swapped, same command: it resumed silently on other photos. The photos
+  (and a class_dir of the user's own) are compared by name and content as `train_and_export` does
+  through `loop.check_workdir`; --allow-config-change goes on and records the change."""
+  import json
+
+  from clip_jax import loop
+  from clip_jax.cli import UserError
+  photos, classes, workdir = tmp_path / "photos", tmp_path / "classes", tmp_path / "run"
+  photos.mkdir()
+  classes.mkdir()
+  for i in range(3):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(photos / f"IMG_{i}.png")
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(classes / f"c{i}.png")
+  cfg = get_config("runlocal")
+  cfg.pretrained_model, cfg.instance_dir, cfg.class_noun, cfg.class_dir = "sd", str(photos), "toy", str(classes)
+  cfg.num_class_images = 2
+
+  def resume(allow=False):
+    return loop.check_workdir(str(workdir), db.config_with_images(cfg, str(workdir)), total_steps=cfg.total_steps,
+                              allow_config_change=allow)
+  assert not resume()  # the first start records the photos
+  recorded = json.loads((workdir / "config.json").read_text())["instance_images"]
+  assert set(recorded) == {f"IMG_{i}.png" for i in range(3)}
+  (workdir / "checkpoints" / "2").mkdir(parents=True)  # an interrupted run
+  assert not resume()  # the same photos: resumes
+  (photos / "IMG_1.png").unlink()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / "IMG_5.png")
+  with pytest.raises(UserError, match=r"instance_images\.IMG_1\.png: '[0-9a-f]+' -> None.*IMG_5\.png"):
+    resume()
+  Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(classes / "c0.png")  # replaced, same name
+  with pytest.raises(UserError, match=r"class_images\.c0\.png"):
+    resume()
+  Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(classes / "c9.png")  # beyond num_class_images: unused
+  assert "c9.png" not in db.config_with_images(cfg, str(workdir))["class_images"]
+  assert not resume(allow=True)
+  record = json.loads((workdir / "config_changes.jsonl").read_text().splitlines()[-1])
+  assert record["allowed"] and "instance_images.IMG_5.png" in record["changes"]
+  assert not resume()  # the new photos are now the run's
+
+
+def test_a_workdir_from_before_photos_were_recorded_resumes(tmp_path):
+  import json
+
+  from clip_jax import loop
+  cfg = get_config("runlocal")
+  cfg.pretrained_model, cfg.instance_dir, cfg.class_noun = "sd", str(tmp_path / "gone"), "toy"
+  (tmp_path / "config.json").write_text(cfg.to_json_best_effort())
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  assert db.config_with_images(cfg, str(tmp_path)) is cfg
+  assert not loop.check_workdir(str(tmp_path), db.config_with_images(cfg, str(tmp_path)), total_steps=cfg.total_steps)
+  assert "instance_images" not in json.loads((tmp_path / "config.json").read_text())
+
+
 def test_the_finished_run_prints_a_sample_command_that_parses():
   import shlex
 

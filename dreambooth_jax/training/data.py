@@ -50,6 +50,24 @@ def load_image_folder(directory: str, what: str = "instance",
   return images, skipped
 
 
+def image_fingerprints(directory: str, what: str = "instance", limit: int | None = None) -> dict[str, str]:
+  """{file name: the first 16 hex digits of its content's SHA-256} for the image files of `directory`
+  that `load_image_folder` would read (`limit`: the first that many by name), so that a resumed run can
+  tell that photos were removed, added or replaced. Raises MissingPathError for a missing folder."""
+  import hashlib
+  if not os.path.isdir(directory):
+    raise MissingPathError(f"{what} image folder {directory!r} does not exist.")
+  names = [n for n in sorted(os.listdir(directory)) if n.lower().endswith(IMAGE_EXTENSIONS)][:limit]
+  fingerprints = {}
+  for name in names:
+    digest = hashlib.sha256()
+    with open(os.path.join(directory, name), "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+    fingerprints[name] = digest.hexdigest()[:16]
+  return fingerprints
+
+
 def augment(image: Image.Image, size: int, rng: np.random.Generator, random_crop: bool = True,
             flip: bool = True) -> np.ndarray:
   """Shortest side to `size` (bicubic), a (random or center) size x size crop, a random
