@@ -464,7 +464,8 @@ def sample_validation(cfg, pipe, frozen, state, identifier, size, path) -> None:
 
 def export(cfg, pipe, state, directory: str, identifier_file: str | None = None) -> str:
   """A diffusers folder with the trained weights merged; LoRA runs also write the adapter alone
-  (`pytorch_lora_weights.safetensors`, PEFT names) for diffusers' `load_lora_weights`.
+  (`pytorch_lora_weights.safetensors`, PEFT names) for diffusers' `load_lora_weights`. The base
+  folder's safety checker and feature extractor are copied in as they are (`sd.save_pipeline`).
   identifier_file: the run's identifier.json, copied into the folder so that the model carries the
   token it was trained with (`dreambooth_jax.evaluate` reads it; diffusers ignores it). Every
   process calls it (the trained weights are gathered, then merged on the host into the float32
@@ -473,7 +474,7 @@ def export(cfg, pipe, state, directory: str, identifier_file: str | None = None)
   params = merged_params(cfg, jax.tree.map(np.asarray, pipe.params), trained)
   adapters = {name[:-len("_lora")]: lora for name, lora in trained.items() if name.endswith("_lora")}
   if jax.process_index() == 0:
-    sd.save_pipeline(pipe, directory, params=params)
+    sd.save_pipeline(pipe, directory, params=params, base_dir=cfg.pretrained_model)  # safety checker as the base's
     if adapters:
       from clip_jax.weights import save_safetensors
       save_safetensors(lora_lib.adapter_state_dict(adapters, cfg.train.lora_alpha),

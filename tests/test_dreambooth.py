@@ -171,6 +171,49 @@ def test_prior_preservation_run_writes_class_images_samples_and_a_diffusers_expo
   assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
+@pytest.mark.slow  # the tiny SD folder and a torch pipeline
+def test_the_export_keeps_the_base_folders_safety_checker_and_feature_extractor(tmp_path, tiny_model_dir, caplog):
+  """The export wrote [null, null] and requires_safety_checker false over an SD 1.5 base's safety
+  checker: diffusers loaded it without one, and without a warning. A diffusers DreamBooth export keeps them."""
+  import json
+  import shutil
+  diffusers = pytest.importorskip("diffusers")
+  transformers = pytest.importorskip("transformers")
+  from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+  base = tmp_path / "sd15"
+  shutil.copytree(tiny_model_dir, base)
+  tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+  StableDiffusionSafetyChecker(transformers.CLIPConfig(
+      text_config=tiny, vision_config=dict(tiny, image_size=32, patch_size=8), projection_dim=16)
+  ).save_pretrained(base / "safety_checker")
+  transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                                  ).save_pretrained(base / "feature_extractor")
+  index = json.loads((base / "model_index.json").read_text())
+  index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+               feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+  (base / "model_index.json").write_text(json.dumps(index))
+
+  cfg = tiny_config(str(base), "unused", **{"train.mode": "full"})
+  pipe = sd.load_pipeline(str(base))
+  out = db.export(cfg, pipe, {"trainable": {"unet": pipe.params["unet"]}}, str(tmp_path / "export"))
+  exported = json.loads((tmp_path / "export" / "model_index.json").read_text())
+  assert exported["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+  assert exported["feature_extractor"] == ["transformers", "CLIPImageProcessor"]
+  assert exported["requires_safety_checker"] is True
+  for name in ("safety_checker", "feature_extractor"):
+    for file in os.listdir(base / name):
+      assert (base / name / file).read_bytes() == (tmp_path / "export" / name / file).read_bytes(), (name, file)
+  loaded = diffusers.StableDiffusionPipeline.from_pretrained(out)
+  assert isinstance(loaded.safety_checker, StableDiffusionSafetyChecker)
+  assert isinstance(loaded.feature_extractor, transformers.CLIPImageProcessor)
+
+  shutil.rmtree(base / "feature_extractor")  # named in the index, folder gone: left out, said
+  sd.save_pipeline(pipe, str(tmp_path / "export2"), base_dir=str(base))
+  assert "names a feature_extractor (CLIPImageProcessor) but there is no feature_extractor/ folder" in caplog.text
+  exported = json.loads((tmp_path / "export2" / "model_index.json").read_text())
+  assert exported["feature_extractor"] == [None, None] and exported["safety_checker"][1] == "StableDiffusionSafetyChecker"
+
+
 def _cmd(workdir, model_dir, instance_dir, steps):
   return [sys.executable, "-m", "dreambooth_jax.train", "--config=configs/dreambooth/default.py:runlocal,lora",
           f"--workdir={workdir}", f"--config.pretrained_model={model_dir}", f"--config.instance_dir={instance_dir}",

@@ -212,11 +212,22 @@ def load_pipeline(directory: str, *, dtype: Dtype = jnp.float32, param_dtype: Dt
 
 
 # ------------------------------------------------------------------------------------ save
+# Components of a diffusers SD folder that sampling here never reads, carried from the base folder
+# into a fine-tuned copy as they are (`save_pipeline(base_dir=...)`), as diffusers' DreamBooth export keeps them.
+CARRIED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
 def save_pipeline(pipeline: StableDiffusion, directory: str, params: dict[str, Any] | None = None,
-                  dtype=np.float32) -> str:
+                  dtype=np.float32, base_dir: str | None = None) -> str:
   """Writes `pipeline` (with `params`, default its own) as a diffusers folder that
   `diffusers.StableDiffusionPipeline.from_pretrained(directory)` loads. dtype: storage dtype of
   the UNet/VAE weights, e.g. np.float16 for half-size files (the text encoder stays float32).
+
+  base_dir: the folder `pipeline` was loaded from; its CARRIED_COMPONENTS (the safety checker and
+  its feature extractor) are copied over unchanged with their model_index.json entries and
+  requires_safety_checker, so that diffusers loads (or warns about) them as it does for the base.
+  A component the base's index names but whose folder is missing is left out with a warning.
+  Without base_dir they are written as absent ([null, null]).
 
   With text_encoder_layers set, only those text layers are written: diffusers then computes the
   same embeddings (that is how SD 2.x's 23-layer text encoder was made).
@@ -256,9 +267,33 @@ def save_pipeline(pipeline: StableDiffusion, directory: str, params: dict[str, A
            "scheduler": ["diffusers", scheduler_config["_class_name"]],
            "safety_checker": [None, None], "feature_extractor": [None, None],
            "image_encoder": [None, None], "requires_safety_checker": False}
+  if base_dir is not None:
+    index.update(_carry_components(base_dir, directory))
   with open(os.path.join(directory, "model_index.json"), "w") as f:
     json.dump(index, f, indent=2, sort_keys=True)
   return directory
+
+
+def _carry_components(base_dir: str, directory: str) -> dict[str, Any]:
+  """Copies base_dir's CARRIED_COMPONENTS folders into `directory`; returns their model_index.json
+  entries (and requires_safety_checker) for the copy's index."""
+  import shutil
+  base_index = _read_json(os.path.join(base_dir, "model_index.json"), "model_index.json")
+  entries: dict[str, Any] = {}
+  for name in CARRIED_COMPONENTS:
+    entry = base_index.get(name)
+    if not (isinstance(entry, list) and entry and entry[-1] is not None):
+      continue
+    source = os.path.join(base_dir, name)
+    if not os.path.isdir(source):
+      logging.warning("%s: model_index.json names a %s (%s) but there is no %s/ folder; the copy in %s has none.",
+                      base_dir, name, entry[-1], name, directory)
+      continue
+    shutil.copytree(source, os.path.join(directory, name), dirs_exist_ok=True)  # links followed: the files
+    entries[name] = entry
+  # diffusers' default when the index does not say: a pipeline that has a safety checker requires it
+  entries["requires_safety_checker"] = base_index.get("requires_safety_checker", "safety_checker" in entries)
+  return entries
 
 
 # ------------------------------------------------------------------------------------ placement
