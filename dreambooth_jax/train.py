@@ -290,9 +290,13 @@ def load_class_images(cfg, directory: str) -> list:
   images, skipped = db_data.load_image_folder(directory, "class", limit=cfg.num_class_images)
   if skipped.get("unused") and jax.process_index() == 0:
     print(f"Using {len(images)} of the class images in {directory} (num_class_images={cfg.num_class_images}); "
-          f"{skipped['unused']} more are left out.", flush=True)
-  if len(images) < cfg.num_class_images and jax.process_index() == 0:
-    print(f"Only {len(images)} class images in {directory} (num_class_images={cfg.num_class_images}).", flush=True)
+          f"{len(skipped['unused'])} more are left out.", flush=True)
+  if jax.process_index() == 0:
+    unreadable = {reason: names for reason, names in skipped.items() if reason != "unused"}
+    if unreadable:
+      print(f"Class images left out of {directory}: {db_data.describe_left_out(unreadable)}.", flush=True)
+    if len(images) < cfg.num_class_images:
+      print(f"Only {len(images)} class images in {directory} (num_class_images={cfg.num_class_images}).", flush=True)
   return images
 
 
@@ -370,7 +374,8 @@ def train_and_export(cfg: ml_collections.ConfigDict, workdir: str, *, allow_conf
   instance_images, skipped = db_data.load_image_folder(cfg.instance_dir, "instance")
   if is_main:
     print(f"Identifier '{identifier}': training on '{ident.instance_prompt(identifier, cfg.class_noun)}' "
-          f"({len(instance_images)} images{', skipped ' + str(skipped) if skipped else ''})", flush=True)
+          f"({len(instance_images)} images{'; left out: ' + db_data.describe_left_out(skipped) if skipped else ''})",
+          flush=True)
   use_prior = cfg.with_prior_preservation and cfg.prior_loss_weight > 0
   class_images = load_class_images(cfg, prepare_class_images(cfg, pipe, workdir, size)) if use_prior else None
 

@@ -123,7 +123,7 @@ def test_class_images_top_up_equals_a_single_run(tmp_path):
 
 def test_instance_batches_are_a_function_of_the_step(instance_dir):
   images, skipped = db_data.load_image_folder(instance_dir)
-  assert len(images) == 4 and skipped == {"corrupt_image": 1}
+  assert len(images) == 4 and skipped == {"corrupt_image": ["broken.jpg"]}
   a = db_data.sample_batch(images, 2, 32, seed=0, step=5, stream=0)
   b = db_data.sample_batch(images, 2, 32, seed=0, step=5, stream=0)
   c = db_data.sample_batch(images, 2, 32, seed=0, step=6, stream=0)
@@ -131,6 +131,38 @@ def test_instance_batches_are_a_function_of_the_step(instance_dir):
   assert a.shape == (2, 32, 32, 3) and a.min() >= -1 and a.max() <= 1 and not np.array_equal(a, c)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     db_data.load_image_folder("/nonexistent/photos")
+
+
+def test_files_left_out_of_the_photos_are_counted_by_reason_and_named(tmp_path):
+  """A new user's folder: 5 photos, an iPhone .heic, notes, a corrupt jpg and the OS's files. The .heic
+  was neither read nor counted ('5 images' of 6 photos), the corrupt file counted but not named."""
+  for i in (1, 3, 4):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"IMG_000{i}.jpg")
+  (tmp_path / "IMG_0002.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+  (tmp_path / "IMG_0005.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+  (tmp_path / "notes.txt").write_text("shot on my phone")
+  (tmp_path / "IMG_0006.jpg").write_bytes(b"cut short")
+  for name in (".DS_Store", "._IMG_0001.jpg", "Thumbs.db"):  # the OS's: passed over unsaid
+    (tmp_path / name).write_bytes(b"\x00")
+  (tmp_path / "edited").mkdir()
+  images, skipped = db_data.load_image_folder(str(tmp_path))
+  assert len(images) == 3
+  assert skipped == {"not a readable image type (.heic)": ["IMG_0002.heic", "IMG_0005.HEIC"],
+                     "corrupt_image": ["IMG_0006.jpg"], "not a readable image type (.txt)": ["notes.txt"]}
+  said = db_data.describe_left_out(skipped)
+  assert "2 not a readable image type (.heic): IMG_0002.heic, IMG_0005.HEIC" in said
+  assert "1 corrupt_image: IMG_0006.jpg" in said and "notes.txt" in said and "convert HEIC" in said
+  assert db_data.describe_left_out({"unused": [f"{i}.png" for i in range(5)]}) == "5 unused: 0.png, 1.png, 2.png and 2 more"
+
+
+def test_a_folder_of_heic_photos_alone_says_what_it_holds(tmp_path):
+  (tmp_path / "IMG_0002.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+  (tmp_path / ".DS_Store").write_bytes(b"\x00")
+  with pytest.raises(ValueError, match=r"left out: 1 not a readable image type \(\.heic\): IMG_0002\.heic; convert"):
+    db_data.load_image_folder(str(tmp_path))
+  (tmp_path / "IMG_0002.heic").unlink()
+  with pytest.raises(ValueError, match="left out: nothing, it is empty"):
+    db_data.load_image_folder(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -274,6 +306,10 @@ def test_class_images_beyond_the_number_asked_are_left_out_and_said(tmp_path, ca
   cfg.num_class_images = 9
   assert len(db.load_class_images(cfg, str(tmp_path))) == 7
   assert "Only 7 class images" in capsys.readouterr().out
+  (tmp_path / "class_00009.png").write_bytes(b"cut short")
+  assert len(db.load_class_images(cfg, str(tmp_path))) == 7
+  said = capsys.readouterr().out
+  assert "Class images left out of" in said and "1 corrupt_image: class_00009.png" in said
 
 
 def test_training_batch_lays_out_micro_batches_for_the_devices():

@@ -18,36 +18,62 @@ from clip_jax.data.images import decode_image
 from clip_jax.data.records import BadRecord
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Files a folder of photos holds that are nobody's photo (the OS's bookkeeping): passed over unsaid,
+# as are hidden files (a leading dot, e.g. .DS_Store and macOS's ._IMG_0001.jpg twins).
+SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 
 
 def load_image_folder(directory: str, what: str = "instance",
-                      limit: int | None = None) -> tuple[list[Image.Image], dict[str, int]]:
-  """RGB images of a folder (sorted by name) and counts of the files skipped, per reason.
+                      limit: int | None = None) -> tuple[list[Image.Image], dict[str, list[str]]]:
+  """RGB images of a folder (sorted by name) and the files left out, per reason: {reason: [file name, ...]}.
 
-  limit: use at most this many readable images (the first by name); the image files left over are
-  counted under 'unused' (diffusers' DreamBooth also uses only `num_class_images`).
+  Reasons: 'not a readable image type (.heic)' (any extension not in IMAGE_EXTENSIONS, e.g. iPhone
+  photos or notes), 'corrupt_image' (and the decoder's other reasons), 'unused' (beyond `limit`: at
+  most that many readable images, the first by name; diffusers' DreamBooth also uses only
+  `num_class_images`). Hidden files, SYSTEM_FILES and subfolders are passed over and not listed.
+  Raises MissingPathError for a missing folder, UserError when no image is readable (naming what was
+  left out). `describe_left_out` words the dict for a message.
   """
   if not os.path.isdir(directory):
     raise MissingPathError(f"{what} image folder {directory!r} does not exist.")
   images, skipped = [], {}
   for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if name.startswith(".") or name.lower() in SYSTEM_FILES or not os.path.isfile(path):
+      continue
     if not name.lower().endswith(IMAGE_EXTENSIONS):
+      extension = os.path.splitext(name)[1].lower() or "no extension"
+      skipped.setdefault(f"not a readable image type ({extension})", []).append(name)
       continue
     if limit is not None and len(images) >= limit:
-      skipped["unused"] = skipped.get("unused", 0) + 1
+      skipped.setdefault("unused", []).append(name)
       continue
-    with open(os.path.join(directory, name), "rb") as f:
+    with open(path, "rb") as f:
       data = f.read()
     try:
       image, _ = decode_image(data)
     except BadRecord as e:
-      skipped[e.reason] = skipped.get(e.reason, 0) + 1
+      skipped.setdefault(e.reason, []).append(name)
       continue
     images.append(image)
   if not images:
     raise UserError(f"{what} image folder {directory!r} holds no readable image "
-                     f"({', '.join(IMAGE_EXTENSIONS)}); skipped: {skipped or 'none'}.")
+                    f"({', '.join(IMAGE_EXTENSIONS)}); left out: {describe_left_out(skipped) or 'nothing, it is empty'}.")
   return images, skipped
+
+
+def describe_left_out(skipped: dict[str, list[str]], names_shown: int = 3) -> str:
+  """'1 not a readable image type (.heic): IMG_0002.heic; 2 corrupt_image: a.jpg, b.jpg' (at most
+  `names_shown` names per reason, then 'and N more'); '' when nothing was left out. HEIC photos get
+  a hint: they are read once converted."""
+  parts = []
+  for reason, names in skipped.items():
+    shown = ", ".join(names[:names_shown]) + (f" and {len(names) - names_shown} more" if len(names) > names_shown
+                                               else "")
+    parts.append(f"{len(names)} {reason}: {shown}")
+  if any(".heic" in reason or ".heif" in reason for reason in skipped):
+    parts.append("convert HEIC photos to .jpg or .png to use them")
+  return "; ".join(parts)
 
 
 def image_fingerprints(directory: str, what: str = "instance", limit: int | None = None) -> dict[str, str]:
