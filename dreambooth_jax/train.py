@@ -311,10 +311,17 @@ def validation_prompts(cfg, identifier: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- main
 def validate_config(cfg) -> None:
+  """Refuses, before any work, what would fail or go wrong later: ValueError with one sentence naming
+  the setting."""
   if not cfg.pretrained_model:
     raise ValueError("config.pretrained_model is empty: give a diffusers-format Stable Diffusion folder.")
   if not cfg.class_noun:
     raise ValueError("config.class_noun is empty: name the subject's class, e.g. --config.class_noun=dog.")
+  factor = sd.vae_scale_factor_of(cfg.pretrained_model)
+  if cfg.resolution and factor and cfg.resolution % factor:
+    # as dreambooth_jax.sample refuses --height/--width: the VAE cannot encode other sizes whole
+    raise ValueError(f"resolution must be a multiple of {factor} (the VAE's pixels per latent), got "
+                     f"{cfg.resolution}; e.g. {max(factor, round(cfg.resolution / factor) * factor)}.")
   if cfg.total_steps < 1:
     raise ValueError(f"total_steps must be at least 1, not {cfg.total_steps}.")
   if cfg.dtype not in DTYPES:

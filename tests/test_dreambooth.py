@@ -408,6 +408,19 @@ def test_a_workdir_from_before_photos_were_recorded_resumes(tmp_path):
   assert "instance_images" not in json.loads((tmp_path / "config.json").read_text())
 
 
+def test_a_resolution_the_vae_cannot_encode_whole_is_refused_at_start(tmp_path):
+  """--config.resolution=60 trained on 7x7 latents where dreambooth_jax.sample refuses 60."""
+  import json
+  (tmp_path / "vae").mkdir()
+  (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+  cfg = get_config("runlocal")
+  cfg.pretrained_model, cfg.class_noun, cfg.resolution = str(tmp_path), "toy", 60
+  with pytest.raises(ValueError, match=r"resolution must be a multiple of 8 .*got 60; e\.g\. 64\.$"):
+    db.validate_config(cfg)
+  cfg.resolution = 64
+  db.validate_config(cfg)
+
+
 def test_the_finished_run_prints_a_sample_command_that_parses():
   import shlex
 

@@ -153,6 +153,16 @@ def _component_variants(dirs: dict[str, str], variant: str | None) -> dict[str, 
   return chosen
 
 
+def vae_scale_factor_of(directory: str) -> int | None:
+  """Pixels per latent along each side (8 for Stable Diffusion) from the folder's vae/config.json,
+  without loading weights; None when it cannot be read (`load_pipeline` then says why)."""
+  try:
+    with open(os.path.join(directory, "vae", "config.json")) as f:
+      return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
 def load_pipeline(directory: str, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                   text_encoder_layers: int | None = None, variant: str | None = None) -> StableDiffusion:
   """Reads a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/,
