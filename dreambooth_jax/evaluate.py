@@ -60,6 +60,23 @@ def paper_table_rows() -> list[tuple[str, str, dict[str, float]]]:
 
 
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
+# The flag that gives each metric its network; a metric whose network was not given is left out.
+METRIC_FLAGS = {"dino": "--dino", "clip_i": "--clip", "clip_t": "--clip", "pres": "--dino and --class-images > 0",
+                "div": "--lpips-backbone"}
+METRIC_NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV"}
+
+
+def left_out_note(ours: dict[str, float]) -> str:
+  """'Our row leaves out (no network given): DIV (needs --lpips-backbone).' for the metrics missing
+  from `ours` (a results dict), grouped by the flag that provides them; '' when none are missing."""
+  missing = [m for m in METRICS if m not in ours]
+  if not missing:
+    return ""
+  by_flag: dict[str, list[str]] = {}
+  for metric in missing:
+    by_flag.setdefault(METRIC_FLAGS[metric], []).append(METRIC_NAMES[metric])
+  return "Our row leaves out (no network given): " + "; ".join(
+      f"{', '.join(names)} (needs {flag})" for flag, names in by_flag.items()) + "."
 
 
 def evaluation_prompts(identifier: str, class_noun: str, live: bool) -> list[str]:
@@ -75,9 +92,11 @@ def markdown_table(ours: dict[str, float], label: str) -> str:
   for name, source, values in rows:
     cells = [f"{values[m]:.3f}" if m in values else "" for m in METRICS]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {source} |")
-  return "\n".join(lines) + ("\n\nPaper rows: Ruiz et al. 2023, Table 1 (DINO, CLIP-I, CLIP-T; DreamBooth and Textual "
-                             "Inversion), Table 3 (prior preservation, Imagen: PRES, DIV, DINO, CLIP-I, CLIP-T) and "
-                             "Table 4 (class noun: DINO, CLIP-I).\n")
+  note = left_out_note(ours)
+  return "\n".join(lines) + (f"\n\n{note}" if note else "") + (
+      "\n\nPaper rows: Ruiz et al. 2023, Table 1 (DINO, CLIP-I, CLIP-T; DreamBooth and Textual "
+      "Inversion), Table 3 (prior preservation, Imagen: PRES, DIV, DINO, CLIP-I, CLIP-T) and "
+      "Table 4 (class noun: DINO, CLIP-I).\n")
 
 
 def evaluate_subject(pipe, params, metrics, real_images: Sequence[np.ndarray], *, identifier: str, class_noun: str,

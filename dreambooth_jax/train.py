@@ -296,7 +296,11 @@ def load_class_images(cfg, directory: str) -> list:
     if unreadable:
       print(f"Class images left out of {directory}: {db_data.describe_left_out(unreadable)}.", flush=True)
     if len(images) < cfg.num_class_images:
-      print(f"Only {len(images)} class images in {directory} (num_class_images={cfg.num_class_images}).", flush=True)
+      # Only the generated folder is topped up; a class_dir of the user's own is read as it is.
+      print(f"Only {len(images)} class images in {directory} (num_class_images={cfg.num_class_images}): the prior "
+            f"loss uses these {len(images)}"
+            + ("; none are generated into a class_dir of your own (leave class_dir empty to have "
+               f"{cfg.num_class_images} generated in the workdir)." if cfg.class_dir else "."), flush=True)
   return images
 
 
@@ -311,12 +315,13 @@ def validation_prompts(cfg, identifier: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- main
 def validate_config(cfg) -> None:
-  """Refuses, before any work, what would fail or go wrong later: ValueError with one sentence naming
-  the setting."""
+  """Refuses, before any work, what would fail or go wrong later: ValueError (clip_jax.cli.UserError
+  for the model path) with one sentence naming the setting."""
   if not cfg.pretrained_model:
     raise ValueError("config.pretrained_model is empty: give a diffusers-format Stable Diffusion folder.")
   if not cfg.class_noun:
     raise ValueError("config.class_noun is empty: name the subject's class, e.g. --config.class_noun=dog.")
+  sd.check_pipeline_path(cfg.pretrained_model)
   factor = sd.vae_scale_factor_of(cfg.pretrained_model)
   if cfg.resolution and factor and cfg.resolution % factor:
     # as dreambooth_jax.sample refuses --height/--width: the VAE cannot encode other sizes whole

@@ -306,10 +306,13 @@ def test_class_images_beyond_the_number_asked_are_left_out_and_said(tmp_path, ca
   cfg.num_class_images = 9
   assert len(db.load_class_images(cfg, str(tmp_path))) == 7
   assert "Only 7 class images" in capsys.readouterr().out
+  # A user's own class_dir with too few: the line says what happens (trains on those; none generated).
   (tmp_path / "class_00009.png").write_bytes(b"cut short")
+  cfg.class_dir = str(tmp_path)
   assert len(db.load_class_images(cfg, str(tmp_path))) == 7
   said = capsys.readouterr().out
   assert "Class images left out of" in said and "1 corrupt_image: class_00009.png" in said
+  assert "the prior loss uses these 7; none are generated into a class_dir of your own" in said
 
 
 def test_training_batch_lays_out_micro_batches_for_the_devices():
@@ -419,6 +422,25 @@ def test_a_resolution_the_vae_cannot_encode_whole_is_refused_at_start(tmp_path):
     db.validate_config(cfg)
   cfg.resolution = 64
   db.validate_config(cfg)
+
+
+def test_a_single_file_checkpoint_or_a_hub_id_says_what_to_do(tmp_path, monkeypatch):
+  """A civitai .safetensors or 'runwayml/stable-diffusion-v1-5' got 'no such directory'."""
+  from clip_jax.cli import MissingPathError, UserError
+  for name in ("mymodel.safetensors", "mymodel.ckpt"):
+    (tmp_path / name).write_bytes(b"weights")
+    with pytest.raises(UserError, match=r"single-file checkpoint.*from_single_file\(.*" + name
+                       + r".*\)\.save_pretrained\(DIR\)"):
+      sd.load_pipeline(str(tmp_path / name))
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(MissingPathError, match="hub id, nothing is downloaded here: download the folder first"):
+    sd.check_pipeline_path("runwayml/stable-diffusion-v1-5")
+  cfg = get_config("runlocal")
+  cfg.pretrained_model, cfg.class_noun = "runwayml/stable-diffusion-v1-5", "toy"
+  with pytest.raises(MissingPathError, match="huggingface-cli download runwayml/stable-diffusion-v1-5"):
+    db.validate_config(cfg)  # the trainer refuses it before any work
+  with pytest.raises(MissingPathError, match="expected a diffusers Stable Diffusion pipeline folder"):
+    sd.check_pipeline_path(str(tmp_path / "no_sd"))
 
 
 def test_the_finished_run_prints_a_sample_command_that_parses():

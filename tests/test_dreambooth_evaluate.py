@@ -28,6 +28,20 @@ def test_table_puts_the_paper_beside_ours():
   assert "| ours | 0.500 | 0.700 | 0.200 | 0.400 |  |" in table
   assert "| DreamBooth (Stable Diffusion) | 0.668 | 0.803 | 0.305 |" in table
   assert "Table 1" in table and "Table 3" in table
+  # A new user's DIV cell was empty without a word: the note names what is missing and its flag.
+  assert "Our row leaves out (no network given): DIV (needs --lpips-backbone)." in table
+  table = db_eval.markdown_table({"dino": 0.5, "pres": 0.4}, "ours")
+  assert "CLIP-I, CLIP-T (needs --clip); DIV (needs --lpips-backbone)." in table
+  assert "leaves out" not in db_eval.markdown_table(dict.fromkeys(db_eval.METRICS, 0.5), "ours")
+
+
+def test_the_docstring_names_only_flags_that_exist(capsys):
+  """It advertised `[--base-model SD_DIR]`, a flag the command does not have."""
+  import re
+  with pytest.raises(SystemExit):
+    db_eval.main(["--help"])
+  helped = set(re.findall(r"--[a-z][a-z-]+", capsys.readouterr().out))
+  assert set(re.findall(r"--[a-z][a-z-]+", db_eval.__doc__)) <= helped
 
 
 def test_cli_needs_a_metric_network(tmp_path, capsys):

@@ -153,6 +153,31 @@ def _component_variants(dirs: dict[str, str], variant: str | None) -> dict[str, 
   return chosen
 
 
+SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_pipeline_path(directory: str) -> None:
+  """Raises clip_jax.cli.UserError unless `directory` is a folder, saying what to do with the two
+  things users pass instead: a single-file checkpoint (civitai's .safetensors / .ckpt), which is
+  not read here, and a Hugging Face hub id ('owner/name'), which is not downloaded here
+  (MissingPathError, a UserError, for any other missing path)."""
+  from clip_jax.cli import UserError
+  if os.path.isdir(directory):
+    return
+  if os.path.isfile(directory):
+    kind = ("a single-file checkpoint" if directory.lower().endswith(SINGLE_FILE_EXTENSIONS) else "a file")
+    raise UserError(f"{directory} is {kind}; only diffusers pipeline folders are read here. Make one once with "
+                    f"diffusers: StableDiffusionPipeline.from_single_file({directory!r}).save_pretrained(DIR), then "
+                    "pass DIR.")
+  parts = directory.split("/")
+  if len(parts) == 2 and all(parts) and not directory.startswith((".", "~")):
+    raise MissingPathError(f"{directory}: no such directory; if it is a Hugging Face hub id, nothing is downloaded "
+                           f"here: download the folder first (huggingface-cli download {directory} --local-dir DIR, "
+                           "or diffusers' StableDiffusionPipeline.from_pretrained(...).save_pretrained(DIR)) and "
+                           "pass DIR.")
+  raise MissingPathError(f"{directory}: no such directory (expected a diffusers Stable Diffusion pipeline folder).")
+
+
 def vae_scale_factor_of(directory: str) -> int | None:
   """Pixels per latent along each side (8 for Stable Diffusion) from the folder's vae/config.json,
   without loading weights; None when it cannot be read (`load_pipeline` then says why)."""
@@ -175,9 +200,7 @@ def load_pipeline(directory: str, *, dtype: Dtype = jnp.float32, param_dtype: Dt
   .bin); as in diffusers, a component without that variant reads its plain files (with a
   warning), and a folder where no component has it is refused.
   """
-  if not os.path.isdir(directory):
-    raise MissingPathError(f"{directory}: no such directory (expected a diffusers Stable Diffusion "
-                            "pipeline folder).")
+  check_pipeline_path(directory)
   index_path = os.path.join(directory, "model_index.json")
   if not os.path.isfile(index_path):
     raise CheckpointError(f"{directory}: no model_index.json; expected a diffusers pipeline folder "
