@@ -24,6 +24,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from dreambooth_jax.training.identifier import IDENTIFIER_FILE  # the trainer's name for the run's identifier file
+
 # The evaluation prompts published with the paper's dataset; {0} is "[V] [class noun]".
 RECONTEXTUALIZATION = [
     "a {0} in the jungle", "a {0} in the snow", "a {0} on the beach", "a {0} on a cobblestone street",
@@ -121,9 +123,6 @@ def evaluate_subject(pipe, params, metrics, real_images: Sequence[np.ndarray], *
                              class_images=None if class_generated is None else list(class_generated),
                              identifier=identifier)
   return results, generated, per_image
-
-
-IDENTIFIER_FILE = "identifier.json"  # {"identifier", "instance_prompt", "class_prompt"}, as the trainer writes it
 
 
 def run_identifier(model_dir: str) -> tuple[str | None, str | None]:

@@ -232,7 +232,7 @@ def make_train_step(loss_fn, tx, microbatches: int, num_instance: int):
 
 # ----------------------------------------------------------------------------- setup helpers
 def identifier_path(workdir: str) -> str:
-  return os.path.join(workdir, "identifier.json")
+  return os.path.join(workdir, ident.IDENTIFIER_FILE)
 
 
 def choose_identifier(cfg, pipe: sd.StableDiffusion, workdir: str) -> str:
@@ -336,25 +336,34 @@ def validate_config(cfg) -> None:
                      "micro-batches (gradient_accumulation).")
 
 
+IMAGE_KEYS = ("instance_images", "class_images")  # config_with_images' keys in the workdir's config.json
+
+
 def config_with_images(cfg, workdir: str) -> ml_collections.ConfigDict | dict[str, Any]:
   """What `loop.check_workdir` compares on a resume: the config, plus the instance photos (and a
   class_dir of the user's own) by file name and content hash (`data.image_fingerprints`) under the
   keys 'instance_images' and 'class_images', so that photos removed, added or replaced after an
   interruption are refused by name like any setting that changes the maths (--allow-config-change
   goes on and records it in config_changes.jsonl). They are recorded in the workdir's config.json.
-  A finished run, and a workdir started before photos were recorded, get the config alone: the
-  one needs no photos to say it is finished, the other would otherwise read as changed."""
-  done = loop.finished(workdir)
-  if done is not None and int(done.get("step", 0)) >= cfg.total_steps:
-    return cfg
+  A finished run reads no photos (they may be gone): it gets the config with the photos its
+  config.json records, as recorded, so that the same command (or --rerun-eval) sees no change and
+  says it is finished. A workdir started before photos were recorded gets the config alone: it would
+  otherwise read as changed."""
   config_path = os.path.join(workdir, loop.CONFIG_FILE)
-  if loop.saved_steps(workdir) and os.path.exists(config_path):
+  recorded = None
+  if os.path.exists(config_path):
     try:
       with open(config_path) as f:
-        if "instance_images" not in json.load(f):
-          return cfg
+        recorded = json.load(f)
     except ValueError:
-      pass
+      recorded = None
+  recorded = recorded if isinstance(recorded, dict) else None
+  done = loop.finished(workdir)
+  if done is not None and int(done.get("step", 0)) >= cfg.total_steps:
+    kept = {key: recorded[key] for key in IMAGE_KEYS if recorded is not None and key in recorded}
+    return {**cfg.to_dict(), **kept} if kept else cfg
+  if loop.saved_steps(workdir) and recorded is not None and "instance_images" not in recorded:
+    return cfg
   images = {"instance_images": db_data.image_fingerprints(cfg.instance_dir)}
   if cfg.class_dir and cfg.with_prior_preservation and cfg.prior_loss_weight > 0:
     images["class_images"] = db_data.image_fingerprints(cfg.class_dir, "class", limit=cfg.num_class_images)
@@ -370,7 +379,7 @@ def train_and_export(cfg: ml_collections.ConfigDict, workdir: str, *, allow_conf
   validate_config(cfg)
   if loop.check_workdir(workdir, config_with_images(cfg, workdir), total_steps=cfg.total_steps,
                         allow_config_change=allow_config_change, rerun_eval=rerun_eval):
-    with open(os.path.join(workdir, "identifier.json")) as f:
+    with open(identifier_path(workdir)) as f:
       identifier = json.load(f)["identifier"]
     return {"step": loop.finished(workdir)["step"], "metrics": {}, "identifier": identifier,
             "export_dir": os.path.join(workdir, "export"), "preempted": False, "stop_requested": False,
@@ -498,7 +507,7 @@ def export(cfg, pipe, state, directory: str, identifier_file: str | None = None)
                        os.path.join(directory, "pytorch_lora_weights.safetensors"))
     if identifier_file:
       import shutil
-      shutil.copyfile(identifier_file, os.path.join(directory, "identifier.json"))
+      shutil.copyfile(identifier_file, identifier_path(directory))
   loop.wait_for_all("dreambooth export")
   return directory
 

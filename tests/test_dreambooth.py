@@ -411,6 +411,80 @@ def test_a_workdir_from_before_photos_were_recorded_resumes(tmp_path):
   assert "instance_images" not in json.loads((tmp_path / "config.json").read_text())
 
 
+def test_a_finished_run_with_recorded_photos_is_finished_again_with_the_same_command(tmp_path):
+  """The regression: a finished workdir's config.json records its photos, and config_with_images gave a
+  finished run the config alone, so the same command (and --rerun-eval) read the photos as removed
+  ('instance_images.IMG_0.png: ... -> None') instead of saying the run is finished."""
+  import json
+
+  from clip_jax import loop
+  photos, classes, workdir = tmp_path / "photos", tmp_path / "classes", tmp_path / "run"
+  photos.mkdir()
+  classes.mkdir()
+  for i in range(2):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(photos / f"IMG_{i}.png")
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(classes / f"c{i}.png")
+  cfg = get_config("runlocal")
+  cfg.pretrained_model, cfg.instance_dir, cfg.class_noun, cfg.class_dir = "sd", str(photos), "toy", str(classes)
+  cfg.num_class_images = 2
+
+  def again(**kwargs):
+    return loop.check_workdir(str(workdir), db.config_with_images(cfg, str(workdir)), total_steps=cfg.total_steps,
+                              log=lines.append, **kwargs)
+  lines = []
+  assert not again()  # the trainer's start records the photos
+  recorded = json.loads((workdir / "config.json").read_text())
+  assert set(recorded["instance_images"]) == {"IMG_0.png", "IMG_1.png"} and set(recorded["class_images"]) == {
+      "c0.png", "c1.png"}
+  (workdir / "checkpoints" / str(cfg.total_steps)).mkdir(parents=True)
+  loop.mark_finished(str(workdir), cfg.total_steps)  # as the trainer marks it
+  files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  assert again() is True  # the same command: finished, one line
+  assert len(lines) == 1 and "is finished" in lines[0] and "nothing was changed" in lines[0]
+  assert again(rerun_eval=True) is False  # --rerun-eval goes on to evaluate, no settings error
+  import shutil
+  shutil.rmtree(photos)  # a finished run needs no photos, as before they were recorded
+  assert again() is True
+  assert again(rerun_eval=True) is False
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files  # nothing touched
+
+
+def test_the_resume_record_names_exactly_the_photos_training_reads(tmp_path):
+  """image_fingerprints lists what load_image_folder reads: hidden files, other types, subfolders and
+  unreadable files are passed over, and `limit` counts readable images. With limit 2 training reads
+  IMG_1.jpg and a.png; the record was ['._IMG_1.jpg', 'IMG_0.jpg'] and missed a replaced a.png."""
+  from clip_jax import loop
+  from clip_jax.cli import UserError
+  from dreambooth_jax.training import data as db_data
+  classes, workdir = tmp_path / "classes", tmp_path / "run"
+  classes.mkdir()
+  (classes / "._IMG_1.jpg").write_bytes(b"macOS resource fork")  # hidden: nobody's photo
+  (classes / "IMG_0.jpg").write_bytes(b"not a jpeg")  # corrupt: left out, not counted
+  Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(classes / "IMG_1.jpg")
+  Image.fromarray(np.full((8, 8, 3), 20, np.uint8)).save(classes / "a.png")
+  Image.fromarray(np.full((8, 8, 3), 30, np.uint8)).save(classes / "b.png")  # beyond the limit
+  (classes / "folder.png").mkdir()  # not a file
+  images, skipped = db_data.load_image_folder(str(classes), "class", limit=2)
+  assert len(images) == 2 and skipped["unused"] == ["b.png"] and skipped["corrupt_image"] == ["IMG_0.jpg"]
+  assert list(db_data.image_fingerprints(str(classes), "class", limit=2)) == ["IMG_1.jpg", "a.png"]
+  assert [name for name, _, _ in db_data.read_image_folder(str(classes), "class", limit=2)[0]] == [
+      "IMG_1.jpg", "a.png"]
+
+  cfg = get_config("runlocal")
+  cfg.pretrained_model, cfg.instance_dir, cfg.class_noun, cfg.class_dir = "sd", str(classes), "toy", str(classes)
+  cfg.num_class_images = 2
+
+  def resume():
+    return loop.check_workdir(str(workdir), db.config_with_images(cfg, str(workdir)), total_steps=cfg.total_steps)
+  assert not resume()
+  (workdir / "checkpoints" / "2").mkdir(parents=True)  # an interrupted run
+  (classes / "._IMG_1.jpg").write_bytes(b"another resource fork")  # ignored by training: no change
+  assert not resume()
+  Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(classes / "a.png")  # replaced, used by training
+  with pytest.raises(UserError, match=r"class_images\.a\.png"):
+    resume()
+
+
 def test_a_resolution_the_vae_cannot_encode_whole_is_refused_at_start(tmp_path):
   """--config.resolution=60 trained on 7x7 latents where dreambooth_jax.sample refuses 60."""
   import json

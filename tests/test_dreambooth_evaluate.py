@@ -70,6 +70,20 @@ def test_the_identifier_is_the_runs_and_a_different_one_is_refused(tmp_path, cap
     db_eval.resolve_identifier(None, str(tmp_path))  # a model folder from elsewhere: no default
 
 
+def test_the_identifier_file_has_one_name_the_trainer_and_evaluation_share():
+  """The trainer wrote 'identifier.json' by a literal and evaluate had its own IDENTIFIER_FILE: one
+  definition (dreambooth_jax.training.identifier.IDENTIFIER_FILE) names the file for both."""
+  import inspect
+  import os
+
+  from dreambooth_jax import train as db_train
+  from dreambooth_jax.training import identifier as ident
+  assert db_eval.IDENTIFIER_FILE is ident.IDENTIFIER_FILE
+  assert db_train.identifier_path("w") == os.path.join("w", ident.IDENTIFIER_FILE)
+  for module in (db_train, db_eval):
+    assert '"identifier.json"' not in inspect.getsource(module), module.__name__
+
+
 @pytest.mark.slow
 def test_cli_end_to_end_on_tiny_models(tmp_path, tiny_sd_dir):
   model_dir = tiny_sd_dir

@@ -23,9 +23,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 
 
-def load_image_folder(directory: str, what: str = "instance",
-                      limit: int | None = None) -> tuple[list[Image.Image], dict[str, list[str]]]:
-  """RGB images of a folder (sorted by name) and the files left out, per reason: {reason: [file name, ...]}.
+def read_image_folder(directory: str, what: str = "instance",
+                      limit: int | None = None) -> tuple[list[tuple[str, bytes, Image.Image]], dict[str, list[str]]]:
+  """The one listing of a folder of photos: [(file name, its bytes, RGB image)] for the files training
+  reads (sorted by name), and the files left out, per reason: {reason: [file name, ...]}.
+  `load_image_folder` (the images) and `image_fingerprints` (the resume's record) both use it, so
+  the record names exactly the files training reads.
 
   Reasons: 'not a readable image type (.heic)' (any extension not in IMAGE_EXTENSIONS, e.g. iPhone
   photos or notes), 'corrupt_image' (and the decoder's other reasons), 'unused' (beyond `limit`: at
@@ -36,7 +39,7 @@ def load_image_folder(directory: str, what: str = "instance",
   """
   if not os.path.isdir(directory):
     raise MissingPathError(f"{what} image folder {directory!r} does not exist.")
-  images, skipped = [], {}
+  read, skipped = [], {}
   for name in sorted(os.listdir(directory)):
     path = os.path.join(directory, name)
     if name.startswith(".") or name.lower() in SYSTEM_FILES or not os.path.isfile(path):
@@ -45,7 +48,7 @@ def load_image_folder(directory: str, what: str = "instance",
       extension = os.path.splitext(name)[1].lower() or "no extension"
       skipped.setdefault(f"not a readable image type ({extension})", []).append(name)
       continue
-    if limit is not None and len(images) >= limit:
+    if limit is not None and len(read) >= limit:
       skipped.setdefault("unused", []).append(name)
       continue
     with open(path, "rb") as f:
@@ -55,11 +58,19 @@ def load_image_folder(directory: str, what: str = "instance",
     except BadRecord as e:
       skipped.setdefault(e.reason, []).append(name)
       continue
-    images.append(image)
-  if not images:
+    read.append((name, data, image))
+  if not read:
     raise UserError(f"{what} image folder {directory!r} holds no readable image "
                     f"({', '.join(IMAGE_EXTENSIONS)}); left out: {describe_left_out(skipped) or 'nothing, it is empty'}.")
-  return images, skipped
+  return read, skipped
+
+
+def load_image_folder(directory: str, what: str = "instance",
+                      limit: int | None = None) -> tuple[list[Image.Image], dict[str, list[str]]]:
+  """RGB images of a folder (sorted by name) and the files left out, per reason: {reason: [file name, ...]},
+  as `read_image_folder` lists them (its reasons, skips, `limit` and errors)."""
+  read, skipped = read_image_folder(directory, what, limit)
+  return [image for _, _, image in read], skipped
 
 
 def describe_left_out(skipped: dict[str, list[str]], names_shown: int = 3) -> str:
@@ -77,21 +88,13 @@ def describe_left_out(skipped: dict[str, list[str]], names_shown: int = 3) -> st
 
 
 def image_fingerprints(directory: str, what: str = "instance", limit: int | None = None) -> dict[str, str]:
-  """{file name: the first 16 hex digits of its content's SHA-256} for the image files of `directory`
-  that `load_image_folder` would read (`limit`: the first that many by name), so that a resumed run can
-  tell that photos were removed, added or replaced. Raises MissingPathError for a missing folder."""
+  """{file name: the first 16 hex digits of its content's SHA-256} for exactly the files training reads
+  (`read_image_folder`: the same skips, order and `limit` of readable images), so that a resumed run
+  can tell that photos it trains on were removed, added or replaced; files it leaves out (hidden ones,
+  other types, unreadable ones, those beyond `limit`) are not recorded. Raises as `read_image_folder`."""
   import hashlib
-  if not os.path.isdir(directory):
-    raise MissingPathError(f"{what} image folder {directory!r} does not exist.")
-  names = [n for n in sorted(os.listdir(directory)) if n.lower().endswith(IMAGE_EXTENSIONS)][:limit]
-  fingerprints = {}
-  for name in names:
-    digest = hashlib.sha256()
-    with open(os.path.join(directory, name), "rb") as f:
-      for chunk in iter(lambda: f.read(1 << 20), b""):
-        digest.update(chunk)
-    fingerprints[name] = digest.hexdigest()[:16]
-  return fingerprints
+  read, _ = read_image_folder(directory, what, limit)
+  return {name: hashlib.sha256(data).hexdigest()[:16] for name, data, _ in read}
 
 
 def augment(image: Image.Image, size: int, rng: np.random.Generator, random_crop: bool = True,

@@ -13,6 +13,10 @@ import numpy as np
 
 from clip_jax.tokenizer import ClipTokenizer
 
+# The run's identifier, written by dreambooth_jax.train in its workdir and copied into its export, read by
+# dreambooth_jax.evaluate: {"identifier", "instance_prompt", "class_prompt"}.
+IDENTIFIER_FILE = "identifier.json"
+
 # The last ~fifth of the CLIP BPE merges; the final two ids are <start_of_text>/<end_of_text>.
 DEFAULT_RARE_RANGE = (40_000, 49_406)
 
