@@ -260,8 +260,8 @@ def run_linear_probe(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
   from clip_jax.data.sources import open_source
   from clip_jax.eval.linear_probe import evaluate_linear_probe
   from clip_jax.eval.report import sweep_png
-  train, test = (_limited(open_source(task.source, split, data_dir=ctx["data_dir"], image_size=ctx["image_size"]),
-                          ctx["limit"]) for split in (task.train_split, task.test_split))
+  train, test = (_limited(open_source(task.source, split, data_dir=ctx["data_dir"], image_size=ctx["image_size"],
+                                      labelled=True), ctx["limit"]) for split in (task.train_split, task.test_split))
   probe = evaluate_linear_probe(ctx["model"], ctx["variables"], train, test, batch_size=ctx["batch_size"],
                                 image_size=ctx["image_size"], mesh=ctx["mesh"], features=ctx["probe_features"],
                                 val_fraction=ctx["val_fraction"], metric=task.paper_metric or "top1",

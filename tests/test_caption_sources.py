@@ -147,6 +147,45 @@ def test_folders_of_captioned_images(tmp_path):
     sources.open_source(str(tmp_path / "uncaptioned"))
 
 
+def test_evaluation_reads_labels_whatever_captions_the_data_also_has(tmp_path):
+  # Review of session 25: training's caption reading reached evaluation, which needs labels. Class folders
+  # with sidecar .txt beside every image became caption data without labels ("carries no class names");
+  # labelled tars with img2dataset's .json metadata left a key without cls as label -1 instead of skipped.
+  for cls in ("cat", "dog"):
+    os.makedirs(tmp_path / "classes" / cls)
+    for i in range(2):
+      (tmp_path / "classes" / cls / f"{i}.png").write_bytes(_png_bytes(i))
+      (tmp_path / "classes" / cls / f"{i}.txt").write_text(f"a {cls}")
+  folder = str(tmp_path / "classes")
+  assert isinstance(sources.open_source(folder), captioned.CaptionFolderSource)  # training: its captions
+  labels = sources.open_source(folder, labelled=True)
+  assert isinstance(labels, labelled.ImageFolderSource) and labels.class_names == ["cat", "dog"]
+  assert [labels[i]["label"] for i in range(len(labels))] == [0, 0, 1, 1]
+
+  meta = json.dumps({"caption": "metadata", "url": "x"}).encode()
+  _tar(tmp_path / "labelled.tar", [("a.png", _png_bytes(1)), ("a.cls", b"0"), ("a.json", meta),
+                                   ("b.png", _png_bytes(2)), ("b.cls", b"1"), ("b.json", meta),
+                                   ("c.png", _png_bytes(3)), ("c.json", meta)])
+  for reading in (sources.open_source(str(tmp_path / "labelled.tar")),
+                  sources.open_source(str(tmp_path / "labelled.tar"), labelled=True)):
+    assert not reading.has_captions and reading.problems == {"missing_label": 1}
+    assert [reading[i].get("label", reading[i].get("skip")) for i in range(3)] == [0, 1, "missing_label"]
+  # Tars with .txt captions are caption data for training, labelled data for evaluation.
+  _tar(tmp_path / "both.tar", [("a.png", _png_bytes(1)), ("a.cls", b"0"), ("a.txt", b"a cat"),
+                               ("c.png", _png_bytes(3)), ("c.txt", b"no label")])
+  assert sources.open_source(str(tmp_path / "both.tar")).has_captions
+  both = sources.open_source(str(tmp_path / "both.tar"), labelled=True)
+  assert not both.has_captions and both.problems == {"missing_label": 1}
+  # Unlabelled tars with json captions alone stay caption data.
+  _tar(tmp_path / "json_only.tar", [("a.png", _png_bytes(1)), ("a.json", meta)])
+  assert sources.open_source(str(tmp_path / "json_only.tar")).has_captions
+
+  # A label column that no row fills is no label column: the captions are the data.
+  table = tmp_path / "blank_labels.csv"
+  table.write_text("path,caption,label\nclasses/cat/0.png,a cat,\nclasses/dog/0.png,a dog,\n")
+  assert isinstance(sources.open_source(str(table)), captioned.CaptionFileSource)
+
+
 def _tiny_config(zeroshot_eval=None, **overrides):
   c = runlocal(base_config())
   c.model.name = "ViT-Tiny"
@@ -190,6 +229,8 @@ def test_zeroshot_hook_names_paths_safely_and_takes_name_equals_data(tmp_path):
   assert zeroshot.data_name("/data/wds/{00000..00003}.tar") == "wds"
   assert zeroshot.data_name("/data/shapes/{split}") == "shapes"
   assert zeroshot.data_name("tfds:foo/bar") == "foo_bar"
+  # Two tables of one folder keep their own names (the pattern part is removed, not the whole component).
+  assert [zeroshot.data_name(f"/d/eval/{n}_{{split}}.csv") for n in ("pets", "flowers")] == ["pets", "flowers"]
   cfg = _tiny_config(zeroshot_eval=dict(enabled=True, source=f"{path},pets={path}", batch_size=8))
   evaluators = zeroshot.build_training_evaluators(cfg, str(tmp_path / "wd"))
   assert [e.name for e in evaluators] == ["shapes", "pets"]  # was: the whole path, in keys and file names

@@ -423,20 +423,25 @@ class WebDatasetSource(LabelledFiles):
   and the small `cls` members); reads seek to the image's bytes and the caption's.
 
   `class_names`: a list in label order; None reads `classnames.txt` beside the tars or one folder
-  up (clip_benchmark's layout), else the names are the label indices. `has_captions`: whether any
-  key has a .txt or .json member (caption data: labels optional).
+  up (clip_benchmark's layout), else the names are the label indices. `has_captions`: whether the
+  tars are caption data (labels optional): a key has a .txt caption, or no key has a `cls` label and
+  some have .json metadata (img2dataset's "caption"); .json beside `cls` labels is metadata, and
+  such tars stay labelled data. `read_captions=False` (evaluation reads labels): labelled data always.
   """
 
   def __init__(self, paths: Sequence[str], class_names: Sequence[str] | None = None,
-               templates: Sequence[str] | None = None):
+               templates: Sequence[str] | None = None, read_captions: bool = True):
     if not paths:
       raise FileNotFoundError("no .tar shards given.")
     problems, indexed = Problems(), []
     for path in paths:
       indexed.extend(_index_tar(path, problems))
     # Caption data (img2dataset's tars) needs no label; labelled data (clip_benchmark's) needs one.
-    self.has_captions = any(caption_members != (None, None) for _, _, _, skip, caption_members in indexed
-                            if skip is None)  # a stray .txt without its image does not make caption data
+    usable = [(label, caption_members) for _, label, _, skip, caption_members in indexed if skip is None]
+    # (a stray .txt without its image does not make caption data)
+    any_label = any(label is not None for label, _ in usable)
+    self.has_captions = read_captions and (any(txt is not None for _, (txt, _) in usable) or (
+        not any_label and any(json_member is not None for _, (_, json_member) in usable)))
     self._caption_members = [caption_members for *_, caption_members in indexed] if self.has_captions else None
     names_file = find_classnames_file(paths[0])
     try:

@@ -196,11 +196,14 @@ def _as_text(value) -> str | bytes:
 
 
 def open_source(spec: str, split: str = "train", *, data_dir: str | None = None,
-                image_size: int = 32, class_names=None):
+                image_size: int = 32, class_names=None, labelled: bool = False):
   """A data spec (see the module docstring) -> a random-access source. Errors are raised here,
   at start, with what to do about them (ValueError / FileNotFoundError; the caption sources' are
   already cli.UserError). `class_names` names the classes of labelled data (TFDS, folders, label
-  tables, tars); see clip_jax/data/labelled.py for the forms each accepts."""
+  tables, tars); see clip_jax/data/labelled.py for the forms each accepts. `labelled`: the caller
+  reads labels (zero-shot, linear probe), so data on disk is read as labelled data whatever captions
+  it also carries: a folder is class folders (sidecar .txt files are not images), a table needs a label
+  column, tars' captions are not read and a key without `cls` is skipped as 'missing_label'."""
   if spec == "digits":
     from clip_jax.data.digits import DigitsSource
     return DigitsSource(split, image_size=image_size)
@@ -208,12 +211,12 @@ def open_source(spec: str, split: str = "train", *, data_dir: str | None = None,
     return TfdsSource(spec[len("tfds:"):], split, data_dir, class_names=class_names)
   path = spec.replace("{split}", split)
   if path.lower().endswith((".csv", ".tsv", ".jsonl")):
-    return open_table(path, class_names)
+    return LabelTableSource(path, class_names) if labelled else open_table(path, class_names)
   tars = find_tars(path)
   if tars:
-    return WebDatasetSource(tars, class_names)
+    return WebDatasetSource(tars, class_names, read_captions=not labelled)
   if os.path.isdir(path) and not glob.glob(os.path.join(path, "*.array_record")):
-    if class_names is None and is_caption_folder(path):
+    if not labelled and class_names is None and is_caption_folder(path):
       return CaptionFolderSource(path)
     return ImageFolderSource(path, class_names)
   source = ArrayRecordSource(path)
@@ -223,12 +226,13 @@ def open_source(spec: str, split: str = "train", *, data_dir: str | None = None,
 
 
 def open_table(path: str, class_names=None):
-  """A .csv/.tsv/.jsonl -> a LabelTableSource when it has a label column (its caption column, if any,
-  gives the captions), else a CaptionFileSource; UserError when it has neither column."""
+  """A .csv/.tsv/.jsonl -> a LabelTableSource when it has a label column that some row fills (its caption
+  column, if any, gives the captions), else a CaptionFileSource; UserError when it has neither column."""
   if not os.path.isfile(path):
     raise MissingPathError(f"{path}: no such file.")
   row_counts, _ = read_table(path)
-  if find_column(row_counts, None, LABEL_COLUMNS) is not None:
+  label_column = find_column(row_counts, None, LABEL_COLUMNS)
+  if label_column is not None and row_counts[label_column] > 0:  # a header alone, every cell blank: no labels
     return LabelTableSource(path, class_names)
   if find_column(row_counts, None, CAPTION_COLUMNS) is not None:
     return CaptionFileSource(path)

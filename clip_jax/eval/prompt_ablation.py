@@ -159,7 +159,7 @@ def run(sweep: str, workdirs: Sequence[str], out_dir: str, *, batch_size: int = 
     model, variables = load_checkpoint(workdir)
     tokenizer = _tokenizer(None, workdir, model.config.text.context_length)
     image_size = model.config.vision.image_size
-    source = open_source(info.source, info.test_split, image_size=image_size)
+    source = open_source(info.source, info.test_split, image_size=image_size, labelled=True)
     if limit:
       source = embed.Subset(source, limit)
     batches = embed.image_batches(source, batch_size=batch_size, image_size=image_size, mesh=mesh)

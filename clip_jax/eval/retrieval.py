@@ -153,8 +153,11 @@ def evaluate_retrieval(model, variables, source, tokenizer, *, batch_size: int, 
       text_image.extend([row_of_index[index]] * len(image_captions))
   if not texts:
     raise ValueError(f"{source!r} has no captions to retrieve.")
-  tokens = np.asarray(tokenizer(texts), np.int32)
-  text_emb = embed.embed_texts(model, variables, tokens, batch_size=batch_size, mesh=mesh)
+  # Each distinct caption is embedded once: repeated captions then tie exactly, whatever batch position
+  # (and, on an accelerator, whatever kernel) they would have had (retrieval_metrics' tie rule).
+  distinct, text_of = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+  tokens = np.asarray(tokenizer(list(distinct)), np.int32)
+  text_emb = embed.embed_texts(model, variables, tokens, batch_size=batch_size, mesh=mesh)[text_of.reshape(-1)]
   metrics = retrieval_metrics(images.features, text_emb, np.asarray(text_image), ks)
   if images.num_skipped:
     logging.warning("retrieval: %d unreadable images left out with their captions.", images.num_skipped)

@@ -161,7 +161,7 @@ class ZeroShotEvaluator:
     opened_here = source is None
     if opened_here:  # the user's own data takes the names into its source ({folder: name} maps)
       source = open_source(source_spec, split, data_dir=data_dir, image_size=image_size,
-                           class_names=None if info else class_names)
+                           class_names=None if info else class_names, labelled=True)
     self.source = source
     if limit is not None:
       self.source = embed.Subset(self.source, limit)
@@ -251,17 +251,23 @@ def named_source(spec: str) -> tuple[str, str]:
 
 
 def data_name(spec: str) -> str:
-  """A short name for a data spec that a metric key and a file name can hold: its last path component
-  that is not a pattern ('{split}', '{00000..00003}.tar', '*'), extension dropped, characters other
-  than letters, digits, '.', '_' and '-' made '_'; 'tfds:NAME/CONFIG' -> 'NAME_CONFIG'. E.g.
-  '/data/shapes/{split}' -> 'shapes', 'wds/{0..3}.tar' -> 'wds', 'pets.csv' -> 'pets'."""
+  """A short name for a data spec that a metric key and a file name can hold: the last path component
+  with something left once its patterns ('{split}', '{00000..00003}', '*', '?', '[...]') and (last
+  component only) its extension are removed; characters other than letters, digits, '.', '_' and '-'
+  made '_'; 'tfds:NAME/CONFIG' -> 'NAME_CONFIG'. E.g. '/data/shapes/{split}' -> 'shapes',
+  'wds/{0..3}.tar' -> 'wds', 'eval/pets_{split}.csv' -> 'pets' (not 'eval': two such tables in one
+  folder keep their own names), 'pets.csv' -> 'pets'."""
+  def clean(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
   if spec.startswith("tfds:"):
-    parts = [spec[len("tfds:"):]]
-  else:
-    parts = [p for p in os.path.normpath(spec).replace(os.sep, "/").split("/")
-             if p and p not in (".", "..") and not any(c in p for c in "{}*?[")]
-  base = os.path.splitext(parts[-1])[0] if parts and not spec.startswith("tfds:") else (parts[-1] if parts else "")
-  return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "data"
+    return clean(spec[len("tfds:"):]) or "data"
+  parts = [p for p in os.path.normpath(spec).replace(os.sep, "/").split("/") if p and p not in (".", "..")]
+  for i in range(len(parts) - 1, -1, -1):
+    part = os.path.splitext(parts[i])[0] if i == len(parts) - 1 else parts[i]
+    name = clean(re.sub(r"\{[^}]*\}|[*?]|\[[^\]]*\]", "", part))
+    if name:
+      return name
+  return "data"
 
 
 def evaluate_tasks(cfg) -> list[str]:
