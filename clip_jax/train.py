@@ -280,11 +280,12 @@ def describe_training_data(num_records: int, global_batch: int, total_steps: int
   the global batch: every batch then holds copies of a record, which the contrastive loss scores as
   negatives of themselves (one record: 16 copies, a loss of ln 16 whatever the model learns)."""
   examples = total_steps * global_batch
-  line = (f"Training data: {num_records:,} records{f' ({source})' if source else ''}; {total_steps:,} steps x "
+  records = f"{num_records:,} record{'s' * (num_records != 1)}"
+  line = (f"Training data: {records}{f' ({source})' if source else ''}; {total_steps:,} steps x "
           f"{global_batch:,} = {examples:,} examples, {examples / num_records:.3g} epochs.")
   warning = None
   if num_records < global_batch:
-    warning = (f"the training data holds {num_records:,} records, fewer than the global batch of {global_batch:,}: "
+    warning = (f"the training data holds {records}, fewer than the global batch of {global_batch:,}: "
                "every batch repeats records, and the loss counts each copy as a negative of its own "
                "caption. Add data or lower --config.global_batch.")
   return line, warning

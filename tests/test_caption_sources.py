@@ -204,8 +204,8 @@ def test_the_trainer_says_how_big_its_data_is_and_refuses_bad_data_in_one_line(t
   model = trainer.build_model(cfg)
   trainer.build_input(cfg, model)
   out = capsys.readouterr().out
-  assert "Training data: 1 records (CaptionFileSource(" in out and "4 steps x 16 = 64 examples, 64 epochs." in out
-  assert "holds 1 records, fewer than the global batch of 16: every batch repeats records" in caplog.text
+  assert "Training data: 1 record (CaptionFileSource(" in out and "4 steps x 16 = 64 examples, 64 epochs." in out
+  assert "holds 1 record, fewer than the global batch of 16: every batch repeats records" in caplog.text
   assert trainer.describe_training_data(1000, 16, 125)[1] is None
   assert trainer.describe_training_data(1000, 16, 125)[0].endswith("2,000 examples, 2 epochs.")
   # Mistakes in the data are cli.UserErrors (one line, exit 2), not tracebacks.
