@@ -410,6 +410,8 @@ def main(argv):
     from clip_jax.eval.zeroshot import build_training_evaluators
     # Its errors are about the configured zero-shot data (a path, class names, templates): one line each.
     evaluators = cli.as_user_errors(build_training_evaluators, cfg, workdir if jax.process_index() == 0 else None)
+  if jax.process_index() == 0 and zeroshot_line(evaluators, cfg.eval_every):
+    print(zeroshot_line(evaluators, cfg.eval_every), flush=True)
   out = train_and_evaluate(cfg, workdir, evaluators, rerun_eval=rerun_eval)
   if out["preempted"]:
     return loop.EXIT_PREEMPTED  # saved; the same command resumes
@@ -425,6 +427,20 @@ def main(argv):
           + evaluate_hint(cfg, workdir) + ")")
   loop.mark_finished(workdir, out["step"], [json_path, md_path])
   return 0
+
+
+def zeroshot_line(evaluators, eval_every: int) -> str | None:
+  """The start's line on the zero-shot hook: what it evaluates and when, or that eval_every=0 turns it off
+  (`:runlocal` does); None without one. Says it because a config's zero-shot data (the embedded digits in
+  configs/clip/digits.py) stays when --config.data.source points the training at other data."""
+  if not evaluators:
+    return None
+  names = ", ".join(evaluator.name for evaluator in evaluators)
+  if not eval_every:
+    return (f"Zero-shot evaluation is off (eval_every=0): {names} will not be evaluated; "
+            "--config.eval_every=N turns it on.")
+  return (f"Zero-shot evaluation of {names} every {eval_every:,} steps and at the last "
+          "(--config.zeroshot_eval.source=NAME=DATA for your own labelled test images).")
 
 
 def evaluate_hint(cfg, workdir: str) -> str:

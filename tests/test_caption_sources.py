@@ -186,6 +186,31 @@ def test_evaluation_reads_labels_whatever_captions_the_data_also_has(tmp_path):
   assert isinstance(sources.open_source(str(table)), captioned.CaptionFileSource)
 
 
+def test_a_tar_range_with_missing_shards_is_refused(tmp_path):
+  # A re-check: '{00000..00009}.tar' with only 00000-00003 written trained on 4 of 10 shards without a word
+  # (prepare refused the same range).
+  for i in range(2):
+    _tar(tmp_path / f"{i:05d}.tar", [("a.png", _png_bytes(i)), ("a.txt", b"a caption")])
+  assert len(sources.open_source(str(tmp_path / "{00000..00001}.tar"))) == 2
+  with pytest.raises(UserError, match=r"3 of the 5 shards it names are missing \(e.g. .*00002.tar\)"):
+    sources.open_source(str(tmp_path / "{00000..00004}.tar"))
+  with pytest.raises(FileNotFoundError, match="1 of the 1 shards it names is missing"):
+    sources.open_source(str(tmp_path / "nowhere.tar"))
+  assert len(sources.open_source(str(tmp_path / "*.tar"))) == 2  # a glob takes what matches
+
+
+def test_the_start_says_what_the_zero_shot_hook_evaluates_or_that_it_is_off():
+  # A re-check: training on one's own captions reported the config's digits zero-shot (chance) unannounced,
+  # and :runlocal (eval_every=0) dropped a configured zero-shot source without a word.
+  class Named:
+    name = "digits"
+  assert trainer.zeroshot_line([], 100) is None
+  assert trainer.zeroshot_line([Named()], 600) == (
+      "Zero-shot evaluation of digits every 600 steps and at the last (--config.zeroshot_eval.source=NAME=DATA "
+      "for your own labelled test images).")
+  assert trainer.zeroshot_line([Named()], 0).startswith("Zero-shot evaluation is off (eval_every=0): digits")
+
+
 def _tiny_config(zeroshot_eval=None, **overrides):
   c = runlocal(base_config())
   c.model.name = "ViT-Tiny"

@@ -251,4 +251,11 @@ def find_tars(path: str) -> list[str]:
   if not path.endswith(".tar"):
     return []
   from clip_jax.data.prepare import expand_braces  # the same {000..009} rule as the converter
-  return sorted(p for pattern in expand_braces(path) for p in (glob.glob(pattern) or [pattern]) if os.path.isfile(p))
+  patterns = expand_braces(path)
+  # A shard named exactly (a file or a {a..b} range) must be there, as `prepare` requires: a range
+  # reaching past the shards written would otherwise train on a fraction of the data without a word.
+  missing = [p for p in patterns if not glob.has_magic(p) and not os.path.isfile(p)]
+  if missing:
+    raise MissingPathError(f"{path}: {len(missing)} of the {len(patterns)} shards it names "
+                           f"{'is' if len(missing) == 1 else 'are'} missing (e.g. {missing[0]}); name the shards that exist.")
+  return sorted(p for pattern in patterns for p in (glob.glob(pattern) or [pattern]) if os.path.isfile(p))
