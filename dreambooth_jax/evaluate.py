@@ -1,10 +1,11 @@
 r"""The DreamBooth paper's evaluation of one fine-tuned subject, beside the paper's numbers.
 
-    python -m dreambooth_jax.evaluate --model runs/dog/export --instance-dir photos/ --class-noun dog \
+    python -m dreambooth_jax.evaluate --model runs/dog/export --instance-dir photos/ \
         --live --clip CLIP_CKPT --dino DINO_WEIGHTS --lpips-backbone ALEXNET_WEIGHTS --out runs/dog/eval
 
-The identifier defaults to the run's own (identifier.json in the export, or in the run folder above
-it, as `dreambooth_jax.train` writes them); an --identifier that disagrees with it is refused.
+The identifier and the class noun default to the run's own (identifier.json in the export, or in the run
+folder above it, as `dreambooth_jax.train` writes them); an --identifier that disagrees with it is
+refused, another --class-noun is used and said.
 
 Generates `--images-per-prompt` images for each of the paper's 25 prompts (recontextualisation,
 accessorisation for live subjects / more contexts for objects, property change), and images of
@@ -125,22 +126,34 @@ def evaluate_subject(pipe, params, metrics, real_images: Sequence[np.ndarray], *
   return results, generated, per_image
 
 
-def run_identifier(model_dir: str) -> tuple[str | None, str | None]:
-  """(identifier, the file it came from) of the run that made `model_dir`: its own identifier.json
-  (the trainer's export holds one) or the run folder's above it (exports made before it did);
-  (None, None) when neither exists."""
+def run_record(model_dir: str) -> tuple[dict, str | None]:
+  """(record, the file it came from) of the run that made `model_dir`: its own identifier.json (the
+  trainer's export holds one) or the run folder's above it (exports made before it did); ({}, None)
+  when neither holds a usable one. The record has 'identifier' and, from runs since session 26,
+  'class_noun' (older runs: read back from their 'class_prompt', "a {class noun}")."""
   import json
   for folder in (model_dir, os.path.dirname(os.path.normpath(model_dir))):
     path = os.path.join(folder, IDENTIFIER_FILE)
     if os.path.isfile(path):
       try:
         with open(path) as f:
-          identifier = json.load(f).get("identifier")
+          record = json.load(f)
+        identifier = record.get("identifier")
       except (OSError, ValueError, AttributeError):
         continue
       if isinstance(identifier, str) and identifier:
-        return identifier, path
-  return None, None
+        class_prompt = record.get("class_prompt")
+        if not record.get("class_noun") and isinstance(class_prompt, str) and class_prompt.startswith("a "):
+          record["class_noun"] = class_prompt[len("a "):]
+        return record, path
+  return {}, None
+
+
+def run_identifier(model_dir: str) -> tuple[str | None, str | None]:
+  """(identifier, the file it came from) of the run that made `model_dir` (`run_record`); (None, None)
+  when it has none."""
+  record, path = run_record(model_dir)
+  return record.get("identifier"), path
 
 
 def resolve_identifier(given: str | None, model_dir: str) -> str:
@@ -163,12 +176,33 @@ def resolve_identifier(given: str | None, model_dir: str) -> str:
   return found
 
 
+def resolve_class_noun(given: str | None, model_dir: str) -> str:
+  """The class noun of the evaluation prompts ("a [V] dog", and "a dog" for PRES): --class-noun, or the
+  run's (`run_record`) when not given. Another noun than the run's is allowed (a prompt ablation, as
+  the paper's Table 4 varies it in training) and said in one line. Raises clip_jax.cli.UserError
+  when neither is known."""
+  from clip_jax.cli import UserError
+  record, path = run_record(model_dir)
+  found = record.get("class_noun")
+  if given is None:
+    if not found:
+      raise UserError(f"{model_dir} records no class noun (no {IDENTIFIER_FILE} with one here or in its parent "
+                      "folder): pass --class-noun, the noun the model was trained with (e.g. dog).")
+    print(f"Class noun {found!r} (from {path})", flush=True)
+    return found
+  if found and given != found:
+    print(f"Note: --class-noun {given!r} differs from the run's {found!r} ({path}): the prompts say "
+          f"'{record['identifier']} {given}'.", flush=True)
+  return given
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m dreambooth_jax.evaluate", description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, help="the fine-tuned diffusers folder (the trainer's export/)")
   parser.add_argument("--instance-dir", required=True, help="the subject's real photos")
-  parser.add_argument("--class-noun", required=True)
+  parser.add_argument("--class-noun", default=None,
+                      help="the subject's class, e.g. dog (default: the run's, from identifier.json like --identifier)")
   parser.add_argument("--identifier", default=None,
                       help="the rare token the model was trained with (default: the run's, from identifier.json "
                            "in --model or its parent folder; needed for a model without one)")
@@ -187,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     args.identifier = resolve_identifier(args.identifier, args.model)
+    args.class_noun = resolve_class_noun(args.class_noun, args.model)
   except ValueError as e:
     from clip_jax import cli
     return cli.print_user_error(str(e), e)

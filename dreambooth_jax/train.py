@@ -252,7 +252,8 @@ def choose_identifier(cfg, pipe: sd.StableDiffusion, workdir: str) -> str:
   if jax.process_index() == 0:  # via rename: another process may be reading it
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
-      json.dump({"identifier": identifier, "instance_prompt": ident.instance_prompt(identifier, cfg.class_noun),
+      json.dump({"identifier": identifier, "class_noun": cfg.class_noun,
+                 "instance_prompt": ident.instance_prompt(identifier, cfg.class_noun),
                  "class_prompt": ident.class_prompt(cfg.class_noun)}, f, indent=2)
     os.replace(path + ".tmp", path)
   return identifier

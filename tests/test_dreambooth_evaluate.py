@@ -70,6 +70,38 @@ def test_the_identifier_is_the_runs_and_a_different_one_is_refused(tmp_path, cap
     db_eval.resolve_identifier(None, str(tmp_path))  # a model folder from elsewhere: no default
 
 
+def test_the_class_noun_is_the_runs_unless_given(tmp_path, capsys):
+  """`evaluate` needed --class-noun although the run's identifier.json knew it: the run's is the default
+  (the file's class_noun, or for older runs its class_prompt "a toy"), another one is used and said,
+  and a model that records none asks for it in one line."""
+  run, export = tmp_path / "run", tmp_path / "run" / "export"
+  export.mkdir(parents=True)
+  (run / "identifier.json").write_text(json.dumps({"identifier": "sqm", "class_prompt": "a stuffed toy"}))
+  assert db_eval.resolve_class_noun(None, str(export)) == "stuffed toy"  # older run: from its class prompt
+  assert "Class noun 'stuffed toy'" in capsys.readouterr().out
+  (export / "identifier.json").write_text(json.dumps({"identifier": "sqm", "class_noun": "dog",
+                                                       "class_prompt": "a dog"}))
+  assert db_eval.resolve_class_noun(None, str(export)) == "dog"
+  assert db_eval.resolve_class_noun("puppy", str(export)) == "puppy"
+  assert "'puppy' differs from the run's 'dog'" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="pass --class-noun"):
+    db_eval.resolve_class_noun(None, str(tmp_path))
+  code = db_eval.main(["--model", str(tmp_path), "--instance-dir", str(tmp_path), "--identifier", "sks",
+                       "--clip", "x", "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert code == 2 and len(err.strip().splitlines()) == 1 and "--class-noun" in err
+
+
+def test_the_trainer_records_the_class_noun_for_evaluation(tmp_path):
+  import ml_collections
+
+  from dreambooth_jax import train as db_train
+  cfg = ml_collections.ConfigDict({"identifier": "sqm", "class_noun": "red seven"})
+  assert db_train.choose_identifier(cfg, None, str(tmp_path)) == "sqm"
+  assert db_eval.run_record(str(tmp_path / "export"))[0]["class_noun"] == "red seven"
+  assert db_eval.resolve_class_noun(None, str(tmp_path / "export")) == "red seven"
+
+
 def test_the_identifier_file_has_one_name_the_trainer_and_evaluation_share():
   """The trainer wrote 'identifier.json' by a literal and evaluate had its own IDENTIFIER_FILE: one
   definition (dreambooth_jax.training.identifier.IDENTIFIER_FILE) names the file for both."""
