@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 
 import ml_collections
 import numpy as np
@@ -19,6 +18,7 @@ from clip_jax.cli import UserError
 from clip_jax.data import captioned, labelled, make_pipeline, quality_counts, sources
 from clip_jax.eval import retrieval, zeroshot
 from configs.clip.common import base_config, runlocal
+from tarfiles import write_tar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,14 +27,6 @@ def _png_bytes(seed, size=(12, 16)):
   buffer = io.BytesIO()
   Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, "PNG")
   return buffer.getvalue()
-
-
-def _tar(path, members):
-  with tarfile.open(path, "w") as archive:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      archive.addfile(info, io.BytesIO(data))
 
 
 class RecordingTokenizer:
@@ -65,12 +57,12 @@ def test_img2dataset_tars_train_on_their_captions(tmp_path):
   # keys without any caption (skipped, counted); a .txt without its image. Was: every key 'missing_label',
   # the pipeline died after 1000 unusable records.
   os.makedirs(tmp_path / "wds")
-  _tar(tmp_path / "wds" / "00000.tar", [
+  write_tar(tmp_path / "wds" / "00000.tar", [
       ("00000.png", _png_bytes(0)), ("00000.txt", b"a red square"), ("00000.json", b'{"caption": "ignored"}'),
       ("00001.png", _png_bytes(1)), ("00001.json", json.dumps({"caption": "a blue circle", "status": "success"}).encode()),
       ("00002.png", _png_bytes(2)), ("00002.json", b'{"status": "failed_to_download"}'),
       ("00003.png", _png_bytes(3))])
-  _tar(tmp_path / "wds" / "00001.tar", [
+  write_tar(tmp_path / "wds" / "00001.tar", [
       ("00004.png", _png_bytes(4)), ("00004.txt", b"a green star"), ("00004.cls", b"1"),
       ("00005.txt", b"no image")])
   source = sources.open_source(str(tmp_path / "wds" / "{00000..00001}.tar"))
@@ -85,7 +77,7 @@ def test_img2dataset_tars_train_on_their_captions(tmp_path):
   assert counts["skipped"]["missing_caption"] >= 2 and set(counts["skipped"]) == {"missing_caption", "missing_image"}
   # Labelled tars without captions stay labelled data, as before: template captions, unlabelled keys skipped.
   os.makedirs(tmp_path / "cls")
-  _tar(tmp_path / "cls" / "0.tar", [("a.png", _png_bytes(5)), ("a.cls", b"0"), ("b.png", _png_bytes(6))])
+  write_tar(tmp_path / "cls" / "0.tar", [("a.png", _png_bytes(5)), ("a.cls", b"0"), ("b.png", _png_bytes(6))])
   labelled_tars = sources.open_source(str(tmp_path / "cls"))
   assert not labelled_tars.has_captions and labelled_tars[0]["captions"][0] == "a photo of a 0."
   assert labelled_tars[1]["skip"] == "missing_label"
@@ -163,7 +155,7 @@ def test_evaluation_reads_labels_whatever_captions_the_data_also_has(tmp_path):
   assert [labels[i]["label"] for i in range(len(labels))] == [0, 0, 1, 1]
 
   meta = json.dumps({"caption": "metadata", "url": "x"}).encode()
-  _tar(tmp_path / "labelled.tar", [("a.png", _png_bytes(1)), ("a.cls", b"0"), ("a.json", meta),
+  write_tar(tmp_path / "labelled.tar", [("a.png", _png_bytes(1)), ("a.cls", b"0"), ("a.json", meta),
                                    ("b.png", _png_bytes(2)), ("b.cls", b"1"), ("b.json", meta),
                                    ("c.png", _png_bytes(3)), ("c.json", meta)])
   for reading in (sources.open_source(str(tmp_path / "labelled.tar")),
@@ -171,13 +163,13 @@ def test_evaluation_reads_labels_whatever_captions_the_data_also_has(tmp_path):
     assert not reading.has_captions and reading.problems == {"missing_label": 1}
     assert [reading[i].get("label", reading[i].get("skip")) for i in range(3)] == [0, 1, "missing_label"]
   # Tars with .txt captions are caption data for training, labelled data for evaluation.
-  _tar(tmp_path / "both.tar", [("a.png", _png_bytes(1)), ("a.cls", b"0"), ("a.txt", b"a cat"),
+  write_tar(tmp_path / "both.tar", [("a.png", _png_bytes(1)), ("a.cls", b"0"), ("a.txt", b"a cat"),
                                ("c.png", _png_bytes(3)), ("c.txt", b"no label")])
   assert sources.open_source(str(tmp_path / "both.tar")).has_captions
   both = sources.open_source(str(tmp_path / "both.tar"), labelled=True)
   assert not both.has_captions and both.problems == {"missing_label": 1}
   # Unlabelled tars with json captions alone stay caption data.
-  _tar(tmp_path / "json_only.tar", [("a.png", _png_bytes(1)), ("a.json", meta)])
+  write_tar(tmp_path / "json_only.tar", [("a.png", _png_bytes(1)), ("a.json", meta)])
   assert sources.open_source(str(tmp_path / "json_only.tar")).has_captions
 
   # A label column that no row fills is no label column: the captions are the data.
@@ -190,7 +182,7 @@ def test_a_tar_range_with_missing_shards_is_refused(tmp_path):
   # A re-check: '{00000..00009}.tar' with only 00000-00003 written trained on 4 of 10 shards without a word
   # (prepare refused the same range).
   for i in range(2):
-    _tar(tmp_path / f"{i:05d}.tar", [("a.png", _png_bytes(i)), ("a.txt", b"a caption")])
+    write_tar(tmp_path / f"{i:05d}.tar", [("a.png", _png_bytes(i)), ("a.txt", b"a caption")])
   assert len(sources.open_source(str(tmp_path / "{00000..00001}.tar"))) == 2
   with pytest.raises(UserError, match=r"3 of the 5 shards it names are missing \(e.g. .*00002.tar\)"):
     sources.open_source(str(tmp_path / "{00000..00004}.tar"))

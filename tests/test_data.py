@@ -3,7 +3,6 @@ import io
 import json
 import os
 import struct
-import tarfile
 import zlib
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from PIL import Image
 
 from clip_jax.data import digits, images, pipeline, prepare, records, sources
+from tarfiles import write_tar
 
 try:
   from clip_jax.tokenizer import tokenize
@@ -255,17 +255,6 @@ def test_prepare_keeps_a_jsonl_rows_list_of_captions(tmp_path):
   assert rows["photos/good.jpg"]["captions"] == ["a dog", "a brown dog", "7"]
   assert rows["photos/rgba.png"]["captions"] == ["just one"]
   assert rows["photos/tiny.png"]["captions"] == ["2"] and rows["photos/tiny.png"]["label"] == 2  # template '{}'
-
-
-def write_tar(path, members, truncate=False):
-  buffer = io.BytesIO()
-  with tarfile.open(fileobj=buffer, mode="w") as tar:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
-  data = buffer.getvalue()
-  path.write_bytes(data[:len(data) // 2] if truncate else data)
 
 
 def test_prepare_webdataset_tars(tmp_path):

@@ -357,6 +357,21 @@ def test_microbatches_give_the_full_batch_loss_and_gradient(tiny_model_dir, inst
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _photos_and_classes_config(tmp_path, count: int):
+  """`count` instance photos IMG_i.png and class images ci.png (8x8 greys), a run folder and the
+  runlocal config naming them (2 class images used)."""
+  photos, classes, workdir = tmp_path / "photos", tmp_path / "classes", tmp_path / "run"
+  photos.mkdir()
+  classes.mkdir()
+  for i in range(count):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(photos / f"IMG_{i}.png")
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(classes / f"c{i}.png")
+  cfg = get_config("runlocal")
+  cfg.pretrained_model, cfg.instance_dir, cfg.class_noun, cfg.class_dir = "sd", str(photos), "toy", str(classes)
+  cfg.num_class_images = 2
+  return photos, classes, workdir, cfg
+
+
 def test_a_resume_after_the_photos_changed_is_refused_by_name(tmp_path):
   """A new user's Ctrl-C, photos swapped, same command: it resumed silently on other photos. The photos
   (and a class_dir of the user's own) are compared by name and content as `train_and_export` does
@@ -365,15 +380,7 @@ def test_a_resume_after_the_photos_changed_is_refused_by_name(tmp_path):
 
   from clip_jax import loop
   from clip_jax.cli import UserError
-  photos, classes, workdir = tmp_path / "photos", tmp_path / "classes", tmp_path / "run"
-  photos.mkdir()
-  classes.mkdir()
-  for i in range(3):
-    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(photos / f"IMG_{i}.png")
-    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(classes / f"c{i}.png")
-  cfg = get_config("runlocal")
-  cfg.pretrained_model, cfg.instance_dir, cfg.class_noun, cfg.class_dir = "sd", str(photos), "toy", str(classes)
-  cfg.num_class_images = 2
+  photos, classes, workdir, cfg = _photos_and_classes_config(tmp_path, 3)
 
   def resume(allow=False):
     return loop.check_workdir(str(workdir), db.config_with_images(cfg, str(workdir)), total_steps=cfg.total_steps,
@@ -418,15 +425,7 @@ def test_a_finished_run_with_recorded_photos_is_finished_again_with_the_same_com
   import json
 
   from clip_jax import loop
-  photos, classes, workdir = tmp_path / "photos", tmp_path / "classes", tmp_path / "run"
-  photos.mkdir()
-  classes.mkdir()
-  for i in range(2):
-    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(photos / f"IMG_{i}.png")
-    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(classes / f"c{i}.png")
-  cfg = get_config("runlocal")
-  cfg.pretrained_model, cfg.instance_dir, cfg.class_noun, cfg.class_dir = "sd", str(photos), "toy", str(classes)
-  cfg.num_class_images = 2
+  photos, classes, workdir, cfg = _photos_and_classes_config(tmp_path, 2)
 
   def again(**kwargs):
     return loop.check_workdir(str(workdir), db.config_with_images(cfg, str(workdir)), total_steps=cfg.total_steps,

@@ -3,7 +3,6 @@
 import io
 import json
 import os
-import tarfile
 
 import jax
 import numpy as np
@@ -13,6 +12,7 @@ from PIL import Image
 import clip_jax
 from clip_jax import evaluate as cli
 from clip_jax.data import labelled, prepare, sources
+from tarfiles import write_tar
 
 
 def _png(path, rng, size=(20, 30)):
@@ -168,7 +168,7 @@ def test_class_names_listed_in_another_order_keep_each_class_its_own(tmp_path, c
     assert evaluator.class_names == expected, given
 
   os.makedirs(tmp_path / "wds")
-  _tar(tmp_path / "wds" / "0.tar", [("s0.png", _png_bytes(rng)), ("s0.cls", b"1")])
+  write_tar(tmp_path / "wds" / "0.tar", [("s0.png", _png_bytes(rng)), ("s0.cls", b"1")])
   (tmp_path / "wds" / "classnames.txt").write_text("one\nzero\n")
   tars = sources.open_source(str(tmp_path / "wds" / "0.tar"), class_names=["zero", "one"])
   assert tars.class_names == ["one", "zero"] and tars[0]["label"] == 1
@@ -184,14 +184,6 @@ def test_a_file_that_is_no_data_source_is_one_line(tmp_path):
     sources.open_source(str(tmp_path / "no_folder"))
 
 
-def _tar(path, members):
-  with tarfile.open(path, "w") as archive:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      archive.addfile(info, io.BytesIO(data))
-
-
 def _png_bytes(rng):
   buffer = io.BytesIO()
   Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(buffer, format="PNG")
@@ -202,9 +194,9 @@ def test_webdataset_tars_with_cls_and_classnames_file(tmp_path):
   rng = np.random.default_rng(2)
   os.makedirs(tmp_path / "wds" / "test")
   images = [_png_bytes(rng) for _ in range(4)]
-  _tar(tmp_path / "wds" / "test" / "0.tar", [("s0.png", images[0]), ("s0.cls", b"1"), ("s1.png", images[1]),
+  write_tar(tmp_path / "wds" / "test" / "0.tar", [("s0.png", images[0]), ("s0.cls", b"1"), ("s1.png", images[1]),
                                               ("s1.cls", b"0\n"), ("s2.cls", b"1")])
-  _tar(tmp_path / "wds" / "test" / "1.tar", [("s3.png", images[2]), ("s3.cls", b"5"), ("s4.webp", b"RIFF"),
+  write_tar(tmp_path / "wds" / "test" / "1.tar", [("s3.png", images[2]), ("s3.cls", b"5"), ("s4.webp", b"RIFF"),
                                               ("s5.png", images[3])])
   (tmp_path / "wds" / "classnames.txt").write_text("cat\ndog\n")  # clip_benchmark's layout: one folder up
   source = sources.open_source(str(tmp_path / "wds" / "{split}"), "test")
@@ -239,7 +231,7 @@ def test_prepare_converts_class_folders_tables_and_tars(tmp_path, capsys):
   assert sorted((r["label"], r["captions"][0]) for r in (table[0], table[1])) == [(1, "a cat on a mat"), (1, "a tabby photo")]
 
   os.makedirs(tmp_path / "tars")
-  _tar(tmp_path / "tars" / "0.tar", [("k0.png", _png_bytes(rng)), ("k0.cls", b"1"), ("k1.png", _png_bytes(rng)),
+  write_tar(tmp_path / "tars" / "0.tar", [("k0.png", _png_bytes(rng)), ("k0.cls", b"1"), ("k1.png", _png_bytes(rng)),
                                      ("k1.txt", b"its own caption"), ("k1.cls", b"0")])
   (tmp_path / "tars" / "classnames.txt").write_text("cat\ndog\n")
   report = prepare.convert([str(tmp_path / "tars" / "0.tar")], str(tmp_path / "from_tar"), verbose=False)
