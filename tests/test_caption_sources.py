@@ -83,6 +83,50 @@ def test_img2dataset_tars_train_on_their_captions(tmp_path):
   assert labelled_tars[1]["skip"] == "missing_label"
 
 
+def test_a_table_is_read_once_when_opened(tmp_path, monkeypatch):
+  """open_table read the whole table to tell labels from captions, then the source read it again (a
+  LAION-size CSV twice into memory): the source now takes the rows already read."""
+  reads, read_table = [], labelled.read_table
+
+  def counting_read_table(path, *args, **kwargs):
+    reads.append(path)
+    return read_table(path, *args, **kwargs)
+  for module in (sources, captioned, labelled):
+    monkeypatch.setattr(module, "read_table", counting_read_table)
+  (tmp_path / "0.png").write_bytes(_png_bytes(0))
+  (tmp_path / "captions.csv").write_text("filepath,title\n0.png,a red square\n")
+  (tmp_path / "labels.csv").write_text("path,label\n0.png,cat\n")
+  assert sources.open_source(str(tmp_path / "captions.csv")).all_captions() == [["a red square"]]
+  assert sources.open_source(str(tmp_path / "labels.csv")).class_names == ["cat"]
+  assert reads == [str(tmp_path / "captions.csv"), str(tmp_path / "labels.csv")]
+
+
+def test_tar_shards_beside_images_are_refused_by_training_and_prepare_alike(tmp_path, capsys):
+  """A folder of class sub-folders with a stray archive beside them trained on the archive (sources.find_tars
+  took any top-level .tar) while `prepare` read the images: one rule now (`prepare.folder_tars`), and a
+  folder holding both is one line that says how to name either; a hidden folder does not count."""
+  from clip_jax.data import prepare
+  mixed = tmp_path / "photos"
+  (mixed / "cat").mkdir(parents=True)
+  (mixed / "cat" / "0.png").write_bytes(_png_bytes(0))
+  write_tar(mixed / "backup.tar", [("a.png", _png_bytes(1)), ("a.txt", b"a caption")])
+  for labelled_data in (False, True):
+    with pytest.raises(UserError, match=r"photos holds 1 \.tar shard beside 1 sub-folder: name the shards .*\*\.tar"):
+      sources.open_source(str(mixed), labelled=labelled_data)
+  assert prepare.main(["--input", str(mixed), "--output", str(tmp_path / "auto")]) == 2
+  assert "beside 1 sub-folder" in capsys.readouterr().err
+  assert prepare.main(["--input", str(mixed), "--output", str(tmp_path / "classes"), "--layout", "classes"]) == 0
+  named = sources.open_source(str(mixed / "*.tar"))  # the shards, named
+  assert isinstance(named, sources.WebDatasetSource) and len(named) == 1
+  (mixed / "cat" / "0.png").unlink()
+  (mixed / "cat").rmdir()
+  (mixed / ".ipynb_checkpoints").mkdir()
+  assert isinstance(sources.open_source(str(mixed)), sources.WebDatasetSource)
+  (mixed / "preview.jpg").write_bytes(_png_bytes(2))
+  with pytest.raises(UserError, match="beside 1 image:"):
+    sources.open_source(str(mixed))
+
+
 def test_caption_tables_train_on_their_captions(tmp_path):
   for i in range(3):
     (tmp_path / "img").mkdir(exist_ok=True)

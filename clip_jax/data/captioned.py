@@ -33,14 +33,14 @@ class CaptionFileSource:
   all, or no image or caption column, raises ValueError (a UserError); a missing file
   FileNotFoundError (MissingPathError)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, table: tuple | None = None):
     if not os.path.isfile(path):
       raise MissingPathError(f"{path}: no such caption file.")
     self.path = path
     root = os.path.dirname(os.path.abspath(path))
     grouped: dict[str, list[str]] = {}
     problems = Problems()
-    for where, image, captions in self._read_rows(path):
+    for where, image, captions in self._read_rows(path, table):
       if image is None:
         problems.add("malformed_row", where)
         continue
@@ -55,11 +55,11 @@ class CaptionFileSource:
     problems.log(path)
 
   @staticmethod
-  def _read_rows(path: str):
+  def _read_rows(path: str, table: tuple | None = None):
     """(where, image path or None for a malformed row, [captions]) per row of a caption table
-    (labelled.read_table: UTF-8 with or without a byte-order mark); a JSONL row may name its captions
-    with any caption column."""
-    row_counts, rows = read_table(path)
+    (labelled.read_table: UTF-8 with or without a byte-order mark; `table`: its result, when the
+    caller has read it already); a JSONL row may name its captions with any caption column."""
+    row_counts, rows = table if table is not None else read_table(path)
     try:
       image_key = pick_column(row_counts, None, PATH_COLUMNS, "image", path)
       caption_key = pick_column(row_counts, None, CAPTION_COLUMNS, "caption", path)

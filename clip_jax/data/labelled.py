@@ -273,16 +273,17 @@ class LabelTableSource(LabelledFiles):
   record (counted); an unreadable table or a missing column raises ValueError. A caption column
   (`caption_column`, or the CAPTION_COLUMNS one `find_column` picks), where present, gives the
   training captions of the rows that fill it (`caption_list`); the others get `templates`.
+  `table`: `read_table(path)`'s result when the caller has read it already (sources.open_table).
   """
 
   def __init__(self, path: str, class_names: Sequence[str] | None = None, *, path_column: str | None = None,
                label_column: str | None = None, caption_column: str | None = None,
-               templates: Sequence[str] | None = None):
+               templates: Sequence[str] | None = None, table: tuple | None = None):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such label file.")
     if isinstance(class_names, Mapping):
       raise ValueError(f"{path}: class names for a label table are a list (index order), not an object.")
-    row_counts, rows = read_table(path)
+    row_counts, rows = table if table is not None else read_table(path)
     path_col = pick_column(row_counts, path_column, PATH_COLUMNS, "path", path)
     label_col = pick_column(row_counts, label_column, LABEL_COLUMNS, "label", path)
     caption_col = find_column(row_counts, caption_column, CAPTION_COLUMNS)

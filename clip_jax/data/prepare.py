@@ -154,7 +154,7 @@ def read_candidates(path: str, args) -> Iterator[Candidate]:
     if args.verbose:
       print(_layout_line(path, layout, why, args.caption_template))
     if layout == "tars":
-      for tar in _tars_in(path):
+      for tar in folder_tars(path):
         yield from _read_tar(tar, args)
     elif layout == "classes":
       yield from _read_class_folders(path, args)
@@ -184,8 +184,8 @@ def folder_layout(root: str, layout: str = "auto") -> tuple[str, str]:
   entries = list(os.scandir(root))
   subfolders = sum(e.is_dir() for e in entries)
   if layout == "auto":
-    tars = len(_tars_in(root))
-    if tars and not subfolders and not any(e.is_file() and is_image_file(e.name) for e in entries):
+    tars = len(folder_tars(root))
+    if tars:
       return "tars", f"it holds {tars} .tar shard{'s' * (tars != 1)} and no images or sub-folders"
   images = captioned = 0
   for _, _, files in os.walk(root):
@@ -205,9 +205,27 @@ def folder_layout(root: str, layout: str = "auto") -> tuple[str, str]:
                      "--layout captions reads the sidecar captions instead")
 
 
-def _tars_in(root: str) -> list[str]:
-  """The .tar files at a folder's top level, sorted (as clip_jax.data.sources.find_tars lists them)."""
-  return sorted(e.path for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(".tar"))
+def folder_tars(root: str) -> list[str]:
+  """The .tar shards a folder stands for, sorted: those at its top level when it holds no images and no
+  sub-folders beside them (img2dataset's output: shards with their .parquet and .json stats); [] when it
+  holds none. The one rule of `prepare` and of training and evaluation (`sources.find_tars`).
+
+  Raises UserError when shards sit beside images or (visible) sub-folders: either could be the data,
+  and taking one without a word is how a stray archive becomes the training set (training took the
+  shards of such a folder, `prepare` its images); the line says how to name the one meant."""
+  entries = list(os.scandir(root))
+  tars = sorted(e.path for e in entries if e.is_file() and e.name.lower().endswith(".tar"))
+  if not tars:
+    return []
+  images = sum(e.is_file() and is_image_file(e.name) for e in entries)
+  subfolders = sum(e.is_dir() and not e.name.startswith(".") for e in entries)
+  if images or subfolders:
+    beside = " and ".join(f"{n} {what}{'s' * (n != 1)}" for n, what in ((images, "image"), (subfolders, "sub-folder"))
+                          if n)
+    raise UserError(f"{root} holds {len(tars)} .tar shard{'s' * (len(tars) != 1)} beside {beside}: name the shards "
+                    f"({os.path.join(root, '*.tar')}) to read them, or move them out to read the images "
+                    "(`prepare --layout captions|classes` reads the images as they are).")
+  return tars
 
 
 def _layout_line(path: str, layout: str, why: str, caption_template: str) -> str:

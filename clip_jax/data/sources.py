@@ -230,12 +230,13 @@ def open_table(path: str, class_names=None):
   column, if any, gives the captions), else a CaptionFileSource; UserError when it has neither column."""
   if not os.path.isfile(path):
     raise MissingPathError(f"{path}: no such file.")
-  row_counts, _ = read_table(path)
+  table = read_table(path)  # read once: the source built from it takes it as it is
+  row_counts, _ = table
   label_column = find_column(row_counts, None, LABEL_COLUMNS)
   if label_column is not None and row_counts[label_column] > 0:  # a header alone, every cell blank: no labels
-    return LabelTableSource(path, class_names)
+    return LabelTableSource(path, class_names, table=table)
   if find_column(row_counts, None, CAPTION_COLUMNS) is not None:
-    return CaptionFileSource(path)
+    return CaptionFileSource(path, table=table)
   raise UserError(f"{path}: no caption or label column among {list(row_counts)}; an image-caption table needs "
                   f"an image column ({', '.join(PATH_COLUMNS)}) and a caption column ({', '.join(CAPTION_COLUMNS)}); "
                   f"a labelled one a label column ({', '.join(LABEL_COLUMNS)}) instead.")
@@ -243,11 +244,13 @@ def open_table(path: str, class_names=None):
 
 def find_tars(path: str) -> list[str]:
   """webdataset shards named by `path` (a .tar file, a glob or {a..b} range of them, or a folder that
-  holds .tar files and no .array_record shards), sorted; [] when it names none."""
+  holds .tar files and no .array_record shards: `prepare.folder_tars`, which refuses shards beside
+  images or sub-folders), sorted; [] when it names none."""
   if os.path.isdir(path):
     if glob.glob(os.path.join(path, "*.array_record")):
       return []
-    return sorted(glob.glob(os.path.join(path, "*.tar")))
+    from clip_jax.data.prepare import folder_tars  # the converter's rule: shards alone, not beside images
+    return folder_tars(path)
   if not path.endswith(".tar"):
     return []
   from clip_jax.data.prepare import expand_braces  # the same {000..009} rule as the converter
