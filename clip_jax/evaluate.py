@@ -88,8 +88,8 @@ def parse_task(text: str) -> Task:
     raise ValueError(f"task {text!r} is not KIND:DATASET; e.g. zeroshot:cifar10 (kinds: {', '.join(TASK_KINDS)}).")
   if kind not in TASK_KINDS:
     raise ValueError(f"unknown task kind {kind!r} in {text!r}; use one of {', '.join(TASK_KINDS)}.")
-  name, _, data = rest.partition("=")
-  data = data or None
+  from clip_jax.eval.zeroshot import split_name  # NAME=DATA as the trainer's zero-shot hook reads it
+  name, data = split_name(rest)
   if kind == "retrieval":
     info = find_retrieval_dataset(name)
     if info is not None:

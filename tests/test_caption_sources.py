@@ -5,6 +5,7 @@ are one-line UserErrors. The trainer says how big its data is; its zero-shot hoo
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -279,7 +280,7 @@ def test_the_trainer_says_how_big_its_data_is_and_refuses_bad_data_in_one_line(t
       trainer.build_input(_tiny_config(**{"data.source": str(spec)}), model)
 
 
-def test_zeroshot_hook_names_paths_safely_and_takes_name_equals_data(tmp_path):
+def test_zeroshot_hook_names_paths_safely_and_takes_name_equals_data(tmp_path, monkeypatch):
   for cls in ("red_circle", "blue_square"):
     os.makedirs(tmp_path / "shapes" / cls)
     (tmp_path / "shapes" / cls / "0.png").write_bytes(_png_bytes(0))
@@ -287,6 +288,19 @@ def test_zeroshot_hook_names_paths_safely_and_takes_name_equals_data(tmp_path):
   assert zeroshot.named_source(path) == ("shapes", path)
   assert zeroshot.named_source(f"pets={path}") == ("pets", path)
   assert zeroshot.named_source("digits") == ("digits", "digits")
+  # A relative path with '=' in its first folder (hive-style partitions) is a path when it exists and
+  # its part after '=' does not; it was read as NAME 'year' with DATA '2024/...'.
+  hive = tmp_path / "year=2024" / "shapes"
+  shutil.copytree(path, hive)
+  monkeypatch.chdir(tmp_path)
+  assert zeroshot.named_source("year=2024/shapes") == ("shapes", "year=2024/shapes")
+  assert zeroshot.named_source("pets=shapes") == ("pets", "shapes")
+  from clip_jax import evaluate
+  task = evaluate.parse_task("zeroshot:year=2024/shapes")  # evaluate's --tasks follow the same rule
+  assert (task.dataset, task.source) == ("shapes", "year=2024/shapes")
+  task = evaluate.parse_task(f"zeroshot:{tmp_path}/year=2024/shapes")  # an absolute path: always a path
+  assert (task.dataset, task.source) == ("shapes", f"{tmp_path}/year=2024/shapes")
+  assert evaluate.parse_task("retrieval:mine=caps.jsonl").source == "caps.jsonl"
   assert zeroshot.data_name("/data/wds/{00000..00003}.tar") == "wds"
   assert zeroshot.data_name("/data/shapes/{split}") == "shapes"
   assert zeroshot.data_name("tfds:foo/bar") == "foo_bar"

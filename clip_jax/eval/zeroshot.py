@@ -237,17 +237,38 @@ class ZeroShotEvaluator:
                                 f"zero-shot {self.name} ({self.split}): top-1 {accuracy:.1f}%")
 
 
-def named_source(spec: str) -> tuple[str, str]:
-  """A zero-shot source as `clip_jax.evaluate --tasks zeroshot:NAME=DATA` takes it -> (name, data spec).
-  NAME=DATA keeps the user's name (a NAME holds no '/'; a path with '=' in it stays a path); a known
-  dataset is named as the paper tables name it ('digits', 'cifar10'); any other spec by `data_name`.
-  The name goes into metric keys (zeroshot/NAME/top1) and file names (plots/confusion_NAME.png)."""
+def split_name(spec: str) -> tuple[str, str | None]:
+  """'NAME=DATA' -> (NAME, DATA); any other spec -> (spec, None). A NAME holds no '/', so a path with
+  '=' in it stays a path; so does a relative one whose '=' comes before its first '/', like
+  'year=2024/x.tar', when that whole path exists and the part after '=' does not. The one rule of the
+  trainer's zero-shot hook (`named_source`) and of `clip_jax.evaluate --tasks KIND:NAME=DATA`."""
   spec = spec.strip()
   name, sep, data = spec.partition("=")
-  if sep and name.strip() and data.strip() and "/" not in name and os.sep not in name:
+  if (sep and name.strip() and data.strip() and "/" not in name and os.sep not in name
+      and not (_names_files(spec) and not _names_files(data.strip()))):
     return name.strip(), data.strip()
-  info = find_dataset(spec)
-  return (info.name if info else data_name(spec)), spec
+  return spec, None
+
+
+def named_source(spec: str) -> tuple[str, str]:
+  """A zero-shot source as `clip_jax.evaluate --tasks zeroshot:NAME=DATA` takes it -> (name, data spec).
+  NAME=DATA keeps the user's name (`split_name`'s rule); a known dataset is named as the paper tables
+  name it ('digits', 'cifar10'); any other spec by `data_name`. The name goes into metric keys
+  (zeroshot/NAME/top1) and file names (plots/confusion_NAME.png)."""
+  name, data = split_name(spec)
+  if data is not None:
+    return name, data
+  info = find_dataset(name)
+  return (info.name if info else data_name(name)), name
+
+
+def _names_files(spec: str) -> bool:
+  """Whether a data spec names something on disk: a path, or a glob / {a..b} range / {split} pattern
+  that matches at least one."""
+  import glob
+  from clip_jax.data.prepare import expand_braces
+  pattern = expand_braces(spec.replace("{split}", "*"))[0]
+  return os.path.exists(pattern) or bool(glob.glob(pattern))
 
 
 def data_name(spec: str) -> str:
