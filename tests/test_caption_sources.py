@@ -152,6 +152,16 @@ def test_caption_tables_train_on_their_captions(tmp_path):
   both = sources.open_source(str(tmp_path / "both.csv"))
   assert isinstance(both, labelled.LabelTableSource) and both.class_names == ["cat", "dog"]
   assert both[0]["captions"] == ["a cat on a mat"] and both[1]["captions"][0] == "a photo of a dog."
+  # A captioned row without a label trains on its caption (label -1), as `prepare` keeps it; it was skipped
+  # as unknown_label. Where labels are read it is skipped as missing_label, as is a row with neither.
+  (tmp_path / "some.csv").write_text("path,label,caption\nimg/0.png,cat,a cat\nimg/1.png,,a dog asleep\n"
+                                     "img/2.png,,\n")
+  some = sources.open_source(str(tmp_path / "some.csv"))
+  assert some[1]["captions"] == ["a dog asleep"] and some[1]["label"] == -1
+  assert some.problems == {"missing_label": 1} and some[2]["skip"] == "missing_label"
+  assert _train_captions(some, batches=2)[0] == {"a cat", "a dog asleep"}
+  evaluated = sources.open_source(str(tmp_path / "some.csv"), labelled=True)
+  assert evaluated.problems == {"missing_label": 2} and evaluated[0]["label"] == 0
   (tmp_path / "neither.csv").write_text("path,note\nimg/0.png,x\n")
   with pytest.raises(UserError, match=r"neither.csv: no caption or label column among \['path', 'note'\]"):
     sources.open_source(str(tmp_path / "neither.csv"))

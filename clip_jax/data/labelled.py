@@ -274,11 +274,14 @@ class LabelTableSource(LabelledFiles):
   (`caption_column`, or the CAPTION_COLUMNS one `find_column` picks), where present, gives the
   training captions of the rows that fill it (`caption_list`); the others get `templates`.
   `table`: `read_table(path)`'s result when the caller has read it already (sources.open_table).
+  A row with a caption but no label is an unlabelled training record (label -1, as `prepare` keeps it);
+  with `read_captions=False` (evaluation reads labels) it is skipped as 'missing_label', as is a row
+  with neither.
   """
 
   def __init__(self, path: str, class_names: Sequence[str] | None = None, *, path_column: str | None = None,
                label_column: str | None = None, caption_column: str | None = None,
-               templates: Sequence[str] | None = None, table: tuple | None = None):
+               templates: Sequence[str] | None = None, table: tuple | None = None, read_captions: bool = True):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such label file.")
     if isinstance(class_names, Mapping):
@@ -303,9 +306,12 @@ class LabelTableSource(LabelledFiles):
       label = index_of.get(written_label)
       if label is None and written_label.lstrip("-").isdigit() and 0 <= int(written_label) < len(names):
         label = int(written_label)
+      if label is None and not written_label and read_captions and captions[-1]:
+        label = -1  # a captioned row without a label: an unlabelled training record, as `prepare` keeps it
       if label is None:
-        problems.add("unknown_label", f"{where} ({written_label!r})")
-        entries.append((full, -1, image.strip(), "unknown_label"))
+        reason = "unknown_label" if written_label else "missing_label"
+        problems.add(reason, f"{where} ({written_label!r})" if written_label else where)
+        entries.append((full, -1, image.strip(), reason))
       elif not os.path.isfile(full):
         problems.add("missing_file", image.strip())
         entries.append((full, label, image.strip(), "missing_file"))

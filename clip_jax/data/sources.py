@@ -203,7 +203,8 @@ def open_source(spec: str, split: str = "train", *, data_dir: str | None = None,
   tables, tars); see clip_jax/data/labelled.py for the forms each accepts. `labelled`: the caller
   reads labels (zero-shot, linear probe), so data on disk is read as labelled data whatever captions
   it also carries: a folder is class folders (sidecar .txt files are not images), a table needs a label
-  column, tars' captions are not read and a key without `cls` is skipped as 'missing_label'."""
+  column, tars' captions are not read, and a tar key without `cls` or a table row without a label is
+  skipped as 'missing_label'."""
   if spec == "digits":
     from clip_jax.data.digits import DigitsSource
     return DigitsSource(split, image_size=image_size)
@@ -211,7 +212,7 @@ def open_source(spec: str, split: str = "train", *, data_dir: str | None = None,
     return TfdsSource(spec[len("tfds:"):], split, data_dir, class_names=class_names)
   path = spec.replace("{split}", split)
   if path.lower().endswith((".csv", ".tsv", ".jsonl")):
-    return LabelTableSource(path, class_names) if labelled else open_table(path, class_names)
+    return LabelTableSource(path, class_names, read_captions=False) if labelled else open_table(path, class_names)
   tars = find_tars(path)
   if tars:
     return WebDatasetSource(tars, class_names, read_captions=not labelled)
