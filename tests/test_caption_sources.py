@@ -269,6 +269,29 @@ def _tiny_config(zeroshot_eval=None, **overrides):
   return c
 
 
+def test_a_known_name_for_ones_own_copy_gets_the_papers_names_and_prompts_in_training_as_in_evaluate(tmp_path):
+  """zeroshot_eval.source=cifar10=/my/cifar10 used the folder's names and generic prompts in the trainer,
+  the paper's 10 names and 18 prompts in `clip_jax.evaluate --tasks zeroshot:cifar10=...`: the same now."""
+  from clip_jax import evaluate
+  from clip_jax.eval.classnames import find_dataset
+  info = find_dataset("cifar10")
+  for i, name in enumerate(info.class_names):  # the paper's names as folders, one scan each
+    os.makedirs(tmp_path / "mine" / name)
+    (tmp_path / "mine" / name / "0.png").write_bytes(_png_bytes(i))
+  spec = f"cifar10={tmp_path / 'mine'}"
+  [evaluator] = zeroshot.build_training_evaluators(_tiny_config(zeroshot_eval=dict(enabled=True, source=spec,
+                                                                                   batch_size=8)))
+  task = evaluate.parse_task(f"zeroshot:{spec}")
+  assert evaluator.name == task.dataset == "cifar10"
+  assert evaluator.class_names == tuple(task.class_names) == tuple(info.class_names)
+  assert evaluator.templates == tuple(task.templates) == tuple(info.templates) and len(info.templates) == 18
+  labels = {evaluator.source.record_key(i).split("/")[0]: evaluator.source[i]["label"]
+            for i in range(len(evaluator.source))}
+  assert labels == {name: i for i, name in enumerate(info.class_names)}
+  own = _tiny_config(zeroshot_eval=dict(enabled=True, source=spec, batch_size=8, templates=["a {}."]))
+  assert zeroshot.build_training_evaluators(own)[0].templates == ("a {}.",)  # the config's own wins
+
+
 def test_the_trainer_says_how_big_its_data_is_and_refuses_bad_data_in_one_line(tmp_path, capsys, caplog):
   (tmp_path / "img.png").write_bytes(_png_bytes(0))
   (tmp_path / "one.csv").write_text("filepath,title\nimg.png,a lone pair\n")
