@@ -463,10 +463,14 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
       if every(step, options.log_every, total) or checkpoint_now:
         streak = int(jax.device_get(state["nonfinite_streak"]))
         if every(step, options.log_every, total):
-          last_metrics = _log_line(metrics, state, window_steps, time.perf_counter() - window_start,
+          window_seconds = time.perf_counter() - window_start
+          last_metrics = _log_line(metrics, state, window_steps, window_seconds,
                                    examples_per_step, flops_per_step, peak_flops_per_device, log_extras)
           writer.write(step, last_metrics)
           progress.set_postfix(loss=last_metrics["loss"])
+          if is_main and not options.progress_bar:  # no bar (sweeps, logs): a line per logged step instead
+            print(progress_line(desc, step, total, last_metrics.get("loss"), window_seconds / window_steps),
+                  flush=True)
           window_start, window_steps = time.perf_counter(), 0
         if streak >= options.max_nonfinite_steps:
           # No checkpoint is written during a streak: the newest one holds the last good state.
@@ -519,6 +523,13 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
     loss_curve_png(writer.jsonl_path, os.path.join(workdir, "plots", "loss.png"), keys=tuple(plot_keys))
   return Result(step=step, state=state, metrics=last_metrics, hook_metrics=hook_metrics, preempted=stopped_early,
                 stop_requested=preempted["flag"])
+
+
+def progress_line(desc: str, step: int, total: int, loss: float | None, seconds_per_step: float) -> str:
+  """The line a run without a progress bar prints at each logged step, so that a slow run can be told
+  from a hung one in a sweep's or a batch job's log: 'train: step 40 of 80, loss 2.312, 1.13 s/step'."""
+  loss_part = f", loss {loss:.4g}" if loss is not None else ""
+  return f"{desc}: step {step:,} of {total:,}{loss_part}, {seconds_per_step:.3g} s/step"
 
 
 def _log_line(metrics, state, window_steps, elapsed, examples_per_step, flops_per_step, peak_flops,

@@ -410,8 +410,9 @@ def main(argv):
     from clip_jax.eval.zeroshot import build_training_evaluators
     # Its errors are about the configured zero-shot data (a path, class names, templates): one line each.
     evaluators = cli.as_user_errors(build_training_evaluators, cfg, workdir if jax.process_index() == 0 else None)
-  if jax.process_index() == 0 and zeroshot_line(evaluators, cfg.eval_every):
-    print(zeroshot_line(evaluators, cfg.eval_every), flush=True)
+  line = zeroshot_line(evaluators, cfg.eval_every, own_data_hint=not zeroshot_sources_are_users(cfg))
+  if jax.process_index() == 0 and line:
+    print(line, flush=True)
   out = train_and_evaluate(cfg, workdir, evaluators, rerun_eval=rerun_eval)
   if out["preempted"]:
     return loop.EXIT_PREEMPTED  # saved; the same command resumes
@@ -429,18 +430,29 @@ def main(argv):
   return 0
 
 
-def zeroshot_line(evaluators, eval_every: int) -> str | None:
+def zeroshot_line(evaluators, eval_every: int, own_data_hint: bool = True) -> str | None:
   """The start's line on the zero-shot hook: what it evaluates and when, or that eval_every=0 turns it off
   (`:runlocal` does); None without one. Says it because a config's zero-shot data (the embedded digits in
-  configs/clip/digits.py) stays when --config.data.source points the training at other data."""
+  configs/clip/digits.py) stays when --config.data.source points the training at other data.
+  `own_data_hint`: add how to evaluate on one's own images (not when the sources are the user's already)."""
   if not evaluators:
     return None
   names = ", ".join(evaluator.name for evaluator in evaluators)
   if not eval_every:
     return (f"Zero-shot evaluation is off (eval_every=0): {names} will not be evaluated; "
             "--config.eval_every=N turns it on.")
-  return (f"Zero-shot evaluation of {names} every {eval_every:,} steps and at the last "
-          "(--config.zeroshot_eval.source=NAME=DATA for your own labelled test images).")
+  hint = " (--config.zeroshot_eval.source=NAME=DATA for your own labelled test images)" if own_data_hint else ""
+  return f"Zero-shot evaluation of {names} every {eval_every:,} steps and at the last{hint}."
+
+
+def zeroshot_sources_are_users(cfg) -> bool:
+  """Whether the configured zero-shot sources include data of the user's own (a path, or NAME=DATA),
+  not only named datasets ('digits', 'cifar10')."""
+  from clip_jax.eval.classnames import find_dataset
+  from clip_jax.eval.zeroshot import split_name
+  sources = cfg.get("zeroshot_eval", {}).get("source", "digits")
+  specs = [s for s in (sources.split(",") if isinstance(sources, str) else list(sources)) if s.strip()]
+  return any(split_name(spec)[1] is not None or find_dataset(spec.strip()) is None for spec in specs)
 
 
 def evaluate_hint(cfg, workdir: str) -> str:

@@ -256,6 +256,12 @@ def test_the_start_says_what_the_zero_shot_hook_evaluates_or_that_it_is_off():
       "Zero-shot evaluation of digits every 600 steps and at the last (--config.zeroshot_eval.source=NAME=DATA "
       "for your own labelled test images).")
   assert trainer.zeroshot_line([Named()], 0).startswith("Zero-shot evaluation is off (eval_every=0): digits")
+  # A new user's own source got the hint to pass their own source all the same.
+  assert trainer.zeroshot_line([Named()], 50, own_data_hint=False) == (
+      "Zero-shot evaluation of digits every 50 steps and at the last.")
+  users = lambda source: trainer.zeroshot_sources_are_users(_tiny_config(zeroshot_eval=dict(source=source)))  # noqa: E731
+  assert not users("digits") and not users("digits,cifar10")
+  assert users("shapes=/data/test") and users("/data/test") and users("digits,cifar10=/data/c10")
 
 
 def _tiny_config(zeroshot_eval=None, **overrides):
@@ -290,6 +296,9 @@ def test_a_known_name_for_ones_own_copy_gets_the_papers_names_and_prompts_in_tra
   assert labels == {name: i for i, name in enumerate(info.class_names)}
   own = _tiny_config(zeroshot_eval=dict(enabled=True, source=spec, batch_size=8, templates=["a {}."]))
   assert zeroshot.build_training_evaluators(own)[0].templates == ("a {}.",)  # the config's own wins
+  shutil.rmtree(tmp_path / "mine" / "truck")  # not cifar10's 10 folders: the line says why 10 names were used
+  with pytest.raises(ValueError, match=r"'cifar10' names a known dataset, so its 10 class names were used: give"):
+    zeroshot.build_training_evaluators(_tiny_config(zeroshot_eval=dict(enabled=True, source=spec)))
 
 
 def test_the_trainer_says_how_big_its_data_is_and_refuses_bad_data_in_one_line(tmp_path, capsys, caplog):
@@ -339,19 +348,19 @@ def test_zeroshot_hook_names_paths_safely_and_takes_name_equals_data(tmp_path, m
   assert zeroshot.data_name("tfds:foo/bar") == "foo_bar"
   # Two tables of one folder keep their own names (the pattern part is removed, not the whole component).
   assert [zeroshot.data_name(f"/d/eval/{n}_{{split}}.csv") for n in ("pets", "flowers")] == ["pets", "flowers"]
-  cfg = _tiny_config(zeroshot_eval=dict(enabled=True, source=f"{path},pets={path}", batch_size=8))
+  cfg = _tiny_config(zeroshot_eval=dict(enabled=True, source=f"{path},toys={path}", batch_size=8))
   evaluators = zeroshot.build_training_evaluators(cfg, str(tmp_path / "wd"))
-  assert [e.name for e in evaluators] == ["shapes", "pets"]  # was: the whole path, in keys and file names
+  assert [e.name for e in evaluators] == ["shapes", "toys"]  # was: the whole path, in keys and file names
   assert [e.confusion_png for e in evaluators] == [str(tmp_path / "wd" / "plots" / f"confusion_{n}.png")
-                                                   for n in ("shapes", "pets")]
+                                                   for n in ("shapes", "toys")]
   assert evaluators[0].class_names == ("blue square", "red circle")
   # The closing hint names the configured zero-shot data, or leaves the tasks to the user.
-  assert zeroshot.evaluate_tasks(cfg) == [f"zeroshot:shapes={path}", f"zeroshot:pets={path}"]
+  assert zeroshot.evaluate_tasks(cfg) == [f"zeroshot:shapes={path}", f"zeroshot:toys={path}"]
   assert zeroshot.evaluate_tasks(_tiny_config(zeroshot_eval=dict(enabled=True, source="digits"))) == [
       "zeroshot:digits", "linear_probe:digits"]
   assert "--tasks zeroshot:NAME=DATA for the full evaluation, DATA being" in trainer.evaluate_hint(_tiny_config(), "wd")
   assert trainer.evaluate_hint(cfg, "wd").endswith(
-      f"--workdir wd --tasks zeroshot:shapes={path},zeroshot:pets={path} for the full evaluation")
+      f"--workdir wd --tasks zeroshot:shapes={path},zeroshot:toys={path} for the full evaluation")
 
 
 @pytest.mark.slow

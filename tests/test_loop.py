@@ -114,6 +114,17 @@ def test_nonfinite_step_is_skipped_counted_and_never_checkpointed(tmp_path):
   assert np.isfinite(np.asarray(result.state["params"]["w"])).all()
 
 
+def test_without_a_progress_bar_each_logged_step_prints_a_line(tmp_path, capsys):
+  """A new user's sweep (progress_bar=False, as the sweep configs set it) printed nothing for minutes
+  between its start and its results: a slow run looked like a hung one."""
+  toy_run(tmp_path, sharding.create_mesh({"data": 8}), 3)
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train: step")]
+  assert [line.split(",")[0] for line in lines] == [f"train: step {i} of 3" for i in (1, 2, 3)]
+  assert all(", loss " in line and line.endswith(" s/step") for line in lines)
+  assert loop.progress_line("pretrain unet", 1200, 1200, 0.08125, 0.5) == (
+      "pretrain unet: step 1,200 of 1,200, loss 0.08125, 0.5 s/step")
+
+
 @pytest.mark.parametrize("sigterm_step, stops_at", [(2, 3), (5, None)])
 def test_sigterm_stops_after_the_step_unless_it_was_the_last(tmp_path, capsys, sigterm_step, stops_at):
   # Reported: a stop during the last step printed 'Stopped at step 12 of 12 ... resumes it' and

@@ -342,12 +342,18 @@ def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotE
     # NAME=DATA with a known NAME (cifar10=/data/cifar10/{split}): the paper's class names, prompts and
     # split, as `clip_jax.evaluate --tasks zeroshot:cifar10=...` reads it, unless the config gives its own.
     known = find_dataset(name) if split_name(spec)[1] is not None else None
-    evaluator = ZeroShotEvaluator(
-        data, tokenizer, ev.get("class_names", None) or (known.class_names if known else None),
-        ev.get("templates", None) or (known.templates if known else None),
-        batch_size=ev.get("batch_size", 256), image_size=image_size,
-        split=ev.get("split", None) or (known.test_split if known else None),
-        data_dir=cfg.data.get("data_dir", None), limit=ev.get("limit", None), name=name)
+    class_names = ev.get("class_names", None) or (known.class_names if known else None)
+    try:
+      evaluator = ZeroShotEvaluator(
+          data, tokenizer, class_names, ev.get("templates", None) or (known.templates if known else None),
+          batch_size=ev.get("batch_size", 256), image_size=image_size,
+          split=ev.get("split", None) or (known.test_split if known else None),
+          data_dir=cfg.data.get("data_dir", None), limit=ev.get("limit", None), name=name)
+    except ValueError as e:
+      if known and not ev.get("class_names", None):
+        raise ValueError(f"{e} ({name!r} names a known dataset, so its {len(known.class_names)} class names "
+                         "were used: give your own data another NAME.)") from e
+      raise
     if workdir:
       evaluator.confusion_png = os.path.join(workdir, "plots", f"confusion_{evaluator.name}.png")
     evaluators.append(evaluator)
