@@ -13,7 +13,8 @@ r"""Start a training run: here, as N local processes, on a SLURM cluster, or on 
 Everything after `--` goes to the trainer (`--module`, default clip_jax.train; also
 dreambooth_jax.train). `--dry-run` prints exactly what would run and starts nothing. A run whose
 workdir holds a checkpoint resumes from it, whichever way it is launched. A SLURM job starts in the
-directory this command runs in; `scancel --signal=TERM JOB` makes every task save and stop.
+directory this command runs in; `scancel --signal=TERM JOB` makes every task save and stop (with
+`--wait` this command then exits 75, as the local modes do; submitting it again resumes).
 """
 from __future__ import annotations
 
@@ -68,8 +69,11 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--log-dir", default="slurm_logs",
                  help="job logs and scripts (relative to the current directory, like a relative --workdir)")
   g.add_argument("--wait", action="store_true",
-                 help="follow the job to its end and exit with its status (0 when COMPLETED)")
-  g.add_argument("--script", default=None, help="where to write the sbatch script (default LOG_DIR/JOB.sbatch)")
+                 help="follow the job to its end and exit with its status (0 when COMPLETED; 75 when its tasks "
+                      "saved a checkpoint and stopped early, as the other modes: submit again to resume)")
+  g.add_argument("--script", default=None,
+                 help="where to write the sbatch script (default LOG_DIR/JOB.sbatch); once submitted it is kept "
+                      "as LOG_DIR/JOB-JOBID.sbatch, beside the job's log, so a resubmission does not replace it")
   g.add_argument("--no-requeue", action="store_true", help="do not requeue the job after preemption")
   g = p.add_argument_group("tpu")
   g.add_argument("--tpu-name", default=None)

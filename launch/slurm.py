@@ -98,6 +98,13 @@ def log_path(settings: SlurmSettings, job_id: str, run_dir: str) -> str:
   return os.path.join(run_dir, settings.log_dir, f"{settings.job_name}-{job_id}.out")
 
 
+def kept_script_path(script_path: str, job_id: str) -> str:
+  """Where a submitted job's script is kept: 'slurm_logs/run.sbatch' -> 'slurm_logs/run-JOBID.sbatch', beside
+  its log 'run-JOBID.out', so a resubmission (which writes `script_path` again) leaves it as it ran."""
+  extension = next((e for e in (".sbatch", ".sh") if script_path.endswith(e)), "")  # not the '.1' of 'lr=0.1'
+  return f"{script_path[:len(script_path) - len(extension)]}-{job_id}{extension or '.sbatch'}"
+
+
 def _run(command: list[str]) -> str | None:
   """stdout of a SLURM client command, or None when it fails or is not installed."""
   try:
@@ -152,11 +159,22 @@ def exit_status(state: str, code: str | None) -> int:
   return 1
 
 
+def end_line(job_id: str, state: str, code: str | None, log: str) -> str:
+  """The launcher's last line for a job that ended, with what exit code 75 means."""
+  from launch.local import PREEMPTED
+  meaning = ""
+  if exit_status(state, code) == PREEMPTED:
+    meaning = (f": {PREEMPTED} = stopped early (preempted, or scancel --signal=TERM) with a checkpoint saved; "
+               "submitting the same command again resumes it")
+  return f"launch: job {job_id} ended {state}" + (f" (exit code {code}{meaning})" if code else "") + f"; log: {log}"
+
+
 def submit(script: str, script_path: str, settings: SlurmSettings, run_dir: str, dry_run: bool = False,
            wait: bool = False, out=None) -> int:
   """Writes the script and runs `sbatch SCRIPT` from `run_dir` (relative paths, the log directory
-  included, are relative to it), then prints the job id, its state and its log; with `wait`, follows
-  the job to its end and returns its exit status. With dry_run only prints the script and command."""
+  included, are relative to it), then moves the script to `kept_script_path` (named by the job id) and
+  prints the job id, its state and its log; with `wait`, follows the job to its end and returns its exit
+  status (75 for a job whose tasks saved and stopped early). With dry_run only prints the script and command."""
   out = out or sys.stdout
   command = ["sbatch", "--parsable", script_path]
   if dry_run:
@@ -179,14 +197,15 @@ def submit(script: str, script_path: str, settings: SlurmSettings, run_dir: str,
     print(f"launch: sbatch failed with exit code {done.returncode}: {done.stderr.strip()}", file=out, flush=True)
     return done.returncode
   job_id = done.stdout.strip().split(";")[0]   # --parsable prints 'ID' or 'ID;CLUSTER'
+  kept = kept_script_path(path, job_id)
+  os.replace(path, kept)  # sbatch has read the script: this job's copy is kept under its own name
   state, _ = job_state(job_id)
   print(f"launch: submitted job {job_id} ({state}); log: {log_path(settings, job_id, run_dir)}\n"
-        f"launch: follow it with `squeue -j {job_id}` or `sacct -j {job_id}`; `scancel --signal=TERM {job_id}` "
-        "makes every task save a checkpoint and stop (submit again to resume).", file=out, flush=True)
+        f"launch: its script: {kept}; follow it with `squeue -j {job_id}` or `sacct -j {job_id}`; "
+        f"`scancel --signal=TERM {job_id}` makes every task save a checkpoint and stop (submit again to resume).",
+        file=out, flush=True)
   if not wait:
     return 0
   state, code = wait_for_job(job_id, out=out)
-  status = exit_status(state, code)
-  print(f"launch: job {job_id} ended {state}" + (f" (exit code {code})" if code else "") +
-        f"; log: {log_path(settings, job_id, run_dir)}", file=out, flush=True)
-  return status
+  print(end_line(job_id, state, code, log_path(settings, job_id, run_dir)), file=out, flush=True)
+  return exit_status(state, code)

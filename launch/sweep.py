@@ -229,6 +229,18 @@ def status(workdir: str, total_steps: int) -> str:
   return f"resume from step {steps[-1]}" if steps else "new"
 
 
+def stop_line(name: str, workdir: str, total_steps: int) -> str:
+  """The sweep's last line after run `name` stopped early (exit 75 or 130): where the run stands."""
+  if is_finished(workdir, total_steps):  # the stop came during its last step: the run finished first
+    where, then = f"finished all {total_steps} steps before the stop", "go on with the next runs"
+  elif checkpoint_steps(workdir):
+    where = f"stopped at step {checkpoint_steps(workdir)[-1]} of {total_steps} (saved; the same command resumes)"
+    then = "resume it"
+  else:
+    where, then = "stopped before its first checkpoint (nothing saved)", "start it again"
+  return f"sweep: {name} {where}; the sweep stops here. Run the same command again to {then}."
+
+
 def expand(sweep_path: str, root: str, base_config: str | None = None) -> tuple[list[Run], str]:
   sweep, file_base = load_sweep(sweep_path)
   base = base_config or file_base
@@ -375,8 +387,7 @@ def _run_all(args, runs, base, extra, run_extra, launcher, launcher_args, sweep_
           f.write(f"{total}\n")
       continue
     if code in (0, launcher_local.PREEMPTED, launcher_local.INTERRUPTED):  # stopped early (SIGTERM, Ctrl-C)
-      print(f"sweep: {run.name} stopped at {status(run.workdir, total)}; the sweep stops here. Run the "
-            "same command again to resume it.", file=out, flush=True)
+      print(stop_line(run.name, run.workdir, total), file=out, flush=True)
       raise _Interrupted
     failed.append(run.name)
     print(f"sweep: {run.name} failed (exit code {code}); its log is above." +
