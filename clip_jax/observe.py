@@ -234,7 +234,7 @@ def _git_commit(folder: str) -> str | None:
 
 
 # Settings that do not change a result: two results files that differ only here may be merged.
-VOLATILE_SETTINGS = ("versions", "devices", "processes", "batch_size", "seconds", "written")
+VOLATILE_SETTINGS = ("versions", "devices", "processes", "platform", "mesh", "batch_size", "seconds", "written")
 
 
 def merge_kept(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -307,13 +307,21 @@ def save_results(json_path: str, data: Mapping[str, Any], render_markdown: Calla
   return data
 
 
+def run_layout() -> dict[str, Any]:
+  """Where a run ran: {'devices': all processes' devices, 'processes', 'platform' ('cpu', 'gpu', 'tpu')},
+  for results files (a 1 x 8 run and a 2 x 4 one are otherwise told apart only by their config.json).
+  Volatile settings: a resume on another layout does not set earlier results aside."""
+  import jax
+  return {"devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform}
+
+
 def write_results(workdir: str, step: int, metrics: Mapping[str, float],
                   evaluation: Mapping[str, float], settings: Mapping[str, Any] | None = None) -> tuple[str, str]:
   """results.json (what sweeps and `launch.results` gather: 'step', 'train/<metric>' and the
-  evaluation keys; 'settings' with the package versions) and results.md, a table of the same;
+  evaluation keys; 'settings' with the package versions and `run_layout`) and results.md, a table of the same;
   written whole through `save_results`, so numbers an earlier write held are kept. Returns the paths."""
   summary = {"step": step, **{f"train/{k}": v for k, v in metrics.items()}, **evaluation,
-             "settings": {**dict(settings or {}), "versions": package_versions()}}
+             "settings": {**dict(settings or {}), "versions": package_versions(), **run_layout()}}
   json_path = os.path.join(workdir, "results.json")
   save_results(json_path, summary, _training_markdown)
   return json_path, os.path.join(workdir, "results.md")

@@ -417,6 +417,7 @@ def main(argv):
   if out["preempted"]:
     return loop.EXIT_PREEMPTED  # saved; the same command resumes
   settings = {k: v for k, v in loop.flatten_config(cfg).items() if not loop.is_operational(k)}
+  settings["mesh"] = dict(sharding.create_mesh(dict(cfg.mesh)).shape)  # operational, but where it ran
   json_path, md_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "results.md")
   if jax.process_index() == 0:
     write_results(workdir, out["step"], out["metrics"], out["eval"], settings)

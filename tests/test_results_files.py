@@ -38,6 +38,12 @@ def test_the_training_results_of_a_rerun_keep_what_the_file_held(tmp_path):
   results = json.load(open(tmp_path / "results.json"))
   assert results["train/loss"] == 2.63 and results["zeroshot/digits/top1"] == 96.9 and results["step"] == 600
   assert set(results["settings"]["versions"]) >= {"python", "jax", "flax", "numpy"}
+  # Where it ran (a new user could not tell a 1 x 8 run's results from a 2 x 4 one's); a resume on another
+  # layout is not other settings.
+  assert {k: results["settings"][k] for k in ("devices", "processes", "platform")} == {
+      "devices": jax.device_count(), "processes": 1, "platform": "cpu"}
+  assert not observe.settings_changes({"seed": 0, "devices": 8, "mesh": {"data": 8}},
+                                      {"seed": 0, "devices": 4, "mesh": {"data": 2, "fsdp": 2}})
   table = (tmp_path / "results.md").read_text()
   assert "| final training loss | 2.6300 |" in table and "| zeroshot/digits/top1 | 96.9000 |" in table
   assert "None" not in table
