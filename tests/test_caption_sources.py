@@ -73,6 +73,12 @@ def test_img2dataset_tars_train_on_their_captions(tmp_path):
       [b"a red square"], ["a blue circle"], "missing_caption", "missing_caption", [b"a green star"], "missing_image"]
   assert [r.get("label") for r in records] == [-1, -1, None, None, 1, None]
   assert source.problems == {"missing_image": 1}
+  assert repr(source).endswith("6 captioned images, 2 classes)")  # one key has cls 1
+  write_tar(tmp_path / "wds" / "00001.tar", [("00004.png", _png_bytes(4)), ("00004.txt", b"a green star")])
+  assert repr(sources.open_source(str(tmp_path / "wds"))).endswith("captioned images, no class labels)")  # was '0 classes'
+  write_tar(tmp_path / "wds" / "00001.tar", [
+      ("00004.png", _png_bytes(4)), ("00004.txt", b"a green star"), ("00004.cls", b"1"),
+      ("00005.txt", b"no image")])
   texts, counts = _train_captions(source)
   assert texts == {"a red square", "a blue circle", "a green star"}
   assert counts["skipped"]["missing_caption"] >= 2 and set(counts["skipped"]) == {"missing_caption", "missing_image"}

@@ -509,7 +509,8 @@ class WebDatasetSource(LabelledFiles):
   def __repr__(self) -> str:
     if not self.has_captions:
       return super().__repr__()
-    return f"WebDatasetSource({self.where!r}, {len(self)} captioned images, {len(self.class_names)} classes)"
+    classes = f"{len(self.class_names)} classes" if self.class_names else "no class labels"  # caption data needs none
+    return f"WebDatasetSource({self.where!r}, {len(self)} captioned images, {classes})"
 
   def _read_caption(self, txt, json_member) -> list:
     if txt is not None:
