@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="random key of the strokes' start and the views (default 0)")
   p.add_argument("--frame-every", type=int, default=d.frame_every, help="GIF frame every N steps (default %(default)s)")
   p.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint directory's own, else 'clip')")
+  from clip_jax.evaluate import add_architecture_flags
+  add_architecture_flags(p, applies_to="; with several --checkpoint files, to every one")
   return p
 
 
@@ -326,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   mesh = create_mesh({"data": -1})
   guides = []  # per checkpoint: (model, variables, prompt embedding [d], negative embeddings [m, d] or None)
   for path in args.checkpoint:
-    model, variables, tokenizer = cli.as_user_errors(guidance.load_guide, path, args.tokenizer)
+    model, variables, tokenizer = cli.as_user_errors(guidance.load_guide, path, args.tokenizer, args.model_name, args.act)
     variables = place_on_mesh(variables, mesh)
     target = cli.as_user_errors(guidance.encode_prompts, model, variables, tokenizer, [args.prompt], mesh)[0]
     negatives = (cli.as_user_errors(guidance.encode_prompts, model, variables, tokenizer, args.negative, mesh)

@@ -306,12 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--tasks", help="comma-separated KIND:DATASET[=DATA] (see below)")
   parser.add_argument("--batch-size", type=int, default=256, help="global batch (rounded up to the device count)")
   parser.add_argument("--out", help="output directory (default: WORKDIR/eval, or ./eval_results)")
-  parser.add_argument("--model-name", help="the named architecture of a bare state dict, e.g. ViT-B-32 (exact "
-                      "GELU) or ViT-B-32-quickgelu: sets its activation and head widths, and picks the paper's "
-                      "row (default: read off the weights' shapes, QuickGELU assumed)")
-  parser.add_argument("--act", choices=("gelu", "quick_gelu"),
-                      help="the activation of a bare state dict (overrides --model-name's); most open_clip/LAION "
-                      "checkpoints use gelu, OpenAI's quick_gelu")
+  add_architecture_flags(parser, what="picks the paper's row")
   parser.add_argument("--classnames", metavar="FILE", help="class names for zero-shot: one per line in label "
                       "order (sorted folder order; the folders' own names in any order are matched by name), or "
                       "JSON (a list, or {folder: name})")
@@ -436,6 +431,18 @@ def _checkpoint_step(path: str) -> int | None:
   folder = os.path.join(path, "checkpoints")
   steps = [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
   return max(steps) if steps else None
+
+
+def add_architecture_flags(parser: argparse.ArgumentParser, what: str = "", applies_to: str = "") -> None:
+  """--model-name and --act, for every command that loads a CLIP (`load_model` takes them): a bare
+  state dict does not say its activation or head widths. `what`: what else --model-name does there;
+  `applies_to`: which checkpoints they apply to, where a command takes several."""
+  parser.add_argument("--model-name", help="the named architecture of a bare state dict, e.g. ViT-B-32 (exact "
+                      "GELU) or ViT-B-32-quickgelu: sets its activation and head widths" + (f", and {what}" if what
+                      else "") + " (default: read off the weights' shapes, QuickGELU assumed)" + applies_to)
+  parser.add_argument("--act", choices=("gelu", "quick_gelu"),
+                      help="the activation of a bare state dict (overrides --model-name's); most open_clip/LAION "
+                      "checkpoints use gelu, OpenAI's quick_gelu" + applies_to)
 
 
 def load_model(path: str, model_name: str | None, act: str | None):

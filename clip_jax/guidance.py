@@ -285,13 +285,17 @@ def encode_prompts(model: CLIP, variables, tokenizer, prompts: str | Sequence[st
   return jnp.asarray(embed_texts(model, variables, tokens, batch_size=len(prompts), mesh=mesh))
 
 
-def load_guide(checkpoint: str, tokenizer: str | None = None):
+def load_guide(checkpoint: str, tokenizer: str | None = None, model_name: str | None = None,
+               act: str | None = None):
   """(model, variables, tokenizer) for any checkpoint `clip_jax.load_checkpoint` reads (OpenAI /
-  open_clip files, Hugging Face directories, training workdirs). Raises FileNotFoundError for a
-  missing path and CheckpointError (a ValueError) for one that is not a CLIP checkpoint."""
+  open_clip files, Hugging Face directories, training workdirs). `model_name` / `act`: a bare state
+  dict's architecture and activation, as `clip_jax.evaluate --model-name / --act` take them
+  (`evaluate.load_model`: a directory with --act, or an unknown name, is a ValueError). Raises
+  FileNotFoundError for a missing path and CheckpointError (a ValueError) for one that is not a CLIP
+  checkpoint."""
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"{checkpoint}: no such checkpoint (a CLIP file, Hugging Face directory or training workdir).")
-  from clip_jax.convert import load_checkpoint
   from clip_jax.evaluate import _tokenizer  # the same rule as evaluation: a directory's own tokenizer first
-  model, variables = load_checkpoint(checkpoint)
+  from clip_jax.evaluate import load_model
+  model, variables = load_model(checkpoint, model_name, act)
   return model, variables, _tokenizer(tokenizer, checkpoint, model.config.text.context_length)

@@ -52,20 +52,65 @@ def vae_generator(vae, params, scale: float, gray: bool = False
   return generator, encoder
 
 
-def load_image(path: str, multiple: int) -> np.ndarray:
-  """An image file -> float32 [1, h, w, 3] in [0, 1]; sides must be multiples of the VAE's downscale."""
+DEFAULT_MAX_SIDE = 512  # SD's training size: a larger photo only costs memory (a 3000x2000 one took 8.6 GB and more)
+
+
+def conversions_made(mode: str, palette_transparency: bool, exif_orientation: int) -> list[str]:
+  """What reading a photo of this PIL `mode` changed, in words, as `clip_jax.data.images.to_rgb`
+  converts it: transparency on white (as clip_jax.draw paints on white), 16/32-bit to the top 8 bits,
+  other modes by PIL; and the EXIF turn `clip_jax.data.images.load_image` applied."""
+  from clip_jax.data.images import ALPHA_MODES, mode_repairs
+  said = [f"turned upright (EXIF orientation {exif_orientation})"] if exif_orientation not in (0, 1) else []
+  if mode in ALPHA_MODES or (mode == "P" and palette_transparency):
+    said.append(f"{mode} transparency on white")
+  elif mode.startswith("I") or mode == "F":
+    said.append(f"{mode} pixels kept to their top 8 bits")
+  elif mode_repairs(mode):
+    said.append(f"{mode} converted to RGB")
+  return said
+
+
+def fit_size(width: int, height: int, max_side: int, multiple: int) -> tuple[int, int]:
+  """(width, height) scaled so the longer side is at most `max_side`, each side rounded to a multiple
+  of `multiple` (at least one multiple), what the VAE encodes."""
+  scale = max_side / max(width, height)
+  largest = max(multiple, max_side // multiple * multiple)
+  return tuple(min(largest, max(multiple, round(side * scale / multiple) * multiple)) for side in (width, height))
+
+
+def load_image(path: str, multiple: int, max_side: int = DEFAULT_MAX_SIDE, flag: str = "--image"
+               ) -> tuple[np.ndarray, list[str]]:
+  """An image file -> (float32 [1, h, w, 3] in [0, 1], what was changed in words: `conversions_made`
+  and a resize). Read as the project reads every image (`clip_jax.data.images.load_image`: EXIF
+  orientation, header size checks, then `to_rgb`: transparency on white, 16-bit to its top 8 bits).
+  A photo with a side over `max_side` (> 0) is resized bicubically to fit, its sides multiples of the
+  VAE's downscale; one within it keeps its size, whose sides must be such multiples."""
   from PIL import Image
+
+  from clip_jax.data.images import load_image as open_upright
+  from clip_jax.data.images import open_image, to_rgb
+  from clip_jax.data.records import BadRecord
   if not os.path.isfile(path):
-    raise MissingPathError(f"--image {path}: no such file.")
+    raise MissingPathError(f"{flag} {path}: no such file.")
+  with open(path, "rb") as f:
+    data = f.read()
   try:
-    image = Image.open(path).convert("RGB")
-  except OSError as e:
-    raise UserError(f"--image {path}: not an image PIL can read ({e}).") from e
+    orientation = open_image(data).getexif().get(0x0112, 1)  # the header only; load_image applies it
+    upright = open_upright(data)
+  except BadRecord as e:
+    raise UserError(f"{flag} {path}: not an image this project can read ({e}).") from e
+  changes = conversions_made(upright.mode, "transparency" in upright.info, orientation)
+  image, _ = to_rgb(upright)
   width, height = image.size
-  if width % multiple or height % multiple:
-    raise UserError(f"--image {path} is {width}x{height}; this model's VAE needs sides that are multiples of "
+  if max_side and max(width, height) > max_side:
+    new_size = fit_size(width, height, max_side, multiple)
+    image = image.resize(new_size, Image.BICUBIC)
+    changes.append(f"resized {width}x{height} -> {new_size[0]}x{new_size[1]} to fit --max-side {max_side} "
+                   f"(sides multiples of {multiple}; --max-side 0 keeps the size)")
+  elif width % multiple or height % multiple:
+    raise UserError(f"{flag} {path} is {width}x{height}; this model's VAE needs sides that are multiples of "
                     f"{multiple}: resize or crop it first.")
-  return (np.asarray(image, np.float32) / 255.0)[None]
+  return (np.asarray(image, np.float32) / 255.0)[None], changes
 
 
 def strip(*rows: np.ndarray) -> np.ndarray:
@@ -130,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
                               epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder (its VAE is the generator)")
   p.add_argument("--clip", required=True, help="the CLIP objective: OpenAI/open_clip file, HF directory or workdir")
-  p.add_argument("--image", required=True, help="the image to edit (sides: multiples of the VAE's downscale)")
+  p.add_argument("--image", required=True, help="the image to edit (read upright by its EXIF orientation, "
+                 "transparency on white, 16-bit to its top 8 bits; what was converted is said in one line)")
+  p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, metavar="PX",
+                 help="a photo (also --train-images) with a longer side is resized to fit (bicubic, sides multiples "
+                 "of the VAE's downscale; default %(default)s, SD's training size); 0 keeps the size. A photo "
+                 "within it keeps its size, whose sides must be multiples of the VAE's downscale")
   p.add_argument("--neutral", required=True, help="text describing the image as it is")
   p.add_argument("--target", required=True, help="text describing the edit's goal")
   p.add_argument("--method", required=True, choices=METHODS)
@@ -144,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--beta", type=float, default=d.beta, help="global direction threshold")
   p.add_argument("--augmentations", type=int, default=0, help="random CLIP views per step (0: the paper's plain loss)")
   p.add_argument("--seed", type=int, default=0)
+  from clip_jax.evaluate import add_architecture_flags
+  add_architecture_flags(p, applies_to=" (of --clip)")
   return p
 
 
@@ -157,13 +209,16 @@ def settings_from_args(args) -> EditSettings:
                       if args.augmentations else guidance.NO_AUGMENTATION)
 
 
-def _read_folder(folder: str, multiple: int) -> np.ndarray:
+def _read_folder(folder: str, multiple: int, max_side: int) -> tuple[np.ndarray, dict[str, list[str]]]:
+  """The folder's images as `load_image` reads them, [n, h, w, 3], and {file name: what was changed}
+  for those it changed."""
   if not os.path.isdir(folder):
     raise MissingPathError(f"--train-images {folder}: no such directory.")
   names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg")))
   if not names:
     raise UserError(f"--train-images {folder}: holds no .png/.jpg images.")
-  return np.concatenate([load_image(os.path.join(folder, n), multiple) for n in names])
+  read = {n: load_image(os.path.join(folder, n), multiple, max_side, "--train-images") for n in names}
+  return np.concatenate([pixels for pixels, _ in read.values()]), {n: said for n, (_, said) in read.items() if said}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,13 +228,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise UserError(f"--{name} is empty; give a text, e.g. --{name} 'a handwritten 3.'.")
   if args.steps is not None and args.steps < 1:
     raise UserError(f"--steps must be at least 1, got {args.steps}.")
+  if args.max_side < 0:
+    raise UserError(f"--max-side must be 0 (keep the size) or a number of pixels, got {args.max_side}.")
   for path, flag in ((args.model, "--model"), (args.clip, "--clip")):
     if not os.path.exists(path):
       raise MissingPathError(f"{flag} {path}: no such file or directory.")
   from dreambooth_jax.sampling import pipeline as sd
   pipe = as_user_errors(sd.load_pipeline, args.model)
-  image = load_image(args.image, pipe.vae_scale_factor)
-  model, variables, tokenizer = as_user_errors(guidance.load_guide, args.clip)
+  image, changes = load_image(args.image, pipe.vae_scale_factor, args.max_side)
+  if changes:
+    print(f"--image {args.image}: {'; '.join(changes)}.", flush=True)
+  model, variables, tokenizer = as_user_errors(guidance.load_guide, args.clip, None, args.model_name, args.act)
   neutral_emb, target_emb = as_user_errors(guidance.encode_prompts, model, variables, tokenizer,
                                            [args.neutral, args.target])
   settings = settings_from_args(args)
@@ -190,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   train_latents = None
   if args.method != "optimize":
     if args.train_images:
-      train_images = _read_folder(args.train_images, pipe.vae_scale_factor)
+      train_images, changed = _read_folder(args.train_images, pipe.vae_scale_factor, args.max_side)
+      for name, changes in changed.items():
+        print(f"--train-images {name}: {'; '.join(changes)}.", flush=True)
     else:
       print(f"Sampling {args.num_train} images of {args.neutral!r} from the SD model for the {args.method} ...", flush=True)
       train_images = sd.generate(pipe, pipe.params, [args.neutral] * args.num_train, rng=jax.random.fold_in(rng, 1),

@@ -1,0 +1,126 @@
+"""Inputs of the CLIP-guided commands (clip_jax.draw, dreambooth_jax.edit, dreambooth_jax.sample):
+photos read as the project reads every image, architecture flags, long prompts, --out checks."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax import cli
+from dreambooth_jax import edit
+
+
+# ----------------------------------------------------------------------------- edit's photos
+def _save_exif_rotated(path, pixels, orientation):
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  Image.fromarray(pixels).save(path, exif=exif)
+
+
+def test_edit_reads_a_photo_upright_by_its_exif_orientation(tmp_path):
+  pixels = np.zeros((8, 16, 3), np.uint8)  # stored 16 wide, 8 high: orientation 6 shows it 8 wide, 16 high
+  pixels[:, :8] = 255
+  _save_exif_rotated(tmp_path / "rot6.png", pixels, 6)
+  image, changes = edit.load_image(str(tmp_path / "rot6.png"), 4)
+  assert image.shape == (1, 16, 8, 3)
+  np.testing.assert_allclose(image[0], np.rot90(pixels, -1) / 255.0)  # 6: turned 90 degrees clockwise
+  assert changes == ["turned upright (EXIF orientation 6)"]
+
+
+def test_edit_keeps_16_bit_gray_and_puts_transparency_on_white(tmp_path):
+  Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "gray16.png")
+  image, changes = edit.load_image(str(tmp_path / "gray16.png"), 4)
+  np.testing.assert_allclose(image, 40000 // 256 / 255.0)  # convert("RGB") made this 1.0, white
+  assert changes == ["I;16 pixels kept to their top 8 bits"]
+  rgba = np.zeros((8, 8, 4), np.uint8)  # black, transparent on the left half
+  rgba[:, 4:, 3] = 255
+  Image.fromarray(rgba).save(tmp_path / "alpha.png")
+  image, changes = edit.load_image(str(tmp_path / "alpha.png"), 4)
+  np.testing.assert_allclose(image[0, :, :4], 1.0)
+  np.testing.assert_allclose(image[0, :, 4:], 0.0)
+  assert changes == ["RGBA transparency on white"]
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "plain.png")
+  assert edit.load_image(str(tmp_path / "plain.png"), 4)[1] == []
+  (tmp_path / "text.png").write_text("not an image")
+  with pytest.raises(cli.UserError, match="--image .*text.png: not an image this project can read"):
+    edit.load_image(str(tmp_path / "text.png"), 4)
+
+
+def test_edit_resizes_a_photo_over_max_side_to_multiples_of_the_vae_downscale(tmp_path):
+  Image.fromarray(np.full((24, 40, 3), 128, np.uint8)).save(tmp_path / "large.png")
+  image, changes = edit.load_image(str(tmp_path / "large.png"), 4, max_side=16)
+  assert image.shape == (1, 8, 16, 3)  # 24 * 16 / 40 = 9.6 px, the nearest multiple of 4
+  assert changes == ["resized 40x24 -> 16x8 to fit --max-side 16 (sides multiples of 4; --max-side 0 keeps the size)"]
+  assert edit.fit_size(3000, 2000, 512, 8) == (512, 344)
+  assert edit.fit_size(2000, 3000, 510, 8) == (336, 504)  # the longer side stays within the limit
+  # Within the limit (or with 0) the size is kept, and its sides must be multiples as before.
+  assert edit.load_image(str(tmp_path / "large.png"), 4, max_side=0)[0].shape == (1, 24, 40, 3)
+  with pytest.raises(cli.UserError, match="is 40x24; this model's VAE needs sides that are multiples of 16"):
+    edit.load_image(str(tmp_path / "large.png"), 16, max_side=64)
+
+
+# ----------------------------------------------------------------------------- architecture flags
+@pytest.fixture(scope="module")
+def bare_gelu_open_clip(tmp_path_factory):
+  """A bare open_clip state dict of a tiny exact-GELU CLIP (one 64-wide head per tower, so the
+  loader's head rule holds and only the activation is unknown), its path and the open_clip model."""
+  torch = pytest.importorskip("torch")
+  open_clip = pytest.importorskip("open_clip")
+  torch.manual_seed(0)
+  reference = open_clip.model.CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+                                   text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1,
+                                             "layers": 1}).eval()
+  with torch.no_grad():  # open_clip starts some weights at zero (projections' biases, ...): exercise them all
+    for tensor in reference.parameters():
+      tensor.add_(torch.randn(tensor.shape) * 0.05)
+  path = tmp_path_factory.mktemp("bare") / "tiny_gelu.pt"
+  torch.save(reference.state_dict(), path)
+  return str(path), reference
+
+
+@pytest.mark.slow  # torch + open_clip's import and the exact-GELU towers' compile: ~15 s
+def test_act_gelu_loads_a_bare_exact_gelu_state_dict_as_open_clip_runs_it(bare_gelu_open_clip, caplog):
+  import jax.numpy as jnp
+  import torch
+
+  from clip_jax import guidance
+  from clip_jax.tokenizer import tokenize
+  path, reference = bare_gelu_open_clip
+  with caplog.at_level("WARNING", logger="clip_jax.convert"):
+    model, variables, tokenizer = guidance.load_guide(path)
+  assert model.config.act == "quick_gelu" and "assumed QuickGELU activation" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="clip_jax.convert"):
+    model, variables, tokenizer = guidance.load_guide(path, act="gelu")
+  assert model.config.act == "gelu" and "QuickGELU" not in caplog.text
+  tokens = tokenize(["a drawing of a cat"])
+  images = np.random.default_rng(0).uniform(size=(1, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref_text = reference.encode_text(torch.from_numpy(tokens.astype(np.int64))).numpy()
+    ref_image = reference.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  np.testing.assert_allclose(model.apply(variables, jnp.asarray(tokens), method="encode_text"), ref_text, atol=1e-4)
+  np.testing.assert_allclose(model.apply(variables, jnp.asarray(images), method="encode_image"), ref_image, atol=1e-4)
+
+
+def test_architecture_flags_reach_the_loader_of_draw_and_edit(tmp_path, monkeypatch):
+  from clip_jax import draw, guidance
+  path = str(tmp_path / "bare.pt")
+  open(path, "wb").close()  # only has to exist: the loader is replaced
+  # Both commands take the flags (they were 'unrecognized arguments') and hand them to load_guide.
+  seen = []
+
+  def stop_at_load(checkpoint, tokenizer=None, model_name=None, act=None):
+    seen.append((checkpoint, model_name, act))
+    raise cli.UserError("stop here")
+  monkeypatch.setattr(guidance, "load_guide", stop_at_load)
+  with pytest.raises(cli.UserError, match="stop here"):
+    draw.main(["--checkpoint", path, path, "--prompt", "a cat", "--out", str(tmp_path / "d"), "--act", "gelu",
+               "--model-name", "ViT-B-32"])
+  assert seen == [(path, "ViT-B-32", "gelu")]
+  from types import SimpleNamespace
+
+  from dreambooth_jax.sampling import pipeline as sd
+  monkeypatch.setattr(sd, "load_pipeline", lambda model: SimpleNamespace(vae_scale_factor=4))
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in.png")
+  with pytest.raises(cli.UserError, match="stop here"):
+    edit.main(["--model", str(tmp_path), "--clip", path, "--image", str(tmp_path / "in.png"), "--neutral", "a",
+               "--target", "b", "--method", "optimize", "--out", str(tmp_path / "e"), "--act", "gelu"])
+  assert seen[-1] == (path, None, "gelu")
