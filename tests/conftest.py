@@ -6,7 +6,13 @@ import tempfile
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU's LLVM at -O2 rather than its default -O3: most of what these tiny tests spend is compile time,
+# and -O2 compiles in a fraction of it (threefry's jax.random.normal for one new shape: ~5 s of CPU at -O3,
+# ~0.6 s at -O2; the tiny open_clip ResNet tower's encode_image 7.7 vs 4.9 s) with the same values
+# (both compared bitwise at both levels; no fast-math at either). -O0 would be faster still but
+# changes values (jax.random.normal's erf_inv by an ulp). Subprocesses inherit the flag, except where a
+# test sets its own XLA_FLAGS (those run at the default -O3).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep the reference PyTorch models off the network and single-threaded enough to share 2 cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

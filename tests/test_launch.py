@@ -26,7 +26,10 @@ def _launch(argv):
 
 
 # ----------------------------------------------------------------------------- dry runs
-def test_processes_dry_run_prints_one_worker_per_process():
+def test_processes_dry_run_prints_one_worker_per_process(monkeypatch):
+  # The session's own XLA_FLAGS (conftest adds a compile flag) are kept in front of the device count;
+  # set_host_device_count's test below covers that. Here: the device count alone, as a user's shell has it.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   code, text = _launch(["--num-processes=2", "--devices-per-process=4", "--port=1234", "--dry-run", "--",
                         "--config=configs/clip/digits.py", "--workdir=/tmp/w"])
   assert code == 0
