@@ -19,6 +19,11 @@ from clip_jax.tokenizer import get_tokenizer
 tfds = pytest.importorskip("tensorflow_datasets")
 
 
+def _jit_apply(model):
+  """`model.apply` as one compiled program (eager apply compiles every op on its own)."""
+  return jax.jit(model.apply, static_argnames="method")
+
+
 class ClipJaxTestCaptions(tfds.core.GeneratorBasedBuilder):
   """An image-caption dataset in COCO's layout (captions/text), for mock data only."""
   VERSION = tfds.core.Version("1.0.0")
@@ -207,7 +212,7 @@ def test_sharded_zeroshot_counts_every_example_once(tiny, mesh, tmp_path):
   np.testing.assert_allclose(features.features, reference, atol=2e-5)
 
   prompts = tokenizer(zeroshot.prompt_texts(DIGIT_CLASS_NAMES, DIGIT_ZEROSHOT_TEMPLATES))
-  text_emb = np.asarray(clip_jax.l2_normalize(model.apply(variables, prompts, method="encode_text")))
+  text_emb = np.asarray(clip_jax.l2_normalize(_jit_apply(model)(variables, prompts, method="encode_text")))
   naive_classifier = np.stack([_unit(e.mean(0)) for e in text_emb.reshape(10, 3, -1)])
   np.testing.assert_allclose(evaluator.last_classifier, naive_classifier, atol=2e-5)
 
@@ -227,7 +232,7 @@ def test_pre_projection_features_are_the_pooled_vit_output(tiny, mesh):
   assert features.features.shape == (10, model.config.vision.width)
   first = next(iter(batches))
   images = first["image"][first["mask"]]  # [8, 32, 32, 3]
-  projected = np.asarray(model.apply(variables, images, method="encode_image"))
+  projected = np.asarray(_jit_apply(model)(variables, images, method="encode_image"))
   proj = np.asarray(variables["params"]["visual"]["proj"])
   np.testing.assert_allclose(features.features[:8] @ proj, projected, atol=2e-4)
 
@@ -237,7 +242,7 @@ def test_text_pass_on_a_mesh_with_a_tensor_axis(tiny):
   mesh = create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   tokens = get_tokenizer("clip", context_length=32)([f"a photo of {i} things." for i in range(13)])
   sharded = embed.embed_texts(model, variables, tokens, batch_size=3, mesh=mesh)  # 4 shards: batches of 4
-  direct = np.asarray(clip_jax.l2_normalize(model.apply(variables, tokens, method="encode_text")))
+  direct = np.asarray(clip_jax.l2_normalize(_jit_apply(model)(variables, tokens, method="encode_text")))
   np.testing.assert_allclose(sharded, direct, atol=2e-5)
 
 

@@ -126,8 +126,8 @@ def test_adapters_beside_their_kernels_equal_peft_unmerged_in_diffusers(tiny, tm
   params = {name: lora_lib.attach(pipe.params[name], lora, alpha) for name, lora in adapters.items()}
   text = np.asarray(sd.encode_prompt(pipe, params, ["a photo of a sks square"]))
   latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)  # as _outputs
-  unet = pipe.unet.apply({"params": params["unet"]}, jnp.asarray(latents.transpose(0, 2, 3, 1)),
-                         jnp.asarray([500]), jnp.asarray(text_ref))
+  unet = jax.jit(pipe.unet.apply)({"params": params["unet"]}, jnp.asarray(latents.transpose(0, 2, 3, 1)),
+                                  jnp.asarray([500]), jnp.asarray(text_ref))  # jitted: one compile, not one per op
   unet = np.asarray(unet).transpose(0, 3, 1, 2)
   assert _rel(base_text, text_ref) > 1e-2 and _rel(base_unet, unet_ref) > 1e-2  # the adapters matter
   assert _rel(text, text_ref) < RTOL

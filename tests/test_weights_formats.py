@@ -243,8 +243,9 @@ def _embeddings(module, variables):
   images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
   tokens = np.zeros((2, 77), np.int32)
   tokens[:, :4] = [[49406, 320, 1929, 49407], [49406, 2368, 49407, 0]]
-  return (np.asarray(module.apply(variables, jnp.asarray(images), method="encode_image")),
-          np.asarray(module.apply(variables, jnp.asarray(tokens), method="encode_text")), images, tokens)
+  apply = jax.jit(module.apply, static_argnames="method")  # one program each, not one per op
+  return (np.asarray(apply(variables, jnp.asarray(images), method="encode_image")),
+          np.asarray(apply(variables, jnp.asarray(tokens), method="encode_text")), images, tokens)
 
 
 def _flat(variables):
