@@ -45,6 +45,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -180,7 +181,8 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (images [n, h, w, 3], rn
 
 
 def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Array, *,
-         progress: bool = True, on_frame: Callable[[int, np.ndarray], None] | None = None):
+         progress: bool = True, on_frame: Callable[[int, np.ndarray], None] | None = None,
+         stop_on_interrupt: bool = False, mesh=None):
   """Optimises `num_drawings` drawings at once against `loss_fn` (e.g. a bound
   `guidance.make_guidance_fn`; row i of the images is drawing i, so each may have its own target),
   shown the drawings through `as_seen`. The drawings are independent: the summed loss gives each
@@ -192,14 +194,24 @@ def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Ar
   lowest is kept (`best_restarts`): several random starts of a non-convex problem, chosen by the
   objective itself. Returns (strokes, images [n, canvas, canvas, 3] as numpy, history {'step',
   'loss' [steps, n] of the kept drawings, 'restart_loss' [R, n] (the averaged losses compared),
-  'kept' [n] (the restart kept)}). `on_frame(step, images)` is called every settings.frame_every
-  steps and at the end with all R * n drawings (row r * n + i: restart r of drawing i)."""
+  'kept' [n] (the restart kept), 'start_images' [n, canvas, canvas, 3] (the kept drawings before the
+  first step)}). `on_frame(step, images)` is called every settings.frame_every
+  steps and at the end with all R * n drawings (row r * n + i: restart r of drawing i).
+  stop_on_interrupt: Ctrl-C after at least one step ends the loop there and returns the drawings as
+  they are, history over the steps done (len(history['step']) < settings.steps says so); before it,
+  or without this, KeyboardInterrupt propagates.
+  mesh: the mesh loss_fn's CLIP variables are replicated on (`eval.embed.place_on_mesh`); the strokes
+  and optimiser state start replicated on it too, as the step returns them (started on one device,
+  the second step saw other input shardings and compiled again: 30-45 s at 224 px)."""
   from clip_jax.observe import Progress
   restarts = settings.restarts
   init_rng, loop_rng = jax.random.split(rng)
   strokes = init_strokes(init_rng, restarts * num_drawings, settings)
   tx = make_optimizer(settings)
   opt_state = tx.init(strokes)
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec
+    strokes, opt_state = jax.device_put((strokes, opt_state), NamedSharding(mesh, PartitionSpec()))
 
   def total_loss(strokes, key):
     if settings.view_jitter:  # its own key; the views' keys stay those of the unjittered loop
@@ -220,27 +232,33 @@ def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Ar
     return project(optax.apply_updates(strokes, updates), settings), opt_state, losses
 
   draw_images = jax.jit(lambda st: render(st, settings))
+  start_images = np.asarray(draw_images(strokes))
   bar = Progress(settings.steps, enabled=progress, desc="draw")
   losses_seen = []
-  for step in range(settings.steps):
-    if on_frame is not None and step % settings.frame_every == 0:
-      on_frame(step, np.asarray(draw_images(strokes)))
-    strokes, opt_state, losses = step_fn(strokes, opt_state, jax.random.fold_in(loop_rng, step))
-    losses_seen.append(losses)
-    bar.update(step + 1)
-    if step % 10 == 0 or step + 1 == settings.steps:
-      bar.set_postfix(loss=float(jnp.mean(losses)))
+  try:
+    for step in range(settings.steps):
+      if on_frame is not None and step % settings.frame_every == 0:
+        on_frame(step, start_images if step == 0 else np.asarray(draw_images(strokes)))
+      strokes, opt_state, losses = step_fn(strokes, opt_state, jax.random.fold_in(loop_rng, step))
+      losses_seen.append(losses)
+      bar.update(step + 1)
+      if step % 10 == 0 or step + 1 == settings.steps:
+        bar.set_postfix(loss=float(jnp.mean(losses)))
+  except KeyboardInterrupt:
+    if not (stop_on_interrupt and losses_seen):
+      raise
   bar.close()
+  steps_done = len(losses_seen)
   images = np.asarray(draw_images(strokes))
   if on_frame is not None:
-    on_frame(settings.steps, images)
-  losses = jnp.stack(losses_seen)  # [steps, R * n]
-  final = jnp.mean(losses[-max(1, settings.steps // 10):], axis=0)
+    on_frame(steps_done, images)
+  losses = jnp.stack(losses_seen)  # [steps_done, R * n]
+  final = jnp.mean(losses[-max(1, steps_done // 10):], axis=0)
   rows = best_restarts(final, restarts)
   kept = jax.tree_util.tree_map(lambda x: x[rows], strokes)
-  history = {"step": list(range(1, settings.steps + 1)), "loss": np.asarray(losses[:, rows]),
+  history = {"step": list(range(1, steps_done + 1)), "loss": np.asarray(losses[:, rows]),
              "restart_loss": np.asarray(final.reshape(restarts, num_drawings)),
-             "kept": np.asarray(rows // num_drawings)}
+             "kept": np.asarray(rows // num_drawings), "start_images": start_images[np.asarray(rows)]}
   return kept, images[np.asarray(rows)], history
 
 
@@ -351,20 +369,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (" (grid jittered)" if settings.view_jitter else "")
         + (f", best of {settings.restarts} restarts" if settings.restarts > 1 else ""), flush=True)
   start = time.time()
-  strokes, images, history = draw(loss_fn, 1, settings, jax.random.key(args.seed), on_frame=on_frame)
+  strokes, images, history = draw(loss_fn, 1, settings, jax.random.key(args.seed), on_frame=on_frame,
+                                  stop_on_interrupt=True, mesh=mesh)
+  steps_done = len(history["step"])
   from PIL import Image
   kept = int(history["kept"][0])
+  # The drawing and its strokes first: a second Ctrl-C while the rest is written still leaves them.
+  Image.fromarray(to_uint8(images[0])).save(os.path.join(args.out, "drawing.png"))
+  np.savez(os.path.join(args.out, "strokes.npz"), **{k: np.asarray(v[0]) for k, v in strokes._asdict().items()})
   for step, frame in frames:
     Image.fromarray(frame[kept]).save(os.path.join(args.out, "frames", f"frame_{step:05d}.png"))
-  Image.fromarray(to_uint8(images[0])).save(os.path.join(args.out, "drawing.png"))
   save_gif([frame[kept] for _, frame in frames], os.path.join(args.out, "drawing.gif"),
            upscale=max(1, 224 // settings.canvas))
-  np.savez(os.path.join(args.out, "strokes.npz"), **{k: np.asarray(v[0]) for k, v in strokes._asdict().items()})
-  seen = as_seen(jnp.asarray(images), settings, jax.random.key(0))
-  cosines = [-float(guidance.make_guidance_fn(model, mesh, augment=guidance.NO_AUGMENTATION)(
-      variables, seen, target, None)[0]) for model, variables, target, _ in guides]
+
+  def clean_cosines(drawings):  # cosine(drawing, prompt) per checkpoint, without augmentation
+    seen = as_seen(jnp.asarray(drawings), settings, jax.random.key(0))
+    return [-float(guidance.make_guidance_fn(model, mesh, augment=guidance.NO_AUGMENTATION)(
+        variables, seen, target, None)[0]) for model, variables, target, _ in guides]
+  cosines, start_cosines = clean_cosines(images), clean_cosines(history["start_images"])
   result = {"prompt": args.prompt, "negative": args.negative, "checkpoints": args.checkpoint, "seed": args.seed,
+            "steps_done": steps_done, "stopped": (f"Ctrl-C at step {steps_done} of {settings.steps}"
+                                                  if steps_done < settings.steps else None),
             "loss_first_step": float(history["loss"][0, 0]), "loss_last_step": float(history["loss"][-1, 0]),
+            "cosine_to_prompt_start": float(np.mean(start_cosines)),
             "cosine_to_prompt": float(np.mean(cosines)), "cosine_to_prompt_per_checkpoint": cosines,
             "restart_losses": history["restart_loss"][:, 0].tolist(), "restart_kept": kept,
             "seconds": round(time.time() - start, 1),
@@ -372,9 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                          for k, v in dataclasses.asdict(settings).items()}}
   with open(os.path.join(args.out, "result.json"), "w") as f:
     json.dump(result, f, indent=2)
-  print(f"cosine(drawing, prompt) = {result['cosine_to_prompt']:.3f}"
+  if steps_done < settings.steps:
+    print(f"interrupted (Ctrl-C) at step {steps_done} of {settings.steps}: wrote the drawing so far to "
+          f"{args.out}/drawing.png, strokes.npz, drawing.gif, frames/ ({len(frames)} frames) and result.json "
+          f"(marked stopped at step {steps_done} of {settings.steps}); the same command starts again from step 0 "
+          "and replaces them.", file=sys.stderr, flush=True)
+    return cli.INTERRUPTED_EXIT_CODE
+  print(f"cosine(drawing, prompt) = {result['cosine_to_prompt_start']:.3f} at the start -> "
+        f"{result['cosine_to_prompt']:.3f}"
         + (f" (mean of {len(cosines)} CLIPs)" if len(cosines) > 1 else "") + f"; wrote {args.out}/drawing.png, drawing.gif, "
-        f"frames/, result.json", flush=True)
+        f"frames/, strokes.npz, result.json", flush=True)
   return 0
 
 

@@ -124,3 +124,89 @@ def test_architecture_flags_reach_the_loader_of_draw_and_edit(tmp_path, monkeypa
     edit.main(["--model", str(tmp_path), "--clip", path, "--image", str(tmp_path / "in.png"), "--neutral", "a",
                "--target", "b", "--method", "optimize", "--out", str(tmp_path / "e"), "--act", "gelu"])
   assert seen[-1] == (path, None, "gelu")
+
+
+# ----------------------------------------------------------------------------- draw: Ctrl-C, one compile
+def _square_loss_on(mesh):
+  """A non-CLIP loss (dark in the middle square) that, like a CLIP guide, constrains its batch to the mesh."""
+  import jax.numpy as jnp
+
+  from clip_jax.guidance import batch_constraint
+  constrain = batch_constraint(mesh)
+  target = jnp.ones((32, 32, 3)).at[8:24, 8:24].set(0.0)
+  return lambda images, rng: jnp.mean((constrain(images) - target) ** 2, axis=(1, 2, 3))
+
+
+@pytest.mark.slow  # the rasteriser's compile: ~7 s
+def test_draw_compiles_its_step_once(caplog):
+  import jax
+
+  from clip_jax import draw
+  from clip_jax.sharding import create_mesh
+  mesh = create_mesh({"data": -1})
+  settings = draw.DrawSettings(num_strokes=1, segments=1, steps=3, canvas=32, curve_samples=4,
+                               augment=draw.Augmentations(num=0))
+  with jax.log_compiles(), caplog.at_level("WARNING", logger="jax"):
+    draw.draw(_square_loss_on(mesh), 1, settings, jax.random.key(0), progress=False, mesh=mesh)
+  # The step's output came back replicated on the guides' mesh while its first input was on one
+  # device: the second step compiled again.
+  assert caplog.text.count("Compiling jit(step_fn)") == 1
+
+
+@pytest.mark.slow  # two runs' compiles: ~8 s
+def test_draw_keeps_the_steps_done_on_ctrl_c():
+  import jax
+
+  from clip_jax import draw
+  settings = draw.DrawSettings(num_strokes=1, segments=1, curve_samples=4, steps=40, canvas=32, augment=draw.Augmentations(num=0), frame_every=2)
+  frames = []
+
+  def ctrl_c_at_step_6(step, images):
+    if step == 6 and 6 not in frames:
+      frames.append(6)
+      raise KeyboardInterrupt
+    frames.append(step)
+  loss = _square_loss_on(None)
+  strokes, images, history = draw.draw(loss, 1, settings, jax.random.key(0), progress=False,
+                                       on_frame=ctrl_c_at_step_6, stop_on_interrupt=True)
+  assert history["step"] == list(range(1, 7)) and history["loss"].shape == (6, 1)
+  assert frames == [0, 2, 4, 6, 6]  # the last: the drawing as it was stopped
+  np.testing.assert_allclose(loss(draw.render(strokes, settings), None), history["loss"][-1], atol=0.05)
+  assert images.shape == (1, 32, 32, 3) and history["start_images"].shape == (1, 32, 32, 3)
+  frames.clear()
+  with pytest.raises(KeyboardInterrupt):  # without stop_on_interrupt a library caller's Ctrl-C stays one
+    draw.draw(loss, 1, settings, jax.random.key(0), progress=False, on_frame=ctrl_c_at_step_6)
+
+
+@pytest.mark.slow  # a tiny CLIP's compile: ~15 s
+def test_draw_cli_writes_the_drawing_so_far_on_ctrl_c(tmp_path, monkeypatch, capsys):
+  import json
+
+  import jax
+
+  import clip_jax
+  from clip_jax import draw
+  model = clip_jax.create_model("ViT-Tiny")
+  checkpoint = clip_jax.export_hf(model, clip_jax.init_variables(model, jax.random.key(0)), str(tmp_path / "clip"))
+  real_draw = draw.draw
+  stopped = []
+
+  def ctrl_c_at_step_4(*args, on_frame, **kwargs):
+    def frame(step, images):
+      if step == 4 and not stopped:
+        stopped.append(step)
+        raise KeyboardInterrupt
+      on_frame(step, images)
+    return real_draw(*args, on_frame=frame, **kwargs)
+  monkeypatch.setattr(draw, "draw", ctrl_c_at_step_4)
+  out = tmp_path / "out"
+  assert draw.main(["--checkpoint", checkpoint, "--prompt", "a red circle", "--out", str(out), "--strokes", "3",
+                    "--steps", "10", "--canvas", "32", "--frame-every", "2"]) == cli.INTERRUPTED_EXIT_CODE
+  assert sorted(p.name for p in (out / "frames").iterdir()) == ["frame_00000.png", "frame_00002.png", "frame_00004.png"]
+  assert (out / "drawing.png").exists() and (out / "strokes.npz").exists() and (out / "drawing.gif").exists()
+  result = json.loads((out / "result.json").read_text())
+  assert result["steps_done"] == 4 and result["stopped"] == "Ctrl-C at step 4 of 10"
+  assert -1 <= result["cosine_to_prompt_start"] <= 1 and result["cosine_to_prompt_start"] != result["cosine_to_prompt"]
+  message = capsys.readouterr().err.strip().splitlines()[-1]
+  assert message.startswith("interrupted (Ctrl-C) at step 4 of 10: wrote the drawing so far to") and \
+      "(3 frames)" in message and "starts again from step 0" in message
