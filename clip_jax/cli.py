@@ -59,6 +59,16 @@ class MissingPathError(UserError, FileNotFoundError):
   """A path the user gave does not exist (also a FileNotFoundError for callers that catch that)."""
 
 
+def make_out_dir(path: str, flag: str = "--out") -> str:
+  """os.makedirs(path, exist_ok=True), with a UserError where it or a folder above it is a file
+  (os.makedirs raised FileExistsError / NotADirectoryError, a traceback)."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as e:
+    raise UserError(f"{flag} {path} is a file (or lies under one); give a folder to write into.") from e
+  return path
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
   """The up to `n` candidates most similar to `name` (difflib ratio >= cutoff), best first."""
   return difflib.get_close_matches(name, list(candidates), n=n, cutoff=cutoff)

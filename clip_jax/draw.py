@@ -341,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for path in args.checkpoint:
     if not os.path.exists(path):
       raise cli.MissingPathError(f"--checkpoint {path}: no such file or directory.")
+  cli.make_out_dir(args.out)  # before loading: a file there was found only after the checkpoints had loaded
   from clip_jax.eval.embed import place_on_mesh
   from clip_jax.sharding import create_mesh
   mesh = create_mesh({"data": -1})

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import guidance, styleclip
-from clip_jax.cli import MissingPathError, UserError, as_user_errors
+from clip_jax.cli import MissingPathError, UserError, as_user_errors, make_out_dir
 
 METHODS = ("optimize", "mapper", "global")
 
@@ -233,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for path, flag in ((args.model, "--model"), (args.clip, "--clip")):
     if not os.path.exists(path):
       raise MissingPathError(f"{flag} {path}: no such file or directory.")
+  make_out_dir(args.out)  # before the work: a file there was found only when writing the results
   from dreambooth_jax.sampling import pipeline as sd
   pipe = as_user_errors(sd.load_pipeline, args.model)
   image, changes = load_image(args.image, pipe.vae_scale_factor, args.max_side)

@@ -101,7 +101,8 @@ def _save_png(image: np.ndarray, path: str, info: dict[str, str] | None = None) 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
+  from clip_jax import cli
+  cli.make_out_dir(args.out)
   print(f"Loading {args.model} ...", flush=True)
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   try:

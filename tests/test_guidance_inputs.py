@@ -210,3 +210,24 @@ def test_draw_cli_writes_the_drawing_so_far_on_ctrl_c(tmp_path, monkeypatch, cap
   message = capsys.readouterr().err.strip().splitlines()[-1]
   assert message.startswith("interrupted (Ctrl-C) at step 4 of 10: wrote the drawing so far to") and \
       "(3 frames)" in message and "starts again from step 0" in message
+
+
+# ----------------------------------------------------------------------------- --out
+def test_an_existing_file_as_out_is_one_line(tmp_path, monkeypatch):
+  from clip_jax import draw
+  from dreambooth_jax import sample
+  a_file = tmp_path / "gray.png"
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(a_file)
+  with pytest.raises(cli.UserError, match=r"^--out .*gray.png is a file"):
+    cli.make_out_dir(str(a_file))
+  with pytest.raises(cli.UserError, match=r"^--out .*gray.png/sub is a file \(or lies under one\)"):
+    cli.make_out_dir(str(a_file / "sub"))
+  # Each command checks it before loading anything (the loaders here would fail on these paths).
+  monkeypatch.setattr("clip_jax.guidance.load_guide", lambda *a, **k: pytest.fail("loaded before the --out check"))
+  with pytest.raises(cli.UserError, match=r"^--out .*gray.png is a file"):
+    draw.main(["--checkpoint", str(a_file), "--prompt", "a cat", "--out", str(a_file)])
+  with pytest.raises(cli.UserError, match=r"^--out .*gray.png is a file"):
+    sample.main(["--model", str(tmp_path), "--prompt", "a cat", "--out", str(a_file)])
+  with pytest.raises(cli.UserError, match=r"^--out .*gray.png is a file"):
+    edit.main(["--model", str(tmp_path), "--clip", str(a_file), "--image", str(a_file), "--neutral", "a",
+               "--target", "b", "--method", "optimize", "--out", str(a_file)])
