@@ -281,6 +281,9 @@ def encode_prompts(model: CLIP, variables, tokenizer, prompts: str | Sequence[st
   from clip_jax.eval.embed import embed_texts
   from clip_jax.sharding import create_mesh
   mesh = mesh or create_mesh({"data": -1})
+  from clip_jax.tokenizer import truncation_notes
+  for note in truncation_notes(tokenizer, prompts, model.config.text.context_length):
+    print(note, flush=True)
   tokens = np.asarray(tokenizer(prompts), np.int32)
   return jnp.asarray(embed_texts(model, variables, tokens, batch_size=len(prompts), mesh=mesh))
 

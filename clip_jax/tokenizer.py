@@ -536,6 +536,24 @@ def _sentencepiece_vocab_limit(texts: Sequence[str], clean: bool, options: dict)
   return ""
 
 
+def truncation_notes(tokenizer, texts: Sequence[str], context_length: int | None = None) -> list[str]:
+  """One line per text longer than the text tower reads (`context_length`, default the tokenizer's:
+  77 tokens with its start and end tokens), saying how much is dropped: the rows `tokenizer(texts)`
+  makes are cut without a word, as CLIP and open_clip cut them (diffusers warns). For commands that
+  take a prompt from the user (clip_jax.draw, dreambooth_jax.edit / sample), not for training captions."""
+  length = context_length or getattr(tokenizer, "context_length", DEFAULT_CONTEXT_LENGTH)
+  if not hasattr(tokenizer, "encode"):  # a bare callable (tests' stand-ins): nothing to count with
+    return []
+  notes = []
+  for text in _as_text_list(texts):
+    tokens = len(tokenizer.encode(text)) + 2  # with the start and end tokens
+    if tokens > length:
+      shown = text if len(text) <= 40 else text[:37] + "..."
+      notes.append(f"Prompt {shown!r} is {tokens} tokens; the text encoder reads the first {length}, "
+                   f"so its last {tokens - length} are dropped.")
+  return notes
+
+
 # ------------------------------------------------------------------------------- entry points
 
 @functools.lru_cache(maxsize=1)

@@ -131,6 +131,10 @@ def main(argv=None) -> int:
   if problem:
     from clip_jax import cli
     return cli.print_user_error(problem)
+  from clip_jax.tokenizer import truncation_notes
+  for note in truncation_notes(pipe.tokenizer, list(dict.fromkeys(args.prompt)) + (
+      [args.negative_prompt] if args.negative_prompt else []), pipe.context_length):
+    print(note, flush=True)
   print(f"Sampling {len(jobs)} images of {width}x{height} with {args.sampler}, {args.steps} steps, "
         f"guidance {args.guidance}, seed {args.seed}", flush=True)
   from clip_jax.observe import package_versions, save_image_grid, write_atomic

@@ -231,3 +231,24 @@ def test_an_existing_file_as_out_is_one_line(tmp_path, monkeypatch):
   with pytest.raises(cli.UserError, match=r"^--out .*gray.png is a file"):
     edit.main(["--model", str(tmp_path), "--clip", str(a_file), "--image", str(a_file), "--neutral", "a",
                "--target", "b", "--method", "optimize", "--out", str(a_file)])
+
+
+def test_a_prompt_longer_than_the_text_tower_reads_is_said_not_cut_silently(capsys, monkeypatch):
+  """draw, edit and sample cut a 112-token prompt at 77 without a word (diffusers warns): one line each,
+  from one check (clip_jax.tokenizer.truncation_notes) that counts the start and end tokens."""
+  from clip_jax import guidance
+  from clip_jax.tokenizer import default_tokenizer, truncation_notes
+  tokenizer = default_tokenizer()
+  long_prompt = " ".join(["a watercolor of a lighthouse"] * 20)  # 100 words + start and end: 102 tokens
+  assert truncation_notes(tokenizer, ["a cat", "x " * 75]) == []  # 75 + 2 = 77: read whole
+  [note] = truncation_notes(tokenizer, ["a cat", long_prompt])
+  assert note == ("Prompt 'a watercolor of a lighthouse a waterc...' is 102 tokens; the text encoder reads the "
+                  "first 77, so its last 25 are dropped.")
+  assert truncation_notes(tokenizer, ["x " * 10], context_length=8) and not truncation_notes(lambda t: t, [long_prompt])
+  import types
+
+  from clip_jax.eval import embed
+  model = types.SimpleNamespace(config=types.SimpleNamespace(text=types.SimpleNamespace(context_length=77)))
+  monkeypatch.setattr(embed, "embed_texts", lambda model, variables, tokens, **kwargs: np.zeros((len(tokens), 4)))
+  guidance.encode_prompts(model, {}, tokenizer, ["a cat", long_prompt])  # what draw and edit call
+  assert "is 102 tokens; the text encoder reads the first 77" in capsys.readouterr().out
