@@ -338,6 +338,7 @@ def test_init_mistakes_are_one_line_before_anything_compiles(init_sources, tmp_p
   assert "init" not in compiled, compiled
 
 
+@pytest.mark.slow  # a trainer child process (8 s); test_cli_errors keeps the one-line rule fast
 def test_cli_reports_an_init_mistake_in_one_line(tmp_path):
   import subprocess
   import sys

@@ -84,7 +84,9 @@ def _load(directory, adapter_dir=None):
   return pipe
 
 
-@pytest.mark.parametrize("with_text_encoder", [False, True], ids=["unet_only", "unet_and_text_encoder"])
+# With the text encoder's adapters too is slow-only (8 s); the UNet's alone stays fast.
+@pytest.mark.parametrize("with_text_encoder", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["unet_only", "unet_and_text_encoder"])
 def test_base_plus_adapter_equals_merged_folder_in_diffusers(tiny, tmp_path, with_text_encoder):
   pipe, base_dir = tiny
   alpha = 3.0  # != rank: the scale alpha / rank must be folded into B

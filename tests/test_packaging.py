@@ -85,6 +85,7 @@ def test_config_paths_fall_back_to_the_packaged_configs(tmp_path):
   assert commands.packaged_config("--dry-run", elsewhere) == "--dry-run"
 
 
+@pytest.mark.slow  # child processes from another directory (9 s); packaged_config's rule is tested fast above
 def test_python_m_commands_find_the_packaged_configs_from_any_directory(tmp_path):
   """A new user ran `python -m dreambooth_jax.embedded.table3` outside the checkout: its child
   `python -m clip_jax.train --config=configs/clip/digits.py` said 'no such config file'. Every

@@ -153,6 +153,7 @@ def test_vae_accepts_legacy_attention_names(pipeline_dir):
   jax.tree.map(np.testing.assert_array_equal, got, expected)
 
 
+@pytest.mark.slow  # 6 s; test_sd_pipeline's save-then-diffusers test stays fast
 def test_save_then_diffusers_from_pretrained_round_trips(pipeline_dir, inputs, sd1_apply, tmp_path):
   root, models = pipeline_dir
   for name, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
