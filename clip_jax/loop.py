@@ -213,6 +213,9 @@ class Result:
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: saved and stopped early (SIGTERM, Ctrl-C); the same command resumes
 DONE_FILE = "DONE"                        # JSON {"step", "finished", "outputs"}: the trainer wrote its results
 CONFIG_FILE = "config.json"               # the config the run was started with (changes: CONFIG_CHANGES_FILE)
+# Records of a run's input files kept beside its config in CONFIG_FILE ({file name: content hash}; DreamBooth's
+# photos, `dreambooth_jax.train.config_with_images`): compared on resume, but not settings to tabulate.
+INPUT_RECORD_KEYS = ("instance_images", "class_images")
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 # Config keys (and groups) that change how a run is carried out, not what it computes: a resume may
 # change them freely. Every other key (batch, model, loss, data, seed, optimizer and steps schedule,

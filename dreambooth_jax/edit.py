@@ -95,9 +95,9 @@ def load_image(path: str, multiple: int, max_side: int = DEFAULT_MAX_SIDE, flag:
   with open(path, "rb") as f:
     data = f.read()
   try:
-    orientation = open_image(data).getexif().get(0x0112, 1)  # the header only; load_image applies it
-    upright = open_upright(data)
-  except BadRecord as e:
+    upright = open_upright(data)  # decodes first: a truncated PNG is a BadRecord here, not getexif's OSError
+    orientation = open_image(data).getexif().get(0x0112, 1)  # load_image has applied it; said below
+  except (BadRecord, OSError) as e:
     raise UserError(f"{flag} {path}: not an image this project can read ({e}).") from e
   changes = conversions_made(upright.mode, "transparency" in upright.info, orientation)
   image, _ = to_rgb(upright)

@@ -337,7 +337,7 @@ def validate_config(cfg) -> None:
                      "micro-batches (gradient_accumulation).")
 
 
-IMAGE_KEYS = ("instance_images", "class_images")  # config_with_images' keys in the workdir's config.json
+IMAGE_KEYS = loop.INPUT_RECORD_KEYS  # config_with_images' keys in the workdir's config.json
 
 
 def config_with_images(cfg, workdir: str) -> ml_collections.ConfigDict | dict[str, Any]:

@@ -100,17 +100,19 @@ def overrides_from_name(name: str) -> dict[str, Any]:
 def run_config(workdir: str) -> dict[str, Any]:
   """The run's own settings as flattened config keys ('optimizer.learning_rate'): its config.json
   (what the trainer started with), else results.json's 'settings'; {} when it has neither."""
-  from clip_jax.loop import CONFIG_FILE, flatten_config  # imports jax: only here, where a run is read
+  from clip_jax.loop import CONFIG_FILE, INPUT_RECORD_KEYS, flatten_config  # imports jax: only here
+  from clip_jax.observe import VOLATILE_SETTINGS
   config_path = os.path.join(workdir, CONFIG_FILE)
   results_path = os.path.join(workdir, "results.json")
   try:
     if os.path.exists(config_path):
-      with open(config_path) as f:
-        return flatten_config(json.load(f))
+      with open(config_path) as f:  # DreamBooth's photo records are not settings (a column per photo)
+        return flatten_config({k: v for k, v in json.load(f).items() if k not in INPUT_RECORD_KEYS})
     if os.path.exists(results_path):
       with open(results_path) as f:
         settings = json.load(f).get("settings") or {}
-      return {k: v for k, v in settings.items() if k != "versions"}
+      # Versions, devices, processes, platform: where and with what it ran, not what was run.
+      return {k: v for k, v in settings.items() if k not in VOLATILE_SETTINGS and k not in INPUT_RECORD_KEYS}
   except (OSError, ValueError):  # a file cut short: the run shows its name and numbers without settings
     pass
   return {}

@@ -72,8 +72,9 @@ def parser() -> argparse.ArgumentParser:
                  help="follow the job to its end and exit with its status (0 when COMPLETED; 75 when its tasks "
                       "saved a checkpoint and stopped early, as the other modes: submit again to resume)")
   g.add_argument("--script", default=None,
-                 help="where to write the sbatch script (default LOG_DIR/JOB.sbatch); once submitted it is kept "
-                      "as LOG_DIR/JOB-JOBID.sbatch, beside the job's log, so a resubmission does not replace it")
+                 help="where to write the sbatch script (default LOG_DIR/JOB.sbatch); once submitted it is renamed "
+                      "SCRIPT-JOBID.sbatch beside it (by default LOG_DIR/JOB-JOBID.sbatch, beside the job's log), so "
+                      "a resubmission does not replace it")
   g.add_argument("--no-requeue", action="store_true", help="do not requeue the job after preemption")
   g = p.add_argument_group("tpu")
   g.add_argument("--tpu-name", default=None)

@@ -198,7 +198,7 @@ def submit(script: str, script_path: str, settings: SlurmSettings, run_dir: str,
     return done.returncode
   job_id = done.stdout.strip().split(";")[0]   # --parsable prints 'ID' or 'ID;CLUSTER'
   kept = kept_script_path(path, job_id)
-  os.replace(path, kept)  # sbatch has read the script: this job's copy is kept under its own name
+  os.replace(path, kept)  # sbatch has read the script (written here): this job's copy is kept under its own name
   state, _ = job_state(job_id)
   print(f"launch: submitted job {job_id} ({state}); log: {log_path(settings, job_id, run_dir)}\n"
         f"launch: its script: {kept}; follow it with `squeue -j {job_id}` or `sacct -j {job_id}`; "

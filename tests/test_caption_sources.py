@@ -281,7 +281,7 @@ def _tiny_config(zeroshot_eval=None, **overrides):
   return c
 
 
-def test_a_known_name_for_ones_own_copy_gets_the_papers_names_and_prompts_in_training_as_in_evaluate(tmp_path):
+def test_a_known_name_for_ones_own_copy_gets_the_papers_names_and_prompts_in_training_as_in_evaluate(tmp_path, caplog):
   """zeroshot_eval.source=cifar10=/my/cifar10 used the folder's names and generic prompts in the trainer,
   the paper's 10 names and 18 prompts in `clip_jax.evaluate --tasks zeroshot:cifar10=...`: the same now."""
   from clip_jax import evaluate
@@ -305,6 +305,14 @@ def test_a_known_name_for_ones_own_copy_gets_the_papers_names_and_prompts_in_tra
   shutil.rmtree(tmp_path / "mine" / "truck")  # not cifar10's 10 folders: the line says why 10 names were used
   with pytest.raises(ValueError, match=r"'cifar10' names a known dataset, so its 10 class names were used: give"):
     zeroshot.build_training_evaluators(_tiny_config(zeroshot_eval=dict(enabled=True, source=spec)))
+  with pytest.raises(ValueError) as missing:  # a path mistake is not blamed on the name
+    zeroshot.build_training_evaluators(_tiny_config(zeroshot_eval=dict(enabled=True, source=f"cifar10={tmp_path}/gone")))
+  assert "known dataset" not in str(missing.value)
+  assert zeroshot.split_name("cifar10=") == ("cifar10", None) and evaluate.parse_task("zeroshot:cifar10=").dataset == "cifar10"
+  # Folders named otherwise than the list take its names by position (ImageNet's wnid folders), said with the pairs.
+  with caplog.at_level("WARNING"):
+    assert labelled.names_for_folders(["car", "plane"], ["airplane", "automobile"], "two") == ["airplane", "automobile"]
+  assert "2 of 2 class folders take a listed name by position (sorted folder order): car -> airplane, plane -> automobile" in caplog.text
 
 
 def test_the_trainer_says_how_big_its_data_is_and_refuses_bad_data_in_one_line(tmp_path, capsys, caplog):

@@ -42,6 +42,11 @@ def test_edit_keeps_16_bit_gray_and_puts_transparency_on_white(tmp_path):
   (tmp_path / "text.png").write_text("not an image")
   with pytest.raises(cli.UserError, match="--image .*text.png: not an image this project can read"):
     edit.load_image(str(tmp_path / "text.png"), 4)
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+  data = (tmp_path / "noise.png").read_bytes()
+  (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])  # a truncated PNG was an OSError traceback
+  with pytest.raises(cli.UserError, match="--image .*cut.png: not an image this project can read"):
+    edit.load_image(str(tmp_path / "cut.png"), 4)
 
 
 def test_edit_resizes_a_photo_over_max_side_to_multiples_of_the_vae_downscale(tmp_path):

@@ -137,9 +137,13 @@ def test_settings_fall_back_to_results_json_and_a_sweep_varying_log_every_shows_
   path = tmp_path / "no_config"
   _standalone(path, 1.0, 10.0)
   record = json.loads((path / "results.json").read_text())
-  record["settings"] = {"total_steps": 7, "versions": {"jax": "0"}}
+  record["settings"] = {"total_steps": 7, "versions": {"jax": "0"}, "devices": 8, "processes": 1, "platform": "cpu"}
   (path / "results.json").write_text(json.dumps(record))
-  assert results.run_config(str(path)) == {"total_steps": 7}
+  assert results.run_config(str(path)) == {"total_steps": 7}  # where it ran is not what was run
+  # DreamBooth's photo records ({file: hash}) are not settings: they made a column per photo.
+  photos = _standalone(tmp_path / "dog", 1.0, 10.0, {"total_steps": 5, "instance_images": {"dog1.jpg": "ab12"},
+                                                       "class_images": {"c0.png": "cd34"}})
+  assert results.run_config(photos) == {"total_steps": 5}
   root = _sweep_root(tmp_path / "cadence", [(f"log_every={n}", {"log_every": n}, 1.0) for n in (1, 5)])
   _, settings, _ = results.collect([root])
   assert settings == ["log_every"]  # operational, but what this sweep varies

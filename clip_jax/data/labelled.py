@@ -173,6 +173,11 @@ def names_for_folders(folders: Sequence[str], class_names: ClassNames, where: st
   for own in (list(folders), [display_name(f) for f in folders]):
     if _reordered(class_names, own, where, "the class folders' own names"):
       return own
+  renamed = [(f, n) for f, n in zip(folders, class_names) if display_name(f).lower() != " ".join(str(n).lower().split())]
+  if renamed:  # by position, as documented (ImageNet's sorted wnid folders), but said: plane/car would be misread
+    logging.warning("%s: %d of %d class folders take a listed name by position (sorted folder order): %s; give a "
+                    "JSON object {folder: name} to name them by folder instead.", where, len(renamed), len(folders),
+                    ", ".join(f"{f} -> {n}" for f, n in renamed[:4]) + (" ..." if len(renamed) > 4 else ""))
   return list(class_names)
 
 

@@ -244,9 +244,11 @@ def split_name(spec: str) -> tuple[str, str | None]:
   trainer's zero-shot hook (`named_source`) and of `clip_jax.evaluate --tasks KIND:NAME=DATA`."""
   spec = spec.strip()
   name, sep, data = spec.partition("=")
-  if (sep and name.strip() and data.strip() and "/" not in name and os.sep not in name
-      and not (_names_files(spec) and not _names_files(data.strip()))):
-    return name.strip(), data.strip()
+  if sep and name.strip() and "/" not in name and os.sep not in name:
+    if not data.strip():
+      return name.strip(), None  # 'cifar10=': the name alone
+    if not (_names_files(spec) and not _names_files(data.strip())):
+      return name.strip(), data.strip()
   return spec, None
 
 
@@ -350,7 +352,7 @@ def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotE
           split=ev.get("split", None) or (known.test_split if known else None),
           data_dir=cfg.data.get("data_dir", None), limit=ev.get("limit", None), name=name)
     except ValueError as e:
-      if known and not ev.get("class_names", None):
+      if known and not ev.get("class_names", None) and "class names" in str(e):  # a names mismatch, not a path
         raise ValueError(f"{e} ({name!r} names a known dataset, so its {len(known.class_names)} class names "
                          "were used: give your own data another NAME.)") from e
       raise
