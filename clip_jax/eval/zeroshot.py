@@ -343,7 +343,7 @@ def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotE
     name, data = named_source(spec)
     # NAME=DATA with a known NAME (cifar10=/data/cifar10/{split}): the paper's class names, prompts and
     # split, as `clip_jax.evaluate --tasks zeroshot:cifar10=...` reads it, unless the config gives its own.
-    known = find_dataset(name) if split_name(spec)[1] is not None else None
+    known = find_dataset(name) if data != spec.strip() else None  # NAME=DATA: named_source split it
     class_names = ev.get("class_names", None) or (known.class_names if known else None)
     try:
       evaluator = ZeroShotEvaluator(
