@@ -448,12 +448,10 @@ def zeroshot_line(evaluators, eval_every: int, own_data_hint: bool = True) -> st
 
 def zeroshot_sources_are_users(cfg) -> bool:
   """Whether the configured zero-shot sources include data of the user's own (a path, or NAME=DATA),
-  not only named datasets ('digits', 'cifar10')."""
-  from clip_jax.eval.classnames import find_dataset
-  from clip_jax.eval.zeroshot import split_name
-  sources = cfg.get("zeroshot_eval", {}).get("source", "digits")
-  specs = [s for s in (sources.split(",") if isinstance(sources, str) else list(sources)) if s.strip()]
-  return any(split_name(spec)[1] is not None or find_dataset(spec.strip()) is None for spec in specs)
+  not only known datasets under their own names ('digits', 'cifar10', 'cifar10='): `zeroshot_sources`'
+  own_data, the rule of the hook and of its closing `clip_jax.evaluate` hint."""
+  from clip_jax.eval.zeroshot import zeroshot_sources
+  return any(source.own_data for source in zeroshot_sources(cfg.get("zeroshot_eval", {})))
 
 
 def evaluate_hint(cfg, workdir: str) -> str:

@@ -270,6 +270,48 @@ def test_the_start_says_what_the_zero_shot_hook_evaluates_or_that_it_is_off():
   assert users("shapes=/data/test") and users("/data/test") and users("digits,cifar10=/data/c10")
 
 
+def test_the_start_line_the_closing_hint_and_the_hook_read_the_zero_shot_sources_alike():
+  """One parser (zeroshot.zeroshot_sources) for the hook, the start line's 'your own data' hint and the closing
+  evaluate hint. The start line called 'cifar10=' (the name alone) and cifar10=tfds:cifar10 the user's own
+  data, where the hook and the closing hint read the known dataset (its names, prompts, TFDS data)."""
+  cfg = lambda source: _tiny_config(zeroshot_eval=dict(enabled=True, source=source))  # noqa: E731
+  for spec in ("cifar10", "cifar10=", "cifar10=cifar10", "cifar10=tfds:cifar10", "tfds:cifar10"):
+    assert not trainer.zeroshot_sources_are_users(cfg(spec)), spec
+    assert zeroshot.evaluate_tasks(cfg(spec)) == ["zeroshot:cifar10", "linear_probe:cifar10"], spec
+  for spec in ("mycifar=cifar10", "cifar10=/d/c10/{split}", "/d/shapes"):
+    assert trainer.zeroshot_sources_are_users(cfg(spec)), spec
+    assert zeroshot.evaluate_tasks(cfg(spec))[0].startswith(f"zeroshot:{zeroshot.named_source(spec)[0]}="), spec
+  parsed = zeroshot.zeroshot_sources(dict(source=[" cifar10=/d/c10/{split} ", " ", "digits"]))
+  assert [(s.name, s.data, s.dataset.name, s.own_data, s.split) for s in parsed] == [
+      ("cifar10", "/d/c10/{split}", "cifar10", True, "test"), ("digits", "digits", "digits", False, "test")]
+  assert [(s.name, s.dataset.name) for s in zeroshot.zeroshot_sources({})] == [("digits", "digits")]
+  assert zeroshot.zeroshot_sources(dict(source="/d/shapes"))[0].dataset is None
+
+
+def test_a_known_name_reads_its_zero_shot_split_in_training_as_in_evaluate(tmp_path):
+  """zeroshot_eval.source=food101=/d/{split} with configs/clip/digits.py read its 'test' split (the config's,
+  meant for digits), where `clip_jax.evaluate --tasks zeroshot:food101=/d/{split}` reads 'validation'. A
+  source reads its own split unless the config sets one, which then holds for every source."""
+  from clip_jax import evaluate
+  from clip_jax.eval.classnames import find_dataset
+  from configs.clip import digits
+  info = find_dataset("food101")
+  assert info.test_split == "validation"
+  for i, name in enumerate(info.class_names):
+    os.makedirs(tmp_path / "validation" / name)
+    (tmp_path / "validation" / name / "0.png").write_bytes(_png_bytes(i, (4, 4)))
+  spec = f"food101={tmp_path}/{{split}}"
+  cfg = digits.get_config()
+  cfg.zeroshot_eval.source = spec
+  [evaluator] = zeroshot.build_training_evaluators(cfg)
+  assert evaluator.split == evaluate.parse_task(f"zeroshot:{spec}").test_split == "validation"
+  assert len(evaluator.source) == len(info.class_names)
+  cfg.zeroshot_eval.source = "digits,imagenet=/d/{split},imagenet,/d/mine/{split}"
+  assert [s.split for s in zeroshot.zeroshot_sources(cfg.zeroshot_eval)] == ["test", "validation", "validation", "test"]
+  cfg.zeroshot_eval.split = "train"  # one's own choice, for every source
+  assert {s.split for s in zeroshot.zeroshot_sources(cfg.zeroshot_eval)} == {"train"}
+
+
 def _tiny_config(zeroshot_eval=None, **overrides):
   c = runlocal(base_config())
   c.model.name = "ViT-Tiny"

@@ -10,6 +10,7 @@ Metrics are in percent, like the paper's tables.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Callable, Sequence
@@ -21,7 +22,7 @@ from absl import logging
 from clip_jax.data.labelled import read_text, same_names_reordered
 from clip_jax.data.sources import open_source
 from clip_jax.eval import embed
-from clip_jax.eval.classnames import GENERIC_TEMPLATES, find_dataset
+from clip_jax.eval.classnames import GENERIC_TEMPLATES, DatasetInfo, find_dataset
 
 Tokenizer = Callable[[list[str]], np.ndarray]
 
@@ -293,6 +294,46 @@ def data_name(spec: str) -> str:
   return "data"
 
 
+@dataclasses.dataclass(frozen=True)
+class ZeroShotSource:
+  """One entry of `zeroshot_eval.source`, parsed (`zeroshot_sources`)."""
+  name: str                    # in metric keys and file names: zeroshot/NAME/top1, plots/confusion_NAME.png
+  data: str                    # the data spec the source opens ('cifar10', '/data/mine/{split}', ...)
+  dataset: DatasetInfo | None  # the known dataset whose class names, prompts and split it takes, if any
+  own_data: bool               # the user's own data: anything but a known dataset under its own name
+  split: str                   # the split it reads (into DATA's '{split}', or a TFDS split)
+
+
+def zeroshot_sources(zeroshot_eval) -> list[ZeroShotSource]:
+  """`cfg.zeroshot_eval`'s sources (its 'source': comma-separated specs or a list, default 'digits';
+  its 'split'), parsed once for the trainer's hook, its start line and its closing `clip_jax.evaluate`
+  hint. Each spec is a data spec or NAME=DATA, named by `named_source`. Empty specs are left out.
+
+  dataset: for NAME=DATA the NAME's dataset (cifar10=/my/cifar10 takes cifar10's names, prompts and
+  split), else the data's own ('cifar10', 'tfds:cifar10', mycifar=cifar10); None for other data.
+  own_data: False only for a known dataset under its own name ('cifar10', 'cifar10=', tfds:cifar10),
+  which `clip_jax.evaluate --tasks zeroshot:NAME` reads as it is.
+  split: 'split' when the config sets one (it then applies to every source); else a known dataset's
+  zero-shot split (`clip_jax.evaluate --list-datasets`' test=, 'validation' for ImageNet), 'test' for
+  other data: what `clip_jax.evaluate` reads for the same source. Reads no data (`split_name` may ask
+  whether a path exists)."""
+  zeroshot_eval = zeroshot_eval or {}
+  sources = zeroshot_eval.get("source", "digits")
+  configured_split = zeroshot_eval.get("split", None)
+  parsed = []
+  for spec in (sources.split(",") if isinstance(sources, str) else list(sources)):
+    if not spec.strip():
+      continue
+    name, data = named_source(spec)
+    data_info = find_dataset(data)
+    name_info = find_dataset(name) if data != spec.strip() else None  # NAME=DATA: named_source split it
+    dataset = name_info or data_info
+    parsed.append(ZeroShotSource(
+        name=name, data=data, dataset=dataset, own_data=not (data_info is not None and data_info.name == name),
+        split=configured_split or (dataset.test_split if dataset else "test")))
+  return parsed
+
+
 def evaluate_tasks(cfg) -> list[str]:
   """`clip_jax.evaluate --tasks` entries for the config's zero-shot sources (`cfg.zeroshot_eval`, when
   enabled): zeroshot:NAME for a known dataset (and linear_probe:NAME where it has a training split),
@@ -301,21 +342,16 @@ def evaluate_tasks(cfg) -> list[str]:
   ev = cfg.get("zeroshot_eval", None)
   if not ev or not ev.get("enabled", False):
     return []
-  sources = ev.get("source", "digits")
   zeroshot, probes = [], []
-  for spec in (sources.split(",") if isinstance(sources, str) else list(sources)):
-    if not spec.strip():
-      continue
-    name, data = named_source(spec)
-    info = find_dataset(data)
-    if info is not None and name == info.name:
-      zeroshot.append(f"zeroshot:{name}")
-      if info.train_split is not None:
-        probes.append(f"linear_probe:{name}")
+  for source in zeroshot_sources(ev):
+    if not source.own_data:
+      zeroshot.append(f"zeroshot:{source.name}")
+      if source.dataset.train_split is not None:
+        probes.append(f"linear_probe:{source.name}")
     else:
-      zeroshot.append(f"zeroshot:{name}={data}")
-      if "{split}" in data:
-        probes.append(f"linear_probe:{name}={data}")
+      zeroshot.append(f"zeroshot:{source.name}={source.data}")
+      if "{split}" in source.data:
+        probes.append(f"linear_probe:{source.name}={source.data}")
   return zeroshot + probes
 
 
@@ -323,8 +359,11 @@ def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotE
   """The trainer's hook: evaluators from `cfg.zeroshot_eval` (source, comma-separated specs
   allowed, each a data spec or NAME=DATA as `clip_jax.evaluate --tasks zeroshot:NAME=DATA` takes;
   split, batch_size, and optionally class_names, templates, limit), sized for the config's model and
-  tokenizer. Metrics are zeroshot/NAME/...; with a workdir, each keeps WORKDIR/plots/confusion_NAME.png
-  up to date (NAME: `named_source`)."""
+  tokenizer. Each source reads the split `zeroshot_sources` gives it: the config's 'split' when set,
+  else what `clip_jax.evaluate` reads (a known dataset's zero-shot split, 'test' for other data).
+  Metrics are zeroshot/NAME/...; with a workdir, each keeps WORKDIR/plots/confusion_NAME.png up to
+  date (NAME: `named_source`). Raises ValueError for a path that is not there (cli.MissingPathError),
+  data without class names, or class folders that do not fit the class names given."""
   from clip_jax.models.configs import get_config
   from clip_jax.tokenizer import get_tokenizer
   ev = cfg.zeroshot_eval
@@ -335,26 +374,22 @@ def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotE
   image_size = vision_overrides.get("image_size", model_config.vision.image_size)
   context_length = text_overrides.get("context_length", model_config.text.context_length)
   tokenizer = get_tokenizer(cfg.data.get("tokenizer", "clip"), context_length=context_length)
-  sources = ev.get("source", "digits")
   evaluators = []
-  for spec in (sources.split(",") if isinstance(sources, str) else list(sources)):
-    if not spec.strip():
-      continue
-    name, data = named_source(spec)
-    # NAME=DATA with a known NAME (cifar10=/data/cifar10/{split}): the paper's class names, prompts and
-    # split, as `clip_jax.evaluate --tasks zeroshot:cifar10=...` reads it, unless the config gives its own.
-    known = find_dataset(name) if data != spec.strip() else None  # NAME=DATA: named_source split it
+  for source in zeroshot_sources(ev):
+    # A known dataset's class names and prompts, also for NAME=DATA with a known NAME (cifar10=/data/cifar10/
+    # {split}), as `clip_jax.evaluate --tasks zeroshot:cifar10=...` reads it, unless the config gives its own.
+    known = source.dataset
     class_names = ev.get("class_names", None) or (known.class_names if known else None)
     try:
       evaluator = ZeroShotEvaluator(
-          data, tokenizer, class_names, ev.get("templates", None) or (known.templates if known else None),
-          batch_size=ev.get("batch_size", 256), image_size=image_size,
-          split=ev.get("split", None) or (known.test_split if known else None),
-          data_dir=cfg.data.get("data_dir", None), limit=ev.get("limit", None), name=name)
+          source.data, tokenizer, class_names, ev.get("templates", None) or (known.templates if known else None),
+          batch_size=ev.get("batch_size", 256), image_size=image_size, split=source.split,
+          data_dir=cfg.data.get("data_dir", None), limit=ev.get("limit", None), name=source.name)
     except ValueError as e:
-      if known and not ev.get("class_names", None) and "class names" in str(e):  # a names mismatch, not a path
-        raise ValueError(f"{e} ({name!r} names a known dataset, so its {len(known.class_names)} class names "
-                         "were used: give your own data another NAME.)") from e
+      if known and source.own_data and not ev.get("class_names", None) and "class names" in str(e):
+        # a names mismatch of one's own data under a known NAME, not a path mistake
+        raise ValueError(f"{e} ({source.name!r} names a known dataset, so its {len(known.class_names)} class "
+                         "names were used: give your own data another NAME.)") from e
       raise
     if workdir:
       evaluator.confusion_png = os.path.join(workdir, "plots", f"confusion_{evaluator.name}.png")

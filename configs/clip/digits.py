@@ -22,7 +22,11 @@ def get_config(arg: str | None = None):
   c.log_every = 10
   c.checkpoint_every = 200
   c.eval_every = 100
-  c.zeroshot_eval = dict(enabled=True, source="digits", split="test", batch_size=128)
+  # The zero-shot hook (clip_jax.eval.zeroshot.build_training_evaluators). source: comma-separated datasets
+  # (`clip_jax.evaluate --list-datasets`), data specs or NAME=DATA. split: '' reads each source's own, as
+  # clip_jax.evaluate does: a known dataset's zero-shot split (digits 'test', imagenet 'validation', also for
+  # imagenet=/d/{split}), 'test' for other data; set, it is read from every source.
+  c.zeroshot_eval = dict(enabled=True, source="digits", split="", batch_size=128)
   if "runlocal" in config_words(arg, ("runlocal",), "configs/clip/digits.py"):
     runlocal(c)
   return c
