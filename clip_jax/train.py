@@ -308,7 +308,9 @@ def validate_config(cfg) -> None:
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        evaluators: list[Callable] | None = None, rerun_eval: bool = False) -> dict[str, Any]:
-  """Trains (or resumes) to `cfg.total_steps`; returns the final metrics and evaluation results.
+  """Trains (or resumes) to `cfg.total_steps`. Returns {'step', 'metrics' (the last logged training
+  metrics), 'eval' (the evaluators' last results), 'preempted', 'state', 'model', 'mesh' (the mesh it ran
+  on, for the results' settings)}.
   rerun_eval: a workdir already at total_steps is evaluated again (nothing else runs or is written).
   The CLI first calls `loop.check_workdir` (finished runs, the config record)."""
   validate_config(cfg)
@@ -417,7 +419,7 @@ def main(argv):
   if out["preempted"]:
     return loop.EXIT_PREEMPTED  # saved; the same command resumes
   settings = {k: v for k, v in loop.flatten_config(cfg).items() if not loop.is_operational(k)}
-  settings["mesh"] = dict(sharding.create_mesh(dict(cfg.mesh)).shape)  # operational, but where it ran
+  settings["mesh"] = dict(out["mesh"].shape)  # the mesh the run used: operational, but where it ran
   json_path, md_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "results.md")
   if jax.process_index() == 0:
     write_results(workdir, out["step"], out["metrics"], out["eval"], settings)

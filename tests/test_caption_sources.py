@@ -445,3 +445,5 @@ def test_the_trainer_trains_on_a_caption_csv_from_the_command_line(tmp_path):
   assert "fewer than the global batch of 8" in done.stderr
   assert "zeroshot/zs/top1" in done.stdout and os.path.isfile(workdir / "plots" / "confusion_zs.png")
   assert f"--tasks zeroshot:zs={tmp_path / 'zs'}" in done.stdout and "linear_probe:digits" not in done.stdout
+  settings = json.load(open(workdir / "results.json"))["settings"]
+  assert settings["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}  # the mesh the run used
