@@ -109,6 +109,11 @@ def parse_task(text: str) -> Task:
                      f"{', '.join(['coco_captions', 'flickr30k'])}, a caption file (.jsonl/.csv), "
                      "ArrayRecord shards, or tfds:NAME.")
   info = find_dataset(name)
+  task_name = info.name if info else name
+  if info is None and data is not None and find_dataset(data) is not None:
+    # NAME=DATASET (myin=imagenet): the known dataset (its data, class names, prompts and splits) under
+    # the user's NAME, as the trainer's zero-shot hook reads it (zeroshot.zeroshot_sources).
+    info, data = find_dataset(data), None
   if info is None:
     if name.startswith("tfds:"):
       return Task(kind, name[len("tfds:"):], data or name, "test", "train")
@@ -127,7 +132,7 @@ def parse_task(text: str) -> Task:
     raise ValueError(f"{info.name} is not in TFDS; give its data: {kind}:{info.name}=/path/to/shards/{{split}}.")
   if kind == "linear_probe" and info.train_split is None:
     raise ValueError(f"{info.name} has no training split, so no linear probe; use zeroshot:{info.name}.")
-  return Task(kind, info.name, source, info.test_split, info.train_split, info.class_names, info.templates,
+  return Task(kind, task_name, source, info.test_split, info.train_split, info.class_names, info.templates,
               info.metric if info.paper_name else None)
 
 

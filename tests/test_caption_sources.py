@@ -310,6 +310,16 @@ def test_a_known_name_reads_its_zero_shot_split_in_training_as_in_evaluate(tmp_p
   assert [s.split for s in zeroshot.zeroshot_sources(cfg.zeroshot_eval)] == ["test", "validation", "validation", "test"]
   cfg.zeroshot_eval.split = "train"  # one's own choice, for every source
   assert {s.split for s in zeroshot.zeroshot_sources(cfg.zeroshot_eval)} == {"train"}
+  # A name of one's own for a known dataset (myin=imagenet) is that dataset under the name, in both: evaluate
+  # read it as unknown data ('test' split, the TFDS label names, generic prompts).
+  cfg.zeroshot_eval.split = ""
+  for data in ("imagenet", "cifar10"):
+    cfg.zeroshot_eval.source = f"mine={data}"
+    [source] = zeroshot.zeroshot_sources(cfg.zeroshot_eval)
+    task = evaluate.parse_task(f"zeroshot:mine={data}")
+    assert (task.dataset, task.source, task.test_split) == (source.name, source.dataset.source, source.split)
+    assert (task.class_names, task.templates) == (source.dataset.class_names, source.dataset.templates)
+  assert evaluate.parse_task("linear_probe:mine=cifar10").train_split == "train"
 
 
 def _tiny_config(zeroshot_eval=None, **overrides):
