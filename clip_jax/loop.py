@@ -448,7 +448,7 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
     last_metrics: dict[str, float] = {}
     hook_metrics: dict[str, float] = {}
     flops_per_step = None
-    compiled = None
+    compiled = previous_metrics = None
     window_start, window_steps = time.perf_counter(), 0
     while step < total:
       batch = next_batch(step)
@@ -459,6 +459,13 @@ def run(*, workdir: str, mesh, state: Any, state_shardings: Any, update: Callabl
         flops_per_step = _step_flops(compiled) if peak_flops_per_device else None
         wait_for_all("first step compiled")
       state, metrics = compiled(state, batch, *args)
+      # The host stays at most one step ahead of the device. JAX dispatches asynchronously, so between
+      # two logged steps the host would otherwise queue up to log_every steps, and a stop (Ctrl-C,
+      # SIGTERM) would wait for all of them before it saves. The next batch is still made while the
+      # device runs this step.
+      if previous_metrics is not None:
+        jax.block_until_ready(previous_metrics)
+      previous_metrics = metrics
       step += 1
       window_steps += 1
       progress.update(step)

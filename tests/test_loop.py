@@ -145,6 +145,39 @@ def test_sigterm_stops_after_the_step_unless_it_was_the_last(tmp_path, capsys, s
   assert signal.getsignal(signal.SIGTERM) is handler_before  # the loop's own handler is removed again
 
 
+def test_the_host_stays_one_step_ahead_so_a_stop_saves_at_once(tmp_path, capsys):
+  """Reported: a one-process run stopped up to log_every steps after Ctrl-C. JAX dispatches steps
+  asynchronously, so the host had queued every step up to the next logged one, and the save after the
+  stop waited for all of them. Each device step here takes ~50 ms (a callback), making a batch ~0 ms."""
+  import time
+  mesh = sharding.create_mesh({"data": 8})
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put({**loop.init_counters(), "w": jnp.zeros(())}, replicated)
+  done, lead = [], []
+
+  def device_step(step):
+    time.sleep(0.05)
+    done.append(int(step))
+
+  def next_batch(step):
+    lead.append(step - len(done))  # steps dispatched (0 .. step-1) that the device has not finished
+    if step == 6:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return jax.device_put(jnp.float32(step), replicated)
+
+  def update(state, batch):
+    jax.debug.callback(device_step, state["step"])
+    return dict(state, w=state["w"] + batch), {"loss": state["w"], "grad_norm": batch}
+
+  opts = loop.Options(total_steps=40, log_every=40, checkpoint_every=40, async_checkpoints=False, progress_bar=False,
+                      compilation_cache="")
+  result = loop.run(workdir=str(tmp_path), mesh=mesh, state=state, state_shardings=jax.tree.map(lambda _: replicated, state),
+                    update=update, next_batch=next_batch, options=opts)
+  assert result.preempted and result.step == 7  # the stop came while step 7's batch was made
+  assert max(lead) <= 2, lead
+  assert len(done) == 7 and "Stopped at step 7 of 40" in capsys.readouterr().out
+
+
 def test_nonfinite_streak_stops_with_the_last_good_checkpoint(tmp_path):
   mesh = sharding.create_mesh({"data": 8})
   with pytest.raises(FloatingPointError, match="3 training steps in a row.*last good checkpoint is step 2"):
