@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--format", choices=FORMATS, default="hf", help="hf: a transformers CLIPModel folder; "
                       "openai: an OpenAI-layout state dict; open_clip: an open_clip hub folder "
                       "(default: %(default)s)")
-  parser.add_argument("--model-name", default=None, help="a bare state dict's architecture (as clip_jax.evaluate)")
-  parser.add_argument("--act", default=None, help="a bare state dict's activation (gelu / quick_gelu)")
+  from clip_jax.evaluate import add_architecture_flags
+  add_architecture_flags(parser, applies_to=" (of --checkpoint)")
   parser.add_argument("--tokenizer", default=None, help="the tokenizer written beside an hf export "
                       "(default: the checkpoint folder's own, else OpenAI's CLIP BPE)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -56,11 +56,12 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
            tokenizer: str | None = None, overwrite: bool = False) -> str:
   """Writes `checkpoint` to `out` in `fmt` ('hf', 'openai' or 'open_clip'); returns `out`. Raises
   clip_jax.cli.UserError (one line) for an existing `out` without `overwrite`, a wrong suffix or a
-  ResNet CLIP asked for 'hf'; FileNotFoundError / CheckpointError from loading."""
+  ResNet CLIP asked for 'hf'; FileNotFoundError / CheckpointError (a ValueError) from loading, and a
+  ValueError for `act` with a directory or an unknown `model_name` (`evaluate.load_model`, the rule
+  of every command that takes --model-name / --act)."""
   from clip_jax.cli import UserError
-  from clip_jax.convert import (export_hf, export_open_clip, export_openai_state_dict, load_checkpoint,
-                                openai_layout_note)
-  from clip_jax.evaluate import _tokenizer
+  from clip_jax.convert import export_hf, export_open_clip, export_openai_state_dict, openai_layout_note
+  from clip_jax.evaluate import _tokenizer, load_model
   from clip_jax.weights import save_safetensors
   if fmt not in FORMATS:
     raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
@@ -68,7 +69,7 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
     raise UserError(f"--out {out}: an openai export is one file; name it NAME.safetensors.")
   if os.path.lexists(out) and not overwrite:
     raise UserError(f"--out {out} exists; choose another path or pass --overwrite.")
-  module, variables = load_checkpoint(checkpoint, model_name=model_name, act=act)
+  module, variables = load_model(checkpoint, model_name, act)
   if fmt == "hf" and module.config.vision.is_resnet:
     raise UserError(f"{checkpoint} has a ResNet image tower, which transformers' CLIPModel cannot hold: "
                     "export it with --format open_clip or --format openai.")
@@ -94,9 +95,11 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from clip_jax.cli import as_user_errors
   args = build_parser().parse_args(argv)
-  out = export(args.checkpoint, args.out, args.format, model_name=args.model_name, act=args.act,
-               tokenizer=args.tokenizer, overwrite=args.overwrite)
+  # A missing or unreadable --checkpoint, --act on a folder: one line (they were tracebacks).
+  out = as_user_errors(export, args.checkpoint, args.out, args.format, model_name=args.model_name, act=args.act,
+                       tokenizer=args.tokenizer, overwrite=args.overwrite)
   listing = ", ".join(sorted(os.listdir(out))) if os.path.isdir(out) else os.path.basename(out)
   print(f"Exported {args.checkpoint} ({args.format}) to {out}: {listing}", flush=True)
   return 0

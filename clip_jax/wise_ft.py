@@ -143,6 +143,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   tasks = evaluate.with_prompts(tasks, evaluate._read_list_file(args.classnames, "classnames"),
                                 evaluate._read_list_file(args.templates, "templates"))
   loaded = []
+  if args.act is not None and all(os.path.isdir(path) for path in (args.zeroshot, args.finetuned)):
+    raise ValueError(f"--act applies to bare state-dict files; {args.zeroshot} and {args.finetuned} are "
+                     "directories whose configs name their activation.")
   for path in (args.zeroshot, args.finetuned):
     # Architecture flags describe bare state-dict files; directories carry their own config.
     model, variables = evaluate.load_model(path, args.model_name, None if os.path.isdir(path) else args.act)
@@ -191,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated mixing weights in [0, 1]")
   parser.add_argument("--tasks", required=True, help="comma-separated KIND:DATASET[=DATA], as clip_jax.evaluate")
   parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--model-name", help="named architecture of bare state-dict files (as clip_jax.evaluate)")
-  parser.add_argument("--act", choices=("gelu", "quick_gelu"), help="activation of bare state-dict files")
+  from clip_jax.evaluate import add_architecture_flags
+  add_architecture_flags(parser, what="picks the paper's row", applies_to="; of whichever of --zeroshot and "
+                         "--finetuned is a bare state-dict file (folders carry their own)")
   parser.add_argument("--batch-size", type=int, default=256, help="global evaluation batch")
   parser.add_argument("--data-dir", help="TFDS data_dir")
   parser.add_argument("--tokenizer", help="tokenizer spec (default: the zero-shot directory's own, else 'clip')")

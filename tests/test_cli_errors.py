@@ -81,7 +81,27 @@ CASES = [
                                                    "{tmp}/no_run", "--out", "{tmp}/o"], ["no_run"], marks=slow),
     ("clip_jax.eval.prompt_ablation", ["configs/sweeps/digits_prompt_ensembling.py"], ["--workdir", "--out"]),
     ("clip_jax.draw", ["--prompt", "a cat"], ["--checkpoint"]),
+    ("clip_jax.export", ["--checkpoint", "{tmp}/no_ckpt", "--out", "{tmp}/o"], ["no_ckpt"]),  # was a traceback
+    ("clip_jax.export", ["--checkpoint", "{tmp}", "--act", "gelo", "--out", "{tmp}/o"], ["--act", "'gelo'"]),
 ]
+
+
+def test_architecture_flags_are_one_definition_wherever_a_clip_is_loaded():
+  """--model-name and --act of evaluate, draw, edit, export and wise_ft come from one helper
+  (evaluate.add_architecture_flags): the same choices and help, a command's own note at the end."""
+  from clip_jax import draw, evaluate, export, wise_ft
+  from dreambooth_jax import edit
+  base = evaluate.argparse.ArgumentParser()
+  evaluate.add_architecture_flags(base)
+  expected = {a.dest: a for a in base._actions if a.dest in ("model_name", "act")}
+  for module in (evaluate, draw, edit, export, wise_ft):
+    actions = {a.dest: a for a in module.build_parser()._actions if a.dest in ("model_name", "act")}
+    for dest, reference in expected.items():
+      got = actions[dest]
+      assert (got.option_strings, got.choices, got.default) == (reference.option_strings, reference.choices,
+                                                                 reference.default), (module.__name__, dest)
+      first_sentence = reference.help.split(" (default")[0].split("; most")[0]
+      assert got.help.startswith(first_sentence), (module.__name__, dest, got.help)
 
 
 def run_cli(module: str, args: list[str], tmp_path, env=None) -> subprocess.CompletedProcess:

@@ -106,3 +106,17 @@ def test_a_resnet_is_refused_for_hf_in_one_line(tmp_path):
   with pytest.raises(cli.UserError, match="ResNet image tower.*--format openai"):
     export.export(path, str(tmp_path / "hf"), model_name="RN-Tiny")
   assert not os.path.exists(tmp_path / "hf")
+
+
+def test_architecture_flags_follow_the_evaluation_rule(source, tmp_path):
+  """--model-name / --act as every command that loads a CLIP takes them (evaluate.load_model): --act on a
+  folder was dropped silently here, an unknown name reached the loader; both are one line now."""
+  with pytest.raises(cli.UserError, match="--act applies to bare state-dict files; .* is a directory"):
+    export.main(["--checkpoint", source, "--act", "gelu", "--out", str(tmp_path / "a")])
+  bare = tmp_path / "bare.safetensors"
+  bare.write_bytes(b"")  # the name is checked before the file is read
+  with pytest.raises(cli.UserError, match="--model-name 'ViT-Nope' is not a named architecture"):
+    export.main(["--checkpoint", str(bare), "--model-name", "ViT-Nope", "--out", str(tmp_path / "b")])
+  with pytest.raises(cli.MissingPathError, match="missing.pt: no such file"):
+    export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "c")])
+  assert sorted(os.listdir(tmp_path)) == ["bare.safetensors"]

@@ -88,3 +88,15 @@ def test_cli_endpoints_equal_the_evaluation_cli(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "different architectures (vision.width 64 vs 128" in err[0], err
   assert not (tmp_path / "x").exists()
+
+
+def test_act_for_two_folders_is_one_line_not_ignored(tmp_path, capsys, monkeypatch):
+  # --act describes bare state-dict files; with both models folders it applied to nothing and was dropped
+  # silently (evaluate, draw and export refuse it on a folder): now one line, before anything loads.
+  monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("loaded a model"))
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  assert wise_ft.main(["--zeroshot", str(tmp_path / "a"), "--finetuned", str(tmp_path / "b"), "--act", "gelu",
+                       "--tasks", "zeroshot:digits", "--out", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--act applies to bare state-dict files" in err[0] and "are directories" in err[0], err
