@@ -6,7 +6,7 @@ so that a CLIP model matches it to a text.
 CKPT is anything `clip_jax.load_checkpoint` reads (OpenAI / open_clip files, a Hugging Face
 directory, a training workdir). Several checkpoints guide as an ensemble: the loss is their mean
 (`guidance.ensemble_loss`), each model with its own text embeddings and views. Writes DIR/drawing.png, DIR/drawing.gif and DIR/frames/ (the drawing
-appearing), DIR/strokes.npz and DIR/result.json:
+appearing), DIR/strokes.npz (the kept drawing's points, width, color) and DIR/result.json:
 
   loss_first_step, loss_last_step  the optimised loss (with random views, so noisy) at the first and last step
   restart_losses, restart_kept     each restart's loss averaged over the last tenth of the steps, and the
@@ -16,7 +16,15 @@ appearing), DIR/strokes.npz and DIR/result.json:
                                    with several checkpoints their mean, each in cosine_to_prompt_per_checkpoint
   settings                         every DrawSettings field as used; points_lr and max_width are in pixels of
                                    a 224 px canvas (the run multiplies them by canvas / 224)
-  seconds                          wall time of the optimisation
+  seconds                          wall time of the optimisation (a resumed run's parts summed)
+  stopped, resumed_at_steps        "Ctrl-C at step N of M" while stopped, else null; the steps a run resumed at
+
+Ctrl-C after the first step writes all of these for the drawing so far (result.json marked stopped, exit
+130) and DIR/resume_state.npz: the strokes of every restart, Adam's moments and step count, the losses
+and frames so far. The same command then resumes from that step and ends at the same total, with
+the result of an uninterrupted run (each step keeps its random views; `draw`'s `resume`), and
+removes the file when finished; rerun once finished, it says so and does nothing. Another command
+on that --out is refused while a stopped run is there (one line naming what differs).
 
 Settings (`DrawSettings`). From the authors' released code (kvfrans/clipdraw, its notebook and
 predict.py), which the paper's experiments ran: 256 paths, 1000 iterations, a 224 px canvas, 4
@@ -47,7 +55,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -180,9 +188,25 @@ def best_restarts(final_losses: jax.Array, restarts: int) -> jax.Array:
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (images [n, h, w, 3], rng) -> losses [n]
 
 
+@dataclasses.dataclass(frozen=True)
+class DrawState:
+  """Where a stopped `draw` goes on from (`save_state` writes it to a file, `read_state_file` +
+  `state_from_arrays` read it back).
+
+  step: the steps done. strokes: every drawing of every restart (row r * n + i: restart r of drawing
+  i), points [R * n, S, 3K + 1, 2] in pixels, width [R * n, S] in pixels, colour [R * n, S, 4] in
+  [0, 1], as the last step left them. opt_state: `make_optimizer(settings)`'s state of those strokes
+  (Adam's moments and its step count, which also drives the points' learning-rate schedule).
+  losses: [step, R * n] float32, each step's loss (what picks the restart kept at the end)."""
+  step: int
+  strokes: Strokes
+  opt_state: Any
+  losses: np.ndarray
+
+
 def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Array, *,
          progress: bool = True, on_frame: Callable[[int, np.ndarray], None] | None = None,
-         stop_on_interrupt: bool = False, mesh=None):
+         stop_on_interrupt: bool = False, mesh=None, resume: DrawState | None = None):
   """Optimises `num_drawings` drawings at once against `loss_fn` (e.g. a bound
   `guidance.make_guidance_fn`; row i of the images is drawing i, so each may have its own target),
   shown the drawings through `as_seen`. The drawings are independent: the summed loss gives each
@@ -195,11 +219,17 @@ def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Ar
   objective itself. Returns (strokes, images [n, canvas, canvas, 3] as numpy, history {'step',
   'loss' [steps, n] of the kept drawings, 'restart_loss' [R, n] (the averaged losses compared),
   'kept' [n] (the restart kept), 'start_images' [n, canvas, canvas, 3] (the kept drawings before the
-  first step)}). `on_frame(step, images)` is called every settings.frame_every
-  steps and at the end with all R * n drawings (row r * n + i: restart r of drawing i).
+  first step), 'state' (a `DrawState` of every restart: what `resume` takes)}). `on_frame(step, images)`
+  is called every settings.frame_every steps and at the end with all R * n drawings (row r * n + i:
+  restart r of drawing i).
   stop_on_interrupt: Ctrl-C after at least one step ends the loop there and returns the drawings as
   they are, history over the steps done (len(history['step']) < settings.steps says so); before it,
   or without this, KeyboardInterrupt propagates.
+  resume: a stopped run's `DrawState` (same loss_fn, num_drawings, settings and rng): the loop goes on
+  from its step with its strokes and optimiser state, each later step with the key an uninterrupted
+  run gives it, so the result equals that run's (bitwise on one machine: the same compiled step on
+  the same values); history covers all steps, the earlier ones from state.losses. ValueError: a state
+  that does not fit (its step past settings.steps, or losses not [step, R * n]).
   mesh: the mesh loss_fn's CLIP variables are replicated on (`eval.embed.place_on_mesh`); the strokes
   and optimiser state start replicated on it too, as the step returns them (started on one device,
   the second step saw other input shardings and compiled again: 30-45 s at 224 px)."""
@@ -209,9 +239,21 @@ def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Ar
   strokes = init_strokes(init_rng, restarts * num_drawings, settings)
   tx = make_optimizer(settings)
   opt_state = tx.init(strokes)
+  if resume is not None and (not 0 <= resume.step <= settings.steps
+                             or resume.losses.shape != (resume.step, restarts * num_drawings)):
+    raise ValueError(f"a state of {resume.step} steps and losses {resume.losses.shape} cannot go on to "
+                     f"{settings.steps} steps of {restarts * num_drawings} drawings.")
+  placed = lambda tree: tree  # noqa: E731
   if mesh is not None:
     from jax.sharding import NamedSharding, PartitionSpec
-    strokes, opt_state = jax.device_put((strokes, opt_state), NamedSharding(mesh, PartitionSpec()))
+    placed = lambda tree: jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))  # noqa: E731
+  strokes, opt_state = placed((strokes, opt_state))
+  draw_images = jax.jit(lambda st: render(st, settings))
+  start_images = np.asarray(draw_images(strokes))  # the start, also of a resumed run (its first frame, the report's)
+  first_step, past_losses = 0, np.zeros((0, restarts * num_drawings), np.float32)
+  if resume is not None:
+    strokes, opt_state = placed((resume.strokes, resume.opt_state))
+    first_step, past_losses = resume.step, resume.losses
 
   def total_loss(strokes, key):
     if settings.view_jitter:  # its own key; the views' keys stay those of the unjittered loop
@@ -231,12 +273,10 @@ def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Ar
     updates, opt_state = tx.update(grads, opt_state, strokes)
     return project(optax.apply_updates(strokes, updates), settings), opt_state, losses
 
-  draw_images = jax.jit(lambda st: render(st, settings))
-  start_images = np.asarray(draw_images(strokes))
-  bar = Progress(settings.steps, enabled=progress, desc="draw")
+  bar = Progress(settings.steps, initial=first_step, enabled=progress, desc="draw")
   losses_seen = []
   try:
-    for step in range(settings.steps):
+    for step in range(first_step, settings.steps):
       if on_frame is not None and step % settings.frame_every == 0:
         on_frame(step, start_images if step == 0 else np.asarray(draw_images(strokes)))
       strokes, opt_state, losses = step_fn(strokes, opt_state, jax.random.fold_in(loop_rng, step))
@@ -245,20 +285,23 @@ def draw(loss_fn: LossFn, num_drawings: int, settings: DrawSettings, rng: jax.Ar
       if step % 10 == 0 or step + 1 == settings.steps:
         bar.set_postfix(loss=float(jnp.mean(losses)))
   except KeyboardInterrupt:
-    if not (stop_on_interrupt and losses_seen):
+    if not (stop_on_interrupt and first_step + len(losses_seen)):
       raise
   bar.close()
-  steps_done = len(losses_seen)
+  steps_done = first_step + len(losses_seen)
   images = np.asarray(draw_images(strokes))
   if on_frame is not None:
     on_frame(steps_done, images)
-  losses = jnp.stack(losses_seen)  # [steps_done, R * n]
-  final = jnp.mean(losses[-max(1, steps_done // 10):], axis=0)
+  new_losses = np.asarray(jnp.stack(losses_seen)) if losses_seen else past_losses[:0]
+  losses = np.concatenate([past_losses, new_losses])  # [steps_done, R * n]
+  final = jnp.mean(jnp.asarray(losses[-max(1, steps_done // 10):]), axis=0)
   rows = best_restarts(final, restarts)
   kept = jax.tree_util.tree_map(lambda x: x[rows], strokes)
-  history = {"step": list(range(1, steps_done + 1)), "loss": np.asarray(losses[:, rows]),
+  state = DrawState(steps_done, jax.device_get(strokes), jax.device_get(opt_state), losses)
+  history = {"step": list(range(1, steps_done + 1)), "loss": losses[:, np.asarray(rows)],
              "restart_loss": np.asarray(final.reshape(restarts, num_drawings)),
-             "kept": np.asarray(rows // num_drawings), "start_images": start_images[np.asarray(rows)]}
+             "kept": np.asarray(rows // num_drawings), "start_images": start_images[np.asarray(rows)],
+             "state": state}
   return kept, images[np.asarray(rows)], history
 
 
@@ -274,6 +317,65 @@ def save_gif(frames: Sequence[np.ndarray], path: str, upscale: int = 1, ms_per_f
   durations = [ms_per_frame] * (len(images) - 1) + [1000]
   images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
   return path
+
+
+STATE_FILE = "resume_state.npz"  # in --out while a run is stopped; removed when it finishes
+
+
+def save_state(path: str, state: DrawState, command: dict, frames: Sequence[tuple[int, np.ndarray]] = (),
+               meta: dict | None = None) -> str:
+  """Writes `state` to `path` whole (`observe.write_atomic`: a second Ctrl-C never leaves half a file),
+  with `command` (what made the run: the CLI compares it before resuming), `frames` ((step, uint8
+  [R * n, canvas, canvas, 3]) of the GIF so far) and `meta` (JSON: seconds spent, ...). Returns path."""
+  import io
+
+  from clip_jax.observe import write_atomic
+  leaves = jax.tree_util.tree_leaves(state.opt_state)
+  arrays = {f"opt_{i:03d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+  arrays.update({name: np.asarray(value) for name, value in state.strokes._asdict().items()})
+  frame_steps = np.asarray([step for step, _ in frames], np.int64)
+  frame_images = (np.stack([images for _, images in frames]) if len(frames)
+                  else np.zeros((0,) + state.strokes.points.shape[:1], np.uint8))
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, step=np.int64(state.step), losses=np.asarray(state.losses, np.float32),
+                      frame_steps=frame_steps, frames=frame_images, command=np.array(json.dumps(command)),
+                      meta=np.array(json.dumps(meta or {})), **arrays)
+  return write_atomic(path, buffer.getvalue())
+
+
+def read_state_file(path: str) -> tuple[dict, dict, dict[str, np.ndarray]]:
+  """(command, meta, arrays) of a `save_state` file. ValueError: a file that is not one (truncated,
+  or another program's), naming it."""
+  import zipfile
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      arrays = {name: data[name] for name in data.files}
+    return json.loads(str(arrays.pop("command"))), json.loads(str(arrays.pop("meta"))), arrays
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path} is not a drawing's resume state this version can read ({type(e).__name__}: {e}); "
+                     "remove it to start again from step 0.") from e
+
+
+def state_from_arrays(arrays: dict[str, np.ndarray], settings: DrawSettings, num_drawings: int
+                      ) -> tuple[DrawState, list[tuple[int, np.ndarray]]]:
+  """The `DrawState` and frames a `save_state` file holds, checked against what `draw` makes for
+  `settings` and `num_drawings` (shapes and dtypes of every stroke and optimiser array). ValueError
+  on a mismatch."""
+  rows = settings.restarts * num_drawings
+  template = jax.eval_shape(lambda: init_strokes(jax.random.key(0), rows, settings))
+  opt_template = jax.eval_shape(make_optimizer(settings).init, template)
+  leaves, treedef = jax.tree_util.tree_flatten(opt_template)
+  expected = {f"opt_{i:03d}": leaf for i, leaf in enumerate(leaves)}
+  expected.update(template._asdict())
+  for name, leaf in expected.items():
+    got = arrays.get(name)
+    if got is None or got.shape != leaf.shape or got.dtype != leaf.dtype:
+      raise ValueError(f"the resume state's {name} is {None if got is None else (got.shape, str(got.dtype))}; "
+                       f"these settings make {(leaf.shape, str(leaf.dtype))}.")
+  strokes = Strokes(*(arrays[name] for name in Strokes._fields))
+  opt_state = jax.tree_util.tree_unflatten(treedef, [arrays[f"opt_{i:03d}"] for i in range(len(leaves))])
+  frames = [(int(step), images) for step, images in zip(arrays["frame_steps"], arrays["frames"])]
+  return DrawState(int(arrays["step"]), strokes, opt_state, arrays["losses"]), frames
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -323,6 +425,35 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def settings_record(settings: DrawSettings) -> dict:
+  """Every DrawSettings field as JSON holds it (result.json's 'settings'; tuples as lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(settings)))
+
+
+def command_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
+  """'key old -> new' for every entry of two JSON records that differs (nested keys dotted)."""
+  changes = []
+  for key in sorted(set(before) | set(now)):
+    old, new = before.get(key), now.get(key)
+    if isinstance(old, dict) and isinstance(new, dict):
+      changes += command_changes(old, new, f"{prefix}{key}.")
+    elif old != new:
+      changes.append(f"{prefix}{key} {old!r} -> {new!r}")
+  return changes
+
+
+def finished_drawing(out: str, command: dict) -> dict | None:
+  """result.json in `out` when it records a finished run of `command` (the same prompt, negatives,
+  checkpoints, seed, loader flags and settings), else None."""
+  try:
+    with open(os.path.join(out, "result.json")) as f:
+      result = json.load(f)
+  except (OSError, ValueError):
+    return None
+  done = result.get("stopped") is None and result.get("steps_done") == command["settings"]["steps"]
+  return result if done and not command_changes({k: result.get(k) for k in command}, command) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   from clip_jax import cli, guidance
   args = build_parser().parse_args(argv)
@@ -342,6 +473,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.exists(path):
       raise cli.MissingPathError(f"--checkpoint {path}: no such file or directory.")
   cli.make_out_dir(args.out)  # before loading: a file there was found only after the checkpoints had loaded
+  # What makes this drawing: the same command on the same --out resumes a stopped run, and says a finished one is.
+  command = {"prompt": args.prompt, "negative": args.negative, "checkpoints": args.checkpoint, "seed": args.seed,
+             "tokenizer": args.tokenizer, "model_name": args.model_name, "act": args.act,
+             "settings": settings_record(settings)}
+  state_path = os.path.join(args.out, STATE_FILE)
+  resume, frames, meta = None, [], {"seconds": 0.0, "resumed_at": []}
+  if os.path.exists(state_path):
+    kept_command, kept_meta, arrays = cli.as_user_errors(read_state_file, state_path)
+    changes = command_changes(kept_command, command)
+    if changes:
+      raise cli.UserError(
+          f"--out {args.out} holds a drawing stopped at step {int(arrays.get('step', 0))} of "
+          f"{kept_command.get('settings', {}).get('steps')} by another command ({'; '.join(changes)}): rerun that "
+          f"command to resume it, or give another --out (removing {state_path} starts this one there from step 0).")
+    resume, frames = cli.as_user_errors(state_from_arrays, arrays, settings, 1)
+    meta = {**meta, **kept_meta}
+    meta["resumed_at"] = meta["resumed_at"] + [resume.step]
+    print(f"Resuming the drawing in {args.out} at step {resume.step} of {settings.steps} from {STATE_FILE}: "
+          "the strokes of every restart, Adam's moments and step count (the learning-rate schedule's too), the "
+          "losses and frames so far; each step keeps the random views it has in an uninterrupted run.", flush=True)
+  else:
+    finished = finished_drawing(args.out, command)
+    if finished is not None:
+      cosine = finished.get("cosine_to_prompt")
+      print(f"{args.out} already holds this drawing, finished at step {finished['steps_done']} of {settings.steps}"
+            + (f" (result.json: cosine(drawing, prompt) {cosine:.3f})" if isinstance(cosine, float) else "")
+            + "; nothing to do. Another --out, or other settings, draws anew.", flush=True)
+      return 0
+    if os.path.exists(os.path.join(args.out, "result.json")):
+      print(f"{args.out} holds another drawing (result.json without {STATE_FILE}): replacing it, from step 0.",
+            flush=True)
   from clip_jax.eval.embed import place_on_mesh
   from clip_jax.sharding import create_mesh
   mesh = create_mesh({"data": -1})
@@ -358,7 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       for model, variables, target, negatives in guides])
 
   os.makedirs(os.path.join(args.out, "frames"), exist_ok=True)
-  frames = []  # (step, [restarts, canvas, canvas, 3] uint8): the kept restart's frames are written at the end
+  # frames: (step, [restarts, canvas, canvas, 3] uint8), a resumed run's earlier ones first; the kept
+  # restart's are written at the end
 
   def on_frame(step, images):
     frames.append((step, to_uint8(images)))
@@ -371,13 +534,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f", best of {settings.restarts} restarts" if settings.restarts > 1 else ""), flush=True)
   start = time.time()
   strokes, images, history = draw(loss_fn, 1, settings, jax.random.key(args.seed), on_frame=on_frame,
-                                  stop_on_interrupt=True, mesh=mesh)
+                                  stop_on_interrupt=True, mesh=mesh, resume=resume)
   steps_done = len(history["step"])
+  seconds = round(meta["seconds"] + time.time() - start, 1)
+  if steps_done < settings.steps:  # first what the same command resumes from (a frame at steps_done it makes again)
+    save_state(state_path, history["state"], command, [(step, f) for step, f in frames if step < steps_done],
+               {**meta, "seconds": seconds})
   from PIL import Image
   kept = int(history["kept"][0])
   # The drawing and its strokes first: a second Ctrl-C while the rest is written still leaves them.
   Image.fromarray(to_uint8(images[0])).save(os.path.join(args.out, "drawing.png"))
   np.savez(os.path.join(args.out, "strokes.npz"), **{k: np.asarray(v[0]) for k, v in strokes._asdict().items()})
+  names = {f"frame_{step:05d}.png" for step, _ in frames}
+  for name in os.listdir(os.path.join(args.out, "frames")):  # a stopped run's last frame, another run's
+    if name.startswith("frame_") and name.endswith(".png") and name not in names:
+      os.remove(os.path.join(args.out, "frames", name))
   for step, frame in frames:
     Image.fromarray(frame[kept]).save(os.path.join(args.out, "frames", f"frame_{step:05d}.png"))
   save_gif([frame[kept] for _, frame in frames], os.path.join(args.out, "drawing.gif"),
@@ -388,24 +559,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return [-float(guidance.make_guidance_fn(model, mesh, augment=guidance.NO_AUGMENTATION)(
         variables, seen, target, None)[0]) for model, variables, target, _ in guides]
   cosines, start_cosines = clean_cosines(images), clean_cosines(history["start_images"])
-  result = {"prompt": args.prompt, "negative": args.negative, "checkpoints": args.checkpoint, "seed": args.seed,
-            "steps_done": steps_done, "stopped": (f"Ctrl-C at step {steps_done} of {settings.steps}"
-                                                  if steps_done < settings.steps else None),
+  result = {**command, "steps_done": steps_done, "stopped": (f"Ctrl-C at step {steps_done} of {settings.steps}"
+                                                            if steps_done < settings.steps else None),
+            "resumed_at_steps": meta["resumed_at"],
             "loss_first_step": float(history["loss"][0, 0]), "loss_last_step": float(history["loss"][-1, 0]),
             "cosine_to_prompt_start": float(np.mean(start_cosines)),
             "cosine_to_prompt": float(np.mean(cosines)), "cosine_to_prompt_per_checkpoint": cosines,
             "restart_losses": history["restart_loss"][:, 0].tolist(), "restart_kept": kept,
-            "seconds": round(time.time() - start, 1),
-            "settings": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-                         for k, v in dataclasses.asdict(settings).items()}}
-  with open(os.path.join(args.out, "result.json"), "w") as f:
-    json.dump(result, f, indent=2)
+            "seconds": seconds}
+  from clip_jax.observe import write_atomic
+  write_atomic(os.path.join(args.out, "result.json"), json.dumps(result, indent=2))
   if steps_done < settings.steps:
     print(f"interrupted (Ctrl-C) at step {steps_done} of {settings.steps}: wrote the drawing so far to "
-          f"{args.out}/drawing.png, strokes.npz, drawing.gif, frames/ ({len(frames)} frames) and result.json "
-          f"(marked stopped at step {steps_done} of {settings.steps}); the same command starts again from step 0 "
-          "and replaces them.", file=sys.stderr, flush=True)
+          f"{args.out}/drawing.png, strokes.npz, drawing.gif, frames/ ({len(frames)} frames), result.json "
+          f"(marked stopped at step {steps_done} of {settings.steps}) and {STATE_FILE}; the same command resumes "
+          f"from step {steps_done} (strokes, Adam's moments and step count) and ends at step {settings.steps}.",
+          file=sys.stderr, flush=True)
     return cli.INTERRUPTED_EXIT_CODE
+  if os.path.exists(state_path):
+    os.remove(state_path)  # finished: result.json now says so
   print(f"cosine(drawing, prompt) = {result['cosine_to_prompt_start']:.3f} at the start -> "
         f"{result['cosine_to_prompt']:.3f}"
         + (f" (mean of {len(cosines)} CLIPs)" if len(cosines) > 1 else "") + f"; wrote {args.out}/drawing.png, drawing.gif, "

@@ -11,7 +11,11 @@ mapper for the target text on latents of images SD samples from the neutral text
 and applies it; `global` computes a direction from the neutral and target texts over those latents
 and moves the image along it. Writes DIR/edited.png, DIR/strip.png (source | VAE reconstruction |
 edit) and DIR/result.json (CLIP's 1 - cos to the target and to the neutral text before and after,
-the latent's L2 move, the pixel RMSE to the source).
+the latent's L2 move, the pixel RMSE to the source). mapper and global also write the images they
+learn from, before the work: DIR/train_images.png (a grid) and DIR/train_images/000.png ... (a
+folder --train-images reads again, to reuse SD's samples), named in result.json's train_images
+(where they came from, how many, their size). --train-images photos of another size than --image
+are resized to cover it and centre-cropped (one line names them): the latents must have its shape.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,15 +82,11 @@ def fit_size(width: int, height: int, max_side: int, multiple: int) -> tuple[int
   return tuple(min(largest, max(multiple, round(side * scale / multiple) * multiple)) for side in (width, height))
 
 
-def load_image(path: str, multiple: int, max_side: int = DEFAULT_MAX_SIDE, flag: str = "--image"
-               ) -> tuple[np.ndarray, list[str]]:
-  """An image file -> (float32 [1, h, w, 3] in [0, 1], what was changed in words: `conversions_made`
-  and a resize). Read as the project reads every image (`clip_jax.data.images.load_image`: EXIF
-  orientation, header size checks, then `to_rgb`: transparency on white, 16-bit to its top 8 bits).
-  A photo with a side over `max_side` (> 0) is resized bicubically to fit, its sides multiples of the
-  VAE's downscale; one within it keeps its size, whose sides must be such multiples."""
-  from PIL import Image
-
+def read_photo(path: str, flag: str = "--image") -> tuple[Any, list[str]]:
+  """An image file -> (an 8-bit RGB PIL image, what was changed in words: `conversions_made`), read
+  as the project reads every image (`clip_jax.data.images.load_image`: EXIF orientation, header size
+  checks, then `to_rgb`: transparency on white, 16-bit to its top 8 bits). MissingPathError for a
+  missing file, UserError for one that is not a readable image (both name `flag` and the path)."""
   from clip_jax.data.images import load_image as open_upright
   from clip_jax.data.images import open_image, to_rgb
   from clip_jax.data.records import BadRecord
@@ -101,6 +101,17 @@ def load_image(path: str, multiple: int, max_side: int = DEFAULT_MAX_SIDE, flag:
     raise UserError(f"{flag} {path}: not an image this project can read ({e}).") from e
   changes = conversions_made(upright.mode, "transparency" in upright.info, orientation)
   image, _ = to_rgb(upright)
+  return image, changes
+
+
+def load_image(path: str, multiple: int, max_side: int = DEFAULT_MAX_SIDE, flag: str = "--image"
+               ) -> tuple[np.ndarray, list[str]]:
+  """An image file -> (float32 [1, h, w, 3] in [0, 1], what was changed in words: `conversions_made`
+  and a resize), read by `read_photo`. A photo with a side over `max_side` (> 0) is resized
+  bicubically to fit, its sides multiples of the VAE's downscale; one within it keeps its size, whose
+  sides must be such multiples (UserError otherwise)."""
+  from PIL import Image
+  image, changes = read_photo(path, flag)
   width, height = image.size
   if max_side and max(width, height) > max_side:
     new_size = fit_size(width, height, max_side, multiple)
@@ -111,6 +122,41 @@ def load_image(path: str, multiple: int, max_side: int = DEFAULT_MAX_SIDE, flag:
     raise UserError(f"{flag} {path} is {width}x{height}; this model's VAE needs sides that are multiples of "
                     f"{multiple}: resize or crop it first.")
   return (np.asarray(image, np.float32) / 255.0)[None], changes
+
+
+def read_train_images(folder: str, width: int, height: int
+                      ) -> tuple[np.ndarray, list[str], dict[str, list[str]], dict[str, tuple[int, int]]]:
+  """The .png/.jpg photos of `folder` (sorted by name), each read by `read_photo` and brought to
+  width x height px, the size of the edited image: the mapper and the global direction work on latents
+  of its shape, so every training latent must have it. A photo of another size is resized
+  bicubically to cover that size and centre-cropped to it (PIL's ImageOps.fit; up or down, any aspect).
+  Returns (images float32 [n, height, width, 3] in [0, 1], file names [n], {name: what reading changed}
+  for those it changed, {name: (width, height) as read} for those brought to the size).
+  MissingPathError: no such folder; UserError: no photo in it, or one that cannot be read."""
+  from PIL import Image, ImageOps
+  if not os.path.isdir(folder):
+    raise MissingPathError(f"--train-images {folder}: no such directory.")
+  names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+  if not names:
+    raise UserError(f"--train-images {folder}: holds no .png/.jpg images.")
+  images, changed, refit = [], {}, {}
+  for name in names:
+    image, changes = read_photo(os.path.join(folder, name), "--train-images")
+    if image.size != (width, height):
+      refit[name] = image.size
+      image = ImageOps.fit(image, (width, height), Image.BICUBIC)
+    if changes:
+      changed[name] = changes
+    images.append(np.asarray(image, np.float32) / 255.0)
+  return np.stack(images), names, changed, refit
+
+
+def refit_line(refit: dict[str, tuple[int, int]], total: int, width: int, height: int, shown: int = 8) -> str:
+  """The one line that says which --train-images photos `read_train_images` brought to the size, and how."""
+  listed = ", ".join(f"{name} {w}x{h}" for name, (w, h) in list(refit.items())[:shown])
+  more = f" and {len(refit) - shown} more" if len(refit) > shown else ""
+  return (f"--train-images: {len(refit)} of {total} photos are not {width}x{height}, the size of --image (the edit "
+          f"works on latents of its shape): each resized to cover it (bicubic) and centre-cropped: {listed}{more}.")
 
 
 def strip(*rows: np.ndarray) -> np.ndarray:
@@ -178,14 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--image", required=True, help="the image to edit (read upright by its EXIF orientation, "
                  "transparency on white, 16-bit to its top 8 bits; what was converted is said in one line)")
   p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, metavar="PX",
-                 help="a photo (also --train-images) with a longer side is resized to fit (bicubic, sides multiples "
-                 "of the VAE's downscale; default %(default)s, SD's training size); 0 keeps the size. A photo "
-                 "within it keeps its size, whose sides must be multiples of the VAE's downscale")
+                 help="an --image with a longer side is resized to fit (bicubic, sides multiples of the VAE's "
+                 "downscale; default %(default)s, SD's training size); 0 keeps the size. One within it keeps its "
+                 "size, whose sides must be multiples of the VAE's downscale. --train-images take the size --image "
+                 "gets here")
   p.add_argument("--neutral", required=True, help="text describing the image as it is")
   p.add_argument("--target", required=True, help="text describing the edit's goal")
   p.add_argument("--method", required=True, choices=METHODS)
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--train-images", help="folder of images for mapper/global (default: SD samples of --neutral)")
+  p.add_argument("--train-images", help="folder of .png/.jpg photos for mapper/global (default: SD samples of "
+                 "--neutral); each is brought to --image's size (resized to cover it, bicubic, and centre-cropped), "
+                 "the shape of the latents the edit works on")
   p.add_argument("--num-train", type=int, default=32, help="how many SD samples when --train-images is not given")
   p.add_argument("--steps", type=int, help=f"optimisation / mapper steps (default {d.optimize.steps} / {d.mapper.steps})")
   p.add_argument("--l2-weight", type=float, help=f"lambda_L2 (default {d.optimize.l2_weight} / {d.mapper.l2_weight})")
@@ -209,16 +258,29 @@ def settings_from_args(args) -> EditSettings:
                       if args.augmentations else guidance.NO_AUGMENTATION)
 
 
-def _read_folder(folder: str, multiple: int, max_side: int) -> tuple[np.ndarray, dict[str, list[str]]]:
-  """The folder's images as `load_image` reads them, [n, h, w, 3], and {file name: what was changed}
-  for those it changed."""
-  if not os.path.isdir(folder):
-    raise MissingPathError(f"--train-images {folder}: no such directory.")
-  names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg")))
-  if not names:
-    raise UserError(f"--train-images {folder}: holds no .png/.jpg images.")
-  read = {n: load_image(os.path.join(folder, n), multiple, max_side, "--train-images") for n in names}
-  return np.concatenate([pixels for pixels, _ in read.values()]), {n: said for n, (_, said) in read.items() if said}
+TRAIN_IMAGES = "train_images"  # in --out: the images the mapper / direction used, as PNGs and as a grid
+
+
+def save_train_images(out: str, images: np.ndarray, title: str) -> dict[str, str]:
+  """Writes what a mapper or a global direction is computed from: `images` [n, h, w, 3] in [0, 1] as
+  OUT/train_images/000.png ... (a folder that --train-images reads again: the same images to 8 bits,
+  no sampling) and OUT/train_images.png (a grid, 8 a row, `title` above). PNGs of an earlier run in
+  the folder are removed first. Returns the two paths relative to `out`, for result.json."""
+  import re
+
+  from PIL import Image
+
+  from clip_jax.observe import image_grid
+  folder = os.path.join(out, TRAIN_IMAGES)
+  os.makedirs(folder, exist_ok=True)
+  for name in os.listdir(folder):
+    if re.fullmatch(r"\d{3,}\.png", name):
+      os.remove(os.path.join(folder, name))
+  pixels = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+  for i, image in enumerate(pixels):
+    Image.fromarray(image).save(os.path.join(folder, f"{i:03d}.png"))
+  Image.fromarray(image_grid(pixels, columns=min(8, len(pixels)), title=title)).save(folder + ".png")
+  return {"grid": TRAIN_IMAGES + ".png", "folder": TRAIN_IMAGES + "/"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,6 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   image, changes = load_image(args.image, pipe.vae_scale_factor, args.max_side)
   if changes:
     print(f"--image {args.image}: {'; '.join(changes)}.", flush=True)
+  if args.train_images and args.method != "optimize":  # read before the CLIP loads: a mistake there shows at once
+    train_images, train_names, changed, refit = read_train_images(args.train_images, image.shape[2], image.shape[1])
+    for name, said in changed.items():
+      print(f"--train-images {name}: {'; '.join(said)}.", flush=True)
+    if refit:
+      print(refit_line(refit, len(train_names), image.shape[2], image.shape[1]), flush=True)
   model, variables, tokenizer = as_user_errors(guidance.load_guide, args.clip, None, args.model_name, args.act)
   neutral_emb, target_emb = as_user_errors(guidance.encode_prompts, model, variables, tokenizer,
                                            [args.neutral, args.target])
@@ -247,17 +315,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   encode = jax.jit(encoder)
   rng = jax.random.key(args.seed)
 
-  train_latents = None
+  train_latents, train_record = None, {}
   if args.method != "optimize":
     if args.train_images:
-      train_images, changed = _read_folder(args.train_images, pipe.vae_scale_factor, args.max_side)
-      for name, changes in changed.items():
-        print(f"--train-images {name}: {'; '.join(changes)}.", flush=True)
+      train_record = {"source": args.train_images, "files": train_names}
+      title = f"the {len(train_images)} --train-images photos of the {args.method} ({args.train_images})"
     else:
       print(f"Sampling {args.num_train} images of {args.neutral!r} from the SD model for the {args.method} ...", flush=True)
-      train_images = sd.generate(pipe, pipe.params, [args.neutral] * args.num_train, rng=jax.random.fold_in(rng, 1),
-                                 num_steps=20, guidance_scale=3.0, output_type="float",
-                                 height=image.shape[1], width=image.shape[2])
+      sample_settings = {"prompt": args.neutral, "num_steps": 20, "guidance_scale": 3.0, "rng": "fold_in(seed, 1)"}
+      train_images = np.asarray(sd.generate(pipe, pipe.params, [args.neutral] * args.num_train,
+                                            rng=jax.random.fold_in(rng, 1), num_steps=sample_settings["num_steps"],
+                                            guidance_scale=sample_settings["guidance_scale"], output_type="float",
+                                            height=image.shape[1], width=image.shape[2]))
+      train_record = {"source": "sampled", "sampled": sample_settings}
+      title = f"the {args.num_train} SD samples of {args.neutral!r} the {args.method} used"
+    # Saved before the work: what the edit is computed from can be looked at even if it stops.
+    train_record = {**train_record, "count": len(train_images), "size": [image.shape[2], image.shape[1]],
+                    **save_train_images(args.out, train_images, title)}
     train_latents = encode(jnp.asarray(train_images))
 
   start = time.time()
@@ -276,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "latent_l2": float(jnp.sqrt(jnp.sum(jnp.square(w_edit - w_source)))),
             "pixel_rmse_to_source": float(np.sqrt(np.mean(np.square(edited - image)))),
             "seconds": round(time.time() - start, 1), **info,
+            **({"train_images": train_record} if train_record else {}),
             "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str))}
   from PIL import Image
   os.makedirs(args.out, exist_ok=True)
@@ -285,7 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     json.dump(result, f, indent=2)
   print(f"{args.method}: CLIP 1-cos to {args.target!r} {result['clip_to_target']['before']:.3f} -> "
         f"{result['clip_to_target']['after']:.3f}; latent moved {result['latent_l2']:.2f}; wrote "
-        f"{args.out}/edited.png, strip.png, result.json", flush=True)
+        f"{args.out}/edited.png, strip.png, result.json"
+        + (f", {TRAIN_IMAGES}.png and {TRAIN_IMAGES}/ (the images the {args.method} used)" if train_record else ""),
+        flush=True)
   return 0
 
 

@@ -1,4 +1,5 @@
 """CLIPDraw: the Bezier rasteriser against analytic coverage and finite differences; the loop; the CLI."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -194,6 +195,90 @@ def test_restarts_keep_the_lowest_loss():
   np.testing.assert_array_equal(history["kept"], np.argmin(history["restart_loss"], axis=0))
   np.testing.assert_array_equal(images, final[0][history["kept"] * 2 + np.arange(2)])
   np.testing.assert_allclose(history["restart_loss"].min(0), history["loss"][-1:].mean(0), rtol=1e-6)
+
+
+def _noisy_square_loss(images, rng):  # uses its key: a resumed step must get the key it has unstopped
+  target = jnp.ones((32, 32, 3)).at[8:24, 8:24].set(0.0)
+  noise = 0.2 * jax.random.normal(rng, images.shape[1:])
+  return jnp.mean((images - target - noise) ** 2, axis=(1, 2, 3))
+
+
+@pytest.mark.slow  # three runs' compiles: ~10 s
+def test_a_stopped_draw_resumed_from_its_state_file_equals_an_unstopped_one(tmp_path, monkeypatch):
+  from clip_jax import observe
+  settings = draw.DrawSettings(num_strokes=2, segments=1, curve_samples=4, steps=7, canvas=32, frame_every=2,
+                               restarts=2, augment=draw.Augmentations(num=0))
+  whole_frames = []
+  strokes, images, history = draw.draw(_noisy_square_loss, 1, settings, jax.random.key(3), progress=False,
+                                       on_frame=lambda step, imgs: whole_frames.append((step, imgs)))
+
+  class CtrlCAfterStep5(observe.Progress):  # Ctrl-C between frames: after step 5's update, before step 6
+    def update(self, step):
+      super().update(step)
+      if step == 5:
+        raise KeyboardInterrupt
+  monkeypatch.setattr(observe, "Progress", CtrlCAfterStep5)
+  frames = []
+  _, _, stopped = draw.draw(_noisy_square_loss, 1, settings, jax.random.key(3), progress=False,
+                            on_frame=lambda step, imgs: frames.append((step, imgs)), stop_on_interrupt=True)
+  monkeypatch.undo()
+  assert stopped["state"].step == 5 and stopped["state"].strokes.points.shape == (2, 2, 4, 2)  # both restarts
+  # Through the file the CLI keeps: the frames before the stop (the stop's own frame is made again if due).
+  path = draw.save_state(str(tmp_path / draw.STATE_FILE), stopped["state"], {"prompt": "x"},
+                         [(step, f) for step, f in frames if step < 5], {"seconds": 1.0})
+  command, meta, arrays = draw.read_state_file(path)
+  assert command == {"prompt": "x"} and meta == {"seconds": 1.0}
+  state, kept_frames = draw.state_from_arrays(arrays, settings, 1)
+  resumed_frames = list(kept_frames)
+  strokes2, images2, history2 = draw.draw(_noisy_square_loss, 1, settings, jax.random.key(3), progress=False,
+                                          on_frame=lambda step, imgs: resumed_frames.append((step, imgs)),
+                                          resume=state)
+  # Bitwise: the same compiled step on the same strokes, Adam moments, step count and keys.
+  for field in ("points", "width", "color"):
+    np.testing.assert_array_equal(getattr(strokes2, field), getattr(strokes, field))
+  np.testing.assert_array_equal(images2, images)
+  for key in ("loss", "restart_loss", "kept", "start_images"):
+    np.testing.assert_array_equal(history2[key], history[key])
+  assert history2["step"] == history["step"] == list(range(1, 8))
+  assert [s for s, _ in resumed_frames] == [s for s, _ in whole_frames] == [0, 2, 4, 6, 7]
+  for (_, a), (_, b) in zip(resumed_frames, whole_frames):
+    np.testing.assert_array_equal(draw.to_uint8(a), draw.to_uint8(b))
+  with pytest.raises(ValueError, match="these settings make"):  # a state of other settings is refused
+    draw.state_from_arrays(arrays, dataclasses.replace(settings, num_strokes=3), 1)
+  (tmp_path / "cut.npz").write_bytes(open(path, "rb").read()[:100])
+  with pytest.raises(ValueError, match="cut.npz is not a drawing's resume state"):
+    draw.read_state_file(str(tmp_path / "cut.npz"))
+
+
+def test_the_same_command_on_a_finished_drawing_says_so_and_another_cannot_take_a_stopped_one(tmp_path, monkeypatch,
+                                                                                              capsys):
+  from clip_jax import guidance
+  monkeypatch.setattr(guidance, "load_guide", lambda *a, **k: pytest.fail("loaded a CLIP for no work"))
+  out = tmp_path / "out"
+  out.mkdir()
+  argv = ["--checkpoint", str(tmp_path), "--prompt", "a cat", "--out", str(out), "--strokes", "3", "--steps", "10",
+          "--canvas", "32"]
+  settings = draw.DrawSettings(num_strokes=3, steps=10, canvas=32)
+  command = {"prompt": "a cat", "negative": [], "checkpoints": [str(tmp_path)], "seed": 0, "tokenizer": None,
+             "model_name": None, "act": None, "settings": draw.settings_record(settings)}
+  (out / "result.json").write_text(json.dumps({**command, "steps_done": 10, "stopped": None, "cosine_to_prompt": 0.25}))
+  before = (out / "result.json").stat().st_mtime_ns
+  assert draw.main(argv) == 0
+  assert "already holds this drawing, finished at step 10 of 10 (result.json: cosine(drawing, prompt) 0.250); " \
+         "nothing to do" in capsys.readouterr().out
+  assert (out / "result.json").stat().st_mtime_ns == before and sorted(os.listdir(out)) == ["result.json"]
+  # A stopped run's state: only its own command resumes it; another is one line naming what differs.
+  zeros = lambda tree: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)  # noqa: E731  no compiles: fast
+  strokes = zeros(jax.eval_shape(lambda: draw.init_strokes(jax.random.key(0), 1, settings)))
+  state = draw.DrawState(4, strokes, zeros(jax.eval_shape(draw.make_optimizer(settings).init, strokes)),
+                         np.zeros((4, 1), np.float32))
+  draw.save_state(str(out / draw.STATE_FILE), state, command)
+  with pytest.raises(cli.UserError, match=r"holds a drawing stopped at step 4 of 10 by another command \(prompt "
+                     r"'a cat' -> 'a dog'; settings.steps 10 -> 20\): rerun that command"):
+    draw.main([{"a cat": "a dog", "10": "20"}.get(a, a) for a in argv])
+  with pytest.raises(pytest.fail.Exception, match="loaded a CLIP"):  # its own command goes on to the work
+    draw.main(argv)
+  assert "Resuming the drawing in" in capsys.readouterr().out
 
 
 def test_cli_flags_for_view_resolution_and_restarts(tmp_path):

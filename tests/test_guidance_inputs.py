@@ -62,6 +62,38 @@ def test_edit_resizes_a_photo_over_max_side_to_multiples_of_the_vae_downscale(tm
     edit.load_image(str(tmp_path / "large.png"), 16, max_side=64)
 
 
+def test_edit_brings_train_images_of_other_sizes_to_the_edited_images_size(tmp_path, capsys, monkeypatch):
+  folder = tmp_path / "train"
+  folder.mkdir()
+  wide = np.zeros((8, 24, 3), np.uint8)  # 24 wide, 8 high: black, white in the middle 8 columns
+  wide[:, 8:16] = 255
+  Image.fromarray(wide).save(folder / "a_wide.png")
+  Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(folder / "b_same.png")
+  Image.fromarray(np.full((5, 3, 3), 200, np.uint8)).save(folder / "c_small.png")  # not multiples of 4 either
+  images, names, changed, refit = edit.read_train_images(str(folder), 16, 16)
+  assert images.shape == (3, 16, 16, 3) and names == ["a_wide.png", "b_same.png", "c_small.png"] and changed == {}
+  assert refit == {"a_wide.png": (24, 8), "c_small.png": (3, 5)}  # (width, height) as read
+  # The centre 8x8 square, enlarged twice: white (the bicubic kernel reaches the black beside it at the edges).
+  np.testing.assert_allclose(images[0][:, 2:-2], 1.0, atol=1 / 255)
+  np.testing.assert_allclose(images[0], images[0][:, ::-1], atol=1 / 255)
+  np.testing.assert_allclose(images[1], 128 / 255) and np.testing.assert_allclose(images[2], 200 / 255)
+  line = edit.refit_line(refit, 3, 16, 16)
+  assert line == ("--train-images: 2 of 3 photos are not 16x16, the size of --image (the edit works on latents of "
+                  "its shape): each resized to cover it (bicubic) and centre-cropped: a_wide.png 24x8, c_small.png 3x5.")
+  # Through the command: said in that one line, before the CLIP loads (np.concatenate's traceback came after it).
+  from types import SimpleNamespace
+
+  from clip_jax import guidance
+  from dreambooth_jax.sampling import pipeline as sd
+  monkeypatch.setattr(sd, "load_pipeline", lambda model: SimpleNamespace(vae_scale_factor=4))
+  monkeypatch.setattr(guidance, "load_guide", lambda *a, **k: (_ for _ in ()).throw(cli.UserError("stop here")))
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "in.png")
+  with pytest.raises(cli.UserError, match="stop here"):
+    edit.main(["--model", str(tmp_path), "--clip", str(tmp_path), "--image", str(tmp_path / "in.png"), "--neutral",
+               "a", "--target", "b", "--method", "mapper", "--train-images", str(folder), "--out", str(tmp_path / "e")])
+  assert line in capsys.readouterr().out.splitlines()
+
+
 # ----------------------------------------------------------------------------- architecture flags
 @pytest.fixture(scope="module")
 def bare_gelu_open_clip(tmp_path_factory):
@@ -183,8 +215,8 @@ def test_draw_keeps_the_steps_done_on_ctrl_c():
     draw.draw(loss, 1, settings, jax.random.key(0), progress=False, on_frame=ctrl_c_at_step_6)
 
 
-@pytest.mark.slow  # a tiny CLIP's compile: ~15 s
-def test_draw_cli_writes_the_drawing_so_far_on_ctrl_c(tmp_path, monkeypatch, capsys):
+@pytest.mark.slow  # a tiny CLIP, four runs: ~65 s at load ~10
+def test_draw_cli_writes_the_drawing_so_far_on_ctrl_c_and_the_same_command_resumes_it(tmp_path, monkeypatch, capsys):
   import json
 
   import jax
@@ -205,16 +237,41 @@ def test_draw_cli_writes_the_drawing_so_far_on_ctrl_c(tmp_path, monkeypatch, cap
     return real_draw(*args, on_frame=frame, **kwargs)
   monkeypatch.setattr(draw, "draw", ctrl_c_at_step_4)
   out = tmp_path / "out"
-  assert draw.main(["--checkpoint", checkpoint, "--prompt", "a red circle", "--out", str(out), "--strokes", "3",
-                    "--steps", "10", "--canvas", "32", "--frame-every", "2"]) == cli.INTERRUPTED_EXIT_CODE
+  argv = ["--checkpoint", checkpoint, "--prompt", "a red circle", "--out", str(out), "--strokes", "3", "--steps", "10",
+          "--canvas", "32", "--frame-every", "2", "--augmentations", "2", "--distortion", "0.1"]
+  assert draw.main(argv) == cli.INTERRUPTED_EXIT_CODE
   assert sorted(p.name for p in (out / "frames").iterdir()) == ["frame_00000.png", "frame_00002.png", "frame_00004.png"]
   assert (out / "drawing.png").exists() and (out / "strokes.npz").exists() and (out / "drawing.gif").exists()
+  assert (out / draw.STATE_FILE).exists()
   result = json.loads((out / "result.json").read_text())
   assert result["steps_done"] == 4 and result["stopped"] == "Ctrl-C at step 4 of 10"
   assert -1 <= result["cosine_to_prompt_start"] <= 1 and result["cosine_to_prompt_start"] != result["cosine_to_prompt"]
   message = capsys.readouterr().err.strip().splitlines()[-1]
   assert message.startswith("interrupted (Ctrl-C) at step 4 of 10: wrote the drawing so far to") and \
-      "(3 frames)" in message and "starts again from step 0" in message
+      "(3 frames)" in message and "the same command resumes from step 4" in message and "ends at step 10" in message
+
+  # The same command goes on from step 4 (was: from step 0) and ends where an unstopped run does, bitwise:
+  # the same compiled step on the same strokes, Adam moments and step count, with each step's own views.
+  assert draw.main(argv) == 0
+  assert "Resuming the drawing in" in capsys.readouterr().out and not (out / draw.STATE_FILE).exists()
+  whole = tmp_path / "whole"
+  assert draw.main([a if a != str(out) else str(whole) for a in argv]) == 0  # the patch stops only once
+  resumed, unstopped = (json.loads((d / "result.json").read_text()) for d in (out, whole))
+  assert resumed["resumed_at_steps"] == [4] and unstopped["resumed_at_steps"] == [] and resumed["stopped"] is None
+  for key in ("steps_done", "loss_first_step", "loss_last_step", "cosine_to_prompt", "cosine_to_prompt_start",
+              "restart_losses"):
+    assert resumed[key] == unstopped[key], key
+  for name in ("points", "width", "color"):
+    np.testing.assert_array_equal(np.load(out / "strokes.npz")[name], np.load(whole / "strokes.npz")[name])
+  frames = sorted(p.name for p in (whole / "frames").iterdir())
+  assert frames == sorted(p.name for p in (out / "frames").iterdir()) and len(frames) == 6  # 0, 2, ..., 10
+  for name in frames + ["../drawing.png"]:
+    assert (out / "frames" / name).read_bytes() == (whole / "frames" / name).read_bytes(), name
+  # Once finished, the same command says so and touches nothing.
+  before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  assert draw.main(argv) == 0
+  assert "already holds this drawing, finished at step 10 of 10" in capsys.readouterr().out
+  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
 # ----------------------------------------------------------------------------- --out

@@ -156,6 +156,49 @@ def test_edit_cli_writes_image_strip_and_numbers(cli_inputs):
   assert Image.open(out / "strip.png").size == (3 * 32 + 4, 32) and Image.open(out / "edited.png").size == (32, 32)
 
 
+@pytest.mark.slow  # the tiny SD's sampling and the mapper's compile
+def test_mapper_saves_the_sd_samples_it_was_trained_on(cli_inputs):
+  root, model_dir, clip_dir = cli_inputs
+  out = root / "out_mapper"
+  assert edit.main(["--model", model_dir, "--clip", clip_dir, "--image", str(root / "in.png"), "--neutral", "a dog",
+                    "--target", "a red car", "--method", "mapper", "--steps", "2", "--num-train", "3",
+                    "--out", str(out)]) == 0
+  record = json.loads((out / "result.json").read_text())["train_images"]
+  assert record["source"] == "sampled" and record["sampled"]["prompt"] == "a dog"
+  assert (record["count"], record["size"], record["grid"], record["folder"]) == (3, [32, 32], "train_images.png",
+                                                                                  "train_images/")
+  from PIL import Image
+  assert sorted(p.name for p in (out / "train_images").iterdir()) == ["000.png", "001.png", "002.png"]
+  assert Image.open(out / "train_images" / "000.png").size == (32, 32) and (out / "train_images.png").exists()
+  # The folder is what --train-images reads: the same samples again, no sampling.
+  again, _, _, refit = edit.read_train_images(str(out / "train_images"), 32, 32)
+  assert again.shape == (3, 32, 32, 3) and refit == {}
+
+
+@pytest.mark.slow  # the global direction's Jacobians on the tiny SD's VAE
+def test_global_direction_from_train_images_of_mixed_sizes(cli_inputs, capsys):
+  from PIL import Image
+  root, model_dir, clip_dir = cli_inputs
+  folder = root / "mixed"
+  folder.mkdir()
+  rng = np.random.default_rng(1)
+  sizes = {"a.png": (32, 32), "b.png": (40, 48), "c.jpg": (28, 20)}  # (h, w): was np.concatenate's traceback
+  for name, (h, w) in sizes.items():
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
+  out = root / "out_global"
+  assert edit.main(["--model", model_dir, "--clip", clip_dir, "--image", str(root / "in.png"), "--neutral", "a dog",
+                    "--target", "a red car", "--method", "global", "--beta", "0.0", "--train-images", str(folder),
+                    "--out", str(out)]) == 0
+  line = ("--train-images: 2 of 3 photos are not 32x32, the size of --image (the edit works on latents of its "
+          "shape): each resized to cover it (bicubic) and centre-cropped: b.png 48x40, c.jpg 20x28.")
+  assert line in capsys.readouterr().out
+  record = json.loads((out / "result.json").read_text())["train_images"]
+  assert record["source"] == str(folder) and record["files"] == sorted(sizes) and record["size"] == [32, 32]
+  used, _, _, _ = edit.read_train_images(str(folder), 32, 32)
+  saved = np.stack([np.asarray(Image.open(out / "train_images" / f"{i:03d}.png")) for i in range(3)])
+  np.testing.assert_array_equal(saved, np.round(used * 255).astype(np.uint8))
+
+
 def test_edit_cli_errors_are_one_line(tmp_path):
   from PIL import Image
   Image.fromarray(np.zeros((30, 32, 3), np.uint8)).save(tmp_path / "odd.png")
