@@ -52,9 +52,11 @@ class ExampleMaker:
     tokens = np.asarray(tokenizer(["a"]))
     assert tokens.ndim == 2 and tokens.shape[0] == 1, "a tokenizer maps n texts to [n, context_length]"
     self.context_length = tokens.shape[1]
-    # JPEGs may decode at 1/2, 1/4, 1/8 scale; a training crop keeps >= sqrt(0.9 * 3/4) ~ 0.82
-    # of a side, so asking for 1.25x the output size keeps every crop at full resolution.
-    self.draft_size = int(math.ceil(image_size * (1.25 if train else 1.0)))
+    # Training JPEGs may decode at 1/2, 1/4, 1/8 scale; a training crop keeps >= sqrt(0.9 * 3/4) ~ 0.82
+    # of a side, so asking for 1.25x the output size keeps every crop at full resolution. Evaluation
+    # decodes at full scale: a reduced one changes the resized pixels, and the numbers must be
+    # open_clip's and clip_benchmark's, image by image.
+    self.draft_size = int(math.ceil(image_size * 1.25)) if train else None
 
   def placeholder(self, index: int, quality: list, detail: str = "") -> dict:
     return {"image": np.zeros((self.image_size, self.image_size, 3), np.float32),
