@@ -532,6 +532,52 @@ def image_processor_config(image_size: int) -> dict[str, Any]:
           "do_convert_rgb": True}
 
 
+def stated_preprocessing_note(path: str) -> str | None:
+  """One line when a hub folder states image preprocessing other than this project's (OpenAI's
+  mean/std, bicubic resize of the shortest side, centre crop), else None. Read from open_clip's
+  `open_clip_config.json` 'preprocess_cfg' or transformers' `preprocessor_config.json` (or
+  `processor_config.json`'s 'image_processor', as transformers >= 5 saves a CLIPProcessor); a workdir or an
+  export of this project states ours. This project feeds every model OpenAI's preprocessing, so a model
+  trained with another (SigLIP-style mean/std 0.5, 'squash' resizing) scores differently here than in
+  its own package, and an export writes OpenAI's settings."""
+  from clip_jax.data.images import OPENAI_MEAN, OPENAI_STD
+  stated, differ = {}, []
+  open_clip_file, hf_file, hf_processor_file = (os.path.join(path, n) for n in (
+      "open_clip_config.json", "preprocessor_config.json", "processor_config.json"))
+  try:
+    if os.path.isfile(open_clip_file):
+      with open(open_clip_file) as f:
+        cfg = json.load(f).get("preprocess_cfg") or {}
+      stated = {"mean": cfg.get("mean"), "std": cfg.get("std"), "interpolation": cfg.get("interpolation"),
+                "resize_mode": cfg.get("resize_mode")}
+      source = "open_clip_config.json"
+    elif os.path.isfile(hf_file) or os.path.isfile(hf_processor_file):
+      # transformers >= 5 saves a CLIPProcessor as processor_config.json, the image part nested
+      source = "preprocessor_config.json" if os.path.isfile(hf_file) else "processor_config.json"
+      with open(os.path.join(path, source)) as f:
+        cfg = json.load(f)
+      cfg = cfg.get("image_processor", cfg) if source == "processor_config.json" else cfg
+      resample = {2: "bilinear", 3: "bicubic"}.get(cfg.get("resample"), cfg.get("resample"))
+      stated = {"mean": cfg.get("image_mean"), "std": cfg.get("image_std"), "interpolation": resample,
+                "resize_mode": None if cfg.get("do_center_crop", True) else "no centre crop"}
+  except (OSError, ValueError, AttributeError):
+    return None  # unreadable: the loader says what it cannot read
+  for key, ours in (("mean", OPENAI_MEAN), ("std", OPENAI_STD)):
+    value = stated.get(key)
+    if value is not None and (len(value) != 3 or not np.allclose(value, ours, rtol=0, atol=1e-4)):
+      differ.append(f"{key} {[round(float(v), 4) for v in value]}")
+  if stated.get("interpolation") not in (None, "bicubic"):
+    differ.append(f"interpolation {stated['interpolation']}")
+  if stated.get("resize_mode") not in (None, "shortest"):
+    differ.append(f"resize {stated['resize_mode']}")
+  if not differ:
+    return None
+  return (f"{path}: {source} states image preprocessing {', '.join(differ)}; this project preprocesses every "
+          "model as OpenAI's CLIP (mean [0.4815, 0.4578, 0.4082], std [0.2686, 0.2613, 0.2758], bicubic "
+          "shortest-side resize, centre crop), so this model's numbers here differ from its own package's, "
+          "and an export states OpenAI's settings.")
+
+
 def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=None) -> str:
   """Writes a transformers-loadable CLIPModel directory: config.json, model.safetensors,
   preprocessor_config.json (`image_processor_config`) and, given a tokenizer that can, its files."""
@@ -606,6 +652,9 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory.")
   if os.path.isdir(path):
+    note = stated_preprocessing_note(path)
+    if note:
+      _log.warning(note)
     if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
         os.path.join(path, "clip_config.json")):
       return load_hf_directory(path, variant=variant, **module_kwargs)

@@ -511,3 +511,30 @@ def test_open_clip_folder_export_loads_in_open_clip_as_the_same_model(resnet, ac
                                  getattr(reference, method)(torch.from_numpy(inputs)).numpy(), atol=1e-5, rtol=0)
   assert convert.config_from_open_clip(convert.config_to_open_clip(model.config)) == model.config
   assert convert.load_checkpoint(out)[0].config == model.config
+  assert convert.stated_preprocessing_note(out) is None  # an export states this project's preprocessing
+
+
+def test_a_hub_folder_stating_other_preprocessing_is_said_when_loaded(tmp_path, caplog):
+  """A new user's open_clip folder with preprocess_cfg mean/std 0.5, bilinear, squash was evaluated with
+  OpenAI's mean/std and bicubic crops, and nothing said so (pixels off by up to 2.39)."""
+  import json
+  folder = tmp_path / "siglip_like"
+  folder.mkdir()
+  (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": {
+      "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear", "resize_mode": "squash"}}))
+  note = convert.stated_preprocessing_note(str(folder))
+  assert "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5], interpolation bilinear, resize squash" in note
+  with caplog.at_level("WARNING"), pytest.raises(Exception):  # no weights: the loader's own error follows
+    convert.load_checkpoint(str(folder))
+  assert "states image preprocessing mean [0.5, 0.5, 0.5]" in caplog.text
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "preprocessor_config.json").write_text(json.dumps(convert.image_processor_config(224)))
+  assert convert.stated_preprocessing_note(str(hf)) is None  # the HF export's own settings
+  (hf / "preprocessor_config.json").write_text(json.dumps({**convert.image_processor_config(224),
+                                                           "image_mean": [0.5, 0.5, 0.5], "resample": 2}))
+  assert "preprocessor_config.json states image preprocessing mean [0.5, 0.5, 0.5], interpolation bilinear" \
+      in convert.stated_preprocessing_note(str(hf))
+  (hf / "preprocessor_config.json").unlink()  # transformers >= 5: CLIPProcessor.save_pretrained's file
+  (hf / "processor_config.json").write_text(json.dumps({"image_processor": {"image_mean": [0.5, 0.5, 0.5]}}))
+  assert "processor_config.json states image preprocessing mean [0.5, 0.5, 0.5]" in convert.stated_preprocessing_note(str(hf))
