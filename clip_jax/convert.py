@@ -631,6 +631,31 @@ def export_openai_state_dict(module: CLIP, variables: dict[str, Any]) -> dict[st
   return state
 
 
+def hub_cache_snapshot(path: str) -> str:
+  """A Hugging Face cache folder of one repository (models--OWNER--NAME, with refs/ and snapshots/) ->
+  the snapshot its refs/main names (the files transformers and open_clip would load); any other path
+  as it is."""
+  ref = os.path.join(path, "refs", "main")
+  if os.path.isdir(os.path.join(path, "snapshots")) and os.path.isfile(ref):
+    with open(ref) as f:
+      snapshot = os.path.join(path, "snapshots", f.read().strip())
+    if os.path.isdir(snapshot):
+      return snapshot
+  return path
+
+
+def missing_checkpoint_line(path: str) -> str:
+  """The one line for a checkpoint path that is not there; hub ids ('owner/name', 'hf-hub:owner/name')
+  are named as such, since nothing is downloaded here."""
+  repo = path[len("hf-hub:"):] if path.startswith("hf-hub:") else path
+  parts = repo.split("/")
+  if path.startswith("hf-hub:") or (len(parts) == 2 and all(parts) and not repo.startswith((".", "~"))):
+    return (f"{path}: no such file or directory; if it is a Hugging Face hub id, nothing is downloaded here: "
+            f"download it first (huggingface-cli download {repo} --local-dir DIR) and pass DIR (or a cache "
+            "folder models--OWNER--NAME, read at its refs/main snapshot).")
+  return f"{path}: no such file or directory."
+
+
 def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None = None,
                     image_size: int | None = None, variant: str | None = None, warn_assumed: bool = True,
                     **module_kwargs):
@@ -649,8 +674,9 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
     from clip_jax.resize import resize_model
     return resize_model(*load_checkpoint(path, model_name=model_name, act=act, variant=variant,
                                          warn_assumed=warn_assumed, **module_kwargs), image_size)
+  path = hub_cache_snapshot(path[len("local-dir:"):] if path.startswith("local-dir:") else path)  # open_clip's prefix
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file or directory.")
+    raise FileNotFoundError(missing_checkpoint_line(path))
   if os.path.isdir(path):
     note = stated_preprocessing_note(path)
     if note:

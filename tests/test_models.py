@@ -514,6 +514,25 @@ def test_open_clip_folder_export_loads_in_open_clip_as_the_same_model(resnet, ac
   assert convert.stated_preprocessing_note(out) is None  # an export states this project's preprocessing
 
 
+def test_hub_ids_cache_folders_and_open_clip_prefixes_as_users_pass_them(tmp_path):
+  """A new user passed `openai/clip-vit-base-patch32`, `hf-hub:...`, `local-dir:DIR` and a hub cache folder
+  (models--OWNER--NAME): each got only 'no such file or directory'."""
+  for hub_id in ("openai/clip-vit-base-patch32", "hf-hub:timm/ViT-B-16-SigLIP"):
+    with pytest.raises(FileNotFoundError, match="Hugging Face hub id, nothing is downloaded here: download it first"):
+      convert.load_checkpoint(hub_id)
+  with pytest.raises(FileNotFoundError) as plain:
+    convert.load_checkpoint(str(tmp_path / "gone" / "model.pt"))
+  assert "hub id" not in str(plain.value)
+  cache = tmp_path / "models--me--tiny-clip"
+  (cache / "refs").mkdir(parents=True)
+  (cache / "snapshots" / "abc123").mkdir(parents=True)
+  (cache / "refs" / "main").write_text("abc123\n")
+  assert convert.hub_cache_snapshot(str(cache)) == str(cache / "snapshots" / "abc123")
+  assert convert.hub_cache_snapshot(str(tmp_path)) == str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="local-dir-gone: no such file"):  # open_clip's prefix is read
+    convert.load_checkpoint(f"local-dir:{tmp_path}/local-dir-gone")
+
+
 def test_a_hub_folder_stating_other_preprocessing_is_said_when_loaded(tmp_path, caplog):
   """A new user's open_clip folder with preprocess_cfg mean/std 0.5, bilinear, squash was evaluated with
   OpenAI's mean/std and bicubic crops, and nothing said so (pixels off by up to 2.39)."""
