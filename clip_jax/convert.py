@@ -662,7 +662,8 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
   """`(module, variables)` from an OpenAI/open_clip checkpoint file (.safetensors, .pt/.bin/.pth,
   TorchScript archive), a Hugging Face CLIPModel directory (single, sharded, `variant`='fp16' or
   .bin weights, found as transformers finds them), an open_clip hub folder (open_clip_config.json +
-  open_clip_model.safetensors / open_clip_pytorch_model.bin), or a training workdir of this project.
+  open_clip_model.safetensors / open_clip_pytorch_model.bin), or a training workdir of this project
+  (its newest checkpoint; WORKDIR/checkpoints/STEP for another).
 
   For bare state dicts `model_name` sets the architecture (activation and heads included) and
   `act` the activation; what neither gives is assumed with one WARNING line (`warn_assumed=False`: not
@@ -686,7 +687,12 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
       return load_hf_directory(path, variant=variant, **module_kwargs)
     if os.path.exists(os.path.join(path, "open_clip_config.json")):
       return load_open_clip_directory(path, **module_kwargs)
-    from clip_jax.checkpoint import load_workdir  # Training workdirs: orbax + the model config.
+    from clip_jax.checkpoint import MODEL_CONFIG_FILE, load_workdir  # Training workdirs: orbax + the model config.
+    parent, name = os.path.split(os.path.normpath(path))
+    workdir = os.path.dirname(parent)
+    if name.isdigit() and os.path.basename(parent) == "checkpoints" and os.path.isfile(
+        os.path.join(workdir, MODEL_CONFIG_FILE)):  # WORKDIR/checkpoints/STEP: that step's checkpoint
+      return load_workdir(workdir, step=int(name), **module_kwargs)
     return load_workdir(path, **module_kwargs)
   state = load_state_dict(path)
   if any(k.startswith(("vision_model.", "text_model.")) for k in state):

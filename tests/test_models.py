@@ -533,6 +533,25 @@ def test_hub_ids_cache_folders_and_open_clip_prefixes_as_users_pass_them(tmp_pat
     convert.load_checkpoint(f"local-dir:{tmp_path}/local-dir-gone")
 
 
+@pytest.mark.slow
+def test_a_workdirs_step_folder_loads_that_step(tmp_path):
+  """A new user's `clip_jax.evaluate --checkpoint W/checkpoints/400` was 'not a training workdir'."""
+  from clip_jax import checkpoint as ckpt
+  model = clip_jax.create_model("ViT-Tiny")
+  ckpt.write_model_config(str(tmp_path), model.config)
+  manager = ckpt.make_manager(str(tmp_path), async_save=False, with_data=False)
+  saved = {}
+  init = jax.jit(lambda key: clip_jax.init_variables(model, key)["params"])  # eager init compiles every op
+  for step in (2, 4):
+    saved[step] = init(jax.random.key(step))
+    ckpt.save(manager, step, {"params": saved[step], "step": jnp.int32(step)}, force=True)
+  manager.close()
+  for path, step in ((tmp_path / "checkpoints" / "2", 2), (tmp_path / "checkpoints" / "4", 4), (tmp_path, 4)):
+    loaded = convert.load_checkpoint(str(path))[1]["params"]
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved[step])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_a_hub_folder_stating_other_preprocessing_is_said_when_loaded(tmp_path, caplog):
   """A new user's open_clip folder with preprocess_cfg mean/std 0.5, bilinear, squash was evaluated with
   OpenAI's mean/std and bicubic crops, and nothing said so (pixels off by up to 2.39)."""
