@@ -60,9 +60,7 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
   ValueError for `act` with a directory or an unknown `model_name` (`evaluate.load_model`, the rule
   of every command that takes --model-name / --act)."""
   from clip_jax.cli import UserError
-  from clip_jax.convert import export_hf, export_open_clip, export_openai_state_dict, openai_layout_note
   from clip_jax.evaluate import _tokenizer, load_model
-  from clip_jax.weights import save_safetensors
   if fmt not in FORMATS:
     raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
   if fmt == "openai" and not out.endswith(".safetensors"):
@@ -70,16 +68,34 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
   if os.path.lexists(out) and not overwrite:
     raise UserError(f"--out {out} exists; choose another path or pass --overwrite.")
   module, variables = load_model(checkpoint, model_name, act)
+  return export_model(module, variables, out, fmt,
+                      tokenizer=_tokenizer(tokenizer, checkpoint, module.config.text.context_length),
+                      overwrite=overwrite, name=checkpoint)
+
+
+def export_model(module, variables, out: str, fmt: str = "hf", *, tokenizer=None, overwrite: bool = False,
+                 name: str = "the model") -> str:
+  """Writes a loaded (module, variables) to `out` in `fmt`, whole or not at all; returns `out`.
+  tokenizer: a `clip_jax.tokenizer` object written beside an hf export (None: OpenAI's CLIP BPE).
+  Raises clip_jax.cli.UserError as `export` does."""
+  from clip_jax.cli import UserError
+  from clip_jax.convert import export_hf, export_open_clip, export_openai_state_dict, openai_layout_note
+  from clip_jax.weights import save_safetensors
+  if fmt not in FORMATS:
+    raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+  if fmt == "openai" and not out.endswith(".safetensors"):
+    raise UserError(f"--out {out}: an openai export is one file; name it NAME.safetensors.")
+  if os.path.lexists(out) and not overwrite:
+    raise UserError(f"--out {out} exists; choose another path or pass --overwrite.")
   if fmt == "hf" and module.config.vision.is_resnet:
-    raise UserError(f"{checkpoint} has a ResNet image tower, which transformers' CLIPModel cannot hold: "
+    raise UserError(f"{name} has a ResNet image tower, which transformers' CLIPModel cannot hold: "
                     "export it with --format open_clip or --format openai.")
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export_", dir=parent)  # same filesystem: the final rename is atomic
   try:
     if fmt == "hf":
-      written = export_hf(module, variables, os.path.join(staging, "out"),
-                          tokenizer=_tokenizer(tokenizer, checkpoint, module.config.text.context_length))
+      written = export_hf(module, variables, os.path.join(staging, "out"), tokenizer=tokenizer)
     elif fmt == "open_clip":
       written = export_open_clip(module, variables, os.path.join(staging, "out"))
     else:

@@ -12,7 +12,9 @@ fine-tuned size (`clip_jax.resize`); any other difference is refused.
 
 Writes OUT/results.json, OUT/results.md (a row per alpha, a column per task's headline metric),
 OUT/plots/wise_ft.png (that metric against alpha, one line per task) and OUT/alpha_<a>/, each mix's
-full evaluation report.
+full evaluation report. --export-alphas 0.5 also writes that mix as OUT/alpha_0.5/export, in
+--export-format (hf, open_clip or openai, as `clip_jax.export`), to take it to transformers or
+open_clip (or back here: `--checkpoint OUT/alpha_0.5/export`).
 """
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ def _config_differences(a, b, prefix: str = "") -> list[str]:
     if dataclasses.is_dataclass(x):
       out += _config_differences(x, y, f"{prefix}{field.name}.")
     elif x != y and field.name not in ("init_logit_scale",):  # an init value, not the architecture
+      if field.name == "eot_token_id" and {x, y} == {None, a.vocab_size - 1}:
+        # Pooling at the first end token (a Hugging Face config states its id) or at argmax(token id)
+        # (OpenAI's rule): the same token when the end token has the largest id.
+        continue
       out.append(f"{prefix}{field.name} {x} vs {y}")
   return out
 
@@ -139,6 +145,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from clip_jax import evaluate
 
   alphas = parse_alphas(args.alphas)
+  export_alphas = parse_alphas(args.export_alphas) if getattr(args, "export_alphas", "").strip() else []
+  if set(export_alphas) - set(alphas):
+    raise ValueError(f"--export-alphas {args.export_alphas}: each must be one of --alphas ({args.alphas}).")
   tasks = evaluate.parse_tasks(args.tasks)
   tasks = evaluate.with_prompts(tasks, evaluate._read_list_file(args.classnames, "classnames"),
                                 evaluate._read_list_file(args.templates, "templates"))
@@ -168,7 +177,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for result in report["results"]:
       metric = headline_metric(result)
       metrics[f"{result['task']}:{result['dataset']} {metric}"] = float(result["metrics"][metric])
-    rows.append({"alpha": alpha, "metrics": metrics})
+    row = {"alpha": alpha, "metrics": metrics}
+    if alpha in export_alphas:
+      from clip_jax.export import export_model
+      fmt = getattr(args, "export_format", "hf")
+      tokenizer = evaluate._tokenizer(args.tokenizer, args.zeroshot, zs_model.config.text.context_length)
+      row["export"] = export_path(args.out, alpha, fmt)
+      if is_main:  # the mix is the same on every process; one writes it (replacing a rerun's)
+        export_model(zs_model, mix, row["export"], fmt, tokenizer=tokenizer, overwrite=True,
+                     name=f"WiSE-FT alpha={alpha:g}")
+        print(f"WiSE-FT: alpha={alpha:g} exported ({fmt}) to {row['export']}", flush=True)
+    rows.append(row)
     reports.append(report["results"])
   from clip_jax.observe import package_versions, save_results
   meta = {"zeroshot": args.zeroshot, "finetuned": args.finetuned, "note": note, "tasks": args.tasks,
@@ -204,7 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--templates", metavar="FILE", help="prompt templates for zero-shot tasks")
   parser.add_argument("--limit", type=int, help="evaluate only the first N examples of each split")
   parser.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
+  parser.add_argument("--export-alphas", default="", help="comma-separated alphas of --alphas whose mix is "
+                      "also written as OUT/alpha_<a>/export (default: none)")
+  from clip_jax.export import FORMATS
+  parser.add_argument("--export-format", choices=FORMATS, default="hf", help="the format of those exports, as "
+                      "clip_jax.export's --format (default: %(default)s)")
   return parser
+
+
+def export_path(out: str, alpha: float, fmt: str) -> str:
+  """Where --export-alphas writes the mix of `alpha` (an openai export is one .safetensors file)."""
+  return os.path.join(out, f"alpha_{alpha:g}", "export.safetensors" if fmt == "openai" else "export")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

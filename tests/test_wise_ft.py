@@ -54,6 +54,13 @@ def test_mismatched_pairs_are_refused():
     wise_ft.align_pair((tiny, {}), (assumed, {}))
   with pytest.raises(ValueError, match="one architecture.$"):  # no such hint for other differences
     wise_ft.align_pair((tiny, {}), (other, {}))
+  # A Hugging Face start (its config states the end token, 49407) and a fine-tune of it under a named
+  # architecture (argmax pooling) pool at the same token: a new user's pair was refused for it.
+  hf_like = clip_jax.create_model("ViT-Tiny", text={"eot_token_id": tiny.config.text.vocab_size - 1})
+  assert wise_ft.align_pair((hf_like, {}), (tiny, {})) == ((hf_like, {}), None)
+  added_tokens = clip_jax.create_model("ViT-Tiny", text={"eot_token_id": 2})
+  with pytest.raises(ValueError, match=r"text.eot_token_id 2 vs None"):
+    wise_ft.align_pair((added_tokens, {}), (tiny, {}))
 
 
 def _save_random_tiny(path, seed, **overrides):
@@ -70,9 +77,21 @@ def test_cli_endpoints_equal_the_evaluation_cli(tmp_path, capsys):
   a, b = _save_random_tiny(tmp_path / "a.safetensors", 0), _save_random_tiny(tmp_path / "b.safetensors", 1)
   common = ["--tasks", "zeroshot:digits", "--limit", "64", "--batch-size", "64", "--model-name", "ViT-Tiny"]
   assert wise_ft.main(["--zeroshot", a, "--finetuned", b, "--alphas", "0,0.5,1", "--out", str(tmp_path / "w"),
-                       *common]) == 0
+                       "--export-alphas", "0.5", *common]) == 0
   out = json.load(open(tmp_path / "w" / "results.json"))
   assert [r["alpha"] for r in out["rows"]] == [0.0, 0.5, 1.0]
+  # The chosen mix, exported (a new user had to write their own code for it): it loads back as the mix and
+  # evaluates to the table's number.
+  exported = out["rows"][1]["export"]
+  assert exported == str(tmp_path / "w" / "alpha_0.5" / "export") and "export" not in out["rows"][0]
+  (zs_model, zs_vars), (_, ft_vars) = (evaluate.load_model(p, "ViT-Tiny", None) for p in (a, b))
+  mix = wise_ft.interpolate(jax.device_get(zs_vars), jax.device_get(ft_vars), 0.5)
+  for x, y in zip(jax.tree.leaves(convert.load_checkpoint(exported)[1]), jax.tree.leaves(mix)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert evaluate.main(["--checkpoint", exported, "--out", str(tmp_path / "e_mix"), *common[:-2]]) == 0
+  assert json.load(open(tmp_path / "e_mix" / "results.json"))["results"][0]["metrics"] == out["results"][1][0]["metrics"]
+  assert wise_ft.main(["--zeroshot", a, "--finetuned", b, "--alphas", "0,1", "--export-alphas", "0.5", "--out",
+                       str(tmp_path / "bad"), *common]) == 2  # an alpha not evaluated: one line
   assert (tmp_path / "w" / "plots" / "wise_ft.png").stat().st_size > 0
   assert "| alpha |" in (tmp_path / "w" / "results.md").read_text()
   for alpha, path in ((0.0, a), (1.0, b)):
