@@ -557,15 +557,20 @@ def stated_preprocessing_note(path: str) -> str | None:
       with open(os.path.join(path, source)) as f:
         cfg = json.load(f)
       cfg = cfg.get("image_processor", cfg) if source == "processor_config.json" else cfg
-      resample = {2: "bilinear", 3: "bicubic"}.get(cfg.get("resample"), cfg.get("resample"))
+      resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}.get(
+          cfg.get("resample"), cfg.get("resample"))  # PIL's resampling codes, as transformers stores them
       stated = {"mean": cfg.get("image_mean"), "std": cfg.get("image_std"), "interpolation": resample,
                 "resize_mode": None if cfg.get("do_center_crop", True) else "no centre crop"}
   except (OSError, ValueError, AttributeError):
     return None  # unreadable: the loader says what it cannot read
   for key, ours in (("mean", OPENAI_MEAN), ("std", OPENAI_STD)):
-    value = stated.get(key)
-    if value is not None and (len(value) != 3 or not np.allclose(value, ours, rtol=0, atol=1e-4)):
-      differ.append(f"{key} {[round(float(v), 4) for v in value]}")
+    try:  # one number for every channel is allowed (transformers, open_clip); anything odd: not judged here
+      value = stated.get(key)
+      value = None if value is None else [float(v) for v in np.broadcast_to(np.asarray(value, np.float64), (3,))]
+    except (TypeError, ValueError):
+      continue
+    if value is not None and not np.allclose(value, ours, rtol=0, atol=1e-4):
+      differ.append(f"{key} {[round(v, 4) for v in value]}")
   if stated.get("interpolation") not in (None, "bicubic"):
     differ.append(f"interpolation {stated['interpolation']}")
   if stated.get("resize_mode") not in (None, "shortest"):

@@ -161,6 +161,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded.append((model, jax.device_get(variables)))
   (zs_model, zs_vars), note = align_pair(loaded[0], loaded[1])
   ft_vars = loaded[1][1]
+  export_format = getattr(args, "export_format", "hf")
+  if export_alphas and export_format == "hf" and zs_model.config.vision.is_resnet:
+    # Said before any evaluation: raised after one, the finished ones were lost (and the other processes
+    # of a multi-process run went on into the next alpha's collectives).
+    raise ValueError("--export-format hf: the pair has a ResNet image tower, which transformers' CLIPModel "
+                     "cannot hold; use --export-format open_clip or openai.")
   eval_args = evaluate.build_parser().parse_args([])  # the evaluation CLI's defaults ...
   for name in ("batch_size", "model_name", "data_dir", "tokenizer", "limit", "num_workers"):
     setattr(eval_args, name, getattr(args, name))     # ... and the options given here
@@ -180,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     row = {"alpha": alpha, "metrics": metrics}
     if alpha in export_alphas:
       from clip_jax.export import export_model
-      fmt = getattr(args, "export_format", "hf")
+      fmt = export_format
       tokenizer = evaluate._tokenizer(args.tokenizer, args.zeroshot, zs_model.config.text.context_length)
       row["export"] = export_path(args.out, alpha, fmt)
       if is_main:  # the mix is the same on every process; one writes it (replacing a rerun's)

@@ -76,7 +76,8 @@ def test_edit_brings_train_images_of_other_sizes_to_the_edited_images_size(tmp_p
   # The centre 8x8 square, enlarged twice: white (the bicubic kernel reaches the black beside it at the edges).
   np.testing.assert_allclose(images[0][:, 2:-2], 1.0, atol=1 / 255)
   np.testing.assert_allclose(images[0], images[0][:, ::-1], atol=1 / 255)
-  np.testing.assert_allclose(images[1], 128 / 255) and np.testing.assert_allclose(images[2], 200 / 255)
+  np.testing.assert_allclose(images[1], 128 / 255)
+  np.testing.assert_allclose(images[2], 200 / 255)
   line = edit.refit_line(refit, 3, 16, 16)
   assert line == ("--train-images: 2 of 3 photos are not 16x16, the size of --image (the edit works on latents of "
                   "its shape): each resized to cover it (bicubic) and centre-cropped: a_wide.png 24x8, c_small.png 3x5.")

@@ -573,6 +573,8 @@ def test_a_hub_folder_stating_other_preprocessing_is_said_when_loaded(tmp_path, 
                                                            "image_mean": [0.5, 0.5, 0.5], "resample": 2}))
   assert "preprocessor_config.json states image preprocessing mean [0.5, 0.5, 0.5], interpolation bilinear" \
       in convert.stated_preprocessing_note(str(hf))
+  (hf / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": "x", "resample": 1}))
+  assert "mean [0.5, 0.5, 0.5], interpolation lanczos" in convert.stated_preprocessing_note(str(hf))  # one number
   (hf / "preprocessor_config.json").unlink()  # transformers >= 5: CLIPProcessor.save_pretrained's file
   (hf / "processor_config.json").write_text(json.dumps({"image_processor": {"image_mean": [0.5, 0.5, 0.5]}}))
   assert "processor_config.json states image preprocessing mean [0.5, 0.5, 0.5]" in convert.stated_preprocessing_note(str(hf))

@@ -109,6 +109,17 @@ def test_cli_endpoints_equal_the_evaluation_cli(tmp_path, capsys):
   assert not (tmp_path / "x").exists()
 
 
+def test_an_export_format_the_pair_cannot_take_is_refused_before_any_evaluation(tmp_path, capsys, monkeypatch):
+  # Raised after the first alpha's evaluation, it lost that evaluation (and stranded the other processes).
+  resnet = clip_jax.create_model("RN-Tiny")
+  monkeypatch.setattr(evaluate, "load_model", lambda *a: (resnet, {"params": {}}))
+  monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before refusing"))
+  assert wise_ft.main(["--zeroshot", "a.pt", "--finetuned", "b.pt", "--tasks", "zeroshot:digits", "--out",
+                       str(tmp_path / "o"), "--export-alphas", "1"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "ResNet image tower" in err[0] and "--export-format open_clip" in err[0], err
+
+
 def test_act_for_two_folders_is_one_line_not_ignored(tmp_path, capsys, monkeypatch):
   # --act describes bare state-dict files; with both models folders it applied to nothing and was dropped
   # silently (evaluate, draw and export refuse it on a folder): now one line, before anything loads.

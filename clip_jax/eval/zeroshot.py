@@ -337,7 +337,8 @@ def zeroshot_sources(zeroshot_eval) -> list[ZeroShotSource]:
 def evaluate_tasks(cfg) -> list[str]:
   """`clip_jax.evaluate --tasks` entries for the config's zero-shot sources (`cfg.zeroshot_eval`, when
   enabled): zeroshot:NAME for a known dataset (and linear_probe:NAME where it has a training split),
-  zeroshot:NAME=DATA for the user's own (and linear_probe:NAME=DATA where DATA holds '{split}');
+  zeroshot:NAME=DATA for the user's own (and linear_probe:NAME=DATA where DATA holds '{split}' or is a
+  known dataset with a training split);
   [] when none is configured."""
   ev = cfg.get("zeroshot_eval", None)
   if not ev or not ev.get("enabled", False):
@@ -350,7 +351,8 @@ def evaluate_tasks(cfg) -> list[str]:
         probes.append(f"linear_probe:{source.name}")
     else:
       zeroshot.append(f"zeroshot:{source.name}={source.data}")
-      if "{split}" in source.data:
+      known_data = find_dataset(source.data)  # mycifar=cifar10: a known dataset under one's own name
+      if "{split}" in source.data or (known_data is not None and known_data.train_split is not None):
         probes.append(f"linear_probe:{source.name}={source.data}")
   return zeroshot + probes
 
