@@ -8,8 +8,12 @@ parameters are restored by orbax directly into the target shardings (its optimiz
 read). Nothing is gathered onto one device. The optimizer starts fresh.
 
 Checks, all before anything is compiled, each one line: the path exists; the activation stated by
-`init.act` / `init.model_name`, or carried by a directory's config, is the configured model's
-(GELU and QuickGELU weights look alike); every parameter has the configured shape, the ViT grid
+`init.act` / `init.model_name` is the configured model's (GELU and QuickGELU weights look alike); a
+directory that states its architecture (config.json, open_clip_config.json, clip_config.json) states
+the configured model's, heads and text pooling included, which no shape shows (`check_architecture`:
+each differing field and the `--config.model.overrides=...` that matches; a new image size and the
+init temperature are free, so is a tower that `init.dont_load` starts fresh); every parameter has
+the configured shape (a bare state dict's shape error names the size overrides), the ViT grid
 embedding aside (a new image size resamples it, `clip_jax.resize`). `init.dont_load` (a regex over
 '/'-joined parameter paths, big_vision's `dont_load`) keeps the fresh initialisation for what it
 matches, e.g. '^text/' for LiT's text tower from scratch.
@@ -17,6 +21,7 @@ matches, e.g. '^text/' for LiT's text tower from scratch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any, Mapping
@@ -55,6 +60,122 @@ def check_act(checkpoint_act: str, model_act: str, how: str) -> None:
            else "use the model name without '-quickgelu'")
     raise UserError(f"the checkpoint's activation is {checkpoint_act} ({how}), but the configured model uses "
                     f"{model_act}: the weights would run with the wrong activation; {fix}.")
+
+
+# Fields in which the configured model may differ from the architecture a checkpoint states: the image
+# size (a new resolution: the grid embedding is resampled, `clip_jax.resize`) and the initial
+# temperature / bias (starting values, not architecture: logit_scale is loaded, a logit_bias the
+# checkpoint lacks is a missing parameter, which the shape check names).
+FREE_FIELDS = ("vision.image_size", "init_logit_scale", "init_logit_bias")
+
+
+# The sizes a bare state dict's shapes show (convert.infer_openai_config).
+SHAPE_FIELDS = ("embed_dim", "vision.layers", "vision.width", "vision.patch_size", "text.context_length",
+                "text.vocab_size", "text.width", "text.layers")
+
+
+def stated_config(path: str) -> tuple[CLIPConfig, str] | None:
+  """(the architecture a checkpoint directory states, the file that states it): a Hugging Face
+  CLIPModel folder's config.json, an open_clip hub folder's open_clip_config.json, a workdir's (or
+  its WORKDIR/checkpoints/STEP's) clip_config.json; None for a file (a bare state dict states none) or a config that does not read
+  (the load that follows says what is wrong with it). Reads the config alone, not the weights."""
+  from clip_jax import convert
+  from clip_jax.checkpoint import MODEL_CONFIG_FILE
+  if not os.path.isdir(path):
+    return None
+  hf, oc, own = (os.path.join(path, name) for name in ("config.json", "open_clip_config.json", MODEL_CONFIG_FILE))
+  try:  # the order load_checkpoint reads a directory in
+    if os.path.isfile(hf) and not os.path.exists(own):
+      with open(hf) as f:
+        hf_config = json.load(f)
+      return (convert.config_from_hf(hf_config), hf) if hf_config.get("model_type") in (None, "clip") else None
+    if os.path.isfile(oc):
+      with open(oc) as f:
+        return convert.config_from_open_clip(json.load(f).get("model_cfg") or {}), oc
+    parent, name = os.path.split(os.path.normpath(path))
+    if not os.path.isfile(own) and name.isdigit() and os.path.basename(parent) == "checkpoints":
+      own = os.path.join(os.path.dirname(parent), MODEL_CONFIG_FILE)  # WORKDIR/checkpoints/STEP: that workdir's
+    if os.path.isfile(own):
+      with open(own) as f:
+        return CLIPConfig.from_dict(json.load(f)), own
+  except (OSError, ValueError, TypeError, AttributeError):  # CheckpointError and JSON errors are ValueErrors
+    return None
+  return None
+
+
+def _fields(config: CLIPConfig) -> dict[str, Any]:
+  """'vision.head_width' -> value, for every field of the config. Pooling at the end token when it
+  is the vocabulary's last (a Hugging Face config states 49407) is argmax pooling (None): the same token."""
+  flat = {}
+  for key, value in config.to_dict().items():
+    if isinstance(value, dict):
+      flat.update({f"{key}.{name}": v for name, v in value.items()})
+    else:
+      flat[key] = value
+  if flat["text.eot_token_id"] == config.text.vocab_size - 1:
+    flat["text.eot_token_id"] = None
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
+
+
+def _same(a: Any, b: Any) -> bool:
+  if isinstance(a, float) or isinstance(b, float):
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6)
+  return a == b
+
+
+def architecture_differences(stated: CLIPConfig, configured: CLIPConfig, *, vision: bool = True,
+                             text: bool = True) -> list[tuple[str, Any, Any]]:
+  """(field, the checkpoint's value, the configured value) for each architecture field that differs,
+  FREE_FIELDS aside; `vision` / `text` False: that tower starts fresh (init.dont_load), its fields
+  (and embed_dim, whose projections the shape check covers) are free."""
+  free = set(FREE_FIELDS)
+  if not (vision and text):
+    free.add("embed_dim")
+  if not (vision or text):
+    free.add("act")
+  ours = _fields(configured)
+  return [(field, value, ours[field]) for field, value in _fields(stated).items()
+          if field not in free and not (field.startswith("vision.") and not vision)
+          and not (field.startswith("text.") and not text) and not _same(value, ours.get(field))]
+
+
+def matching_overrides(overrides: Mapping[str, Any] | None, differences) -> dict[str, Any]:
+  """The model.overrides that build the checkpoint's architecture: the user's own, plus each differing
+  field at the checkpoint's value."""
+  fixed = {k: dict(v) if isinstance(v, Mapping) else v for k, v in dict(overrides or {}).items()}
+  for field, value, _ in differences:
+    section, _, name = field.rpartition(".")
+    (fixed.setdefault(section, {}) if section else fixed)[name] = value
+  return fixed
+
+
+def _listed(differences) -> str:
+  return "; ".join(f"{field} {value!r} in the checkpoint, {ours!r} configured" for field, value, ours in differences)
+
+
+def _loaded_towers(flat_target: Mapping[FlatKey, Any], dont_load: re.Pattern | None) -> dict[str, bool]:
+  """{'vision': whether any image-tower variable is loaded (not all matched by init.dont_load), 'text': ...}."""
+  names = [_name(k) for k in flat_target if not (dont_load and dont_load.search(_name(k)))]
+  return {"vision": any(n.startswith("visual/") for n in names), "text": any(n.startswith("text/") for n in names)}
+
+
+def check_architecture(path: str, stated: tuple[CLIPConfig, str], model_config: CLIPConfig,
+                       model_overrides: Mapping[str, Any] | None = None, *, vision: bool = True,
+                       text: bool = True) -> None:
+  """One line (UserError) when the checkpoint's stated architecture is not the configured model's:
+  each differing field with both values, and the --config.model.overrides argument that matches it.
+  Heads, the activation and the text pooling are no parameter shape: without this check such weights
+  load silently into a model that computes something else."""
+  config, source = stated
+  differences = architecture_differences(config, model_config, vision=vision, text=text)
+  if not differences:
+    return
+  listed = _listed(differences)
+  argument = f"--config.model.overrides={matching_overrides(model_overrides, differences)!r}"
+  raise UserError(f"init.checkpoint {path}: {source} states another architecture than the configured model "
+                  f"(model.name and model.overrides): {listed}. The weights would load into a model that computes "
+                  f"something else (heads, activation and text pooling are no parameter shape). To build the "
+                  f"checkpoint's architecture, add \"{argument}\" (it replaces model.overrides whole).")
 
 
 def _is_workdir(path: str) -> bool:
@@ -107,7 +228,7 @@ def _check_shapes(source: str, found: Mapping[FlatKey, tuple], target: Mapping[F
   if problems:
     more = f" ({len(problems) - 1} more problems)" if len(problems) > 1 else ""
     raise CheckpointError(f"init.checkpoint {source}: {problems[0]}{more}. Is it a checkpoint of another "
-                          "architecture than model.name?")
+                          "architecture than model.name and model.overrides?")
   return wanted
 
 
@@ -147,7 +268,8 @@ def _workdir_shapes(path: str) -> tuple[CLIPConfig, dict[FlatKey, tuple]]:
 
 
 def load_init(path: str, target: Mapping[str, Any], model_config: CLIPConfig, *, model_name: str | None = None,
-              act: str | None = None, dont_load: str | None = None) -> dict[str, Any]:
+              act: str | None = None, dont_load: str | None = None,
+              model_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The checkpoint's variables placed in the train state's shardings, for every target variable
   that `dont_load` does not match.
 
@@ -164,14 +286,30 @@ def load_init(path: str, target: Mapping[str, Any], model_config: CLIPConfig, *,
     check_act(act, model_config.act, "as init.act / init.model_name state")
   pattern = re.compile(dont_load) if dont_load else None
   flat_target = traverse_util.flatten_dict(dict(target))
+  stated = stated_config(path)
+  towers = _loaded_towers(flat_target, pattern)
+  if stated:
+    check_architecture(path, stated, model_config, model_overrides, **towers)
   if _is_workdir(path):
     ckpt_config, shapes = _workdir_shapes(path)
     check_act(ckpt_config.act, model_config.act, f"from {path}/clip_config.json")
     if ckpt_config.vision.image_size == model_config.vision.image_size:
       keys = _check_shapes(path, shapes, flat_target, pattern)
       return traverse_util.unflatten_dict(_restore_workdir_params(path, keys, flat_target))
-  _, host = _host_variables(path, model_config, model_name, act)
-  keys = _check_shapes(path, {k: v.shape for k, v in host.items()}, flat_target, pattern)
+  ckpt_config, host = _host_variables(path, model_config, model_name, act)
+  try:
+    keys = _check_shapes(path, {k: v.shape for k, v in host.items()}, flat_target, pattern)
+  except CheckpointError as e:
+    if stated or model_name:
+      raise
+    # A bare state dict: its shapes tell its sizes (not its heads); say which argument builds them.
+    differences = [d for d in architecture_differences(ckpt_config, model_config, **towers) if d[0] in SHAPE_FIELDS]
+    if not differences:
+      raise
+    raise CheckpointError(f"{e} Its shapes say: {_listed(differences)}; to build them, add "
+                          f"\"--config.model.overrides={matching_overrides(model_overrides, differences)!r}\" (a "
+                          "state dict does not state its attention heads: give them too where they are not the "
+                          "configured model's).") from None
   # Each device receives only its slices of the host arrays (every process holds them all).
   placed = sharding.put_global({k: np.asarray(host[k], flat_target[k].dtype) for k in keys},
                                {k: flat_target[k].sharding for k in keys})
@@ -184,7 +322,8 @@ def workdir_has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
-def init_from_config(init: Any, workdir: str, model_config: CLIPConfig):
+def init_from_config(init: Any, workdir: str, model_config: CLIPConfig,
+                     model_overrides: Mapping[str, Any] | None = None):
   """The trainer's `init` section -> a function (target variables) -> loaded variables, or None
   (no init.checkpoint, or the workdir resumes: its own checkpoint wins). Every mistake is a
   UserError (one line). A config that marks init.checkpoint required (None) must be given one."""
@@ -200,7 +339,7 @@ def init_from_config(init: Any, workdir: str, model_config: CLIPConfig):
 
   def load(target):
     loaded = cli.as_user_errors(load_init, init.checkpoint, target, model_config, model_name=init.get("model_name"),
-                                act=init.get("act"), dont_load=init.get("dont_load"))
+                                act=init.get("act"), dont_load=init.get("dont_load"), model_overrides=model_overrides)
     if jax.process_index() == 0:
       print(loaded_summary(init.checkpoint, loaded, target), flush=True)
     return loaded

@@ -42,10 +42,15 @@ MAX_LOG_SCALE = math.log(losses.MAX_LOGIT_SCALE)
 
 
 # ----------------------------------------------------------------------------- model
+def model_overrides(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """model.overrides as a plain dict (what --config.model.overrides={...} sets)."""
+  overrides = cfg.model.get("overrides", None)
+  return overrides.to_dict() if isinstance(overrides, ml_collections.ConfigDict) else dict(overrides or {})
+
+
 def build_model(cfg: ml_collections.ConfigDict) -> CLIP:
   m = cfg.model
-  overrides = m.get("overrides", None)
-  overrides = overrides.to_dict() if isinstance(overrides, ml_collections.ConfigDict) else dict(overrides or {})
+  overrides = model_overrides(cfg)
   if cfg.loss.kind == "sigmoid" and "init_logit_bias" not in overrides:
     # SigLIP's init: scale 10, bias -10 (the bias offsets the many negatives at the start).
     overrides["init_logit_bias"] = losses.SIGLIP_INIT_BIAS
@@ -330,7 +335,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   lock = {k: cfg[k] for k in optim.LOCK_KEYS if k in cfg}
   lock = lock if lock.get("lock_image") or lock.get("lock_text") else None
   # A pretrained start (init.checkpoint) is checked and placed before anything compiles.
-  init_from = pretrained.init_from_config(cfg.get("init"), workdir, model.config)
+  init_from = pretrained.init_from_config(cfg.get("init"), workdir, model.config, model_overrides(cfg))
   # --- input: each process reads its own rows; they become one global batch over the batch axes. Opened
   # before anything compiles, so that a mistake in the data is said at once.
   data_iter = build_input(cfg, model)

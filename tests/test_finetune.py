@@ -216,10 +216,13 @@ def test_load_init_errors_are_one_clear_line(init_sources, tmp_path):
   with pytest.raises(UserError, match="activation is quick_gelu"):
     pretrained.load_init(init_sources["open_clip.pt"], target, model.config, model_name="ViT-Tiny-quickgelu")
   quick = clip_jax.create_model("ViT-Tiny-quickgelu")  # the HF directory's config.json says gelu
-  with pytest.raises(UserError, match=r"activation is gelu \(from .*/hf/config.json\), but the configured model uses "
-                     "quick_gelu"):
+  # A directory states its architecture, the activation included: any difference is one line with the
+  # argument that matches (tests/test_init_architecture.py).
+  with pytest.raises(UserError, match=r"/hf/config.json states another architecture than the configured model .*"
+                     r"act 'gelu' in the checkpoint, 'quick_gelu' configured.*"
+                     r"--config.model.overrides=\{'act': 'gelu'\}"):
     pretrained.load_init(init_sources["hf"], _target(quick), quick.config)
-  with pytest.raises(UserError, match="clip_config.json"):
+  with pytest.raises(UserError, match="clip_config.json states another architecture.*act 'gelu' in the checkpoint"):
     pretrained.load_init(init_sources["workdir"], _target(quick), quick.config)
   wide = tmp_path / "wide.pt"
   torch.save(_tiny_open_clip_like_vit_tiny(vision_width=128).state_dict(), wide)
