@@ -636,6 +636,21 @@ def export_openai_state_dict(module: CLIP, variables: dict[str, Any]) -> dict[st
   return state
 
 
+def resolve_checkpoint_path(path: str) -> str:
+  """A checkpoint path as users pass it -> the path to read: open_clip's 'local-dir:DIR' prefix dropped,
+  a Hugging Face cache folder at its refs/main snapshot (`hub_cache_snapshot`). Every command resolves
+  --checkpoint with it before looking at the path (is it a folder, does it hold a tokenizer)."""
+  return hub_cache_snapshot(path[len("local-dir:"):] if path.startswith("local-dir:") else path)
+
+
+def check_checkpoint_exists(path: str, flag: str = "--checkpoint") -> None:
+  """Raises clip_jax.cli.MissingPathError (one line, a FileNotFoundError) unless the resolved `path`
+  exists; a hub id is named as such (`missing_checkpoint_line`)."""
+  from clip_jax.cli import MissingPathError
+  if not os.path.exists(resolve_checkpoint_path(path)):
+    raise MissingPathError(f"{flag} {missing_checkpoint_line(path)}")
+
+
 def hub_cache_snapshot(path: str) -> str:
   """A Hugging Face cache folder of one repository (models--OWNER--NAME, with refs/ and snapshots/) ->
   the snapshot its refs/main names (the files transformers and open_clip would load); any other path
@@ -680,7 +695,7 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
     from clip_jax.resize import resize_model
     return resize_model(*load_checkpoint(path, model_name=model_name, act=act, variant=variant,
                                          warn_assumed=warn_assumed, **module_kwargs), image_size)
-  path = hub_cache_snapshot(path[len("local-dir:"):] if path.startswith("local-dir:") else path)  # open_clip's prefix
+  path = resolve_checkpoint_path(path)
   if not os.path.exists(path):
     raise FileNotFoundError(missing_checkpoint_line(path))
   if os.path.isdir(path):

@@ -469,9 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 frame_every=args.frame_every)
   if not args.prompt.strip():
     raise cli.UserError("--prompt is empty; give the text to draw, e.g. --prompt 'a drawing of a cat'.")
+  from clip_jax.convert import check_checkpoint_exists
   for path in args.checkpoint:
-    if not os.path.exists(path):
-      raise cli.MissingPathError(f"--checkpoint {path}: no such file or directory.")
+    check_checkpoint_exists(path)
   cli.make_out_dir(args.out)  # before loading: a file there was found only after the checkpoints had loaded
   # What makes this drawing: the same command on the same --out resumes a stopped run, and says a finished one is.
   command = {"prompt": args.prompt, "negative": args.negative, "checkpoints": args.checkpoint, "seed": args.seed,

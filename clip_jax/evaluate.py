@@ -182,6 +182,8 @@ def infer_model_name(config) -> str | None:
 
 def _tokenizer_spec(spec: str | None, checkpoint: str) -> str:
   """--tokenizer, else a Hugging Face directory's own tokenizer, else OpenAI's CLIP BPE ('clip')."""
+  from clip_jax.convert import resolve_checkpoint_path
+  checkpoint = resolve_checkpoint_path(checkpoint)
   if spec is None and os.path.isdir(checkpoint) and (
       os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) or
       all(os.path.isfile(os.path.join(checkpoint, f)) for f in ("vocab.json", "merges.txt"))):
@@ -453,8 +455,9 @@ def add_architecture_flags(parser: argparse.ArgumentParser, what: str = "", appl
 def load_model(path: str, model_name: str | None, act: str | None):
   """load_checkpoint with the CLI's architecture flags; a bare state dict takes them, Hugging Face
   directories and workdirs carry their own (--act there is an error, --model-name only a paper row)."""
-  from clip_jax.convert import load_checkpoint
+  from clip_jax.convert import load_checkpoint, resolve_checkpoint_path
   from clip_jax.models.configs import MODEL_CONFIGS
+  path = resolve_checkpoint_path(path)  # local-dir:DIR and hub cache folders are folders too
   if os.path.isdir(path):
     if act is not None:
       raise ValueError(f"--act applies to bare state-dict files; {path} is a directory whose config names "

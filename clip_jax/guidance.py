@@ -296,8 +296,8 @@ def load_guide(checkpoint: str, tokenizer: str | None = None, model_name: str | 
   (`evaluate.load_model`: a directory with --act, or an unknown name, is a ValueError). Raises
   FileNotFoundError for a missing path and CheckpointError (a ValueError) for one that is not a CLIP
   checkpoint."""
-  if not os.path.exists(checkpoint):
-    raise FileNotFoundError(f"{checkpoint}: no such checkpoint (a CLIP file, Hugging Face directory or training workdir).")
+  from clip_jax.convert import check_checkpoint_exists
+  check_checkpoint_exists(checkpoint)  # a MissingPathError, a FileNotFoundError
   from clip_jax.evaluate import _tokenizer  # the same rule as evaluation: a directory's own tokenizer first
   from clip_jax.evaluate import load_model
   model, variables = load_model(checkpoint, model_name, act)

@@ -292,9 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise UserError(f"--steps must be at least 1, got {args.steps}.")
   if args.max_side < 0:
     raise UserError(f"--max-side must be 0 (keep the size) or a number of pixels, got {args.max_side}.")
-  for path, flag in ((args.model, "--model"), (args.clip, "--clip")):
-    if not os.path.exists(path):
-      raise MissingPathError(f"{flag} {path}: no such file or directory.")
+  if not os.path.exists(args.model):
+    raise MissingPathError(f"--model {args.model}: no such file or directory.")
+  from clip_jax.convert import check_checkpoint_exists
+  check_checkpoint_exists(args.clip, "--clip")
   make_out_dir(args.out)  # before the work: a file there was found only when writing the results
   from dreambooth_jax.sampling import pipeline as sd
   pipe = as_user_errors(sd.load_pipeline, args.model)

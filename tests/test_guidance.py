@@ -166,5 +166,7 @@ def test_bad_input_gets_one_clear_line(tiny, tmp_path):
                            augment=guidance.NO_AUGMENTATION)
   with pytest.raises(ValueError, match="prompt '' is empty"):
     guidance.encode_prompts(model, variables, clip_jax.get_tokenizer("clip", context_length=32), ["a cat", ""])
-  with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+  with pytest.raises(FileNotFoundError, match="missing.pt: no such file or directory"):
     guidance.load_guide(str(tmp_path / "missing.pt"))
+  with pytest.raises(FileNotFoundError, match="hub id, nothing is downloaded here"):
+    guidance.load_guide("openai/clip-vit-base-patch32")

@@ -531,6 +531,13 @@ def test_hub_ids_cache_folders_and_open_clip_prefixes_as_users_pass_them(tmp_pat
   assert convert.hub_cache_snapshot(str(tmp_path)) == str(tmp_path)
   with pytest.raises(FileNotFoundError, match="local-dir-gone: no such file"):  # open_clip's prefix is read
     convert.load_checkpoint(f"local-dir:{tmp_path}/local-dir-gone")
+  # Resolved before anything looks at the path: a folder's own tokenizer, --act refused on a folder.
+  from clip_jax import evaluate
+  (cache / "snapshots" / "abc123" / "tokenizer.json").write_text("{}")
+  for given in (str(cache), f"local-dir:{cache / 'snapshots' / 'abc123'}"):
+    assert evaluate._tokenizer_spec(None, given) == str(cache / "snapshots" / "abc123")
+    with pytest.raises(ValueError, match="--act applies to bare state-dict files"):
+      evaluate.load_model(given, None, "gelu")
 
 
 @pytest.mark.slow
