@@ -372,10 +372,17 @@ def state_from_arrays(arrays: dict[str, np.ndarray], settings: DrawSettings, num
     if got is None or got.shape != leaf.shape or got.dtype != leaf.dtype:
       raise ValueError(f"the resume state's {name} is {None if got is None else (got.shape, str(got.dtype))}; "
                        f"these settings make {(leaf.shape, str(leaf.dtype))}.")
+  missing = [name for name in ("frame_steps", "frames", "step", "losses") if name not in arrays]
+  if missing:
+    raise ValueError(f"the resume state has no {', '.join(missing)}; remove it to start again from step 0.")
+  step, losses = int(arrays["step"]), arrays["losses"]
+  if not 0 <= step <= settings.steps or losses.shape != (step, rows):  # draw() checks it too, as a bug
+    raise ValueError(f"the resume state of {step} steps has losses {losses.shape}; these settings make "
+                     f"{settings.steps} steps of {rows} drawings. Remove it to start again from step 0.")
   strokes = Strokes(*(arrays[name] for name in Strokes._fields))
   opt_state = jax.tree_util.tree_unflatten(treedef, [arrays[f"opt_{i:03d}"] for i in range(len(leaves))])
   frames = [(int(step), images) for step, images in zip(arrays["frame_steps"], arrays["frames"])]
-  return DrawState(int(arrays["step"]), strokes, opt_state, arrays["losses"]), frames
+  return DrawState(step, strokes, opt_state, losses), frames
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -245,6 +245,10 @@ def test_a_stopped_draw_resumed_from_its_state_file_equals_an_unstopped_one(tmp_
     np.testing.assert_array_equal(draw.to_uint8(a), draw.to_uint8(b))
   with pytest.raises(ValueError, match="these settings make"):  # a state of other settings is refused
     draw.state_from_arrays(arrays, dataclasses.replace(settings, num_strokes=3), 1)
+  with pytest.raises(ValueError, match="these settings make 3 steps of 2 drawings"):  # fewer steps than it holds
+    draw.state_from_arrays(arrays, dataclasses.replace(settings, steps=3), 1)
+  with pytest.raises(ValueError, match="the resume state has no losses"):  # was a KeyError traceback
+    draw.state_from_arrays({k: v for k, v in arrays.items() if k != "losses"}, settings, 1)
   (tmp_path / "cut.npz").write_bytes(open(path, "rb").read()[:100])
   with pytest.raises(ValueError, match="cut.npz is not a drawing's resume state"):
     draw.read_state_file(str(tmp_path / "cut.npz"))
