@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from clip_jax import sharding
-from clip_jax.cli import MissingPathError, UserError
+from clip_jax.cli import UserError
 from clip_jax.models.configs import MODEL_CONFIGS, CLIPConfig
 from clip_jax.weights import CheckpointError
 
@@ -279,8 +279,9 @@ def load_init(path: str, target: Mapping[str, Any], model_config: CLIPConfig, *,
   init.model_name or an activation other than the configured model's; CheckpointError for a file
   that is not a CLIP checkpoint or a parameter of another shape. All before any compilation.
   """
-  if not os.path.exists(path):
-    raise MissingPathError(f"init.checkpoint {path}: no such file or directory.")
+  from clip_jax.convert import check_checkpoint_exists, resolve_checkpoint_path
+  check_checkpoint_exists(path, "init.checkpoint")  # a hub id is named as one
+  path = resolve_checkpoint_path(path)  # local-dir:DIR, a hub cache folder's snapshot
   act = stated_act(model_name, act)
   if act:
     check_act(act, model_config.act, "as init.act / init.model_name state")

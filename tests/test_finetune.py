@@ -208,6 +208,8 @@ def test_load_init_errors_are_one_clear_line(init_sources, tmp_path):
   from clip_jax.weights import CheckpointError
   model = clip_jax.create_model("ViT-Tiny")
   target = _target(model)
+  with pytest.raises(MissingPathError, match="init.checkpoint openai/clip-vit-base-patch32: no such file or directory; if it is a Hugging Face hub id"):
+    pretrained.load_init("openai/clip-vit-base-patch32", {}, None)
   with pytest.raises(MissingPathError, match="init.checkpoint /nonexistent.pt: no such file or directory"):
     pretrained.load_init("/nonexistent.pt", target, model.config)
   with pytest.raises(UserError, match=r"activation is quick_gelu \(as init.act / init.model_name state\), but the "
