@@ -109,6 +109,8 @@ def parse_task(text: str) -> Task:
                      f"{', '.join(['coco_captions', 'flickr30k'])}, a caption file (.jsonl/.csv), "
                      "ArrayRecord shards, or tfds:NAME.")
   info = find_dataset(name)
+  from clip_jax.eval.zeroshot import check_not_two_datasets
+  check_not_two_datasets(name, data, info, find_dataset(data) if data else None)
   task_name = info.name if info else name
   if info is None and data is not None and find_dataset(data) is not None:
     # NAME=DATASET (myin=imagenet): the known dataset (its data, class names, prompts and splits) under

@@ -320,6 +320,11 @@ def test_a_known_name_reads_its_zero_shot_split_in_training_as_in_evaluate(tmp_p
     assert (task.dataset, task.source, task.test_split) == (source.name, source.dataset.source, source.split)
     assert (task.class_names, task.templates) == (source.dataset.class_names, source.dataset.templates)
   assert evaluate.parse_task("linear_probe:mine=cifar10").train_split == "train"
+  for refuse in (lambda: evaluate.parse_task("zeroshot:cifar10=cifar100"),
+                 lambda: zeroshot.zeroshot_sources({"source": "cifar10=tfds:cifar100"})):
+    with pytest.raises(ValueError, match=r"names two known datasets \(cifar10 and cifar100\)"):
+      refuse()
+  assert zeroshot.zeroshot_sources({"source": "cifar10=tfds:cifar10"})[0].dataset.name == "cifar10"  # the same one
   cfg.zeroshot_eval.enabled = True  # the trainer's closing evaluate hint names that probe too
   assert zeroshot.evaluate_tasks(cfg) == ["zeroshot:mine=cifar10", "linear_probe:mine=cifar10"]
 

@@ -294,6 +294,14 @@ def data_name(spec: str) -> str:
   return "data"
 
 
+def check_not_two_datasets(name: str, data: str, name_info: DatasetInfo | None, data_info: DatasetInfo | None) -> None:
+  """Raises ValueError for NAME=DATA naming two different known datasets (cifar10=cifar100: the first's
+  class names on the second's labels, found only at the first evaluation otherwise)."""
+  if name_info is not None and data_info is not None and name_info.name != data_info.name:
+    raise ValueError(f"{name}={data} names two known datasets ({name_info.name} and {data_info.name}); give one, "
+                     f"or another NAME for {data_info.name} (e.g. my{data_info.name}={data}).")
+
+
 @dataclasses.dataclass(frozen=True)
 class ZeroShotSource:
   """One entry of `zeroshot_eval.source`, parsed (`zeroshot_sources`)."""
@@ -327,6 +335,7 @@ def zeroshot_sources(zeroshot_eval) -> list[ZeroShotSource]:
     name, data = named_source(spec)
     data_info = find_dataset(data)
     name_info = find_dataset(name) if data != spec.strip() else None  # NAME=DATA: named_source split it
+    check_not_two_datasets(name, data, name_info, data_info)
     dataset = name_info or data_info
     parsed.append(ZeroShotSource(
         name=name, data=data, dataset=dataset, own_data=not (data_info is not None and data_info.name == name),
