@@ -199,9 +199,11 @@ def _host_variables(path: str, model_config: CLIPConfig, model_name: str | None,
     # for a model of its own would mislead here; say what happens instead.
     ckpt_model, variables = load_checkpoint(path, act=act or model_config.act, warn_assumed=False)
     if jax.process_index() == 0:
-      print(f"init.checkpoint {path}: a bare state dict, which does not state its activation or attention heads; "
-            f"its weights go into the configured model ({model_config.act}, {model_config.vision.heads} image and "
-            f"{model_config.text.heads} text heads).", flush=True)
+      what = (f"read with init.act's activation ({act}); it does not state its attention heads" if act else
+              "which does not state its activation or attention heads")
+      print(f"init.checkpoint {path}: a bare state dict, {what}; its weights go into the configured model "
+            f"({model_config.act}, {model_config.vision.heads} image and {model_config.text.heads} text heads).",
+            flush=True)
   ckpt_vision, vision = ckpt_model.config.vision, model_config.vision
   if (ckpt_vision.image_size != vision.image_size and ckpt_vision.patch_size == vision.patch_size
       and ckpt_vision.is_resnet == vision.is_resnet):

@@ -196,6 +196,9 @@ def test_load_init_is_bitwise_and_sharded(init_sources, kind, capsys, caplog):
   if kind == "open_clip.pt":  # what the file does not state is said as what happens, not as convert's guess
     assert "its weights go into the configured model (gelu, 1 image and 2 text heads)" in capsys.readouterr().out
     assert "assumed" not in caplog.text
+    pretrained.load_init(init_sources[kind], target, model.config, act="gelu")  # init.act given: said as given
+    assert "a bare state dict, read with init.act's activation (gelu); it does not state its attention heads" in \
+        capsys.readouterr().out
   flat_target = traverse_util.flatten_dict(target)
   for key, want in traverse_util.flatten_dict(init_sources["variables"]).items():
     assert loaded[key].sharding == flat_target[key].sharding, key
