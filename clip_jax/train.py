@@ -270,6 +270,9 @@ def build_input(cfg, model: CLIP):
   if jax.process_index() == 0:
     line, warning = describe_training_data(len(source), cfg.global_batch, cfg.total_steps, repr(source))
     print(line, flush=True)
+    if getattr(source, "templated_captions", lambda: False)():  # class folders, label tables, tars with cls
+      print(f"Captions: the class name in {len(source.templates)} templates, one drawn per example "
+            f"({', '.join(repr(t) for t in source.templates[:2])}, ...).", flush=True)
     if warning:
       logging.warning(warning)
   dataset = clip_data.make_pipeline(source, tokenizer, batch_size=per_process, image_size=image_size, train=True,

@@ -383,6 +383,12 @@ def test_the_trainer_says_how_big_its_data_is_and_refuses_bad_data_in_one_line(t
   out = capsys.readouterr().out
   assert "Training data: 1 record (CaptionFileSource(" in out and "4 steps x 16 = 64 examples, 64 epochs." in out
   assert "holds 1 record, fewer than the global batch of 16: every batch repeats records" in caplog.text
+  assert "Captions:" not in out  # a caption table's own
+  for cls in ("circle", "square"):  # class folders train on their names in templates: said so
+    os.makedirs(tmp_path / "classes" / cls)
+    (tmp_path / "classes" / cls / "0.png").write_bytes(_png_bytes(0))
+  trainer.build_input(_tiny_config(**{"data.source": str(tmp_path / "classes")}), model)
+  assert "Captions: the class name in 5 templates, one drawn per example ('a photo of a {}.', " in capsys.readouterr().out
   assert trainer.describe_training_data(1000, 16, 125)[1] is None
   assert trainer.describe_training_data(1000, 16, 125)[0].endswith("2,000 examples, 2 epochs.")
   # Mistakes in the data are cli.UserErrors (one line, exit 2), not tracebacks.

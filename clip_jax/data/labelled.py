@@ -118,6 +118,10 @@ class LabelledFiles:
   def __len__(self) -> int:
     return len(self._entries)
 
+  def templated_captions(self) -> bool:
+    """Whether records are captioned from `templates` of their class name (no caption of their own)."""
+    return self._captions is None and not getattr(self, "has_captions", False)
+
   def record_key(self, index: int) -> str:
     """The record's name (its path below the root, or tar/key), without reading it; bytes of a file
     name that are not UTF-8 written as \\xNN."""
