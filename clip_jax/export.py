@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def check_destination(out: str, fmt: str, overwrite: bool) -> None:
+  """Raises clip_jax.cli.UserError for an unknown `fmt`, an openai `out` not named .safetensors, or an
+  existing `out` without `overwrite`."""
+  from clip_jax.cli import UserError
+  if fmt not in FORMATS:
+    raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+  if fmt == "openai" and not out.endswith(".safetensors"):
+    raise UserError(f"--out {out}: an openai export is one file; name it NAME.safetensors.")
+  if os.path.lexists(out) and not overwrite:
+    raise UserError(f"--out {out} exists; choose another path or pass --overwrite.")
+
+
 def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None = None, act: str | None = None,
            tokenizer: str | None = None, overwrite: bool = False) -> str:
   """Writes `checkpoint` to `out` in `fmt` ('hf', 'openai' or 'open_clip'); returns `out`. Raises
@@ -59,14 +71,8 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
   ResNet CLIP asked for 'hf'; FileNotFoundError / CheckpointError (a ValueError) from loading, and a
   ValueError for `act` with a directory or an unknown `model_name` (`evaluate.load_model`, the rule
   of every command that takes --model-name / --act)."""
-  from clip_jax.cli import UserError
   from clip_jax.evaluate import _tokenizer, load_model
-  if fmt not in FORMATS:
-    raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
-  if fmt == "openai" and not out.endswith(".safetensors"):
-    raise UserError(f"--out {out}: an openai export is one file; name it NAME.safetensors.")
-  if os.path.lexists(out) and not overwrite:
-    raise UserError(f"--out {out} exists; choose another path or pass --overwrite.")
+  check_destination(out, fmt, overwrite)  # before the (slow) load
   module, variables = load_model(checkpoint, model_name, act)
   return export_model(module, variables, out, fmt,
                       tokenizer=_tokenizer(tokenizer, checkpoint, module.config.text.context_length),
@@ -81,12 +87,7 @@ def export_model(module, variables, out: str, fmt: str = "hf", *, tokenizer=None
   from clip_jax.cli import UserError
   from clip_jax.convert import export_hf, export_open_clip, export_openai_state_dict, openai_layout_note
   from clip_jax.weights import save_safetensors
-  if fmt not in FORMATS:
-    raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
-  if fmt == "openai" and not out.endswith(".safetensors"):
-    raise UserError(f"--out {out}: an openai export is one file; name it NAME.safetensors.")
-  if os.path.lexists(out) and not overwrite:
-    raise UserError(f"--out {out} exists; choose another path or pass --overwrite.")
+  check_destination(out, fmt, overwrite)
   if fmt == "hf" and module.config.vision.is_resnet:
     raise UserError(f"{name} has a ResNet image tower, which transformers' CLIPModel cannot hold: "
                     "export it with --format open_clip or --format openai.")
