@@ -152,6 +152,17 @@ def write_model_config(workdir: str, model_config) -> None:
       json.dump(model_config.to_dict(), f, indent=2)
 
 
+def step_folder(path: str) -> tuple[str, int] | None:
+  """(workdir, step) for WORKDIR/checkpoints/STEP of a training workdir (one with its model config),
+  else None: such a folder stands for that step's checkpoint wherever a checkpoint is taken."""
+  parent, name = os.path.split(os.path.normpath(path))
+  workdir = os.path.dirname(parent)
+  if name.isdigit() and os.path.basename(parent) == "checkpoints" and os.path.isfile(
+      os.path.join(workdir, MODEL_CONFIG_FILE)):
+    return workdir, int(name)
+  return None
+
+
 def load_workdir(workdir: str, step: int | None = None, **module_kwargs):
   """(module, variables) from a training workdir's newest restorable (or the given) checkpoint, on
   this process's first device, whatever device count or mesh wrote it."""

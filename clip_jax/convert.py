@@ -707,12 +707,10 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
       return load_hf_directory(path, variant=variant, **module_kwargs)
     if os.path.exists(os.path.join(path, "open_clip_config.json")):
       return load_open_clip_directory(path, **module_kwargs)
-    from clip_jax.checkpoint import MODEL_CONFIG_FILE, load_workdir  # Training workdirs: orbax + the model config.
-    parent, name = os.path.split(os.path.normpath(path))
-    workdir = os.path.dirname(parent)
-    if name.isdigit() and os.path.basename(parent) == "checkpoints" and os.path.isfile(
-        os.path.join(workdir, MODEL_CONFIG_FILE)):  # WORKDIR/checkpoints/STEP: that step's checkpoint
-      return load_workdir(workdir, step=int(name), **module_kwargs)
+    from clip_jax.checkpoint import load_workdir, step_folder  # Training workdirs: orbax + the model config.
+    step = step_folder(path)  # WORKDIR/checkpoints/STEP: that step's checkpoint
+    if step is not None:
+      return load_workdir(step[0], step=step[1], **module_kwargs)
     return load_workdir(path, **module_kwargs)
   state = load_state_dict(path)
   if any(k.startswith(("vision_model.", "text_model.")) for k in state):

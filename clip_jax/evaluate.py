@@ -109,13 +109,14 @@ def parse_task(text: str) -> Task:
                      f"{', '.join(['coco_captions', 'flickr30k'])}, a caption file (.jsonl/.csv), "
                      "ArrayRecord shards, or tfds:NAME.")
   info = find_dataset(name)
+  data_info = find_dataset(data) if data else None
   from clip_jax.eval.zeroshot import check_not_two_datasets
-  check_not_two_datasets(name, data, info, find_dataset(data) if data else None)
+  check_not_two_datasets(name, data, info, data_info)
   task_name = info.name if info else name
-  if info is None and data is not None and find_dataset(data) is not None:
+  if info is None and data_info is not None:
     # NAME=DATASET (myin=imagenet): the known dataset (its data, class names, prompts and splits) under
     # the user's NAME, as the trainer's zero-shot hook reads it (zeroshot.zeroshot_sources).
-    info, data = find_dataset(data), None
+    info, data = data_info, None
   if info is None:
     if name.startswith("tfds:"):
       return Task(kind, name[len("tfds:"):], data or name, "test", "train")

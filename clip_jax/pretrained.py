@@ -80,7 +80,7 @@ def stated_config(path: str) -> tuple[CLIPConfig, str] | None:
   its WORKDIR/checkpoints/STEP's) clip_config.json; None for a file (a bare state dict states none) or a config that does not read
   (the load that follows says what is wrong with it). Reads the config alone, not the weights."""
   from clip_jax import convert
-  from clip_jax.checkpoint import MODEL_CONFIG_FILE
+  from clip_jax.checkpoint import MODEL_CONFIG_FILE, step_folder
   if not os.path.isdir(path):
     return None
   hf, oc, own = (os.path.join(path, name) for name in ("config.json", "open_clip_config.json", MODEL_CONFIG_FILE))
@@ -92,9 +92,9 @@ def stated_config(path: str) -> tuple[CLIPConfig, str] | None:
     if os.path.isfile(oc):
       with open(oc) as f:
         return convert.config_from_open_clip(json.load(f).get("model_cfg") or {}), oc
-    parent, name = os.path.split(os.path.normpath(path))
-    if not os.path.isfile(own) and name.isdigit() and os.path.basename(parent) == "checkpoints":
-      own = os.path.join(os.path.dirname(parent), MODEL_CONFIG_FILE)  # WORKDIR/checkpoints/STEP: that workdir's
+    step = step_folder(path)
+    if not os.path.isfile(own) and step is not None:
+      own = os.path.join(step[0], MODEL_CONFIG_FILE)  # WORKDIR/checkpoints/STEP: that workdir's
     if os.path.isfile(own):
       with open(own) as f:
         return CLIPConfig.from_dict(json.load(f)), own
@@ -104,16 +104,15 @@ def stated_config(path: str) -> tuple[CLIPConfig, str] | None:
 
 
 def _fields(config: CLIPConfig) -> dict[str, Any]:
-  """'vision.head_width' -> value, for every field of the config. Pooling at the end token when it
-  is the vocabulary's last (a Hugging Face config states 49407) is argmax pooling (None): the same token."""
+  """'vision.head_width' -> value, for every field of the config; the end token as `TextConfig.pooling_token`
+  (a Hugging Face config's 49407 is argmax pooling: the same token)."""
   flat = {}
   for key, value in config.to_dict().items():
     if isinstance(value, dict):
       flat.update({f"{key}.{name}": v for name, v in value.items()})
     else:
       flat[key] = value
-  if flat["text.eot_token_id"] == config.text.vocab_size - 1:
-    flat["text.eot_token_id"] = None
+  flat["text.eot_token_id"] = config.text.pooling_token
   return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 

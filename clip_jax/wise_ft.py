@@ -48,9 +48,7 @@ def _config_differences(a, b, prefix: str = "") -> list[str]:
     if dataclasses.is_dataclass(x):
       out += _config_differences(x, y, f"{prefix}{field.name}.")
     elif x != y and field.name not in ("init_logit_scale",):  # an init value, not the architecture
-      if field.name == "eot_token_id" and {x, y} == {None, a.vocab_size - 1}:
-        # Pooling at the first end token (a Hugging Face config states its id) or at argmax(token id)
-        # (OpenAI's rule): the same token when the end token has the largest id.
+      if field.name == "eot_token_id" and a.pooling_token == b.pooling_token:  # the same token
         continue
       out.append(f"{prefix}{field.name} {x} vs {y}")
   return out

@@ -47,6 +47,12 @@ class TextConfig:
   # has the largest id, which added tokens break.
   eot_token_id: int | None = None
 
+  @property
+  def pooling_token(self) -> int | None:
+    """eot_token_id with the vocabulary's last id as None: both pool at the same token, so two configs
+    that differ only there compute the same model (a Hugging Face config states 49407)."""
+    return None if self.eot_token_id == self.vocab_size - 1 else self.eot_token_id
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
