@@ -437,16 +437,12 @@ def settings_record(settings: DrawSettings) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(settings)))
 
 
-def command_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
-  """'key old -> new' for every entry of two JSON records that differs (nested keys dotted)."""
-  changes = []
-  for key in sorted(set(before) | set(now)):
-    old, new = before.get(key), now.get(key)
-    if isinstance(old, dict) and isinstance(new, dict):
-      changes += command_changes(old, new, f"{prefix}{key}.")
-    elif old != new:
-      changes.append(f"{prefix}{key} {old!r} -> {new!r}")
-  return changes
+def command_changes(before: dict, now: dict) -> list[str]:
+  """'key old -> new' for every entry of two JSON records that differs (nested keys dotted), by the
+  trainers' rule for a changed configuration (`loop.config_changes`)."""
+  from clip_jax import loop
+  changes = loop.config_changes(loop.flatten_config(before), loop.flatten_config(now))
+  return [f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()]
 
 
 def finished_drawing(out: str, command: dict) -> dict | None:
