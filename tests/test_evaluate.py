@@ -169,6 +169,23 @@ def test_zeroshot_metrics_equal_numpy():
   assert matrix[labels[0], predictions[0]] == np.sum((labels == labels[0]) & (predictions == predictions[0]))
 
 
+def test_percentages_of_whole_counts_are_the_correctly_rounded_decimals():
+  # 7 of 50 right is 14.0 in results.json and the tables, not 100 * mean = 14.000000000000002.
+  labels = np.zeros(50, np.int64)
+  predictions = np.where(np.arange(50) < 7, 0, 1)
+  classifier = np.eye(2, dtype=np.float32)
+  image_emb = classifier[predictions]
+  metrics, _ = zeroshot.classify(image_emb, classifier, labels, top_k=(1,))
+  assert repr(metrics["top1"]) == "14.0" and repr(metrics["mean_per_class"]) == "14.0"
+  assert repr(linear_probe._score(labels, predictions, "top1")) == "14.0"
+  assert zeroshot.percent(np.array([0.5, 0.25, 1.0, 0.0])) == 43.75  # retrieval's tie expectations
+  image_emb = np.eye(50, dtype=np.float32)
+  shifted = np.concatenate([np.arange(7), 7 + (np.arange(7, 50) - 6) % 43])  # texts 7.. name the next image
+  text_emb = image_emb[shifted]
+  found = retrieval.retrieval_metrics(image_emb, text_emb, np.arange(50))
+  assert repr(found["image_to_text/R@1"]) == repr(found["text_to_image/R@1"]) == "14.0"
+
+
 def test_retrieval_metrics_equal_numpy():
   rng = np.random.default_rng(1)
   n, d = 40, 12

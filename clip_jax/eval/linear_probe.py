@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from clip_jax.eval import embed
-from clip_jax.eval.zeroshot import mean_per_class_accuracy
+from clip_jax.eval.zeroshot import mean_per_class_accuracy, percent
 
 START_LOG10_C = (-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0)
 FINEST_STEP = 1.0 / 8   # 8 steps per decade: the paper's 96 log-spaced values over [1e-6, 1e6]
@@ -43,7 +43,7 @@ class ProbeResult:
 def _score(labels: np.ndarray, predictions: np.ndarray, metric: str) -> float:
   if metric == "mean_per_class":
     return mean_per_class_accuracy(labels, predictions)
-  return 100.0 * float(np.mean(predictions == labels))
+  return percent(predictions == labels)
 
 
 # Below this many multiply-adds per L-BFGS step, BLAS runs on one thread: for small fits its

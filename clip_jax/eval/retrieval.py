@@ -24,6 +24,7 @@ from absl import logging
 from clip_jax.data.captioned import CaptionFileSource  # noqa: F401
 from clip_jax.data.sources import open_source
 from clip_jax.eval import embed
+from clip_jax.eval.zeroshot import percent
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -109,9 +110,9 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: n
   image_found = image_found[:, has_caption]
   metrics = {}
   for i, k in enumerate(ks):
-    metrics[f"image_to_text/R@{k}"] = 100.0 * float(np.mean(image_found[i]))
+    metrics[f"image_to_text/R@{k}"] = percent(image_found[i])
   for i, k in enumerate(ks):
-    metrics[f"text_to_image/R@{k}"] = 100.0 * float(np.mean(text_found[i]))
+    metrics[f"text_to_image/R@{k}"] = percent(text_found[i])
   return metrics
 
 

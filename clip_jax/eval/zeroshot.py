@@ -96,17 +96,24 @@ def classify(image_emb: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
   metrics = {}
   for k in top_k:
     if k == 1:
-      metrics["top1"] = 100.0 * float(np.mean(predictions == labels))
+      metrics["top1"] = percent(predictions == labels)
     elif k <= num_classes:
-      metrics[f"top{k}"] = 100.0 * float(np.mean(ranks < k))
+      metrics[f"top{k}"] = percent(ranks < k)
   metrics["mean_per_class"] = mean_per_class_accuracy(labels, predictions)
   return metrics, predictions
 
 
+def percent(hits: np.ndarray) -> float:
+  """100 x the mean of `hits` [n] (booleans, or fractions in [0, 1]), as 100 * sum / n: whole counts
+  then give the correctly rounded percentage (7 of 50 is 14.0, where 100 * mean is 14.000000000000002)."""
+  hits = np.asarray(hits)
+  return 100.0 * float(np.sum(hits, dtype=np.float64)) / max(hits.size, 1)
+
+
 def mean_per_class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
   """The mean over the classes present in `labels` of each class's recall, in percent."""
-  recalls = [np.mean(predictions[labels == c] == c) for c in np.unique(labels)]
-  return 100.0 * float(np.mean(recalls))
+  per_class = [percent(predictions[labels == c] == c) for c in np.unique(labels)]
+  return float(np.sum(per_class)) / max(len(per_class), 1)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
