@@ -44,7 +44,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # as the t
 # collection order (pyproject's addopts turn off xdist's reordering by test count, which put files of
 # few, long tests last): longest first keeps one long file from running alone at the end.
 LONGEST_FILES_FIRST = (
-    "test_dreambooth.py", "test_train.py", "test_rerun.py", "test_dreambooth_embedded.py", "test_launch.py",
+    "test_dreambooth.py", "test_train.py", "test_rerun.py", "test_dreambooth_embedded.py",
+    "test_dreambooth_table3_smoke.py", "test_launch.py",
     "test_models.py", "test_dreambooth_training.py", "test_dreambooth_multiprocess.py", "test_slurm.py",
     "test_sd_models.py", "test_cli_errors.py", "test_finetune.py", "test_fast_attention.py", "test_schedulers.py",
     "test_results_files.py", "test_styleclip.py", "test_losses.py", "test_dreambooth_evaluate.py",
