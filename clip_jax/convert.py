@@ -643,6 +643,58 @@ def resolve_checkpoint_path(path: str) -> str:
   return hub_cache_snapshot(path[len("local-dir:"):] if path.startswith("local-dir:") else path)
 
 
+def checkpoint_tokenizer(checkpoint: str | None, spec: str | None = None, *,
+                         option: str = "--tokenizer DIR") -> tuple[str, str | None]:
+  """(the tokenizer spec for a model from `checkpoint`, the line to say or None): the one rule of
+  evaluation, training from init.checkpoint, export, draw and the rest. `spec` given (the user's
+  `option`, named in the lines) wins; else a folder's own tokenizer files (`tokenizer.tokenizer_files`:
+  a Hugging Face folder's tokenizer.json or vocab.json + merges.txt, a hub folder's, an export's); else
+  what a workdir of this project recorded (its config.json's data.tokenizer, or the rule on its own init.checkpoint);
+  else OpenAI's CLIP BPE ('clip'). A folder that states nothing about its tokenizer gets 'clip' with a
+  line saying it was assumed; a bare state-dict file is OpenAI's convention, said by nothing. An open_clip
+  folder whose open_clip_config.json names a Hugging Face tokenizer (text_cfg.hf_tokenizer_name) without
+  its files is a ValueError: nothing is downloaded here."""
+  from clip_jax.checkpoint import MODEL_CONFIG_FILE, step_folder
+  from clip_jax.tokenizer import tokenizer_files
+  if spec:
+    return spec, None
+  if not checkpoint:
+    return "clip", None
+  path = resolve_checkpoint_path(checkpoint)
+  if not os.path.isdir(path):
+    return "clip", None
+  if tokenizer_files(path):
+    return os.path.abspath(path), None  # absolute: a workdir's record is read from anywhere
+  named = None
+  try:
+    with open(os.path.join(path, "open_clip_config.json")) as f:
+      named = ((json.load(f).get("model_cfg") or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+  except (OSError, ValueError, AttributeError):
+    pass  # none, or unreadable: the loader says what it cannot read
+  if named:
+    raise ValueError(f"{path}/open_clip_config.json names the tokenizer {named!r} (text_cfg.hf_tokenizer_name), "
+                     f"but the folder holds no tokenizer files and nothing is downloaded here: download it "
+                     f"(huggingface-cli download {named} --local-dir DIR) and pass {option}, or copy its "
+                     "tokenizer.json into the folder.")
+  step = step_folder(path)
+  workdir = step[0] if step else path
+  if os.path.isfile(os.path.join(workdir, MODEL_CONFIG_FILE)):
+    try:
+      with open(os.path.join(workdir, "config.json")) as f:  # the run's config record (loop.CONFIG_FILE)
+        record = json.load(f)
+      data, init = record.get("data") or {}, record.get("init") or {}
+    except (OSError, ValueError, AttributeError):
+      data, init = {}, {}
+    if data.get("tokenizer"):
+      return data["tokenizer"], None
+    if init.get("checkpoint"):  # recorded before the trainer resolved it: the same rule on its start
+      return checkpoint_tokenizer(init["checkpoint"], option=option)
+    return "clip", None  # trained from scratch with the trainer's default
+  return "clip", (f"{path}: states no tokenizer and holds no tokenizer files (tokenizer.json, vocab.json + "
+                  f"merges.txt): assuming OpenAI's CLIP BPE ('clip'); if the model was trained with another, pass "
+                  f"{option}.")
+
+
 def check_checkpoint_exists(path: str, flag: str = "--checkpoint") -> None:
   """Raises clip_jax.cli.MissingPathError (one line, a FileNotFoundError) unless the resolved `path`
   exists; a hub id is named as such (`missing_checkpoint_line`)."""

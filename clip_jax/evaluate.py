@@ -52,6 +52,7 @@ if __name__ == "__main__":  # before jax is imported: XLA flags, allocator (clip
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -183,20 +184,30 @@ def infer_model_name(config) -> str | None:
   return None
 
 
-def _tokenizer_spec(spec: str | None, checkpoint: str) -> str:
-  """--tokenizer, else a Hugging Face directory's own tokenizer, else OpenAI's CLIP BPE ('clip')."""
-  from clip_jax.convert import resolve_checkpoint_path
-  checkpoint = resolve_checkpoint_path(checkpoint)
-  if spec is None and os.path.isdir(checkpoint) and (
-      os.path.isfile(os.path.join(checkpoint, "tokenizer.json")) or
-      all(os.path.isfile(os.path.join(checkpoint, f)) for f in ("vocab.json", "merges.txt"))):
-    spec = checkpoint  # a Hugging Face directory that carries its own tokenizer
-  return spec or "clip"
+def tokenizer_for(spec: str | None, checkpoint: str, context_length: int):
+  """(tokenizer, its spec) for a model read from `checkpoint`: --tokenizer, else the checkpoint's own
+  (`convert.checkpoint_tokenizer`, the rule training from init.checkpoint follows too: a folder's
+  tokenizer files, a workdir's recorded data.tokenizer, else 'clip'). When 'clip' is assumed for a
+  folder that states no tokenizer, says so in one line (once per process and folder)."""
+  from clip_jax.convert import checkpoint_tokenizer
+  from clip_jax.tokenizer import get_tokenizer
+  spec, note = checkpoint_tokenizer(checkpoint, spec)
+  if note:
+    _say_once(note)
+  return get_tokenizer(spec, context_length=context_length), spec
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(line: str) -> None:
+  """Prints `line` on process 0, once per process: WiSE-FT evaluates one folder's mixes many times."""
+  import jax
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
 def _tokenizer(spec: str | None, checkpoint: str, context_length: int):
-  from clip_jax.tokenizer import get_tokenizer
-  return get_tokenizer(_tokenizer_spec(spec, checkpoint), context_length=context_length)
+  """`tokenizer_for`'s tokenizer alone (export, draw, WiSE-FT, the prompt ablation)."""
+  return tokenizer_for(spec, checkpoint, context_length)[0]
 
 
 # ----------------------------------------------------------------------------- the three tasks
@@ -323,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--templates", metavar="FILE", help="prompt templates for zero-shot, one per line with "
                       "'{}' (or '{c}') for the class name; several are ensembled")
   parser.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's own)")
-  parser.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint directory's own, else 'clip')")
+  parser.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint folder's own tokenizer files, a "
+                      "workdir's training tokenizer, else 'clip', OpenAI's BPE, said when a folder states none)")
   parser.add_argument("--limit", type=int, help="evaluate only the first N examples of each split (a quick check)")
   parser.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
   parser.add_argument("--probe-features", default="pre_projection", choices=("pre_projection", "embedding"),
@@ -363,13 +375,14 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
   # Replicated weights: the image and text passes split only the batch.
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
   out_dir = args.out or (os.path.join(args.workdir, "eval") if args.workdir else "eval_results")
+  tokenizer, tokenizer_spec = tokenizer_for(args.tokenizer, path, model.config.text.context_length)
   ctx = dict(model=model, variables=variables, mesh=mesh, out_dir=out_dir, is_main=jax.process_index() == 0,
-             tokenizer=_tokenizer(args.tokenizer, path, model.config.text.context_length),
+             tokenizer=tokenizer,
              image_size=model.config.vision.image_size, batch_size=args.batch_size, data_dir=args.data_dir,
              limit=args.limit, num_workers=args.num_workers, probe_features=args.probe_features,
              val_fraction=args.val_fraction)
   meta = evaluation_settings(args, model, model_name, loaded[2] if loaded else path,
-                             _tokenizer_spec(args.tokenizer, path), None if loaded else _checkpoint_step(path))
+                             tokenizer_spec, None if loaded else _checkpoint_step(path))
   results = []
   try:
     _run_tasks(tasks, ctx, model_name, results)

@@ -14,9 +14,10 @@ the configured model's, heads and text pooling included, which no shape shows (`
 each differing field and the `--config.model.overrides=...` that matches; a new image size and the
 init temperature are free, so is a tower that `init.dont_load` starts fresh); every parameter has
 the configured shape (a bare state dict's shape error names the size overrides), the ViT grid
-embedding aside (a new image size resamples it, `clip_jax.resize`). `init.dont_load` (a regex over
-'/'-joined parameter paths, big_vision's `dont_load`) keeps the fresh initialisation for what it
-matches, e.g. '^text/' for LiT's text tower from scratch.
+embedding aside (a new image size resamples it, `clip_jax.resize`, said in one line). `init.dont_load`
+(a regex over '/'-joined parameter paths, big_vision's `dont_load`) keeps the fresh initialisation for
+what it matches, e.g. '^text/' for LiT's text tower from scratch. The run tokenizes with the init
+checkpoint's own tokenizer unless data.tokenizer names one (`training_tokenizer`).
 """
 from __future__ import annotations
 
@@ -186,7 +187,7 @@ def _host_variables(path: str, model_config: CLIPConfig, model_name: str | None,
                     act: str | None) -> tuple[CLIPConfig, dict[FlatKey, np.ndarray]]:
   """(the checkpoint's config, its flat variables as host arrays) at the configured image size."""
   from clip_jax.convert import load_checkpoint
-  from clip_jax.resize import resize_model
+  from clip_jax.resize import resize_model, resize_note
   if os.path.isdir(path):
     ckpt_model, variables = load_checkpoint(path)
     check_act(ckpt_model.config.act, model_config.act, f"from {path}/config.json")
@@ -206,6 +207,8 @@ def _host_variables(path: str, model_config: CLIPConfig, model_name: str | None,
   ckpt_vision, vision = ckpt_model.config.vision, model_config.vision
   if (ckpt_vision.image_size != vision.image_size and ckpt_vision.patch_size == vision.patch_size
       and ckpt_vision.is_resnet == vision.is_resnet):
+    if jax.process_index() == 0:
+      print(f"init.checkpoint {path}: {resize_note(ckpt_vision, vision.image_size)}", flush=True)
     ckpt_model, variables = resize_model(ckpt_model, variables, vision.image_size)
   flat = traverse_util.flatten_dict(jax.device_get(variables))
   return ckpt_model.config, {k: np.asarray(v) for k, v in flat.items()}
@@ -346,6 +349,20 @@ def init_from_config(init: Any, workdir: str, model_config: CLIPConfig,
       print(loaded_summary(init.checkpoint, loaded, target), flush=True)
     return loaded
   return load
+
+
+def training_tokenizer(cfg) -> tuple[str, str | None]:
+  """(the tokenizer spec a CLIP run tokenizes with, a line for its start or None): data.tokenizer when
+  given, else init.checkpoint's own by evaluation's rule (`convert.checkpoint_tokenizer`: a folder's
+  tokenizer files, a workdir's recorded tokenizer), else 'clip'; the line says when 'clip' is assumed
+  for a folder that states no tokenizer. The trainer's input and its zero-shot hook both tokenize
+  with it, and `clip_jax.train` records it as data.tokenizer. ValueError: an open_clip folder names a
+  tokenizer whose files it lacks."""
+  from clip_jax.convert import checkpoint_tokenizer
+  init = cfg.get("init") or {}
+  spec, note = checkpoint_tokenizer(init.get("checkpoint") or "", cfg.data.get("tokenizer") or "",
+                                    option="--config.data.tokenizer=DIR")
+  return spec, note and f"init.checkpoint {note}"
 
 
 def loaded_summary(path: str, loaded: Mapping[str, Any], target: Mapping[str, Any]) -> str:

@@ -82,3 +82,12 @@ def resize_model(model: CLIP, variables: dict[str, Any], image_size: int) -> tup
   flat[key] = resize_grid_embedding(flat[key], new_grid)
   config = model.config.replace(vision=dataclasses.replace(vision, image_size=image_size))
   return model.clone(config=config), traverse_util.unflatten_dict(flat)
+
+
+def resize_note(vision_config, image_size: int) -> str:
+  """What `resize_model` does to a tower of `vision_config` moved to `image_size` px, in words: the grid
+  from and to, and the interpolation (the line a fine-tuning run at a new resolution prints)."""
+  old, new = grid_size(vision_config, vision_config.image_size), grid_size(vision_config, image_size)
+  where, row = (("the attention pool's", "mean-token") if vision_config.is_resnet else ("the", "class-token"))
+  return (f"{where} positional grid resampled from {old} x {old} ({vision_config.image_size} px) to {new} x {new} "
+          f"({image_size} px): bicubic with antialiasing, the {row} row kept (as open_clip's resize_pos_embed).")

@@ -568,6 +568,17 @@ def tokenize(texts: str | Sequence[str],
   return default_tokenizer()(texts, context_length=context_length)
 
 
+def tokenizer_files(directory: str) -> tuple[str, ...]:
+  """The tokenizer files in `directory` that `get_tokenizer` reads, in its order: ('vocab.json',
+  'merges.txt'), ('tokenizer.json',) or the one sentencepiece model ('NAME.model',); () when none."""
+  if all(os.path.isfile(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")):
+    return ("vocab.json", "merges.txt")
+  if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+    return ("tokenizer.json",)
+  models = sorted(name for name in os.listdir(directory) if name.endswith(".model"))
+  return (models[0],) if len(models) == 1 else ()
+
+
 def get_tokenizer(spec: str | None = "clip", *, context_length: int = DEFAULT_CONTEXT_LENGTH):
   """A tokenizer from a config string.
 
@@ -581,15 +592,13 @@ def get_tokenizer(spec: str | None = "clip", *, context_length: int = DEFAULT_CO
     return ClipTokenizer.from_bpe_file(context_length=context_length)
   spec = os.fspath(spec)
   if os.path.isdir(spec):
-    vocab, merges = os.path.join(spec, "vocab.json"), os.path.join(spec, "merges.txt")
-    if os.path.isfile(vocab) and os.path.isfile(merges):
-      return ClipTokenizer.from_hf(vocab, merges, context_length=context_length)
-    if os.path.isfile(os.path.join(spec, "tokenizer.json")):
-      return ClipTokenizer.from_hf_tokenizer_json(os.path.join(spec, "tokenizer.json"),
-                                                  context_length=context_length)
-    models = sorted(name for name in os.listdir(spec) if name.endswith(".model"))
-    if len(models) == 1:
-      return SentencePieceTokenizer(os.path.join(spec, models[0]), context_length=context_length)
+    files = tokenizer_files(spec)
+    if files == ("vocab.json", "merges.txt"):
+      return ClipTokenizer.from_hf(*(os.path.join(spec, f) for f in files), context_length=context_length)
+    if files == ("tokenizer.json",):
+      return ClipTokenizer.from_hf_tokenizer_json(os.path.join(spec, files[0]), context_length=context_length)
+    if files:
+      return SentencePieceTokenizer(os.path.join(spec, files[0]), context_length=context_length)
     raise TokenizerError(f"{spec}: the directory holds neither vocab.json + merges.txt, nor "
                          "tokenizer.json, nor a single sentencepiece .model file.")
   if spec.endswith(".model"):

@@ -261,7 +261,7 @@ def build_input(cfg, model: CLIP):
   from clip_jax import cli
   from clip_jax import data as clip_data
   from clip_jax.tokenizer import get_tokenizer
-  tokenizer = get_tokenizer(cfg.data.get("tokenizer", "clip"), context_length=context_length)
+  tokenizer = get_tokenizer(pretrained.training_tokenizer(cfg)[0], context_length=context_length)
   # Every error a source raises while opening is about the user's data or spec.
   source = cli.as_user_errors(clip_data.open_source, cfg.data.source, cfg.data.get("split", "train"),
                               data_dir=cfg.data.get("data_dir", None), image_size=image_size)
@@ -300,6 +300,16 @@ def describe_training_data(num_records: int, global_batch: int, total_steps: int
 
 
 # ----------------------------------------------------------------------------- main
+def resolve_tokenizer(cfg) -> None:
+  """Sets cfg.data.tokenizer to the tokenizer the run uses (`pretrained.training_tokenizer`: the user's,
+  else init.checkpoint's own, else 'clip'), so the config record names it and `clip_jax.evaluate --workdir`
+  tokenizes as training did; process 0 prints the line when 'clip' is assumed for a folder."""
+  spec, note = pretrained.training_tokenizer(cfg)
+  if note and jax.process_index() == 0:
+    print(note, flush=True)
+  cfg.data.tokenizer = spec
+
+
 def validate_config(cfg) -> None:
   if cfg.total_steps < 1:
     raise ValueError(f"total_steps must be at least 1, not {cfg.total_steps}.")
@@ -322,6 +332,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   rerun_eval: a workdir already at total_steps is evaluated again (nothing else runs or is written).
   The CLI first calls `loop.check_workdir` (finished runs, the config record)."""
   validate_config(cfg)
+  resolve_tokenizer(cfg)  # the CLI did, before its config record; a direct caller's is resolved here
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   # --- mesh
@@ -411,6 +422,7 @@ def main(argv):
   cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   from clip_jax import cli
   cli.as_user_errors(validate_config, cfg)  # config mistakes: one line, before any compilation
+  cli.as_user_errors(resolve_tokenizer, cfg)  # before the config record, which then names it
   rerun_eval = flags.FLAGS.rerun_eval
   if loop.check_workdir(workdir, cfg, total_steps=cfg.total_steps, allow_config_change=flags.FLAGS.allow_config_change,
                         rerun_eval=rerun_eval):

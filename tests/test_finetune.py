@@ -253,6 +253,125 @@ def test_load_init_resamples_a_new_image_size(init_sources):
     np.testing.assert_array_equal(np.asarray(loaded["params"]["visual"]["positional_embedding"]), want)
 
 
+def test_load_init_says_the_grid_was_resampled(init_sources, capsys):
+  """A new resolution resampled the grid embedding silently; now one line says from which grid to which and how."""
+  from clip_jax import pretrained
+  model = clip_jax.create_model("ViT-Tiny", vision={"image_size": 48})
+  pretrained.load_init(init_sources["open_clip.pt"], _target(model), model.config)
+  assert (f"init.checkpoint {init_sources['open_clip.pt']}: the positional grid resampled from 4 x 4 (32 px) to 6 x 6 "
+          "(48 px): bicubic with antialiasing, the class-token row kept (as open_clip's resize_pos_embed).") in \
+      capsys.readouterr().out.splitlines()
+  model = clip_jax.create_model("ViT-Tiny")
+  pretrained.load_init(init_sources["open_clip.pt"], _target(model), model.config)
+  assert "resampled" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the tokenizer of an init folder
+def _write_other_bpe(folder) -> None:
+  """vocab.json + merges.txt of a BPE that is not OpenAI's: the byte symbols and OpenAI's first 300 merges
+  only, special tokens at 812 / 813, so nearly every word gets other ids (and more of them)."""
+  import json
+  from clip_jax.tokenizer import default_tokenizer
+  openai = default_tokenizer()
+  tokens = [openai.decoder[i] for i in range(512 + 300)] + ["<|startoftext|>", "<|endoftext|>"]
+  (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}), encoding="utf-8")
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in openai.merges[:300]),
+                                     encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def hf_own_tokenizer(init_sources):
+  """init_sources' Hugging Face folder with a tokenizer of its own (not OpenAI's BPE)."""
+  import shutil
+  folder = init_sources["root"] / "hf_own_tokenizer"
+  shutil.copytree(init_sources["hf"], folder)
+  _write_other_bpe(folder)
+  return str(folder)
+
+
+def test_training_tokenizes_with_the_init_folders_own_tokenizer(hf_own_tokenizer, capsys):
+  """The trainer tokenized with OpenAI's BPE whatever init.checkpoint's folder carried, while evaluation read
+  the folder's own: now the input and the zero-shot hook tokenize with the folder's, and the config names it;
+  an explicit --config.data.tokenizer wins."""
+  from clip_jax import evaluate, train as trainer
+  from clip_jax.data.digits import captions_for
+  from clip_jax.eval.zeroshot import build_training_evaluators, prompt_texts
+  from clip_jax.tokenizer import default_tokenizer, get_tokenizer
+  from tests.test_train import tiny_config
+  own = get_tokenizer(hf_own_tokenizer, context_length=32)
+  openai = default_tokenizer()
+  assert not np.array_equal(own("a photo of the number seven."), openai("a photo of the number seven.", 32))
+  assert evaluate.tokenizer_for(None, hf_own_tokenizer, 32)[1] == hf_own_tokenizer  # evaluation's rule
+  model = clip_jax.create_model("ViT-Tiny")
+  for given, want in (("", own), ("clip", openai)):
+    cfg = tiny_config(**{"data.source": "digits", "data.tokenizer": given, "init.checkpoint": hf_own_tokenizer})
+    cfg.zeroshot_eval = ml_collections.ConfigDict(dict(enabled=True, source="digits", split="test", batch_size=16,
+                                                       limit=16))
+    batch = next(trainer.build_input(cfg, model))
+    for tokens, label in zip(batch["tokens"], batch["label"]):
+      assert any(np.array_equal(tokens, row) for row in want(captions_for(int(label)), context_length=32)), given
+    (hook,) = build_training_evaluators(cfg)
+    np.testing.assert_array_equal(hook.prompt_tokens, want(prompt_texts(hook.class_names, hook.templates), 32))
+    trainer.resolve_tokenizer(cfg)  # what the run's config record then says
+    assert cfg.data.tokenizer == (given or hf_own_tokenizer)
+  assert "assuming" not in capsys.readouterr().out
+
+
+def test_a_folder_that_states_no_tokenizer_says_clip_is_assumed(init_sources, tmp_path, capsys):
+  """A Hugging Face folder without tokenizer files: 'clip', said in one line in training and in evaluation
+  alike (nothing said when the user names the tokenizer, or for a bare state dict: OpenAI's convention)."""
+  from clip_jax import evaluate, train as trainer
+  from tests.test_train import tiny_config
+  hf = init_sources["hf"]
+  cfg = tiny_config(**{"init.checkpoint": hf})
+  trainer.resolve_tokenizer(cfg)
+  assert cfg.data.tokenizer == "clip"
+  (line,) = capsys.readouterr().out.splitlines()
+  assert line == (f"init.checkpoint {hf}: states no tokenizer and holds no tokenizer files (tokenizer.json, "
+                  "vocab.json + merges.txt): assuming OpenAI's CLIP BPE ('clip'); if the model was trained with "
+                  "another, pass --config.data.tokenizer=DIR.")
+  evaluate._say_once.cache_clear()
+  assert evaluate.tokenizer_for(None, hf, 32)[1] == "clip"
+  assert capsys.readouterr().out.splitlines() == [line.replace("init.checkpoint ", "").replace(
+      "--config.data.tokenizer=DIR", "--tokenizer DIR")]
+  for overrides in ({"init.checkpoint": hf, "data.tokenizer": "clip"},
+                    {"init.checkpoint": init_sources["open_clip.pt"]}):
+    cfg = tiny_config(**overrides)
+    trainer.resolve_tokenizer(cfg)
+    assert cfg.data.tokenizer == "clip" and capsys.readouterr().out == ""
+  # An open_clip folder naming a hub tokenizer (text_cfg.hf_tokenizer_name) needs its files: one line.
+  hub = tmp_path / "hub"
+  hub.mkdir()
+  (hub / "open_clip_config.json").write_text('{"model_cfg": {"text_cfg": {"hf_tokenizer_name": "me/tok"}}}')
+  with pytest.raises(ValueError, match=r"names the tokenizer 'me/tok' \(text_cfg.hf_tokenizer_name\), but the folder "
+                     r"holds no tokenizer files .* pass --config.data.tokenizer=DIR"):
+    trainer.resolve_tokenizer(tiny_config(**{"init.checkpoint": str(hub)}))
+  _write_other_bpe(hub)
+  cfg = tiny_config(**{"init.checkpoint": f"local-dir:{hub}"})
+  trainer.resolve_tokenizer(cfg)
+  assert cfg.data.tokenizer == str(hub)
+
+
+@pytest.mark.slow  # a training run and a zero-shot evaluation
+def test_evaluating_the_workdir_tokenizes_as_training_did(hf_own_tokenizer, tmp_path):
+  """`clip_jax.evaluate --workdir` tokenized with 'clip' whatever the run trained with; now with the
+  tokenizer the run's config records (the init folder's own here), also for WORKDIR/checkpoints/STEP."""
+  import json
+  from clip_jax import evaluate
+  from clip_jax.tokenizer import get_tokenizer
+  run = tmp_path / "run"
+  _train(run, **{"init.checkpoint": hf_own_tokenizer})
+  assert json.loads((run / "config.json").read_text())["data"]["tokenizer"] == hf_own_tokenizer
+  assert evaluate.main(["--workdir", str(run), "--tasks", "zeroshot:digits", "--limit", "16", "--batch-size", "16",
+                        "--out", str(tmp_path / "eval")]) == 0
+  assert json.loads((tmp_path / "eval" / "results.json").read_text())["meta"]["tokenizer"] == hf_own_tokenizer
+  texts = ["a photo of the number seven.", "8"]
+  for path in (run, run / "checkpoints" / "1"):
+    tokenizer, spec = evaluate.tokenizer_for(None, str(path), 32)
+    assert spec == hf_own_tokenizer
+    np.testing.assert_array_equal(tokenizer(texts), get_tokenizer(hf_own_tokenizer, context_length=32)(texts))
+
+
 # ----------------------------------------------------------------------------- the trainer
 def _train(workdir, evaluators=None, **overrides):
   """train_and_evaluate on a tiny synthetic config over a (data 2, fsdp 4) mesh; lr 0 by default."""

@@ -535,7 +535,7 @@ def test_hub_ids_cache_folders_and_open_clip_prefixes_as_users_pass_them(tmp_pat
   from clip_jax import evaluate
   (cache / "snapshots" / "abc123" / "tokenizer.json").write_text("{}")
   for given in (str(cache), f"local-dir:{cache / 'snapshots' / 'abc123'}"):
-    assert evaluate._tokenizer_spec(None, given) == str(cache / "snapshots" / "abc123")
+    assert convert.checkpoint_tokenizer(given) == (str(cache / "snapshots" / "abc123"), None)
     with pytest.raises(ValueError, match="--act applies to bare state-dict files"):
       evaluate.load_model(given, None, "gelu")
 

@@ -391,7 +391,8 @@ def build_training_evaluators(cfg, workdir: str | None = None) -> list[ZeroShotE
   vision_overrides, text_overrides = overrides.get("vision", {}), overrides.get("text", {})
   image_size = vision_overrides.get("image_size", model_config.vision.image_size)
   context_length = text_overrides.get("context_length", model_config.text.context_length)
-  tokenizer = get_tokenizer(cfg.data.get("tokenizer", "clip"), context_length=context_length)
+  from clip_jax.pretrained import training_tokenizer
+  tokenizer = get_tokenizer(training_tokenizer(cfg)[0], context_length=context_length)  # training's
   evaluators = []
   for source in zeroshot_sources(ev):
     # A known dataset's class names and prompts, also for NAME=DATA with a known NAME (cifar10=/data/cifar10/

@@ -16,7 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"        # compute dtype
   c.param_dtype = "float32"
   c.remat = False
-  c.data = ml_collections.ConfigDict(dict(source="synthetic", split="train", data_dir=None, tokenizer="clip",
+  # tokenizer '': init.checkpoint's own (a folder's tokenizer files, a workdir's), else 'clip' (OpenAI's BPE);
+  # the run records the one it used (clip_jax.pretrained.training_tokenizer).
+  c.data = ml_collections.ConfigDict(dict(source="synthetic", split="train", data_dir=None, tokenizer="",
                                           num_workers=0, crop_scale=(0.9, 1.0)))
   c.loss = ml_collections.ConfigDict(dict(kind="softmax"))
   # One mesh over all devices of all processes; -1 fills. The batch is split over data x fsdp.
