@@ -650,8 +650,8 @@ def checkpoint_tokenizer(checkpoint: str | None, spec: str | None = None, *,
   `option`, named in the lines) wins; else a folder's own tokenizer files (`tokenizer.tokenizer_files`:
   a Hugging Face folder's tokenizer.json or vocab.json + merges.txt, a hub folder's, an export's); else
   what a workdir of this project recorded (its config.json's data.tokenizer, or the rule on its own init.checkpoint);
-  else OpenAI's CLIP BPE ('clip'). A folder that states nothing about its tokenizer gets 'clip' with a
-  line saying it was assumed; a bare state-dict file is OpenAI's convention, said by nothing. An open_clip
+  else OpenAI's CLIP BPE ('clip'), which an open_clip folder's config naming no tokenizer states (open_clip's
+  default). Any other folder that states nothing about its tokenizer gets 'clip' with a line saying it was assumed; a bare state-dict file is OpenAI's convention, said by nothing. An open_clip
   folder whose open_clip_config.json names a Hugging Face tokenizer (text_cfg.hf_tokenizer_name) without
   its files is a ValueError: nothing is downloaded here."""
   from clip_jax.checkpoint import MODEL_CONFIG_FILE, step_folder
@@ -665,12 +665,14 @@ def checkpoint_tokenizer(checkpoint: str | None, spec: str | None = None, *,
     return "clip", None
   if tokenizer_files(path):
     return os.path.abspath(path), None  # absolute: a workdir's record is read from anywhere
-  named = None
+  named, open_clip_folder = None, os.path.isfile(os.path.join(path, "open_clip_config.json"))
   try:
     with open(os.path.join(path, "open_clip_config.json")) as f:
       named = ((json.load(f).get("model_cfg") or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
   except (OSError, ValueError, AttributeError):
     pass  # none, or unreadable: the loader says what it cannot read
+  if open_clip_folder and not named:
+    return "clip", None  # open_clip's convention: a config naming no tokenizer means OpenAI's BPE
   if named:
     raise ValueError(f"{path}/open_clip_config.json names the tokenizer {named!r} (text_cfg.hf_tokenizer_name), "
                      f"but the folder holds no tokenizer files and nothing is downloaded here: download it "

@@ -339,6 +339,13 @@ def test_a_folder_that_states_no_tokenizer_says_clip_is_assumed(init_sources, tm
     cfg = tiny_config(**overrides)
     trainer.resolve_tokenizer(cfg)
     assert cfg.data.tokenizer == "clip" and capsys.readouterr().out == ""
+  # An open_clip folder whose config names no tokenizer states open_clip's default, OpenAI's BPE: nothing said.
+  plain = tmp_path / "plain_open_clip"
+  plain.mkdir()
+  (plain / "open_clip_config.json").write_text('{"model_cfg": {"text_cfg": {"context_length": 77}}}')
+  cfg = tiny_config(**{"init.checkpoint": str(plain)})
+  trainer.resolve_tokenizer(cfg)
+  assert cfg.data.tokenizer == "clip" and capsys.readouterr().out == ""
   # An open_clip folder naming a hub tokenizer (text_cfg.hf_tokenizer_name) needs its files: one line.
   hub = tmp_path / "hub"
   hub.mkdir()
