@@ -744,11 +744,26 @@ def load_checkpoint(path: str, *, model_name: str | None = None, act: str | None
   said, where the caller puts the weights into a model of its own, which decides them). Raises
   FileNotFoundError or CheckpointError. `module_kwargs` (dtype, param_dtype, remat)
   go to the module. `image_size` (px) moves the image tower to a new resolution, its grid
-  positional embedding resampled (`clip_jax.resize.resize_model`)."""
+  positional embedding resampled (`clip_jax.resize.resize_model`). With `param_dtype` the returned
+  parameters are that dtype too (checkpoints are read as float32; BatchNorm statistics stay float32,
+  as flax keeps them)."""
+  module, variables = _load_any_checkpoint(path, model_name=model_name, act=act, variant=variant,
+                                           warn_assumed=warn_assumed, **module_kwargs)
   if image_size is not None:
     from clip_jax.resize import resize_model
-    return resize_model(*load_checkpoint(path, model_name=model_name, act=act, variant=variant,
-                                         warn_assumed=warn_assumed, **module_kwargs), image_size)
+    module, variables = resize_model(module, variables, image_size)
+  return module, params_as(variables, module_kwargs.get("param_dtype"))
+
+
+def params_as(variables: dict, param_dtype) -> dict:
+  """`variables` with the floating leaves of its 'params' collection cast to `param_dtype` (None: as they are)."""
+  if param_dtype is None or "params" not in variables:
+    return variables
+  cast = lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+  return {**variables, "params": jax.tree.map(cast, variables["params"])}
+
+
+def _load_any_checkpoint(path: str, *, model_name, act, variant, warn_assumed, **module_kwargs):
   path = resolve_checkpoint_path(path)
   if not os.path.exists(path):
     raise FileNotFoundError(missing_checkpoint_line(path))

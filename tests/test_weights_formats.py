@@ -389,3 +389,24 @@ def test_diffusers_component_layouts(tmp_path, tiny_unet_and_vae, name, save_kwa
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, cast(b)), loaded, plain)
   if variant:  # only the variant's files: read without variant= as well
     jax.tree.map(np.testing.assert_array_equal, convert.load_component(str(tmp_path / "other"), name)[1], loaded)
+
+
+@pytest.mark.parametrize("image_size", [None, 64])
+def test_param_dtype_casts_the_loaded_parameters(tmp_path, hf_clip, image_size):
+  # load_checkpoint(param_dtype=bf16) returned float32 weights (only the module's attribute changed).
+  import jax.numpy as jnp
+  from safetensors.numpy import save_file
+  hf_clip.save_pretrained(tmp_path / "hf")
+  model = clip_jax.create_model("RN-Tiny")
+  from clip_jax.convert import export_openai_state_dict
+  state = export_openai_state_dict(model, clip_jax.init_variables(model, jax.random.key(0)))
+  save_file(state, str(tmp_path / "rn.safetensors"))
+  for path, kwargs in ((tmp_path / "hf", {}), (tmp_path / "rn.safetensors", {"model_name": "RN-Tiny"})):
+    _, wide = clip_jax.load_checkpoint(str(path), image_size=image_size, **kwargs)
+    module, narrow = clip_jax.load_checkpoint(str(path), image_size=image_size, param_dtype=jnp.bfloat16, **kwargs)
+    assert module.param_dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(narrow["params"])} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16)),
+                 narrow["params"], wide["params"])
+    if "batch_stats" in wide:  # flax keeps BatchNorm statistics in float32
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), narrow["batch_stats"], wide["batch_stats"])
