@@ -405,7 +405,7 @@ def _generate(params, cond_tokens, uncond_tokens, latents_init, rng, guidance_sc
 
 def generate(pipeline: StableDiffusion, params: dict[str, Any], prompts: str | Sequence[str],
              negative_prompts: str | Sequence[str] | None = None, *, num_steps: int = 50,
-             guidance_scale: float = 7.5, rng: jax.Array | None = None, sampler: str = "dpm++2m",
+             guidance_scale: float = 7.5, rng: jax.Array | int | None = None, sampler: str = "dpm++2m",
              height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
              latents: jax.Array | np.ndarray | None = None, eta: float = 0.0,
              mesh: Mesh | None = None, output_type: str = "uint8") -> np.ndarray:
@@ -414,9 +414,10 @@ def generate(pipeline: StableDiffusion, params: dict[str, Any], prompts: str | S
   negative_prompts: None (empty text, as diffusers), one string for all, or one per prompt.
   guidance_scale > 1 turns on classifier-free guidance. sampler: a name in `schedulers.SAMPLERS`
   ('dpm++2m', 'ddim', 'euler_a', 'ddpm'; the scheduler config's betas, prediction type and spacing
-  apply to all); eta: DDIM's noise scale. rng: draws the
+  apply to all); eta: DDIM's noise scale. rng: a jax PRNG key or an int seed (None: seed 0); it draws the
   initial latents and, for stochastic samplers, the per-step noise. latents: the initial
-  unit-variance latents [B, H/8, W/8, 4] instead (NHWC). height/width default to the UNet's
+  unit-variance latents [B, H/f, W/f, C] instead (NHWC; f the VAE's downscale `pipeline.vae_scale_factor`,
+  8 in SD; C `pipeline.latent_channels`). height/width default to the UNet's
   training size. mesh: splits the batch over the mesh's data axes (params replicated). One
   compile per (batch, size, sampler, steps, guidance on/off); the loop runs on the device.
   """
@@ -445,13 +446,13 @@ def generate(pipeline: StableDiffusion, params: dict[str, Any], prompts: str | S
                      f"{height}x{width}.")
   shape = (batch, height // factor, width // factor, pipeline.latent_channels)
 
-  rng = jax.random.key(0) if rng is None else rng
+  rng = jax.random.key(0 if rng is None else rng) if rng is None or isinstance(rng, (int, np.integer)) else rng
   latent_rng, noise_rng = jax.random.split(rng)
   if latents is None:
     latents = jax.random.normal(latent_rng, shape, jnp.float32)
   elif tuple(latents.shape) != shape:
     raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape} "
-                     "([batch, height/8, width/8, channels], NHWC).")
+                     f"([batch, height/{factor}, width/{factor}, channels], NHWC).")
   latents = jnp.asarray(latents, jnp.float32)
 
   params, (cond_tokens, uncond_tokens, latents) = _place(
