@@ -8,13 +8,13 @@ batches on the mesh (`place_local_batch`, `place_global_batch`).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch is split over every axis that is not tensor-parallel (ask `batch_axes(mesh)`).
@@ -203,3 +203,32 @@ def merge_microbatches(x: Any) -> Any:
   """Inverse of `split_microbatches`: [k, B/k, ...] -> [B, ...] in the original row order (numpy
   or jax; on the host it lays out k micro-batches so that `split_microbatches` finds them)."""
   return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def on_auto_axes(module: nn.Module, method: Callable[..., Any], x: jax.Array, *args: Any) -> Any:
+  """`method(module, x, *args)`, with the Explicit mesh axes that `x` is sharded over switched to Auto
+  around it; outputs keep x's batch split (dimension 0), the rest replicated. Just the call otherwise.
+
+  `jax.make_mesh` makes Explicit axes by default (jax >= 0.7); there every reshape, gather and
+  concatenate of a sharded array must state its output sharding, which the models' code (written for
+  Auto axes, `create_mesh`) does not. The same program under Auto axes gives the same numbers: x and
+  the module's variables are retyped to Auto (no data moves), and the outputs back to Explicit.
+  Variables the call updates (BatchNorm statistics in training) come back typed on the Auto mesh.
+  """
+  sharding_ = jax.typeof(x).sharding
+  mesh = sharding_.mesh
+  explicit = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit)
+  if not explicit:
+    return method(module, x, *args)
+
+  def to_context_mesh(tree):  # Explicit-typed variables -> the (Auto) context mesh, same split.
+    return jax.tree.map(lambda v: jax.reshard(v, jax.typeof(v).sharding.spec), tree)
+
+  def run(x):
+    mapped = nn.map_variables(lambda mdl, x: method(mdl, x, *args), mapped_collections=True,
+                              trans_in_fn=to_context_mesh, init=module.is_initializing(),
+                              mutable=True)
+    return mapped(module, x)
+
+  batch_spec = P(sharding_.spec[0] if len(sharding_.spec) else None)
+  return jax.sharding.auto_axes(run, axes=explicit, out_sharding=NamedSharding(mesh, batch_spec))(x)

@@ -139,6 +139,85 @@ def test_full_size_matches_open_clip(name):
   _compare_with_open_clip(name)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["clip", "siglip_bias"])
+def test_get_logits_equal_open_clip_get_logits(bias):
+  """`CLIP.get_logits` is open_clip's `get_logits` (exp(logit_scale) * cosine, + logit_bias), not the
+  log scale `__call__` returns: code ported from open_clip gets the same probabilities."""
+  cfg = {**_tiny_open_clip_cfg(False), "quick_gelu": True}
+  if bias:
+    cfg["init_logit_bias"] = -10.0
+  reference = _randomize_open_clip(open_clip.model.CLIP(**cfg))
+  with torch.no_grad():
+    reference.logit_scale.fill_(np.log(30.0))  # not log(1/0.07): a scale taken as its log shows up
+    if bias:
+      reference.logit_bias.fill_(-2.5)
+  state = {k: v.numpy() for k, v in reference.state_dict().items()}
+  model, variables = convert.load_openai_state_dict(state, act="quick_gelu")
+  assert (model.config.init_logit_bias is not None) == bias
+  images, tokens = _inputs(model.config.vision.image_size, batch=3)
+  with torch.no_grad():
+    ref_per_image, ref_per_text = (t.numpy() for t in reference.get_logits(
+        torch.from_numpy(images), torch.from_numpy(tokens[:2])))
+  per_image, per_text = _jit_apply(model)(variables, jnp.asarray(images.transpose(0, 2, 3, 1)),
+                                          jnp.asarray(tokens[:2], jnp.int32), method="get_logits")
+  assert per_image.shape == (3, 2) and per_text.shape == (2, 3) and per_image.dtype == jnp.float32
+  np.testing.assert_allclose(per_image, ref_per_image, atol=2e-3, rtol=0)
+  np.testing.assert_allclose(per_text, ref_per_text, atol=2e-3, rtol=0)
+  np.testing.assert_allclose(jax.nn.softmax(per_image, axis=-1), torch.from_numpy(ref_per_image).softmax(-1),
+                             atol=1e-4)
+
+
+def _explicit_and_auto_runs(name, method, train, grad=True):
+  """A tiny model's loss, gradients and outputs in jit(value_and_grad) (jit(loss) without `grad`), with
+  images and tokens split over 8 devices by P('data') and the variables replicated there, on an Auto
+  and an Explicit mesh."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  model = clip_jax.create_model(name)
+  variables = clip_jax.init_variables(model, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  size, context = model.config.vision.image_size, model.config.text.context_length
+  images = rng.normal(size=(16, size, size, 3)).astype(np.float32)
+  tokens = rng.integers(1, 49407, size=(16, context)).astype(np.int32)
+  tokens[:, 0], tokens[:, 9] = 49406, 49407
+
+  def loss(v, x, t):
+    if method == "encode_image":
+      out, state = model.apply(v, x, train=train, mutable=["batch_stats"], method=method)
+      return jnp.sum(jnp.sin(3 * out)), (out, state)
+    first, second = jax.tree.leaves(model.apply(v, x, t, method=method))[:2]
+    return jnp.sum(jnp.sin(3 * first)) + jnp.sum(second ** 3), (first, second)
+
+  runs = {}
+  for axis_type in (AxisType.Auto, AxisType.Explicit):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    x, t = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (images, tokens))
+    v = jax.device_put(variables, NamedSharding(mesh, P()))
+    if grad:
+      (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(v, x, t)
+    else:
+      (value, out), grads = jax.jit(loss)(v, x, t), None
+    runs[axis_type] = jax.tree.map(np.asarray, (value, out, grads))
+    if axis_type == AxisType.Explicit and method != "encode_image":  # the batch stays split
+      assert jax.typeof(jax.tree.leaves(out)[0]).sharding.spec[0] == "data"
+  return runs[AxisType.Auto], runs[AxisType.Explicit]
+
+
+# With gradients 12-17 s each (compiles): slow; the forward of get_logits (both towers) stays fast.
+@pytest.mark.parametrize("method,grad", [("get_logits", False), pytest.param("get_logits", True, marks=pytest.mark.slow),
+                                         pytest.param("__call__", True, marks=pytest.mark.slow)])
+def test_explicit_sharding_mesh_gives_the_auto_mesh_values(method, grad):
+  """`jax.make_mesh` makes Explicit axes by default (jax 0.10): inputs split over them went to a
+  30-line ShardingTypeError in patchify's reshape; the towers now run under Auto axes there."""
+  auto, explicit = _explicit_and_auto_runs("ViT-Tiny", method, train=False, grad=grad)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), auto, explicit)
+
+
+@pytest.mark.slow  # the ResNet's compile: ~10 s for the two meshes
+def test_explicit_sharding_mesh_resnet_training_batch_norm():
+  auto, explicit = _explicit_and_auto_runs("RN-Tiny", "encode_image", train=True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), auto, explicit)
+
+
 def test_openai_export_round_trip():
   reference = _randomize_open_clip(open_clip.model.CLIP(**_tiny_open_clip_cfg(False)))
   state = {k: v.numpy() for k, v in reference.state_dict().items()}

@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from clip_jax.models.configs import CLIPConfig, get_config
 from clip_jax.models.resnet import ModifiedResNet
@@ -54,12 +55,42 @@ class CLIP(nn.Module):
     return self.text(tokens)
 
   def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False):
-    """Returns L2-normalised image and text embeddings, the log logit scale and the logit bias
-    (None without one); the loss clamps and exponentiates the scale."""
+    """(image_emb [N_img, embed_dim], text_emb [N_txt, embed_dim], logit_scale, logit_bias).
+
+    NOTE: `logit_scale` is the LOG of the multiplier, as the parameter is stored (open_clip's
+    `forward` returns `exp(logit_scale)` instead): use `exp(logit_scale)`, or call `get_logits`
+    for the logits themselves. The embeddings are L2-normalised, float32; `logit_bias` is None for
+    a model without one (CLIP), a scalar for a SigLIP-style model. The loss clamps and
+    exponentiates the scale (`losses.clamp_logit_scale`).
+    """
     image_emb = l2_normalize(self.encode_image(images, train=train))
     text_emb = l2_normalize(self.encode_text(tokens))
     logit_bias = self.logit_bias if self.config.init_logit_bias is not None else None
     return image_emb, text_emb, self.logit_scale, logit_bias
+
+  def get_logits(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logits_per_image [N_img, N_txt], logits_per_text [N_txt, N_img]), float32, as open_clip's
+    `CLIP.get_logits`: exp(logit_scale) * cosine(image, text), plus logit_bias for a model that
+    has one (SigLIP-style: read them with a sigmoid; CLIP: softmax over the texts,
+    `jax.nn.softmax(logits_per_image, axis=-1)`, for zero-shot probabilities).
+
+    `model.apply(variables, images, tokens, method=model.get_logits)` with NHWC preprocessed
+    images [N_img, H, W, 3] (`clip_jax.preprocess`) and token ids [N_txt, T] (`clip_jax.tokenize`).
+    """
+    image_emb, text_emb, logit_scale, logit_bias = self(images, tokens)
+    logits_per_image = jnp.exp(logit_scale) * jnp.matmul(image_emb, _replicated(text_emb).T)
+    if logit_bias is not None:
+      logits_per_image = logits_per_image + logit_bias
+    return logits_per_image, logits_per_image.T
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+  """x whole on every device where it is split over Explicit mesh axes (there a product of two
+  batch-split operands needs its output sharding stated); as it is otherwise."""
+  sharding = jax.typeof(x).sharding
+  if AxisType.Explicit not in sharding.mesh.axis_types:
+    return x
+  return jax.reshard(x, NamedSharding(sharding.mesh, P()))
 
 
 def create_model(name: str | CLIPConfig, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,

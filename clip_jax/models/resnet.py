@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from clip_jax.layers import BatchNorm, Conv, logical, normal
 from clip_jax.models.transformer import MultiHeadAttention
+from clip_jax.sharding import on_auto_axes
 
 Dtype = Any
 _CONV_AXES = (None, None, "conv_in", "conv_out")
@@ -96,6 +97,11 @@ class ModifiedResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """[B, output_dim] float32 from NHWC images; sharded over Explicit mesh axes too (computed
+    under Auto axes: `sharding.on_auto_axes`)."""
+    return on_auto_axes(self, ModifiedResNet._encode, images, train)
+
+  def _encode(self, images: jax.Array, train: bool) -> jax.Array:  # Runs inside __call__'s compact scope.
     if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
       raise ValueError(f"ModifiedResNet expects {self.image_size}x{self.image_size} images, "
                        f"got {images.shape[1]}x{images.shape[2]}.")

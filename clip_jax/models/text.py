@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from clip_jax.layers import LayerNorm, logical, matmul, normal
 from clip_jax.models.transformer import Transformer
+from clip_jax.sharding import on_auto_axes
 
 Dtype = Any
 
@@ -60,10 +61,14 @@ class TextTransformer(nn.Module):
                                         (self.width, self.output_dim), self.param_dtype)
 
   def hidden_states(self, tokens: jax.Array, num_layers: int | None = None) -> jax.Array:
-    """Per-token features [B, T, width] after `num_layers` blocks (all by default) and ln_final."""
+    """Per-token features [B, T, width] after `num_layers` blocks (all by default) and ln_final.
+    Tokens sharded over Explicit mesh axes are computed under Auto axes (`sharding.on_auto_axes`)."""
     if tokens.shape[-1] > self.context_length:
       raise ValueError(f"Token sequences of length {tokens.shape[-1]} exceed the context length "
                        f"{self.context_length}.")
+    return on_auto_axes(self, TextTransformer._hidden_states, tokens, num_layers)
+
+  def _hidden_states(self, tokens: jax.Array, num_layers: int | None) -> jax.Array:
     x = jnp.take(self.token_embedding, tokens, axis=0).astype(self.dtype)
     x = x + self.positional_embedding[:tokens.shape[-1]].astype(self.dtype)
     x = self.transformer(x, num_layers=num_layers)
@@ -72,6 +77,9 @@ class TextTransformer(nn.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Features at the end-of-text token (see the module docstring): [B, output_dim] projected,
     or [B, width] float32 without a projection."""
+    return on_auto_axes(self, TextTransformer._pooled, tokens)
+
+  def _pooled(self, tokens: jax.Array) -> jax.Array:
     x = self.hidden_states(tokens)
     eot_index = pool_index(tokens, self.eot_token_id)
     pooled = jnp.take_along_axis(x, eot_index[:, None, None], axis=1)[:, 0]  # [B, width]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from clip_jax.layers import LayerNorm, logical, matmul, normal
 from clip_jax.models.transformer import Transformer
+from clip_jax.sharding import on_auto_axes
 
 Dtype = Any
 
@@ -36,7 +37,12 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """[B, output_dim] float32 from NHWC images; sharded over Explicit mesh axes too (computed
+    under Auto axes: `sharding.on_auto_axes`)."""
     del train  # No dropout or batch norm in this tower.
+    return on_auto_axes(self, VisionTransformer._encode, images)
+
+  def _encode(self, images: jax.Array) -> jax.Array:  # Runs inside __call__'s compact scope.
     b, h, w, c = images.shape
     if h != self.image_size or w != self.image_size:
       raise ValueError(f"VisionTransformer expects {self.image_size}x{self.image_size} images, got {h}x{w}.")
