@@ -368,8 +368,18 @@ class ClipTokenizer:
 
   def decode(self, ids) -> str:
     """Text of a sequence of ids; end-of-word marks become spaces (trailing one stripped).
-    Special and padding ids are decoded too: use `decode_rows` for `__call__` output."""
+    The start and end tokens are decoded too (`decode_rows` gives the bare texts of `__call__`
+    rows); padding after the end token is not: a padded row decodes to '<start_of_text>a dog
+    <end_of_text>', not followed by one '!' (id 0) per padding position as open_clip's decode
+    renders it (its own captioning code cuts at '<end_of_text>' afterwards)."""
     ids = _check_ids(ids, self.vocab_size)
+    # Padding: the trailing run of pad ids (0, pad_token_id or the end token repeated) after an end token.
+    pads = {0, self.pad_token_id, self.eot_token_id}
+    end = len(ids)
+    while end and ids[end - 1] in pads:
+      end -= 1
+    if self.eot_token_id in ids[end:]:
+      ids = ids[:end + ids[end:].index(self.eot_token_id) + 1]
     symbols = "".join([self._id_to_token[i] for i in ids])
     raw = symbols.translate(_SYMBOLS_TO_BYTES).encode("latin-1")
     # A cut-off multi-byte character decodes to U+FFFD rather than failing.

@@ -163,6 +163,19 @@ def test_decode_inverts_encode():
   assert tokenizer.decode(np.array(tokenizer.encode("hello world"))) == "hello world"
 
 
+def test_decode_of_a_padded_row_stops_at_the_end_token():
+  """A padded row decoded to '<start_of_text>a dog <end_of_text>!!!!...' (id 0 is '!'), as open_clip's
+  decode renders it: the padding is dropped, the rest is open_clip's text up to its first end token."""
+  tokenizer = tk.default_tokenizer()
+  for pad in (0, tokenizer.eot_token_id):
+    row = tokenizer(["A photo of a Dog!"], pad_token_id=pad)[0]
+    reference = open_clip_tokenizer._tokenizer.decode(row.tolist())
+    assert reference.endswith("!!!!") or pad  # open_clip's own rendering of the zero padding
+    expected = reference[:reference.index("<end_of_text>") + len("<end_of_text>")]
+    assert tokenizer.decode(row) == expected == "<start_of_text>a photo of a dog ! <end_of_text>"
+  assert tokenizer.decode(tokenizer.encode("wow!!")) == "wow !!"  # real '!'s stay
+
+
 def test_bpe_cache_is_bounded_and_pickles():
   tokenizer = tk.ClipTokenizer.from_bpe_file(cache_size=8)
   reference = tk.default_tokenizer()
