@@ -172,3 +172,65 @@ def test_documented_dry_runs_start_nothing(tmp_path):
     result = _run(argv)
     assert result.returncode == 0, (command, result.stderr[-2000:])
     assert not os.path.exists(tmp_path / "runs" / "bs" / "sweep.json") or "sweep" not in command
+
+
+# ----------------------------------------------------------------------------- the README's Python
+# The README's placeholders and what stands in for each here (tiny models made in the test).
+README_PLACEHOLDERS = ("path/to/clip", "dog.jpg", "exports/my_clip_hf", "path/to/stable-diffusion-v1-5")
+
+
+def readme_python_block() -> str:
+  text = open(os.path.join(ROOT, "README.md")).read()
+  blocks = re.findall(r"^## Python\n.*?^```python\n(.*?)^```", text, flags=re.S | re.M)
+  assert len(blocks) == 1, "README.md: one ```python block under '## Python'"
+  return blocks[0]
+
+
+def test_readme_python_names_exist():
+  """Every `clip_jax.NAME` the README's Python block uses is a top-level name, and its placeholders are
+  the ones the run below substitutes."""
+  import clip_jax
+  block = readme_python_block()
+  names = set(re.findall(r"clip_jax\.(\w+)", block))
+  assert {"load_checkpoint", "preprocess", "tokenize", "export_hf"} <= names
+  assert not [n for n in names if n not in clip_jax.__all__]
+  assert all(f'"{p}"' in block for p in README_PLACEHOLDERS)
+  assert "method=model.get_logits" in block and "load_pipeline" in block
+
+
+def test_package_docstring_lists_every_public_name():
+  """`help(clip_jax)` names each top-level name and points to the README's Python section; the three
+  exports sit side by side at the top level."""
+  import clip_jax
+  from clip_jax import convert
+  missing = [n for n in clip_jax.__all__ if n not in clip_jax.__doc__]
+  assert not missing and '"Python"' in clip_jax.__doc__
+  assert clip_jax.export_open_clip is convert.export_open_clip
+  assert clip_jax.export_openai_state_dict is convert.export_openai_state_dict
+
+
+@pytest.mark.slow  # a tiny CLIP and a tiny SD compiled: ~20-40 s
+def test_readme_python_block_runs(tmp_path, monkeypatch, tiny_sd_dir):
+  """The block as written, on a tiny CLIP exported as an HF folder, a small JPEG and the tiny SD."""
+  import jax
+  import numpy as np
+  from PIL import Image
+  import clip_jax
+  model = clip_jax.create_model("ViT-Tiny")
+  clip_dir = clip_jax.export_hf(model, clip_jax.init_variables(model, jax.random.key(0)), str(tmp_path / "clip"),
+                                tokenizer=clip_jax.get_tokenizer())
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(tmp_path / "dog.jpg")
+  stand_ins = dict(zip(README_PLACEHOLDERS, (clip_dir, str(tmp_path / "dog.jpg"), str(tmp_path / "export"),
+                                             tiny_sd_dir)))
+  block = readme_python_block()
+  for placeholder, path in stand_ins.items():
+    block = block.replace(f'"{placeholder}"', repr(path))
+  block = block.replace("num_steps=30", "num_steps=2")  # the same call, fewer steps
+  monkeypatch.chdir(tmp_path)
+  namespace: dict = {}
+  exec(compile(block, "README.md (## Python)", "exec"), namespace)
+  assert namespace["probs"].shape == (1, 2)
+  np.testing.assert_allclose(np.sum(namespace["probs"], axis=-1), 1.0, rtol=1e-5)
+  assert namespace["image_emb"].shape == (1, model.config.embed_dim)
+  assert os.path.isfile(tmp_path / "export" / "model.safetensors")
+  assert namespace["pictures"].dtype == np.uint8 and namespace["pictures"].shape[0] == 1
