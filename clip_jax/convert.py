@@ -6,6 +6,8 @@ inferred from the weights' shapes when no config comes with them.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -532,55 +534,137 @@ def image_processor_config(image_size: int) -> dict[str, Any]:
           "do_convert_rgb": True}
 
 
-def stated_preprocessing_note(path: str) -> str | None:
-  """One line when a hub folder states image preprocessing other than this project's (OpenAI's
-  mean/std, bicubic resize of the shortest side, centre crop), else None. Read from open_clip's
-  `open_clip_config.json` 'preprocess_cfg' or transformers' `preprocessor_config.json` (or
-  `processor_config.json`'s 'image_processor', as transformers >= 5 saves a CLIPProcessor); a workdir or an
-  export of this project states ours. This project feeds every model OpenAI's preprocessing, so a model
-  trained with another (SigLIP-style mean/std 0.5, 'squash' resizing) scores differently here than in
-  its own package, and an export writes OpenAI's settings."""
-  from clip_jax.data.images import OPENAI_MEAN, OPENAI_STD
-  stated, differ = {}, []
-  open_clip_file, hf_file, hf_processor_file = (os.path.join(path, n) for n in (
-      "open_clip_config.json", "preprocessor_config.json", "processor_config.json"))
+# PIL's resampling codes, as transformers stores them
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def stated_preprocessing(checkpoint: str):
+  """The image preprocessing a checkpoint states (`clip_jax.data.images.Preprocessing`): an open_clip hub
+  folder's open_clip_config.json 'preprocess_cfg' (mean, std, interpolation, resize_mode, fill_color), a
+  transformers folder's preprocessor_config.json (or transformers >= 5's processor_config.json
+  'image_processor'): image_mean, image_std, resample, size {shortest_edge} (+ centre crop) or {height,
+  width} ('squash'). OpenAI's CLIP's (`images.OPENAI`) where nothing is stated: bare state dicts,
+  workdirs, this project's exports (which write OpenAI's). What transformers would do that these settings
+  cannot say (no centre crop, a crop smaller than the resize, no resize or rescale) is one warning line;
+  the nearest open_clip settings are used. Raises ValueError (one line) for what cannot be applied
+  (another interpolation, an unknown resize mode, an unreadable file)."""
+  preprocessing, _, unmapped = read_stated_preprocessing(checkpoint)
+  if unmapped:
+    _log.warning(unmapped)
+  return preprocessing
+
+
+def read_stated_preprocessing(checkpoint: str):
+  """(`Preprocessing`, the file stating it or None, a line on what transformers' settings would do that
+  it cannot say or None): `stated_preprocessing`'s parts, the one parser of a folder's preprocessing."""
+  from clip_jax.data.images import OPENAI, Preprocessing
+  path = resolve_checkpoint_path(checkpoint)
+  if not os.path.isdir(path):
+    return OPENAI, None, None
+  candidates = [os.path.join(path, n) for n in ("open_clip_config.json", "preprocessor_config.json",
+                                                "processor_config.json")]
+  source = next((c for c in candidates if os.path.isfile(c)), None)
+  if source is None:
+    return OPENAI, None, None
   try:
-    if os.path.isfile(open_clip_file):
-      with open(open_clip_file) as f:
-        cfg = json.load(f).get("preprocess_cfg") or {}
-      stated = {"mean": cfg.get("mean"), "std": cfg.get("std"), "interpolation": cfg.get("interpolation"),
-                "resize_mode": cfg.get("resize_mode")}
-      source = "open_clip_config.json"
-    elif os.path.isfile(hf_file) or os.path.isfile(hf_processor_file):
-      # transformers >= 5 saves a CLIPProcessor as processor_config.json, the image part nested
-      source = "preprocessor_config.json" if os.path.isfile(hf_file) else "processor_config.json"
-      with open(os.path.join(path, source)) as f:
-        cfg = json.load(f)
-      cfg = cfg.get("image_processor", cfg) if source == "processor_config.json" else cfg
-      resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}.get(
-          cfg.get("resample"), cfg.get("resample"))  # PIL's resampling codes, as transformers stores them
-      stated = {"mean": cfg.get("image_mean"), "std": cfg.get("image_std"), "interpolation": resample,
-                "resize_mode": None if cfg.get("do_center_crop", True) else "no centre crop"}
-  except (OSError, ValueError, AttributeError):
-    return None  # unreadable: the loader says what it cannot read
-  for key, ours in (("mean", OPENAI_MEAN), ("std", OPENAI_STD)):
-    try:  # one number for every channel is allowed (transformers, open_clip); anything odd: not judged here
-      value = stated.get(key)
-      value = None if value is None else [float(v) for v in np.broadcast_to(np.asarray(value, np.float64), (3,))]
-    except (TypeError, ValueError):
-      continue
-    if value is not None and not np.allclose(value, ours, rtol=0, atol=1e-4):
-      differ.append(f"{key} {[round(v, 4) for v in value]}")
-  if stated.get("interpolation") not in (None, "bicubic"):
-    differ.append(f"interpolation {stated['interpolation']}")
-  if stated.get("resize_mode") not in (None, "shortest"):
-    differ.append(f"resize {stated['resize_mode']}")
-  if not differ:
+    with open(source, encoding="utf-8") as f:
+      cfg = json.load(f)
+    if os.path.basename(source) == "open_clip_config.json":
+      cfg = cfg.get("preprocess_cfg") or {}
+      interpolation = cfg.get("interpolation") or "bicubic"
+      # open_clip's eval transform resamples 'random' (a training option) bicubic
+      stated = {"mean": cfg.get("mean"), "std": cfg.get("std"),
+                "interpolation": "bicubic" if interpolation == "random" else interpolation,
+                "resize_mode": cfg.get("resize_mode") or "shortest", "fill_color": cfg.get("fill_color") or 0}
+      unmapped = []
+    else:  # transformers' CLIPImageProcessor; processor_config.json nests it (transformers >= 5)
+      cfg = cfg.get("image_processor", cfg) if source.endswith("processor_config.json") else cfg
+      stated, unmapped = _from_image_processor(cfg)
+    stated = {k: v for k, v in stated.items() if v is not None}
+    preprocessing = Preprocessing(**stated)
+  except json.JSONDecodeError as e:
+    raise _UnreadableStatement(f"{source}: not readable JSON ({e}).") from None
+  except (OSError, AttributeError, TypeError, ValueError) as e:
+    raise ValueError(f"{source}: image {e}" if str(e).startswith("preprocessing") else f"{source}: {e}") from None
+  note = None
+  if unmapped:
+    note = (f"{source}: transformers would {'; '.join(unmapped)}; evaluated here as open_clip's "
+            f"{preprocessing.describe()}.")
+  return preprocessing, source, note
+
+
+class _UnreadableStatement(ValueError):
+  """A preprocessing file that is not JSON (a loader that reads it says so itself)."""
+
+
+def _from_image_processor(cfg: dict) -> tuple[dict, list[str]]:
+  """transformers' CLIPImageProcessor settings -> (Preprocessing's fields, what they cannot say)."""
+  resample = cfg.get("resample", 3)
+  interpolation = _PIL_RESAMPLE.get(resample, resample)
+  size, crop = cfg.get("size") or {"shortest_edge": 224}, cfg.get("crop_size")
+  unmapped = []
+  if isinstance(size, int):  # old processors: one number = the shortest edge
+    size = {"shortest_edge": size}
+  if not isinstance(size, dict):
+    raise ValueError(f"size {size!r} is neither {{'shortest_edge': N}} nor {{'height': H, 'width': W}}")
+  if "shortest_edge" in size:
+    resize_mode = "shortest"
+    if not cfg.get("do_center_crop", True):
+      unmapped.append("not centre-crop (do_center_crop false: a non-square image)")
+    elif isinstance(crop, dict) and crop.get("height", size["shortest_edge"]) != size["shortest_edge"]:
+      unmapped.append(f"resize the shortest side to {size['shortest_edge']} and crop {crop.get('height')}")
+  elif "height" in size and "width" in size:
+    resize_mode = "squash"  # both sides resized, no aspect kept
+    if size["height"] != size["width"]:
+      unmapped.append(f"resize to {size['height']} x {size['width']} (not square)")
+    if cfg.get("do_center_crop", True) and isinstance(crop, dict) and (
+        crop.get("height"), crop.get("width")) != (size["height"], size["width"]):
+      unmapped.append(f"crop {crop.get('height')} x {crop.get('width')} after resizing")
+  else:
+    raise ValueError(f"size {size!r} is neither {{'shortest_edge': N}} nor {{'height': H, 'width': W}}")
+  if not cfg.get("do_resize", True):
+    unmapped.append("not resize (do_resize false)")
+  if not cfg.get("do_rescale", True) or abs(float(cfg.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+    unmapped.append(f"rescale by {cfg.get('rescale_factor') if cfg.get('do_rescale', True) else 1}, not 1/255")
+  mean, std = cfg.get("image_mean"), cfg.get("image_std")
+  if not cfg.get("do_normalize", True):
+    mean, std = 0.0, 1.0  # exactly x / 255
+  return {"mean": mean, "std": std, "interpolation": interpolation, "resize_mode": resize_mode}, unmapped
+
+
+_SAY_PREPROCESSING_NOTE = contextvars.ContextVar("say_preprocessing_note", default=True)
+
+
+@contextlib.contextmanager
+def applying_stated_preprocessing():
+  """Loading inside it does not say `stated_preprocessing_note`: the caller (`clip_jax.evaluate`) applies
+  the folder's preprocessing and says which it uses."""
+  token = _SAY_PREPROCESSING_NOTE.set(False)
+  try:
+    yield
+  finally:
+    _SAY_PREPROCESSING_NOTE.reset(token)
+
+
+def stated_preprocessing_note(path: str) -> str | None:
+  """One line when a folder states image preprocessing other than OpenAI's, for the loaders of uses that
+  do not apply it (training, guidance, exports; `clip_jax.evaluate` and `clip_jax.preprocess(...,
+  preprocessing=stated_preprocessing(PATH))` do), else None. An unreadable or unsupported statement is
+  said here too (the loader still loads; evaluation refuses it)."""
+  from clip_jax.data.images import OPENAI
+  try:
+    preprocessing, source, _ = read_stated_preprocessing(path)
+  except _UnreadableStatement:
+    return None  # the loader says what it cannot read
+  except ValueError as e:
+    return (f"{str(e).rstrip('.')} (clip_jax.evaluate refuses it; training, guidance and exports preprocess as "
+            "OpenAI's CLIP).")
+  if preprocessing == OPENAI:
     return None
-  return (f"{path}: {source} states image preprocessing {', '.join(differ)}; this project preprocesses every "
-          "model as OpenAI's CLIP (mean [0.4815, 0.4578, 0.4082], std [0.2686, 0.2613, 0.2758], bicubic "
-          "shortest-side resize, centre crop), so this model's numbers here differ from its own package's, "
-          "and an export states OpenAI's settings.")
+  return (f"{source} states image preprocessing {preprocessing.describe()}: `clip_jax.evaluate` and "
+          "`clip_jax.preprocess(..., preprocessing=convert.stated_preprocessing(PATH))` apply it; training, "
+          "guidance (draw, edit), DreamBooth's metrics and the exports preprocess as OpenAI's CLIP "
+          f"({OPENAI.describe()}).")
 
 
 def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=None) -> str:
@@ -768,7 +852,7 @@ def _load_any_checkpoint(path: str, *, model_name, act, variant, warn_assumed, *
   if not os.path.exists(path):
     raise FileNotFoundError(missing_checkpoint_line(path))
   if os.path.isdir(path):
-    note = stated_preprocessing_note(path)
+    note = stated_preprocessing_note(path) if _SAY_PREPROCESSING_NOTE.get() else None
     if note:
       _log.warning(note)
     if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(

@@ -36,8 +36,14 @@ width it was trained with. --model-name NAME (e.g. ViT-B-32: exact GELU, open_cl
 ViT-B-32-quickgelu: OpenAI's) sets both; --act overrides the activation. Without either, OpenAI's
 QuickGELU is assumed, with a warning. Hugging Face directories and training workdirs carry their own.
 
+Image preprocessing: the checkpoint's own where its folder states one (an open_clip folder's
+preprocess_cfg: mean/std, bicubic or bilinear, resize 'shortest' | 'longest' | 'squash'; a transformers
+folder's preprocessor_config.json), said in one line and recorded in results.json's meta; else OpenAI's
+(mean/std, bicubic shortest-side resize, centre crop), as open_clip's eval transform
+(`clip_jax.convert.stated_preprocessing`).
+
 Writes OUT/results.json, OUT/results.md (a Markdown table; what was wrong with the data is counted
-in both; the settings behind the numbers: checkpoint and step, architecture, tokenizer, each task's
+in both; the settings behind the numbers: checkpoint and step, architecture, tokenizer, preprocessing, each task's
 data and prompts, package versions), OUT/predictions/zeroshot_DATASET.csv (index, key, label,
 prediction per image) and OUT/plots/. Files are written whole; evaluating the same model with the same
 settings into the same OUT adds or replaces task rows and keeps the others, other settings move the
@@ -197,6 +203,23 @@ def tokenizer_for(spec: str | None, checkpoint: str, context_length: int):
   return get_tokenizer(spec, context_length=context_length), spec
 
 
+def evaluation_preprocessing(checkpoint: str | None):
+  """The image preprocessing an evaluation of `checkpoint` uses: the one it states
+  (`convert.stated_preprocessing`), OpenAI's where it states none. Says which in one line when it is not
+  OpenAI's, and what transformers' settings would do that it cannot (once per process and folder).
+  Raises ValueError for a statement it cannot apply."""
+  from clip_jax.convert import read_stated_preprocessing
+  from clip_jax.data.images import OPENAI
+  if not checkpoint:
+    return OPENAI
+  preprocessing, source, unmapped = read_stated_preprocessing(checkpoint)
+  if unmapped:
+    _say_once(f"warning: {unmapped}")
+  if preprocessing != OPENAI:
+    _say_once(f"Image preprocessing: {preprocessing.describe()}, as {source} states (not OpenAI's CLIP's).")
+  return preprocessing
+
+
 @functools.lru_cache(maxsize=None)
 def _say_once(line: str) -> None:
   """Prints `line` on process 0, once per process: WiSE-FT evaluates one folder's mixes many times."""
@@ -246,7 +269,7 @@ def run_zeroshot(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
   evaluator = ZeroShotEvaluator(task.source, ctx["tokenizer"], task.class_names, task.templates,
                                 ctx["batch_size"], ctx["image_size"], split=task.test_split,
                                 data_dir=ctx["data_dir"], name=task.dataset, limit=ctx["limit"],
-                                num_workers=ctx["num_workers"])
+                                num_workers=ctx["num_workers"], preprocessing=ctx["preprocessing"])
   metrics = evaluator.evaluate(ctx["model"], ctx["variables"], ctx["mesh"])
   plots, predictions = [], None
   if ctx["is_main"]:
@@ -269,7 +292,7 @@ def run_retrieval(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
                                           image_size=ctx["image_size"]), ctx["limit"])
   metrics = evaluate_retrieval(ctx["model"], ctx["variables"], source, ctx["tokenizer"],
                                batch_size=ctx["batch_size"], image_size=ctx["image_size"], mesh=ctx["mesh"],
-                               num_workers=ctx["num_workers"])
+                               num_workers=ctx["num_workers"], preprocessing=ctx["preprocessing"])
   counts = ("skipped", "converted")
   return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("num_") and k not in counts},
           "num_examples": int(metrics["num_images"]), "num_texts": int(metrics["num_texts"]),
@@ -286,7 +309,7 @@ def run_linear_probe(task: Task, ctx: dict[str, Any]) -> dict[str, Any]:
   probe = evaluate_linear_probe(ctx["model"], ctx["variables"], train, test, batch_size=ctx["batch_size"],
                                 image_size=ctx["image_size"], mesh=ctx["mesh"], features=ctx["probe_features"],
                                 val_fraction=ctx["val_fraction"], metric=task.paper_metric or "top1",
-                                num_workers=ctx["num_workers"])
+                                num_workers=ctx["num_workers"], preprocessing=ctx["preprocessing"])
   plots = []
   if ctx["is_main"]:
     path = os.path.join(ctx["out_dir"], "plots", f"probe_{task.dataset}.png")
@@ -365,11 +388,14 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
+  from clip_jax.convert import applying_stated_preprocessing
   from clip_jax.eval.report import markdown_table, write_report
   from clip_jax.sharding import create_mesh
 
   path = args.checkpoint or args.workdir
-  model, variables = loaded[:2] if loaded else load_model(path, args.model_name, args.act)
+  preprocessing = evaluation_preprocessing(path)  # before loading: a setting it cannot apply is one line, early
+  with applying_stated_preprocessing():  # the loader's "not applied" line does not hold here
+    model, variables = loaded[:2] if loaded else load_model(path, args.model_name, args.act)
   model_name = args.model_name or infer_model_name(model.config)
   mesh = create_mesh({"data": -1})
   # Replicated weights: the image and text passes split only the batch.
@@ -377,12 +403,12 @@ def evaluate(args: argparse.Namespace, tasks: Sequence[Task], loaded: tuple | No
   out_dir = args.out or (os.path.join(args.workdir, "eval") if args.workdir else "eval_results")
   tokenizer, tokenizer_spec = tokenizer_for(args.tokenizer, path, model.config.text.context_length)
   ctx = dict(model=model, variables=variables, mesh=mesh, out_dir=out_dir, is_main=jax.process_index() == 0,
-             tokenizer=tokenizer,
+             tokenizer=tokenizer, preprocessing=preprocessing,
              image_size=model.config.vision.image_size, batch_size=args.batch_size, data_dir=args.data_dir,
              limit=args.limit, num_workers=args.num_workers, probe_features=args.probe_features,
              val_fraction=args.val_fraction)
   meta = evaluation_settings(args, model, model_name, loaded[2] if loaded else path,
-                             tokenizer_spec, None if loaded else _checkpoint_step(path))
+                             tokenizer_spec, None if loaded else _checkpoint_step(path), preprocessing)
   results = []
   try:
     _run_tasks(tasks, ctx, model_name, results)
@@ -429,12 +455,13 @@ def _run_tasks(tasks: Sequence[Task], ctx: dict[str, Any], model_name: str | Non
 
 
 def evaluation_settings(args: argparse.Namespace, model, model_name: str | None, checkpoint: str,
-                        tokenizer: str, checkpoint_step: int | None) -> dict[str, Any]:
+                        tokenizer: str, checkpoint_step: int | None, preprocessing=None) -> dict[str, Any]:
   """results.json's 'meta': what made the numbers (the checkpoint and its training step, architecture,
-  tokenizer, data options, the probe's split seed, package versions) and where they ran. Two
+  tokenizer, image preprocessing, data options, the probe's split seed, package versions) and where they ran. Two
   evaluations into one folder merge only if these agree (`observe.VOLATILE_SETTINGS` aside)."""
   import jax
 
+  from clip_jax.data.images import OPENAI
   from clip_jax.eval.paper_results import paper_model
   from clip_jax.observe import package_versions
   return {"checkpoint": checkpoint, "checkpoint_step": checkpoint_step, "model_name": model_name,
@@ -442,6 +469,7 @@ def evaluation_settings(args: argparse.Namespace, model, model_name: str | None,
           "vision_heads": model.config.vision.heads, "text_heads": model.config.text.heads,
           "image_size": model.config.vision.image_size,
           "tokenizer": tokenizer, "context_length": model.config.text.context_length,
+          "preprocessing": (preprocessing or OPENAI).to_dict(),
           "limit": args.limit, "data_dir": args.data_dir, "probe_features": args.probe_features,
           "val_fraction": args.val_fraction, "probe_seed": 0,
           "devices": jax.device_count(), "processes": jax.process_count(), "batch_size": args.batch_size,

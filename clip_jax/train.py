@@ -310,6 +310,26 @@ def resolve_tokenizer(cfg) -> None:
   cfg.data.tokenizer = spec
 
 
+def record_init_preprocessing(cfg) -> None:
+  """Training preprocesses as OpenAI's CLIP whatever init.checkpoint states (the loader says so in one
+  line when it states another, `convert.stated_preprocessing_note`). A run from such a folder records
+  what the folder states as init.stated_preprocessing in its config record (a run from OpenAI-preprocessed
+  weights records nothing new); `clip_jax.evaluate --workdir` then evaluates it as it was trained, OpenAI's."""
+  from clip_jax.convert import read_stated_preprocessing
+  from clip_jax.data.images import OPENAI
+  checkpoint = cfg.get("init", {}).get("checkpoint") if cfg.get("init", None) is not None else None
+  if not checkpoint:
+    return
+  try:
+    preprocessing = read_stated_preprocessing(checkpoint)[0]
+  except ValueError as e:  # training does not apply it: recorded as stated, unreadable or not
+    preprocessing = str(e)
+  if preprocessing != OPENAI:
+    with cfg.unlocked():
+      cfg.init.stated_preprocessing = preprocessing if isinstance(preprocessing, str) else (
+          f"{preprocessing.describe()} (training preprocessed as OpenAI's CLIP)")
+
+
 def validate_config(cfg) -> None:
   if cfg.total_steps < 1:
     raise ValueError(f"total_steps must be at least 1, not {cfg.total_steps}.")
@@ -333,6 +353,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   The CLI first calls `loop.check_workdir` (finished runs, the config record)."""
   validate_config(cfg)
   resolve_tokenizer(cfg)  # the CLI did, before its config record; a direct caller's is resolved here
+  record_init_preprocessing(cfg)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   # --- mesh
@@ -423,6 +444,7 @@ def main(argv):
   from clip_jax import cli
   cli.as_user_errors(validate_config, cfg)  # config mistakes: one line, before any compilation
   cli.as_user_errors(resolve_tokenizer, cfg)  # before the config record, which then names it
+  record_init_preprocessing(cfg)
   rerun_eval = flags.FLAGS.rerun_eval
   if loop.check_workdir(workdir, cfg, total_steps=cfg.total_steps, allow_config_change=flags.FLAGS.allow_config_change,
                         rerun_eval=rerun_eval):

@@ -70,6 +70,22 @@ def test_preprocess_equals_open_clip_for_every_8bit_mode(mode):
   np.testing.assert_allclose(ours, open_clip_eval(image), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_a_models_own_preprocessing_equals_open_clip_for_every_8bit_mode(resize_mode, interpolation):
+  # open_clip's image_transform(..., mean, std, interpolation, resize_mode, fill_color): wide and tall
+  # images ('longest' pads the short side with fill_color in the image's own mode: a palette index, CMYK ink).
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  preprocessing = images.Preprocessing(mean, std, interpolation, resize_mode, fill_color=37)
+  reference = open_clip.image_transform(SIZE, is_train=False, mean=mean, std=std, interpolation=interpolation,
+                                        resize_mode=resize_mode, fill_color=37)
+  for mode in EIGHT_BIT_MODES:
+    for image in (make_image(mode), make_image(mode).transpose(Image.Transpose.TRANSPOSE)):
+      ours = clip_jax.preprocess(image, SIZE, preprocessing)[0]
+      np.testing.assert_allclose(ours, reference(image).numpy().transpose(1, 2, 0), rtol=0, atol=1e-6,
+                                 err_msg=f"{mode} {image.size}")
+
+
 def test_palette_png_of_the_issue_matches_and_differs_from_converting_first():
   # The reported case: a 301x199 'P' PNG. Converting to RGB before the bicubic resize (the old
   # order) is 0.97 normalised units off; open_clip resamples the palette indices with NEAREST.

@@ -31,3 +31,41 @@ def test_modes_and_batches():
   np.testing.assert_allclose(batch[1], white, atol=1e-6)
   with pytest.raises(ValueError, match="uint8"):
     clip_jax.preprocess(np.zeros((8, 8, 3), np.float32), 8)
+
+
+def test_a_models_own_preprocessing_and_its_cached_table():
+  from clip_jax.data.images import OPENAI, Preprocessing, _normalize_table, normalize
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8))
+  for mode in ("shortest", "longest", "squash"):
+    preprocessing = Preprocessing(0.5, 0.5, "bilinear", mode, 255)
+    reference = open_clip.image_transform(64, is_train=False, mean=0.5, std=0.5, interpolation="bilinear",
+                                          resize_mode=mode, fill_color=255)(image).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(clip_jax.preprocess(image, 64, preprocessing)[0], reference, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(clip_jax.preprocess(image, 64, OPENAI), clip_jax.preprocess(image, 64))
+  pixels = np.arange(256, dtype=np.uint8).repeat(3).reshape(-1, 3)
+  np.testing.assert_allclose(normalize(pixels, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)),
+                             (pixels / np.float32(255) - np.float32([0.5, 0.4, 0.3])) / np.float32([0.2, 0.3, 0.4]),
+                             rtol=0, atol=1e-6)
+  assert _normalize_table((0.5, 0.4, 0.3), (0.2, 0.3, 0.4)) is _normalize_table((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+  with pytest.raises(ValueError, match="interpolation 'nearest' is not supported"):
+    Preprocessing(interpolation="nearest")
+
+
+def test_inputs_passed_by_mistake_are_one_clear_line_or_read():
+  import jax.numpy as jnp
+  array = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+  expected = clip_jax.preprocess(array, 32)
+  # a jax array (was "cannot unpack non-iterable int object"), one image or a batch
+  np.testing.assert_array_equal(clip_jax.preprocess(jnp.asarray(array), 32), expected)
+  np.testing.assert_array_equal(clip_jax.preprocess(jnp.stack([array, array]), 32)[1], expected[0])
+  np.testing.assert_array_equal(clip_jax.preprocess([jnp.asarray(array)], 32), expected)
+  # channels first (was PIL's "Cannot handle this data type: (1, 1, 50), |u1")
+  with pytest.raises(ValueError, match=r"looks channels-first \[c, h, w\]: pass np.transpose\(x, \(1, 2, 0\)\)"):
+    clip_jax.preprocess(array.transpose(2, 0, 1), 32)
+  with pytest.raises(ValueError, match="uint8"):
+    clip_jax.preprocess(jnp.asarray(array, jnp.float32), 32)
+  with pytest.raises(ValueError, match=r"got an array of shape \(5,\)"):
+    clip_jax.preprocess(np.zeros(5, np.uint8), 32)
+  with pytest.raises(ValueError, match="load_image"):
+    clip_jax.preprocess(["photo.jpg"], 32)
+  assert clip_jax.preprocess(array[..., :1], 32).shape == (1, 32, 32, 3)  # [h, w, 1] gray

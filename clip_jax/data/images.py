@@ -8,7 +8,9 @@ evaluation sources, DreamBooth's folders) goes through it.
 
 The transforms follow the CLIP paper as open_clip implements it: RandomResizedCrop(scale=(0.9,
 1.0)) for training, Resize(shortest side) + CenterCrop for evaluation, both bicubic, then OpenAI's
-mean/std. Mode handling differs on purpose between the two:
+mean/std. Evaluation also takes a model's own settings (`Preprocessing`: mean/std, bilinear, open_clip's
+'longest' and 'squash' resize modes); training always preprocesses as OpenAI's CLIP. Mode handling
+differs on purpose between the two:
   evaluation (`eval_transform`, `clip_jax.preprocess`): open_clip's order, resize and crop in the
     image's own mode, convert to RGB last, so pretrained OpenAI/open_clip weights see exactly the
     pixels their reference numbers were measured on (a palette image is resampled with NEAREST,
@@ -21,6 +23,8 @@ mean/std. Mode handling differs on purpose between the two:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import math
 import warnings
@@ -32,6 +36,56 @@ from clip_jax.data.records import BadRecord
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}  # what open_clip's eval transform has
+RESIZE_MODES = ("shortest", "longest", "squash")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """A model's evaluation preprocessing, open_clip's `preprocess_cfg` terms: `mean` / `std` (per RGB
+  channel, 0..1 units), `interpolation` ('bicubic' | 'bilinear'), `resize_mode` ('shortest': the
+  shortest side to the size, centre crop; 'longest': the longest side to the size, padded to a square
+  with `fill_color`; 'squash': both sides to the size) and `fill_color` (0..255, in the image's own
+  mode, as torchvision pads). `OPENAI` is OpenAI's CLIP, every model's default; a checkpoint's own:
+  `clip_jax.convert.stated_preprocessing`. Raises ValueError for what open_clip's eval transform
+  does not have."""
+  mean: tuple[float, float, float] = OPENAI_MEAN
+  std: tuple[float, float, float] = OPENAI_STD
+  interpolation: str = "bicubic"
+  resize_mode: str = "shortest"
+  fill_color: int = 0
+
+  def __post_init__(self):
+    for name in ("mean", "std"):  # one number for all channels is allowed, as open_clip and transformers do
+      try:
+        values = tuple(float(v) for v in np.broadcast_to(np.asarray(getattr(self, name), np.float64), (3,)))
+      except (TypeError, ValueError):
+        raise ValueError(f"preprocessing {name} must be 3 numbers (or one), got {getattr(self, name)!r}.") from None
+      if name == "std" and min(values) <= 0:
+        raise ValueError(f"preprocessing std must be positive, got {list(values)}.")
+      object.__setattr__(self, name, values)
+    if self.interpolation not in INTERPOLATIONS:
+      raise ValueError(f"preprocessing interpolation {self.interpolation!r} is not supported: "
+                       f"{' or '.join(map(repr, INTERPOLATIONS))}, as open_clip's eval transform has.")
+    if self.resize_mode not in RESIZE_MODES:
+      raise ValueError(f"preprocessing resize_mode {self.resize_mode!r} is not supported: "
+                       f"{', '.join(map(repr, RESIZE_MODES))}, as open_clip's eval transform has.")
+    if not isinstance(self.fill_color, (int, np.integer)) or isinstance(self.fill_color, bool):
+      raise ValueError(f"preprocessing fill_color must be one integer 0..255, got {self.fill_color!r}.")
+
+  def describe(self) -> str:
+    """One line: 'mean [0.485, 0.456, 0.406], std [...], bilinear, squash'."""
+    rounded = lambda values: [round(v, 4) for v in values]  # noqa: E731
+    text = f"mean {rounded(self.mean)}, std {rounded(self.std)}, {self.interpolation}, resize {self.resize_mode}"
+    return text + (f" (fill {self.fill_color})" if self.resize_mode == "longest" else "")
+
+  def to_dict(self) -> dict:
+    """JSON-able, open_clip's preprocess_cfg keys (results' meta, config records)."""
+    return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode, "fill_color": int(self.fill_color)}
+
+
+OPENAI = Preprocessing()
 
 # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): ~89.5M pixels, ~268 MB as RGB.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -206,20 +260,35 @@ def train_transform(image: Image.Image, size: int, rng: np.random.Generator,
   return np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
 
 
-def eval_transform(image: Image.Image, size: int) -> np.ndarray:
-  """Resize the shortest side to `size` (bicubic), center crop, then convert to RGB:
-  [size, size, 3] uint8 from a PIL image of any mode.
+def eval_transform(image: Image.Image, size: int, preprocessing: Preprocessing = OPENAI) -> np.ndarray:
+  """open_clip's eval transform of a PIL image of any mode -> [size, size, 3] uint8, then convert to RGB.
 
-  Bit-identical to open_clip's eval transform (torchvision Resize(int) + CenterCrop on PIL images,
-  then convert("RGB")), which OpenAI's preprocessing also runs, in the same order: the resampling
-  happens in the image's own mode, so a palette ('P') or bilevel ('1') image is resampled with
-  NEAREST (PIL's rule for those modes) and RGBA/LA with premultiplied alpha, and the alpha channel is
-  dropped only at the end (`to_rgb_last`). Differs only for 16/32-bit and float gray, which keep
-  their top 8 bits where open_clip saturates them at 255. For extreme aspect ratios the crop's
-  source box is resampled directly instead, so a 1 x 100000 image never becomes a 224 x 22400000
-  intermediate.
+  `preprocessing.resize_mode`: 'shortest' (OpenAI's): the shortest side resized to `size`, centre crop;
+  'longest': the longest side resized to `size` (the other rounded, as open_clip's ResizeKeepRatio),
+  padded to a square with `fill_color` (torchvision's pad, in the image's own mode); 'squash': resized to
+  size x size. Resampling with `preprocessing.interpolation` (bicubic or bilinear).
+
+  Bit-identical to open_clip's `image_transform(size, is_train=False, interpolation=..., resize_mode=...,
+  fill_color=...)` (torchvision on PIL images, then convert("RGB")), which OpenAI's preprocessing also
+  runs, in the same order: the resampling happens in the image's own mode, so a palette ('P') or bilevel
+  ('1') image is resampled with NEAREST (PIL's rule for those modes) and RGBA/LA with premultiplied
+  alpha, and the alpha channel is dropped only at the end (`to_rgb_last`). Differs only for 16/32-bit
+  and float gray, which keep their top 8 bits where open_clip saturates them at 255. For extreme aspect
+  ratios the crop's source box is resampled directly instead, so a 1 x 100000 image never becomes a
+  224 x 22400000 intermediate.
   """
+  resample = INTERPOLATIONS[preprocessing.interpolation]
   width, height = image.size
+  if preprocessing.resize_mode == "squash":
+    if (width, height) != (size, size):
+      image = image.resize((size, size), resample)
+    return np.asarray(to_rgb_last(image))
+  if preprocessing.resize_mode == "longest":
+    ratio = max(height / size, width / size)  # open_clip's ResizeKeepRatio(longest=1), its float arithmetic
+    new_h, new_w = (round(x * 1.0 / ratio) for x in (height, width))
+    if (new_w, new_h) != (width, height):
+      image = image.resize((new_w, new_h), resample)
+    return np.asarray(to_rgb_last(_center_crop_or_pad(image, size, preprocessing.fill_color)))
   if width <= height:
     new_w, new_h = size, int(size * height / width)
   else:
@@ -229,21 +298,45 @@ def eval_transform(image: Image.Image, size: int) -> np.ndarray:
   if max(new_w, new_h) > 8 * size:
     scale_x, scale_y = width / new_w, height / new_h
     box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
-    return np.asarray(to_rgb_last(image.resize((size, size), Image.BICUBIC, box=box)))
+    return np.asarray(to_rgb_last(image.resize((size, size), resample, box=box)))
   if (new_w, new_h) != (width, height):
-    image = image.resize((new_w, new_h), Image.BICUBIC)
+    image = image.resize((new_w, new_h), resample)
   return np.asarray(to_rgb_last(image.crop((left, top, left + size, top + size))))
 
 
+def _center_crop_or_pad(image: Image.Image, size: int, fill: int) -> Image.Image:
+  """open_clip's CenterCropOrPad on a PIL image: pad (torchvision's F.pad: `fill` for every band, in the
+  image's own mode, a palette image's index) to at least size x size, then centre crop."""
+  width, height = image.size
+  if size > width or size > height:
+    pad_w, pad_h = max(size - width, 0), max(size - height, 0)
+    border = (pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2)
+    bands = len(image.getbands())
+    color = int(fill) if bands == 1 else tuple([int(fill)] * bands)  # torchvision's _parse_fill
+    palette = image.getpalette() if image.mode == "P" else None
+    image = ImageOps.expand(image, border=border, fill=color)
+    if palette is not None:
+      image.putpalette(palette)
+    width, height = image.size
+  top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+  return image.crop((left, top, left + size, top + size))
+
+
 # uint8 value -> normalized float32, per channel: a table lookup is ~1.5x cheaper than the
-# arithmetic and gives the same float32 numbers.
-_NORMALIZE_TABLE = ((np.arange(256, dtype=np.float32)[:, None] - np.float32(255) * np.asarray(OPENAI_MEAN, np.float32))
-                    / (np.float32(255) * np.asarray(OPENAI_STD, np.float32))).T.copy()  # [3, 256]
+# arithmetic and gives the same float32 numbers. One table per mean/std.
+@functools.lru_cache(maxsize=16)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+  table = ((np.arange(256, dtype=np.float32)[:, None] - np.float32(255) * np.asarray(mean, np.float32))
+           / (np.float32(255) * np.asarray(std, np.float32))).T.copy()  # [3, 256]
+  table.flags.writeable = False
+  return table
 
 
-def normalize(pixels: np.ndarray) -> np.ndarray:
-  """uint8 [..., 3] -> float32 [..., 3] with OpenAI CLIP's mean/std: (x / 255 - mean) / std."""
+def normalize(pixels: np.ndarray, mean=OPENAI_MEAN, std=OPENAI_STD) -> np.ndarray:
+  """uint8 [..., 3] -> float32 [..., 3]: (x / 255 - mean) / std, OpenAI CLIP's mean/std by default
+  (a model's own: `Preprocessing.mean` / `.std`)."""
+  table = _normalize_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
   out = np.empty(pixels.shape, np.float32)
   for channel in range(3):
-    np.take(_NORMALIZE_TABLE[channel], pixels[..., channel], out=out[..., channel])
+    np.take(table[channel], pixels[..., channel], out=out[..., channel])
   return out

@@ -11,8 +11,8 @@
 Training: one global shuffle per epoch (same seed on every process), repeated forever or for
 `num_epochs`, each process taking every `process_count`-th example of that global order, random
 resized crop, batches of exactly `batch_size` with bad records filtered out. Evaluation: source
-order, resize + center crop, the last batch padded with `mask=False` rows, and every process
-yielding the same number of batches so that collective ops in the eval step never wait forever.
+order, resize + center crop (or the model's own `preprocessing`), the last batch padded with
+`mask=False` rows, and every process yielding the same number of batches so that collective ops in the eval step never wait forever.
 
 Decoding, augmentation and tokenization run per example in `num_workers` processes (0: in this
 process, on `read_threads` threads). Counting and filtering of bad records happen after the
@@ -44,8 +44,12 @@ class ExampleMaker:
 
   def __init__(self, source, tokenizer: Tokenizer, image_size: int, train: bool,
                crop_scale=(0.9, 1.0), max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
-               max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS):
+               max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+               preprocessing: image_ops.Preprocessing | None = None):
     self.source, self.tokenizer = source, tokenizer
+    # Evaluation's resize / mean / std (a model's own, `convert.stated_preprocessing`); training is OpenAI's.
+    self.preprocessing = preprocessing or image_ops.OPENAI
+    assert not (train and self.preprocessing != image_ops.OPENAI), "training preprocesses as OpenAI's CLIP"
     self.image_size, self.train = image_size, train
     self.crop_scale, self.max_pixels, self.max_caption_chars = tuple(crop_scale), max_pixels, max_caption_chars
     self.num_records = len(source)
@@ -85,13 +89,13 @@ class ExampleMaker:
         # A palette with a transparency entry loses it as alpha does: counted as palette + alpha ('PA').
         transparent_palette = image.mode == "P" and "transparency" in image.info
         image_repairs = image_ops.mode_repairs("PA" if transparent_palette else image.mode)
-        pixels = image_ops.eval_transform(image, self.image_size)
+        pixels = image_ops.eval_transform(image, self.image_size, self.preprocessing)
       tokens = np.asarray(self.tokenizer([caption]), np.int32)[0]
     except BadRecord as e:
       return self.placeholder(index, [("skipped", e.reason)], f"{key}: {e.detail}")
     except Exception as e:  # noqa: BLE001 - one odd record must not end a week-long run
       return self.placeholder(index, [("skipped", "processing_error")], f"{key}: {type(e).__name__}: {e}")
-    return {"image": image_ops.normalize(pixels), "tokens": tokens,
+    return {"image": image_ops.normalize(pixels, self.preprocessing.mean, self.preprocessing.std), "tokens": tokens,
             "label": np.int32(raw.get("label", -1)), "index": np.int32(index), "mask": np.bool_(True),
             "_quality": [("repaired", r) for r in caption_repairs + image_repairs], "_detail": ""}
 
@@ -191,19 +195,23 @@ def make_pipeline(source, tokenizer: Tokenizer, *, batch_size: int, image_size: 
                   process_index: int | None = None, process_count: int | None = None,
                   num_workers: int = 0, read_threads: int = 2, prefetch_batches: int = 2,
                   crop_scale=(0.9, 1.0), max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
-                  max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> grain.IterDataset:
+                  max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+                  preprocessing: image_ops.Preprocessing | None = None) -> grain.IterDataset:
   """-> a grain IterDataset of per-process batches (see the module docstring).
 
   `batch_size` is per process (global batch / process_count). `num_epochs=None` repeats training
   forever; evaluation always makes one pass. `process_index`/`process_count` default to jax's.
+  `preprocessing`: evaluation's (a model's own mean/std, interpolation, resize mode; default OpenAI's).
   """
+  if train and preprocessing not in (None, image_ops.OPENAI):
+    raise ValueError("training preprocesses as OpenAI's CLIP; a model's own preprocessing applies to evaluation.")
   if batch_size < 1:
     raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
   num_records = len(source)
   if num_records == 0:
     raise ValueError(f"{source!r} holds no records.")
   process_index, process_count = _process_index_and_count(process_index, process_count)
-  maker = ExampleMaker(source, tokenizer, image_size, train, crop_scale, max_pixels, max_caption_chars)
+  maker = ExampleMaker(source, tokenizer, image_size, train, crop_scale, max_pixels, max_caption_chars, preprocessing)
 
   if train:
     # Shuffle and augmentation seeds come from `seed` and the global position, identical on every

@@ -71,11 +71,13 @@ class Subset:
     return getattr(self._source, name)
 
 
-def image_batches(source, *, batch_size: int, image_size: int, mesh: Mesh, num_workers: int = 0):
-  """The eval pipeline over `source` with a global batch of (rounded) `batch_size`."""
+def image_batches(source, *, batch_size: int, image_size: int, mesh: Mesh, num_workers: int = 0,
+                  preprocessing=None):
+  """The eval pipeline over `source` with a global batch of (rounded) `batch_size`; `preprocessing`: the
+  model's own (`convert.stated_preprocessing`), OpenAI's by default."""
   per_process = global_batch_size(batch_size, mesh) // jax.process_count()
   return make_pipeline(source, ImagesOnly(), batch_size=per_process, image_size=image_size, train=False,
-                       num_workers=num_workers)
+                       num_workers=num_workers, preprocessing=preprocessing)
 
 
 def _is_ln_post(module: nn.Module, method_name: str) -> bool:

@@ -174,12 +174,13 @@ def labels_in_train_classes(test_labels: np.ndarray, test_names, train_names) ->
 
 def evaluate_linear_probe(model, variables, train_source, test_source, *, batch_size: int, image_size: int,
                           mesh, features: str = "pre_projection", val_fraction: float = 0.2, seed: int = 0,
-                          metric: str = "top1", num_workers: int = 0) -> ProbeResult:
-  """Frozen features of both splits (sharded image passes), then the probe on the host."""
+                          metric: str = "top1", num_workers: int = 0, preprocessing=None) -> ProbeResult:
+  """Frozen features of both splits (sharded image passes; `preprocessing`: the model's own, OpenAI's
+  by default), then the probe on the host."""
   splits = {}
   for name, source in (("train", train_source), ("test", test_source)):
     batches = embed.image_batches(source, batch_size=batch_size, image_size=image_size, mesh=mesh,
-                                  num_workers=num_workers)
+                                  num_workers=num_workers, preprocessing=preprocessing)
     splits[name] = embed.embed_images(model, variables, batches, len(source), mesh, features=features)
     if splits[name].num_skipped:
       logging.warning("linear probe: %d unreadable %s records left out.", splits[name].num_skipped, name)

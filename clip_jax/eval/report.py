@@ -101,6 +101,9 @@ def settings_lines(results: list[dict[str, Any]], meta: dict[str, Any]) -> list[
   step = f" (step {meta['checkpoint_step']})" if meta.get("checkpoint_step") is not None else ""
   lines = ["Settings:", f"- checkpoint: `{meta.get('checkpoint')}`{step}; activation {meta.get('act')}, "
            f"tokenizer {meta.get('tokenizer')}, image size {meta.get('image_size')}"]
+  if meta.get("preprocessing"):
+    from clip_jax.data.images import Preprocessing
+    lines.append(f"- image preprocessing: {Preprocessing(**meta['preprocessing']).describe()}")
   if meta.get("limit"):
     lines.append(f"- only the first {meta['limit']} examples of each split (--limit)")
   for r in results:

@@ -137,13 +137,14 @@ def _found_at(scores: np.ndarray, correct: np.ndarray, ks: Sequence[int]) -> np.
 
 
 def evaluate_retrieval(model, variables, source, tokenizer, *, batch_size: int, image_size: int, mesh,
-                       ks: Sequence[int] = DEFAULT_KS, num_workers: int = 0) -> dict[str, Any]:
-  """Embeds every image and every caption of `source`, sharded over the mesh, and scores recall:
+                       ks: Sequence[int] = DEFAULT_KS, num_workers: int = 0, preprocessing=None) -> dict[str, Any]:
+  """Embeds every image (`preprocessing`: the model's own, OpenAI's by default) and every caption of
+  `source`, sharded over the mesh, and scores recall:
   {metric: percent, 'num_images', 'num_texts', 'num_skipped': counts, 'skipped': {reason: count},
   'converted': {'mode_RGBA': count, ...}}."""
   captions = source_captions(source)
   batches = embed.image_batches(source, batch_size=batch_size, image_size=image_size, mesh=mesh,
-                                num_workers=num_workers)
+                                num_workers=num_workers, preprocessing=preprocessing)
   images = embed.embed_images(model, variables, batches, len(source), mesh)
   # Captions of images that could not be read leave with them: they have nothing to retrieve.
   row_of_index = {int(index): row for row, index in enumerate(images.indices)}

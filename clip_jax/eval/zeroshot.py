@@ -163,7 +163,8 @@ class ZeroShotEvaluator:
   def __init__(self, source_spec: str, tokenizer: Tokenizer, class_names: Sequence[str] | None = None,
                templates: Sequence[str] | None = None, batch_size: int = 256, image_size: int = 224, *,
                split: str | None = None, data_dir: str | None = None, name: str | None = None,
-               limit: int | None = None, num_workers: int = 0, source=None, confusion_png: str | None = None):
+               limit: int | None = None, num_workers: int = 0, source=None, confusion_png: str | None = None,
+               preprocessing=None):
     info = find_dataset(source_spec)
     split = split or (info.test_split if info else "test")
     opened_here = source is None
@@ -187,6 +188,7 @@ class ZeroShotEvaluator:
     self.name = name or (info.name if info else source_spec)
     self.split = split
     self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
+    self.preprocessing = preprocessing  # the model's own (`convert.stated_preprocessing`); None: OpenAI's
     self.prompt_tokens = np.asarray(tokenizer(prompt_texts(self.class_names, self.templates)), np.int32)
     self._batches = {}  # per-process batch size -> pipeline (built once per mesh shape)
     self.last_confusion: np.ndarray | None = None
@@ -199,7 +201,8 @@ class ZeroShotEvaluator:
     size = embed.global_batch_size(self.batch_size, mesh)
     if size not in self._batches:
       self._batches[size] = embed.image_batches(self.source, batch_size=size, image_size=self.image_size,
-                                                mesh=mesh, num_workers=self.num_workers)
+                                                mesh=mesh, num_workers=self.num_workers,
+                                                preprocessing=self.preprocessing)
     return self._batches[size]
 
   def data_report(self) -> dict:
