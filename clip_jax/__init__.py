@@ -4,7 +4,10 @@ As a library (README.md, section "Python", shows the pattern end to end):
   load_checkpoint(path, model_name=None, ...)  -> (model, variables) from OpenAI/open_clip files, HF or open_clip folders, workdirs
   create_model(name, **overrides)               -> a CLIP module of a named config (MODEL_CONFIGS), e.g. 'ViT-B-32'
   init_variables(model, rng)                    -> fresh (unsharded) variables for it
-  preprocess(images, image_size=224)            -> float32 [N, H, W, 3] model inputs from PIL images / uint8 arrays
+  preprocess(images, image_size=224, preprocessing=None)
+                                                -> float32 [N, H, W, 3] model inputs from PIL images / uint8 arrays
+  stated_preprocessing(path)                    -> the checkpoint's own image preprocessing (mean/std, resize), else OpenAI's
+  checkpoint_tokenizer(path)                    -> (the checkpoint's tokenizer spec for get_tokenizer, a line to say or None)
   tokenize(texts, context_length=77)            -> int32 [N, T] token ids (OpenAI's BPE, as open_clip.tokenize)
   get_tokenizer(spec='clip')                    -> a tokenizer object (CLIP BPE, HF files, sentencepiece)
   CLIP.encode_image / encode_text / get_logits  -> embeddings; open_clip's (logits_per_image, logits_per_text)
@@ -23,6 +26,7 @@ _EXPORTS = {
     "CLIP": "clip_jax.models", "CLIPConfig": "clip_jax.models", "MODEL_CONFIGS": "clip_jax.models",
     "create_model": "clip_jax.models", "init_variables": "clip_jax.models", "l2_normalize": "clip_jax.models",
     "load_checkpoint": "clip_jax.convert", "export_hf": "clip_jax.convert",
+    "stated_preprocessing": "clip_jax.convert", "checkpoint_tokenizer": "clip_jax.convert",
     "export_open_clip": "clip_jax.convert", "export_openai_state_dict": "clip_jax.convert",
     "tokenize": "clip_jax.tokenizer", "get_tokenizer": "clip_jax.tokenizer",
     "ClipTokenizer": "clip_jax.tokenizer", "SentencePieceTokenizer": "clip_jax.tokenizer",

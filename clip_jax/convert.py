@@ -605,6 +605,8 @@ def _from_image_processor(cfg: dict) -> tuple[dict, list[str]]:
   unmapped = []
   if isinstance(size, int):  # old processors: one number = the shortest edge
     size = {"shortest_edge": size}
+  if isinstance(crop, int):  # old processors: one number = a square crop
+    crop = {"height": crop, "width": crop}
   if not isinstance(size, dict):
     raise ValueError(f"size {size!r} is neither {{'shortest_edge': N}} nor {{'height': H, 'width': W}}")
   if "shortest_edge" in size:

@@ -223,7 +223,9 @@ CONFIG_CHANGES_FILE = "config_changes.jsonl"
 OPERATIONAL_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "max_nonfinite_steps",
                     "eval_every", "progress_bar", "compilation_cache", "peak_flops_per_device", "measure_peak_flops",
                     "mesh", "logical_axis_rules", "gradient_accumulation", "remat", "zeroshot_eval", "validation",
-                    "data.num_workers")
+                    "data.num_workers",
+                    # What an init folder states but training does not apply (clip_jax.train.record_init_preprocessing).
+                    "init.stated_preprocessing")
 
 
 def define_flags() -> None:
@@ -301,6 +303,20 @@ def mark_finished(workdir: str, step: int, outputs: Sequence[str] = ()) -> None:
   if jax.process_index() == 0:
     write_atomic(os.path.join(workdir, DONE_FILE), json.dumps(
         {"step": int(step), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs": list(outputs)}) + "\n")
+
+
+def recorded_config(workdir: str) -> dict[str, Any]:
+  """The flattened config record (CONFIG_FILE) of a run in `workdir` that has saved a checkpoint (the
+  settings a resume must keep); {} when there is none, or no checkpoint yet, or it cannot be read."""
+  import json
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not stage_steps(workdir) or not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      return flatten_config(json.load(f))
+  except (OSError, ValueError):
+    return {}
 
 
 def check_workdir(workdir: str, config: Any, *, total_steps: int, allow_config_change: bool = False,

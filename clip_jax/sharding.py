@@ -206,7 +206,7 @@ def merge_microbatches(x: Any) -> Any:
 
 
 def on_auto_axes(module: nn.Module, method: Callable[..., Any], x: jax.Array, *args: Any) -> Any:
-  """`method(module, x, *args)`, with the Explicit mesh axes that `x` is sharded over switched to Auto
+  """`method(module, x, *args)`, with every Explicit axis of the mesh `x` is placed on switched to Auto
   around it; outputs keep x's batch split (dimension 0), the rest replicated. Just the call otherwise.
 
   `jax.make_mesh` makes Explicit axes by default (jax >= 0.7); there every reshape, gather and

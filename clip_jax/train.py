@@ -300,10 +300,20 @@ def describe_training_data(num_records: int, global_batch: int, total_steps: int
 
 
 # ----------------------------------------------------------------------------- main
-def resolve_tokenizer(cfg) -> None:
-  """Sets cfg.data.tokenizer to the tokenizer the run uses (`pretrained.training_tokenizer`: the user's,
-  else init.checkpoint's own, else 'clip'), so the config record names it and `clip_jax.evaluate --workdir`
-  tokenizes as training did; process 0 prints the line when 'clip' is assumed for a folder."""
+def resolve_tokenizer(cfg, workdir: str | None = None) -> None:
+  """Sets cfg.data.tokenizer to the tokenizer the run uses, so the config record names it and
+  `clip_jax.evaluate --workdir` tokenizes as training did: the user's (a path made absolute), else what
+  WORKDIR's config record names (a run resumes with the tokenizer it started with, also one recorded
+  before init folders' own tokenizers were used), else `pretrained.training_tokenizer` (init.checkpoint's
+  own, else 'clip'); process 0 prints the line when 'clip' is assumed for a folder."""
+  given = cfg.data.get("tokenizer") or ""
+  if given:  # a path made absolute: the record is read from any directory
+    cfg.data.tokenizer = os.path.abspath(given) if os.path.exists(given) else given
+    return
+  recorded = loop.recorded_config(workdir).get("data.tokenizer") if workdir else None
+  if recorded:
+    cfg.data.tokenizer = recorded
+    return
   spec, note = pretrained.training_tokenizer(cfg)
   if note and jax.process_index() == 0:
     print(note, flush=True)
@@ -352,7 +362,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   rerun_eval: a workdir already at total_steps is evaluated again (nothing else runs or is written).
   The CLI first calls `loop.check_workdir` (finished runs, the config record)."""
   validate_config(cfg)
-  resolve_tokenizer(cfg)  # the CLI did, before its config record; a direct caller's is resolved here
+  resolve_tokenizer(cfg, workdir)  # the CLI did, before its config record; a direct caller's is resolved here
   record_init_preprocessing(cfg)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -443,7 +453,7 @@ def main(argv):
   cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   from clip_jax import cli
   cli.as_user_errors(validate_config, cfg)  # config mistakes: one line, before any compilation
-  cli.as_user_errors(resolve_tokenizer, cfg)  # before the config record, which then names it
+  cli.as_user_errors(resolve_tokenizer, cfg, workdir)  # before the config record, which then names it
   record_init_preprocessing(cfg)
   rerun_eval = flags.FLAGS.rerun_eval
   if loop.check_workdir(workdir, cfg, total_steps=cfg.total_steps, allow_config_change=flags.FLAGS.allow_config_change,

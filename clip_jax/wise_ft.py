@@ -172,6 +172,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   if is_main and note:
     print(f"WiSE-FT: {note}.", flush=True)
+  # Every mix is evaluated with the zero-shot side's stated preprocessing (evaluate's rule for its
+  # checkpoint); a fine-tune trained here preprocessed as OpenAI's CLIP, so the two can differ: said.
+  from clip_jax.convert import read_stated_preprocessing
+  zs_prep, ft_prep = (read_stated_preprocessing(path)[0] for path in (args.zeroshot, args.finetuned))
+  if is_main and zs_prep != ft_prep:
+    print(f"WiSE-FT: every mix is evaluated with {args.zeroshot}'s image preprocessing ({zs_prep.describe()}); "
+          f"{args.finetuned} states {ft_prep.describe()}, so alpha 1 is not evaluated as it would be alone.",
+          flush=True)
   rows, reports = [], []
   for alpha in alphas:
     eval_args.out = os.path.join(args.out, f"alpha_{alpha:g}")
@@ -195,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reports.append(report["results"])
   from clip_jax.observe import package_versions, save_results
   meta = {"zeroshot": args.zeroshot, "finetuned": args.finetuned, "note": note, "tasks": args.tasks,
-          "alphas": alphas, "limit": args.limit, "versions": package_versions()}
+          "alphas": alphas, "limit": args.limit, "preprocessing": zs_prep.to_dict(), "versions": package_versions()}
   if is_main:
     # Written whole; an earlier table of other settings is moved aside (results.N.json), never mixed in.
     save_results(os.path.join(args.out, "results.json"), {"meta": meta, "rows": rows, "results": reports},

@@ -192,7 +192,7 @@ def test_readme_python_names_exist():
   import clip_jax
   block = readme_python_block()
   names = set(re.findall(r"clip_jax\.(\w+)", block))
-  assert {"load_checkpoint", "preprocess", "tokenize", "export_hf"} <= names
+  assert {"load_checkpoint", "stated_preprocessing", "preprocess", "checkpoint_tokenizer", "export_hf"} <= names
   assert not [n for n in names if n not in clip_jax.__all__]
   assert all(f'"{p}"' in block for p in README_PLACEHOLDERS)
   assert "method=model.get_logits" in block and "load_pipeline" in block

@@ -179,6 +179,8 @@ def test_percentages_of_whole_counts_are_the_correctly_rounded_decimals():
   assert repr(metrics["top1"]) == "14.0" and repr(metrics["mean_per_class"]) == "14.0"
   assert repr(linear_probe._score(labels, predictions, "top1")) == "14.0"
   assert zeroshot.percent(np.array([0.5, 0.25, 1.0, 0.0])) == 43.75  # retrieval's tie expectations
+  assert np.isnan(zeroshot.percent(np.array([], bool)))  # nothing scored: NaN, not 0%
+  assert np.isnan(zeroshot.mean_per_class_accuracy(np.array([], np.int64), np.array([], np.int64)))
   image_emb = np.eye(50, dtype=np.float32)
   shifted = np.concatenate([np.arange(7), 7 + (np.arange(7, 50) - 6) % 43])  # texts 7.. name the next image
   text_emb = image_emb[shifted]

@@ -512,3 +512,32 @@ def test_demo_configs():
   assert digits_finetune.get_config("lit,runlocal").total_steps == 4
   with pytest.raises(ValueError, match="unknown variant"):
     digits_finetune.get_config("lit48")
+
+
+def test_a_run_resumes_with_the_tokenizer_its_record_names(hf_own_tokenizer, tmp_path, capsys, monkeypatch):
+  """A workdir whose record (written before init folders' own tokenizers were used) says 'clip' resumes
+  with 'clip' from that folder, not refused as a changed setting; an explicit tokenizer is the user's
+  (a relative path made absolute); what an init folder states but training does not apply
+  (init.stated_preprocessing) is no reason to refuse a resume or a finished run's check."""
+  import json
+  from clip_jax import loop, train as trainer
+  from tests.test_train import tiny_config
+  workdir = tmp_path / "run"
+  cfg = tiny_config(**{"init.checkpoint": hf_own_tokenizer})
+  old = json.loads(cfg.to_json_best_effort())
+  old["data"]["tokenizer"] = "clip"
+  os.makedirs(workdir / "checkpoints" / "2")
+  (workdir / "config.json").write_text(json.dumps(old))
+  trainer.resolve_tokenizer(cfg, str(workdir))
+  assert cfg.data.tokenizer == "clip"
+  with cfg.unlocked():
+    cfg.init.stated_preprocessing = "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5], bicubic, resize squash"
+  assert loop.check_workdir(str(workdir), cfg, total_steps=cfg.total_steps) is False  # resumes, nothing refused
+  fresh = tiny_config(**{"init.checkpoint": hf_own_tokenizer})
+  trainer.resolve_tokenizer(fresh, str(tmp_path / "new"))  # no record: the folder's own
+  assert fresh.data.tokenizer == hf_own_tokenizer
+  monkeypatch.chdir(os.path.dirname(hf_own_tokenizer))
+  given = tiny_config(**{"data.tokenizer": os.path.basename(hf_own_tokenizer)})
+  trainer.resolve_tokenizer(given, str(workdir))
+  assert given.data.tokenizer == hf_own_tokenizer  # absolute; the user's wins over the record
+  assert capsys.readouterr().out == ""

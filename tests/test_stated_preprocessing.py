@@ -129,6 +129,11 @@ def test_stated_preprocessing_reads_open_clip_and_transformers_settings(tmp_path
     assert convert.stated_preprocessing(str(hf)) == OPENAI
   (message,) = [r.getMessage() for r in caplog.records]
   assert "transformers would not centre-crop (do_center_crop false" in message and "\n" not in message
+  processor.write_text(json.dumps({**convert.image_processor_config(224), "size": 256, "crop_size": 224}))
+  caplog.clear()  # old processors' int size and crop_size: the crop is checked as the dict form's
+  with caplog.at_level("WARNING", logger="clip_jax.convert"):
+    convert.stated_preprocessing(str(hf))
+  assert "resize the shortest side to 256 and crop 224" in caplog.text
   processor.write_text(json.dumps({"resample": 1}))
   with pytest.raises(ValueError, match="interpolation 'lanczos' is not supported"):
     convert.stated_preprocessing(str(hf))

@@ -130,3 +130,24 @@ def test_act_for_two_folders_is_one_line_not_ignored(tmp_path, capsys, monkeypat
                        "--tasks", "zeroshot:digits", "--out", str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--act applies to bare state-dict files" in err[0] and "are directories" in err[0], err
+
+
+def test_a_zero_shot_side_stating_other_preprocessing_is_said_and_recorded(tmp_path, capsys, monkeypatch):
+  # Every mix is evaluated with the zero-shot checkpoint's stated preprocessing; a fine-tune trained
+  # here preprocessed as OpenAI's, so alpha 1 is not evaluated as it would be alone: said, and recorded.
+  model = clip_jax.create_model("ViT-Tiny")
+  monkeypatch.setattr(evaluate, "load_model", lambda *a: (model, {"params": {}}))
+  monkeypatch.setattr(wise_ft, "align_pair", lambda zs, ft: (zs, None))
+  monkeypatch.setattr(wise_ft, "interpolate", lambda zs, ft, alpha: zs)
+  monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: {"results": []})
+  zeroshot = tmp_path / "siglip_like"
+  zeroshot.mkdir()
+  (zeroshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": {
+      "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"}}))
+  assert wise_ft.main(["--zeroshot", str(zeroshot), "--finetuned", "b.pt", "--tasks", "zeroshot:digits",
+                       "--alphas", "0,1", "--out", str(tmp_path / "o")]) == 0
+  out = capsys.readouterr().out
+  assert (f"every mix is evaluated with {zeroshot}'s image preprocessing (mean [0.5, 0.5, 0.5], std [0.5, 0.5, "
+          "0.5], bicubic, resize squash); b.pt states mean") in out
+  meta = json.load(open(tmp_path / "o" / "results.json"))["meta"]
+  assert meta["preprocessing"]["resize_mode"] == "squash" and meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5]

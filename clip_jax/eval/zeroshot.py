@@ -105,15 +105,16 @@ def classify(image_emb: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
 
 def percent(hits: np.ndarray) -> float:
   """100 x the mean of `hits` [n] (booleans, or fractions in [0, 1]), as 100 * sum / n: whole counts
-  then give the correctly rounded percentage (7 of 50 is 14.0, where 100 * mean is 14.000000000000002)."""
+  then give the correctly rounded percentage (7 of 50 is 14.0, where 100 * mean is 14.000000000000002).
+  NaN for n = 0, as a mean of nothing."""
   hits = np.asarray(hits)
-  return 100.0 * float(np.sum(hits, dtype=np.float64)) / max(hits.size, 1)
+  return 100.0 * float(np.sum(hits, dtype=np.float64)) / hits.size if hits.size else float("nan")
 
 
 def mean_per_class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
   """The mean over the classes present in `labels` of each class's recall, in percent."""
   per_class = [percent(predictions[labels == c] == c) for c in np.unique(labels)]
-  return float(np.sum(per_class)) / max(len(per_class), 1)
+  return float(np.sum(per_class)) / len(per_class) if per_class else float("nan")
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
