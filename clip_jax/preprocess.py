@@ -42,6 +42,11 @@ def preprocess(images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndar
   elif isinstance(images, np.ndarray) and images.ndim != 4:
     raise ValueError(f"preprocess takes an image [h, w(, c)] or a batch [n, h, w, c]; got an array of shape "
                      f"{images.shape}.")
+  elif isinstance(images, np.ndarray) and images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
+    raise ValueError(f"preprocess takes a batch [n, h, w, c] (channels last), got shape {images.shape}; it looks "
+                     "channels-first [n, c, h, w]: pass np.transpose(x, (0, 2, 3, 1)).")
+  if not isinstance(images, (Image.Image, np.ndarray)) and len(images) == 0:
+    raise ValueError("preprocess got no images (an empty list).")
   out = []
   for image in images:
     if not isinstance(image, (Image.Image, np.ndarray)) and hasattr(image, "__array__"):
@@ -59,7 +64,8 @@ def preprocess(images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndar
 def _array_image(array: np.ndarray) -> Image.Image:
   """uint8 [h, w] / [h, w, 1|3|4] -> a PIL image; one-line ValueErrors for what PIL would misread."""
   if array.dtype != np.uint8:
-    raise ValueError(f"preprocess takes uint8 arrays (0..255), got {array.dtype}; convert first.")
+    raise ValueError(f"preprocess takes uint8 arrays (0..255), got {array.dtype}; convert first (floats in "
+                     "[0, 1], as ToTensor gives: np.round(x * 255).astype(np.uint8), channels last).")
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim == 3 and array.shape[-1] not in (3, 4):

@@ -205,6 +205,14 @@ def merge_microbatches(x: Any) -> Any:
   return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+  """`mesh` with every axis Auto (same devices, names and shape): code written for Auto axes
+  (`create_mesh`) then runs on a mesh made with `jax.make_mesh`'s default Explicit axes."""
+  if all(kind == AxisType.Auto for kind in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def on_auto_axes(module: nn.Module, method: Callable[..., Any], x: jax.Array, *args: Any) -> Any:
   """`method(module, x, *args)`, with every Explicit axis of the mesh `x` is placed on switched to Auto
   around it; outputs keep x's batch split (dimension 0), the rest replicated. Just the call otherwise.

@@ -371,7 +371,11 @@ class ClipTokenizer:
     The start and end tokens are decoded too (`decode_rows` gives the bare texts of `__call__`
     rows); padding after the end token is not: a padded row decodes to '<start_of_text>a dog
     <end_of_text>', not followed by one '!' (id 0) per padding position as open_clip's decode
-    renders it (its own captioning code cuts at '<end_of_text>' afterwards)."""
+    renders it (its own captioning code cuts at '<end_of_text>' afterwards). TokenizerError for a
+    batch of rows [n, T] (n > 1): `decode_rows` gives one text per row."""
+    if np.ndim(ids) > 1 and np.shape(ids)[0] > 1:
+      raise TokenizerError(f"decode takes one sequence of ids, got an array of shape {np.shape(ids)}; "
+                           "decode_rows gives one text per row.")
     ids = _check_ids(ids, self.vocab_size)
     # Padding: the trailing run of pad ids (0, pad_token_id or the end token repeated) after an end token.
     pads = {0, self.pad_token_id, self.eot_token_id}

@@ -69,3 +69,9 @@ def test_inputs_passed_by_mistake_are_one_clear_line_or_read():
   with pytest.raises(ValueError, match="load_image"):
     clip_jax.preprocess(["photo.jpg"], 32)
   assert clip_jax.preprocess(array[..., :1], 32).shape == (1, 32, 32, 3)  # [h, w, 1] gray
+  with pytest.raises(ValueError, match=r"channels-first \[n, c, h, w\]: pass np.transpose\(x, \(0, 2, 3, 1\)\)"):
+    clip_jax.preprocess(array.transpose(2, 0, 1)[None], 32)  # a batch, channels first
+  with pytest.raises(ValueError, match="got no images"):
+    clip_jax.preprocess([], 32)  # was numpy's "need at least one array to stack"
+  with pytest.raises(ValueError, match=r"np.round\(x \* 255\).astype\(np.uint8\)"):
+    clip_jax.preprocess(array / 255.0, 32)

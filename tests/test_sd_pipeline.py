@@ -223,6 +223,11 @@ def test_generate_without_guidance_uint8_and_rng(torch_pipe, ours, initial_laten
   again = pipeline_lib.generate(ours, ours.params, PROMPTS, NEGATIVES, **kwargs, rng=3)  # an int seed: that key
   np.testing.assert_array_equal(first, again)
   assert not np.array_equal(first, images)
+  # A mesh made with jax.make_mesh (Explicit axes) splits the batch as an Auto one does: the same images.
+  explicit = jax.make_mesh((2,), ("data",))
+  assert jax.sharding.AxisType.Explicit in explicit.axis_types
+  on_mesh = pipeline_lib.generate(ours, ours.params, PROMPTS, NEGATIVES, **kwargs, rng=3, mesh=explicit)
+  np.testing.assert_array_equal(on_mesh, first)
 
 
 def test_save_pipeline_loads_in_diffusers_with_the_same_outputs(torch_pipe, ours, initial_latents,

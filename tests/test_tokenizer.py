@@ -174,6 +174,11 @@ def test_decode_of_a_padded_row_stops_at_the_end_token():
     expected = reference[:reference.index("<end_of_text>") + len("<end_of_text>")]
     assert tokenizer.decode(row) == expected == "<start_of_text>a photo of a dog ! <end_of_text>"
   assert tokenizer.decode(tokenizer.encode("wow!!")) == "wow !!"  # real '!'s stay
+  rows = tokenizer(["a dog", "a cat"])  # a batch: one joined string with the padding between, before
+  with pytest.raises(tk.TokenizerError, match=r"decode takes one sequence of ids, got an array of shape \(2, 77\); "
+                     "decode_rows"):
+    tokenizer.decode(rows)
+  assert tokenizer.decode_rows(rows) == ["a dog", "a cat"] and tokenizer.decode(rows[:1]) == tokenizer.decode(rows[0])
 
 
 def test_bpe_cache_is_bounded_and_pickles():

@@ -340,6 +340,7 @@ def _place(params, arrays: Sequence[jax.Array], mesh: Mesh | None):
   the arrays split along their batch axis."""
   if mesh is None:
     return params, arrays
+  mesh = sharding.auto_mesh(mesh)  # the UNet and VAE are written for Auto axes (jax.make_mesh's are Explicit)
   replicated = NamedSharding(mesh, P())
 
   def place_param(leaf):
