@@ -469,17 +469,21 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict[str, Any]:
   return model_cfg
 
 
-def export_open_clip(module: CLIP, variables: dict[str, Any], out_dir: str) -> str:
+def export_open_clip(module: CLIP, variables: dict[str, Any], out_dir: str, preprocessing=None) -> str:
   """Writes an open_clip hub folder, which `open_clip.create_model_and_transforms('local-dir:OUT_DIR')`
   and `hf-hub:` repositories load and `load_checkpoint` reads back: open_clip_config.json (the model
-  config and OpenAI's image mean/std, which this project's preprocessing uses) and
+  config and its image preprocessing: `preprocessing`, an `images.Preprocessing`, e.g. the source's
+  `stated_preprocessing`; None: OpenAI's mean/std, which this project's training uses) and
   open_clip_model.safetensors (the OpenAI-layout state dict, the keys open_clip's CLIP uses). Returns
   `out_dir`."""
-  from clip_jax.data.images import OPENAI_MEAN, OPENAI_STD
+  from clip_jax.data.images import OPENAI
   from clip_jax.weights import save_safetensors
+  preprocessing = preprocessing or OPENAI
+  stated = preprocessing.to_dict()
+  if preprocessing == OPENAI:  # open_clip's defaults for the rest
+    stated = {"mean": stated["mean"], "std": stated["std"]}
   os.makedirs(out_dir, exist_ok=True)
-  config = {"model_cfg": config_to_open_clip(module.config),
-            "preprocess_cfg": {"mean": [float(m) for m in OPENAI_MEAN], "std": [float(s) for s in OPENAI_STD]}}
+  config = {"model_cfg": config_to_open_clip(module.config), "preprocess_cfg": stated}
   with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
     json.dump(config, f, indent=2)
   save_safetensors(export_openai_state_dict(module, variables), os.path.join(out_dir, "open_clip_model.safetensors"))
@@ -522,15 +526,24 @@ def load_hf_directory(path: str, variant: str | None = None, **module_kwargs):
   return model, state_dict_to_variables(state, model, hf_entries(cfg), path)
 
 
-def image_processor_config(image_size: int) -> dict[str, Any]:
-  """transformers' CLIPImageProcessor settings for this project's evaluation preprocessing: the
-  shortest side resized to `image_size` (bicubic), a center crop of it, OpenAI's mean/std. With it
-  `CLIPProcessor.from_pretrained` and the zero-shot pipeline load an exported folder."""
-  from clip_jax.data.images import OPENAI_MEAN, OPENAI_STD
-  return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-          "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-          "image_mean": [float(m) for m in OPENAI_MEAN], "image_std": [float(s) for s in OPENAI_STD],
+def image_processor_config(image_size: int, preprocessing=None) -> dict[str, Any]:
+  """transformers' CLIPImageProcessor settings for `preprocessing` (an `images.Preprocessing`; None:
+  OpenAI's: the shortest side resized to `image_size`, bicubic, a centre crop of it, OpenAI's mean/std;
+  'squash': resized to image_size x image_size). With it `CLIPProcessor.from_pretrained` and the
+  zero-shot pipeline load an exported folder. ValueError for 'longest' (padding to a square), which
+  CLIPImageProcessor cannot do."""
+  from clip_jax.data.images import OPENAI
+  preprocessing = preprocessing or OPENAI
+  if preprocessing.resize_mode == "longest":
+    raise ValueError("the model's preprocessing resizes the longest side and pads to a square (resize_mode "
+                     "'longest'), which transformers' CLIPImageProcessor cannot do: export it with --format "
+                     "open_clip, whose config states it.")
+  square = {"height": image_size, "width": image_size}
+  return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+          "size": square if preprocessing.resize_mode == "squash" else {"shortest_edge": image_size},
+          "resample": {"bilinear": 2, "bicubic": 3}[preprocessing.interpolation], "do_center_crop": True,
+          "crop_size": square, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": [float(m) for m in preprocessing.mean], "image_std": [float(s) for s in preprocessing.std],
           "do_convert_rgb": True}
 
 
@@ -544,7 +557,7 @@ def stated_preprocessing(checkpoint: str):
   transformers folder's preprocessor_config.json (or transformers >= 5's processor_config.json
   'image_processor'): image_mean, image_std, resample, size {shortest_edge} (+ centre crop) or {height,
   width} ('squash'). OpenAI's CLIP's (`images.OPENAI`) where nothing is stated: bare state dicts,
-  workdirs, this project's exports (which write OpenAI's). What transformers would do that these settings
+  workdirs, this project's exports of those. What transformers would do that these settings
   cannot say (no centre crop, a crop smaller than the resize, no resize or rescale) is one warning line;
   the nearest open_clip settings are used. Raises ValueError (one line) for what cannot be applied
   (another interpolation, an unknown resize mode, an unreadable file)."""
@@ -665,21 +678,23 @@ def stated_preprocessing_note(path: str) -> str | None:
     return None
   return (f"{source} states image preprocessing {preprocessing.describe()}: `clip_jax.evaluate` and "
           "`clip_jax.preprocess(..., preprocessing=convert.stated_preprocessing(PATH))` apply it; training, "
-          "guidance (draw, edit), DreamBooth's metrics and the exports preprocess as OpenAI's CLIP "
-          f"({OPENAI.describe()}).")
+          "guidance (draw, edit) and DreamBooth's metrics preprocess as OpenAI's CLIP "
+          f"({OPENAI.describe()}); `clip_jax.export` states it in the exported folder.")
 
 
-def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=None) -> str:
+def export_hf(module: CLIP, variables: dict[str, Any], out_dir: str, tokenizer=None, preprocessing=None) -> str:
   """Writes a transformers-loadable CLIPModel directory: config.json, model.safetensors,
-  preprocessor_config.json (`image_processor_config`) and, given a tokenizer that can, its files."""
+  preprocessor_config.json (`image_processor_config` of `preprocessing`, None: OpenAI's; ValueError for
+  one transformers cannot state) and, given a tokenizer that can, its files."""
   cfg = module.config
+  processor = image_processor_config(cfg.vision.image_size, preprocessing)  # refused before anything is written
   state = variables_to_state_dict(variables, hf_entries(cfg))
   os.makedirs(out_dir, exist_ok=True)
   save_safetensors(state, os.path.join(out_dir, "model.safetensors"))
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config_to_hf(cfg), f, indent=2)
   with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-    json.dump(image_processor_config(cfg.vision.image_size), f, indent=2)
+    json.dump(processor, f, indent=2)
   if tokenizer is not None and hasattr(tokenizer, "save_hf"):
     tokenizer.save_hf(out_dir)
   return out_dir

@@ -71,18 +71,23 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
   ResNet CLIP asked for 'hf'; FileNotFoundError / CheckpointError (a ValueError) from loading, and a
   ValueError for `act` with a directory or an unknown `model_name` (`evaluate.load_model`, the rule
   of every command that takes --model-name / --act)."""
+  from clip_jax.convert import image_processor_config, stated_preprocessing
   from clip_jax.evaluate import _tokenizer, load_model
   check_destination(out, fmt, overwrite)  # before the (slow) load
+  preprocessing = stated_preprocessing(checkpoint)  # the source's own, written into the export
+  if fmt == "hf":
+    image_processor_config(224, preprocessing)  # one it cannot state: refused before the load
   module, variables = load_model(checkpoint, model_name, act)
   return export_model(module, variables, out, fmt,
                       tokenizer=_tokenizer(tokenizer, checkpoint, module.config.text.context_length),
-                      overwrite=overwrite, name=checkpoint)
+                      overwrite=overwrite, name=checkpoint, preprocessing=preprocessing)
 
 
 def export_model(module, variables, out: str, fmt: str = "hf", *, tokenizer=None, overwrite: bool = False,
-                 name: str = "the model") -> str:
+                 name: str = "the model", preprocessing=None) -> str:
   """Writes a loaded (module, variables) to `out` in `fmt`, whole or not at all; returns `out`.
   tokenizer: a `clip_jax.tokenizer` object written beside an hf export (None: OpenAI's CLIP BPE).
+  preprocessing: the image preprocessing the hf / open_clip folder states (None: OpenAI's).
   Raises clip_jax.cli.UserError as `export` does."""
   from clip_jax.cli import UserError
   from clip_jax.convert import export_hf, export_open_clip, export_openai_state_dict, openai_layout_note
@@ -96,9 +101,10 @@ def export_model(module, variables, out: str, fmt: str = "hf", *, tokenizer=None
   staging = tempfile.mkdtemp(prefix=".export_", dir=parent)  # same filesystem: the final rename is atomic
   try:
     if fmt == "hf":
-      written = export_hf(module, variables, os.path.join(staging, "out"), tokenizer=tokenizer)
+      written = export_hf(module, variables, os.path.join(staging, "out"), tokenizer=tokenizer,
+                          preprocessing=preprocessing)
     elif fmt == "open_clip":
-      written = export_open_clip(module, variables, os.path.join(staging, "out"))
+      written = export_open_clip(module, variables, os.path.join(staging, "out"), preprocessing=preprocessing)
     else:
       written = os.path.join(staging, "out.safetensors")
       save_safetensors(export_openai_state_dict(module, variables), written)

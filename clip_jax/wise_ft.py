@@ -176,6 +176,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   # checkpoint); a fine-tune trained here preprocessed as OpenAI's CLIP, so the two can differ: said.
   from clip_jax.convert import read_stated_preprocessing
   zs_prep, ft_prep = (read_stated_preprocessing(path)[0] for path in (args.zeroshot, args.finetuned))
+  if export_alphas and export_format == "hf":
+    from clip_jax.convert import image_processor_config
+    image_processor_config(224, zs_prep)  # a preprocessing transformers cannot state: refused before evaluating
   if is_main and zs_prep != ft_prep:
     print(f"WiSE-FT: every mix is evaluated with {args.zeroshot}'s image preprocessing ({zs_prep.describe()}); "
           f"{args.finetuned} states {ft_prep.describe()}, so alpha 1 is not evaluated as it would be alone.",
@@ -197,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       row["export"] = export_path(args.out, alpha, fmt)
       if is_main:  # the mix is the same on every process; one writes it (replacing a rerun's)
         export_model(zs_model, mix, row["export"], fmt, tokenizer=tokenizer, overwrite=True,
-                     name=f"WiSE-FT alpha={alpha:g}")
+                     name=f"WiSE-FT alpha={alpha:g}", preprocessing=zs_prep)
         print(f"WiSE-FT: alpha={alpha:g} exported ({fmt}) to {row['export']}", flush=True)
     rows.append(row)
     reports.append(report["results"])

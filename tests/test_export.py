@@ -85,7 +85,7 @@ def test_mistakes_are_one_line_and_nothing_half_written(source, tmp_path, monkey
   with pytest.raises(cli.UserError, match="name it NAME.safetensors"):
     export.export(source, str(tmp_path / "model.pt"), "openai")
 
-  def fails_midway(module, variables, out_dir, tokenizer=None):
+  def fails_midway(module, variables, out_dir, tokenizer=None, preprocessing=None):
     os.makedirs(out_dir)
     open(os.path.join(out_dir, "config.json"), "w").close()
     raise OSError("disk full")

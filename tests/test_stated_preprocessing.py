@@ -170,7 +170,7 @@ def test_the_loader_says_who_applies_a_stated_preprocessing(tmp_path, caplog):
     convert.load_checkpoint(str(folder))
   assert ("states image preprocessing mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5], bilinear, resize squash: "
           "`clip_jax.evaluate` and") in caplog.text
-  assert "training, guidance (draw, edit), DreamBooth's metrics and the exports preprocess as OpenAI's" in caplog.text
+  assert "training, guidance (draw, edit) and DreamBooth's metrics preprocess as OpenAI's" in caplog.text
   caplog.clear()
   with caplog.at_level("WARNING"), pytest.raises(Exception), convert.applying_stated_preprocessing():
     convert.load_checkpoint(str(folder))
@@ -192,3 +192,27 @@ def test_training_records_what_its_init_folder_states(tmp_path):
   plain = ml_collections.ConfigDict({"init": {"checkpoint": ""}})
   train.record_init_preprocessing(plain)
   assert "stated_preprocessing" not in plain.init  # OpenAI-preprocessed runs record nothing new
+
+
+def test_exports_state_the_source_s_preprocessing(tmp_path):
+  """`clip_jax.export` of a folder stating its own preprocessing wrote OpenAI's into the export (a model
+  converted to HF through it shipped a wrong processor config); now both formats state the source's, and
+  one transformers cannot state ('longest': pad to a square) is one line for --format hf."""
+  from clip_jax import export
+  model = clip_jax.create_model("ViT-Tiny")
+  variables = clip_jax.init_variables(model, jax.random.key(0))
+  source = _open_clip_folder(tmp_path / "src", model, variables, SQUASH)
+  want = convert.stated_preprocessing(source)
+  assert want == Preprocessing(IMAGENET["mean"], IMAGENET["std"], "bilinear", "squash")
+  for fmt in ("hf", "open_clip"):
+    out = export.export(source, str(tmp_path / fmt), fmt)
+    assert convert.stated_preprocessing(out) == want, fmt
+  plain = export.export(_open_clip_folder(tmp_path / "plain", model, variables, dict(IMAGENET)), str(tmp_path / "p"), "hf")
+  assert json.load(open(os.path.join(plain, "preprocessor_config.json")))["size"] == {"shortest_edge": 32}
+  padded = _open_clip_folder(tmp_path / "longest", model, variables, {**IMAGENET, "resize_mode": "longest"})
+  from clip_jax.cli import UserError
+  with pytest.raises(UserError, match=r"resize_mode 'longest'\), which transformers' CLIPImageProcessor cannot do: "
+                     "export it with --format open_clip") as refused:
+    export.main(["--checkpoint", padded, "--out", str(tmp_path / "x")])
+  assert "\n" not in str(refused.value) and not (tmp_path / "x").exists()
+  assert convert.stated_preprocessing(export.export(padded, str(tmp_path / "oc"), "open_clip")).resize_mode == "longest"
