@@ -567,6 +567,12 @@ def stated_preprocessing(checkpoint: str):
   return preprocessing
 
 
+def loads_as_hf_folder(path: str) -> bool:
+  """Whether `load_checkpoint` reads the folder as a transformers CLIPModel: it has config.json and is not a
+  workdir of this project (clip_config.json); a hub repository holding open_clip's files too loads as HF."""
+  return os.path.isfile(os.path.join(path, "config.json")) and not os.path.exists(os.path.join(path, "clip_config.json"))
+
+
 def read_stated_preprocessing(checkpoint: str):
   """(`Preprocessing`, the file stating it or None, a line on what transformers' settings would do that
   it cannot say or None): `stated_preprocessing`'s parts, the one parser of a folder's preprocessing."""
@@ -574,8 +580,10 @@ def read_stated_preprocessing(checkpoint: str):
   path = resolve_checkpoint_path(checkpoint)
   if not os.path.isdir(path):
     return OPENAI, None, None
-  candidates = [os.path.join(path, n) for n in ("open_clip_config.json", "preprocessor_config.json",
-                                                "processor_config.json")]
+  names = ["open_clip_config.json", "preprocessor_config.json", "processor_config.json"]
+  if loads_as_hf_folder(path):  # a hub repository holding both layouts: the settings of the weights loaded
+    names = names[1:] + names[:1]
+  candidates = [os.path.join(path, n) for n in names]
   source = next((c for c in candidates if os.path.isfile(c)), None)
   if source is None:
     return OPENAI, None, None
@@ -872,8 +880,7 @@ def _load_any_checkpoint(path: str, *, model_name, act, variant, warn_assumed, *
     note = stated_preprocessing_note(path) if _SAY_PREPROCESSING_NOTE.get() else None
     if note:
       _log.warning(note)
-    if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
-        os.path.join(path, "clip_config.json")):
+    if loads_as_hf_folder(path):
       return load_hf_directory(path, variant=variant, **module_kwargs)
     if os.path.exists(os.path.join(path, "open_clip_config.json")):
       return load_open_clip_directory(path, **module_kwargs)

@@ -216,3 +216,13 @@ def test_exports_state_the_source_s_preprocessing(tmp_path):
     export.main(["--checkpoint", padded, "--out", str(tmp_path / "x")])
   assert "\n" not in str(refused.value) and not (tmp_path / "x").exists()
   assert convert.stated_preprocessing(export.export(padded, str(tmp_path / "oc"), "open_clip")).resize_mode == "longest"
+
+
+def test_a_folder_with_both_layouts_states_the_preprocessing_of_the_weights_loaded(tmp_path):
+  # A hub repository of an open_clip model often holds transformers' files too; load_checkpoint reads it as
+  # a CLIPModel folder, so its preprocessor_config.json, not open_clip_config.json, says how to preprocess.
+  (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": SQUASH}))
+  assert convert.stated_preprocessing(str(tmp_path)).resize_mode == "squash"  # open_clip's files alone
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(convert.image_processor_config(224)))
+  assert convert.loads_as_hf_folder(str(tmp_path)) and convert.stated_preprocessing(str(tmp_path)) == OPENAI
