@@ -790,16 +790,12 @@ def checkpoint_tokenizer(checkpoint: str | None, spec: str | None = None, *,
   step = step_folder(path)
   workdir = step[0] if step else path
   if os.path.isfile(os.path.join(workdir, MODEL_CONFIG_FILE)):
-    try:
-      with open(os.path.join(workdir, "config.json")) as f:  # the run's config record (loop.CONFIG_FILE)
-        record = json.load(f)
-      data, init = record.get("data") or {}, record.get("init") or {}
-    except (OSError, ValueError, AttributeError):
-      data, init = {}, {}
-    if data.get("tokenizer"):
-      return data["tokenizer"], None
-    if init.get("checkpoint"):  # recorded before the trainer resolved it: the same rule on its start
-      return checkpoint_tokenizer(init["checkpoint"], option=option)
+    from clip_jax.loop import recorded_config
+    record = recorded_config(workdir)  # the run's config record
+    if record.get("data.tokenizer"):
+      return record["data.tokenizer"], None
+    if record.get("init.checkpoint"):  # recorded before the trainer resolved it: the same rule on its start
+      return checkpoint_tokenizer(record["init.checkpoint"], option=option)
     return "clip", None  # trained from scratch with the trainer's default
   return "clip", (f"{path}: states no tokenizer and holds no tokenizer files (tokenizer.json, vocab.json + "
                   f"merges.txt): assuming OpenAI's CLIP BPE ('clip'); if the model was trained with another, pass "

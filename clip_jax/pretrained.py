@@ -86,7 +86,7 @@ def stated_config(path: str) -> tuple[CLIPConfig, str] | None:
     return None
   hf, oc, own = (os.path.join(path, name) for name in ("config.json", "open_clip_config.json", MODEL_CONFIG_FILE))
   try:  # the order load_checkpoint reads a directory in
-    if os.path.isfile(hf) and not os.path.exists(own):
+    if convert.loads_as_hf_folder(path):
       with open(hf) as f:
         hf_config = json.load(f)
       return (convert.config_from_hf(hf_config), hf) if hf_config.get("model_type") in (None, "clip") else None

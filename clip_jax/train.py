@@ -327,7 +327,7 @@ def record_init_preprocessing(cfg) -> None:
   weights records nothing new); `clip_jax.evaluate --workdir` then evaluates it as it was trained, OpenAI's."""
   from clip_jax.convert import read_stated_preprocessing
   from clip_jax.data.images import OPENAI
-  checkpoint = cfg.get("init", {}).get("checkpoint") if cfg.get("init", None) is not None else None
+  checkpoint = (cfg.get("init") or {}).get("checkpoint")
   if not checkpoint:
     return
   try:
