@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from launch.worker import set_host_device_count
+from launch.worker import HEARTBEAT_TIMEOUT_S, PEER_LOST_EXIT_CODE, set_host_device_count
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,7 @@ def single_process(module: str, trainer_args: list[str], devices: int | None = N
 
 
 def multi_process(module: str, trainer_args: list[str], num_processes: int, devices_per_process: int | None,
-                  port: int, platform: str | None = "cpu", heartbeat_timeout: int = 20,
+                  port: int, platform: str | None = "cpu", heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S,
                   gpus_per_process: int | None = None) -> list[Child]:
   """N workers joined through a coordinator on localhost:PORT.
 
@@ -127,6 +127,9 @@ def describe_exit(code: int) -> str:
     return f"exit code {code} (preempted: saved a checkpoint and stopped; the same command resumes)"
   if code == INTERRUPTED:
     return f"exit code {code} (interrupted by Ctrl-C before it could save; the same command starts again)"
+  if code == PEER_LOST_EXIT_CODE:
+    return (f"exit code {code} (another process of the run was gone, so this one stopped without saving; the "
+            "same command resumes from the last checkpoint)")
   return f"exit code {code}"
 
 
@@ -219,7 +222,23 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
   if all(c == PREEMPTED for c in codes):
     print(f"launch: the run stopped early with a checkpoint ({describe_exit(code)}).", file=out, flush=True)
     return PREEMPTED
-  others = ", ".join(f"{children[i].label}: {describe_exit(c)}" for i, c in enumerate(codes) if i != index)
-  print(f"launch: the run failed: {children[index].label} (pid {procs[index].pid}) exited first with "
-        f"{describe_exit(code)}" + (f"; then {others}" if others else "") + ".", file=out, flush=True)
+  cause = _cause(index, codes)
+  if cause == index:
+    said = f"{children[index].label} (pid {procs[index].pid}) exited first with {describe_exit(code)}"
+  else:  # the first to exit had only found this one gone: this one is what failed
+    said = (f"{children[cause].label} (pid {procs[cause].pid}) failed with {describe_exit(codes[cause])}, "
+            f"after {children[index].label} had found it gone and stopped")
+    code = codes[cause]
+  others = ", ".join(f"{children[i].label}: {describe_exit(c)}" for i, c in enumerate(codes) if i != cause)
+  then = "; then " if cause == index else "; "
+  print(f"launch: the run failed: {said}" + (then + others if others else "") + ".", file=out, flush=True)
   return code if 0 < code < 256 else 128 + (-code if code < 0 else 1)
+
+
+def _cause(first: int, codes: list[int]) -> int:
+  """The index of the process whose failure ended the run: the first to exit, unless that one only
+  found another gone (PEER_LOST_EXIT_CODE) and a later one failed otherwise. A process that stops
+  sending heartbeats (hung, or aborting) is reported lost by the others before it exits itself."""
+  if codes[first] != PEER_LOST_EXIT_CODE:
+    return first
+  return next((i for i, c in enumerate(codes) if c not in (0, PEER_LOST_EXIT_CODE, PREEMPTED)), first)

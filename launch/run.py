@@ -24,7 +24,7 @@ import shlex
 import sys
 
 from launch import local, slurm, tpu
-from launch.worker import DEFAULT_MODULE, split_trainer_args
+from launch.worker import DEFAULT_MODULE, HEARTBEAT_TIMEOUT_S, split_trainer_args
 
 MODES = ("local", "processes", "slurm", "tpu")
 
@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
                       "--gpus-per-process splits this machine's GPUs)")
   g.add_argument("--gpus-per-process", type=int, default=None)
   g.add_argument("--port", type=int, default=None, help="coordinator port on localhost (default: a free one)")
-  g.add_argument("--heartbeat-timeout", type=int, default=20,
+  g.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT_S,
                  help="seconds without a heartbeat before a process counts as dead (default %(default)s)")
   g.add_argument("--grace-seconds", type=float, default=45.0,
                  help="after one process fails, how long the others may take to stop on their own "

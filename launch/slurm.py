@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from launch.worker import HEARTBEAT_TIMEOUT_S, PEER_LOST_EXIT_CODE
+
 # Job states after which a job does not run again (squeue/sacct/scontrol spellings).
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE")
@@ -49,7 +51,7 @@ class SlurmSettings:
     return self.ntasks_per_node or self.gpus_per_node or 1
 
 
-def worker_command(module: str, trainer_args: list[str], heartbeat_timeout: int = 20,
+def worker_command(module: str, trainer_args: list[str], heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S,
                    python: str = "python") -> list[str]:
   """What every task runs: jax detects the SLURM cluster, so no coordinator is given."""
   return [python, "-m", "launch.worker", f"--module={module}", f"--heartbeat-timeout={heartbeat_timeout}",
@@ -57,7 +59,7 @@ def worker_command(module: str, trainer_args: list[str], heartbeat_timeout: int 
 
 
 def sbatch_script(settings: SlurmSettings, module: str, trainer_args: list[str], run_dir: str,
-                  heartbeat_timeout: int = 20) -> str:
+                  heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S) -> str:
   """The batch script: starts in `run_dir` (relative --workdir, --config and log paths resolve there)."""
   s = settings
   if s.nodes < 1 or s.gpus_per_node < 0 or s.tasks_per_node() < 1:
@@ -160,12 +162,15 @@ def exit_status(state: str, code: str | None) -> int:
 
 
 def end_line(job_id: str, state: str, code: str | None, log: str) -> str:
-  """The launcher's last line for a job that ended, with what exit code 75 means."""
+  """The launcher's last line for a job that ended, with what exit codes 75 and 69 mean."""
   from launch.local import PREEMPTED
   meaning = ""
   if exit_status(state, code) == PREEMPTED:
     meaning = (f": {PREEMPTED} = stopped early (preempted, or scancel --signal=TERM) with a checkpoint saved; "
                "submitting the same command again resumes it")
+  elif exit_status(state, code) == PEER_LOST_EXIT_CODE:
+    meaning = (f": {PEER_LOST_EXIT_CODE} = a task found another gone and stopped without saving (the log says "
+               "which and why); submitting the same command again resumes from the last checkpoint")
   return f"launch: job {job_id} ended {state}" + (f" (exit code {code}{meaning})" if code else "") + f"; log: {log}"
 
 

@@ -20,6 +20,7 @@ import shlex
 import subprocess
 
 from launch.local import REPO_ROOT
+from launch.worker import HEARTBEAT_TIMEOUT_S
 
 
 @dataclasses.dataclass
@@ -48,7 +49,7 @@ def _gcloud(settings: TpuSettings, verb: str, *args: str) -> list[str]:
 
 
 def commands(settings: TpuSettings, module: str, trainer_args: list[str], repo_dir: str = REPO_ROOT,
-             heartbeat_timeout: int = 20) -> list[list[str]]:
+             heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S) -> list[list[str]]:
   """Every command, in order; each is an argv list (step 1 is a bash pipeline)."""
   s = settings
   remote_archive = "/tmp/" + os.path.basename(s.archive)

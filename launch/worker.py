@@ -12,7 +12,9 @@ A process whose peer dies must not wait forever in a collective. Two guards:
   seconds is declared dead and every other process is terminated by the runtime;
 - a watchdog thread here that asks the service which processes are alive every
   `--watchdog-interval` seconds and, when one is missing, prints which and exits with
-  `PEER_LOST_EXIT_CODE`: the message comes from us, not from a C++ abort.
+  `PEER_LOST_EXIT_CODE`: the message comes from us, not from a C++ abort. That code is not the
+  trainer's 75 (saved a checkpoint and stopped): this process saves nothing, and the launcher names
+  the process that was lost as the run's failure.
 """
 from __future__ import annotations
 
@@ -27,7 +29,14 @@ import sys
 import threading
 import time
 
-PEER_LOST_EXIT_CODE = 75  # EX_TEMPFAIL: the run can be restarted; it resumes from its checkpoint
+# EX_UNAVAILABLE: a process the run needs is gone. Nothing was saved at this point; the same command
+# resumes from the last periodic checkpoint.
+PEER_LOST_EXIT_CODE = 69
+# Seconds without a heartbeat before the coordination service counts a process as dead. Not jax's 100:
+# a hung process should not hold the others for minutes. Not the 20 it was: a process of a 2-process
+# CI run stalled ~20 s on a loaded machine and the run was ended (reproduced by SIGSTOP for 30 s).
+# A process that exits is caught sooner anyway: by `launch.local.supervise`, or srun --kill-on-bad-exit.
+HEARTBEAT_TIMEOUT_S = 60
 DEFAULT_MODULE = "clip_jax.train"
 
 
@@ -59,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--process-id", type=int, default=None)
   p.add_argument("--local-device-ids", default=None,
                  help="comma-separated accelerator ids this process uses (GPUs of one host split over processes)")
-  p.add_argument("--heartbeat-timeout", type=int, default=20,
+  p.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT_S,
                  help="seconds without a heartbeat after which a process counts as dead (default %(default)s)")
   p.add_argument("--init-timeout", type=int, default=300,
                  help="seconds to wait for all processes to join (default %(default)s)")

@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import numpy as np
+from run_output import excerpt
 
 
 def has_checkpoint(workdir) -> bool:
@@ -38,10 +39,10 @@ def kill_then_resume(command, workdir, *, cwd, env, kill_between=(3, 7), timeout
   expected = -signal.SIGKILL if sig == signal.SIGKILL else 75  # loop.EXIT_PREEMPTED: saved, stopped early
   assert proc.returncode == expected, f"the run ended (code {proc.returncode}) before it could be killed"
   resumed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-  assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+  assert resumed.returncode == 0, excerpt(resumed.stdout + resumed.stderr)
   # A stop (not SIGKILL) that reaches the run during its last step lets it finish (loop.run): the
   # caller's kill_between must end early enough, with room for the processes' agreed stop step.
   assert "is finished" not in resumed.stdout, ("the stop came during the run's last step, so it finished; "
-                                               f"kill earlier than {kill_between}:\n" + resumed.stdout[-2000:])
-  assert "Resuming from the checkpoint of step" in resumed.stdout, resumed.stdout[-2000:]
+                                               f"kill earlier than {kill_between}:\n" + excerpt(resumed.stdout, 2000))
+  assert "Resuming from the checkpoint of step" in resumed.stdout, excerpt(resumed.stdout, 2000)
   return resumed

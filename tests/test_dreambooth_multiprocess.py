@@ -19,6 +19,7 @@ from PIL import Image
 from clip_jax.observe import read_metrics
 from dreambooth_jax.sampling import pipeline as sd
 from killresume import kill_then_resume
+from run_output import excerpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -63,7 +64,7 @@ def test_two_processes_equal_one_survive_sigkill_and_export_for_diffusers(tmp_pa
   model_dir, instance_dir = inputs
   one = subprocess.run(_launch(ONE_BY_EIGHT, _trainer_args(tmp_path / "1x8", model_dir, instance_dir)), cwd=REPO,
                        capture_output=True, text=True, timeout=1800)
-  assert one.returncode == 0, one.stdout[-3000:]
+  assert one.returncode == 0, excerpt(one.stdout)
   # 2 x 4, SIGKILLed (the launcher; its workers die with it) at a random step, then restarted.
   workdir = tmp_path / "2x4"
   kill_then_resume(_launch(TWO_BY_FOUR, _trainer_args(workdir, model_dir, instance_dir)), str(workdir), cwd=REPO,
@@ -111,9 +112,9 @@ def test_dreambooth_sweep_interrupted_and_rerun(tmp_path, inputs):
     time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)  # preemption: the run checkpoints and the sweep stops
   output, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 75, output[-3000:]
+  assert proc.returncode == 75, excerpt(output)
   rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
-  assert rerun.returncode == 0, rerun.stdout[-3000:]
+  assert rerun.returncode == 0, excerpt(rerun.stdout)
   assert "[1/2] learning_rate=0.0001: resume from step" in rerun.stdout
   from launch import results
   written = results.write_tables([str(root)], str(root / "results"))

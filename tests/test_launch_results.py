@@ -236,6 +236,9 @@ def test_kept_script_path_and_end_line():
   assert slurm.kept_script_path("root/slurm/lr=0.1", "7") == "root/slurm/lr=0.1-7.sbatch"
   assert slurm.end_line("7", "COMPLETED", "0:0", "L") == "launch: job 7 ended COMPLETED (exit code 0:0); log: L"
   assert slurm.end_line("7", "FAILED", "1:0", "L") == "launch: job 7 ended FAILED (exit code 1:0); log: L"
+  assert slurm.end_line("7", "FAILED", "69:0", "L") == (
+      "launch: job 7 ended FAILED (exit code 69:0: 69 = a task found another gone and stopped without saving (the "
+      "log says which and why); submitting the same command again resumes from the last checkpoint); log: L")
 
 
 @pytest.mark.slow
