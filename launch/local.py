@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -133,8 +134,22 @@ def describe_exit(code: int) -> str:
   return f"exit code {code}"
 
 
+# gloo (the CPU collectives) prints one such line per communicator it sets up: 16 in a short 2-process
+# run, all saying that every peer connected. One whose counts differ is kept: that one says something.
+_GLOO_ALL_CONNECTED = re.compile(r"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
+                                 r"Expected number of connected peer ranks is : (\d+)\s*$")
+
+
+def is_noise(line: str) -> bool:
+  """True for a child's output line the launcher does not relay (gloo's all-peers-connected lines)."""
+  match = _GLOO_ALL_CONNECTED.match(line)
+  return bool(match) and match.group(1) == match.group(2)
+
+
 def _pump(stream, prefix: str, out) -> None:
   for line in iter(stream.readline, ""):
+    if is_noise(line):
+      continue
     out.write(prefix + line)
     out.flush()
   stream.close()

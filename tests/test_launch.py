@@ -148,6 +148,18 @@ def test_supervisor_stops_the_others_and_names_the_failed_process():
   assert "failed" not in out.getvalue()
 
 
+def test_supervisor_leaves_out_gloos_all_connected_lines():
+  # Session 26's fresh users: a short 2-process run printed 16 of these among 39 lines.
+  talker = local.Child([sys.executable, "-c", "print('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number "
+                        "of connected peer ranks is : 1'); print('[Gloo] Rank 1 is connected to 0 peer ranks. "
+                        "Expected number of connected peer ranks is : 1'); print('step 1')"], {}, "process 0")
+  out = io.StringIO()
+  assert local.supervise([talker], out=out) == 0
+  text = out.getvalue()
+  assert "connected to 1 peer ranks" not in text and "step 1" in text, text
+  assert "Rank 1 is connected to 0 peer ranks. Expected number of connected peer ranks is : 1" in text, text  # kept
+
+
 def test_supervisor_names_the_lost_process_not_the_one_that_noticed():
   # CI, session 28: process 1 stopped answering, process 0's watchdog found it gone and exited first,
   # then process 1 aborted. The launcher named process 0 as the failure and its exit code (then 75,
