@@ -685,7 +685,7 @@ def stated_preprocessing_note(path: str) -> str | None:
   if preprocessing == OPENAI:
     return None
   return (f"{source} states image preprocessing {preprocessing.describe()}: `clip_jax.evaluate` and "
-          "`clip_jax.preprocess(..., preprocessing=convert.stated_preprocessing(PATH))` apply it; training, "
+          "`clip_jax.preprocess(..., preprocessing=clip_jax.stated_preprocessing(PATH))` apply it; training, "
           "guidance (draw, edit) and DreamBooth's metrics preprocess as OpenAI's CLIP "
           f"({OPENAI.describe()}); `clip_jax.export` states it in the exported folder.")
 
@@ -790,10 +790,19 @@ def checkpoint_tokenizer(checkpoint: str | None, spec: str | None = None, *,
   step = step_folder(path)
   workdir = step[0] if step else path
   if os.path.isfile(os.path.join(workdir, MODEL_CONFIG_FILE)):
-    from clip_jax.loop import recorded_config
+    from clip_jax.loop import CONFIG_FILE, recorded_config
     record = recorded_config(workdir)  # the run's config record
-    if record.get("data.tokenizer"):
-      return record["data.tokenizer"], None
+    recorded = record.get("data.tokenizer")
+    if recorded and recorded != "clip" and not os.path.exists(recorded):
+      # Checked here, the one reader of the record for every command: get_tokenizer's own line names
+      # neither the record nor how to override it.
+      from clip_jax.cli import MissingPathError
+      raise MissingPathError(
+          f"the tokenizer path recorded in {os.path.join(workdir, CONFIG_FILE)} (data.tokenizer: {recorded}) no "
+          f"longer exists (its folder was moved or deleted): pass {option}, or restore the folder or edit "
+          f"data.tokenizer in that config.json.")
+    if recorded:
+      return recorded, None
     if record.get("init.checkpoint"):  # recorded before the trainer resolved it: the same rule on its start
       return checkpoint_tokenizer(record["init.checkpoint"], option=option)
     return "clip", None  # trained from scratch with the trainer's default

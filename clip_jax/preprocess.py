@@ -20,7 +20,7 @@ def preprocess(images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndar
 
   Images: PIL images of any mode, or uint8 arrays [h, w] / [h, w, 1|3|4] (gray, RGB, RGBA), one or a
   batch [n, h, w, c]; jax arrays and other array-likes are read with np.asarray.
-  `preprocessing`: the model's own (`clip_jax.convert.stated_preprocessing(CHECKPOINT)`: mean/std,
+  `preprocessing`: the model's own (`clip_jax.stated_preprocessing(CHECKPOINT)`: mean/std,
   bicubic or bilinear, resize 'shortest' | 'longest' | 'squash'); None: OpenAI's CLIP's.
   Equal to open_clip's eval transform (`open_clip.image_transform(image_size, is_train=False, ...)` with
   the same settings, tested to 1e-6 for P, PA, CMYK, LA, RGBA, 1, L, RGB, YCbCr): resize and crop happen
@@ -29,7 +29,8 @@ def preprocess(images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndar
   difference: they keep their top 8 bits where open_clip saturates them at 255 (see `clip_jax.data.images`).
   EXIF orientation is not applied to PIL images passed in (open_clip does not either); files read
   by `clip_jax.data.images.load_image` are upright already.
-  Raises ValueError for arrays that are not uint8 [h, w(, c)] images (float, channels-first [c, h, w]).
+  Raises ValueError for arrays that are not uint8 [h, w(, c)] images (float: the line says which
+  conversion its values call for; channels-first [c, h, w]) and for no images (an empty list or batch).
   """
   preprocessing = preprocessing or OPENAI
   if not isinstance(preprocessing, Preprocessing):
@@ -45,8 +46,13 @@ def preprocess(images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndar
   elif isinstance(images, np.ndarray) and images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
     raise ValueError(f"preprocess takes a batch [n, h, w, c] (channels last), got shape {images.shape}; it looks "
                      "channels-first [n, c, h, w]: pass np.transpose(x, (0, 2, 3, 1)).")
-  if not isinstance(images, (Image.Image, np.ndarray)) and len(images) == 0:
-    raise ValueError("preprocess got no images (an empty list).")
+  if len(images) == 0:
+    # An empty batch array is refused as an empty list is: both are "no images", and an empty result
+    # would only move the failure to the model call (or hide a filter that dropped every image).
+    what = "an empty list" if not isinstance(images, np.ndarray) else f"an empty batch of shape {images.shape}"
+    raise ValueError(f"preprocess got no images ({what}).")
+  if isinstance(images, np.ndarray):
+    _check_uint8(images)  # the whole batch's value range, not its first image's
   out = []
   for image in images:
     if not isinstance(image, (Image.Image, np.ndarray)) and hasattr(image, "__array__"):
@@ -63,9 +69,7 @@ def preprocess(images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndar
 
 def _array_image(array: np.ndarray) -> Image.Image:
   """uint8 [h, w] / [h, w, 1|3|4] -> a PIL image; one-line ValueErrors for what PIL would misread."""
-  if array.dtype != np.uint8:
-    raise ValueError(f"preprocess takes uint8 arrays (0..255), got {array.dtype}; convert first (floats in "
-                     "[0, 1], as ToTensor gives: np.round(x * 255).astype(np.uint8), channels last).")
+  _check_uint8(array)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim == 3 and array.shape[-1] not in (3, 4):
@@ -76,3 +80,29 @@ def _array_image(array: np.ndarray) -> Image.Image:
   if array.ndim not in (2, 3) or 0 in array.shape:
     raise ValueError(f"preprocess takes images [h, w] or [h, w, 1|3|4], got shape {array.shape}.")
   return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _check_uint8(array: np.ndarray) -> None:
+  """One-line ValueError unless `array` is uint8, with the conversion its values call for."""
+  if array.dtype != np.uint8:
+    raise ValueError(f"preprocess takes uint8 arrays (0..255), got {array.dtype}{_conversion_hint(array)}")
+
+
+def _conversion_hint(array: np.ndarray) -> str:
+  """How to make uint8 pixels of `array`, judged by its values: one conversion for all floats would be
+  wrong for most (x * 255 wraps 0..255 floats; normalized ones are no longer pixels)."""
+  finite = array[np.isfinite(array)] if array.dtype.kind == "f" else np.empty(0)
+  if finite.size == 0:  # integers, booleans, or no finite value to judge by
+    return "; convert to uint8 pixels (0..255, channels last) first."
+  low, high = float(finite.min()), float(finite.max())
+  if low < 0:
+    return (f" with values {low:.3g}..{high:.3g}, which look already normalized (mean/std); preprocess "
+            "takes raw pixels and normalizes them itself: pass the image before normalization, as uint8 0..255.")
+  if high > 255:
+    return (f" with values {low:.3g}..{high:.3g}, beyond 0..255: scale them to 0..255 (16-bit: x / 257), then "
+            "np.clip(np.round(x), 0, 255).astype(np.uint8), channels last.")
+  if high > 1:
+    return (f" with values {low:.3g}..{high:.3g}, which look like 0..255 pixels: cast them with "
+            "np.clip(np.round(x), 0, 255).astype(np.uint8) (not x * 255), channels last.")
+  return ("; convert first (floats in [0, 1], as ToTensor gives: np.round(x * 255).astype(np.uint8), "
+          "channels last).")

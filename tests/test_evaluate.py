@@ -564,3 +564,29 @@ def test_training_hook_from_the_digits_config(tiny, mesh, tmp_path):
   out = evaluator(model, variables, mesh)
   assert 0 <= out["zeroshot/digits/top1"] <= 100 and "zeroshot/digits/top5" in out
   assert (tmp_path / "plots" / "confusion_digits.png").is_file()
+
+
+def test_a_workdirs_recorded_tokenizer_that_is_gone_names_the_record_and_the_flag(tmp_path):
+  """A workdir records its init folder's tokenizer by absolute path (config.json's data.tokenizer); once
+  that folder moved, evaluation (export, draw, WiSE-FT) failed with get_tokenizer's line, which names
+  neither the record nor --tokenizer."""
+  from clip_jax import convert
+  from clip_jax.cli import MissingPathError
+  workdir, gone = tmp_path / "run", tmp_path / "moved_init"
+  (workdir / "checkpoints" / "4").mkdir(parents=True)
+  (workdir / "clip_config.json").write_text("{}")  # a workdir of this project (its model config)
+  (workdir / "config.json").write_text(json.dumps({"data": {"tokenizer": str(gone)}}))
+  line = (f"the tokenizer path recorded in {workdir}/config.json (data.tokenizer: {gone}) no longer exists (its "
+          "folder was moved or deleted): pass --tokenizer DIR, or restore the folder or edit data.tokenizer in "
+          "that config.json.")
+  for path in (workdir, workdir / "checkpoints" / "4"):  # the workdir, or one of its step folders
+    with pytest.raises(MissingPathError) as raised:
+      cli.tokenizer_for(None, str(path), 32)
+    assert str(raised.value) == line
+  with pytest.raises(MissingPathError, match=r"pass --config\.data\.tokenizer=DIR, or restore the folder"):
+    convert.checkpoint_tokenizer(str(workdir), option="--config.data.tokenizer=DIR")  # training from it
+  assert cli.tokenizer_for("clip", str(workdir), 32)[1] == "clip"  # --tokenizer wins over the record
+  gone.mkdir()
+  (gone / "vocab.json").write_text("{}")
+  (gone / "merges.txt").write_text("")
+  assert convert.checkpoint_tokenizer(str(workdir)) == (str(gone), None)  # restored: the record holds again

@@ -75,3 +75,27 @@ def test_inputs_passed_by_mistake_are_one_clear_line_or_read():
     clip_jax.preprocess([], 32)  # was numpy's "need at least one array to stack"
   with pytest.raises(ValueError, match=r"np.round\(x \* 255\).astype\(np.uint8\)"):
     clip_jax.preprocess(array / 255.0, 32)
+
+
+def test_a_float_arrays_line_fits_its_values_and_an_empty_batch_is_no_images():
+  """A fresh user's float 0..255 image was told to multiply by 255 (which wraps), and an empty batch
+  array got numpy's "need at least one array to stack"."""
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3)).astype(np.float32)
+  pixels[0, 0, 0] = 255  # the range the line reports
+  with pytest.raises(ValueError, match=r"values 0\.\.255, which look like 0\.\.255 pixels: cast them with "
+                     r"np.clip\(np.round\(x\), 0, 255\).astype\(np.uint8\) \(not x \* 255\)"):
+    clip_jax.preprocess(pixels, 32)
+  with pytest.raises(ValueError, match="look like 0..255 pixels"):
+    clip_jax.preprocess([pixels[1]], 32)  # one image of a list: the same line
+  normalized = (pixels / 255 - 0.5) / 0.25
+  with pytest.raises(ValueError, match=r"look already normalized \(mean/std\); preprocess takes raw pixels"):
+    clip_jax.preprocess(normalized, 32)
+  with pytest.raises(ValueError, match=r"floats in \[0, 1\].*np.round\(x \* 255\)"):
+    clip_jax.preprocess(pixels / 255, 32)
+  with pytest.raises(ValueError, match=r"values 0\.\.6\.55e\+04, beyond 0\.\.255: scale them to 0\.\.255"):
+    clip_jax.preprocess(pixels * 257, 32)  # 16-bit values as floats
+  with pytest.raises(ValueError, match=r"got int64; convert to uint8 pixels"):
+    clip_jax.preprocess(pixels.astype(np.int64), 32)
+  for empty in (np.zeros((0, 40, 50, 3), np.uint8), np.zeros((0, 40, 50, 3), np.float32)):
+    with pytest.raises(ValueError, match=r"^preprocess got no images \(an empty batch of shape \(0, 40, 50, 3\)\)\.$"):
+      clip_jax.preprocess(empty, 32)

@@ -169,7 +169,8 @@ def test_the_loader_says_who_applies_a_stated_preprocessing(tmp_path, caplog):
   with caplog.at_level("WARNING"), pytest.raises(Exception):  # no weights: the loader's own error follows
     convert.load_checkpoint(str(folder))
   assert ("states image preprocessing mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5], bilinear, resize squash: "
-          "`clip_jax.evaluate` and") in caplog.text
+          "`clip_jax.evaluate` and `clip_jax.preprocess(..., preprocessing=clip_jax.stated_preprocessing(PATH))` "
+          "apply it") in caplog.text  # the public name, as the README's Python section uses (was convert.'s)
   assert "training, guidance (draw, edit) and DreamBooth's metrics preprocess as OpenAI's" in caplog.text
   caplog.clear()
   with caplog.at_level("WARNING"), pytest.raises(Exception), convert.applying_stated_preprocessing():
