@@ -752,6 +752,20 @@ def resolve_checkpoint_path(path: str) -> str:
   return hub_cache_snapshot(path[len("local-dir:"):] if path.startswith("local-dir:") else path)
 
 
+def check_recorded_tokenizer(workdir: str, recorded: str | None, override: str) -> None:
+  """Raises clip_jax.cli.MissingPathError (one line) when WORKDIR's config record names a tokenizer path
+  that no longer exists (its folder moved or deleted): get_tokenizer's own line would name neither the
+  record nor how to go on. `override` is the caller's way to give another, e.g. '--tokenizer DIR'."""
+  if not recorded or recorded == "clip" or os.path.exists(recorded):
+    return
+  from clip_jax.cli import MissingPathError
+  from clip_jax.loop import CONFIG_FILE
+  raise MissingPathError(
+      f"the tokenizer path recorded in {os.path.join(workdir, CONFIG_FILE)} (data.tokenizer: {recorded}) no "
+      f"longer exists (its folder was moved or deleted): pass {override}, or restore the folder or edit "
+      f"data.tokenizer in that config.json.")
+
+
 def checkpoint_tokenizer(checkpoint: str | None, spec: str | None = None, *,
                          option: str = "--tokenizer DIR") -> tuple[str, str | None]:
   """(the tokenizer spec for a model from `checkpoint`, the line to say or None): the one rule of
@@ -790,17 +804,10 @@ def checkpoint_tokenizer(checkpoint: str | None, spec: str | None = None, *,
   step = step_folder(path)
   workdir = step[0] if step else path
   if os.path.isfile(os.path.join(workdir, MODEL_CONFIG_FILE)):
-    from clip_jax.loop import CONFIG_FILE, recorded_config
+    from clip_jax.loop import recorded_config
     record = recorded_config(workdir)  # the run's config record
     recorded = record.get("data.tokenizer")
-    if recorded and recorded != "clip" and not os.path.exists(recorded):
-      # Checked here, the one reader of the record for every command: get_tokenizer's own line names
-      # neither the record nor how to override it.
-      from clip_jax.cli import MissingPathError
-      raise MissingPathError(
-          f"the tokenizer path recorded in {os.path.join(workdir, CONFIG_FILE)} (data.tokenizer: {recorded}) no "
-          f"longer exists (its folder was moved or deleted): pass {option}, or restore the folder or edit "
-          f"data.tokenizer in that config.json.")
+    check_recorded_tokenizer(workdir, recorded, option)
     if recorded:
       return recorded, None
     if record.get("init.checkpoint"):  # recorded before the trainer resolved it: the same rule on its start

@@ -312,6 +312,9 @@ def resolve_tokenizer(cfg, workdir: str | None = None) -> None:
     return
   recorded = loop.recorded_config(workdir).get("data.tokenizer") if workdir else None
   if recorded:
+    # A resumed run tokenizes as it started: another tokenizer changes the maths, so it needs leave.
+    from clip_jax.convert import check_recorded_tokenizer
+    check_recorded_tokenizer(workdir, recorded, "--config.data.tokenizer=DIR --allow-config-change")
     cfg.data.tokenizer = recorded
     return
   spec, note = pretrained.training_tokenizer(cfg)

@@ -586,6 +586,13 @@ def test_a_workdirs_recorded_tokenizer_that_is_gone_names_the_record_and_the_fla
   with pytest.raises(MissingPathError, match=r"pass --config\.data\.tokenizer=DIR, or restore the folder"):
     convert.checkpoint_tokenizer(str(workdir), option="--config.data.tokenizer=DIR")  # training from it
   assert cli.tokenizer_for("clip", str(workdir), 32)[1] == "clip"  # --tokenizer wins over the record
+  # Resuming the training run itself: the trainer reads the record too (train.resolve_tokenizer)
+  import ml_collections
+  from clip_jax import train
+  cfg = ml_collections.ConfigDict({"data": {"tokenizer": ""}})
+  with pytest.raises(MissingPathError, match=r"\(data\.tokenizer: .*moved_init\) no longer exists .*pass "
+                                             r"--config\.data\.tokenizer=DIR --allow-config-change, or restore"):
+    train.resolve_tokenizer(cfg, str(workdir))
   gone.mkdir()
   (gone / "vocab.json").write_text("{}")
   (gone / "merges.txt").write_text("")

@@ -321,3 +321,13 @@ def test_prompt_ablation_equals_the_zero_shot_evaluator(tiny_checkpoint, tmp_pat
     assert (tmp_path / "out" / f"prompt_ablation.{suffix}").stat().st_size > 100
   better, worse = np.ones(50, bool), np.r_[np.ones(40, bool), np.zeros(10, bool)]
   assert prompt_ablation.paired_bootstrap(better, worse)[0] > 0 and prompt_ablation.paired_bootstrap(worse, worse) == (0, 0)
+
+
+def test_prompt_ablation_takes_a_tokenizer_for_every_workdir(monkeypatch, tmp_path):
+  # The line for a workdir whose recorded tokenizer folder is gone says "pass --tokenizer DIR": the
+  # ablation had no such flag.
+  from clip_jax.eval import prompt_ablation
+  calls = []
+  monkeypatch.setattr(prompt_ablation, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
+  assert prompt_ablation.main(["sweep.py", "--workdir", "a", "b", "--out", str(tmp_path), "--tokenizer", "clip"]) == 0
+  assert calls[0][0] == ("sweep.py", ["a", "b"], str(tmp_path)) and calls[0][1]["tokenizer"] == "clip"

@@ -140,7 +140,8 @@ def plot(rows: list[dict], reference: str, path: str, title: str) -> str:
   return path
 
 
-def run(sweep: str, workdirs: Sequence[str], out_dir: str, *, batch_size: int = 256, limit: int | None = None) -> dict:
+def run(sweep: str, workdirs: Sequence[str], out_dir: str, *, batch_size: int = 256, limit: int | None = None,
+        tokenizer: str | None = None) -> dict:
   import jax
 
   from clip_jax.convert import load_checkpoint
@@ -157,7 +158,7 @@ def run(sweep: str, workdirs: Sequence[str], out_dir: str, *, batch_size: int = 
   per_model, num_images = [], None
   for workdir in workdirs:
     model, variables = load_checkpoint(workdir)
-    tokenizer = _tokenizer(None, workdir, model.config.text.context_length)
+    tokenize = _tokenizer(tokenizer, workdir, model.config.text.context_length)
     image_size = model.config.vision.image_size
     source = open_source(info.source, info.test_split, image_size=image_size, labelled=True)
     if limit:
@@ -166,12 +167,14 @@ def run(sweep: str, workdirs: Sequence[str], out_dir: str, *, batch_size: int = 
     images = embed.embed_images(model, variables, batches, len(source), mesh)
     num_images = len(images.labels)
     per_model.append(evaluate_prompt_sets(model, variables, images.features, images.labels, info.class_names,
-                                          prompt_sets, tokenizer, batch_size=batch_size, mesh=mesh))
+                                          prompt_sets, tokenize, batch_size=batch_size, mesh=mesh))
   rows = summarize(per_model, prompt_sets, reference)
   from clip_jax.observe import package_versions, save_results
   meta = {"sweep": sweep, "dataset": info.name, "split": info.test_split, "reference": reference,
           "workdirs": list(workdirs), "num_models": len(workdirs), "num_images": num_images,
           "bootstrap_samples": BOOTSTRAP_SAMPLES, "limit": limit, "versions": package_versions()}
+  if tokenizer:  # only when given: the meta of an ablation with each checkpoint's own stays as it was
+    meta["tokenizer"] = tokenizer
   if jax.process_index() == 0:
     # Written whole; an earlier ablation of other settings is moved aside (prompt_ablation.N.*), never mixed in.
     save_results(os.path.join(out_dir, "prompt_ablation.json"), {"meta": meta, "rows": rows},
@@ -201,10 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="directory for the table and plot")
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--limit", type=int, help="only the first N test images (a quick check)")
+  parser.add_argument("--tokenizer", help="tokenizer spec for every workdir (default: each checkpoint's own, as "
+                                          "clip_jax.evaluate finds it, else 'clip')")
   args = parser.parse_args(argv)
   from clip_jax.weights import CheckpointError
   try:
-    run(args.sweep, args.workdir, args.out, batch_size=args.batch_size, limit=args.limit)
+    run(args.sweep, args.workdir, args.out, batch_size=args.batch_size, limit=args.limit, tokenizer=args.tokenizer)
   except (ValueError, FileNotFoundError, CheckpointError) as e:
     from clip_jax import cli
     return cli.print_user_error(str(e), e)
