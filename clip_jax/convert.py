@@ -469,12 +469,18 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict[str, Any]:
   return model_cfg
 
 
-def export_open_clip(module: CLIP, variables: dict[str, Any], out_dir: str, preprocessing=None) -> str:
+def export_open_clip(module: CLIP, variables: dict[str, Any], out_dir: str, preprocessing=None, tokenizer=None,
+                     tokenizer_name: str | None = None) -> str:
   """Writes an open_clip hub folder, which `open_clip.create_model_and_transforms('local-dir:OUT_DIR')`
   and `hf-hub:` repositories load and `load_checkpoint` reads back: open_clip_config.json (the model
   config and its image preprocessing: `preprocessing`, an `images.Preprocessing`, e.g. the source's
   `stated_preprocessing`; None: OpenAI's mean/std, which this project's training uses) and
-  open_clip_model.safetensors (the OpenAI-layout state dict, the keys open_clip's CLIP uses). Returns
+  open_clip_model.safetensors (the OpenAI-layout state dict, the keys open_clip's CLIP uses).
+  tokenizer: the model's `clip_jax.tokenizer` object. OpenAI's CLIP BPE (or None) is what open_clip uses
+  for a config naming none; another BPE's files are written beside the config, which names them as
+  text_cfg.hf_tokenizer_name = `tokenizer_name` (default: OUT_DIR's name), so that open_clip's
+  `get_tokenizer('local-dir:OUT_DIR')` reads them (an `hf-hub:` repository is read by that name: set it to
+  the repository's id there). A sentencepiece model cannot be named (`export_tokenizer_note`). Returns
   `out_dir`."""
   from clip_jax.data.images import OPENAI
   from clip_jax.weights import save_safetensors
@@ -483,11 +489,48 @@ def export_open_clip(module: CLIP, variables: dict[str, Any], out_dir: str, prep
   if preprocessing == OPENAI:  # open_clip's defaults for the rest
     stated = {"mean": stated["mean"], "std": stated["std"]}
   os.makedirs(out_dir, exist_ok=True)
-  config = {"model_cfg": config_to_open_clip(module.config), "preprocess_cfg": stated}
+  model_cfg = config_to_open_clip(module.config)
+  if tokenizer is not None and not is_openai_bpe(tokenizer) and hasattr(tokenizer, "save_hf"):
+    tokenizer.save_hf(out_dir)
+    model_cfg["text_cfg"]["hf_tokenizer_name"] = tokenizer_name or os.path.basename(os.path.abspath(out_dir))
+  config = {"model_cfg": model_cfg, "preprocess_cfg": stated}
   with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
     json.dump(config, f, indent=2)
   save_safetensors(export_openai_state_dict(module, variables), os.path.join(out_dir, "open_clip_model.safetensors"))
   return out_dir
+
+
+def is_openai_bpe(tokenizer) -> bool:
+  """True for OpenAI's CLIP BPE at any context length (the packaged vocabulary and merges): what open_clip
+  and transformers' CLIP folders mean when they name no other tokenizer."""
+  from clip_jax.tokenizer import ClipTokenizer, default_tokenizer
+  if not isinstance(tokenizer, ClipTokenizer):
+    return False
+  default = default_tokenizer()
+  return tokenizer.encoder == default.encoder and tokenizer.merges == default.merges
+
+
+def export_tokenizer_note(tokenizer, fmt: str, out: str, tokenizer_name: str | None = None) -> str | None:
+  """The line an export of format `fmt` ('hf', 'open_clip', 'openai') to `out` prints about the model's
+  tokenizer, or None when there is nothing to say (OpenAI's CLIP BPE; an hf folder holding the files)."""
+  if tokenizer is None or is_openai_bpe(tokenizer):
+    return None
+  source = getattr(tokenizer, "model_path", None)
+  if fmt == "openai":
+    return ("The model's tokenizer is not OpenAI's CLIP BPE, and an OpenAI-layout file names none: loaders "
+            "will tokenize with OpenAI's; give them this model's tokenizer by hand.")
+  if source is not None:  # sentencepiece: neither transformers' CLIPTokenizer nor an open_clip config holds it
+    where = "transformers' CLIPTokenizer cannot hold it, so no tokenizer files are written" if fmt == "hf" else (
+        "an open_clip folder cannot name it here, so open_clip would tokenize with OpenAI's CLIP BPE")
+    return (f"warning: the model's tokenizer is a sentencepiece model ({source}): {where}; tokenize with that "
+            "file by hand.")
+  if fmt == "open_clip":
+    name = tokenizer_name or os.path.basename(os.path.abspath(out))
+    return (f"The model's tokenizer is not OpenAI's CLIP BPE: its files are written into {out}, named by "
+            f"open_clip_config.json (text_cfg.hf_tokenizer_name: '{name}'), which open_clip's "
+            f"get_tokenizer('local-dir:{out}') reads; pushed as an hf-hub: repository, set hf_tokenizer_name to "
+            "that repository's id.")
+  return None
 
 
 def load_open_clip_directory(path: str, **module_kwargs):

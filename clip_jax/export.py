@@ -16,10 +16,11 @@ again (the export prints the name to read it back with, where a named architectu
 --format open_clip writes an open_clip hub folder (open_clip_config.json with the architecture,
 activation, text pooling and image mean/std, and open_clip_model.safetensors) that
 `open_clip.create_model_and_transforms('local-dir:OUT')` loads as it is, or that can be pushed as an
-`hf-hub:` repository. It names no tokenizer, so open_clip tokenizes with OpenAI's CLIP BPE at the
-config's context length: this project's default ('clip'); a model trained with another tokenizer
-needs it given to open_clip by hand. ResNet image towers export as openai or open_clip
-(transformers has no ModifiedResNet).
+`hf-hub:` repository. A model that tokenizes with OpenAI's CLIP BPE (this project's default, 'clip')
+names no tokenizer, as open_clip's own folders do; one trained with another BPE gets its files written
+into the folder and named in the config, which open_clip's `get_tokenizer('local-dir:OUT')` reads (a
+sentencepiece model cannot be named: the export says so). ResNet image towers export as openai or
+open_clip (transformers has no ModifiedResNet).
 
 Nothing is written unless the whole export succeeds: the folder or file appears complete or not at
 all. An existing --out is refused (one line) unless --overwrite.
@@ -86,11 +87,13 @@ def export(checkpoint: str, out: str, fmt: str = "hf", *, model_name: str | None
 def export_model(module, variables, out: str, fmt: str = "hf", *, tokenizer=None, overwrite: bool = False,
                  name: str = "the model", preprocessing=None) -> str:
   """Writes a loaded (module, variables) to `out` in `fmt`, whole or not at all; returns `out`.
-  tokenizer: a `clip_jax.tokenizer` object written beside an hf export (None: OpenAI's CLIP BPE).
+  tokenizer: the model's `clip_jax.tokenizer` object, written beside an hf export, and beside an open_clip one
+    when it is not OpenAI's CLIP BPE (None: OpenAI's); a line says what a format cannot carry.
   preprocessing: the image preprocessing the hf / open_clip folder states (None: OpenAI's).
   Raises clip_jax.cli.UserError as `export` does."""
   from clip_jax.cli import UserError
-  from clip_jax.convert import export_hf, export_open_clip, export_openai_state_dict, openai_layout_note
+  from clip_jax.convert import (export_hf, export_open_clip, export_openai_state_dict, export_tokenizer_note,
+                                openai_layout_note)
   from clip_jax.weights import save_safetensors
   check_destination(out, fmt, overwrite)
   if fmt == "hf" and module.config.vision.is_resnet:
@@ -104,7 +107,8 @@ def export_model(module, variables, out: str, fmt: str = "hf", *, tokenizer=None
       written = export_hf(module, variables, os.path.join(staging, "out"), tokenizer=tokenizer,
                           preprocessing=preprocessing)
     elif fmt == "open_clip":
-      written = export_open_clip(module, variables, os.path.join(staging, "out"), preprocessing=preprocessing)
+      written = export_open_clip(module, variables, os.path.join(staging, "out"), preprocessing=preprocessing,
+                                 tokenizer=tokenizer, tokenizer_name=os.path.basename(os.path.abspath(out)))
     else:
       written = os.path.join(staging, "out.safetensors")
       save_safetensors(export_openai_state_dict(module, variables), written)
@@ -114,6 +118,9 @@ def export_model(module, variables, out: str, fmt: str = "hf", *, tokenizer=None
     os.replace(written, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+  note = export_tokenizer_note(tokenizer, fmt, out)
+  if note:
+    print(note, flush=True)
   return out
 
 

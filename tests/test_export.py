@@ -120,3 +120,54 @@ def test_architecture_flags_follow_the_evaluation_rule(source, tmp_path):
   with pytest.raises(cli.MissingPathError, match="missing.pt: no such file"):
     export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "c")])
   assert sorted(os.listdir(tmp_path)) == ["bare.safetensors"]
+
+
+def test_open_clip_export_carries_a_tokenizer_other_than_openais(tmp_path, capsys):
+  """A model trained with another BPE (session 28's fresh user: the open_clip export wrote no tokenizer
+  files, so open_clip tokenized it with OpenAI's BPE and no line said so): its files are written and
+  named in open_clip_config.json, and open_clip's own get_tokenizer('local-dir:') gives our ids."""
+  import json
+  from clip_jax.tokenizer import default_tokenizer, get_tokenizer
+  vocab_dir = tmp_path / "bpe"
+  default_tokenizer().save_hf(str(vocab_dir))
+  vocab = json.loads((vocab_dir / "vocab.json").read_text(encoding="utf-8"))
+  vocab["cat</w>"], vocab["dog</w>"] = vocab["dog</w>"], vocab["cat</w>"]  # another BPE: two ids swapped
+  (vocab_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+  model = clip_jax.create_model("ViT-Tiny")
+  variables = clip_jax.init_variables(model, jax.random.key(0))
+  ours = get_tokenizer(str(vocab_dir), context_length=model.config.text.context_length)
+  source = export_hf(model, variables, str(tmp_path / "src"), tokenizer=ours)  # the folder holds its files
+  out = str(tmp_path / "my_clip")
+  assert export.main(["--checkpoint", source, "--format", "open_clip", "--out", out]) == 0
+  said = capsys.readouterr().out
+  assert "text_cfg.hf_tokenizer_name: 'my_clip'" in said and f"get_tokenizer('local-dir:{out}')" in said, said
+  config = json.loads(open(os.path.join(out, "open_clip_config.json")).read())
+  assert config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == "my_clip"
+  texts = ["a photo of a cat.", "a dog"]
+  expected = np.asarray(ours(texts))
+  assert expected[0].tolist() != np.asarray(default_tokenizer()(texts))[0].tolist()  # the swap shows
+  assert np.asarray(get_tokenizer(out, context_length=expected.shape[1])(texts)).tolist() == expected.tolist()
+  open_clip = pytest.importorskip("open_clip")
+  pytest.importorskip("transformers")
+  theirs = open_clip.get_tokenizer(f"local-dir:{out}")(texts).numpy()
+  for row_theirs, row_ours in zip(theirs, expected):  # up to the end token (padding ids differ by design)
+    end = list(row_ours).index(ours.eot_token_id) + 1
+    assert row_theirs[:end].tolist() == row_ours[:end].tolist()
+  # OpenAI's BPE itself: nothing written or said, as before (open_clip's own convention)
+  plain = str(tmp_path / "plain")
+  export.export_model(model, variables, plain, "open_clip", tokenizer=default_tokenizer())
+  assert sorted(os.listdir(plain)) == ["open_clip_config.json", "open_clip_model.safetensors"]
+  assert "tokenizer" not in capsys.readouterr().out
+
+
+def test_a_tokenizer_a_format_cannot_carry_is_said():
+  import types
+  from clip_jax.convert import export_tokenizer_note
+  from clip_jax.tokenizer import default_tokenizer
+  sentencepiece = types.SimpleNamespace(model_path="/data/spm.model")  # what the note reads of one
+  assert "an open_clip folder cannot name it here" in export_tokenizer_note(sentencepiece, "open_clip", "o")
+  assert "no tokenizer files are written" in export_tokenizer_note(sentencepiece, "hf", "o")
+  assert "give them this model's tokenizer by hand" in export_tokenizer_note(sentencepiece, "openai", "o.safetensors")
+  for fmt in ("hf", "open_clip", "openai"):
+    assert export_tokenizer_note(default_tokenizer(), fmt, "o") is None
+    assert export_tokenizer_note(None, fmt, "o") is None
