@@ -248,9 +248,11 @@ def merge_kept(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
 
 
 def settings_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None,
-                     ignore: Sequence[str] = VOLATILE_SETTINGS) -> list[str]:
-  """The keys (sorted) whose values differ between two settings records, volatile ones aside."""
-  old, new = dict(old or {}), dict(new or {})
+                     ignore: Sequence[str] = VOLATILE_SETTINGS, added: Mapping[str, Any] | None = None) -> list[str]:
+  """The keys (sorted) whose values differ between two settings records, volatile ones aside.
+  added: settings recorded only since some version, with the value every older record had implicitly:
+  an old record without one counts as holding that value."""
+  old, new = {**(added or {}), **(old or {})}, dict(new or {})
   return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
 
 
@@ -274,14 +276,16 @@ def _numbered(path: str, n: int) -> str:
 
 def save_results(json_path: str, data: Mapping[str, Any], render_markdown: Callable[[dict], str] | None = None,
                  merge: Callable[[dict, dict], dict] = merge_kept, settings_key: str = "settings",
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, added_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The one writer of results files: `json_path` (and its `.md` beside it, rendered from what is
   written) are only ever written whole (`write_atomic`) and never with less than they held:
   - an existing file made with the same `data[settings_key]` (volatile keys such as versions aside)
     is merged with the new results (`merge(old, new)`, by default `merge_kept`: new values win, keys
     only the old file has stay);
   - one made with other settings, or unreadable, is first moved aside to `results.N.json` / `.md`,
-    with one line naming the settings that changed.
+    with one line naming the settings that changed;
+  - `added_settings`: settings recorded only since some version, with the value older files held
+    implicitly (`settings_changes(added=)`), so that those files still merge.
   Returns what was written. Floats that JSON cannot hold go through `float` (numpy scalars)."""
   data = dict(data)
   md_path = os.path.splitext(json_path)[0] + ".md"
@@ -294,7 +298,7 @@ def save_results(json_path: str, data: Mapping[str, Any], render_markdown: Calla
       old = "unreadable"
   if old is not None:
     changed = (["(unreadable)"] if not isinstance(old, dict) else
-               settings_changes(old.get(settings_key), data.get(settings_key)))
+               settings_changes(old.get(settings_key), data.get(settings_key), added=added_settings))
     if changed:
       moved = _set_aside([json_path, md_path])
       log(f"{json_path} held results made with other settings ({', '.join(changed[:8])} differ): kept as "

@@ -69,6 +69,28 @@ def test_results_of_other_settings_are_moved_aside_not_mixed(tmp_path):
 
 def test_settings_changes_name_the_keys():
   assert observe.settings_changes({"a": 1, "b": 2, "devices": 8}, {"a": 1, "b": 3, "c": 0, "devices": 1}) == ["b", "c"]
+  # A setting recorded only since some version: an older record holds its implicit value
+  assert observe.settings_changes({"a": 1}, {"a": 1, "p": "openai"}, added={"p": "openai"}) == []
+  assert observe.settings_changes({"a": 1}, {"a": 1, "p": "imagenet"}, added={"p": "openai"}) == ["p"]
+  assert observe.settings_changes({"a": 1, "p": "x"}, {"a": 1, "p": "openai"}, added={"p": "openai"}) == ["p"]
+
+
+def test_evaluations_from_before_the_preprocessing_record_still_merge(tmp_path, monkeypatch):
+  # Session 28 added 'preprocessing' to evaluate's meta: a folder evaluated before (all as OpenAI's CLIP)
+  # set its results aside on the next evaluation instead of merging with them.
+  from clip_jax.data.images import OPENAI
+  from clip_jax.eval import report
+  path = str(tmp_path / "results.json")
+  observe.save_results(path, {"score": 1, "meta": {"seed": 0}}, settings_key="meta")  # an old file
+  new_meta = {"seed": 0, "preprocessing": OPENAI.to_dict()}
+  said = []
+  observe.save_results(path, {"extra": 2, "meta": new_meta}, settings_key="meta", log=said.append,
+                       added_settings={"preprocessing": OPENAI.to_dict()})
+  assert said == [] and json.load(open(path))["score"] == 1 and not (tmp_path / "results.1.json").exists()
+  calls = []
+  monkeypatch.setattr(observe, "save_results", lambda *args, **kwargs: calls.append(kwargs))
+  report.write_report(str(tmp_path), [], new_meta)
+  assert calls[0]["added_settings"] == {"preprocessing": OPENAI.to_dict()}
   assert observe.merge_kept({"x": {"p": 1, "q": 2}, "y": 1}, {"x": {"p": 5}}) == {"x": {"p": 5, "q": 2}, "y": 1}
 
 

@@ -144,13 +144,16 @@ def write_report(out_dir: str, results: list[dict[str, Any]], meta: dict[str, An
   (see `merge_reports`), a file made with other settings is moved aside to results.N.json first.
   `unfinished`: [{'task': 'KIND:NAME', 'split', 'error'}] of a run that stopped early (the task that failed
   with its error, those after it 'not run'). -> (results.json path, results.md path)."""
+  from clip_jax.data.images import OPENAI
   from clip_jax.observe import save_results
   json_path, md_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
   report = {"meta": meta, "results": results, **({"unfinished": list(unfinished)} if unfinished else {})}
   save_results(json_path, report,
                lambda merged: markdown_table(merged["results"], {**merged["meta"], "out_dir": out_dir},
                                              merged.get("unfinished", ())),
-               merge=merge_reports, settings_key="meta")
+               merge=merge_reports, settings_key="meta",
+               # recorded since session 28; every evaluation before preprocessed as OpenAI's CLIP
+               added_settings={"preprocessing": OPENAI.to_dict()})
   return json_path, md_path
 
 
