@@ -22,6 +22,12 @@ stage from `clip_jax.data` does not pay for importing jax and flax.
 """
 import importlib
 
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # `python -m PACKAGE.MODULE` is locating its module: a command is starting
+  from clip_jax import cli as _cli
+  _cli.quiet_interrupt_while_starting()  # Ctrl-C during the imports: one line, not a traceback
+
 _EXPORTS = {
     "CLIP": "clip_jax.models", "CLIPConfig": "clip_jax.models", "MODEL_CONFIGS": "clip_jax.models",
     "create_model": "clip_jax.models", "init_variables": "clip_jax.models", "l2_normalize": "clip_jax.models",

@@ -438,6 +438,27 @@ def _report_bug(error: BaseException) -> NoReturn:
   sys.exit(BUG_EXIT_CODE)
 
 
+def quiet_interrupt_while_starting() -> None:
+  """A Ctrl-C while a `python -m` command of this project is still importing (jax alone takes seconds)
+  prints one line and exits 130, as one before a training loop does, instead of a KeyboardInterrupt
+  traceback (session 27's fresh user). The packages' __init__ install it when run with -m; once the
+  command runs, `_reporting` catches Ctrl-C itself, so only the imports and the module's top level reach
+  this hook. Nothing has been written by then. --debug / CLIP_JAX_DEBUG keep the traceback."""
+  previous = sys.excepthook
+  if getattr(previous, "is_clip_jax_hook", False):
+    return
+
+  def hook(kind, value, tb):
+    if issubclass(kind, KeyboardInterrupt) and not debug_enabled():
+      sys.stderr.write("interrupted (Ctrl-C) while the command was starting: nothing was written; the same "
+                       "command starts again.\n")
+      sys.stderr.flush()
+      os._exit(INTERRUPTED_EXIT_CODE)  # the interpreter would otherwise end as killed by SIGINT
+    previous(kind, value, tb)
+  hook.is_clip_jax_hook = True
+  sys.excepthook = hook
+
+
 def _raise_usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
   raise UserError(f"{message} (see {parser.prog} --help)")
 

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import importlib
 
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # `python -m PACKAGE.MODULE` is locating its module: a command is starting
+  from clip_jax import cli as _cli
+  _cli.quiet_interrupt_while_starting()  # Ctrl-C during the imports: one line, not a traceback
+
 _PIPELINE_NAMES = ("StableDiffusion", "load_pipeline", "save_pipeline", "encode_prompt", "generate")
 __all__ = list(_PIPELINE_NAMES)
 

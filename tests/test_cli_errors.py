@@ -244,3 +244,21 @@ def test_printed_commands_name_the_running_interpreter_and_quote_for_the_shell(t
   monkeypatch.chdir(other)
   assert cli.shown_python() == str(venv_python)
   assert cli.shown_command(["echo", sys.executable]) == f"echo {venv_python}"  # only the program is shortened
+
+
+@pytest.mark.parametrize("module", ["clip_jax.train", "dreambooth_jax.train"])
+def test_ctrl_c_while_a_command_imports_is_one_line(module, tmp_path):
+  # Session 27's fresh user: a Ctrl-C in the seconds jax takes to import printed a KeyboardInterrupt
+  # traceback. A stand-in `jax` that is interrupted while importing makes it happen every time.
+  (tmp_path / "jax").mkdir()
+  (tmp_path / "jax" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+  env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+  env.pop("CLIP_JAX_DEBUG", None)
+  done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 130, done.stderr
+  assert done.stderr == ("interrupted (Ctrl-C) while the command was starting: nothing was written; the same command "
+                         "starts again.\n"), done.stderr
+  debugging = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env={**env, "CLIP_JAX_DEBUG": "1"},
+                             capture_output=True, text=True, timeout=120)
+  assert "Traceback" in debugging.stderr and "KeyboardInterrupt" in debugging.stderr
