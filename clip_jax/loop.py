@@ -395,8 +395,10 @@ def _interrupt_handler(preempted: dict, multi_process: bool) -> Callable:
     del signum, frame
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if jax.process_index() == 0:
-      print("\nInterrupted: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once).",
-            flush=True)
+      # Several processes save at a step all of them can still reach: the one after the fastest one's
+      # current step (jax's preemption sync point), so one or two more steps run.
+      when = "at a step every process reaches (one or two steps on)" if multi_process else "after this step"
+      print(f"\nInterrupted: saving a checkpoint {when}, then stopping (Ctrl-C again stops at once).", flush=True)
     if multi_process:
       os.kill(os.getpid(), signal.SIGTERM)
     else:

@@ -130,25 +130,30 @@ def describe_exit(code: int) -> str:
     return f"exit code {code} (interrupted by Ctrl-C before it could save; the same command starts again)"
   if code == PEER_LOST_EXIT_CODE:
     return (f"exit code {code} (another process of the run was gone, so this one stopped without saving; the "
-            "same command resumes from the last checkpoint)")
+            "same command resumes from the last checkpoint saved, or starts again if there is none)")
   return f"exit code {code}"
 
 
 # gloo (the CPU collectives) prints one such line per communicator it sets up: 16 in a short 2-process
-# run, all saying that every peer connected. One whose counts differ is kept: that one says something.
-_GLOO_ALL_CONNECTED = re.compile(r"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
-                                 r"Expected number of connected peer ranks is : (\d+)\s*$")
+# run, all saying that every peer connected, some of them inside a progress bar's line. One whose counts
+# differ is kept: that one says something.
+_GLOO_CONNECTED = re.compile(r"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
+                             r"Expected number of connected peer ranks is : (\d+)")
 
 
-def is_noise(line: str) -> bool:
-  """True for a child's output line the launcher does not relay (gloo's all-peers-connected lines)."""
-  match = _GLOO_ALL_CONNECTED.match(line)
-  return bool(match) and match.group(1) == match.group(2)
+def without_noise(line: str) -> str | None:
+  """A child's output line as the launcher relays it: gloo's all-peers-connected messages taken out,
+  None when nothing else was on the line."""
+  kept = _GLOO_CONNECTED.sub(lambda m: "" if m.group(1) == m.group(2) else m.group(0), line)
+  if kept == line:
+    return line
+  return kept if kept.strip() else None
 
 
 def _pump(stream, prefix: str, out) -> None:
   for line in iter(stream.readline, ""):
-    if is_noise(line):
+    line = without_noise(line)
+    if line is None:
       continue
     out.write(prefix + line)
     out.flush()

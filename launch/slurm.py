@@ -170,7 +170,8 @@ def end_line(job_id: str, state: str, code: str | None, log: str) -> str:
                "submitting the same command again resumes it")
   elif exit_status(state, code) == PEER_LOST_EXIT_CODE:
     meaning = (f": {PEER_LOST_EXIT_CODE} = a task found another gone and stopped without saving (the log says "
-               "which and why); submitting the same command again resumes from the last checkpoint")
+               "which and why); submitting the same command again resumes from the last checkpoint saved, or starts "
+               "again if there is none")
   return f"launch: job {job_id} ended {state}" + (f" (exit code {code}{meaning})" if code else "") + f"; log: {log}"
 
 

@@ -246,6 +246,10 @@ def expand(sweep_path: str, root: str, base_config: str | None = None) -> tuple[
   base = base_config or file_base
   if not base:
     raise SystemExit(f"sweep: give --base-config (the sweep file {sweep_path} sets no BASE_CONFIG).")
+  # The trainers' rule for a config path (`cli.packaged_config`): a BASE_CONFIG of 'configs/...' not under
+  # this directory is the packaged one, as `launch.run --config=configs/...` reads it from anywhere.
+  from clip_jax.cli import packaged_config
+  base = packaged_config(base)
   cfg = load_config(base)
   for i, overrides in enumerate(sweep):  # unknown keys fail here, before any run starts
     apply_overrides(cfg.copy_and_resolve_references(), overrides, f"run {i} of {sweep_path}")

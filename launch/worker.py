@@ -137,7 +137,8 @@ def start_watchdog(interval: float) -> threading.Thread | None:
 
 def _peer_lost(me: int, why: str) -> None:
   print(f"launch.worker[{me}]: {why}; this process exits with code {PEER_LOST_EXIT_CODE} rather than wait "
-        "for it forever. Restart the run: it resumes from its last checkpoint.", file=sys.stderr, flush=True)
+        "for it forever. The same command resumes the run from its last checkpoint saved (or starts it again if there "
+        "is none).", file=sys.stderr, flush=True)
   os._exit(PEER_LOST_EXIT_CODE)  # sys.exit from a thread would only end the thread
 
 

@@ -158,6 +158,11 @@ def test_supervisor_leaves_out_gloos_all_connected_lines():
   text = out.getvalue()
   assert "connected to 1 peer ranks" not in text and "step 1" in text, text
   assert "Rank 1 is connected to 0 peer ranks. Expected number of connected peer ranks is : 1" in text, text  # kept
+  # inside a progress bar's line (tqdm ends its updates with '\r', not a new line): the bar stays
+  bar = "train:  17%|#7   | 1/6 [00:17<01:25, 17.20s/step]"
+  assert local.without_noise(bar + "[Gloo] Rank 3 is connected to 7 peer ranks. Expected number of connected peer "
+                             "ranks is : 7\n") == bar + "\n"
+  assert local.without_noise("step 2\n") == "step 2\n"
 
 
 def test_supervisor_names_the_lost_process_not_the_one_that_noticed():
@@ -278,6 +283,23 @@ def test_sweep_rejects_unknown_keys(tmp_path):
       """)
   with pytest.raises(SystemExit, match="'optimizer.learning_rat' is not a field of the base config"):
     sweep.main([sweep_file, "--base-config=configs/clip/digits.py", f"--root={tmp_path / 'root'}"], out=io.StringIO())
+
+
+def test_a_sweep_files_packaged_base_config_is_found_from_any_directory(tmp_path, monkeypatch):
+  # A fresh user ran the shipped sweep's BASE_CONFIG = "configs/clip/digits.py" from another directory:
+  # "base config ... does not exist", where launch.run --config=configs/... finds the packaged file.
+  sweep_file = _write_sweep_file(tmp_path / "tiny.py", """
+      from launch.sweep import grid
+      BASE_CONFIG = "configs/clip/digits.py:runlocal"
+      def get_sweep():
+        return grid(global_batch=[8, 16])
+      """)
+  monkeypatch.chdir(tmp_path)
+  runs, base = sweep.expand(sweep_file, str(tmp_path / "root"))
+  assert base == os.path.join(REPO, "configs", "clip", "digits.py") + ":runlocal" and len(runs) == 2
+  (tmp_path / "configs" / "clip").mkdir(parents=True)  # a configs/ folder of one's own still wins
+  (tmp_path / "configs" / "clip" / "digits.py").write_text(open(os.path.join(REPO, "configs/clip/digits.py")).read())
+  assert sweep.expand(sweep_file, str(tmp_path / "root"))[1] == "configs/clip/digits.py:runlocal"
 
 
 # A stand-in for clip_jax.train with the same workdir contract: resumes from its last checkpoint

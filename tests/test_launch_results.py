@@ -238,7 +238,8 @@ def test_kept_script_path_and_end_line():
   assert slurm.end_line("7", "FAILED", "1:0", "L") == "launch: job 7 ended FAILED (exit code 1:0); log: L"
   assert slurm.end_line("7", "FAILED", "69:0", "L") == (
       "launch: job 7 ended FAILED (exit code 69:0: 69 = a task found another gone and stopped without saving (the "
-      "log says which and why); submitting the same command again resumes from the last checkpoint); log: L")
+      "log says which and why); submitting the same command again resumes from the last checkpoint saved, or starts "
+      "again if there is none); log: L")
 
 
 @pytest.mark.slow
