@@ -89,20 +89,28 @@ def _check_uint8(array: np.ndarray) -> None:
 
 
 def _conversion_hint(array: np.ndarray) -> str:
-  """How to make uint8 pixels of `array`, judged by its values: one conversion for all floats would be
-  wrong for most (x * 255 wraps 0..255 floats; normalized ones are no longer pixels)."""
-  finite = array[np.isfinite(array)] if array.dtype.kind == "f" else np.empty(0)
-  if finite.size == 0:  # integers, booleans, or no finite value to judge by
+  """How to make uint8 pixels of `array`, judged by its values: one conversion for all would be wrong
+  for most (x * 255 wraps 0..255 floats; normalized ones are no longer pixels; 16-bit ones need scaling)."""
+  kind = array.dtype.kind
+  if kind == "b":
+    return "; convert to uint8 pixels first (booleans: x.astype(np.uint8) * 255, channels last)."
+  if kind not in "fiu":
     return "; convert to uint8 pixels (0..255, channels last) first."
-  low, high = float(finite.min()), float(finite.max())
+  values = array[np.isfinite(array)] if kind == "f" else array.ravel()
+  if values.size == 0:
+    return "; it holds no finite value."
+  low, high = float(values.min()), float(values.max())
+  said = f" with values {low:.3g}..{high:.3g}" + (" and NaN or inf" if values.size < array.size else "")
+  if kind == "f" and low >= -0.05 and high <= 1.05:  # [0, 1] floats; resampling overshoots them a little
+    return (f"{said}; convert first (floats in [0, 1], as ToTensor gives: np.round(np.clip(x, 0, 1) * 255)"
+            ".astype(np.uint8), channels last).")
   if low < 0:
-    return (f" with values {low:.3g}..{high:.3g}, which look already normalized (mean/std); preprocess "
-            "takes raw pixels and normalizes them itself: pass the image before normalization, as uint8 0..255.")
+    return (f"{said}, which look already normalized (mean/std); preprocess takes raw pixels and normalizes "
+            "them itself: pass the image before normalization, as uint8 0..255.")
   if high > 255:
-    return (f" with values {low:.3g}..{high:.3g}, beyond 0..255: scale them to 0..255 (16-bit: x / 257), then "
+    return (f"{said}, beyond 0..255: scale them to 0..255 (16-bit: x / 257), then "
             "np.clip(np.round(x), 0, 255).astype(np.uint8), channels last.")
-  if high > 1:
-    return (f" with values {low:.3g}..{high:.3g}, which look like 0..255 pixels: cast them with "
-            "np.clip(np.round(x), 0, 255).astype(np.uint8) (not x * 255), channels last.")
-  return ("; convert first (floats in [0, 1], as ToTensor gives: np.round(x * 255).astype(np.uint8), "
-          "channels last).")
+  if kind == "f":
+    return (f"{said}, which look like 0..255 pixels: cast them with np.clip(np.round(x), 0, 255)"
+            ".astype(np.uint8) (not x * 255), channels last.")
+  return f"{said}, which are 0..255 pixels: cast them with x.astype(np.uint8), channels last."

@@ -73,7 +73,7 @@ def test_inputs_passed_by_mistake_are_one_clear_line_or_read():
     clip_jax.preprocess(array.transpose(2, 0, 1)[None], 32)  # a batch, channels first
   with pytest.raises(ValueError, match="got no images"):
     clip_jax.preprocess([], 32)  # was numpy's "need at least one array to stack"
-  with pytest.raises(ValueError, match=r"np.round\(x \* 255\).astype\(np.uint8\)"):
+  with pytest.raises(ValueError, match=r"np.round\(np.clip\(x, 0, 1\) \* 255\).astype\(np.uint8\)"):
     clip_jax.preprocess(array / 255.0, 32)
 
 
@@ -90,12 +90,23 @@ def test_a_float_arrays_line_fits_its_values_and_an_empty_batch_is_no_images():
   normalized = (pixels / 255 - 0.5) / 0.25
   with pytest.raises(ValueError, match=r"look already normalized \(mean/std\); preprocess takes raw pixels"):
     clip_jax.preprocess(normalized, 32)
-  with pytest.raises(ValueError, match=r"floats in \[0, 1\].*np.round\(x \* 255\)"):
+  with pytest.raises(ValueError, match=r"floats in \[0, 1\].*np.round\(np.clip\(x, 0, 1\) \* 255\)"):
     clip_jax.preprocess(pixels / 255, 32)
+  with pytest.raises(ValueError, match=r"floats in \[0, 1\]"):  # a resampling's overshoot is still [0, 1]
+    clip_jax.preprocess(np.clip(pixels / 255 * 1.04 - 0.01, -0.01, 1.04), 32)
   with pytest.raises(ValueError, match=r"values 0\.\.6\.55e\+04, beyond 0\.\.255: scale them to 0\.\.255"):
     clip_jax.preprocess(pixels * 257, 32)  # 16-bit values as floats
-  with pytest.raises(ValueError, match=r"got int64; convert to uint8 pixels"):
+  with pytest.raises(ValueError, match=r"got int64 with values 0\.\.255, which are 0\.\.255 pixels: cast them with "
+                     r"x\.astype\(np\.uint8\)"):
     clip_jax.preprocess(pixels.astype(np.int64), 32)
+  with pytest.raises(ValueError, match=r"got uint16 with values 0\.\.6\.55e\+04, beyond 0\.\.255: .*x / 257"):
+    clip_jax.preprocess((pixels * 257).astype(np.uint16), 32)
+  with pytest.raises(ValueError, match=r"got bool; convert to uint8 pixels first \(booleans"):
+    clip_jax.preprocess(pixels > 127, 32)
+  with_inf = pixels.copy()
+  with_inf[0, 1, 1, 0] = np.inf
+  with pytest.raises(ValueError, match=r"values 0\.\.255 and NaN or inf, which look like 0\.\.255 pixels"):
+    clip_jax.preprocess(with_inf, 32)
   for empty in (np.zeros((0, 40, 50, 3), np.uint8), np.zeros((0, 40, 50, 3), np.float32)):
     with pytest.raises(ValueError, match=r"^preprocess got no images \(an empty batch of shape \(0, 40, 50, 3\)\)\.$"):
       clip_jax.preprocess(empty, 32)
