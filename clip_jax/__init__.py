@@ -13,7 +13,9 @@ As a library (README.md, section "Python", shows the pattern end to end):
   CLIP.encode_image / encode_text / get_logits  -> embeddings; open_clip's (logits_per_image, logits_per_text)
   l2_normalize(x)                               -> rows scaled to unit length, float32
   export_hf(model, variables, out_dir)          -> a transformers CLIPModel folder
-  export_open_clip(model, variables, out_dir)   -> an open_clip hub folder ('local-dir:' loads it)
+  export_open_clip(model, variables, out_dir, tokenizer=None)
+                                                -> an open_clip hub folder ('local-dir:' loads it; a tokenizer
+                                                   other than OpenAI's BPE is written and named in it)
   export_openai_state_dict(model, variables)    -> OpenAI-layout numpy state dict (open_clip's pretrained=)
   CLIPConfig, ClipTokenizer, SentencePieceTokenizer: the config and tokenizer classes.
 

@@ -441,22 +441,47 @@ def _report_bug(error: BaseException) -> NoReturn:
 def quiet_interrupt_while_starting() -> None:
   """A Ctrl-C while a `python -m` command of this project is still importing (jax alone takes seconds)
   prints one line and exits 130, as one before a training loop does, instead of a KeyboardInterrupt
-  traceback (session 27's fresh user). The packages' __init__ install it when run with -m; once the
-  command runs, `_reporting` catches Ctrl-C itself, so only the imports and the module's top level reach
-  this hook. Nothing has been written by then. --debug / CLIP_JAX_DEBUG keep the traceback."""
+  traceback (session 27's fresh user). The packages' __init__ install it when run with -m; `run` and
+  `run_absl` take it out as they start (from then on `_reporting` catches Ctrl-C), so it only speaks
+  for the imports and top level of one of this project's modules run as __main__, before anything is
+  written. Another program's module that imports ours keeps Python's own traceback. --debug /
+  CLIP_JAX_DEBUG keep the traceback."""
   previous = sys.excepthook
   if getattr(previous, "is_clip_jax_hook", False):
     return
 
   def hook(kind, value, tb):
-    if issubclass(kind, KeyboardInterrupt) and not debug_enabled():
+    if issubclass(kind, KeyboardInterrupt) and _starting_own_command() and not _debug_asked():
+      with contextlib.suppress(Exception):
+        sys.stdout.flush()
       sys.stderr.write("interrupted (Ctrl-C) while the command was starting: nothing was written; the same "
                        "command starts again.\n")
       sys.stderr.flush()
       os._exit(INTERRUPTED_EXIT_CODE)  # the interpreter would otherwise end as killed by SIGINT
     previous(kind, value, tb)
   hook.is_clip_jax_hook = True
+  hook.previous = previous
   sys.excepthook = hook
+
+
+def _command_started() -> None:
+  """Takes `quiet_interrupt_while_starting`'s hook out: the command's own handling starts here."""
+  if getattr(sys.excepthook, "is_clip_jax_hook", False):
+    sys.excepthook = sys.excepthook.previous
+
+
+def _starting_own_command() -> bool:
+  """True while `python -m` locates its module, or runs one of this project's modules as __main__."""
+  if sys.argv[:1] == ["-m"]:
+    return True
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  return getattr(spec, "name", "").split(".")[0] in ("clip_jax", "dreambooth_jax", "launch")
+
+
+def _debug_asked() -> bool:
+  """--debug on the command line (before a lone '--') or CLIP_JAX_DEBUG, before `run` has read either."""
+  cut = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+  return debug_enabled() or DEBUG_FLAG in sys.argv[1:cut]
 
 
 def _raise_usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
@@ -493,6 +518,7 @@ def _reporting():
 def run(main: Callable[[], int | None]) -> NoReturn:
   """Runs an argparse `main()` (reading sys.argv) as a command: argparse's usage errors and
   UserError become one line on stderr with exit code 2; main's return value is the exit code."""
+  _command_started()
   if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
     use_process_defaults()
   sys.argv = _command_argv(sys.argv)
@@ -511,6 +537,7 @@ HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--hel
 
 def run_absl(main: Callable[[list[str]], int | None], config_flag: str | None = "config") -> NoReturn:
   """absl.app.run(main) with config overrides checked first and flag errors as one line (exit 2)."""
+  _command_started()
   if getattr(main, "__module__", None) == "__main__":  # a command, not a caller inside a program
     use_process_defaults()
   from absl import app, flags

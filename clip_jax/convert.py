@@ -507,7 +507,12 @@ def is_openai_bpe(tokenizer) -> bool:
   if not isinstance(tokenizer, ClipTokenizer):
     return False
   default = default_tokenizer()
-  return tokenizer.encoder == default.encoder and tokenizer.merges == default.merges
+  # The same ids under either spelling of the special tokens (OpenAI's '<start_of_text>', Hugging Face's
+  # '<|startoftext|>': an HF CLIP folder's own files are OpenAI's BPE too).
+  def ids(t):
+    specials = {t.sot_token: "<sot>", t.eot_token: "<eot>"}
+    return {specials.get(token, token): i for token, i in t.encoder.items()}
+  return tokenizer.merges == default.merges and ids(tokenizer) == ids(default)
 
 
 def export_tokenizer_note(tokenizer, fmt: str, out: str, tokenizer_name: str | None = None) -> str | None:

@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: %(default)s)")
   from clip_jax.evaluate import add_architecture_flags
   add_architecture_flags(parser, applies_to=" (of --checkpoint)")
-  parser.add_argument("--tokenizer", default=None, help="the tokenizer written beside an hf export "
-                      "(default: the checkpoint folder's own, else OpenAI's CLIP BPE)")
+  parser.add_argument("--tokenizer", default=None, help="the model's tokenizer, written beside an hf export, and "
+                      "beside an open_clip one when it is not OpenAI's CLIP BPE (default: the checkpoint folder's "
+                      "own, else OpenAI's CLIP BPE)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   return parser
 

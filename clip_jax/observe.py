@@ -252,7 +252,7 @@ def settings_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any] | Non
   """The keys (sorted) whose values differ between two settings records, volatile ones aside.
   added: settings recorded only since some version, with the value every older record had implicitly:
   an old record without one counts as holding that value."""
-  old, new = {**(added or {}), **(old or {})}, dict(new or {})
+  old, new = {**(added or {}), **(old or {})}, {**(added or {}), **(new or {})}
   return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
 
 

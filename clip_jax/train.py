@@ -311,16 +311,24 @@ def resolve_tokenizer(cfg, workdir: str | None = None) -> None:
     cfg.data.tokenizer = os.path.abspath(given) if os.path.exists(given) else given
     return
   recorded = loop.recorded_config(workdir).get("data.tokenizer") if workdir else None
-  if recorded:
-    # A resumed run tokenizes as it started: another tokenizer changes the maths, so it needs leave.
-    from clip_jax.convert import check_recorded_tokenizer
-    check_recorded_tokenizer(workdir, recorded, "--config.data.tokenizer=DIR --allow-config-change")
+  if recorded:  # whether it still exists: `check_resumed_tokenizer`, once a finished run has been told apart
     cfg.data.tokenizer = recorded
     return
   spec, note = pretrained.training_tokenizer(cfg)
   if note and jax.process_index() == 0:
     print(note, flush=True)
   cfg.data.tokenizer = spec
+
+
+def check_resumed_tokenizer(cfg, workdir: str) -> None:
+  """Raises clip_jax.cli.MissingPathError (one line) when the run resumes with the tokenizer its config record
+  names (`resolve_tokenizer`) and that folder is gone. Called after `loop.check_workdir`: a finished run is
+  said to be finished whatever became of its tokenizer."""
+  from clip_jax.convert import check_recorded_tokenizer
+  recorded = loop.recorded_config(workdir).get("data.tokenizer")
+  if recorded and cfg.data.get("tokenizer") == recorded:
+    # A resumed run tokenizes as it started: another tokenizer changes the maths, so it needs leave.
+    check_recorded_tokenizer(workdir, recorded, "--config.data.tokenizer=DIR --allow-config-change")
 
 
 def record_init_preprocessing(cfg) -> None:
@@ -462,6 +470,7 @@ def main(argv):
   if loop.check_workdir(workdir, cfg, total_steps=cfg.total_steps, allow_config_change=flags.FLAGS.allow_config_change,
                         rerun_eval=rerun_eval):
     return 0  # finished: said so, nothing touched
+  cli.as_user_errors(check_resumed_tokenizer, cfg, workdir)
   evaluators = []
   if cfg.get("zeroshot_eval", None) and cfg.zeroshot_eval.get("enabled", False):
     from clip_jax.eval.zeroshot import build_training_evaluators

@@ -6,7 +6,8 @@ process is a `launch.worker` with its own simulated CPU devices, joined over loc
 
 `supervise` watches the children: when one fails, the others get `grace_s` seconds to notice on
 their own (their watchdog exits them), then are terminated; the launcher exits non-zero naming the
-process that failed first and its exit code. The children die with the launcher even when it is
+process that failed (the first to exit, unless that one only found another gone: then the other) and its
+exit code. The children die with the launcher even when it is
 SIGKILLed and can forward nothing: on Linux each asks the kernel for a SIGKILL when its parent dies
 (prctl PR_SET_PDEATHSIG), as if the whole run had been killed; it resumes from its last checkpoint.
 (SIGKILL, not SIGTERM: a worker inside jax.distributed takes SIGTERM as a preemption notice and
@@ -129,8 +130,9 @@ def describe_exit(code: int) -> str:
   if code == INTERRUPTED:
     return f"exit code {code} (interrupted by Ctrl-C before it could save; the same command starts again)"
   if code == PEER_LOST_EXIT_CODE:
-    return (f"exit code {code} (another process of the run was gone, so this one stopped without saving; the "
-            "same command resumes from the last checkpoint saved, or starts again if there is none)")
+    return (f"exit code {code} (found another process of the run gone, or itself cut off from the run, and "
+            "stopped without saving; the same command resumes from the last checkpoint saved, or starts again if "
+            "there is none)")
   return f"exit code {code}"
 
 
@@ -195,6 +197,7 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
   first_failure: tuple[int, int] | None = None   # (index, code)
   failed_at = 0.0
   terminated_at = None
+  terminated: set[int] = set()  # the processes this launcher ended (they had not stopped on their own)
   try:
     while any(p.poll() is None for p in procs):
       for i, p in enumerate(procs):
@@ -209,8 +212,9 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
         waited = time.monotonic() - failed_at
         if terminated_at is None and waited > grace_s:
           terminated_at = time.monotonic()
-          for p in procs:
+          for i, p in enumerate(procs):
             if p.poll() is None:
+              terminated.add(i)
               p.terminate()
         elif terminated_at is not None and time.monotonic() - terminated_at > term_s:
           for p in procs:
@@ -242,14 +246,24 @@ def supervise(children: list[Child], grace_s: float = 45.0, term_s: float = 10.0
   if all(c == PREEMPTED for c in codes):
     print(f"launch: the run stopped early with a checkpoint ({describe_exit(code)}).", file=out, flush=True)
     return PREEMPTED
+  if PREEMPTED in codes and all(c in (PREEMPTED, PEER_LOST_EXIT_CODE) for c in codes):
+    # Processes that saved and stopped leave at slightly different times; one still stopping can find the
+    # others gone. A stop all the same: resumable, and what ran it (a sweep) must stop too.
+    lost = ", ".join(children[i].label for i, c in enumerate(codes) if c == PEER_LOST_EXIT_CODE)
+    print(f"launch: the run stopped early ({describe_exit(PREEMPTED)}); {lost} found the others gone while "
+          "stopping: the same command resumes from the last checkpoint saved.", file=out, flush=True)
+    return PREEMPTED
+
+  def ended(i: int) -> str:
+    return describe_exit(codes[i]) + (", terminated by the launcher" if i in terminated else "")
   cause = _cause(index, codes)
   if cause == index:
-    said = f"{children[index].label} (pid {procs[index].pid}) exited first with {describe_exit(code)}"
-  else:  # the first to exit had only found this one gone: this one is what failed
-    said = (f"{children[cause].label} (pid {procs[cause].pid}) failed with {describe_exit(codes[cause])}, "
-            f"after {children[index].label} had found it gone and stopped")
+    said = f"{children[index].label} (pid {procs[index].pid}) exited first with {ended(index)}"
+  else:  # the first to exit had only found this one gone (hung, or aborting): this one is what failed
+    said = (f"{children[cause].label} (pid {procs[cause].pid}) failed with {ended(cause)}, after "
+            f"{children[index].label} had found it gone and stopped")
     code = codes[cause]
-  others = ", ".join(f"{children[i].label}: {describe_exit(c)}" for i, c in enumerate(codes) if i != cause)
+  others = ", ".join(f"{children[i].label}: {ended(i)}" for i in range(len(codes)) if i != cause)
   then = "; then " if cause == index else "; "
   print(f"launch: the run failed: {said}" + (then + others if others else "") + ".", file=out, flush=True)
   return code if 0 < code < 256 else 128 + (-code if code < 0 else 1)

@@ -273,6 +273,16 @@ def write_sweep_record(root: str, sweep_path: str, base_config: str, runs: list[
   write_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
+def _config_file(spec: str | None) -> tuple[str, str] | None:
+  """(the real path of a 'path.py[:arg]' config, its argument) as the trainers find it from here: a sweep
+  first run from the repository records 'configs/...', one run from elsewhere the packaged absolute path."""
+  if not spec:
+    return None
+  from clip_jax.cli import packaged_config
+  path, _, arg = packaged_config(spec).partition(":")
+  return os.path.realpath(path), arg
+
+
 def sweep_changes(root: str, base_config: str, runs: list[Run], extra: list[str]) -> dict[str, list]:
   """How this invocation differs from ROOT/sweep.json in what changes the maths: {what: [before,
   after]} for the base config, each `--config.KEY` after `--`, and each run's overrides (runs of
@@ -284,7 +294,7 @@ def sweep_changes(root: str, base_config: str, runs: list[Run], extra: list[str]
   from clip_jax.loop import is_operational
   old = json.load(open(path))
   changes: dict[str, list] = {}
-  if old.get("base_config") != base_config:
+  if _config_file(old.get("base_config")) != _config_file(base_config):
     changes["base_config"] = [old.get("base_config"), base_config]
 
   def compare(prefix: str, before: dict, after: dict) -> None:

@@ -23,6 +23,7 @@ if __name__ == "__main__":  # before jax is imported: XLA flags, allocator (clip
   _cli.use_process_defaults()
 
 import argparse
+import atexit
 import os
 import runpy
 import sys
@@ -104,23 +105,32 @@ def _live_processes(client, num_processes: int) -> set[int]:
   return set(live.keys() if isinstance(live, dict) else live)
 
 
+_EXITING = threading.Event()  # set when this process exits: then the others leaving is expected
+
+
 def start_watchdog(interval: float) -> threading.Thread | None:
-  """A daemon thread that ends this process when another process of the run has gone."""
+  """A daemon thread that ends this process when another process of the run has gone. It stands down
+  once this process is exiting (an atexit hook, registered after jax.distributed's own, runs before
+  jax's shutdown): processes that save and stop leave at slightly different times."""
   import jax
   from jax._src import distributed  # the client is not public API; guarded below
   client, num_processes = distributed.global_state.client, jax.process_count()
   if interval <= 0 or client is None or num_processes < 2 or not hasattr(client, "get_live_nodes"):
     return None
   me = jax.process_index()
+  atexit.register(_EXITING.set)
 
   def watch():
-    while True:
+    while not _EXITING.is_set():
       time.sleep(interval)
       try:
         missing = sorted(set(range(num_processes)) - _live_processes(client, num_processes))
       except Exception as e:  # noqa: BLE001 - the service itself is gone (process 0 died)
-        _peer_lost(me, f"the coordination service stopped answering ({type(e).__name__}: {e}); "
-                       "process 0 has probably died")
+        if not _EXITING.is_set():
+          _peer_lost(me, f"the coordination service stopped answering ({type(e).__name__}: {e}); "
+                         "process 0 has probably died")
+        return
+      if _EXITING.is_set():
         return
       others = [i for i in missing if i != me]
       if others:

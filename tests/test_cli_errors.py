@@ -262,3 +262,19 @@ def test_ctrl_c_while_a_command_imports_is_one_line(module, tmp_path):
   debugging = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env={**env, "CLIP_JAX_DEBUG": "1"},
                              capture_output=True, text=True, timeout=120)
   assert "Traceback" in debugging.stderr and "KeyboardInterrupt" in debugging.stderr
+  flagged = subprocess.run([sys.executable, "-m", module, "--debug", "--help"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+  assert "Traceback" in flagged.stderr and "KeyboardInterrupt" in flagged.stderr, flagged.stderr
+
+
+def test_another_programs_ctrl_c_keeps_pythons_own_traceback(tmp_path):
+  # A user's package that imports clip_jax, run with -m: the hook is installed while Python locates the
+  # module, but a Ctrl-C in the user's program (after it wrote things) is not ours to call harmless.
+  (tmp_path / "userpkg").mkdir()
+  (tmp_path / "userpkg" / "__init__.py").write_text("import clip_jax\n")
+  (tmp_path / "userpkg" / "script.py").write_text("print('wrote results', flush=True)\nraise KeyboardInterrupt\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])}
+  done = subprocess.run([sys.executable, "-m", "userpkg.script"], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert "wrote results" in done.stdout
+  assert "Traceback" in done.stderr and "nothing was written" not in done.stderr, done.stderr

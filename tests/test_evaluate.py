@@ -590,9 +590,12 @@ def test_a_workdirs_recorded_tokenizer_that_is_gone_names_the_record_and_the_fla
   import ml_collections
   from clip_jax import train
   cfg = ml_collections.ConfigDict({"data": {"tokenizer": ""}})
+  train.resolve_tokenizer(cfg, str(workdir))  # the record is taken as it is (a finished run needs no tokenizer)
+  assert cfg.data.tokenizer == str(gone)
   with pytest.raises(MissingPathError, match=r"\(data\.tokenizer: .*moved_init\) no longer exists .*pass "
                                              r"--config\.data\.tokenizer=DIR --allow-config-change, or restore"):
-    train.resolve_tokenizer(cfg, str(workdir))
+    train.check_resumed_tokenizer(cfg, str(workdir))  # resuming: one line
+  train.check_resumed_tokenizer(ml_collections.ConfigDict({"data": {"tokenizer": "clip"}}), str(workdir))  # given
   gone.mkdir()
   (gone / "vocab.json").write_text("{}")
   (gone / "merges.txt").write_text("")

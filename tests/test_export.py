@@ -160,7 +160,7 @@ def test_open_clip_export_carries_a_tokenizer_other_than_openais(tmp_path, capsy
   assert "tokenizer" not in capsys.readouterr().out
 
 
-def test_a_tokenizer_a_format_cannot_carry_is_said():
+def test_a_tokenizer_a_format_cannot_carry_is_said(tmp_path):
   import types
   from clip_jax.convert import export_tokenizer_note
   from clip_jax.tokenizer import default_tokenizer
@@ -168,6 +168,10 @@ def test_a_tokenizer_a_format_cannot_carry_is_said():
   assert "an open_clip folder cannot name it here" in export_tokenizer_note(sentencepiece, "open_clip", "o")
   assert "no tokenizer files are written" in export_tokenizer_note(sentencepiece, "hf", "o")
   assert "give them this model's tokenizer by hand" in export_tokenizer_note(sentencepiece, "openai", "o.safetensors")
+  hf_spelled = tmp_path / "hf_spelled"  # OpenAI's BPE as an HF folder writes it: '<|startoftext|>'
+  default_tokenizer().save_hf(str(hf_spelled))
+  from clip_jax.tokenizer import get_tokenizer
   for fmt in ("hf", "open_clip", "openai"):
     assert export_tokenizer_note(default_tokenizer(), fmt, "o") is None
+    assert export_tokenizer_note(get_tokenizer(str(hf_spelled)), fmt, "o") is None
     assert export_tokenizer_note(None, fmt, "o") is None

@@ -73,6 +73,8 @@ def test_settings_changes_name_the_keys():
   assert observe.settings_changes({"a": 1}, {"a": 1, "p": "openai"}, added={"p": "openai"}) == []
   assert observe.settings_changes({"a": 1}, {"a": 1, "p": "imagenet"}, added={"p": "openai"}) == ["p"]
   assert observe.settings_changes({"a": 1, "p": "x"}, {"a": 1, "p": "openai"}, added={"p": "openai"}) == ["p"]
+  assert observe.settings_changes({"a": 1}, {"a": 1}, added={"p": "openai"}) == []  # neither records it
+  assert observe.merge_kept({"x": {"p": 1, "q": 2}, "y": 1}, {"x": {"p": 5}}) == {"x": {"p": 5, "q": 2}, "y": 1}
 
 
 def test_evaluations_from_before_the_preprocessing_record_still_merge(tmp_path, monkeypatch):
@@ -91,7 +93,6 @@ def test_evaluations_from_before_the_preprocessing_record_still_merge(tmp_path, 
   monkeypatch.setattr(observe, "save_results", lambda *args, **kwargs: calls.append(kwargs))
   report.write_report(str(tmp_path), [], new_meta)
   assert calls[0]["added_settings"] == {"preprocessing": OPENAI.to_dict()}
-  assert observe.merge_kept({"x": {"p": 1, "q": 2}, "y": 1}, {"x": {"p": 5}}) == {"x": {"p": 5, "q": 2}, "y": 1}
 
 
 # ----------------------------------------------------------------------------- the CLIP evaluation
