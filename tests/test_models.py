@@ -202,8 +202,10 @@ def _explicit_and_auto_runs(name, method, train, grad=True):
   return runs[AxisType.Auto], runs[AxisType.Explicit]
 
 
-# With gradients 12-17 s each (compiles): slow; the forward of get_logits (both towers) stays fast.
-@pytest.mark.parametrize("method,grad", [("get_logits", False), pytest.param("get_logits", True, marks=pytest.mark.slow),
+# 12-17 s each (compiles): slow. Fast siblings on Explicit meshes: test_sd_pipeline's generate(mesh=) and
+# test_losses' default make_mesh.
+@pytest.mark.parametrize("method,grad", [pytest.param("get_logits", False, marks=pytest.mark.slow),
+                                         pytest.param("get_logits", True, marks=pytest.mark.slow),
                                          pytest.param("__call__", True, marks=pytest.mark.slow)])
 def test_explicit_sharding_mesh_gives_the_auto_mesh_values(method, grad):
   """`jax.make_mesh` makes Explicit axes by default (jax 0.10): inputs split over them went to a

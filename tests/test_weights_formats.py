@@ -391,7 +391,8 @@ def test_diffusers_component_layouts(tmp_path, tiny_unet_and_vae, name, save_kwa
     jax.tree.map(np.testing.assert_array_equal, convert.load_component(str(tmp_path / "other"), name)[1], loaded)
 
 
-@pytest.mark.parametrize("image_size", [None, 64])
+# ~11 s at the checkpoint's own size (a full-size load and cast): slow; the resampled 64 px case stays fast.
+@pytest.mark.parametrize("image_size", [pytest.param(None, marks=pytest.mark.slow), 64])
 def test_param_dtype_casts_the_loaded_parameters(tmp_path, hf_clip, image_size):
   # load_checkpoint(param_dtype=bf16) returned float32 weights (only the module's attribute changed).
   import jax.numpy as jnp
