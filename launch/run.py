@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--ntasks-per-node", type=int, default=None,
                  help="tasks (processes) per node (default: one per GPU)")
   g.add_argument("--cpus-per-task", type=int, default=None)
-  g.add_argument("--time", default="24:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS")
+  g.add_argument("--time", default="24:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS (default %(default)s; "
+                 f"SIGTERM comes {slurm.SlurmSettings.signal_s} s before it: every task saves and stops, resubmit to resume)")
   g.add_argument("--partition", default=None)
   g.add_argument("--account", default=None)
   g.add_argument("--job-name", default=None, help="default: the workdir's last component")
