@@ -23,7 +23,7 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 SEED_KEYS = ("seed",)
 RUN_FILES = ("results.json", "metrics.jsonl")
@@ -258,18 +258,41 @@ def _cell(value: Any) -> str:
   return str(value)
 
 
-def _mean_std(row: dict, metric: str) -> str:
-  """'mean ± std' of an averaged entry; a single run's value as it is."""
+def _mean_std(row: dict, metric: str) -> str | float:
+  """'mean ± std' of an averaged entry, the std to two significant digits and the mean to as many
+  decimals ('0.370 ± 0.071'); a single run's value as it is."""
   if metric not in row:
     return ""
-  if metric + " std" not in row:
-    return _cell(row[metric])
-  return f"{_cell(row[metric])} ± {_cell(row[metric + ' std'])}"
+  std = row.get(metric + " std")
+  if std is None:
+    return row[metric]
+  if not std or not math.isfinite(std):
+    return f"{_cell(row[metric])} ± {_cell(std)}"
+  decimals = max(0, 1 - math.floor(math.log10(abs(std))))
+  return f"{row[metric]:.{decimals}f} ± {std:.{decimals}f}"
 
 
-def markdown(rows: list[dict], columns: list[str]) -> str:
+def _column_decimals(values: list[Any]) -> int | None:
+  """Decimals that show a metric column's largest value to 4 significant digits, for all its values alike
+  (a column of 10.12 and 10.6 reads 10.12 and 10.60); None for a column of whole numbers or no floats."""
+  floats = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+  if not floats or all(v.is_integer() for v in floats):
+    return None
+  largest = max(abs(v) for v in floats) or 1.0
+  return min(8, max(0, 3 - math.floor(math.log10(largest))))
+
+
+def markdown(rows: list[dict], columns: list[str], metrics: Sequence[str] = ()) -> str:
+  """A Markdown table; the float cells of `metrics` columns with one number of decimals per column."""
+  decimals = {c: _column_decimals([r.get(c) for r in rows]) for c in metrics}
+
+  def cell(row: dict, column: str) -> str:
+    value, places = row.get(column), decimals.get(column)
+    if places is not None and isinstance(value, float) and math.isfinite(value):
+      return f"{value:.{places}f}"
+    return _cell(value)
   lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
-  lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+  lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
   return "\n".join(lines) + "\n"
 
 
@@ -400,11 +423,11 @@ def write_tables(paths: list[str], out_prefix: str, title: str | None = None) ->
   per_run_columns = ["name", *settings, *metrics]
   entries, keys = group_over_seeds(rows, settings, metrics)
   title = title or default_title(paths)
-  text = f"# {title}\n\n## Every run\n\n" + markdown(rows, per_run_columns)
+  text = f"# {title}\n\n## Every run\n\n" + markdown(rows, per_run_columns, metrics)
   if any(e["seeds"] > 1 for e in entries):
     shown = [{**e, **{m: _mean_std(e, m) for m in metrics if m != "step"}} for e in entries]
     text += ("\n## Mean ± standard deviation over seeds\n\nRuns that differ only by seed are averaged; the plot "
-             "shows these rows (error bars: std).\n\n" + markdown(shown, ["name", *keys, "seeds", *metrics]))
+             "shows these rows (error bars: std).\n\n" + markdown(shown, ["name", *keys, "seeds", *metrics], metrics))
   os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
   paths_out = {"md": out_prefix + ".md", "csv": out_prefix + ".csv"}
   with open(paths_out["md"], "w") as f:

@@ -254,3 +254,13 @@ def test_real_slurm_job_that_stops_early_makes_launch_run_exit_75(slurm_env, tmp
   assert done.returncode == 75, done.stdout[-3000:] + done.stderr[-3000:]
   assert "ended FAILED (exit code 75:0: 75 = stopped early" in done.stdout
   assert len([f for f in os.listdir(tmp_path / "logs") if f.endswith(".sbatch")]) == 1
+
+
+def test_a_metric_column_shows_one_number_of_decimals():
+  # A fresh user's table mixed 10.12 | 9.471 | 54.04 with 10.6 | 11.7 in one column (4 significant digits each).
+  rows = [{"name": "a", "lr": 0.0003, "top1": 10.12, "loss": 2.0}, {"name": "b", "lr": 0.003, "top1": 10.6, "loss": 3.0},
+          {"name": "c", "lr": 0.01, "top1": 54.04, "loss": 1.0}]
+  table = results.markdown(rows, ["name", "lr", "top1", "loss"], metrics=["top1", "loss"])
+  assert "| a | 0.0003 | 10.12 | 2 |" in table and "| b | 0.003 | 10.60 | 3 |" in table, table  # settings as given
+  assert results._mean_std({"top1": 0.37, "top1 std": 0.07071}, "top1") == "0.370 ± 0.071"
+  assert results._mean_std({"top1": 96.66, "top1 std": 0.0}, "top1") == "96.66 ± 0"
