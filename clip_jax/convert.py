@@ -515,7 +515,7 @@ def is_openai_bpe(tokenizer) -> bool:
   return tokenizer.merges == default.merges and ids(tokenizer) == ids(default)
 
 
-def export_tokenizer_note(tokenizer, fmt: str, out: str, tokenizer_name: str | None = None) -> str | None:
+def export_tokenizer_note(tokenizer, fmt: str, out: str) -> str | None:
   """The line an export of format `fmt` ('hf', 'open_clip', 'openai') to `out` prints about the model's
   tokenizer, or None when there is nothing to say (OpenAI's CLIP BPE; an hf folder holding the files)."""
   if tokenizer is None or is_openai_bpe(tokenizer):
@@ -530,7 +530,7 @@ def export_tokenizer_note(tokenizer, fmt: str, out: str, tokenizer_name: str | N
     return (f"warning: the model's tokenizer is a sentencepiece model ({source}): {where}; tokenize with that "
             "file by hand.")
   if fmt == "open_clip":
-    name = tokenizer_name or os.path.basename(os.path.abspath(out))
+    name = os.path.basename(os.path.abspath(out))  # what export_model names it by (`export_open_clip`)
     return (f"The model's tokenizer is not OpenAI's CLIP BPE: its files are written into {out}, named by "
             f"open_clip_config.json (text_cfg.hf_tokenizer_name: '{name}'), which open_clip's "
             f"get_tokenizer('local-dir:{out}') reads; pushed as an hf-hub: repository, set hf_tokenizer_name to "

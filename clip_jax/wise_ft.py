@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"WiSE-FT: alpha={alpha:g} exported ({fmt}) to {row['export']}", flush=True)
     rows.append(row)
     reports.append(report["results"])
-  from clip_jax.data.images import OPENAI
+  from clip_jax.eval.report import settings_older_reports_held
   from clip_jax.observe import package_versions, save_results
   meta = {"zeroshot": args.zeroshot, "finetuned": args.finetuned, "note": note, "tasks": args.tasks,
           "alphas": alphas, "limit": args.limit, "preprocessing": zs_prep.to_dict(), "versions": package_versions()}
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Written whole; an earlier table of other settings is moved aside (results.N.json), never mixed in.
     save_results(os.path.join(args.out, "results.json"), {"meta": meta, "rows": rows, "results": reports},
                  lambda data: markdown_table(data["rows"], data["meta"]), merge=lambda old, new: new,
-                 settings_key="meta", added_settings={"preprocessing": OPENAI.to_dict()})  # recorded since session 28
+                 settings_key="meta", added_settings=settings_older_reports_held())
     wise_ft_png(rows, os.path.join(args.out, "plots", "wise_ft.png"))
     table = markdown_table(rows, meta)
     print(table, flush=True)

@@ -164,11 +164,11 @@ def exit_status(state: str, code: str | None) -> int:
 def end_line(job_id: str, state: str, code: str | None, log: str) -> str:
   """The launcher's last line for a job that ended, with what exit codes 75 and 69 mean."""
   from launch.local import PREEMPTED
-  meaning = ""
-  if exit_status(state, code) == PREEMPTED:
+  meaning, status = "", exit_status(state, code)
+  if status == PREEMPTED:
     meaning = (f": {PREEMPTED} = stopped early (preempted, or scancel --signal=TERM) with a checkpoint saved; "
                "submitting the same command again resumes it")
-  elif exit_status(state, code) == PEER_LOST_EXIT_CODE:
+  elif status == PEER_LOST_EXIT_CODE:
     meaning = (f": {PEER_LOST_EXIT_CODE} = a task found another gone and stopped without saving (the log says "
                "which and why); submitting the same command again resumes from the last checkpoint saved, or starts "
                "again if there is none")

@@ -93,6 +93,7 @@ def test_evaluations_from_before_the_preprocessing_record_still_merge(tmp_path, 
   monkeypatch.setattr(observe, "save_results", lambda *args, **kwargs: calls.append(kwargs))
   report.write_report(str(tmp_path), [], new_meta)
   assert calls[0]["added_settings"] == {"preprocessing": OPENAI.to_dict()}
+  assert report.settings_older_reports_held() == {"preprocessing": OPENAI.to_dict()}
 
 
 # ----------------------------------------------------------------------------- the CLIP evaluation

@@ -137,6 +137,14 @@ def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
   return merged
 
 
+def settings_older_reports_held() -> dict[str, Any]:
+  """Evaluation settings recorded only since some version, with the value older reports held implicitly
+  (`observe.save_results(added_settings=)`, so that those still merge): 'preprocessing' since session 28,
+  before which every evaluation preprocessed as OpenAI's CLIP."""
+  from clip_jax.data.images import OPENAI
+  return {"preprocessing": OPENAI.to_dict()}
+
+
 def write_report(out_dir: str, results: list[dict[str, Any]], meta: dict[str, Any],
                  unfinished: Sequence[dict[str, str]] = ()) -> tuple[str, str]:
   """OUT/results.json ({'meta': settings, 'results': [...], 'unfinished': [...] if any}) and OUT/results.md,
@@ -144,16 +152,13 @@ def write_report(out_dir: str, results: list[dict[str, Any]], meta: dict[str, An
   (see `merge_reports`), a file made with other settings is moved aside to results.N.json first.
   `unfinished`: [{'task': 'KIND:NAME', 'split', 'error'}] of a run that stopped early (the task that failed
   with its error, those after it 'not run'). -> (results.json path, results.md path)."""
-  from clip_jax.data.images import OPENAI
   from clip_jax.observe import save_results
   json_path, md_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
   report = {"meta": meta, "results": results, **({"unfinished": list(unfinished)} if unfinished else {})}
   save_results(json_path, report,
                lambda merged: markdown_table(merged["results"], {**merged["meta"], "out_dir": out_dir},
                                              merged.get("unfinished", ())),
-               merge=merge_reports, settings_key="meta",
-               # recorded since session 28; every evaluation before preprocessed as OpenAI's CLIP
-               added_settings={"preprocessing": OPENAI.to_dict()})
+               merge=merge_reports, settings_key="meta", added_settings=settings_older_reports_held())
   return json_path, md_path
 
 
